@@ -1,0 +1,163 @@
+//! Domain types shared by the store and the service layer. Proto types never get past the
+//! service layer; SQL never gets past the store.
+
+use crate::spec::TrainSettings;
+use serde::Serialize;
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct SweepId(pub Uuid);
+
+impl SweepId {
+    pub fn new() -> Self {
+        SweepId(Uuid::new_v4())
+    }
+}
+
+impl Default for SweepId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for SweepId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for SweepId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Uuid::parse_str(s.trim())
+            .map(SweepId)
+            .map_err(|_| format!("`{s}` is not a sweep id: a sweep id is a UUID as printed by `coordinator sweep submit`"))
+    }
+}
+
+/// Names one lease of one seed. `fence` grows with every new lease of the seed, so a write that
+/// names an older fence comes from a worker that lost the seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRef {
+    pub sweep_id: SweepId,
+    pub seed: i64,
+    pub fence: i64,
+}
+
+impl fmt::Display for LeaseRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sweep {} seed {} fence {}", self.sweep_id, self.seed, self.fence)
+    }
+}
+
+/// Where a seed stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeedState {
+    Pending,
+    Leased,
+    Done,
+    Failed,
+}
+
+impl SeedState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeedState::Pending => "pending",
+            SeedState::Leased => "leased",
+            SeedState::Done => "done",
+            SeedState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SeedState> {
+        Some(match s {
+            "pending" => SeedState::Pending,
+            "leased" => SeedState::Leased,
+            "done" => SeedState::Done,
+            "failed" => SeedState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// A lease handed to a worker, with what it needs to train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub lease: LeaseRef,
+    pub task: String,
+    pub dataset: String,
+    pub train: TrainSettings,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimOutcome {
+    Leased(Box<Lease>),
+    /// Nothing to lease now; `outstanding` seeds are still pending or leased.
+    Empty { outstanding: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CompleteOutcome {
+    Recorded,
+    /// The same lease had already recorded this result (a retried call).
+    AlreadyRecorded,
+}
+
+/// One epoch's metrics as a worker reports them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochRecord {
+    pub epoch: u32,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+    pub lr: f64,
+    pub seconds: f64,
+}
+
+/// A seed's final result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SeedResult {
+    pub seed: i64,
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub epochs: u32,
+    pub seconds: f64,
+    pub worker_id: String,
+    pub device: String,
+    pub data_fingerprint: String,
+    /// Set by the store when recorded.
+    pub finished_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SweepSummary {
+    pub id: SweepId,
+    pub name: String,
+    pub task: String,
+    pub dataset: String,
+    pub created_at: String,
+    pub total: u64,
+    pub done: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SeedCounts {
+    pub pending: u64,
+    pub leased: u64,
+    pub done: u64,
+    pub failed: u64,
+}
+
+/// A sweep, its seed counts and the final test accuracy of every finished seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepProgress {
+    pub summary: SweepSummary,
+    pub counts: SeedCounts,
+    pub accuracies: Vec<(i64, f64)>,
+}

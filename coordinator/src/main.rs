@@ -1,0 +1,152 @@
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use seedsweep_coordinator::server::{Coordinator, ServerSettings};
+use seedsweep_coordinator::{admin, store};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// seedsweep's coordinator: holds sweeps of seeds and leases them to workers over gRPC.
+///
+/// Run `coordinator serve` on the head node, submit sweep files with `coordinator sweep submit`,
+/// and start `worker` processes wherever there are GPUs (or CPUs).
+#[derive(Parser)]
+#[command(name = "coordinator", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API, backed by SQLite (one host) or PostgreSQL (fleets). Migrates the schema at start.
+    Serve {
+        /// Address to listen on. Port 0 picks a free port (see --addr-file).
+        #[arg(long, env = "SEEDSWEEP_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// Database: sqlite://FILE (created if missing) or postgres://USER:PASSWORD@HOST:PORT/DB.
+        #[arg(long, env = "SEEDSWEEP_DATABASE_URL", default_value = "sqlite://seedsweep.db")]
+        database_url: String,
+        /// Seconds a lease lives without a heartbeat before its seed goes back to the queue.
+        #[arg(long, env = "SEEDSWEEP_LEASE_TTL", default_value_t = 60, value_parser = clap::value_parser!(u64).range(2..=86400))]
+        lease_ttl: u64,
+        /// Once listening, write the bound address (HOST:PORT) to this file.
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// Create or update the database schema, then exit.
+    Migrate {
+        /// Database: sqlite://FILE or postgres://USER:PASSWORD@HOST:PORT/DB.
+        #[arg(long, env = "SEEDSWEEP_DATABASE_URL", default_value = "sqlite://seedsweep.db")]
+        database_url: String,
+    },
+    /// Manage sweeps on a running coordinator.
+    Sweep {
+        /// The coordinator's gRPC URL.
+        #[arg(long, global = true, env = "SEEDSWEEP_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+        coordinator: String,
+        #[command(subcommand)]
+        command: SweepCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SweepCommand {
+    /// Validate a sweep file (TOML) and create the sweep; prints the new sweep's id alone on stdout.
+    Submit { file: PathBuf },
+    /// Seed counts per state and running statistics of final test accuracy.
+    Status {
+        /// The sweep's id, as printed by `sweep submit`.
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// All sweeps, oldest first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-seed final results of a sweep.
+    Results {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .init();
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { listen, database_url, lease_ttl, addr_file } => {
+            let coordinator = Coordinator::build(ServerSettings {
+                listen,
+                database_url,
+                lease_ttl: Duration::from_secs(lease_ttl),
+            })
+            .await?;
+            if let Some(path) = addr_file {
+                write_atomically(&path, &coordinator.local_addr().to_string())
+                    .with_context(|| format!("failed to write {}", path.display()))?;
+            }
+            coordinator.run_until(shutdown_signal()).await?;
+            tracing::info!("coordinator stopped");
+        }
+        Command::Migrate { database_url } => {
+            store::connect(&database_url)
+                .await
+                .with_context(|| format!("failed to migrate {}", store::redact_url(&database_url)))?;
+            eprintln!("database {} is up to date", store::redact_url(&database_url));
+        }
+        Command::Sweep { coordinator, command } => {
+            let out = match command {
+                SweepCommand::Submit { file } => admin::submit(&coordinator, &file).await? + "\n",
+                SweepCommand::Status { id, json } => admin::status(&coordinator, &id, json).await?,
+                SweepCommand::List { json } => admin::list(&coordinator, json).await?,
+                SweepCommand::Results { id, json } => admin::results(&coordinator, &id, json).await?,
+            };
+            print!("{out}");
+            if !out.ends_with('\n') {
+                println!();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, path)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,272 @@
+//! The gRPC service: converts proto messages into domain types (rejecting malformed ones), calls
+//! the store, and maps store errors to gRPC statuses in one place.
+
+use crate::domain::{ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, SeedResult, SweepId, SweepSummary};
+use crate::spec::SweepSpec;
+use crate::stats;
+use crate::store::{Store, StoreError, redact_url};
+use seedsweep_proto::v1 as pb;
+use seedsweep_proto::v1::coordinator_server::Coordinator;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct CoordinatorService {
+    store: Arc<dyn Store>,
+    lease_ttl: Duration,
+}
+
+impl CoordinatorService {
+    pub fn new(store: Arc<dyn Store>, lease_ttl: Duration) -> Self {
+        CoordinatorService { store, lease_ttl }
+    }
+}
+
+/// The one place store errors become gRPC statuses.
+fn status(e: StoreError) -> Status {
+    match e {
+        StoreError::SweepNotFound(_) | StoreError::SeedNotFound { .. } => Status::not_found(e.to_string()),
+        StoreError::StaleLease(_) | StoreError::Conflict(_) => Status::failed_precondition(e.to_string()),
+        StoreError::UnsupportedUrl(u) => Status::internal(format!("unsupported database URL {}", redact_url(&u))),
+        StoreError::Database(ref db) if matches!(db, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
+            Status::unavailable(e.to_string())
+        }
+        StoreError::Database(_) | StoreError::Migrate(_) | StoreError::Corrupt(_) => {
+            tracing::error!(error = %e, "store error");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+fn sweep_id(s: &str) -> Result<SweepId, Status> {
+    s.parse().map_err(Status::invalid_argument)
+}
+
+fn worker_id(s: &str) -> Result<&str, Status> {
+    if s.is_empty() || s.len() > 256 || s.chars().any(char::is_control) {
+        return Err(Status::invalid_argument("worker_id must be 1 to 256 printable characters"));
+    }
+    Ok(s)
+}
+
+fn lease_ref(lease: Option<&pb::LeaseRef>) -> Result<LeaseRef, Status> {
+    let l = lease.ok_or_else(|| Status::invalid_argument("lease is missing: name the lease (sweep_id, seed, fence)"))?;
+    if l.seed < 0 || l.fence < 1 {
+        return Err(Status::invalid_argument(format!(
+            "lease seed {} fence {}: seeds are >= 0 and fences >= 1",
+            l.seed, l.fence
+        )));
+    }
+    Ok(LeaseRef { sweep_id: sweep_id(&l.sweep_id)?, seed: l.seed, fence: l.fence })
+}
+
+fn finite(name: &str, v: f64) -> Result<f64, Status> {
+    if v.is_finite() { Ok(v) } else { Err(Status::invalid_argument(format!("{name} = {v} is not finite"))) }
+}
+
+fn fraction(name: &str, v: f64) -> Result<f64, Status> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(Status::invalid_argument(format!("{name} = {v}: accuracies are fractions in [0, 1]")))
+    }
+}
+
+fn non_negative(name: &str, v: f64) -> Result<f64, Status> {
+    if v >= 0.0 && v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Status::invalid_argument(format!("{name} = {v}: must be a finite number >= 0")))
+    }
+}
+
+fn label(name: &str, s: &str) -> Result<String, Status> {
+    if s.is_empty() || s.len() > 256 || s.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!("{name} must be 1 to 256 printable characters")));
+    }
+    Ok(s.to_string())
+}
+
+fn epoch_record(m: &pb::EpochMetrics) -> Result<EpochRecord, Status> {
+    if m.epoch == 0 {
+        return Err(Status::invalid_argument("epoch must be >= 1 (epochs are numbered from 1)"));
+    }
+    // Losses may legitimately be NaN only in a failed run, which is reported with FailSeed instead.
+    Ok(EpochRecord {
+        epoch: m.epoch,
+        train_loss: finite("train_loss", m.train_loss)?,
+        train_accuracy: fraction("train_accuracy", m.train_accuracy)?,
+        test_loss: finite("test_loss", m.test_loss)?,
+        test_accuracy: fraction("test_accuracy", m.test_accuracy)?,
+        lr: non_negative("lr", m.lr)?,
+        seconds: non_negative("seconds", m.seconds)?,
+    })
+}
+
+fn summary_pb(s: &SweepSummary) -> pb::SweepSummary {
+    pb::SweepSummary {
+        sweep_id: s.id.to_string(),
+        name: s.name.clone(),
+        task: s.task.clone(),
+        dataset: s.dataset.clone(),
+        created_at: s.created_at.clone(),
+        total: s.total,
+        done: s.done,
+    }
+}
+
+fn train_pb(t: &crate::spec::TrainSettings) -> pb::TrainConfig {
+    pb::TrainConfig {
+        epochs: t.epochs,
+        batch_size: t.batch_size,
+        width: t.width,
+        lr: t.lr,
+        lr_peak_epoch: t.lr_peak_epoch,
+        momentum: t.momentum,
+        nesterov: t.nesterov,
+        weight_decay: t.weight_decay,
+        label_smoothing: t.label_smoothing,
+        crop_padding: t.crop_padding,
+        flip: t.flip,
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn submit_sweep(&self, req: Request<pb::SubmitSweepRequest>) -> Result<Response<pb::SubmitSweepResponse>, Status> {
+        let spec = SweepSpec::parse(&req.get_ref().sweep_toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id = SweepId::new();
+        self.store.create_sweep(id, &spec).await.map_err(status)?;
+        tracing::info!(sweep = %id, name = %spec.name, seeds = spec.seeds.len(), "sweep created");
+        Ok(Response::new(pb::SubmitSweepResponse { sweep_id: id.to_string(), seeds: spec.seeds.len() as u64 }))
+    }
+
+    async fn get_sweep_status(&self, req: Request<pb::GetSweepStatusRequest>) -> Result<Response<pb::SweepStatus>, Status> {
+        let id = sweep_id(&req.get_ref().sweep_id)?;
+        let p = self.store.sweep_progress(id).await.map_err(status)?;
+        let test_accuracy = stats::summarize(&p.accuracies).map(|s| pb::AccuracyStats {
+            n: s.n,
+            mean: s.mean,
+            std: s.std,
+            min: s.min,
+            max: s.max,
+            worst_seed: s.worst_seed,
+            best_seed: s.best_seed,
+        });
+        Ok(Response::new(pb::SweepStatus {
+            sweep: Some(summary_pb(&p.summary)),
+            counts: Some(pb::SeedCounts {
+                pending: p.counts.pending,
+                leased: p.counts.leased,
+                done: p.counts.done,
+                failed: p.counts.failed,
+            }),
+            test_accuracy,
+        }))
+    }
+
+    async fn list_sweeps(&self, _req: Request<pb::ListSweepsRequest>) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        let sweeps = self.store.list_sweeps().await.map_err(status)?;
+        Ok(Response::new(pb::ListSweepsResponse { sweeps: sweeps.iter().map(summary_pb).collect() }))
+    }
+
+    async fn list_results(&self, req: Request<pb::ListResultsRequest>) -> Result<Response<pb::ListResultsResponse>, Status> {
+        let id = sweep_id(&req.get_ref().sweep_id)?;
+        let results = self.store.list_results(id).await.map_err(status)?;
+        Ok(Response::new(pb::ListResultsResponse {
+            results: results
+                .into_iter()
+                .map(|r| pb::SeedResult {
+                    seed: r.seed,
+                    test_accuracy: r.test_accuracy,
+                    test_loss: r.test_loss,
+                    train_loss: r.train_loss,
+                    train_accuracy: r.train_accuracy,
+                    epochs: r.epochs,
+                    seconds: r.seconds,
+                    worker_id: r.worker_id,
+                    device: r.device,
+                    data_fingerprint: r.data_fingerprint,
+                    finished_at: r.finished_at,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn lease_seed(&self, req: Request<pb::LeaseSeedRequest>) -> Result<Response<pb::LeaseSeedResponse>, Status> {
+        let worker = worker_id(&req.get_ref().worker_id)?;
+        let outcome = match self.store.claim(worker, self.lease_ttl).await.map_err(status)? {
+            ClaimOutcome::Leased(l) => {
+                tracing::info!(sweep = %l.lease.sweep_id, seed = l.lease.seed, fence = l.lease.fence, worker, "seed leased");
+                pb::lease_seed_response::Outcome::Lease(pb::Lease {
+                    sweep_id: l.lease.sweep_id.to_string(),
+                    seed: l.lease.seed,
+                    fence: l.lease.fence,
+                    task: l.task,
+                    dataset: l.dataset,
+                    train: Some(train_pb(&l.train)),
+                    lease_ttl_seconds: self.lease_ttl.as_secs().max(1) as u32,
+                })
+            }
+            ClaimOutcome::Empty { outstanding } => pb::lease_seed_response::Outcome::NoWork(pb::NoWork { outstanding }),
+        };
+        Ok(Response::new(pb::LeaseSeedResponse { outcome: Some(outcome) }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let lease = lease_ref(req.get_ref().lease.as_ref())?;
+        self.store.heartbeat(lease, self.lease_ttl).await.map_err(status)?;
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    async fn stream_epoch_metrics(
+        &self,
+        req: Request<Streaming<pb::EpochMetrics>>,
+    ) -> Result<Response<pb::StreamEpochMetricsResponse>, Status> {
+        let mut stream = req.into_inner();
+        let mut received = 0u32;
+        while let Some(m) = stream.message().await? {
+            let lease = lease_ref(m.lease.as_ref())?;
+            let record = epoch_record(&m)?;
+            self.store.record_epoch(lease, &record).await.map_err(status)?;
+            tracing::debug!(%lease, epoch = record.epoch, test_accuracy = record.test_accuracy, "epoch recorded");
+            received += 1;
+        }
+        Ok(Response::new(pb::StreamEpochMetricsResponse { received }))
+    }
+
+    async fn complete_seed(&self, req: Request<pb::CompleteSeedRequest>) -> Result<Response<pb::CompleteSeedResponse>, Status> {
+        let r = req.get_ref();
+        let lease = lease_ref(r.lease.as_ref())?;
+        if r.epochs == 0 {
+            return Err(Status::invalid_argument("epochs must be >= 1"));
+        }
+        let result = SeedResult {
+            seed: lease.seed,
+            test_accuracy: fraction("test_accuracy", r.test_accuracy)?,
+            test_loss: finite("test_loss", r.test_loss)?,
+            train_loss: finite("train_loss", r.train_loss)?,
+            train_accuracy: fraction("train_accuracy", r.train_accuracy)?,
+            epochs: r.epochs,
+            seconds: non_negative("seconds", r.seconds)?,
+            worker_id: worker_id(&r.worker_id)?.to_string(),
+            device: label("device", &r.device)?,
+            data_fingerprint: label("data_fingerprint", &r.data_fingerprint)?,
+            finished_at: String::new(),
+        };
+        let outcome = self.store.complete(lease, &result).await.map_err(status)?;
+        let recorded = outcome == CompleteOutcome::Recorded;
+        tracing::info!(%lease, worker = %result.worker_id, test_accuracy = result.test_accuracy, recorded, "seed finished");
+        Ok(Response::new(pb::CompleteSeedResponse { recorded }))
+    }
+
+    async fn fail_seed(&self, req: Request<pb::FailSeedRequest>) -> Result<Response<pb::FailSeedResponse>, Status> {
+        let r = req.get_ref();
+        let lease = lease_ref(r.lease.as_ref())?;
+        let worker = worker_id(&r.worker_id)?;
+        let cause: String = r.cause.chars().take(4096).collect();
+        let state = self.store.fail(lease, &cause, r.counts_as_attempt).await.map_err(status)?;
+        tracing::warn!(%lease, worker, cause = %cause, counts_as_attempt = r.counts_as_attempt, state = state.as_str(), "seed attempt ended without a result");
+        Ok(Response::new(pb::FailSeedResponse { state: state.as_str().to_string() }))
+    }
+}

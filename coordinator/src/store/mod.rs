@@ -1,0 +1,125 @@
+//! The store: the only code that talks SQL. One trait, one implementation per database, each
+//! owning its SQL and migrations; `tests/` runs one conformance suite against both.
+//!
+//! Lease protocol, the same in both implementations:
+//! - `claim` first expires leases whose `lease_expires_at` has passed by the *database* clock
+//!   (each counts as a failed attempt), then leases the oldest sweep's lowest pending seed,
+//!   incrementing its `fence`.
+//! - Every later write names `(sweep_id, seed, fence)` and changes nothing unless the seed is still
+//!   `leased` under that fence ([`StoreError::StaleLease`]).
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use crate::domain::{
+    ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, SeedResult, SeedState, SweepId, SweepProgress,
+    SweepSummary,
+};
+use crate::spec::SweepSpec;
+use async_trait::async_trait;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no sweep {0}")]
+    SweepNotFound(SweepId),
+    #[error("seed {seed} is not part of sweep {sweep_id}")]
+    SeedNotFound { sweep_id: SweepId, seed: i64 },
+    /// The lease named was superseded, released or finished: the caller no longer holds the seed.
+    #[error("stale lease: {0} is no longer held (the seed was re-leased, released or finished)")]
+    StaleLease(LeaseRef),
+    /// The write is well-formed but contradicts what the store holds.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("unsupported database URL `{0}`: use sqlite://FILE (one host) or postgres://USER@HOST/DB (fleets)")]
+    UnsupportedUrl(String),
+    #[error("failed to migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("corrupt row in the database: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates the sweep and all of its seeds (pending) in one transaction.
+    async fn create_sweep(&self, id: SweepId, spec: &SweepSpec) -> Result<()>;
+    async fn list_sweeps(&self) -> Result<Vec<SweepSummary>>;
+    async fn sweep_progress(&self, id: SweepId) -> Result<SweepProgress>;
+    async fn list_results(&self, id: SweepId) -> Result<Vec<SeedResult>>;
+
+    /// Expires overdue leases, then leases one seed to `worker_id` for `ttl`.
+    async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome>;
+    /// Extends a held lease to `ttl` from now.
+    async fn heartbeat(&self, lease: LeaseRef, ttl: Duration) -> Result<()>;
+    /// Records (or, for a newer lease of the same seed, replaces) one epoch's metrics.
+    async fn record_epoch(&self, lease: LeaseRef, epoch: &EpochRecord) -> Result<()>;
+    /// Records the seed's result, once. The seed's epoch metrics for epochs 1..=result.epochs must
+    /// have been recorded under the same lease.
+    async fn complete(&self, lease: LeaseRef, result: &SeedResult) -> Result<CompleteOutcome>;
+    /// Ends a lease without a result. `counts_as_attempt` false hands the seed back as if never
+    /// leased. Returns the seed's new state: pending, or failed when out of attempts.
+    async fn fail(&self, lease: LeaseRef, cause: &str, counts_as_attempt: bool) -> Result<SeedState>;
+}
+
+/// Opens the database a URL names and brings its schema up to date.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgStore::connect(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(redact_url(url)))
+    }
+}
+
+/// A URL fit for logs and error messages: the password, if any, replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, tail) = rest.split_once('/').map_or((rest, None), |(a, t)| (a, Some(t)));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    match tail {
+        Some(t) => format!("{scheme}://{authority}/{t}"),
+        None => format!("{scheme}://{authority}"),
+    }
+}
+
+pub(crate) fn state_from_db(s: &str) -> Result<SeedState> {
+    SeedState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown seed state `{s}`")))
+}
+
+/// The train settings inside a stored `sweeps.config`.
+pub(crate) fn train_from_config(config: &str) -> Result<crate::spec::TrainSettings> {
+    let value: serde_json::Value =
+        serde_json::from_str(config).map_err(|e| StoreError::Corrupt(format!("sweep config: {e}")))?;
+    serde_json::from_value(value["train"].clone()).map_err(|e| StoreError::Corrupt(format!("sweep config: {e}")))
+}
+
+pub(crate) fn u64_from_db(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://seedsweep.db"), "sqlite://seedsweep.db");
+    }
+}

@@ -1,0 +1,84 @@
+-- seedsweep schema, SQLite. Ids are TEXT text; times are UTC ISO 8601 text, which sorts in time order. Users query sweeps, results and epoch_metrics directly; seeds and
+-- attempts are the lease bookkeeping (see README, "Querying results with SQL").
+
+CREATE TABLE sweeps (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    task         TEXT NOT NULL,
+    dataset      TEXT NOT NULL,
+    -- The full resolved configuration (defaults filled in), as JSON.
+    config       TEXT NOT NULL,
+    max_attempts INTEGER NOT NULL CHECK (max_attempts > 0),
+    total_seeds  INTEGER NOT NULL CHECK (total_seeds > 0),
+    created_at   TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+
+-- One row per (sweep, seed): its place in the lease lifecycle.
+CREATE TABLE seeds (
+    sweep_id         TEXT NOT NULL REFERENCES sweeps (id) ON DELETE CASCADE,
+    seed             INTEGER NOT NULL CHECK (seed >= 0),
+    state            TEXT NOT NULL DEFAULT 'pending'
+                     CHECK (state IN ('pending', 'leased', 'done', 'failed')),
+    -- Grows by one with each lease; every worker write names it.
+    fence            INTEGER NOT NULL DEFAULT 0,
+    -- Attempts that ended badly (reported failures and expired leases).
+    failures         INTEGER NOT NULL DEFAULT 0,
+    worker_id        TEXT,
+    lease_expires_at TEXT,
+    updated_at       TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    PRIMARY KEY (sweep_id, seed)
+);
+-- Only what the claim needs.
+CREATE INDEX seeds_pending ON seeds (sweep_id, seed) WHERE state = 'pending';
+CREATE INDEX seeds_leased ON seeds (sweep_id, seed) WHERE state = 'leased';
+
+-- One row per lease of a seed, with how it ended.
+CREATE TABLE attempts (
+    sweep_id   TEXT NOT NULL,
+    seed       INTEGER NOT NULL,
+    fence      INTEGER NOT NULL,
+    worker_id  TEXT NOT NULL,
+    started_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    ended_at   TEXT,
+    outcome    TEXT NOT NULL DEFAULT 'running'
+               CHECK (outcome IN ('running', 'succeeded', 'failed', 'released', 'expired')),
+    cause      TEXT,
+    PRIMARY KEY (sweep_id, seed, fence),
+    FOREIGN KEY (sweep_id, seed) REFERENCES seeds (sweep_id, seed) ON DELETE CASCADE
+);
+
+-- One row per finished seed.
+CREATE TABLE results (
+    sweep_id         TEXT NOT NULL,
+    seed             INTEGER NOT NULL,
+    fence            INTEGER NOT NULL,
+    test_accuracy    REAL NOT NULL CHECK (test_accuracy >= 0 AND test_accuracy <= 1),
+    test_loss        REAL NOT NULL,
+    train_loss       REAL NOT NULL,
+    train_accuracy   REAL NOT NULL CHECK (train_accuracy >= 0 AND train_accuracy <= 1),
+    epochs           INTEGER NOT NULL CHECK (epochs > 0),
+    seconds          REAL NOT NULL,
+    worker_id        TEXT NOT NULL,
+    device           TEXT NOT NULL,
+    data_fingerprint TEXT NOT NULL,
+    finished_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    PRIMARY KEY (sweep_id, seed),
+    FOREIGN KEY (sweep_id, seed) REFERENCES seeds (sweep_id, seed) ON DELETE CASCADE
+);
+
+-- One row per (sweep, seed, epoch), written as each epoch ends; `fence` is the lease that wrote it.
+CREATE TABLE epoch_metrics (
+    sweep_id       TEXT NOT NULL,
+    seed           INTEGER NOT NULL,
+    epoch          INTEGER NOT NULL CHECK (epoch > 0),
+    fence          INTEGER NOT NULL,
+    train_loss     REAL NOT NULL,
+    train_accuracy REAL NOT NULL,
+    test_loss      REAL NOT NULL,
+    test_accuracy  REAL NOT NULL,
+    lr             REAL NOT NULL,
+    seconds        REAL NOT NULL,
+    recorded_at    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    PRIMARY KEY (sweep_id, seed, epoch),
+    FOREIGN KEY (sweep_id, seed) REFERENCES seeds (sweep_id, seed) ON DELETE CASCADE
+);

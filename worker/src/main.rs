@@ -1,0 +1,179 @@
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use seedsweep_worker::data;
+use seedsweep_worker::runner::{Worker, WorkerSettings, device_label};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tch::Device;
+
+/// seedsweep's worker: leases seeds from a coordinator, trains each with libtorch, streams
+/// per-epoch metrics back and reports the result.
+///
+/// Start one per GPU (`worker --gpu 0`, `worker --gpu 1`, ...) or `worker --cpu`. SIGINT or
+/// SIGTERM stops training and hands the current seed back (a second signal exits at once).
+#[derive(Parser)]
+#[command(name = "worker", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// The coordinator's gRPC URL.
+    #[arg(long, env = "SEEDSWEEP_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// Folder holding the datasets: DATA_DIR/NAME/cifar-10-batches-bin/.
+    #[arg(long, env = "SEEDSWEEP_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Exit (status 0) once the coordinator has no seed left to lease; without it the worker waits for new work.
+    #[arg(long)]
+    exit_when_idle: bool,
+    /// CPU threads libtorch may use (default: libtorch's choice, usually one per core).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1024))]
+    threads: Option<i32>,
+    /// Name this worker reports (default: HOSTNAME:PID:DEVICE).
+    #[arg(long, env = "SEEDSWEEP_WORKER_ID")]
+    worker_id: Option<String>,
+    /// Seconds to keep trying to reach the coordinator at start before giving up.
+    #[arg(long, default_value_t = 30)]
+    connect_timeout: u64,
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct DeviceArgs {
+    /// Train on CUDA device N.
+    #[arg(long, value_name = "N")]
+    gpu: Option<usize>,
+    /// Train on the CPU.
+    #[arg(long)]
+    cpu: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a generated dataset in the CIFAR-10 binary layout (use --out DATA_DIR/NAME).
+    MakeDataset {
+        kind: DatasetKind,
+        /// Dataset folder; `--out DATA_DIR/synthetic` makes it the dataset `synthetic`.
+        #[arg(long)]
+        out: PathBuf,
+        /// Training images.
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        train: u64,
+        /// Test images.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        test: u64,
+        /// Seed of the generator.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DatasetKind {
+    /// Ten classes of coloured stripe patterns with shifts, mixing and noise.
+    Synthetic,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::MakeDataset { kind: DatasetKind::Synthetic, out, train, test, seed }) => {
+            make_synthetic(&out, train as usize, test as usize, seed)
+        }
+        None => run(cli.run),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn make_synthetic(out: &std::path::Path, train: usize, test: usize, seed: u64) -> anyhow::Result<()> {
+    let (train_records, test_records) = data::synthetic_records(train, test, seed);
+    data::write_dataset(out, &train_records, &test_records)
+        .with_context(|| format!("failed to write the dataset to {}", out.display()))?;
+    eprintln!("wrote {train} training and {test} test images to {}", out.join(data::BATCH_DIR).display());
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let device = match args.device.gpu {
+        Some(n) => {
+            let count = tch::Cuda::device_count() as usize;
+            if n >= count {
+                anyhow::bail!(
+                    "--gpu {n}: this host has {count} CUDA device(s) visible to libtorch (CUDA available: {}); use --gpu 0..{} or --cpu",
+                    tch::Cuda::is_available(),
+                    count.max(1) - 1
+                );
+            }
+            Device::Cuda(n)
+        }
+        None => Device::Cpu,
+    };
+    if let Some(t) = args.threads {
+        tch::set_num_threads(t);
+    }
+    let worker_id = args
+        .worker_id
+        .unwrap_or_else(|| format!("{}:{}:{}", hostname(), std::process::id(), device_label(device)));
+    let settings = WorkerSettings {
+        coordinator: args.coordinator,
+        device,
+        data_dir: args.data_dir,
+        worker_id,
+        exit_when_idle: args.exit_when_idle,
+        connect_timeout: Duration::from_secs(args.connect_timeout),
+        idle_poll: Duration::from_secs(2),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = Arc::new(AtomicBool::new(false));
+        tokio::spawn(watch_signals(shutdown.clone()));
+        Worker::connect(settings, shutdown).await?.run().await
+    })
+}
+
+/// First SIGINT/SIGTERM: ask the worker to stop and hand its seed back. Second: exit at once.
+async fn watch_signals(shutdown: Arc<AtomicBool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        tracing::warn!("cannot install signal handlers");
+        return;
+    };
+    for n in 0.. {
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        if n > 0 {
+            eprintln!("second signal: exiting now");
+            std::process::exit(130);
+        }
+        tracing::info!("signal received: stopping after handing the current seed back");
+        shutdown.store(true, Ordering::Relaxed);
+    }
+}
