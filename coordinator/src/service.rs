@@ -121,7 +121,7 @@ fn train_pb(t: &crate::spec::TrainSettings) -> pb::TrainConfig {
         batch_size: t.batch_size,
         width: t.width,
         lr: t.lr,
-        lr_peak_epoch: t.lr_peak_epoch,
+        lr_peak_epoch: t.peak_epoch(),
         momentum: t.momentum,
         nesterov: t.nesterov,
         weight_decay: t.weight_decay,

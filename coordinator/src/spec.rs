@@ -117,8 +117,10 @@ pub struct TrainSettings {
     /// Peak learning rate of the piecewise-linear schedule 0 -> lr (at `lr_peak_epoch`) -> 0.
     #[serde(default = "defaults::lr")]
     pub lr: f64,
-    #[serde(default = "defaults::lr_peak_epoch")]
-    pub lr_peak_epoch: f64,
+    /// Where the schedule peaks; when absent, 5/24 of `epochs` (Page's 5 of 24). Always set after
+    /// [`SweepSpec::parse`].
+    #[serde(default)]
+    pub lr_peak_epoch: Option<f64>,
     #[serde(default = "defaults::momentum")]
     pub momentum: f64,
     #[serde(default = "defaults::nesterov")]
@@ -148,9 +150,6 @@ mod defaults {
     pub fn lr() -> f64 {
         0.4
     }
-    pub fn lr_peak_epoch() -> f64 {
-        5.0
-    }
     pub fn momentum() -> f64 {
         0.9
     }
@@ -175,6 +174,10 @@ impl Default for TrainSettings {
 }
 
 impl TrainSettings {
+    pub fn peak_epoch(&self) -> f64 {
+        self.lr_peak_epoch.unwrap_or(self.epochs as f64 * 5.0 / 24.0)
+    }
+
     fn validate(&self) -> Result<(), SpecError> {
         let finite = |key: &str, v: f64| -> Result<(), SpecError> {
             if v.is_finite() { Ok(()) } else { invalid(format!("`train.{key}` = {v} is not a finite number")) }
@@ -196,11 +199,12 @@ impl TrainSettings {
         if self.lr < 0.0 {
             return invalid(format!("`train.lr` = {}: the learning rate must be >= 0", self.lr));
         }
-        finite("lr_peak_epoch", self.lr_peak_epoch)?;
-        if self.lr_peak_epoch < 0.0 || self.lr_peak_epoch > self.epochs as f64 {
+        let peak = self.peak_epoch();
+        finite("lr_peak_epoch", peak)?;
+        if peak < 0.0 || peak > self.epochs as f64 {
             return invalid(format!(
-                "`train.lr_peak_epoch` = {}: must lie between 0 and `train.epochs` ({})",
-                self.lr_peak_epoch, self.epochs
+                "`train.lr_peak_epoch` = {peak}: must lie between 0 and `train.epochs` ({})",
+                self.epochs
             ));
         }
         finite("momentum", self.momentum)?;
@@ -285,8 +289,10 @@ impl SweepSpec {
         if max_attempts == 0 || max_attempts > 100 {
             return invalid(format!("`max_attempts` = {max_attempts}: give between 1 and 100"));
         }
-        raw.train.validate()?;
-        Ok(SweepSpec { name, task, dataset, seeds, max_attempts, train: raw.train })
+        let mut train = raw.train;
+        train.validate()?;
+        train.lr_peak_epoch = Some(train.peak_epoch());
+        Ok(SweepSpec { name, task, dataset, seeds, max_attempts, train })
     }
 
     /// The resolved configuration as stored in `sweeps.config`.
@@ -354,6 +360,7 @@ width = 0.25
         assert_eq!(s.train.epochs, 2);
         assert_eq!(s.train.momentum, 0.9);
         assert_eq!(s.max_attempts, 3);
+        assert_eq!(s.train.lr_peak_epoch, Some(2.0 * 5.0 / 24.0));
         assert_eq!(s.config_json()["seeds"], "0..6");
     }
 

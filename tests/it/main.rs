@@ -1,1 +1,13 @@
+//! One test binary for all integration tests (faster to link): the store conformance suite run
+//! against SQLite and PostgreSQL, end-to-end sweeps through the real binaries, and bad input.
 
+mod bad_input;
+mod e2e;
+mod store_conformance;
+
+/// Tests that train spread over both cores each; running two at once only slows both down.
+pub static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,1 +1,233 @@
-//! placeholder
+//! Helpers for the end-to-end tests: the built binaries, a throwaway PostgreSQL cluster, and a
+//! coordinator process on a free port. Every resource is removed when its handle drops.
+
+use anyhow::{Context, bail};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A binary of this workspace, built by `cargo build --bins` into the same target folder as the
+/// running test (scripts/test.sh builds them first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/it-<hash> -> target/<profile>/<name>
+    let path = exe.parent().and_then(Path::parent).expect("target folder").join(name);
+    assert!(path.exists(), "{} is missing: build it first with `cargo build --release --bins` (scripts/test.sh does)", path.display());
+    path
+}
+
+/// Runs a command to completion, with its output captured.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// A PostgreSQL server for one test: `DATABASE_URL` when set, else a cluster of its own made with
+/// initdb in a temporary folder (as the `postgres` user when running as root), stopped and deleted
+/// on drop. Each call to [`PgServer::fresh_database`] creates a new empty database.
+pub struct PgServer {
+    admin_url: String,
+    cluster: Option<(PathBuf, tempfile::TempDir)>,
+}
+
+fn pg_bindir() -> anyhow::Result<PathBuf> {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    found.sort();
+    found.pop().context("PostgreSQL server binaries (initdb, pg_ctl) not found: install PostgreSQL or set DATABASE_URL")
+}
+
+fn is_root() -> bool {
+    run(Command::new("id").arg("-u")).stdout.starts_with(b"0\n")
+}
+
+/// A command run as the `postgres` user when we are root (initdb refuses to run as root).
+fn pg_command(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl PgServer {
+    pub fn start() -> anyhow::Result<PgServer> {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            return Ok(PgServer { admin_url: url, cluster: None });
+        }
+        let bindir = pg_bindir()?;
+        let dir = tempfile::Builder::new().prefix("seedsweep-pg-").tempdir()?;
+        if is_root() {
+            let uid = run(Command::new("id").args(["-u", "postgres"]));
+            let gid = run(Command::new("id").args(["-g", "postgres"]));
+            if !uid.status.success() {
+                bail!("running as root, but there is no `postgres` user to run initdb as");
+            }
+            let parse = |o: &Output| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok();
+            std::os::unix::fs::chown(dir.path(), parse(&uid), parse(&gid))?;
+        }
+        let data = dir.path().join("data");
+        let init = run(pg_command(&bindir.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "-D"])
+            .arg(&data));
+        if !init.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&init.stderr));
+        }
+        let port = free_port();
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            dir.path().display()
+        );
+        let start = run(pg_command(&bindir.join("pg_ctl"))
+            .args(["-w", "-t", "60", "-l"])
+            .arg(dir.path().join("log"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-o", &opts, "start"])
+            .stdin(Stdio::null()));
+        if !start.status.success() {
+            let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+            bail!("pg_ctl start failed: {}{log}", String::from_utf8_lossy(&start.stderr));
+        }
+        Ok(PgServer {
+            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            cluster: Some((bindir, dir)),
+        })
+    }
+
+    fn psql_path(&self) -> PathBuf {
+        match &self.cluster {
+            Some((bindir, _)) => bindir.join("psql"),
+            None => PathBuf::from("psql"),
+        }
+    }
+
+    /// Runs one query with psql against `url`; returns the rows as `a|b|c` lines, as sqlite3 does.
+    pub fn psql(&self, url: &str, query: &str) -> String {
+        let out = run(Command::new(self.psql_path())
+            .args(["-X", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=1", "-c", query])
+            .arg(url));
+        assert!(out.status.success(), "psql failed on\n{query}\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Creates an empty database and returns its URL.
+    pub fn fresh_database(&self) -> anyhow::Result<String> {
+        let name = format!("seedsweep_test_{}", uuid::Uuid::new_v4().simple());
+        let out = run(Command::new(self.psql_path())
+            .arg(&self.admin_url)
+            .args(["-v", "ON_ERROR_STOP=1", "-qc", &format!("CREATE DATABASE {name}")]));
+        if !out.status.success() {
+            bail!("CREATE DATABASE failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let (base, _) = self.admin_url.rsplit_once('/').context("DATABASE_URL has no database name")?;
+        Ok(format!("{base}/{name}"))
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if let Some((bindir, dir)) = &self.cluster {
+            let _ = run(pg_command(&bindir.join("pg_ctl"))
+                .args(["-m", "immediate", "-D"])
+                .arg(dir.path().join("data"))
+                .arg("stop"));
+        }
+    }
+}
+
+/// A `coordinator serve` process on a free port, killed on drop.
+pub struct CoordinatorProcess {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl CoordinatorProcess {
+    pub fn start(database_url: &str, extra: &[&str]) -> anyhow::Result<CoordinatorProcess> {
+        let dir = tempfile::tempdir()?;
+        let addr_file = dir.path().join("addr");
+        let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
+        let mut child = Command::new(bin("coordinator"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", database_url, "--addr-file"])
+            .arg(&addr_file)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !addr_file.exists() {
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default();
+                bail!("coordinator exited with {status} before listening:\n{log}");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("coordinator did not start listening within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let addr = std::fs::read_to_string(&addr_file)?;
+        Ok(CoordinatorProcess { child, url: format!("http://{}", addr.trim()), _dir: dir })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("coordinator.log")).unwrap_or_default()
+    }
+
+    /// Runs `coordinator sweep ARGS --coordinator URL`.
+    pub fn sweep(&self, args: &[&str]) -> Output {
+        run(Command::new(bin("coordinator")).arg("sweep").args(args).args(["--coordinator", &self.url]))
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a generated dataset named `synthetic` under `data_dir`.
+pub fn make_synthetic(data_dir: &Path, train: u32, test: u32) {
+    let out = run(Command::new(bin("worker"))
+        .args(["make-dataset", "synthetic", "--train", &train.to_string(), "--test", &test.to_string(), "--out"])
+        .arg(data_dir.join("synthetic")));
+    assert!(out.status.success(), "make-dataset failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CPU worker with one libtorch thread that exits when no seed is left.
+pub fn worker(coordinator: &str, data_dir: &Path) -> Command {
+    let mut c = Command::new(bin("worker"));
+    c.args(["--cpu", "--threads", "1", "--exit-when-idle", "--connect-timeout", "10", "--coordinator", coordinator])
+        .arg("--data-dir")
+        .arg(data_dir);
+    c
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

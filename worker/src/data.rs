@@ -189,8 +189,8 @@ pub fn synthetic_records(train: usize, test: usize, seed: u64) -> (Vec<u8>, Vec<
         for _ in 0..count {
             let label = rng.random_range(0..CLASSES);
             let other = (label + rng.random_range(1..CLASSES)) % CLASSES;
-            let mix: f32 = rng.random_range(0.0..0.6);
-            let contrast: f32 = rng.random_range(25.0..55.0);
+            let mix: f32 = rng.random_range(0.0..0.8);
+            let contrast: f32 = rng.random_range(15.0..45.0);
             let (dx, dy): (f32, f32) = (rng.random_range(-4.0..4.0), rng.random_range(-4.0..4.0));
             let phase: f32 = rng.random_range(0.0..std::f32::consts::TAU);
             out.push(label as u8);
@@ -201,7 +201,7 @@ pub fn synthetic_records(train: usize, test: usize, seed: u64) -> (Vec<u8>, Vec<
                         let v = (1.0 - mix) * pattern(&classes[label], fx, fy, phase)
                             + mix * pattern(&classes[other], fx, fy, phase);
                         let noise: f32 = rng.random_range(-1.0f32..1.0) + rng.random_range(-1.0f32..1.0);
-                        let p = 128.0 + classes[label].colour[ch] * (1.0 - mix) + contrast * v + 30.0 * noise;
+                        let p = 128.0 + classes[label].colour[ch] * (1.0 - mix) + contrast * v + 45.0 * noise;
                         out.push(p.clamp(0.0, 255.0) as u8);
                     }
                 }
