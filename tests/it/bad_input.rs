@@ -101,3 +101,23 @@ fn a_worker_without_its_dataset_hands_the_seed_back_and_stops() {
         .arg("SELECT sum(failures), (SELECT group_concat(outcome) FROM attempts) FROM seeds"));
     assert_eq!(stdout(&failures).trim(), "0|released");
 }
+
+#[test]
+fn a_failed_cifar10_download_hands_the_seed_back_and_says_where_to_put_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("s.db").display());
+    let coordinator = CoordinatorProcess::start(&db, &[]).unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, GOOD.replace("synthetic", "cifar10")).unwrap();
+    let id = stdout(&coordinator.sweep(&["submit", file.to_str().unwrap()])).trim().to_string();
+    // A port nobody listens on: the download fails at once, as it does without internet access.
+    let mirror = format!("http://127.0.0.1:{}/cifar-10-binary.tar.gz", seedsweep_tests::free_port());
+    let data = dir.path().join("data");
+    let out = run(seedsweep_tests::worker(&coordinator.url, &data).args(["--cifar10-url", &mirror]));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("could not be downloaded") && err.contains("cifar10/cifar-10-batches-bin"), "{err}");
+    let status: serde_json::Value = serde_json::from_str(&stdout(&coordinator.sweep(&["status", &id, "--json"]))).unwrap();
+    assert_eq!(status["counts"]["pending"], 4, "{status}");
+    assert!(!data.join("cifar10").exists(), "a failed download left files behind");
+}

@@ -28,8 +28,12 @@ pub enum DataError {
     Corrupt { path: PathBuf, problem: String },
     #[error("failed to read {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("failed to download CIFAR-10: {0}")]
-    Download(String),
+    #[error(
+        "dataset `cifar10` is missing and could not be downloaded ({reason}). Download {CIFAR10_URL} \
+         (MD5 {CIFAR10_MD5}) where there is internet access and unpack it so that {} holds \
+         data_batch_1.bin .. data_batch_5.bin and test_batch.bin", dir.display()
+    )]
+    Download { reason: String, dir: PathBuf },
 }
 
 /// One split as raw bytes: images `[n, 3, 32, 32]` uint8 and labels `[n]` int64, on the CPU.
@@ -217,26 +221,26 @@ pub fn synthetic_records(train: usize, test: usize, seed: u64) -> (Vec<u8>, Vec<
 pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
 pub const CIFAR10_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 
-/// Downloads CIFAR-10, checks its MD5 and unpacks it into `DATA_DIR/cifar10`. Everything happens in
-/// a scratch folder that is renamed into place only when complete.
-pub fn download_cifar10(data_dir: &Path) -> Result<(), DataError> {
+/// Downloads CIFAR-10 from `url` (the official one, or a mirror), checks its MD5 and unpacks it into
+/// `DATA_DIR/cifar10`. Everything happens in a scratch folder that is renamed into place only when
+/// complete, so a failed download leaves nothing behind.
+pub fn download_cifar10(data_dir: &Path, url: &str) -> Result<(), DataError> {
     use md5::Md5;
     let target = data_dir.join("cifar10");
+    let fail = |reason: String| DataError::Download { reason, dir: dataset_dir(data_dir, "cifar10") };
     fs::create_dir_all(&target).map_err(|source| DataError::Io { path: target.clone(), source })?;
     let scratch = target.join(format!(".download.{}", std::process::id()));
     fs::create_dir_all(&scratch).map_err(|source| DataError::Io { path: scratch.clone(), source })?;
     let result = (|| {
         let archive = scratch.join("cifar-10-binary.tar.gz");
-        let response = ureq::get(CIFAR10_URL)
-            .call()
-            .map_err(|e| DataError::Download(format!("GET {CIFAR10_URL}: {e}")))?;
+        let response = ureq::get(url).call().map_err(|e| fail(format!("GET {url}: {e}")))?;
         let mut body = response.into_body().into_reader();
         let mut file =
             fs::File::create(&archive).map_err(|source| DataError::Io { path: archive.clone(), source })?;
         let mut hasher = Md5::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = body.read(&mut buf).map_err(|e| DataError::Download(format!("reading {CIFAR10_URL}: {e}")))?;
+            let n = body.read(&mut buf).map_err(|e| fail(format!("reading {url}: {e}")))?;
             if n == 0 {
                 break;
             }
@@ -245,17 +249,19 @@ pub fn download_cifar10(data_dir: &Path) -> Result<(), DataError> {
         }
         let md5 = format!("{:x}", hasher.finalize());
         if md5 != CIFAR10_MD5 {
-            return Err(DataError::Download(format!("MD5 mismatch: got {md5}, expected {CIFAR10_MD5}")));
+            return Err(fail(format!("MD5 mismatch: got {md5}, expected {CIFAR10_MD5}")));
         }
         let tar_gz = fs::File::open(&archive).map_err(|source| DataError::Io { path: archive.clone(), source })?;
         tar::Archive::new(flate2::read::GzDecoder::new(tar_gz))
             .unpack(&scratch)
-            .map_err(|e| DataError::Download(format!("unpacking {}: {e}", archive.display())))?;
+            .map_err(|e| fail(format!("unpacking {}: {e}", archive.display())))?;
         let unpacked = scratch.join(BATCH_DIR);
         let dest = target.join(BATCH_DIR);
         fs::rename(&unpacked, &dest).map_err(|source| DataError::Io { path: dest, source })
     })();
     let _ = fs::remove_dir_all(&scratch);
+    // Leave no empty dataset folder behind either.
+    let _ = fs::remove_dir(&target);
     result
 }
 

@@ -32,6 +32,9 @@ struct RunArgs {
     /// Folder holding the datasets: DATA_DIR/NAME/cifar-10-batches-bin/.
     #[arg(long, env = "SEEDSWEEP_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
+    /// Where to download CIFAR-10 (cifar-10-binary.tar.gz) from when the dataset `cifar10` is missing; its MD5 is checked.
+    #[arg(long, env = "SEEDSWEEP_CIFAR10_URL", default_value = data::CIFAR10_URL)]
+    cifar10_url: String,
     /// Exit (status 0) once the coordinator has no seed left to lease; without it the worker waits for new work.
     #[arg(long)]
     exit_when_idle: bool,
@@ -143,6 +146,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         coordinator: args.coordinator,
         device,
         data_dir: args.data_dir,
+        cifar10_url: args.cifar10_url,
         worker_id,
         exit_when_idle: args.exit_when_idle,
         connect_timeout: Duration::from_secs(args.connect_timeout),

@@ -22,6 +22,8 @@ pub struct WorkerSettings {
     pub coordinator: String,
     pub device: Device,
     pub data_dir: PathBuf,
+    /// Where to download CIFAR-10 from when `cifar10` is missing.
+    pub cifar10_url: String,
     pub worker_id: String,
     /// Exit once no seed is pending or leased anywhere, instead of waiting for new sweeps.
     pub exit_when_idle: bool,
@@ -115,19 +117,20 @@ impl Worker {
             return Ok(d);
         }
         let dir = self.settings.data_dir.clone();
+        let url = self.settings.cifar10_url.clone();
         let name_owned = name.to_string();
         let loaded = tokio::task::spawn_blocking(move || {
             match data::load(&dir, &name_owned) {
                 Err(DataError::Missing { .. }) if name_owned == "cifar10" => {
-                    tracing::info!(url = data::CIFAR10_URL, "cifar10 is missing; downloading it");
-                    data::download_cifar10(&dir)?;
+                    tracing::info!(url = %url, "cifar10 is missing; downloading it");
+                    data::download_cifar10(&dir, &url)?;
                     data::load(&dir, &name_owned)
                 }
                 other => other,
             }
         })
         .await
-        .map_err(|e| DataError::Download(format!("loader thread failed: {e}")))?;
+        .map_err(|e| DataError::Io { path: self.settings.data_dir.clone(), source: std::io::Error::other(e) })?;
         let d = loaded?;
         tracing::info!(dataset = name, train = d.train.len(), test = d.test.len(), fingerprint = %d.fingerprint, "dataset loaded");
         Ok(d)
