@@ -10,7 +10,9 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
-        println!("cargo:warning=torch-sys did not report its libtorch lib folder; set LIBTORCH (see scripts/env.sh)");
+        println!(
+            "cargo:warning=torch-sys did not report its libtorch lib folder; set LIBTORCH (see scripts/env.sh)"
+        );
         return;
     };
     if cfg!(target_os = "linux") || cfg!(target_os = "macos") {

@@ -24,7 +24,8 @@ fn rpc(e: tonic::Status) -> anyhow::Error {
 }
 
 pub async fn submit(url: &str, file: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("failed to read sweep file {}", file.display()))?;
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("failed to read sweep file {}", file.display()))?;
     // Validate before contacting anyone, so a typo is reported even with no coordinator running.
     SweepSpec::parse(&text).with_context(|| format!("{} was not submitted", file.display()))?;
     let mut client = connect(url).await?;
@@ -39,11 +40,15 @@ pub async fn submit(url: &str, file: &Path) -> anyhow::Result<String> {
 pub async fn status(url: &str, id: &str, json: bool) -> anyhow::Result<String> {
     let mut client = connect(url).await?;
     let s = client
-        .get_sweep_status(pb::GetSweepStatusRequest { sweep_id: id.to_string() })
+        .get_sweep_status(pb::GetSweepStatusRequest {
+            sweep_id: id.to_string(),
+        })
         .await
         .map_err(rpc)?
         .into_inner();
-    let (Some(sweep), Some(c)) = (s.sweep, s.counts) else { bail!("the coordinator sent an incomplete status") };
+    let (Some(sweep), Some(c)) = (s.sweep, s.counts) else {
+        bail!("the coordinator sent an incomplete status")
+    };
     if json {
         let acc = s.test_accuracy.map(|a| {
             serde_json::json!({"n": a.n, "mean": a.mean, "std": a.std, "min": a.min, "max": a.max,
@@ -58,14 +63,24 @@ pub async fn status(url: &str, id: &str, json: bool) -> anyhow::Result<String> {
     }
     let mut out = format!(
         "sweep    {}  {}  ({} on {}, created {})\nseeds    {}/{} done  pending {}  leased {}  failed {}\n",
-        sweep.sweep_id, sweep.name, sweep.task, sweep.dataset, sweep.created_at, sweep.done, sweep.total, c.pending,
-        c.leased, c.failed
+        sweep.sweep_id,
+        sweep.name,
+        sweep.task,
+        sweep.dataset,
+        sweep.created_at,
+        sweep.done,
+        sweep.total,
+        c.pending,
+        c.leased,
+        c.failed
     );
     match s.test_accuracy {
-        Some(a) => out += &format!(
-            "test accuracy over {} seeds: mean {:.4}  std {:.4}  min {:.4} (seed {})  max {:.4} (seed {})\n",
-            a.n, a.mean, a.std, a.min, a.worst_seed, a.max, a.best_seed
-        ),
+        Some(a) => {
+            out += &format!(
+                "test accuracy over {} seeds: mean {:.4}  std {:.4}  min {:.4} (seed {})  max {:.4} (seed {})\n",
+                a.n, a.mean, a.std, a.min, a.worst_seed, a.max, a.best_seed
+            )
+        }
         None => out += "test accuracy: no seed finished yet\n",
     }
     Ok(out)
@@ -73,20 +88,35 @@ pub async fn status(url: &str, id: &str, json: bool) -> anyhow::Result<String> {
 
 pub async fn list(url: &str, json: bool) -> anyhow::Result<String> {
     let mut client = connect(url).await?;
-    let sweeps = client.list_sweeps(pb::ListSweepsRequest {}).await.map_err(rpc)?.into_inner().sweeps;
+    let sweeps = client
+        .list_sweeps(pb::ListSweepsRequest {})
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .sweeps;
     if json {
         let v: Vec<_> = sweeps
             .iter()
-            .map(|s| serde_json::json!({"sweep_id": s.sweep_id, "name": s.name, "task": s.task,
-                "dataset": s.dataset, "created_at": s.created_at, "total": s.total, "done": s.done}))
+            .map(|s| {
+                serde_json::json!({"sweep_id": s.sweep_id, "name": s.name, "task": s.task,
+                "dataset": s.dataset, "created_at": s.created_at, "total": s.total, "done": s.done})
+            })
             .collect();
         return Ok(serde_json::to_string_pretty(&v)?);
     }
-    let mut out = format!("{:<36}  {:<24}  {:<8}  {:<12}  {:>15}  {}\n", "SWEEP", "NAME", "TASK", "DATASET", "DONE", "CREATED");
+    let mut out = format!(
+        "{:<36}  {:<24}  {:<8}  {:<12}  {:>15}  {}\n",
+        "SWEEP", "NAME", "TASK", "DATASET", "DONE", "CREATED"
+    );
     for s in sweeps {
         out += &format!(
             "{:<36}  {:<24}  {:<8}  {:<12}  {:>15}  {}\n",
-            s.sweep_id, s.name, s.task, s.dataset, format!("{}/{}", s.done, s.total), s.created_at
+            s.sweep_id,
+            s.name,
+            s.task,
+            s.dataset,
+            format!("{}/{}", s.done, s.total),
+            s.created_at
         );
     }
     Ok(out)
@@ -95,7 +125,9 @@ pub async fn list(url: &str, json: bool) -> anyhow::Result<String> {
 pub async fn results(url: &str, id: &str, json: bool) -> anyhow::Result<String> {
     let mut client = connect(url).await?;
     let rows = client
-        .list_results(pb::ListResultsRequest { sweep_id: id.to_string() })
+        .list_results(pb::ListResultsRequest {
+            sweep_id: id.to_string(),
+        })
         .await
         .map_err(rpc)?
         .into_inner()

@@ -48,7 +48,11 @@ pub struct LeaseRef {
 
 impl fmt::Display for LeaseRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sweep {} seed {} fence {}", self.sweep_id, self.seed, self.fence)
+        write!(
+            f,
+            "sweep {} seed {} fence {}",
+            self.sweep_id, self.seed, self.fence
+        )
     }
 }
 
@@ -96,7 +100,9 @@ pub struct Lease {
 pub enum ClaimOutcome {
     Leased(Box<Lease>),
     /// Nothing to lease now; `outstanding` seeds are still pending or leased.
-    Empty { outstanding: u64 },
+    Empty {
+        outstanding: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

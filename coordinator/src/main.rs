@@ -25,7 +25,11 @@ enum Command {
         #[arg(long, env = "SEEDSWEEP_LISTEN", default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
         /// Database: sqlite://FILE (created if missing) or postgres://USER:PASSWORD@HOST:PORT/DB.
-        #[arg(long, env = "SEEDSWEEP_DATABASE_URL", default_value = "sqlite://seedsweep.db")]
+        #[arg(
+            long,
+            env = "SEEDSWEEP_DATABASE_URL",
+            default_value = "sqlite://seedsweep.db"
+        )]
         database_url: String,
         /// Seconds a lease lives without a heartbeat before its seed goes back to the queue.
         #[arg(long, env = "SEEDSWEEP_LEASE_TTL", default_value_t = 60, value_parser = clap::value_parser!(u64).range(2..=86400))]
@@ -37,13 +41,22 @@ enum Command {
     /// Create or update the database schema, then exit.
     Migrate {
         /// Database: sqlite://FILE or postgres://USER:PASSWORD@HOST:PORT/DB.
-        #[arg(long, env = "SEEDSWEEP_DATABASE_URL", default_value = "sqlite://seedsweep.db")]
+        #[arg(
+            long,
+            env = "SEEDSWEEP_DATABASE_URL",
+            default_value = "sqlite://seedsweep.db"
+        )]
         database_url: String,
     },
     /// Manage sweeps on a running coordinator.
     Sweep {
         /// The coordinator's gRPC URL.
-        #[arg(long, global = true, env = "SEEDSWEEP_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+        #[arg(
+            long,
+            global = true,
+            env = "SEEDSWEEP_COORDINATOR",
+            default_value = "http://127.0.0.1:50051"
+        )]
         coordinator: String,
         #[command(subcommand)]
         command: SweepCommand,
@@ -53,7 +66,21 @@ enum Command {
 #[derive(Subcommand)]
 enum SweepCommand {
     /// Validate a sweep file (TOML) and create the sweep; prints the new sweep's id alone on stdout.
-    Submit { file: PathBuf },
+    ///
+    /// Keys: `name`; `task` ("resnet9"); `dataset` (a folder name under each worker's --data-dir,
+    /// e.g. "cifar10" or "synthetic"); `seeds` ("START..END", end exclusive, or a list of integers);
+    /// optional `max_attempts` (default 3). Optional `[train]` table (defaults: Page's DAWNBench
+    /// ResNet-9 recipe): epochs = 24, batch_size = 512, width = 1.0 (channel multiplier), lr = 0.4
+    /// (peak), lr_peak_epoch (default 5/24 of epochs), momentum = 0.9, nesterov = true,
+    /// weight_decay = 5e-4, label_smoothing = 0.0, crop_padding = 4, flip = true.
+    ///
+    /// Example:  name = "baseline"  task = "resnet9"  dataset = "cifar10"  seeds = "0..100"
+    /// (one key per line), then `[train]` and `epochs = 24`. Unknown keys and bad values are
+    /// rejected with a message naming the key; nothing is created.
+    Submit {
+        /// The sweep file.
+        file: PathBuf,
+    },
     /// Seed counts per state and running statistics of final test accuracy.
     Status {
         /// The sweep's id, as printed by `sweep submit`.
@@ -79,7 +106,8 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .init();
     if let Err(e) = run(Cli::parse()).await {
@@ -90,7 +118,12 @@ async fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { listen, database_url, lease_ttl, addr_file } => {
+        Command::Serve {
+            listen,
+            database_url,
+            lease_ttl,
+            addr_file,
+        } => {
             let coordinator = Coordinator::build(ServerSettings {
                 listen,
                 database_url,
@@ -105,17 +138,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("coordinator stopped");
         }
         Command::Migrate { database_url } => {
-            store::connect(&database_url)
-                .await
-                .with_context(|| format!("failed to migrate {}", store::redact_url(&database_url)))?;
-            eprintln!("database {} is up to date", store::redact_url(&database_url));
+            store::connect(&database_url).await.with_context(|| {
+                format!("failed to migrate {}", store::redact_url(&database_url))
+            })?;
+            eprintln!(
+                "database {} is up to date",
+                store::redact_url(&database_url)
+            );
         }
-        Command::Sweep { coordinator, command } => {
+        Command::Sweep {
+            coordinator,
+            command,
+        } => {
             let out = match command {
                 SweepCommand::Submit { file } => admin::submit(&coordinator, &file).await? + "\n",
                 SweepCommand::Status { id, json } => admin::status(&coordinator, &id, json).await?,
                 SweepCommand::List { json } => admin::list(&coordinator, json).await?,
-                SweepCommand::Results { id, json } => admin::results(&coordinator, &id, json).await?,
+                SweepCommand::Results { id, json } => {
+                    admin::results(&coordinator, &id, json).await?
+                }
             };
             print!("{out}");
             if !out.ends_with('\n') {

@@ -26,7 +26,6 @@ pub struct Coordinator {
     addr: SocketAddr,
 }
 
-
 impl Coordinator {
     pub async fn build(settings: ServerSettings) -> anyhow::Result<Coordinator> {
         let url = redact_url(&settings.database_url);
@@ -36,9 +35,15 @@ impl Coordinator {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("failed to listen on {}", settings.listen))?;
-        let addr = listener.local_addr().context("failed to read the bound address")?;
+        let addr = listener
+            .local_addr()
+            .context("failed to read the bound address")?;
         tracing::info!(%addr, database = %url, "coordinator listening");
-        Ok(Coordinator { listener, service: CoordinatorService::new(store, settings.lease_ttl), addr })
+        Ok(Coordinator {
+            listener,
+            service: CoordinatorService::new(store, settings.lease_ttl),
+            addr,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -1,7 +1,9 @@
 //! The gRPC service: converts proto messages into domain types (rejecting malformed ones), calls
 //! the store, and maps store errors to gRPC statuses in one place.
 
-use crate::domain::{ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, SeedResult, SweepId, SweepSummary};
+use crate::domain::{
+    ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, SeedResult, SweepId, SweepSummary,
+};
 use crate::spec::SweepSpec;
 use crate::stats;
 use crate::store::{Store, StoreError, redact_url};
@@ -25,10 +27,18 @@ impl CoordinatorService {
 /// The one place store errors become gRPC statuses.
 fn status(e: StoreError) -> Status {
     match e {
-        StoreError::SweepNotFound(_) | StoreError::SeedNotFound { .. } => Status::not_found(e.to_string()),
-        StoreError::StaleLease(_) | StoreError::Conflict(_) => Status::failed_precondition(e.to_string()),
-        StoreError::UnsupportedUrl(u) => Status::internal(format!("unsupported database URL {}", redact_url(&u))),
-        StoreError::Database(ref db) if matches!(db, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
+        StoreError::SweepNotFound(_) | StoreError::SeedNotFound { .. } => {
+            Status::not_found(e.to_string())
+        }
+        StoreError::StaleLease(_) | StoreError::Conflict(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        StoreError::UnsupportedUrl(u) => {
+            Status::internal(format!("unsupported database URL {}", redact_url(&u)))
+        }
+        StoreError::Database(ref db)
+            if matches!(db, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) =>
+        {
             Status::unavailable(e.to_string())
         }
         StoreError::Database(_) | StoreError::Migrate(_) | StoreError::Corrupt(_) => {
@@ -44,31 +54,47 @@ fn sweep_id(s: &str) -> Result<SweepId, Status> {
 
 fn worker_id(s: &str) -> Result<&str, Status> {
     if s.is_empty() || s.len() > 256 || s.chars().any(char::is_control) {
-        return Err(Status::invalid_argument("worker_id must be 1 to 256 printable characters"));
+        return Err(Status::invalid_argument(
+            "worker_id must be 1 to 256 printable characters",
+        ));
     }
     Ok(s)
 }
 
 fn lease_ref(lease: Option<&pb::LeaseRef>) -> Result<LeaseRef, Status> {
-    let l = lease.ok_or_else(|| Status::invalid_argument("lease is missing: name the lease (sweep_id, seed, fence)"))?;
+    let l = lease.ok_or_else(|| {
+        Status::invalid_argument("lease is missing: name the lease (sweep_id, seed, fence)")
+    })?;
     if l.seed < 0 || l.fence < 1 {
         return Err(Status::invalid_argument(format!(
             "lease seed {} fence {}: seeds are >= 0 and fences >= 1",
             l.seed, l.fence
         )));
     }
-    Ok(LeaseRef { sweep_id: sweep_id(&l.sweep_id)?, seed: l.seed, fence: l.fence })
+    Ok(LeaseRef {
+        sweep_id: sweep_id(&l.sweep_id)?,
+        seed: l.seed,
+        fence: l.fence,
+    })
 }
 
 fn finite(name: &str, v: f64) -> Result<f64, Status> {
-    if v.is_finite() { Ok(v) } else { Err(Status::invalid_argument(format!("{name} = {v} is not finite"))) }
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{name} = {v} is not finite"
+        )))
+    }
 }
 
 fn fraction(name: &str, v: f64) -> Result<f64, Status> {
     if (0.0..=1.0).contains(&v) {
         Ok(v)
     } else {
-        Err(Status::invalid_argument(format!("{name} = {v}: accuracies are fractions in [0, 1]")))
+        Err(Status::invalid_argument(format!(
+            "{name} = {v}: accuracies are fractions in [0, 1]"
+        )))
     }
 }
 
@@ -76,20 +102,26 @@ fn non_negative(name: &str, v: f64) -> Result<f64, Status> {
     if v >= 0.0 && v.is_finite() {
         Ok(v)
     } else {
-        Err(Status::invalid_argument(format!("{name} = {v}: must be a finite number >= 0")))
+        Err(Status::invalid_argument(format!(
+            "{name} = {v}: must be a finite number >= 0"
+        )))
     }
 }
 
 fn label(name: &str, s: &str) -> Result<String, Status> {
     if s.is_empty() || s.len() > 256 || s.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(format!("{name} must be 1 to 256 printable characters")));
+        return Err(Status::invalid_argument(format!(
+            "{name} must be 1 to 256 printable characters"
+        )));
     }
     Ok(s.to_string())
 }
 
 fn epoch_record(m: &pb::EpochMetrics) -> Result<EpochRecord, Status> {
     if m.epoch == 0 {
-        return Err(Status::invalid_argument("epoch must be >= 1 (epochs are numbered from 1)"));
+        return Err(Status::invalid_argument(
+            "epoch must be >= 1 (epochs are numbered from 1)",
+        ));
     }
     // Losses may legitimately be NaN only in a failed run, which is reported with FailSeed instead.
     Ok(EpochRecord {
@@ -133,15 +165,25 @@ fn train_pb(t: &crate::spec::TrainSettings) -> pb::TrainConfig {
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
-    async fn submit_sweep(&self, req: Request<pb::SubmitSweepRequest>) -> Result<Response<pb::SubmitSweepResponse>, Status> {
-        let spec = SweepSpec::parse(&req.get_ref().sweep_toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    async fn submit_sweep(
+        &self,
+        req: Request<pb::SubmitSweepRequest>,
+    ) -> Result<Response<pb::SubmitSweepResponse>, Status> {
+        let spec = SweepSpec::parse(&req.get_ref().sweep_toml)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let id = SweepId::new();
         self.store.create_sweep(id, &spec).await.map_err(status)?;
         tracing::info!(sweep = %id, name = %spec.name, seeds = spec.seeds.len(), "sweep created");
-        Ok(Response::new(pb::SubmitSweepResponse { sweep_id: id.to_string(), seeds: spec.seeds.len() as u64 }))
+        Ok(Response::new(pb::SubmitSweepResponse {
+            sweep_id: id.to_string(),
+            seeds: spec.seeds.len() as u64,
+        }))
     }
 
-    async fn get_sweep_status(&self, req: Request<pb::GetSweepStatusRequest>) -> Result<Response<pb::SweepStatus>, Status> {
+    async fn get_sweep_status(
+        &self,
+        req: Request<pb::GetSweepStatusRequest>,
+    ) -> Result<Response<pb::SweepStatus>, Status> {
         let id = sweep_id(&req.get_ref().sweep_id)?;
         let p = self.store.sweep_progress(id).await.map_err(status)?;
         let test_accuracy = stats::summarize(&p.accuracies).map(|s| pb::AccuracyStats {
@@ -165,12 +207,20 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn list_sweeps(&self, _req: Request<pb::ListSweepsRequest>) -> Result<Response<pb::ListSweepsResponse>, Status> {
+    async fn list_sweeps(
+        &self,
+        _req: Request<pb::ListSweepsRequest>,
+    ) -> Result<Response<pb::ListSweepsResponse>, Status> {
         let sweeps = self.store.list_sweeps().await.map_err(status)?;
-        Ok(Response::new(pb::ListSweepsResponse { sweeps: sweeps.iter().map(summary_pb).collect() }))
+        Ok(Response::new(pb::ListSweepsResponse {
+            sweeps: sweeps.iter().map(summary_pb).collect(),
+        }))
     }
 
-    async fn list_results(&self, req: Request<pb::ListResultsRequest>) -> Result<Response<pb::ListResultsResponse>, Status> {
+    async fn list_results(
+        &self,
+        req: Request<pb::ListResultsRequest>,
+    ) -> Result<Response<pb::ListResultsResponse>, Status> {
         let id = sweep_id(&req.get_ref().sweep_id)?;
         let results = self.store.list_results(id).await.map_err(status)?;
         Ok(Response::new(pb::ListResultsResponse {
@@ -193,9 +243,17 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn lease_seed(&self, req: Request<pb::LeaseSeedRequest>) -> Result<Response<pb::LeaseSeedResponse>, Status> {
+    async fn lease_seed(
+        &self,
+        req: Request<pb::LeaseSeedRequest>,
+    ) -> Result<Response<pb::LeaseSeedResponse>, Status> {
         let worker = worker_id(&req.get_ref().worker_id)?;
-        let outcome = match self.store.claim(worker, self.lease_ttl).await.map_err(status)? {
+        let outcome = match self
+            .store
+            .claim(worker, self.lease_ttl)
+            .await
+            .map_err(status)?
+        {
             ClaimOutcome::Leased(l) => {
                 tracing::info!(sweep = %l.lease.sweep_id, seed = l.lease.seed, fence = l.lease.fence, worker, "seed leased");
                 pb::lease_seed_response::Outcome::Lease(pb::Lease {
@@ -208,14 +266,24 @@ impl Coordinator for CoordinatorService {
                     lease_ttl_seconds: self.lease_ttl.as_secs().max(1) as u32,
                 })
             }
-            ClaimOutcome::Empty { outstanding } => pb::lease_seed_response::Outcome::NoWork(pb::NoWork { outstanding }),
+            ClaimOutcome::Empty { outstanding } => {
+                pb::lease_seed_response::Outcome::NoWork(pb::NoWork { outstanding })
+            }
         };
-        Ok(Response::new(pb::LeaseSeedResponse { outcome: Some(outcome) }))
+        Ok(Response::new(pb::LeaseSeedResponse {
+            outcome: Some(outcome),
+        }))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let lease = lease_ref(req.get_ref().lease.as_ref())?;
-        self.store.heartbeat(lease, self.lease_ttl).await.map_err(status)?;
+        self.store
+            .heartbeat(lease, self.lease_ttl)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
 
@@ -228,14 +296,20 @@ impl Coordinator for CoordinatorService {
         while let Some(m) = stream.message().await? {
             let lease = lease_ref(m.lease.as_ref())?;
             let record = epoch_record(&m)?;
-            self.store.record_epoch(lease, &record).await.map_err(status)?;
+            self.store
+                .record_epoch(lease, &record)
+                .await
+                .map_err(status)?;
             tracing::debug!(%lease, epoch = record.epoch, test_accuracy = record.test_accuracy, "epoch recorded");
             received += 1;
         }
         Ok(Response::new(pb::StreamEpochMetricsResponse { received }))
     }
 
-    async fn complete_seed(&self, req: Request<pb::CompleteSeedRequest>) -> Result<Response<pb::CompleteSeedResponse>, Status> {
+    async fn complete_seed(
+        &self,
+        req: Request<pb::CompleteSeedRequest>,
+    ) -> Result<Response<pb::CompleteSeedResponse>, Status> {
         let r = req.get_ref();
         let lease = lease_ref(r.lease.as_ref())?;
         if r.epochs == 0 {
@@ -260,13 +334,22 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::CompleteSeedResponse { recorded }))
     }
 
-    async fn fail_seed(&self, req: Request<pb::FailSeedRequest>) -> Result<Response<pb::FailSeedResponse>, Status> {
+    async fn fail_seed(
+        &self,
+        req: Request<pb::FailSeedRequest>,
+    ) -> Result<Response<pb::FailSeedResponse>, Status> {
         let r = req.get_ref();
         let lease = lease_ref(r.lease.as_ref())?;
         let worker = worker_id(&r.worker_id)?;
         let cause: String = r.cause.chars().take(4096).collect();
-        let state = self.store.fail(lease, &cause, r.counts_as_attempt).await.map_err(status)?;
+        let state = self
+            .store
+            .fail(lease, &cause, r.counts_as_attempt)
+            .await
+            .map_err(status)?;
         tracing::warn!(%lease, worker, cause = %cause, counts_as_attempt = r.counts_as_attempt, state = state.as_str(), "seed attempt ended without a result");
-        Ok(Response::new(pb::FailSeedResponse { state: state.as_str().to_string() }))
+        Ok(Response::new(pb::FailSeedResponse {
+            state: state.as_str().to_string(),
+        }))
     }
 }

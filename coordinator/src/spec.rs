@@ -76,7 +76,10 @@ impl SeedSet {
             return invalid("`seeds` is an empty list: give at least one seed");
         }
         if seeds.len() as u64 > MAX_SEEDS {
-            return invalid(format!("`seeds` lists {} seeds; one sweep holds at most {MAX_SEEDS}", seeds.len()));
+            return invalid(format!(
+                "`seeds` lists {} seeds; one sweep holds at most {MAX_SEEDS}",
+                seeds.len()
+            ));
         }
         let mut seen = HashSet::with_capacity(seeds.len());
         for &s in &seeds {
@@ -84,7 +87,9 @@ impl SeedSet {
                 return invalid(format!("`seeds` contains {s}: seeds must be non-negative"));
             }
             if !seen.insert(s) {
-                return invalid(format!("`seeds` lists seed {s} twice: each seed may appear once"));
+                return invalid(format!(
+                    "`seeds` lists seed {s} twice: each seed may appear once"
+                ));
             }
         }
         Ok(SeedSet(seeds))
@@ -175,18 +180,29 @@ impl Default for TrainSettings {
 
 impl TrainSettings {
     pub fn peak_epoch(&self) -> f64 {
-        self.lr_peak_epoch.unwrap_or(self.epochs as f64 * 5.0 / 24.0)
+        self.lr_peak_epoch
+            .unwrap_or(self.epochs as f64 * 5.0 / 24.0)
     }
 
     fn validate(&self) -> Result<(), SpecError> {
         let finite = |key: &str, v: f64| -> Result<(), SpecError> {
-            if v.is_finite() { Ok(()) } else { invalid(format!("`train.{key}` = {v} is not a finite number")) }
+            if v.is_finite() {
+                Ok(())
+            } else {
+                invalid(format!("`train.{key}` = {v} is not a finite number"))
+            }
         };
         if self.epochs == 0 || self.epochs > 10_000 {
-            return invalid(format!("`train.epochs` = {}: give between 1 and 10000 epochs", self.epochs));
+            return invalid(format!(
+                "`train.epochs` = {}: give between 1 and 10000 epochs",
+                self.epochs
+            ));
         }
         if self.batch_size == 0 || self.batch_size > 65_536 {
-            return invalid(format!("`train.batch_size` = {}: give between 1 and 65536", self.batch_size));
+            return invalid(format!(
+                "`train.batch_size` = {}: give between 1 and 65536",
+                self.batch_size
+            ));
         }
         finite("width", self.width)?;
         if !(self.width > 0.0 && self.width <= 8.0) || (64.0 * self.width).round() < 1.0 {
@@ -197,7 +213,10 @@ impl TrainSettings {
         }
         finite("lr", self.lr)?;
         if self.lr < 0.0 {
-            return invalid(format!("`train.lr` = {}: the learning rate must be >= 0", self.lr));
+            return invalid(format!(
+                "`train.lr` = {}: the learning rate must be >= 0",
+                self.lr
+            ));
         }
         let peak = self.peak_epoch();
         finite("lr_peak_epoch", peak)?;
@@ -209,21 +228,33 @@ impl TrainSettings {
         }
         finite("momentum", self.momentum)?;
         if !(0.0..1.0).contains(&self.momentum) {
-            return invalid(format!("`train.momentum` = {}: must be in [0, 1)", self.momentum));
+            return invalid(format!(
+                "`train.momentum` = {}: must be in [0, 1)",
+                self.momentum
+            ));
         }
         if self.nesterov && self.momentum == 0.0 {
             return invalid("`train.nesterov` = true needs `train.momentum` > 0");
         }
         finite("weight_decay", self.weight_decay)?;
         if self.weight_decay < 0.0 {
-            return invalid(format!("`train.weight_decay` = {}: must be >= 0", self.weight_decay));
+            return invalid(format!(
+                "`train.weight_decay` = {}: must be >= 0",
+                self.weight_decay
+            ));
         }
         finite("label_smoothing", self.label_smoothing)?;
         if !(0.0..1.0).contains(&self.label_smoothing) {
-            return invalid(format!("`train.label_smoothing` = {}: must be in [0, 1)", self.label_smoothing));
+            return invalid(format!(
+                "`train.label_smoothing` = {}: must be in [0, 1)",
+                self.label_smoothing
+            ));
         }
         if self.crop_padding > 16 {
-            return invalid(format!("`train.crop_padding` = {}: at most 16 pixels", self.crop_padding));
+            return invalid(format!(
+                "`train.crop_padding` = {}: at most 16 pixels",
+                self.crop_padding
+            ));
         }
         Ok(())
     }
@@ -269,12 +300,18 @@ impl SweepSpec {
         }
         let task = match raw.task.as_str() {
             "resnet9" => Task::Resnet9,
-            other => return invalid(format!("`task` = \"{other}\" is not a known task: use \"resnet9\"")),
+            other => {
+                return invalid(format!(
+                    "`task` = \"{other}\" is not a known task: use \"resnet9\""
+                ));
+            }
         };
         let dataset = raw.dataset;
         if dataset.is_empty()
             || dataset.len() > 64
-            || !dataset.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || !dataset
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             || dataset.starts_with('-')
         {
             return invalid(format!(
@@ -287,12 +324,21 @@ impl SweepSpec {
         };
         let max_attempts = raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
         if max_attempts == 0 || max_attempts > 100 {
-            return invalid(format!("`max_attempts` = {max_attempts}: give between 1 and 100"));
+            return invalid(format!(
+                "`max_attempts` = {max_attempts}: give between 1 and 100"
+            ));
         }
         let mut train = raw.train;
         train.validate()?;
         train.lr_peak_epoch = Some(train.peak_epoch());
-        Ok(SweepSpec { name, task, dataset, seeds, max_attempts, train })
+        Ok(SweepSpec {
+            name,
+            task,
+            dataset,
+            seeds,
+            max_attempts,
+            train,
+        })
     }
 
     /// The resolved configuration as stored in `sweeps.config`.

@@ -33,8 +33,20 @@ pub fn summarize(scores: &[(i64, f64)]) -> Option<Summary> {
             (max, best_seed) = (x, seed);
         }
     }
-    let std = if n > 1.0 { (m2 / (n - 1.0)).sqrt() } else { 0.0 };
-    Some(Summary { n: n as u64, mean, std, min, max, worst_seed, best_seed })
+    let std = if n > 1.0 {
+        (m2 / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    Some(Summary {
+        n: n as u64,
+        mean,
+        std,
+        min,
+        max,
+        worst_seed,
+        best_seed,
+    })
 }
 
 #[cfg(test)]
@@ -46,7 +58,11 @@ mod tests {
         let s = summarize(&[(3, 0.9), (1, 0.8), (2, 0.85), (7, 0.9)]).unwrap();
         assert_eq!(s.n, 4);
         assert!((s.mean - 0.8625).abs() < 1e-12);
-        let var = [0.9, 0.8, 0.85, 0.9].iter().map(|x: &f64| (x - 0.8625).powi(2)).sum::<f64>() / 3.0;
+        let var = [0.9, 0.8, 0.85, 0.9]
+            .iter()
+            .map(|x: &f64| (x - 0.8625).powi(2))
+            .sum::<f64>()
+            / 3.0;
         assert!((s.std - var.sqrt()).abs() < 1e-12);
         assert_eq!((s.min, s.worst_seed), (0.8, 1));
         assert_eq!((s.max, s.best_seed), (0.9, 3));

@@ -14,8 +14,17 @@ fn malformed_sweep_files_are_rejected_and_nothing_is_created() {
         (GOOD.replace("0..4", "4..4"), "`seeds`"),
         (GOOD.replace("\"0..4\"", "[1, 2, 2]"), "twice"),
         (GOOD.replace("epochs = 1", "epochs = 0"), "`train.epochs`"),
-        (GOOD.replace("epochs = 1", "epochs = 1\nepohcs = 2"), "epohcs"),
-        (GOOD.replace("task = \"resnet9\"", "task = \"resnet9\"\nlearning_rate = 1"), "learning_rate"),
+        (
+            GOOD.replace("epochs = 1", "epochs = 1\nepohcs = 2"),
+            "epohcs",
+        ),
+        (
+            GOOD.replace(
+                "task = \"resnet9\"",
+                "task = \"resnet9\"\nlearning_rate = 1",
+            ),
+            "learning_rate",
+        ),
         ("name = [".to_string(), "invalid sweep file"),
     ];
     for (text, expect) in cases {
@@ -23,13 +32,25 @@ fn malformed_sweep_files_are_rejected_and_nothing_is_created() {
         std::fs::write(&file, &text).unwrap();
         let out = coordinator.sweep(&["submit", file.to_str().unwrap()]);
         assert!(!out.status.success(), "accepted:\n{text}");
-        assert!(stderr(&out).contains(expect), "for\n{text}\nexpected `{expect}` in: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expect),
+            "for\n{text}\nexpected `{expect}` in: {}",
+            stderr(&out)
+        );
         assert_eq!(stdout(&out), "", "printed an id for a rejected file");
     }
     let missing = coordinator.sweep(&["submit", dir.path().join("nope.toml").to_str().unwrap()]);
-    assert!(!missing.status.success() && stderr(&missing).contains("failed to read"), "{}", stderr(&missing));
+    assert!(
+        !missing.status.success() && stderr(&missing).contains("failed to read"),
+        "{}",
+        stderr(&missing)
+    );
     let listed = stdout(&coordinator.sweep(&["list", "--json"]));
-    assert_eq!(listed.trim(), "[]", "a rejected sweep was created: {listed}");
+    assert_eq!(
+        listed.trim(),
+        "[]",
+        "a rejected sweep was created: {listed}"
+    );
 }
 
 #[test]
@@ -41,10 +62,18 @@ fn unknown_and_malformed_sweep_ids_are_errors() {
     for cmd in ["status", "results"] {
         let out = coordinator.sweep(&[cmd, &unknown]);
         assert!(!out.status.success());
-        assert!(stderr(&out).contains(&format!("no sweep {unknown}")), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("no sweep {unknown}")),
+            "{}",
+            stderr(&out)
+        );
         let out = coordinator.sweep(&[cmd, "not-a-uuid"]);
         assert!(!out.status.success());
-        assert!(stderr(&out).contains("is not a sweep id"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("is not a sweep id"),
+            "{}",
+            stderr(&out)
+        );
     }
 }
 
@@ -55,31 +84,70 @@ fn clients_report_a_coordinator_that_is_not_running() {
     let url = format!("http://127.0.0.1:{port}");
     let data = dir.path().join("data");
     let out = run(Command::new(bin("worker"))
-        .args(["--cpu", "--exit-when-idle", "--connect-timeout", "1", "--coordinator", &url])
+        .args([
+            "--cpu",
+            "--exit-when-idle",
+            "--connect-timeout",
+            "1",
+            "--coordinator",
+            &url,
+        ])
         .arg("--data-dir")
         .arg(&data));
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("cannot reach the coordinator"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot reach the coordinator"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!data.exists(), "the worker wrote to its data folder");
 
     let file = dir.path().join("ok.toml");
     std::fs::write(&file, GOOD).unwrap();
-    let out = run(Command::new(bin("coordinator")).args(["sweep", "submit", "--coordinator", &url]).arg(&file));
+    let out = run(Command::new(bin("coordinator"))
+        .args(["sweep", "submit", "--coordinator", &url])
+        .arg(&file));
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("cannot reach the coordinator"), "{}", stderr(&out));
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "something was written");
+    assert!(
+        stderr(&out).contains("cannot reach the coordinator"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "something was written"
+    );
 }
 
 #[test]
 fn bad_flags_and_database_urls_are_rejected() {
     let out = run(Command::new(bin("worker")).args(["--gpu", "0", "--cpu"]));
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("cannot be used with"), "{}", stderr(&out));
-    let out = run(Command::new(bin("worker")).arg("--coordinator").arg("http://x"));
-    assert!(!out.status.success() && stderr(&out).contains("--gpu"), "{}", stderr(&out));
-    let out = run(Command::new(bin("coordinator")).args(["migrate", "--database-url", "mysql://u:secret@h/db"]));
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(Command::new(bin("worker"))
+        .arg("--coordinator")
+        .arg("http://x"));
+    assert!(
+        !out.status.success() && stderr(&out).contains("--gpu"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(Command::new(bin("coordinator")).args([
+        "migrate",
+        "--database-url",
+        "mysql://u:secret@h/db",
+    ]));
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("unsupported database URL") && !stderr(&out).contains("secret"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unsupported database URL") && !stderr(&out).contains("secret"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -89,11 +157,21 @@ fn a_worker_without_its_dataset_hands_the_seed_back_and_stops() {
     let coordinator = CoordinatorProcess::start(&db, &[]).unwrap();
     let file = dir.path().join("ok.toml");
     std::fs::write(&file, GOOD).unwrap();
-    let id = stdout(&coordinator.sweep(&["submit", file.to_str().unwrap()])).trim().to_string();
-    let out = run(&mut seedsweep_tests::worker(&coordinator.url, &dir.path().join("data")));
+    let id = stdout(&coordinator.sweep(&["submit", file.to_str().unwrap()]))
+        .trim()
+        .to_string();
+    let out = run(&mut seedsweep_tests::worker(
+        &coordinator.url,
+        &dir.path().join("data"),
+    ));
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("make-dataset synthetic"), "{}", stderr(&out));
-    let status: serde_json::Value = serde_json::from_str(&stdout(&coordinator.sweep(&["status", &id, "--json"]))).unwrap();
+    assert!(
+        stderr(&out).contains("make-dataset synthetic"),
+        "{}",
+        stderr(&out)
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&coordinator.sweep(&["status", &id, "--json"]))).unwrap();
     // The seed is pending again and no attempt was used up.
     assert_eq!(status["counts"]["pending"], 4, "{status}");
     let failures = run(Command::new("sqlite3")
@@ -109,15 +187,28 @@ fn a_failed_cifar10_download_hands_the_seed_back_and_says_where_to_put_the_files
     let coordinator = CoordinatorProcess::start(&db, &[]).unwrap();
     let file = dir.path().join("c.toml");
     std::fs::write(&file, GOOD.replace("synthetic", "cifar10")).unwrap();
-    let id = stdout(&coordinator.sweep(&["submit", file.to_str().unwrap()])).trim().to_string();
+    let id = stdout(&coordinator.sweep(&["submit", file.to_str().unwrap()]))
+        .trim()
+        .to_string();
     // A port nobody listens on: the download fails at once, as it does without internet access.
-    let mirror = format!("http://127.0.0.1:{}/cifar-10-binary.tar.gz", seedsweep_tests::free_port());
+    let mirror = format!(
+        "http://127.0.0.1:{}/cifar-10-binary.tar.gz",
+        seedsweep_tests::free_port()
+    );
     let data = dir.path().join("data");
-    let out = run(seedsweep_tests::worker(&coordinator.url, &data).args(["--cifar10-url", &mirror]));
+    let out =
+        run(seedsweep_tests::worker(&coordinator.url, &data).args(["--cifar10-url", &mirror]));
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("could not be downloaded") && err.contains("cifar10/cifar-10-batches-bin"), "{err}");
-    let status: serde_json::Value = serde_json::from_str(&stdout(&coordinator.sweep(&["status", &id, "--json"]))).unwrap();
+    assert!(
+        err.contains("could not be downloaded") && err.contains("cifar10/cifar-10-batches-bin"),
+        "{err}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&coordinator.sweep(&["status", &id, "--json"]))).unwrap();
     assert_eq!(status["counts"]["pending"], 4, "{status}");
-    assert!(!data.join("cifar10").exists(), "a failed download left files behind");
+    assert!(
+        !data.join("cifar10").exists(),
+        "a failed download left files behind"
+    );
 }

@@ -24,12 +24,22 @@ fn run_sweep(coordinator: &CoordinatorProcess, data: &Path, file: &Path, seeds: 
     let submitted = coordinator.sweep(&["submit", file.to_str().unwrap()]);
     assert!(submitted.status.success(), "{}", stderr(&submitted));
     let id = stdout(&submitted).trim().to_string();
-    assert!(uuid::Uuid::parse_str(&id).is_ok(), "submit printed `{id}`, not a UUID alone");
+    assert!(
+        uuid::Uuid::parse_str(&id).is_ok(),
+        "submit printed `{id}`, not a UUID alone"
+    );
 
-    let workers: Vec<_> = (0..2).map(|_| worker(&coordinator.url, data).spawn().unwrap()).collect();
+    let workers: Vec<_> = (0..2)
+        .map(|_| worker(&coordinator.url, data).spawn().unwrap())
+        .collect();
     for w in workers {
         let out = w.wait_with_output().unwrap();
-        assert!(out.status.success(), "worker failed: {}\ncoordinator log:\n{}", stderr(&out), coordinator.log());
+        assert!(
+            out.status.success(),
+            "worker failed: {}\ncoordinator log:\n{}",
+            stderr(&out),
+            coordinator.log()
+        );
     }
 
     let status = coordinator.sweep(&["status", &id, "--json"]);
@@ -40,7 +50,10 @@ fn run_sweep(coordinator: &CoordinatorProcess, data: &Path, file: &Path, seeds: 
     assert_eq!(s["counts"]["failed"], 0);
     assert_eq!(s["test_accuracy"]["n"], seeds);
     let human = stdout(&coordinator.sweep(&["status", &id]));
-    assert!(human.contains(&format!("{seeds}/{seeds} done")) && human.contains("mean"), "{human}");
+    assert!(
+        human.contains(&format!("{seeds}/{seeds} done")) && human.contains("mean"),
+        "{human}"
+    );
     let results = coordinator.sweep(&["results", &id, "--json"]);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout(&results)).unwrap();
     assert_eq!(rows.len(), seeds);
@@ -63,11 +76,23 @@ fn check_tables(sql: &dyn Fn(&str) -> String, id: &str, seeds: usize) {
     for row in &rows {
         let f: Vec<&str> = row.split('|').collect();
         assert_eq!(f[1], "1", "seed {} has {} results rows", f[0], f[1]);
-        assert_eq!(f[2], EPOCHS.to_string(), "seed {} has {} epoch rows", f[0], f[2]);
-        assert!(f[3] == "1" || f[3] == "t", "seed {}: accuracy out of [0, 1]", f[0]);
+        assert_eq!(
+            f[2],
+            EPOCHS.to_string(),
+            "seed {} has {} epoch rows",
+            f[0],
+            f[2]
+        );
+        assert!(
+            f[3] == "1" || f[3] == "t",
+            "seed {}: accuracy out of [0, 1]",
+            f[0]
+        );
     }
     // The results vary with the seed.
-    let distinct = sql(&format!("SELECT count(DISTINCT train_loss) FROM results WHERE sweep_id = '{id}'"));
+    let distinct = sql(&format!(
+        "SELECT count(DISTINCT train_loss) FROM results WHERE sweep_id = '{id}'"
+    ));
     assert_eq!(distinct.trim(), seeds.to_string());
 
     let queries = readme_queries();
@@ -75,22 +100,38 @@ fn check_tables(sql: &dyn Fn(&str) -> String, id: &str, seeds: usize) {
     let expected_rows = [1, EPOCHS as usize, seeds.min(10)];
     for (q, n) in queries.iter().zip(expected_rows) {
         let out = sql(&q.replace("SWEEP_ID", id));
-        assert_eq!(out.lines().count(), n, "README query\n{q}\nreturned:\n{out}");
+        assert_eq!(
+            out.lines().count(),
+            n,
+            "README query\n{q}\nreturned:\n{out}"
+        );
     }
 }
 
 /// The SQL blocks of the README's "Querying results with SQL" section.
 fn readme_queries() -> Vec<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let section = readme.split("## Querying results with SQL").nth(1).expect("README has the SQL section");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme
+        .split("## Querying results with SQL")
+        .nth(1)
+        .expect("README has the SQL section");
     let section = section.split("\n## ").next().unwrap();
-    section.split("```sql").skip(1).map(|b| b.split("```").next().unwrap().trim().to_string()).collect()
+    section
+        .split("```sql")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap().trim().to_string())
+        .collect()
 }
 
 fn sqlite_cli(db: &Path) -> impl Fn(&str) -> String + '_ {
     move |q| {
         let out = run(std::process::Command::new("sqlite3").arg(db).arg(q));
-        assert!(out.status.success(), "sqlite3 failed on\n{q}\n{}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "sqlite3 failed on\n{q}\n{}",
+            stderr(&out)
+        );
         stdout(&out)
     }
 }
@@ -103,12 +144,22 @@ async fn sweep_end_to_end_on_sqlite() {
     make_synthetic(&data, 600, 200);
     let db = format!("sqlite://{}", dir.path().join("seedsweep.db").display());
     let coordinator = CoordinatorProcess::start(&db, &[]).unwrap();
-    let id = run_sweep(&coordinator, &data, &sweep_file(dir.path(), "e2e", "\"0..6\""), 6);
+    let id = run_sweep(
+        &coordinator,
+        &data,
+        &sweep_file(dir.path(), "e2e", "\"0..6\""),
+        6,
+    );
     let db_path = dir.path().join("seedsweep.db");
     check_tables(&sqlite_cli(&db_path), &id, 6);
 
     // The same seeds trained again in another sweep give bitwise-identical metrics.
-    let again = run_sweep(&coordinator, &data, &sweep_file(dir.path(), "again", "[4, 1]"), 2);
+    let again = run_sweep(
+        &coordinator,
+        &data,
+        &sweep_file(dir.path(), "again", "[4, 1]"),
+        2,
+    );
     drop(coordinator);
     let q = "SELECT sweep_id, seed, epoch, train_loss, test_loss, test_accuracy FROM epoch_metrics
              WHERE seed IN (1, 4) ORDER BY seed, epoch, sweep_id = ?1";
@@ -118,7 +169,12 @@ async fn sweep_end_to_end_on_sqlite() {
     for pair in rows.chunks(2) {
         assert_eq!(pair[0][0], id);
         assert_eq!(pair[1][0], again);
-        assert_eq!(pair[0][1..], pair[1][1..], "seed {} differs between sweeps", pair[0][1]);
+        assert_eq!(
+            pair[0][1..],
+            pair[1][1..],
+            "seed {} differs between sweeps",
+            pair[0][1]
+        );
     }
 }
 
@@ -131,6 +187,11 @@ async fn sweep_end_to_end_on_postgres() {
     let data = dir.path().join("data");
     make_synthetic(&data, 600, 200);
     let coordinator = CoordinatorProcess::start(&url, &[]).unwrap();
-    let id = run_sweep(&coordinator, &data, &sweep_file(dir.path(), "e2e-pg", "\"10..16\""), 6);
+    let id = run_sweep(
+        &coordinator,
+        &data,
+        &sweep_file(dir.path(), "e2e-pg", "\"10..16\""),
+        6,
+    );
     check_tables(&|q: &str| pg.psql(&url, q), &id, 6);
 }

@@ -1,9 +1,11 @@
 //! One suite of store behaviour, run against every implementation.
 
-use seedsweep_coordinator::domain::{ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedResult, SeedState};
+use seedsweep_coordinator::domain::SweepId;
+use seedsweep_coordinator::domain::{
+    ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedResult, SeedState,
+};
 use seedsweep_coordinator::spec::SweepSpec;
 use seedsweep_coordinator::store::{self, Store, StoreError};
-use seedsweep_coordinator::domain::SweepId;
 use seedsweep_tests::PgServer;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,15 @@ fn spec(seeds: &str, max_attempts: u32) -> SweepSpec {
 }
 
 fn epoch(n: u32) -> EpochRecord {
-    EpochRecord { epoch: n, train_loss: 1.0 / n as f64, train_accuracy: 0.5, test_loss: 1.0, test_accuracy: 0.5, lr: 0.1, seconds: 1.0 }
+    EpochRecord {
+        epoch: n,
+        train_loss: 1.0 / n as f64,
+        train_accuracy: 0.5,
+        test_loss: 1.0,
+        test_accuracy: 0.5,
+        lr: 0.1,
+        seconds: 1.0,
+    }
 }
 
 fn result(seed: i64, acc: f64) -> SeedResult {
@@ -47,12 +57,18 @@ async fn claim(s: &dyn Store, worker: &str) -> Lease {
 async fn finish(s: &dyn Store, l: LeaseRef, acc: f64) {
     s.record_epoch(l, &epoch(1)).await.unwrap();
     s.record_epoch(l, &epoch(2)).await.unwrap();
-    assert_eq!(s.complete(l, &result(l.seed, acc)).await.unwrap(), CompleteOutcome::Recorded);
+    assert_eq!(
+        s.complete(l, &result(l.seed, acc)).await.unwrap(),
+        CompleteOutcome::Recorded
+    );
 }
 
 async fn suite(s: Arc<dyn Store>) {
     let s = s.as_ref();
-    assert!(matches!(s.claim("w", TTL).await.unwrap(), ClaimOutcome::Empty { outstanding: 0 }));
+    assert!(matches!(
+        s.claim("w", TTL).await.unwrap(),
+        ClaimOutcome::Empty { outstanding: 0 }
+    ));
 
     // Seeds are leased oldest sweep first, lowest seed first, each once.
     let a = SweepId::new();
@@ -60,7 +76,10 @@ async fn suite(s: Arc<dyn Store>) {
     let b = SweepId::new();
     s.create_sweep(b, &spec("\"0..2\"", 1)).await.unwrap();
     let l1 = claim(s, "w1").await;
-    assert_eq!((l1.lease.sweep_id, l1.lease.seed, l1.lease.fence), (a, 2, 1));
+    assert_eq!(
+        (l1.lease.sweep_id, l1.lease.seed, l1.lease.fence),
+        (a, 2, 1)
+    );
     assert_eq!(l1.train.epochs, 2);
     assert_eq!(l1.dataset, "synthetic");
     let l2 = claim(s, "w2").await;
@@ -68,31 +87,70 @@ async fn suite(s: Arc<dyn Store>) {
 
     // A result needs all its epochs, and is recorded once; a retried completion is acknowledged.
     s.record_epoch(l1.lease, &epoch(1)).await.unwrap();
-    assert!(matches!(s.complete(l1.lease, &result(2, 0.8)).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        s.complete(l1.lease, &result(2, 0.8)).await,
+        Err(StoreError::Conflict(_))
+    ));
     s.record_epoch(l1.lease, &epoch(2)).await.unwrap();
     s.record_epoch(l1.lease, &epoch(2)).await.unwrap();
-    assert_eq!(s.complete(l1.lease, &result(2, 0.8)).await.unwrap(), CompleteOutcome::Recorded);
-    assert_eq!(s.complete(l1.lease, &result(2, 0.8)).await.unwrap(), CompleteOutcome::AlreadyRecorded);
-    assert!(matches!(s.heartbeat(l1.lease, TTL).await, Err(StoreError::StaleLease(_))));
+    assert_eq!(
+        s.complete(l1.lease, &result(2, 0.8)).await.unwrap(),
+        CompleteOutcome::Recorded
+    );
+    assert_eq!(
+        s.complete(l1.lease, &result(2, 0.8)).await.unwrap(),
+        CompleteOutcome::AlreadyRecorded
+    );
+    assert!(matches!(
+        s.heartbeat(l1.lease, TTL).await,
+        Err(StoreError::StaleLease(_))
+    ));
 
     // A failure that counts goes back to the queue with a new fence; the old lease is stale.
-    assert_eq!(s.fail(l2.lease, "boom", true).await.unwrap(), SeedState::Pending);
-    assert!(matches!(s.record_epoch(l2.lease, &epoch(1)).await, Err(StoreError::StaleLease(_))));
+    assert_eq!(
+        s.fail(l2.lease, "boom", true).await.unwrap(),
+        SeedState::Pending
+    );
+    assert!(matches!(
+        s.record_epoch(l2.lease, &epoch(1)).await,
+        Err(StoreError::StaleLease(_))
+    ));
     let l2b = claim(s, "w3").await;
     assert_eq!((l2b.lease.seed, l2b.lease.fence), (5, 2));
-    for stale in [l2.lease, LeaseRef { fence: 99, ..l2b.lease }] {
-        assert!(matches!(s.heartbeat(stale, TTL).await, Err(StoreError::StaleLease(_))));
-        assert!(matches!(s.complete(stale, &result(5, 0.1)).await, Err(StoreError::StaleLease(_))));
-        assert!(matches!(s.fail(stale, "x", true).await, Err(StoreError::StaleLease(_))));
+    for stale in [
+        l2.lease,
+        LeaseRef {
+            fence: 99,
+            ..l2b.lease
+        },
+    ] {
+        assert!(matches!(
+            s.heartbeat(stale, TTL).await,
+            Err(StoreError::StaleLease(_))
+        ));
+        assert!(matches!(
+            s.complete(stale, &result(5, 0.1)).await,
+            Err(StoreError::StaleLease(_))
+        ));
+        assert!(matches!(
+            s.fail(stale, "x", true).await,
+            Err(StoreError::StaleLease(_))
+        ));
     }
     s.heartbeat(l2b.lease, TTL).await.unwrap();
     // Out of attempts (max 2): failed for good.
-    assert_eq!(s.fail(l2b.lease, "boom again", true).await.unwrap(), SeedState::Failed);
+    assert_eq!(
+        s.fail(l2b.lease, "boom again", true).await.unwrap(),
+        SeedState::Failed
+    );
 
     // A release does not use up an attempt.
     let l3 = claim(s, "w").await;
     assert_eq!(l3.lease.seed, 9);
-    assert_eq!(s.fail(l3.lease, "data missing", false).await.unwrap(), SeedState::Pending);
+    assert_eq!(
+        s.fail(l3.lease, "data missing", false).await.unwrap(),
+        SeedState::Pending
+    );
     let l3b = claim(s, "w").await;
     assert_eq!((l3b.lease.seed, l3b.lease.fence), (9, 2));
     finish(s, l3b.lease, 0.7).await;
@@ -107,7 +165,10 @@ async fn suite(s: Arc<dyn Store>) {
     // max_attempts is 1 for sweep b: the expiry fails the seed, and the claim moves on to seed 1.
     let l5 = claim(s, "w").await;
     assert_eq!((l5.lease.sweep_id, l5.lease.seed), (b, 1));
-    assert!(matches!(s.complete(l4, &result(0, 0.5)).await, Err(StoreError::StaleLease(_))));
+    assert!(matches!(
+        s.complete(l4, &result(0, 0.5)).await,
+        Err(StoreError::StaleLease(_))
+    ));
     match s.claim("w", TTL).await.unwrap() {
         ClaimOutcome::Empty { outstanding } => assert_eq!(outstanding, 1),
         other => panic!("{other:?}"),
@@ -116,26 +177,61 @@ async fn suite(s: Arc<dyn Store>) {
 
     // Progress and results.
     let pa = s.sweep_progress(a).await.unwrap();
-    assert_eq!((pa.counts.done, pa.counts.failed, pa.counts.pending, pa.counts.leased), (2, 1, 0, 0));
+    assert_eq!(
+        (
+            pa.counts.done,
+            pa.counts.failed,
+            pa.counts.pending,
+            pa.counts.leased
+        ),
+        (2, 1, 0, 0)
+    );
     assert_eq!(pa.accuracies, vec![(2, 0.8), (9, 0.7)]);
     assert_eq!((pa.summary.total, pa.summary.done), (3, 2));
     let pb = s.sweep_progress(b).await.unwrap();
     assert_eq!((pb.counts.done, pb.counts.failed), (1, 1));
     let rows = s.list_results(a).await.unwrap();
     assert_eq!(rows.iter().map(|r| r.seed).collect::<Vec<_>>(), vec![2, 9]);
-    assert!(rows[0].finished_at.ends_with('Z'), "{}", rows[0].finished_at);
+    assert!(
+        rows[0].finished_at.ends_with('Z'),
+        "{}",
+        rows[0].finished_at
+    );
     let sweeps = s.list_sweeps().await.unwrap();
     assert_eq!(sweeps.iter().map(|w| w.id).collect::<Vec<_>>(), vec![a, b]);
-    assert!(matches!(s.claim("w", TTL).await.unwrap(), ClaimOutcome::Empty { outstanding: 0 }));
+    assert!(matches!(
+        s.claim("w", TTL).await.unwrap(),
+        ClaimOutcome::Empty { outstanding: 0 }
+    ));
 
     // Unknown sweeps and seeds.
     let nobody = SweepId::new();
-    assert!(matches!(s.sweep_progress(nobody).await, Err(StoreError::SweepNotFound(_))));
-    assert!(matches!(s.list_results(nobody).await, Err(StoreError::SweepNotFound(_))));
-    let ghost = LeaseRef { sweep_id: nobody, seed: 0, fence: 1 };
-    assert!(matches!(s.heartbeat(ghost, TTL).await, Err(StoreError::SweepNotFound(_))));
-    let ghost_seed = LeaseRef { sweep_id: a, seed: 1000, fence: 1 };
-    assert!(matches!(s.record_epoch(ghost_seed, &epoch(1)).await, Err(StoreError::SeedNotFound { .. })));
+    assert!(matches!(
+        s.sweep_progress(nobody).await,
+        Err(StoreError::SweepNotFound(_))
+    ));
+    assert!(matches!(
+        s.list_results(nobody).await,
+        Err(StoreError::SweepNotFound(_))
+    ));
+    let ghost = LeaseRef {
+        sweep_id: nobody,
+        seed: 0,
+        fence: 1,
+    };
+    assert!(matches!(
+        s.heartbeat(ghost, TTL).await,
+        Err(StoreError::SweepNotFound(_))
+    ));
+    let ghost_seed = LeaseRef {
+        sweep_id: a,
+        seed: 1000,
+        fence: 1,
+    };
+    assert!(matches!(
+        s.record_epoch(ghost_seed, &epoch(1)).await,
+        Err(StoreError::SeedNotFound { .. })
+    ));
 }
 
 /// Many claimers at once never get the same seed.
@@ -179,6 +275,10 @@ async fn postgres_store_conforms() {
 
 #[tokio::test]
 async fn rejects_unknown_database_urls_without_leaking_passwords() {
-    let e = store::connect("mysql://u:hunter2@h/db").await.err().unwrap().to_string();
+    let e = store::connect("mysql://u:hunter2@h/db")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("sqlite://") && !e.contains("hunter2"), "{e}");
 }

@@ -12,18 +12,30 @@ use std::time::{Duration, Instant};
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/it-<hash> -> target/<profile>/<name>
-    let path = exe.parent().and_then(Path::parent).expect("target folder").join(name);
-    assert!(path.exists(), "{} is missing: build it first with `cargo build --release --bins` (scripts/test.sh does)", path.display());
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target folder")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build --release --bins` (scripts/test.sh does)",
+        path.display()
+    );
     path
 }
 
 /// Runs a command to completion, with its output captured.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"))
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// A PostgreSQL server for one test: `DATABASE_URL` when set, else a cluster of its own made with
@@ -72,7 +84,10 @@ fn pg_command(program: &Path) -> Command {
 impl PgServer {
     pub fn start() -> anyhow::Result<PgServer> {
         if let Ok(url) = std::env::var("DATABASE_URL") {
-            return Ok(PgServer { admin_url: url, cluster: None });
+            return Ok(PgServer {
+                admin_url: url,
+                cluster: None,
+            });
         }
         let bindir = pg_bindir()?;
         let dir = tempfile::Builder::new().prefix("seedsweep-pg-").tempdir()?;
@@ -82,12 +97,26 @@ impl PgServer {
             if !uid.status.success() {
                 bail!("running as root, but there is no `postgres` user to run initdb as");
             }
-            let parse = |o: &Output| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok();
+            let parse = |o: &Output| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            };
             std::os::unix::fs::chown(dir.path(), parse(&uid), parse(&gid))?;
         }
         let data = dir.path().join("data");
         let init = run(pg_command(&bindir.join("initdb"))
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "-D"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
             .arg(&data));
         if !init.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&init.stderr));
@@ -106,7 +135,10 @@ impl PgServer {
             .stdin(Stdio::null()));
         if !start.status.success() {
             let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
-            bail!("pg_ctl start failed: {}{log}", String::from_utf8_lossy(&start.stderr));
+            bail!(
+                "pg_ctl start failed: {}{log}",
+                String::from_utf8_lossy(&start.stderr)
+            );
         }
         Ok(PgServer {
             admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
@@ -124,22 +156,45 @@ impl PgServer {
     /// Runs one query with psql against `url`; returns the rows as `a|b|c` lines, as sqlite3 does.
     pub fn psql(&self, url: &str, query: &str) -> String {
         let out = run(Command::new(self.psql_path())
-            .args(["-X", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=1", "-c", query])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-F",
+                "|",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                query,
+            ])
             .arg(url));
-        assert!(out.status.success(), "psql failed on\n{query}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "psql failed on\n{query}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Creates an empty database and returns its URL.
     pub fn fresh_database(&self) -> anyhow::Result<String> {
         let name = format!("seedsweep_test_{}", uuid::Uuid::new_v4().simple());
-        let out = run(Command::new(self.psql_path())
-            .arg(&self.admin_url)
-            .args(["-v", "ON_ERROR_STOP=1", "-qc", &format!("CREATE DATABASE {name}")]));
+        let out = run(Command::new(self.psql_path()).arg(&self.admin_url).args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qc",
+            &format!("CREATE DATABASE {name}"),
+        ]));
         if !out.status.success() {
-            bail!("CREATE DATABASE failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "CREATE DATABASE failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        let (base, _) = self.admin_url.rsplit_once('/').context("DATABASE_URL has no database name")?;
+        let (base, _) = self
+            .admin_url
+            .rsplit_once('/')
+            .context("DATABASE_URL has no database name")?;
         Ok(format!("{base}/{name}"))
     }
 }
@@ -168,7 +223,14 @@ impl CoordinatorProcess {
         let addr_file = dir.path().join("addr");
         let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
         let mut child = Command::new(bin("coordinator"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", database_url, "--addr-file"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                database_url,
+                "--addr-file",
+            ])
             .arg(&addr_file)
             .args(extra)
             .stdout(Stdio::null())
@@ -177,7 +239,8 @@ impl CoordinatorProcess {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !addr_file.exists() {
             if let Some(status) = child.try_wait()? {
-                let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default();
                 bail!("coordinator exited with {status} before listening:\n{log}");
             }
             if Instant::now() > deadline {
@@ -187,7 +250,11 @@ impl CoordinatorProcess {
             std::thread::sleep(Duration::from_millis(50));
         }
         let addr = std::fs::read_to_string(&addr_file)?;
-        Ok(CoordinatorProcess { child, url: format!("http://{}", addr.trim()), _dir: dir })
+        Ok(CoordinatorProcess {
+            child,
+            url: format!("http://{}", addr.trim()),
+            _dir: dir,
+        })
     }
 
     pub fn log(&self) -> String {
@@ -196,7 +263,10 @@ impl CoordinatorProcess {
 
     /// Runs `coordinator sweep ARGS --coordinator URL`.
     pub fn sweep(&self, args: &[&str]) -> Output {
-        run(Command::new(bin("coordinator")).arg("sweep").args(args).args(["--coordinator", &self.url]))
+        run(Command::new(bin("coordinator"))
+            .arg("sweep")
+            .args(args)
+            .args(["--coordinator", &self.url]))
     }
 }
 
@@ -210,17 +280,38 @@ impl Drop for CoordinatorProcess {
 /// Writes a generated dataset named `synthetic` under `data_dir`.
 pub fn make_synthetic(data_dir: &Path, train: u32, test: u32) {
     let out = run(Command::new(bin("worker"))
-        .args(["make-dataset", "synthetic", "--train", &train.to_string(), "--test", &test.to_string(), "--out"])
+        .args([
+            "make-dataset",
+            "synthetic",
+            "--train",
+            &train.to_string(),
+            "--test",
+            &test.to_string(),
+            "--out",
+        ])
         .arg(data_dir.join("synthetic")));
-    assert!(out.status.success(), "make-dataset failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "make-dataset failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A CPU worker with one libtorch thread that exits when no seed is left.
 pub fn worker(coordinator: &str, data_dir: &Path) -> Command {
     let mut c = Command::new(bin("worker"));
-    c.args(["--cpu", "--threads", "1", "--exit-when-idle", "--connect-timeout", "10", "--coordinator", coordinator])
-        .arg("--data-dir")
-        .arg(data_dir);
+    c.args([
+        "--cpu",
+        "--threads",
+        "1",
+        "--exit-when-idle",
+        "--connect-timeout",
+        "10",
+        "--coordinator",
+        coordinator,
+    ])
+    .arg("--data-dir")
+    .arg(data_dir);
     c
 }
 

@@ -15,19 +15,31 @@ pub const IMAGE_BYTES: usize = 3 * SIDE * SIDE;
 pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
 pub const CLASSES: usize = 10;
 pub const BATCH_DIR: &str = "cifar-10-batches-bin";
-pub const TRAIN_FILES: [&str; 5] =
-    ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
+pub const TRAIN_FILES: [&str; 5] = [
+    "data_batch_1.bin",
+    "data_batch_2.bin",
+    "data_batch_3.bin",
+    "data_batch_4.bin",
+    "data_batch_5.bin",
+];
 pub const TEST_FILE: &str = "test_batch.bin";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// The dataset's files are not there: a problem of the host, not of the seed.
     #[error("dataset `{name}` is missing: {path} does not exist. {hint}")]
-    Missing { name: String, path: PathBuf, hint: String },
+    Missing {
+        name: String,
+        path: PathBuf,
+        hint: String,
+    },
     #[error("{path} is not a CIFAR-10 binary file: {problem}")]
     Corrupt { path: PathBuf, problem: String },
     #[error("failed to read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "dataset `cifar10` is missing and could not be downloaded ({reason}). Download {CIFAR10_URL} \
          (MD5 {CIFAR10_MD5}) where there is internet access and unpack it so that {} holds \
@@ -81,7 +93,11 @@ pub fn load(data_dir: &Path, name: &str) -> Result<Dataset, DataError> {
                     data_dir.join(name).display()
                 )
             };
-            return Err(DataError::Missing { name: name.to_string(), path, hint });
+            return Err(DataError::Missing {
+                name: name.to_string(),
+                path,
+                hint,
+            });
         }
     }
     let mut hasher = Sha256::new();
@@ -93,9 +109,15 @@ pub fn load(data_dir: &Path, name: &str) -> Result<Dataset, DataError> {
     }
     let test_bytes = read_records(&dir.join(TEST_FILE))?;
     hasher.update(&test_bytes);
-    for (bytes, what) in [(&train_bytes, "data_batch_*.bin files hold"), (&test_bytes, "test_batch.bin holds")] {
+    for (bytes, what) in [
+        (&train_bytes, "data_batch_*.bin files hold"),
+        (&test_bytes, "test_batch.bin holds"),
+    ] {
         if bytes.is_empty() {
-            return Err(DataError::Corrupt { path: dir.clone(), problem: format!("its {what} no records") });
+            return Err(DataError::Corrupt {
+                path: dir.clone(),
+                problem: format!("its {what} no records"),
+            });
         }
     }
     Ok(Dataset {
@@ -107,16 +129,29 @@ pub fn load(data_dir: &Path, name: &str) -> Result<Dataset, DataError> {
 }
 
 fn read_records(path: &Path) -> Result<Vec<u8>, DataError> {
-    let bytes = fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    let corrupt = |problem: String| DataError::Corrupt { path: path.to_path_buf(), problem };
+    let bytes = fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let corrupt = |problem: String| DataError::Corrupt {
+        path: path.to_path_buf(),
+        problem,
+    };
     if bytes.len() % RECORD_BYTES != 0 {
         return Err(corrupt(format!(
             "{} bytes is not a whole number of {RECORD_BYTES}-byte records (the file is truncated or not CIFAR-10 binary)",
             bytes.len()
         )));
     }
-    if let Some((i, rec)) = bytes.chunks(RECORD_BYTES).enumerate().find(|(_, r)| r[0] as usize >= CLASSES) {
-        return Err(corrupt(format!("record {i} has label {}; labels are 0..9", rec[0])));
+    if let Some((i, rec)) = bytes
+        .chunks(RECORD_BYTES)
+        .enumerate()
+        .find(|(_, r)| r[0] as usize >= CLASSES)
+    {
+        return Err(corrupt(format!(
+            "record {i} has label {}; labels are 0..9",
+            rec[0]
+        )));
     }
     Ok(bytes)
 }
@@ -154,7 +189,9 @@ pub fn write_dataset(out: &Path, train: &[u8], test: &[u8]) -> std::io::Result<(
     fs::File::create(tmp.join(TEST_FILE))?.write_all(test)?;
     fs::write(
         tmp.join("batches.meta.txt"),
-        (0..CLASSES).map(|c| format!("class{c}\n")).collect::<String>(),
+        (0..CLASSES)
+            .map(|c| format!("class{c}\n"))
+            .collect::<String>(),
     )?;
     if dir.exists() {
         fs::remove_dir_all(&dir)?;
@@ -176,7 +213,11 @@ pub fn synthetic_records(train: usize, test: usize, seed: u64) -> (Vec<u8>, Vec<
     }
     let classes: Vec<Class> = (0..CLASSES)
         .map(|c| Class {
-            colour: [rng.random_range(-40.0..40.0), rng.random_range(-40.0..40.0), rng.random_range(-40.0..40.0)],
+            colour: [
+                rng.random_range(-40.0..40.0),
+                rng.random_range(-40.0..40.0),
+                rng.random_range(-40.0..40.0),
+            ],
             freq: 0.25 + 0.12 * (c % 5) as f32 + rng.random_range(0.0..0.05),
             angle: std::f32::consts::PI * (c as f32 / CLASSES as f32) + rng.random_range(-0.1..0.1),
             blob: (rng.random_range(8.0..24.0), rng.random_range(8.0..24.0)),
@@ -204,8 +245,12 @@ pub fn synthetic_records(train: usize, test: usize, seed: u64) -> (Vec<u8>, Vec<
                         let (fx, fy) = (x as f32 + dx, y as f32 + dy);
                         let v = (1.0 - mix) * pattern(&classes[label], fx, fy, phase)
                             + mix * pattern(&classes[other], fx, fy, phase);
-                        let noise: f32 = rng.random_range(-1.0f32..1.0) + rng.random_range(-1.0f32..1.0);
-                        let p = 128.0 + classes[label].colour[ch] * (1.0 - mix) + contrast * v + 45.0 * noise;
+                        let noise: f32 =
+                            rng.random_range(-1.0f32..1.0) + rng.random_range(-1.0f32..1.0);
+                        let p = 128.0
+                            + classes[label].colour[ch] * (1.0 - mix)
+                            + contrast * v
+                            + 45.0 * noise;
                         out.push(p.clamp(0.0, 255.0) as u8);
                     }
                 }
@@ -227,31 +272,54 @@ pub const CIFAR10_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 pub fn download_cifar10(data_dir: &Path, url: &str) -> Result<(), DataError> {
     use md5::Md5;
     let target = data_dir.join("cifar10");
-    let fail = |reason: String| DataError::Download { reason, dir: dataset_dir(data_dir, "cifar10") };
-    fs::create_dir_all(&target).map_err(|source| DataError::Io { path: target.clone(), source })?;
+    let fail = |reason: String| DataError::Download {
+        reason,
+        dir: dataset_dir(data_dir, "cifar10"),
+    };
+    fs::create_dir_all(&target).map_err(|source| DataError::Io {
+        path: target.clone(),
+        source,
+    })?;
     let scratch = target.join(format!(".download.{}", std::process::id()));
-    fs::create_dir_all(&scratch).map_err(|source| DataError::Io { path: scratch.clone(), source })?;
+    fs::create_dir_all(&scratch).map_err(|source| DataError::Io {
+        path: scratch.clone(),
+        source,
+    })?;
     let result = (|| {
         let archive = scratch.join("cifar-10-binary.tar.gz");
-        let response = ureq::get(url).call().map_err(|e| fail(format!("GET {url}: {e}")))?;
+        let response = ureq::get(url)
+            .call()
+            .map_err(|e| fail(format!("GET {url}: {e}")))?;
         let mut body = response.into_body().into_reader();
-        let mut file =
-            fs::File::create(&archive).map_err(|source| DataError::Io { path: archive.clone(), source })?;
+        let mut file = fs::File::create(&archive).map_err(|source| DataError::Io {
+            path: archive.clone(),
+            source,
+        })?;
         let mut hasher = Md5::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = body.read(&mut buf).map_err(|e| fail(format!("reading {url}: {e}")))?;
+            let n = body
+                .read(&mut buf)
+                .map_err(|e| fail(format!("reading {url}: {e}")))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).map_err(|source| DataError::Io { path: archive.clone(), source })?;
+            file.write_all(&buf[..n]).map_err(|source| DataError::Io {
+                path: archive.clone(),
+                source,
+            })?;
         }
         let md5 = format!("{:x}", hasher.finalize());
         if md5 != CIFAR10_MD5 {
-            return Err(fail(format!("MD5 mismatch: got {md5}, expected {CIFAR10_MD5}")));
+            return Err(fail(format!(
+                "MD5 mismatch: got {md5}, expected {CIFAR10_MD5}"
+            )));
         }
-        let tar_gz = fs::File::open(&archive).map_err(|source| DataError::Io { path: archive.clone(), source })?;
+        let tar_gz = fs::File::open(&archive).map_err(|source| DataError::Io {
+            path: archive.clone(),
+            source,
+        })?;
         tar::Archive::new(flate2::read::GzDecoder::new(tar_gz))
             .unpack(&scratch)
             .map_err(|e| fail(format!("unpacking {}: {e}", archive.display())))?;
@@ -292,16 +360,28 @@ mod tests {
     #[test]
     fn rejects_corrupt_and_missing_files() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(load(dir.path(), "nothing"), Err(DataError::Missing { .. })));
+        assert!(matches!(
+            load(dir.path(), "nothing"),
+            Err(DataError::Missing { .. })
+        ));
         let (train, test) = synthetic_records(10, 2, 1);
         write_dataset(&dir.path().join("s"), &train, &test).unwrap();
         let f = dataset_dir(dir.path(), "s").join(TEST_FILE);
         fs::write(&f, &test[..100]).unwrap();
         let e = load(dir.path(), "s").err().unwrap().to_string();
-        assert!(e.contains("test_batch.bin") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("test_batch.bin") && e.contains("truncated"),
+            "{e}"
+        );
         let mut bad = test.clone();
         bad[0] = 42;
         fs::write(&f, &bad).unwrap();
-        assert!(load(dir.path(), "s").err().unwrap().to_string().contains("label 42"));
+        assert!(
+            load(dir.path(), "s")
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("label 42")
+        );
     }
 }

@@ -14,7 +14,12 @@ use tch::Device;
 /// Start one per GPU (`worker --gpu 0`, `worker --gpu 1`, ...) or `worker --cpu`. SIGINT or
 /// SIGTERM stops training and hands the current seed back (a second signal exits at once).
 #[derive(Parser)]
-#[command(name = "worker", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(
+    name = "worker",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
     #[command(flatten)]
     run: RunArgs,
@@ -27,7 +32,11 @@ struct RunArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// The coordinator's gRPC URL.
-    #[arg(long, env = "SEEDSWEEP_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "SEEDSWEEP_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     coordinator: String,
     /// Folder holding the datasets: DATA_DIR/NAME/cifar-10-batches-bin/.
     #[arg(long, env = "SEEDSWEEP_DATA_DIR", default_value = "./data")]
@@ -89,13 +98,19 @@ enum DatasetKind {
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::MakeDataset { kind: DatasetKind::Synthetic, out, train, test, seed }) => {
-            make_synthetic(&out, train as usize, test as usize, seed)
-        }
+        Some(Command::MakeDataset {
+            kind: DatasetKind::Synthetic,
+            out,
+            train,
+            test,
+            seed,
+        }) => make_synthetic(&out, train as usize, test as usize, seed),
         None => run(cli.run),
     };
     if let Err(e) = result {
@@ -104,11 +119,19 @@ fn main() {
     }
 }
 
-fn make_synthetic(out: &std::path::Path, train: usize, test: usize, seed: u64) -> anyhow::Result<()> {
+fn make_synthetic(
+    out: &std::path::Path,
+    train: usize,
+    test: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
     let (train_records, test_records) = data::synthetic_records(train, test, seed);
     data::write_dataset(out, &train_records, &test_records)
         .with_context(|| format!("failed to write the dataset to {}", out.display()))?;
-    eprintln!("wrote {train} training and {test} test images to {}", out.join(data::BATCH_DIR).display());
+    eprintln!(
+        "wrote {train} training and {test} test images to {}",
+        out.join(data::BATCH_DIR).display()
+    );
     Ok(())
 }
 
@@ -139,9 +162,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(t) = args.threads {
         tch::set_num_threads(t);
     }
-    let worker_id = args
-        .worker_id
-        .unwrap_or_else(|| format!("{}:{}:{}", hostname(), std::process::id(), device_label(device)));
+    let worker_id = args.worker_id.unwrap_or_else(|| {
+        format!(
+            "{}:{}:{}",
+            hostname(),
+            std::process::id(),
+            device_label(device)
+        )
+    });
     let settings = WorkerSettings {
         coordinator: args.coordinator,
         device,
@@ -167,7 +195,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 /// First SIGINT/SIGTERM: ask the worker to stop and hand its seed back. Second: exit at once.
 async fn watch_signals(shutdown: Arc<AtomicBool>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         tracing::warn!("cannot install signal handlers");
         return;
     };

@@ -6,15 +6,19 @@
 //!
 //! The variable paths (`prep/conv`, `layer1/res1/bn`, ...) are the checkpoint format.
 
-use tch::nn::{self, ModuleT};
 use tch::Tensor;
+use tch::nn::{self, ModuleT};
 
 fn channels(base: i64, width: f64) -> i64 {
     ((base as f64 * width).round() as i64).max(1)
 }
 
 fn conv_bn(p: nn::Path, c_in: i64, c_out: i64) -> nn::SequentialT {
-    let conv = nn::ConvConfig { padding: 1, bias: false, ..Default::default() };
+    let conv = nn::ConvConfig {
+        padding: 1,
+        bias: false,
+        ..Default::default()
+    };
     nn::seq_t()
         .add(nn::conv2d(&p / "conv", c_in, c_out, 3, conv))
         .add(nn::batch_norm2d(&p / "bn", c_out, Default::default()))
@@ -24,7 +28,8 @@ fn conv_bn(p: nn::Path, c_in: i64, c_out: i64) -> nn::SequentialT {
 /// conv-bn-relu, max pool, then (optionally) a residual branch of two conv-bn-relu.
 fn layer(p: nn::Path, c_in: i64, c_out: i64, residual: bool) -> impl ModuleT + use<> {
     let pre = conv_bn(&p / "prep", c_in, c_out).add_fn(|x| x.max_pool2d_default(2));
-    let res = residual.then(|| conv_bn(&p / "res1", c_out, c_out).add(conv_bn(&p / "res2", c_out, c_out)));
+    let res = residual
+        .then(|| conv_bn(&p / "res1", c_out, c_out).add(conv_bn(&p / "res2", c_out, c_out)));
     nn::func_t(move |x, train| {
         let x = pre.forward_t(x, train);
         match &res {
@@ -36,9 +41,16 @@ fn layer(p: nn::Path, c_in: i64, c_out: i64, residual: bool) -> impl ModuleT + u
 
 /// Builds ResNet-9 under `p` for 3-channel 32x32 inputs and `classes` outputs.
 pub fn resnet9(p: &nn::Path, width: f64, classes: i64) -> nn::SequentialT {
-    let (c64, c128, c256, c512) =
-        (channels(64, width), channels(128, width), channels(256, width), channels(512, width));
-    let linear = nn::LinearConfig { bias: false, ..Default::default() };
+    let (c64, c128, c256, c512) = (
+        channels(64, width),
+        channels(128, width),
+        channels(256, width),
+        channels(512, width),
+    );
+    let linear = nn::LinearConfig {
+        bias: false,
+        ..Default::default()
+    };
     nn::seq_t()
         .add(conv_bn(p / "prep", 3, c64))
         .add(layer(p / "layer1", c64, c128, true))
@@ -51,7 +63,11 @@ pub fn resnet9(p: &nn::Path, width: f64, classes: i64) -> nn::SequentialT {
 
 /// Trainable parameters (running BatchNorm statistics excluded).
 pub fn parameter_count(vs: &nn::VarStore) -> i64 {
-    vs.trainable_variables().iter().map(Tensor::numel).map(|n| n as i64).sum()
+    vs.trainable_variables()
+        .iter()
+        .map(Tensor::numel)
+        .map(|n| n as i64)
+        .sum()
 }
 
 #[cfg(test)]
@@ -64,7 +80,10 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let net = resnet9(&vs.root(), 1.0, 10);
         assert_eq!(parameter_count(&vs), 6_573_120);
-        let y = net.forward_t(&Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu)), false);
+        let y = net.forward_t(
+            &Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu)),
+            false,
+        );
         assert_eq!(y.size(), vec![2, 10]);
     }
 

@@ -60,10 +60,15 @@ enum LeaseEnd {
 }
 
 impl Worker {
-    pub async fn connect(settings: WorkerSettings, shutdown: Arc<AtomicBool>) -> anyhow::Result<Worker> {
+    pub async fn connect(
+        settings: WorkerSettings,
+        shutdown: Arc<AtomicBool>,
+    ) -> anyhow::Result<Worker> {
         let url = &settings.coordinator;
         let endpoint = Endpoint::from_shared(url.clone())
-            .with_context(|| format!("`{url}` is not a coordinator URL: write it as http://HOST:PORT"))?
+            .with_context(|| {
+                format!("`{url}` is not a coordinator URL: write it as http://HOST:PORT")
+            })?
             .connect_timeout(Duration::from_secs(5));
         let deadline = Instant::now() + settings.connect_timeout;
         let channel = loop {
@@ -79,7 +84,12 @@ impl Worker {
             }
         };
         tracing::info!(coordinator = %url, worker = %settings.worker_id, device = %device_label(settings.device), "worker connected");
-        Ok(Worker { settings, client: CoordinatorClient::new(channel), datasets: HashMap::new(), shutdown })
+        Ok(Worker {
+            settings,
+            client: CoordinatorClient::new(channel),
+            datasets: HashMap::new(),
+            shutdown,
+        })
     }
 
     pub async fn run(mut self) -> anyhow::Result<()> {
@@ -89,15 +99,19 @@ impl Worker {
             }
             let reply = self
                 .client
-                .lease_seed(pb::LeaseSeedRequest { worker_id: self.settings.worker_id.clone() })
+                .lease_seed(pb::LeaseSeedRequest {
+                    worker_id: self.settings.worker_id.clone(),
+                })
                 .await
                 .map_err(|s| anyhow::anyhow!("the coordinator refused a lease: {}", s.message()))?
                 .into_inner();
             match reply.outcome {
-                Some(pb::lease_seed_response::Outcome::Lease(lease)) => match self.run_lease(lease).await? {
-                    LeaseEnd::Finished | LeaseEnd::Lost => {}
-                    LeaseEnd::ShutDown => return Ok(()),
-                },
+                Some(pb::lease_seed_response::Outcome::Lease(lease)) => {
+                    match self.run_lease(lease).await? {
+                        LeaseEnd::Finished | LeaseEnd::Lost => {}
+                        LeaseEnd::ShutDown => return Ok(()),
+                    }
+                }
                 Some(pb::lease_seed_response::Outcome::NoWork(w)) => {
                     if self.settings.exit_when_idle && w.outstanding == 0 {
                         tracing::info!("no seed left to lease; exiting (--exit-when-idle)");
@@ -119,32 +133,41 @@ impl Worker {
         let dir = self.settings.data_dir.clone();
         let url = self.settings.cifar10_url.clone();
         let name_owned = name.to_string();
-        let loaded = tokio::task::spawn_blocking(move || {
-            match data::load(&dir, &name_owned) {
-                Err(DataError::Missing { .. }) if name_owned == "cifar10" => {
-                    tracing::info!(url = %url, "cifar10 is missing; downloading it");
-                    data::download_cifar10(&dir, &url)?;
-                    data::load(&dir, &name_owned)
-                }
-                other => other,
+        let loaded = tokio::task::spawn_blocking(move || match data::load(&dir, &name_owned) {
+            Err(DataError::Missing { .. }) if name_owned == "cifar10" => {
+                tracing::info!(url = %url, "cifar10 is missing; downloading it");
+                data::download_cifar10(&dir, &url)?;
+                data::load(&dir, &name_owned)
             }
+            other => other,
         })
         .await
-        .map_err(|e| DataError::Io { path: self.settings.data_dir.clone(), source: std::io::Error::other(e) })?;
+        .map_err(|e| DataError::Io {
+            path: self.settings.data_dir.clone(),
+            source: std::io::Error::other(e),
+        })?;
         let d = loaded?;
         tracing::info!(dataset = name, train = d.train.len(), test = d.test.len(), fingerprint = %d.fingerprint, "dataset loaded");
         Ok(d)
     }
 
     async fn run_lease(&mut self, lease: pb::Lease) -> anyhow::Result<LeaseEnd> {
-        let lref = pb::LeaseRef { sweep_id: lease.sweep_id.clone(), seed: lease.seed, fence: lease.fence };
+        let lref = pb::LeaseRef {
+            sweep_id: lease.sweep_id.clone(),
+            seed: lease.seed,
+            fence: lease.fence,
+        };
         tracing::info!(sweep = %lease.sweep_id, seed = lease.seed, fence = lease.fence, "leased");
         let Some(cfg) = lease.train.as_ref().map(train_config) else {
-            self.fail(&lref, "the lease carried no train settings", true).await?;
+            self.fail(&lref, "the lease carried no train settings", true)
+                .await?;
             return Ok(LeaseEnd::Finished);
         };
         if lease.task != "resnet9" {
-            let cause = format!("this worker cannot run task `{}` (it runs: resnet9)", lease.task);
+            let cause = format!(
+                "this worker cannot run task `{}` (it runs: resnet9)",
+                lease.task
+            );
             self.fail(&lref, &cause, false).await?;
             bail!("{cause}; upgrade the worker");
         }
@@ -153,7 +176,12 @@ impl Worker {
             Err(e) => {
                 // A problem of this host, not of the seed: hand it back without using an attempt,
                 // then stop, so a misconfigured host does not burn through a sweep's retries.
-                self.fail(&lref, &format!("worker {}: {e}", self.settings.worker_id), false).await?;
+                self.fail(
+                    &lref,
+                    &format!("worker {}: {e}", self.settings.worker_id),
+                    false,
+                )
+                .await?;
                 bail!("{e}");
             }
         };
@@ -170,7 +198,11 @@ impl Worker {
         ));
         let (tx, rx) = mpsc::channel::<pb::EpochMetrics>(1024);
         let mut stream_client = self.client.clone();
-        let stream = tokio::spawn(async move { stream_client.stream_epoch_metrics(ReceiverStream::new(rx)).await });
+        let stream = tokio::spawn(async move {
+            stream_client
+                .stream_epoch_metrics(ReceiverStream::new(rx))
+                .await
+        });
 
         let started = Instant::now();
         let (device, seed) = (self.settings.device, lease.seed);
@@ -195,12 +227,18 @@ impl Worker {
         if let Err(status) = &streamed
             && is_lost(status)
         {
-            tracing::warn!(seed, reason = status.message(), "lease lost while streaming metrics; dropping the seed");
+            tracing::warn!(
+                seed,
+                reason = status.message(),
+                "lease lost while streaming metrics; dropping the seed"
+            );
             return Ok(LeaseEnd::Lost);
         }
         match trained {
             Ok(history) => {
-                streamed.map_err(|s| anyhow::anyhow!("streaming epoch metrics failed: {}", s.message()))?;
+                streamed.map_err(|s| {
+                    anyhow::anyhow!("streaming epoch metrics failed: {}", s.message())
+                })?;
                 let last = history.last().context("training ran no epoch")?;
                 let req = pb::CompleteSeedRequest {
                     lease: Some(lref.clone()),
@@ -222,14 +260,22 @@ impl Worker {
                 .await
                 {
                     Ok(_) => {
-                        tracing::info!(seed, test_accuracy = last.test_accuracy, seconds, "seed finished");
+                        tracing::info!(
+                            seed,
+                            test_accuracy = last.test_accuracy,
+                            seconds,
+                            "seed finished"
+                        );
                         Ok(LeaseEnd::Finished)
                     }
                     Err(s) if is_lost(&s) => {
                         tracing::warn!(seed, reason = s.message(), "result refused: lease lost");
                         Ok(LeaseEnd::Lost)
                     }
-                    Err(s) => bail!("failed to report the result of seed {seed}: {}", s.message()),
+                    Err(s) => bail!(
+                        "failed to report the result of seed {seed}: {}",
+                        s.message()
+                    ),
                 }
             }
             Err(TrainError::Cancelled) if lost.load(Ordering::Relaxed) => {
@@ -250,7 +296,12 @@ impl Worker {
     }
 
     /// Reports a failed or abandoned attempt; returns the seed's new state.
-    async fn fail(&self, lease: &pb::LeaseRef, cause: &str, counts_as_attempt: bool) -> anyhow::Result<String> {
+    async fn fail(
+        &self,
+        lease: &pb::LeaseRef,
+        cause: &str,
+        counts_as_attempt: bool,
+    ) -> anyhow::Result<String> {
         let req = pb::FailSeedRequest {
             lease: Some(lease.clone()),
             worker_id: self.settings.worker_id.clone(),
@@ -266,14 +317,21 @@ impl Worker {
         {
             Ok(r) => Ok(r.into_inner().state),
             Err(s) if is_lost(&s) => Ok("lost".to_string()),
-            Err(s) => bail!("failed to report the failure of seed {}: {}", lease.seed, s.message()),
+            Err(s) => bail!(
+                "failed to report the failure of seed {}: {}",
+                lease.seed,
+                s.message()
+            ),
         }
     }
 }
 
 /// Statuses that mean this worker no longer holds the lease.
 fn is_lost(s: &Status) -> bool {
-    matches!(s.code(), Code::FailedPrecondition | Code::Aborted | Code::NotFound)
+    matches!(
+        s.code(),
+        Code::FailedPrecondition | Code::Aborted | Code::NotFound
+    )
 }
 
 /// Retries a call that is safe to repeat while the coordinator is briefly unreachable.
@@ -285,7 +343,12 @@ where
     let mut delay = Duration::from_millis(200);
     for _ in 0..6 {
         match call().await {
-            Err(s) if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded) => {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Unknown | Code::DeadlineExceeded
+                ) =>
+            {
                 tracing::warn!(error = s.message(), "coordinator unavailable; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
@@ -313,15 +376,28 @@ async fn heartbeat_loop(
                 return;
             }
         }
-        match client.heartbeat(pb::HeartbeatRequest { lease: Some(lease.clone()) }).await {
+        match client
+            .heartbeat(pb::HeartbeatRequest {
+                lease: Some(lease.clone()),
+            })
+            .await
+        {
             Ok(_) => {}
             Err(s) if is_lost(&s) => {
-                tracing::warn!(seed = lease.seed, reason = s.message(), "heartbeat refused: lease lost");
+                tracing::warn!(
+                    seed = lease.seed,
+                    reason = s.message(),
+                    "heartbeat refused: lease lost"
+                );
                 lost.store(true, Ordering::Relaxed);
                 stop.store(true, Ordering::Relaxed);
                 return;
             }
-            Err(s) => tracing::warn!(seed = lease.seed, error = s.message(), "heartbeat failed; will retry"),
+            Err(s) => tracing::warn!(
+                seed = lease.seed,
+                error = s.message(),
+                "heartbeat failed; will retry"
+            ),
         }
     }
 }

@@ -61,7 +61,11 @@ pub enum TrainError {
 /// is drawn never perturbs the others.
 pub fn factor_seed(seed: i64, factor: &str) -> u64 {
     let digest = Sha256::digest(format!("seedsweep/v1/{factor}/{seed}"));
-    u64::from_le_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
+    u64::from_le_bytes(
+        digest[..8]
+            .try_into()
+            .expect("a SHA-256 digest has 32 bytes"),
+    )
 }
 
 /// libtorch initialises weights from its global generator; this lock keeps seeding it and
@@ -72,7 +76,13 @@ static INIT_LOCK: Mutex<()> = Mutex::new(());
 /// linear down to 0 at the last epoch.
 pub fn learning_rate(cfg: &TrainConfig, t: f64) -> f64 {
     let (peak, end) = (cfg.lr_peak_epoch, cfg.epochs as f64);
-    let factor = if t < peak { t / peak } else if end > peak { (end - t) / (end - peak) } else { 1.0 };
+    let factor = if t < peak {
+        t / peak
+    } else if end > peak {
+        (end - t) / (end - peak)
+    } else {
+        1.0
+    };
     cfg.lr * factor.clamp(0.0, 1.0)
 }
 
@@ -105,8 +115,12 @@ pub fn train(
     // The whole training set moves to the device once, as uint8.
     let train_images = data.train.images.to_device(device);
     let train_labels = data.train.labels.to_device(device);
-    let mean = Tensor::from_slice(&MEAN).view([1, 3, 1, 1]).to_device(device);
-    let std = Tensor::from_slice(&STD).view([1, 3, 1, 1]).to_device(device);
+    let mean = Tensor::from_slice(&MEAN)
+        .view([1, 3, 1, 1])
+        .to_device(device);
+    let std = Tensor::from_slice(&STD)
+        .view([1, 3, 1, 1])
+        .to_device(device);
     let normalise = |x: &Tensor| (x.to_kind(Kind::Float) / 255.0 - &mean) / &std;
 
     let n = data.train.len();
@@ -127,21 +141,34 @@ pub fn train(
             }
             let start = step * batch;
             let idx = index.narrow(0, start, batch.min(n - start));
-            let x = augment(&normalise(&train_images.index_select(0, &idx)), cfg, &mut augment_rng);
+            let x = augment(
+                &normalise(&train_images.index_select(0, &idx)),
+                cfg,
+                &mut augment_rng,
+            );
             let y = train_labels.index_select(0, &idx);
             lr = learning_rate(cfg, (epoch - 1) as f64 + (step + 1) as f64 / steps as f64);
             opt.set_lr(lr);
             let logits = net.forward_t(&x, true);
-            let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, cfg.label_smoothing);
+            let loss = logits.cross_entropy_loss::<Tensor>(
+                &y,
+                None,
+                Reduction::Mean,
+                -100,
+                cfg.label_smoothing,
+            );
             opt.backward_step(&loss);
-            let _ = tch::no_grad(|| {
+            tch::no_grad(|| {
                 loss_sum += loss.detach() * y.size()[0] as f64;
                 correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
             });
         }
         let train_loss = loss_sum.double_value(&[]) / n as f64;
         if !train_loss.is_finite() {
-            return Err(TrainError::NonFinite { epoch, loss: train_loss });
+            return Err(TrainError::NonFinite {
+                epoch,
+                loss: train_loss,
+            });
         }
         let (test_loss, test_accuracy) = evaluate(&net, &data.test, device, &normalise);
         let m = EpochMetrics {
@@ -186,14 +213,21 @@ fn augment(x: &Tensor, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> Tensor {
     }
     if cfg.flip {
         let flips: Vec<bool> = (0..b).map(|_| rng.random_bool(0.5)).collect();
-        let mask = Tensor::from_slice(&flips).to_device(x.device()).view([b, 1, 1, 1]);
+        let mask = Tensor::from_slice(&flips)
+            .to_device(x.device())
+            .view([b, 1, 1, 1]);
         x = x.flip([3]).where_self(&mask, &x);
     }
     x
 }
 
 /// Mean cross-entropy (no label smoothing) and accuracy on a split.
-fn evaluate(net: &impl ModuleT, split: &Split, device: Device, normalise: &dyn Fn(&Tensor) -> Tensor) -> (f64, f64) {
+fn evaluate(
+    net: &impl ModuleT,
+    split: &Split,
+    device: Device,
+    normalise: &dyn Fn(&Tensor) -> Tensor,
+) -> (f64, f64) {
     tch::no_grad(|| {
         let n = split.len();
         let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
@@ -210,7 +244,10 @@ fn evaluate(net: &impl ModuleT, split: &Split, device: Device, normalise: &dyn F
             correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
             start += len;
         }
-        (loss_sum.double_value(&[]) / n as f64, correct.int64_value(&[]) as f64 / n as f64)
+        (
+            loss_sum.double_value(&[]) / n as f64,
+            correct.int64_value(&[]) as f64 / n as f64,
+        )
     })
 }
 

@@ -15,8 +15,8 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::domain::{
-    ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, SeedResult, SeedState, SweepId, SweepProgress,
-    SweepSummary,
+    ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, SeedResult, SeedState, SweepId,
+    SweepProgress, SweepSummary,
 };
 use crate::spec::SweepSpec;
 use async_trait::async_trait;
@@ -35,7 +35,9 @@ pub enum StoreError {
     /// The write is well-formed but contradicts what the store holds.
     #[error("{0}")]
     Conflict(String),
-    #[error("unsupported database URL `{0}`: use sqlite://FILE (one host) or postgres://USER@HOST/DB (fleets)")]
+    #[error(
+        "unsupported database URL `{0}`: use sqlite://FILE (one host) or postgres://USER@HOST/DB (fleets)"
+    )]
     UnsupportedUrl(String),
     #[error("failed to migrate the database: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -66,7 +68,12 @@ pub trait Store: Send + Sync + 'static {
     async fn complete(&self, lease: LeaseRef, result: &SeedResult) -> Result<CompleteOutcome>;
     /// Ends a lease without a result. `counts_as_attempt` false hands the seed back as if never
     /// leased. Returns the seed's new state: pending, or failed when out of attempts.
-    async fn fail(&self, lease: LeaseRef, cause: &str, counts_as_attempt: bool) -> Result<SeedState>;
+    async fn fail(
+        &self,
+        lease: LeaseRef,
+        cause: &str,
+        counts_as_attempt: bool,
+    ) -> Result<SeedState>;
 }
 
 /// Opens the database a URL names and brings its schema up to date.
@@ -82,8 +89,12 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
 
 /// A URL fit for logs and error messages: the password, if any, replaced by `***`.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let (authority, tail) = rest.split_once('/').map_or((rest, None), |(a, t)| (a, Some(t)));
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = rest
+        .split_once('/')
+        .map_or((rest, None), |(a, t)| (a, Some(t)));
     let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
             Some((user, _)) => format!("{user}:***@{host}"),
@@ -103,9 +114,10 @@ pub(crate) fn state_from_db(s: &str) -> Result<SeedState> {
 
 /// The train settings inside a stored `sweeps.config`.
 pub(crate) fn train_from_config(config: &str) -> Result<crate::spec::TrainSettings> {
-    let value: serde_json::Value =
-        serde_json::from_str(config).map_err(|e| StoreError::Corrupt(format!("sweep config: {e}")))?;
-    serde_json::from_value(value["train"].clone()).map_err(|e| StoreError::Corrupt(format!("sweep config: {e}")))
+    let value: serde_json::Value = serde_json::from_str(config)
+        .map_err(|e| StoreError::Corrupt(format!("sweep config: {e}")))?;
+    serde_json::from_value(value["train"].clone())
+        .map_err(|e| StoreError::Corrupt(format!("sweep config: {e}")))
 }
 
 pub(crate) fn u64_from_db(v: i64) -> u64 {
@@ -118,7 +130,10 @@ mod tests {
 
     #[test]
     fn redacts_passwords_only() {
-        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite://seedsweep.db"), "sqlite://seedsweep.db");
     }

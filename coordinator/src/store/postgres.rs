@@ -4,8 +4,8 @@
 
 use super::{Result, Store, StoreError, state_from_db, train_from_config, u64_from_db};
 use crate::domain::{
-    ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedCounts, SeedResult, SeedState, SweepId,
-    SweepProgress, SweepSummary,
+    ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedCounts, SeedResult, SeedState,
+    SweepId, SweepProgress, SweepSummary,
 };
 use crate::spec::SweepSpec;
 use async_trait::async_trait;
@@ -19,7 +19,11 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 /// Renders a timestamptz column as UTC ISO 8601, the format both stores report.
 macro_rules! iso {
     ($col:literal) => {
-        concat!("to_char(", $col, " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+        concat!(
+            "to_char(",
+            $col,
+            " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+        )
     };
 }
 
@@ -55,12 +59,17 @@ impl PgStore {
     }
 
     /// Locks the seed's row and returns its state and fence.
-    async fn lock_seed(tx: &mut Transaction<'_, Postgres>, lease: LeaseRef) -> Result<(SeedState, i64)> {
-        let row = sqlx::query("SELECT state, fence FROM seeds WHERE sweep_id = $1 AND seed = $2 FOR UPDATE")
-            .bind(lease.sweep_id.0)
-            .bind(lease.seed)
-            .fetch_optional(&mut **tx)
-            .await?;
+    async fn lock_seed(
+        tx: &mut Transaction<'_, Postgres>,
+        lease: LeaseRef,
+    ) -> Result<(SeedState, i64)> {
+        let row = sqlx::query(
+            "SELECT state, fence FROM seeds WHERE sweep_id = $1 AND seed = $2 FOR UPDATE",
+        )
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .fetch_optional(&mut **tx)
+        .await?;
         if let Some(r) = row {
             return Ok((state_from_db(r.try_get("state")?)?, r.try_get("fence")?));
         }
@@ -70,7 +79,10 @@ impl PgStore {
             .await?
             .is_some();
         Err(if sweep_exists {
-            StoreError::SeedNotFound { sweep_id: lease.sweep_id, seed: lease.seed }
+            StoreError::SeedNotFound {
+                sweep_id: lease.sweep_id,
+                seed: lease.seed,
+            }
         } else {
             StoreError::SweepNotFound(lease.sweep_id)
         })
@@ -140,10 +152,12 @@ impl Store for PgStore {
     async fn sweep_progress(&self, id: SweepId) -> Result<SweepProgress> {
         let summary = self.summary(id).await?;
         let mut counts = SeedCounts::default();
-        let rows = sqlx::query("SELECT state, count(*) AS n FROM seeds WHERE sweep_id = $1 GROUP BY state")
-            .bind(id.0)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT state, count(*) AS n FROM seeds WHERE sweep_id = $1 GROUP BY state",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
         for row in rows {
             let n = u64_from_db(row.try_get("n")?);
             match state_from_db(row.try_get("state")?)? {
@@ -153,14 +167,20 @@ impl Store for PgStore {
                 SeedState::Failed => counts.failed = n,
             }
         }
-        let accuracies = sqlx::query("SELECT seed, test_accuracy FROM results WHERE sweep_id = $1 ORDER BY seed")
-            .bind(id.0)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get("seed")?, r.try_get("test_accuracy")?)))
-            .collect::<Result<_>>()?;
-        Ok(SweepProgress { summary, counts, accuracies })
+        let accuracies = sqlx::query(
+            "SELECT seed, test_accuracy FROM results WHERE sweep_id = $1 ORDER BY seed",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("seed")?, r.try_get("test_accuracy")?)))
+        .collect::<Result<_>>()?;
+        Ok(SweepProgress {
+            summary,
+            counts,
+            accuracies,
+        })
     }
 
     async fn list_results(&self, id: SweepId) -> Result<Vec<SeedResult>> {
@@ -232,25 +252,35 @@ impl Store for PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = claimed else {
-            let outstanding: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM seeds WHERE state IN ('pending', 'leased')")
-                    .fetch_one(&mut *tx)
-                    .await?;
-            tx.commit().await?;
-            return Ok(ClaimOutcome::Empty { outstanding: u64_from_db(outstanding) });
-        };
-        let lease = LeaseRef { sweep_id: SweepId(row.try_get("sweep_id")?), seed: row.try_get("seed")?, fence: row.try_get("fence")? };
-        sqlx::query("INSERT INTO attempts (sweep_id, seed, fence, worker_id) VALUES ($1, $2, $3, $4)")
-            .bind(lease.sweep_id.0)
-            .bind(lease.seed)
-            .bind(lease.fence)
-            .bind(worker_id)
-            .execute(&mut *tx)
-            .await?;
-        let sweep = sqlx::query("SELECT task, dataset, config::text AS config FROM sweeps WHERE id = $1")
-            .bind(lease.sweep_id.0)
+            let outstanding: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM seeds WHERE state IN ('pending', 'leased')",
+            )
             .fetch_one(&mut *tx)
             .await?;
+            tx.commit().await?;
+            return Ok(ClaimOutcome::Empty {
+                outstanding: u64_from_db(outstanding),
+            });
+        };
+        let lease = LeaseRef {
+            sweep_id: SweepId(row.try_get("sweep_id")?),
+            seed: row.try_get("seed")?,
+            fence: row.try_get("fence")?,
+        };
+        sqlx::query(
+            "INSERT INTO attempts (sweep_id, seed, fence, worker_id) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(worker_id)
+        .execute(&mut *tx)
+        .await?;
+        let sweep =
+            sqlx::query("SELECT task, dataset, config::text AS config FROM sweeps WHERE id = $1")
+                .bind(lease.sweep_id.0)
+                .fetch_one(&mut *tx)
+                .await?;
         tx.commit().await?;
         let config: String = sweep.try_get("config")?;
         Ok(ClaimOutcome::Leased(Box::new(Lease {
@@ -314,7 +344,9 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         match Self::lock_seed(&mut tx, lease).await? {
             (SeedState::Leased, fence) if fence == lease.fence => {}
-            (SeedState::Done, fence) if fence == lease.fence => return Ok(CompleteOutcome::AlreadyRecorded),
+            (SeedState::Done, fence) if fence == lease.fence => {
+                return Ok(CompleteOutcome::AlreadyRecorded);
+            }
             _ => return Err(StoreError::StaleLease(lease)),
         }
         let recorded: i64 = sqlx::query_scalar(
@@ -373,7 +405,12 @@ impl Store for PgStore {
         Ok(CompleteOutcome::Recorded)
     }
 
-    async fn fail(&self, lease: LeaseRef, cause: &str, counts_as_attempt: bool) -> Result<SeedState> {
+    async fn fail(
+        &self,
+        lease: LeaseRef,
+        cause: &str,
+        counts_as_attempt: bool,
+    ) -> Result<SeedState> {
         let mut tx = self.pool.begin().await?;
         Self::lock_held(&mut tx, lease).await?;
         let state: String = sqlx::query_scalar(
@@ -397,7 +434,11 @@ impl Store for PgStore {
         .bind(lease.sweep_id.0)
         .bind(lease.seed)
         .bind(lease.fence)
-        .bind(if counts_as_attempt { "failed" } else { "released" })
+        .bind(if counts_as_attempt {
+            "failed"
+        } else {
+            "released"
+        })
         .bind(cause)
         .execute(&mut *tx)
         .await?;

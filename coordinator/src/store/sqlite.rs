@@ -3,12 +3,14 @@
 
 use super::{Result, Store, StoreError, state_from_db, train_from_config, u64_from_db};
 use crate::domain::{
-    ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedCounts, SeedResult, SeedState, SweepId,
-    SweepProgress, SweepSummary,
+    ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedCounts, SeedResult, SeedState,
+    SweepId, SweepProgress, SweepSummary,
 };
 use crate::spec::SweepSpec;
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Row, Sqlite, Transaction};
 use std::str::FromStr;
 use std::time::Duration;
@@ -35,7 +37,10 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
         MIGRATOR.run(&pool).await?;
         Ok(SqliteStore { pool })
     }
@@ -54,7 +59,10 @@ impl SqliteStore {
     }
 
     /// Fetches the seed's state and fence, or says the sweep or seed does not exist.
-    async fn seed_row(tx: &mut Transaction<'_, Sqlite>, lease: LeaseRef) -> Result<(SeedState, i64)> {
+    async fn seed_row(
+        tx: &mut Transaction<'_, Sqlite>,
+        lease: LeaseRef,
+    ) -> Result<(SeedState, i64)> {
         let row = sqlx::query("SELECT state, fence FROM seeds WHERE sweep_id = ?1 AND seed = ?2")
             .bind(lease.sweep_id.0.to_string())
             .bind(lease.seed)
@@ -62,7 +70,7 @@ impl SqliteStore {
             .await?;
         match row {
             Some(r) => Ok((state_from_db(r.try_get("state")?)?, r.try_get("fence")?)),
-            None => Err(missing(&mut **tx, lease).await),
+            None => Err(missing(tx, lease).await),
         }
     }
 
@@ -81,7 +89,10 @@ async fn missing(conn: &mut sqlx::SqliteConnection, lease: LeaseRef) -> StoreErr
         .fetch_optional(conn)
         .await;
     match exists {
-        Ok(Some(_)) => StoreError::SeedNotFound { sweep_id: lease.sweep_id, seed: lease.seed },
+        Ok(Some(_)) => StoreError::SeedNotFound {
+            sweep_id: lease.sweep_id,
+            seed: lease.seed,
+        },
         Ok(None) => StoreError::SweepNotFound(lease.sweep_id),
         Err(e) => e.into(),
     }
@@ -90,7 +101,10 @@ async fn missing(conn: &mut sqlx::SqliteConnection, lease: LeaseRef) -> StoreErr
 fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SweepSummary> {
     let id: String = row.try_get("id")?;
     Ok(SweepSummary {
-        id: SweepId(Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(format!("sweep id `{id}`: {e}")))?),
+        id: SweepId(
+            Uuid::parse_str(&id)
+                .map_err(|e| StoreError::Corrupt(format!("sweep id `{id}`: {e}")))?,
+        ),
         name: row.try_get("name")?,
         task: row.try_get("task")?,
         dataset: row.try_get("dataset")?,
@@ -147,10 +161,12 @@ impl Store for SqliteStore {
     async fn sweep_progress(&self, id: SweepId) -> Result<SweepProgress> {
         let summary = self.summary(id).await?;
         let mut counts = SeedCounts::default();
-        let rows = sqlx::query("SELECT state, count(*) AS n FROM seeds WHERE sweep_id = ?1 GROUP BY state")
-            .bind(id.0.to_string())
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT state, count(*) AS n FROM seeds WHERE sweep_id = ?1 GROUP BY state",
+        )
+        .bind(id.0.to_string())
+        .fetch_all(&self.pool)
+        .await?;
         for row in rows {
             let n = u64_from_db(row.try_get("n")?);
             match state_from_db(row.try_get("state")?)? {
@@ -160,14 +176,20 @@ impl Store for SqliteStore {
                 SeedState::Failed => counts.failed = n,
             }
         }
-        let accuracies = sqlx::query("SELECT seed, test_accuracy FROM results WHERE sweep_id = ?1 ORDER BY seed")
-            .bind(id.0.to_string())
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get("seed")?, r.try_get("test_accuracy")?)))
-            .collect::<Result<_>>()?;
-        Ok(SweepProgress { summary, counts, accuracies })
+        let accuracies = sqlx::query(
+            "SELECT seed, test_accuracy FROM results WHERE sweep_id = ?1 ORDER BY seed",
+        )
+        .bind(id.0.to_string())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("seed")?, r.try_get("test_accuracy")?)))
+        .collect::<Result<_>>()?;
+        Ok(SweepProgress {
+            summary,
+            counts,
+            accuracies,
+        })
     }
 
     async fn list_results(&self, id: SweepId) -> Result<Vec<SeedResult>> {
@@ -235,22 +257,27 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = claimed else {
-            let outstanding: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM seeds WHERE state IN ('pending', 'leased')")
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let outstanding: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM seeds WHERE state IN ('pending', 'leased')",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
             tx.commit().await?;
-            return Ok(ClaimOutcome::Empty { outstanding: u64_from_db(outstanding) });
+            return Ok(ClaimOutcome::Empty {
+                outstanding: u64_from_db(outstanding),
+            });
         };
         let sweep_id: String = row.try_get("sweep_id")?;
         let (seed, fence): (i64, i64) = (row.try_get("seed")?, row.try_get("fence")?);
-        sqlx::query("INSERT INTO attempts (sweep_id, seed, fence, worker_id) VALUES (?1, ?2, ?3, ?4)")
-            .bind(&sweep_id)
-            .bind(seed)
-            .bind(fence)
-            .bind(worker_id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO attempts (sweep_id, seed, fence, worker_id) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(&sweep_id)
+        .bind(seed)
+        .bind(fence)
+        .bind(worker_id)
+        .execute(&mut *tx)
+        .await?;
         let sweep = sqlx::query("SELECT task, dataset, config FROM sweeps WHERE id = ?1")
             .bind(&sweep_id)
             .fetch_one(&mut *tx)
@@ -259,7 +286,9 @@ impl Store for SqliteStore {
         let config: String = sweep.try_get("config")?;
         let lease = Lease {
             lease: LeaseRef {
-                sweep_id: SweepId(Uuid::parse_str(&sweep_id).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+                sweep_id: SweepId(
+                    Uuid::parse_str(&sweep_id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                ),
                 seed,
                 fence,
             },
@@ -324,7 +353,9 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await?;
         match Self::seed_row(&mut tx, lease).await? {
             (SeedState::Leased, fence) if fence == lease.fence => {}
-            (SeedState::Done, fence) if fence == lease.fence => return Ok(CompleteOutcome::AlreadyRecorded),
+            (SeedState::Done, fence) if fence == lease.fence => {
+                return Ok(CompleteOutcome::AlreadyRecorded);
+            }
             _ => return Err(StoreError::StaleLease(lease)),
         }
         let recorded: i64 = sqlx::query_scalar(
@@ -363,7 +394,9 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query(concat!(
-            "UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = ", now!(), "
+            "UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = ",
+            now!(),
+            "
              WHERE sweep_id = ?1 AND seed = ?2"
         ))
         .bind(&sweep)
@@ -371,7 +404,9 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query(concat!(
-            "UPDATE attempts SET outcome = 'succeeded', ended_at = ", now!(), "
+            "UPDATE attempts SET outcome = 'succeeded', ended_at = ",
+            now!(),
+            "
              WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3"
         ))
         .bind(&sweep)
@@ -383,7 +418,12 @@ impl Store for SqliteStore {
         Ok(CompleteOutcome::Recorded)
     }
 
-    async fn fail(&self, lease: LeaseRef, cause: &str, counts_as_attempt: bool) -> Result<SeedState> {
+    async fn fail(
+        &self,
+        lease: LeaseRef,
+        cause: &str,
+        counts_as_attempt: bool,
+    ) -> Result<SeedState> {
         let sweep = lease.sweep_id.0.to_string();
         let mut tx = self.pool.begin().await?;
         Self::check_held(&mut tx, lease).await?;
@@ -401,13 +441,19 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(concat!(
-            "UPDATE attempts SET outcome = ?4, ended_at = ", now!(), ", cause = ?5
+            "UPDATE attempts SET outcome = ?4, ended_at = ",
+            now!(),
+            ", cause = ?5
              WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3"
         ))
         .bind(&sweep)
         .bind(lease.seed)
         .bind(lease.fence)
-        .bind(if counts_as_attempt { "failed" } else { "released" })
+        .bind(if counts_as_attempt {
+            "failed"
+        } else {
+            "released"
+        })
         .bind(cause)
         .execute(&mut *tx)
         .await?;
