@@ -3,6 +3,8 @@
 
 CREATE TABLE sweeps (
     id           UUID PRIMARY KEY,
+    -- Submission order: the claim serves older sweeps first.
+    seq          BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
     name         TEXT NOT NULL,
     task         TEXT NOT NULL,
     dataset      TEXT NOT NULL,

@@ -3,6 +3,8 @@
 
 CREATE TABLE sweeps (
     id           TEXT PRIMARY KEY,
+    -- Submission order: the claim serves older sweeps first.
+    seq          INTEGER NOT NULL UNIQUE,
     name         TEXT NOT NULL,
     task         TEXT NOT NULL,
     dataset      TEXT NOT NULL,

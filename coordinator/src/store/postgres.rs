@@ -142,7 +142,7 @@ impl Store for PgStore {
             iso!("w.created_at"),
             " AS created_at, w.total_seeds,
                 (SELECT count(*) FROM seeds s WHERE s.sweep_id = w.id AND s.state = 'done') AS done
-             FROM sweeps w ORDER BY w.created_at, w.id"
+             FROM sweeps w ORDER BY w.seq"
         ))
         .fetch_all(&self.pool)
         .await?;
@@ -235,7 +235,7 @@ impl Store for PgStore {
         let claimed = sqlx::query(
             "WITH next AS (
                  SELECT c.sweep_id, c.seed
-                 FROM (SELECT id FROM sweeps ORDER BY created_at, id) w
+                 FROM (SELECT id FROM sweeps ORDER BY seq) w
                  CROSS JOIN LATERAL (
                      SELECT sweep_id, seed FROM seeds
                      WHERE sweep_id = w.id AND state = 'pending'
@@ -306,13 +306,18 @@ impl Store for PgStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        Self::lock_seed(&mut tx, lease).await?;
-        Err(StoreError::StaleLease(lease))
+        let e = Self::lock_seed(&mut tx, lease)
+            .await
+            .err()
+            .unwrap_or(StoreError::StaleLease(lease));
+        abort(tx, e).await
     }
 
     async fn record_epoch(&self, lease: LeaseRef, e: &EpochRecord) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        Self::lock_held(&mut tx, lease).await?;
+        if let Err(e) = Self::lock_held(&mut tx, lease).await {
+            return abort(tx, e).await;
+        }
         sqlx::query(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
                                         test_accuracy, lr, seconds)
@@ -342,12 +347,14 @@ impl Store for PgStore {
 
     async fn complete(&self, lease: LeaseRef, r: &SeedResult) -> Result<CompleteOutcome> {
         let mut tx = self.pool.begin().await?;
-        match Self::lock_seed(&mut tx, lease).await? {
-            (SeedState::Leased, fence) if fence == lease.fence => {}
-            (SeedState::Done, fence) if fence == lease.fence => {
+        match Self::lock_seed(&mut tx, lease).await {
+            Ok((SeedState::Leased, fence)) if fence == lease.fence => {}
+            Ok((SeedState::Done, fence)) if fence == lease.fence => {
+                tx.rollback().await?;
                 return Ok(CompleteOutcome::AlreadyRecorded);
             }
-            _ => return Err(StoreError::StaleLease(lease)),
+            Ok(_) => return abort(tx, StoreError::StaleLease(lease)).await,
+            Err(e) => return abort(tx, e).await,
         }
         let recorded: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM epoch_metrics WHERE sweep_id = $1 AND seed = $2 AND fence = $3
@@ -360,10 +367,10 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         if recorded != r.epochs as i64 {
-            return Err(StoreError::Conflict(format!(
+            return abort(tx, StoreError::Conflict(format!(
                 "{lease}: the result claims {} epochs but {recorded} epochs of metrics were recorded under this lease",
                 r.epochs
-            )));
+            ))).await;
         }
         sqlx::query(
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
@@ -412,7 +419,9 @@ impl Store for PgStore {
         counts_as_attempt: bool,
     ) -> Result<SeedState> {
         let mut tx = self.pool.begin().await?;
-        Self::lock_held(&mut tx, lease).await?;
+        if let Err(e) = Self::lock_held(&mut tx, lease).await {
+            return abort(tx, e).await;
+        }
         let state: String = sqlx::query_scalar(
             "UPDATE seeds s SET
                  state = CASE WHEN $3 AND s.failures + 1 >= w.max_attempts THEN 'failed' ELSE 'pending' END,
@@ -445,4 +454,11 @@ impl Store for PgStore {
         tx.commit().await?;
         state_from_db(&state)
     }
+}
+
+/// Ends a transaction that must not commit and returns `e`. Rolling back explicitly releases its
+/// row locks now, not whenever the pool next hands out the connection.
+async fn abort<T>(tx: Transaction<'_, Postgres>, e: StoreError) -> Result<T> {
+    tx.rollback().await?;
+    Err(e)
 }

@@ -123,8 +123,8 @@ impl Store for SqliteStore {
     async fn create_sweep(&self, id: SweepId, spec: &SweepSpec) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO sweeps (id, name, task, dataset, config, max_attempts, total_seeds)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO sweeps (id, seq, name, task, dataset, config, max_attempts, total_seeds)
+             VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM sweeps), ?2, ?3, ?4, ?5, ?6, ?7)",
         )
         .bind(id.0.to_string())
         .bind(&spec.name)
@@ -151,7 +151,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(
             "SELECT w.id, w.name, w.task, w.dataset, w.created_at, w.total_seeds,
                     (SELECT count(*) FROM seeds s WHERE s.sweep_id = w.id AND s.state = 'done') AS done
-             FROM sweeps w ORDER BY w.created_at, w.id",
+             FROM sweeps w ORDER BY w.seq",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -248,7 +248,7 @@ impl Store for SqliteStore {
                  WHERE s.state = 'pending' AND s.sweep_id = (
                      SELECT w.id FROM sweeps w
                      WHERE EXISTS (SELECT 1 FROM seeds p WHERE p.sweep_id = w.id AND p.state = 'pending')
-                     ORDER BY w.created_at, w.id LIMIT 1)
+                     ORDER BY w.seq LIMIT 1)
                  ORDER BY s.seed LIMIT 1)
              RETURNING sweep_id, seed, fence"
         ))
@@ -314,13 +314,18 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        Self::seed_row(&mut tx, lease).await?;
-        Err(StoreError::StaleLease(lease))
+        let e = Self::seed_row(&mut tx, lease)
+            .await
+            .err()
+            .unwrap_or(StoreError::StaleLease(lease));
+        abort(tx, e).await
     }
 
     async fn record_epoch(&self, lease: LeaseRef, e: &EpochRecord) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        Self::check_held(&mut tx, lease).await?;
+        if let Err(e) = Self::check_held(&mut tx, lease).await {
+            return abort(tx, e).await;
+        }
         sqlx::query(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
                                         test_accuracy, lr, seconds)
@@ -351,12 +356,14 @@ impl Store for SqliteStore {
     async fn complete(&self, lease: LeaseRef, r: &SeedResult) -> Result<CompleteOutcome> {
         let sweep = lease.sweep_id.0.to_string();
         let mut tx = self.pool.begin().await?;
-        match Self::seed_row(&mut tx, lease).await? {
-            (SeedState::Leased, fence) if fence == lease.fence => {}
-            (SeedState::Done, fence) if fence == lease.fence => {
+        match Self::seed_row(&mut tx, lease).await {
+            Ok((SeedState::Leased, fence)) if fence == lease.fence => {}
+            Ok((SeedState::Done, fence)) if fence == lease.fence => {
+                tx.rollback().await?;
                 return Ok(CompleteOutcome::AlreadyRecorded);
             }
-            _ => return Err(StoreError::StaleLease(lease)),
+            Ok(_) => return abort(tx, StoreError::StaleLease(lease)).await,
+            Err(e) => return abort(tx, e).await,
         }
         let recorded: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM epoch_metrics WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3
@@ -369,10 +376,10 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         if recorded != r.epochs as i64 {
-            return Err(StoreError::Conflict(format!(
+            return abort(tx, StoreError::Conflict(format!(
                 "{lease}: the result claims {} epochs but {recorded} epochs of metrics were recorded under this lease",
                 r.epochs
-            )));
+            ))).await;
         }
         sqlx::query(
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
@@ -426,7 +433,9 @@ impl Store for SqliteStore {
     ) -> Result<SeedState> {
         let sweep = lease.sweep_id.0.to_string();
         let mut tx = self.pool.begin().await?;
-        Self::check_held(&mut tx, lease).await?;
+        if let Err(e) = Self::check_held(&mut tx, lease).await {
+            return abort(tx, e).await;
+        }
         let state: String = sqlx::query_scalar(concat!(
             "UPDATE seeds SET
                  state = CASE WHEN ?3 AND failures + 1 >= (SELECT max_attempts FROM sweeps WHERE id = seeds.sweep_id)
@@ -460,4 +469,11 @@ impl Store for SqliteStore {
         tx.commit().await?;
         state_from_db(&state)
     }
+}
+
+/// Ends a transaction that must not commit and returns `e`. Rolling back explicitly releases its
+/// row locks now, not whenever the pool next hands out the connection.
+async fn abort<T>(tx: Transaction<'_, Sqlite>, e: StoreError) -> Result<T> {
+    tx.rollback().await?;
+    Err(e)
 }
