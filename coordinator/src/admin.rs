@@ -57,22 +57,27 @@ pub async fn status(url: &str, id: &str, json: bool) -> anyhow::Result<String> {
         return Ok(serde_json::to_string_pretty(&serde_json::json!({
             "sweep_id": sweep.sweep_id, "name": sweep.name, "task": sweep.task, "dataset": sweep.dataset,
             "created_at": sweep.created_at, "total": sweep.total, "done": sweep.done,
-            "counts": {"pending": c.pending, "leased": c.leased, "done": c.done, "failed": c.failed},
+            "state": sweep.state, "priority": sweep.priority,
+            "counts": {"pending": c.pending, "leased": c.leased, "done": c.done, "failed": c.failed,
+                       "cancelled": c.cancelled},
             "test_accuracy": acc,
         }))?);
     }
     let mut out = format!(
-        "sweep    {}  {}  ({} on {}, created {})\nseeds    {}/{} done  pending {}  leased {}  failed {}\n",
+        "sweep    {}  {}  ({} on {}, created {}, {}, priority {})\nseeds    {}/{} done  pending {}  leased {}  failed {}  cancelled {}\n",
         sweep.sweep_id,
         sweep.name,
         sweep.task,
         sweep.dataset,
         sweep.created_at,
+        sweep.state,
+        sweep.priority,
         sweep.done,
         sweep.total,
         c.pending,
         c.leased,
-        c.failed
+        c.failed,
+        c.cancelled
     );
     match s.test_accuracy {
         Some(a) => {
@@ -84,6 +89,47 @@ pub async fn status(url: &str, id: &str, json: bool) -> anyhow::Result<String> {
         None => out += "test accuracy: no seed finished yet\n",
     }
     Ok(out)
+}
+
+/// Pauses, resumes or cancels a sweep.
+pub async fn set_state(url: &str, id: &str, state: &str) -> anyhow::Result<String> {
+    let mut client = connect(url).await?;
+    client
+        .set_sweep_state(pb::SetSweepStateRequest {
+            sweep_id: id.to_string(),
+            state: state.to_string(),
+        })
+        .await
+        .map_err(rpc)?;
+    Ok(format!("sweep {id} is now {state}\n"))
+}
+
+/// Adds seeds, written "START..END" (end exclusive) or "1,2,3", to a sweep.
+pub async fn extend(url: &str, id: &str, seeds: &str) -> anyhow::Result<String> {
+    let mut req = pb::ExtendSweepRequest {
+        sweep_id: id.to_string(),
+        ..Default::default()
+    };
+    if seeds.contains("..") {
+        req.range = seeds.to_string();
+    } else {
+        req.list = seeds
+            .split(',')
+            .map(|s| {
+                s.trim().parse::<i64>().with_context(|| {
+                    format!("--seeds `{seeds}`: write START..END (end exclusive) or a comma-separated list of integers")
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    let mut client = connect(url).await?;
+    let added = client
+        .extend_sweep(req)
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .added;
+    Ok(format!("added {added} seeds to sweep {id}\n"))
 }
 
 pub async fn list(url: &str, json: bool) -> anyhow::Result<String> {
@@ -99,7 +145,8 @@ pub async fn list(url: &str, json: bool) -> anyhow::Result<String> {
             .iter()
             .map(|s| {
                 serde_json::json!({"sweep_id": s.sweep_id, "name": s.name, "task": s.task,
-                "dataset": s.dataset, "created_at": s.created_at, "total": s.total, "done": s.done})
+                "dataset": s.dataset, "created_at": s.created_at, "total": s.total, "done": s.done,
+                "state": s.state, "priority": s.priority})
             })
             .collect();
         return Ok(serde_json::to_string_pretty(&v)?);

@@ -64,6 +64,8 @@ pub enum SeedState {
     Leased,
     Done,
     Failed,
+    /// Its sweep was cancelled before it finished.
+    Cancelled,
 }
 
 impl SeedState {
@@ -73,6 +75,7 @@ impl SeedState {
             SeedState::Leased => "leased",
             SeedState::Done => "done",
             SeedState::Failed => "failed",
+            SeedState::Cancelled => "cancelled",
         }
     }
 
@@ -82,6 +85,37 @@ impl SeedState {
             "leased" => SeedState::Leased,
             "done" => SeedState::Done,
             "failed" => SeedState::Failed,
+            "cancelled" => SeedState::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether a sweep hands out leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SweepState {
+    Active,
+    /// No new leases; leases held run to completion.
+    Paused,
+    /// No new leases, held leases end at their next heartbeat; final.
+    Cancelled,
+}
+
+impl SweepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SweepState::Active => "active",
+            SweepState::Paused => "paused",
+            SweepState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SweepState> {
+        Some(match s {
+            "active" => SweepState::Active,
+            "paused" => SweepState::Paused,
+            "cancelled" => SweepState::Cancelled,
             _ => return None,
         })
     }
@@ -148,6 +182,8 @@ pub struct SweepSummary {
     pub task: String,
     pub dataset: String,
     pub created_at: String,
+    pub state: SweepState,
+    pub priority: i32,
     pub total: u64,
     pub done: u64,
 }
@@ -158,6 +194,7 @@ pub struct SeedCounts {
     pub leased: u64,
     pub done: u64,
     pub failed: u64,
+    pub cancelled: u64,
 }
 
 /// A sweep, its seed counts and the final test accuracy of every finished seed.

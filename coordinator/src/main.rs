@@ -69,7 +69,9 @@ enum SweepCommand {
     ///
     /// Keys: `name`; `task` ("resnet9"); `dataset` (a folder name under each worker's --data-dir,
     /// e.g. "cifar10" or "synthetic"); `seeds` ("START..END", end exclusive, or a list of integers);
-    /// optional `max_attempts` (default 3). Optional `[train]` table (defaults: Page's DAWNBench
+    /// optional `max_attempts` (default 3), `priority` (default 0; higher sweeps are served
+    /// first), `retry_backoff_seconds` (default 10) and `retry_backoff_max_seconds` (default 600):
+    /// a failed seed waits base * 2^(failures-1), capped, times a random factor in [0.5, 1.5). Optional `[train]` table (defaults: Page's DAWNBench
     /// ResNet-9 recipe): epochs = 24, batch_size = 512, width = 1.0 (channel multiplier), lr = 0.4
     /// (peak), lr_peak_epoch (default 5/24 of epochs), momentum = 0.9, nesterov = true,
     /// weight_decay = 5e-4, label_smoothing = 0.0, crop_padding = 4, flip = true.
@@ -87,6 +89,19 @@ enum SweepCommand {
         id: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Stop handing out this sweep's seeds; seeds already leased run to completion.
+    Pause { id: String },
+    /// Hand out a paused sweep's seeds again.
+    Resume { id: String },
+    /// End a sweep: no new leases, and workers holding its seeds drop them at their next heartbeat. Final.
+    Cancel { id: String },
+    /// Add seeds to a sweep; seeds it already has (finished or not) are left untouched.
+    Extend {
+        id: String,
+        /// The seeds to add: START..END (end exclusive) or a comma-separated list.
+        #[arg(long)]
+        seeds: String,
     },
     /// All sweeps, oldest first.
     List {
@@ -154,6 +169,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 SweepCommand::Submit { file } => admin::submit(&coordinator, &file).await? + "\n",
                 SweepCommand::Status { id, json } => admin::status(&coordinator, &id, json).await?,
                 SweepCommand::List { json } => admin::list(&coordinator, json).await?,
+                SweepCommand::Pause { id } => admin::set_state(&coordinator, &id, "paused").await?,
+                SweepCommand::Resume { id } => {
+                    admin::set_state(&coordinator, &id, "active").await?
+                }
+                SweepCommand::Cancel { id } => {
+                    admin::set_state(&coordinator, &id, "cancelled").await?
+                }
+                SweepCommand::Extend { id, seeds } => {
+                    admin::extend(&coordinator, &id, &seeds).await?
+                }
                 SweepCommand::Results { id, json } => {
                     admin::results(&coordinator, &id, json).await?
                 }

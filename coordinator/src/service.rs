@@ -1,10 +1,11 @@
 //! The gRPC service: converts proto messages into domain types (rejecting malformed ones), calls
 //! the store, and maps store errors to gRPC statuses in one place.
 
+use crate::domain::SweepState;
 use crate::domain::{
     ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, SeedResult, SweepId, SweepSummary,
 };
-use crate::spec::SweepSpec;
+use crate::spec::{SeedSet, SweepSpec};
 use crate::stats;
 use crate::store::{Store, StoreError, redact_url};
 use seedsweep_proto::v1 as pb;
@@ -144,6 +145,8 @@ fn summary_pb(s: &SweepSummary) -> pb::SweepSummary {
         created_at: s.created_at.clone(),
         total: s.total,
         done: s.done,
+        state: s.state.as_str().to_string(),
+        priority: s.priority,
     }
 }
 
@@ -202,6 +205,7 @@ impl Coordinator for CoordinatorService {
                 leased: p.counts.leased,
                 done: p.counts.done,
                 failed: p.counts.failed,
+                cancelled: p.counts.cancelled,
             }),
             test_accuracy,
         }))
@@ -241,6 +245,47 @@ impl Coordinator for CoordinatorService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn set_sweep_state(
+        &self,
+        req: Request<pb::SetSweepStateRequest>,
+    ) -> Result<Response<pb::SetSweepStateResponse>, Status> {
+        let r = req.get_ref();
+        let id = sweep_id(&r.sweep_id)?;
+        let state = SweepState::parse(&r.state).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "state `{}`: use \"active\", \"paused\" or \"cancelled\"",
+                r.state
+            ))
+        })?;
+        self.store
+            .set_sweep_state(id, state)
+            .await
+            .map_err(status)?;
+        tracing::info!(sweep = %id, state = state.as_str(), "sweep state changed");
+        Ok(Response::new(pb::SetSweepStateResponse {}))
+    }
+
+    async fn extend_sweep(
+        &self,
+        req: Request<pb::ExtendSweepRequest>,
+    ) -> Result<Response<pb::ExtendSweepResponse>, Status> {
+        let r = req.get_ref();
+        let id = sweep_id(&r.sweep_id)?;
+        let seeds = match (r.range.is_empty(), r.list.is_empty()) {
+            (false, true) => SeedSet::parse_range(&r.range),
+            (true, false) => SeedSet::from_list(r.list.clone()),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give either a seed range or a seed list",
+                ));
+            }
+        }
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let added = self.store.extend_sweep(id, &seeds).await.map_err(status)?;
+        tracing::info!(sweep = %id, added, "sweep extended");
+        Ok(Response::new(pb::ExtendSweepResponse { added }))
     }
 
     async fn lease_seed(

@@ -268,7 +268,32 @@ pub struct SweepSpec {
     pub dataset: String,
     pub seeds: SeedSet,
     pub max_attempts: u32,
+    /// Retry backoff: see [`RetrySettings`].
+    pub retry: RetrySettings,
+    /// Higher-priority sweeps are served first; within a priority, older sweeps first.
+    pub priority: i32,
     pub train: TrainSettings,
+}
+
+/// A failed attempt's seed waits `base * 2^(failures - 1)`, at most `max`, times a random factor in
+/// [0.5, 1.5), before it can be leased again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetrySettings {
+    pub base_seconds: f64,
+    pub max_seconds: f64,
+}
+
+impl RetrySettings {
+    pub const DEFAULT: RetrySettings = RetrySettings {
+        base_seconds: 10.0,
+        max_seconds: 600.0,
+    };
+
+    /// The wait before the next attempt after `failures` failed attempts, with `jitter` in [0, 1).
+    pub fn backoff_seconds(&self, failures: u32, jitter: f64) -> f64 {
+        let doubled = self.base_seconds * 2f64.powi(failures.saturating_sub(1).min(60) as i32);
+        doubled.min(self.max_seconds) * (0.5 + jitter)
+    }
 }
 
 #[derive(Deserialize)]
@@ -279,6 +304,10 @@ struct RawSweep {
     dataset: String,
     seeds: RawSeeds,
     max_attempts: Option<u32>,
+    #[serde(default)]
+    priority: i32,
+    retry_backoff_seconds: Option<f64>,
+    retry_backoff_max_seconds: Option<f64>,
     #[serde(default)]
     train: TrainSettings,
 }
@@ -293,7 +322,7 @@ enum RawSeeds {
 impl SweepSpec {
     /// Parses and validates a sweep file's TOML text.
     pub fn parse(text: &str) -> Result<SweepSpec, SpecError> {
-        let raw: RawSweep = toml::from_str(text).map_err(|e| SpecError(toml_message(&e)))?;
+        let raw: RawSweep = toml::from_str(text).map_err(|e| SpecError(toml_message(text, &e)))?;
         let name = raw.name.trim().to_string();
         if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
             return invalid("`name` must be 1 to 200 printable characters");
@@ -328,6 +357,34 @@ impl SweepSpec {
                 "`max_attempts` = {max_attempts}: give between 1 and 100"
             ));
         }
+        let retry = RetrySettings {
+            base_seconds: raw
+                .retry_backoff_seconds
+                .unwrap_or(RetrySettings::DEFAULT.base_seconds),
+            max_seconds: raw
+                .retry_backoff_max_seconds
+                .unwrap_or(RetrySettings::DEFAULT.max_seconds),
+        };
+        for (key, v) in [
+            ("retry_backoff_seconds", retry.base_seconds),
+            ("retry_backoff_max_seconds", retry.max_seconds),
+        ] {
+            if !(0.0..=86_400.0).contains(&v) {
+                return invalid(format!("`{key}` = {v}: give seconds between 0 and 86400"));
+            }
+        }
+        if retry.max_seconds < retry.base_seconds {
+            return invalid(format!(
+                "`retry_backoff_max_seconds` = {} is below `retry_backoff_seconds` = {}",
+                retry.max_seconds, retry.base_seconds
+            ));
+        }
+        if !(-1000..=1000).contains(&raw.priority) {
+            return invalid(format!(
+                "`priority` = {}: give between -1000 and 1000",
+                raw.priority
+            ));
+        }
         let mut train = raw.train;
         train.validate()?;
         train.lr_peak_epoch = Some(train.peak_epoch());
@@ -337,6 +394,8 @@ impl SweepSpec {
             dataset,
             seeds,
             max_attempts,
+            retry,
+            priority: raw.priority,
             train,
         })
     }
@@ -349,6 +408,9 @@ impl SweepSpec {
             "dataset": self.dataset,
             "seeds": self.seeds_description(),
             "max_attempts": self.max_attempts,
+            "priority": self.priority,
+            "retry_backoff_seconds": self.retry.base_seconds,
+            "retry_backoff_max_seconds": self.retry.max_seconds,
             "train": self.train,
         })
     }
@@ -364,14 +426,24 @@ impl SweepSpec {
     }
 }
 
-/// toml's messages quote the offending line; keep them, and say where the keys are documented.
-fn toml_message(e: &toml::de::Error) -> String {
-    let msg = e.message();
+/// toml's message, with the line it points at and the text there, and where the keys are documented.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
     let at = e
         .span()
-        .map(|s| format!(" (at byte {})", s.start))
+        .map(|span| {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let snippet = text.get(span.clone()).unwrap_or("").trim();
+            if snippet.is_empty() || snippet.len() > 60 {
+                format!(" (line {line})")
+            } else {
+                format!(" (line {line}: `{snippet}`)")
+            }
+        })
         .unwrap_or_default();
-    format!("{msg}{at}; see README, \"Sweep files\", for the keys")
+    format!(
+        "{}{at}; see README, \"Sweep files\", for the keys",
+        e.message().trim_end()
+    )
 }
 
 impl fmt::Display for Task {
@@ -428,9 +500,34 @@ width = 0.25
         assert!(err(&OK.replace("epochs = 2", "epochs = 2\nepoch = 3")).contains("epoch"));
         assert!(err(&OK.replace("name = \"t\"", "name = \"t\"\ncolour = 1")).contains("colour"));
         assert!(err(&OK.replace("resnet9", "resnet18")).contains("`task`"));
+        let dup = err(&OK.replace("epochs = 2", "epochs = 2\nepochs = 3"));
+        assert!(
+            dup.contains("duplicate") && dup.contains("line 8") && dup.contains("epochs"),
+            "{dup}"
+        );
         assert!(err(&OK.replace("\"synthetic\"", "\"../etc\"")).contains("`dataset`"));
         assert!(err("name = ").contains("invalid sweep file"));
         assert!(err(&OK.replace("name = \"t\"\n", "")).contains("name"));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let r = RetrySettings {
+            base_seconds: 10.0,
+            max_seconds: 60.0,
+        };
+        assert_eq!(r.backoff_seconds(1, 0.5), 10.0);
+        assert_eq!(r.backoff_seconds(2, 0.5), 20.0);
+        assert_eq!(r.backoff_seconds(5, 0.5), 60.0);
+        assert_eq!(r.backoff_seconds(2, 0.0), 10.0);
+        assert!(
+            err(&OK.replace("name = \"t\"", "name = \"t\"\nretry_backoff_seconds = -1"))
+                .contains("retry_backoff_seconds")
+        );
+        assert!(
+            err(&OK.replace("name = \"t\"", "name = \"t\"\npriority = 5000"))
+                .contains("`priority`")
+        );
     }
 
     #[test]

@@ -11,6 +11,14 @@ CREATE TABLE sweeps (
     -- The full resolved configuration (defaults filled in), as JSON.
     config       JSONB NOT NULL,
     max_attempts INTEGER NOT NULL CHECK (max_attempts > 0),
+    -- Retries wait retry_backoff_seconds * 2^(failures - 1), at most retry_backoff_max_seconds,
+    -- times a random factor in [0.5, 1.5).
+    retry_backoff_seconds     DOUBLE PRECISION NOT NULL DEFAULT 10,
+    retry_backoff_max_seconds DOUBLE PRECISION NOT NULL DEFAULT 600,
+    -- Higher first; within a priority, older sweeps first.
+    priority     INTEGER NOT NULL DEFAULT 0,
+    -- 'paused' stops new leases; 'cancelled' also ends the leases held and is final.
+    state        TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'paused', 'cancelled')),
     total_seeds  BIGINT NOT NULL CHECK (total_seeds > 0),
     created_at   TIMESTAMPTZ NOT NULL DEFAULT now()
 );
@@ -20,12 +28,14 @@ CREATE TABLE seeds (
     sweep_id         UUID NOT NULL REFERENCES sweeps (id) ON DELETE CASCADE,
     seed             BIGINT NOT NULL CHECK (seed >= 0),
     state            TEXT NOT NULL DEFAULT 'pending'
-                     CHECK (state IN ('pending', 'leased', 'done', 'failed')),
+                     CHECK (state IN ('pending', 'leased', 'done', 'failed', 'cancelled')),
     -- Grows by one with each lease; every worker write names it.
     fence            BIGINT NOT NULL DEFAULT 0,
     -- Attempts that ended badly (reported failures and expired leases).
     failures         INTEGER NOT NULL DEFAULT 0,
     worker_id        TEXT,
+    -- A pending seed waiting out its retry backoff is not claimed before this.
+    not_before       TIMESTAMPTZ,
     lease_expires_at TIMESTAMPTZ,
     updated_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (sweep_id, seed)
@@ -43,7 +53,7 @@ CREATE TABLE attempts (
     started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     ended_at   TIMESTAMPTZ,
     outcome    TEXT NOT NULL DEFAULT 'running'
-               CHECK (outcome IN ('running', 'succeeded', 'failed', 'released', 'expired')),
+               CHECK (outcome IN ('running', 'succeeded', 'failed', 'released', 'expired', 'cancelled')),
     cause      TEXT,
     PRIMARY KEY (sweep_id, seed, fence),
     FOREIGN KEY (sweep_id, seed) REFERENCES seeds (sweep_id, seed) ON DELETE CASCADE

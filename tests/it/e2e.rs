@@ -1,7 +1,9 @@
 //! Whole sweeps through the real binaries: a coordinator, two CPU workers, a narrow ResNet-9 on a
 //! small generated dataset; once on SQLite and once on PostgreSQL.
 
-use seedsweep_tests::{CoordinatorProcess, PgServer, make_synthetic, run, stderr, stdout, worker};
+use seedsweep_tests::{
+    CoordinatorProcess, PgServer, make_synthetic, sqlite_query, stderr, stdout, worker,
+};
 use std::path::Path;
 
 const EPOCHS: i64 = 2;
@@ -125,15 +127,7 @@ fn readme_queries() -> Vec<String> {
 }
 
 fn sqlite_cli(db: &Path) -> impl Fn(&str) -> String + '_ {
-    move |q| {
-        let out = run(std::process::Command::new("sqlite3").arg(db).arg(q));
-        assert!(
-            out.status.success(),
-            "sqlite3 failed on\n{q}\n{}",
-            stderr(&out)
-        );
-        stdout(&out)
-    }
+    move |q| sqlite_query(db, q)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod e2e;
+mod resilience;
 mod store_conformance;
 
 /// Tests that train spread over both cores each; running two at once only slows both down.

@@ -1,22 +1,35 @@
 //! One suite of store behaviour, run against every implementation.
 
 use seedsweep_coordinator::domain::SweepId;
+use seedsweep_coordinator::domain::SweepState;
 use seedsweep_coordinator::domain::{
     ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedResult, SeedState,
 };
+use seedsweep_coordinator::spec::SeedSet;
 use seedsweep_coordinator::spec::SweepSpec;
-use seedsweep_coordinator::store::{self, Store, StoreError};
+use seedsweep_coordinator::store::{self, Clock, Store, StoreError};
 use seedsweep_tests::PgServer;
 use std::sync::Arc;
 use std::time::Duration;
 
 const TTL: Duration = Duration::from_secs(60);
 
-fn spec(seeds: &str, max_attempts: u32) -> SweepSpec {
+/// A sweep with no retry backoff unless `extra` sets one.
+fn spec_with(seeds: &str, max_attempts: u32, extra: &str) -> SweepSpec {
+    let extra = if extra.contains("retry_backoff_seconds") {
+        extra.to_string()
+    } else {
+        format!("retry_backoff_seconds = 0\n{extra}")
+    };
     SweepSpec::parse(&format!(
-        "name = \"conf\"\ntask = \"resnet9\"\ndataset = \"synthetic\"\nseeds = {seeds}\nmax_attempts = {max_attempts}\n[train]\nepochs = 2\n"
+        "name = \"conf\"\ntask = \"resnet9\"\ndataset = \"synthetic\"\nseeds = {seeds}\nmax_attempts = {max_attempts}\n\
+         {extra}\n[train]\nepochs = 2\n"
     ))
     .unwrap()
+}
+
+fn spec(seeds: &str, max_attempts: u32) -> SweepSpec {
+    spec_with(seeds, max_attempts, "")
 }
 
 fn epoch(n: u32) -> EpochRecord {
@@ -63,7 +76,7 @@ async fn finish(s: &dyn Store, l: LeaseRef, acc: f64) {
     );
 }
 
-async fn suite(s: Arc<dyn Store>) {
+async fn suite(s: Arc<dyn Store>, clock: Clock) {
     let s = s.as_ref();
     assert!(matches!(
         s.claim("w", TTL).await.unwrap(),
@@ -155,13 +168,11 @@ async fn suite(s: Arc<dyn Store>) {
     assert_eq!((l3b.lease.seed, l3b.lease.fence), (9, 2));
     finish(s, l3b.lease, 0.7).await;
 
-    // An expired lease (zero TTL) returns its seed at the next claim and counts as an attempt.
-    let l4 = match s.claim("w", Duration::ZERO).await.unwrap() {
-        ClaimOutcome::Leased(l) => l.lease,
-        other => panic!("{other:?}"),
-    };
+    // An expired lease returns its seed at the next claim and counts as an attempt; expiry follows
+    // the store's clock.
+    let l4 = claim(s, "w").await.lease;
     assert_eq!((l4.sweep_id, l4.seed), (b, 0));
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    clock.advance(TTL + Duration::from_secs(1));
     // max_attempts is 1 for sweep b: the expiry fails the seed, and the claim moves on to seed 1.
     let l5 = claim(s, "w").await;
     assert_eq!((l5.lease.sweep_id, l5.lease.seed), (b, 1));
@@ -234,6 +245,104 @@ async fn suite(s: Arc<dyn Store>) {
     ));
 }
 
+/// Retry backoff, repeated failures, pause / resume / cancel, priority and extension.
+async fn retries_and_control(s: Arc<dyn Store>, clock: Clock) {
+    let s = s.as_ref();
+    // A counted failure waits out the backoff (30 s x [0.5, 1.5)) on the store's clock.
+    let a = SweepId::new();
+    s.create_sweep(a, &spec_with("[1]", 5, "retry_backoff_seconds = 30"))
+        .await
+        .unwrap();
+    let l = claim(s, "w1").await.lease;
+    assert_eq!(
+        s.fail(l, "cuda oom", true).await.unwrap(),
+        SeedState::Pending
+    );
+    assert!(matches!(
+        s.claim("w", TTL).await.unwrap(),
+        ClaimOutcome::Empty { outstanding: 1 }
+    ));
+    clock.advance(Duration::from_secs(14));
+    assert!(matches!(
+        s.claim("w", TTL).await.unwrap(),
+        ClaimOutcome::Empty { .. }
+    ));
+    clock.advance(Duration::from_secs(32));
+    let l = claim(s, "w2").await.lease;
+    assert_eq!(l.fence, 2);
+    // The same cause on a second worker: failed for good, attempts left or not.
+    assert_eq!(
+        s.fail(l, "cuda oom", true).await.unwrap(),
+        SeedState::Failed
+    );
+
+    // Priority orders sweeps; pause stops leases, resume restarts them.
+    let low = SweepId::new();
+    s.create_sweep(low, &spec("\"0..3\"", 3)).await.unwrap();
+    let high = SweepId::new();
+    s.create_sweep(high, &spec_with("\"100..102\"", 3, "priority = 5"))
+        .await
+        .unwrap();
+    assert_eq!(claim(s, "w").await.lease.sweep_id, high);
+    s.set_sweep_state(high, SweepState::Paused).await.unwrap();
+    let from_low = claim(s, "w").await.lease;
+    assert_eq!(from_low.sweep_id, low);
+    s.set_sweep_state(high, SweepState::Active).await.unwrap();
+    let held = claim(s, "w").await.lease;
+    assert_eq!((held.sweep_id, held.seed), (high, 101));
+    let summaries = s.list_sweeps().await.unwrap();
+    assert_eq!(summaries.iter().find(|w| w.id == high).unwrap().priority, 5);
+
+    // Extending adds only new seeds and leaves finished ones alone.
+    finish(s, from_low, 0.5).await;
+    assert_eq!(
+        s.extend_sweep(low, &SeedSet::parse_range("0..5").unwrap())
+            .await
+            .unwrap(),
+        2
+    );
+    let p = s.sweep_progress(low).await.unwrap();
+    assert_eq!(
+        (p.summary.total, p.counts.done, p.counts.pending),
+        (5, 1, 4)
+    );
+    assert_eq!(p.accuracies, vec![(0, 0.5)]);
+
+    // Cancelling ends held leases and pending seeds, for good.
+    s.set_sweep_state(high, SweepState::Cancelled)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.heartbeat(held, TTL).await,
+        Err(StoreError::StaleLease(_))
+    ));
+    let p = s.sweep_progress(high).await.unwrap();
+    assert_eq!(
+        (p.counts.cancelled, p.counts.leased, p.counts.pending),
+        (2, 0, 0)
+    );
+    assert_eq!(p.summary.state, SweepState::Cancelled);
+    assert!(matches!(
+        s.set_sweep_state(high, SweepState::Active).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.extend_sweep(high, &SeedSet::parse_range("0..1").unwrap())
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.set_sweep_state(SweepId::new(), SweepState::Paused).await,
+        Err(StoreError::SweepNotFound(_))
+    ));
+    // Paused sweeps do not count as outstanding work.
+    s.set_sweep_state(low, SweepState::Paused).await.unwrap();
+    assert!(matches!(
+        s.claim("w", TTL).await.unwrap(),
+        ClaimOutcome::Empty { outstanding: 0 }
+    ));
+}
+
 /// Many claimers at once never get the same seed.
 async fn concurrent_claims(s: Arc<dyn Store>) {
     let id = SweepId::new();
@@ -257,20 +366,42 @@ async fn concurrent_claims(s: Arc<dyn Store>) {
     assert_eq!(all, (0..200).collect::<Vec<_>>());
 }
 
+/// Every suite, each on a fresh database from `fresh` (a URL per call).
+async fn all_suites(fresh: impl Fn() -> String) {
+    let clock = Clock::database();
+    suite(
+        store::connect_with_clock(&fresh(), clock.clone())
+            .await
+            .unwrap(),
+        clock,
+    )
+    .await;
+    let clock = Clock::database();
+    retries_and_control(
+        store::connect_with_clock(&fresh(), clock.clone())
+            .await
+            .unwrap(),
+        clock,
+    )
+    .await;
+    concurrent_claims(store::connect(&fresh()).await.unwrap()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("s.db").display());
-    suite(store::connect(&url).await.unwrap()).await;
-    let url2 = format!("sqlite://{}", dir.path().join("c.db").display());
-    concurrent_claims(store::connect(&url2).await.unwrap()).await;
+    let n = std::sync::atomic::AtomicU32::new(0);
+    all_suites(|| {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        format!("sqlite://{}", dir.path().join(format!("s{i}.db")).display())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_store_conforms() {
     let pg = PgServer::start().unwrap();
-    suite(store::connect(&pg.fresh_database().unwrap()).await.unwrap()).await;
-    concurrent_claims(store::connect(&pg.fresh_database().unwrap()).await.unwrap()).await;
+    all_suites(|| pg.fresh_database().unwrap()).await;
 }
 
 #[tokio::test]

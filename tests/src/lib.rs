@@ -218,7 +218,17 @@ pub struct CoordinatorProcess {
 }
 
 impl CoordinatorProcess {
+    /// Starts a coordinator on a free port.
     pub fn start(database_url: &str, extra: &[&str]) -> anyhow::Result<CoordinatorProcess> {
+        Self::start_on(database_url, "127.0.0.1:0", extra)
+    }
+
+    /// Starts a coordinator listening on `listen` (to restart one where its workers expect it).
+    pub fn start_on(
+        database_url: &str,
+        listen: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<CoordinatorProcess> {
         let dir = tempfile::tempdir()?;
         let addr_file = dir.path().join("addr");
         let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
@@ -226,7 +236,7 @@ impl CoordinatorProcess {
             .args([
                 "serve",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--database-url",
                 database_url,
                 "--addr-file",
@@ -267,6 +277,14 @@ impl CoordinatorProcess {
             .arg("sweep")
             .args(args)
             .args(["--coordinator", &self.url]))
+    }
+}
+
+impl CoordinatorProcess {
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -313,6 +331,38 @@ pub fn worker(coordinator: &str, data_dir: &Path) -> Command {
     .arg("--data-dir")
     .arg(data_dir);
     c
+}
+
+/// Runs one query with the sqlite3 command-line client; returns the rows as `a|b|c` lines.
+pub fn sqlite_query(db: &Path, query: &str) -> String {
+    let out = run(Command::new("sqlite3").arg(db).arg(query));
+    assert!(
+        out.status.success(),
+        "sqlite3 failed on\n{query}\n{}",
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// Polls `cond` every 100 ms for up to `limit`; panics with `what` if it never holds.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends a signal (`TERM`, `KILL`, ...) to a process.
+pub fn signal(child: &Child, name: &str) {
+    let out = run(Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string()));
+    assert!(
+        out.status.success(),
+        "kill -{name} failed: {}",
+        stderr(&out)
+    );
 }
 
 pub fn stdout(o: &Output) -> String {

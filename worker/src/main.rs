@@ -53,6 +53,9 @@ struct RunArgs {
     /// Name this worker reports (default: HOSTNAME:PID:DEVICE).
     #[arg(long, env = "SEEDSWEEP_WORKER_ID")]
     worker_id: Option<String>,
+    /// Exit (status 0) after this many seeds.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_seeds: Option<u64>,
     /// Seconds to keep trying to reach the coordinator at start before giving up.
     #[arg(long, default_value_t = 30)]
     connect_timeout: u64,
@@ -179,6 +182,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         exit_when_idle: args.exit_when_idle,
         connect_timeout: Duration::from_secs(args.connect_timeout),
         idle_poll: Duration::from_secs(2),
+        max_seeds: args.max_seeds,
+        lease_patience: Duration::from_secs(60),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -31,6 +31,10 @@ pub struct WorkerSettings {
     pub connect_timeout: Duration,
     /// How long to wait before asking again when there is nothing to lease.
     pub idle_poll: Duration,
+    /// Exit after this many leases (finished, failed or lost), if set.
+    pub max_seeds: Option<u64>,
+    /// How long to keep retrying a report while the coordinator is unreachable.
+    pub lease_patience: Duration,
 }
 
 pub fn device_label(device: Device) -> String {
@@ -93,20 +97,34 @@ impl Worker {
     }
 
     pub async fn run(mut self) -> anyhow::Result<()> {
+        let mut leases = 0u64;
+        let mut delay = Duration::from_millis(500);
         loop {
             if self.shutdown.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let reply = self
-                .client
-                .lease_seed(pb::LeaseSeedRequest {
-                    worker_id: self.settings.worker_id.clone(),
-                })
-                .await
-                .map_err(|s| anyhow::anyhow!("the coordinator refused a lease: {}", s.message()))?
-                .into_inner();
+            if self.settings.max_seeds.is_some_and(|max| leases >= max) {
+                tracing::info!(leases, "done the seeds asked for (--max-seeds); exiting");
+                return Ok(());
+            }
+            let request = pb::LeaseSeedRequest {
+                worker_id: self.settings.worker_id.clone(),
+            };
+            let reply = match self.client.lease_seed(request).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if is_transient(&s) => {
+                    // The coordinator is down or restarting: wait for it, as long as it takes.
+                    tracing::warn!(error = s.message(), "coordinator unreachable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+                Err(s) => bail!("the coordinator refused a lease: {}", s.message()),
+            };
+            delay = Duration::from_millis(500);
             match reply.outcome {
                 Some(pb::lease_seed_response::Outcome::Lease(lease)) => {
+                    leases += 1;
                     match self.run_lease(lease).await? {
                         LeaseEnd::Finished | LeaseEnd::Lost => {}
                         LeaseEnd::ShutDown => return Ok(()),
@@ -196,13 +214,9 @@ impl Worker {
             lost.clone(),
             self.shutdown.clone(),
         ));
+        let patience = Duration::from_secs(lease.lease_ttl_seconds.max(1) as u64);
         let (tx, rx) = mpsc::channel::<pb::EpochMetrics>(1024);
-        let mut stream_client = self.client.clone();
-        let stream = tokio::spawn(async move {
-            stream_client
-                .stream_epoch_metrics(ReceiverStream::new(rx))
-                .await
-        });
+        let stream = tokio::spawn(ship_metrics(self.client.clone(), rx, patience));
 
         let started = Instant::now();
         let (device, seed) = (self.settings.device, lease.seed);
@@ -252,7 +266,7 @@ impl Worker {
                     device: device_label(device),
                     data_fingerprint: fingerprint,
                 };
-                match with_retries(|| {
+                match with_retries(patience, || {
                     let mut c = self.client.clone();
                     let r = req.clone();
                     async move { c.complete_seed(r).await }
@@ -308,7 +322,7 @@ impl Worker {
             cause: cause.to_string(),
             counts_as_attempt,
         };
-        match with_retries(|| {
+        match with_retries(self.settings.lease_patience, || {
             let mut c = self.client.clone();
             let r = req.clone();
             async move { c.fail_seed(r).await }
@@ -334,29 +348,104 @@ fn is_lost(s: &Status) -> bool {
     )
 }
 
-/// Retries a call that is safe to repeat while the coordinator is briefly unreachable.
-async fn with_retries<T, F, Fut>(mut call: F) -> Result<T, Status>
+/// Errors that mean the coordinator (or its database) is unreachable for now.
+fn is_transient(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
+    )
+}
+
+/// Retries a call that is safe to repeat while the coordinator is unreachable, with exponential
+/// backoff, for at most `patience` (past the lease's lifetime, retrying is pointless).
+async fn with_retries<T, F, Fut>(patience: Duration, mut call: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Status>>,
 {
+    let deadline = Instant::now() + patience;
     let mut delay = Duration::from_millis(200);
-    for _ in 0..6 {
+    loop {
         match call().await {
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::Unavailable | Code::Unknown | Code::DeadlineExceeded
-                ) =>
-            {
-                tracing::warn!(error = s.message(), "coordinator unavailable; retrying");
+            Err(s) if is_transient(&s) && Instant::now() < deadline => {
+                tracing::warn!(error = s.message(), "coordinator unreachable; retrying");
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
             other => return other,
         }
     }
-    call().await
+}
+
+type StreamCall =
+    tokio::task::JoinHandle<Result<tonic::Response<pb::StreamEpochMetricsResponse>, Status>>;
+
+/// Opens a metrics stream that first replays `sent` (re-recording an epoch is idempotent).
+fn open_stream(
+    mut client: CoordinatorClient<Channel>,
+    sent: &[pb::EpochMetrics],
+) -> (mpsc::Sender<pb::EpochMetrics>, StreamCall) {
+    let (tx, rx) = mpsc::channel(sent.len() + 64);
+    for m in sent {
+        // Capacity was reserved above, so this cannot fail.
+        let _ = tx.try_send(m.clone());
+    }
+    let call =
+        tokio::spawn(async move { client.stream_epoch_metrics(ReceiverStream::new(rx)).await });
+    (tx, call)
+}
+
+/// Forwards each epoch's metrics from the training thread over a `StreamEpochMetrics` stream. When
+/// the stream breaks (the coordinator is unreachable), the metrics are kept and replayed on a new
+/// stream, so every epoch arrives once the coordinator is back, for up to `patience` after
+/// training ends. Returns the stream's verdict: Ok, or the status that ended it.
+async fn ship_metrics(
+    client: CoordinatorClient<Channel>,
+    mut from_training: mpsc::Receiver<pb::EpochMetrics>,
+    patience: Duration,
+) -> Result<(), Status> {
+    let mut sent: Vec<pb::EpochMetrics> = Vec::new();
+    let mut stream: Option<(mpsc::Sender<pb::EpochMetrics>, StreamCall)> = None;
+    while let Some(m) = from_training.recv().await {
+        sent.push(m.clone());
+        let delivered = match &stream {
+            Some((tx, _)) => tx.send(m).await.is_ok(),
+            None => false,
+        };
+        if !delivered {
+            if let Some((_, call)) = stream.take()
+                && let Ok(Err(s)) = call.await
+            {
+                if !is_transient(&s) {
+                    return Err(s);
+                }
+                tracing::warn!(error = s.message(), "metrics stream broke; will replay it");
+            }
+            stream = Some(open_stream(client.clone(), &sent));
+        }
+    }
+    let deadline = Instant::now() + patience;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let (tx, call) = stream
+            .take()
+            .unwrap_or_else(|| open_stream(client.clone(), &sent));
+        drop(tx);
+        match call.await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(s)) if is_transient(&s) && Instant::now() < deadline => {
+                tracing::warn!(
+                    error = s.message(),
+                    "coordinator unreachable; will replay the metrics"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                stream = Some(open_stream(client.clone(), &sent));
+            }
+            Ok(Err(s)) => return Err(s),
+            Err(e) => return Err(Status::internal(format!("metrics stream task failed: {e}"))),
+        }
+    }
 }
 
 async fn heartbeat_loop(

@@ -7,6 +7,8 @@
 //!   incrementing its `fence`.
 //! - Every later write names `(sweep_id, seed, fence)` and changes nothing unless the seed is still
 //!   `leased` under that fence ([`StoreError::StaleLease`]).
+//! - Time is the database's clock (SQLite is embedded, so its clock is this host's) plus the
+//!   [`Clock`]'s offset, which is zero outside tests.
 
 mod postgres;
 mod sqlite;
@@ -16,11 +18,12 @@ pub use sqlite::SqliteStore;
 
 use crate::domain::{
     ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, SeedResult, SeedState, SweepId,
-    SweepProgress, SweepSummary,
+    SweepProgress, SweepState, SweepSummary,
 };
-use crate::spec::SweepSpec;
+use crate::spec::{SeedSet, SweepSpec};
 use async_trait::async_trait;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -68,20 +71,64 @@ pub trait Store: Send + Sync + 'static {
     async fn complete(&self, lease: LeaseRef, result: &SeedResult) -> Result<CompleteOutcome>;
     /// Ends a lease without a result. `counts_as_attempt` false hands the seed back as if never
     /// leased. Returns the seed's new state: pending, or failed when out of attempts.
+    ///
+    /// A counted failure makes the seed wait out the sweep's retry backoff, and ends it `failed`
+    /// at once when an earlier attempt on another worker failed with the same cause (training is
+    /// deterministic, so a third try would fail the same way).
     async fn fail(
         &self,
         lease: LeaseRef,
         cause: &str,
         counts_as_attempt: bool,
     ) -> Result<SeedState>;
+
+    /// Pauses, resumes or cancels a sweep. Cancelling ends every unfinished seed (held leases are
+    /// refused at their next write) and is final.
+    async fn set_sweep_state(&self, id: SweepId, state: SweepState) -> Result<()>;
+    /// Adds seeds to a sweep; seeds it already has are left as they are. Returns how many were added.
+    async fn extend_sweep(&self, id: SweepId, seeds: &SeedSet) -> Result<u64>;
+}
+
+/// The store's notion of "now": the database clock plus an offset that tests advance to make
+/// leases expire and backoffs pass without sleeping. Clones share the offset.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl Clock {
+    /// The database clock as it is.
+    pub fn database() -> Clock {
+        Clock::default()
+    }
+
+    /// Moves this clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        self.offset_ms
+            .fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+    }
+
+    pub fn offset_seconds(&self) -> f64 {
+        self.offset_ms.load(Ordering::SeqCst) as f64 / 1000.0
+    }
+}
+
+/// A uniform draw in [0, 1) for retry jitter.
+pub(crate) fn jitter() -> f64 {
+    rand::random::<f64>()
 }
 
 /// Opens the database a URL names and brings its schema up to date.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    connect_with_clock(url, Clock::database()).await
+}
+
+/// [`connect`] with a clock the caller controls (tests).
+pub async fn connect_with_clock(url: &str, clock: Clock) -> Result<Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::connect(url).await?))
+        Ok(Arc::new(SqliteStore::connect(url, clock).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PgStore::connect(url).await?))
+        Ok(Arc::new(PgStore::connect(url, clock).await?))
     } else {
         Err(StoreError::UnsupportedUrl(redact_url(url)))
     }
@@ -106,6 +153,10 @@ pub fn redact_url(url: &str) -> String {
         Some(t) => format!("{scheme}://{authority}/{t}"),
         None => format!("{scheme}://{authority}"),
     }
+}
+
+pub(crate) fn sweep_state_from_db(s: &str) -> Result<SweepState> {
+    SweepState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown sweep state `{s}`")))
 }
 
 pub(crate) fn state_from_db(s: &str) -> Result<SeedState> {

@@ -1,13 +1,17 @@
 //! The PostgreSQL store: many workers, any number of coordinators over one database. Claims use
 //! `FOR UPDATE SKIP LOCKED`, so concurrent coordinators never lease one seed twice; every fenced
-//! write locks the seed's row first, so it cannot interleave with a re-lease.
+//! write locks the seed's row first, so it cannot interleave with a re-lease. Time is the
+//! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
-use super::{Result, Store, StoreError, state_from_db, train_from_config, u64_from_db};
+use super::{
+    Clock, Result, Store, StoreError, jitter, state_from_db, sweep_state_from_db,
+    train_from_config, u64_from_db,
+};
 use crate::domain::{
     ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedCounts, SeedResult, SeedState,
-    SweepId, SweepProgress, SweepSummary,
+    SweepId, SweepProgress, SweepState, SweepSummary,
 };
-use crate::spec::SweepSpec;
+use crate::spec::{RetrySettings, SeedSet, SweepSpec};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -27,12 +31,21 @@ macro_rules! iso {
     };
 }
 
+const SUMMARY: &str = concat!(
+    "SELECT w.id, w.name, w.task, w.dataset, ",
+    iso!("w.created_at"),
+    " AS created_at, w.state, w.priority, w.total_seeds,
+        (SELECT count(*) FROM seeds s WHERE s.sweep_id = w.id AND s.state = 'done') AS done
+     FROM sweeps w"
+);
+
 pub struct PgStore {
     pool: PgPool,
+    clock: Clock,
 }
 
 impl PgStore {
-    pub async fn connect(url: &str) -> Result<Self> {
+    pub async fn connect(url: &str, clock: Clock) -> Result<Self> {
         let options = PgConnectOptions::from_str(url)?.application_name("seedsweep-coordinator");
         let pool = PgPoolOptions::new()
             .max_connections(16)
@@ -40,21 +53,20 @@ impl PgStore {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, clock })
+    }
+
+    /// The clock offset in seconds, bound wherever a statement says `now() + make_interval(...)`.
+    fn skew(&self) -> f64 {
+        self.clock.offset_seconds()
     }
 
     async fn summary(&self, id: SweepId) -> Result<SweepSummary> {
-        let row = sqlx::query(concat!(
-            "SELECT w.id, w.name, w.task, w.dataset, ",
-            iso!("w.created_at"),
-            " AS created_at, w.total_seeds,
-                (SELECT count(*) FROM seeds s WHERE s.sweep_id = w.id AND s.state = 'done') AS done
-             FROM sweeps w WHERE w.id = $1"
-        ))
-        .bind(id.0)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(StoreError::SweepNotFound(id))?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SUMMARY} WHERE w.id = $1")))
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::SweepNotFound(id))?;
         summary_from_row(&row)
     }
 
@@ -94,6 +106,56 @@ impl PgStore {
             _ => Err(StoreError::StaleLease(lease)),
         }
     }
+
+    /// Ends one lease without a result and decides where the seed goes next. The seed's row must
+    /// be locked by `tx`.
+    #[allow(clippy::too_many_arguments)]
+    async fn end_attempt(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        lease: LeaseRef,
+        failures: u32,
+        max_attempts: u32,
+        retry: RetrySettings,
+        give_up: bool,
+        outcome: &str,
+        cause: &str,
+    ) -> Result<SeedState> {
+        let counted = outcome != "released";
+        let failures = failures + counted as u32;
+        let state = if counted && (give_up || failures >= max_attempts) {
+            SeedState::Failed
+        } else {
+            SeedState::Pending
+        };
+        let backoff = (counted && state == SeedState::Pending)
+            .then(|| self.skew() + retry.backoff_seconds(failures, jitter()));
+        sqlx::query(
+            "UPDATE seeds SET state = $3, failures = $4, worker_id = NULL, lease_expires_at = NULL,
+                 not_before = now() + make_interval(secs => $5), updated_at = now()
+             WHERE sweep_id = $1 AND seed = $2",
+        )
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(state.as_str())
+        .bind(failures as i32)
+        .bind(backoff)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "UPDATE attempts SET outcome = $4, ended_at = now() + make_interval(secs => $5), cause = $6
+             WHERE sweep_id = $1 AND seed = $2 AND fence = $3",
+        )
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(outcome)
+        .bind(self.skew())
+        .bind(cause)
+        .execute(&mut **tx)
+        .await?;
+        Ok(state)
+    }
 }
 
 fn summary_from_row(row: &PgRow) -> Result<SweepSummary> {
@@ -103,9 +165,49 @@ fn summary_from_row(row: &PgRow) -> Result<SweepSummary> {
         task: row.try_get("task")?,
         dataset: row.try_get("dataset")?,
         created_at: row.try_get("created_at")?,
+        state: sweep_state_from_db(row.try_get("state")?)?,
+        priority: row.try_get("priority")?,
         total: u64_from_db(row.try_get("total_seeds")?),
         done: u64_from_db(row.try_get("done")?),
     })
+}
+
+fn retry_from_row(row: &PgRow) -> Result<RetrySettings> {
+    Ok(RetrySettings {
+        base_seconds: row.try_get("retry_backoff_seconds")?,
+        max_seconds: row.try_get("retry_backoff_max_seconds")?,
+    })
+}
+
+/// Inserts seeds that the sweep does not have yet; returns how many were new.
+async fn insert_seeds(
+    tx: &mut Transaction<'_, Postgres>,
+    id: SweepId,
+    seeds: &[i64],
+) -> Result<u64> {
+    let mut added = 0;
+    for chunk in seeds.chunks(50_000) {
+        added += sqlx::query(
+            "INSERT INTO seeds (sweep_id, seed) SELECT $1, unnest($2::bigint[])
+             ON CONFLICT (sweep_id, seed) DO NOTHING",
+        )
+        .bind(id.0)
+        .bind(chunk)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+    Ok(added)
+}
+
+/// Locks the sweep's row and returns its state.
+async fn lock_sweep(tx: &mut Transaction<'_, Postgres>, id: SweepId) -> Result<Option<SweepState>> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM sweeps WHERE id = $1 FOR UPDATE")
+            .bind(id.0)
+            .fetch_optional(&mut **tx)
+            .await?;
+    state.as_deref().map(sweep_state_from_db).transpose()
 }
 
 #[async_trait]
@@ -113,8 +215,9 @@ impl Store for PgStore {
     async fn create_sweep(&self, id: SweepId, spec: &SweepSpec) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO sweeps (id, name, task, dataset, config, max_attempts, total_seeds)
-             VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)",
+            "INSERT INTO sweeps (id, name, task, dataset, config, max_attempts, total_seeds,
+                                 retry_backoff_seconds, retry_backoff_max_seconds, priority)
+             VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10)",
         )
         .bind(id.0)
         .bind(&spec.name)
@@ -123,29 +226,20 @@ impl Store for PgStore {
         .bind(spec.config_json().to_string())
         .bind(spec.max_attempts as i32)
         .bind(spec.seeds.len() as i64)
+        .bind(spec.retry.base_seconds)
+        .bind(spec.retry.max_seconds)
+        .bind(spec.priority)
         .execute(&mut *tx)
         .await?;
-        for chunk in spec.seeds.as_slice().chunks(50_000) {
-            sqlx::query("INSERT INTO seeds (sweep_id, seed) SELECT $1, unnest($2::bigint[])")
-                .bind(id.0)
-                .bind(chunk)
-                .execute(&mut *tx)
-                .await?;
-        }
+        insert_seeds(&mut tx, id, spec.seeds.as_slice()).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn list_sweeps(&self) -> Result<Vec<SweepSummary>> {
-        let rows = sqlx::query(concat!(
-            "SELECT w.id, w.name, w.task, w.dataset, ",
-            iso!("w.created_at"),
-            " AS created_at, w.total_seeds,
-                (SELECT count(*) FROM seeds s WHERE s.sweep_id = w.id AND s.state = 'done') AS done
-             FROM sweeps w ORDER BY w.seq"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SUMMARY} ORDER BY w.seq")))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(summary_from_row).collect()
     }
 
@@ -165,6 +259,7 @@ impl Store for PgStore {
                 SeedState::Leased => counts.leased = n,
                 SeedState::Done => counts.done = n,
                 SeedState::Failed => counts.failed = n,
+                SeedState::Cancelled => counts.cancelled = n,
             }
         }
         let accuracies = sqlx::query(
@@ -215,45 +310,64 @@ impl Store for PgStore {
 
     async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome> {
         let mut tx = self.pool.begin().await?;
-        // Concurrent claims may both find the same overdue lease; the row lock serialises them and
-        // the second re-checks `state = 'leased'` and skips it, so each expiry counts once.
-        sqlx::query(
-            "WITH expired AS (
-                 UPDATE seeds s SET
-                     state = CASE WHEN s.failures + 1 >= w.max_attempts THEN 'failed' ELSE 'pending' END,
-                     failures = s.failures + 1, worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-                 FROM sweeps w
-                 WHERE w.id = s.sweep_id AND s.state = 'leased' AND s.lease_expires_at < now()
-                 RETURNING s.sweep_id, s.seed, s.fence)
-             UPDATE attempts a SET outcome = 'expired', ended_at = now(),
-                 cause = 'lease expired: no heartbeat before its deadline'
-             FROM expired e
-             WHERE a.sweep_id = e.sweep_id AND a.seed = e.seed AND a.fence = e.fence AND a.outcome = 'running'",
+        // Overdue leases, locked so that concurrent claims expire each one once.
+        let expired = sqlx::query(
+            "SELECT s.sweep_id, s.seed, s.fence, s.failures, w.max_attempts,
+                    w.retry_backoff_seconds, w.retry_backoff_max_seconds
+             FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
+             WHERE s.state = 'leased' AND s.lease_expires_at < now() + make_interval(secs => $1)
+             FOR UPDATE OF s SKIP LOCKED",
         )
-        .execute(&mut *tx)
+        .bind(self.skew())
+        .fetch_all(&mut *tx)
         .await?;
+        for row in &expired {
+            let lease = LeaseRef {
+                sweep_id: SweepId(row.try_get("sweep_id")?),
+                seed: row.try_get("seed")?,
+                fence: row.try_get("fence")?,
+            };
+            let failures = row.try_get::<i32, _>("failures")? as u32;
+            let max_attempts = row.try_get::<i32, _>("max_attempts")? as u32;
+            let cause = "lease expired: no heartbeat before its deadline";
+            self.end_attempt(
+                &mut tx,
+                lease,
+                failures,
+                max_attempts,
+                retry_from_row(row)?,
+                false,
+                "expired",
+                cause,
+            )
+            .await?;
+        }
         let claimed = sqlx::query(
             "WITH next AS (
                  SELECT c.sweep_id, c.seed
-                 FROM (SELECT id FROM sweeps ORDER BY seq) w
+                 FROM (SELECT id FROM sweeps WHERE state = 'active' ORDER BY priority DESC, seq) w
                  CROSS JOIN LATERAL (
                      SELECT sweep_id, seed FROM seeds
                      WHERE sweep_id = w.id AND state = 'pending'
+                       AND (not_before IS NULL OR not_before <= now() + make_interval(secs => $3))
                      ORDER BY seed LIMIT 1 FOR UPDATE SKIP LOCKED) c
                  LIMIT 1)
              UPDATE seeds s SET state = 'leased', fence = s.fence + 1, worker_id = $1,
-                 lease_expires_at = now() + make_interval(secs => $2), updated_at = now()
+                 lease_expires_at = now() + make_interval(secs => $2 + $3), not_before = NULL,
+                 updated_at = now()
              FROM next
              WHERE s.sweep_id = next.sweep_id AND s.seed = next.seed
              RETURNING s.sweep_id, s.seed, s.fence",
         )
         .bind(worker_id)
         .bind(ttl.as_secs_f64())
+        .bind(self.skew())
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = claimed else {
             let outstanding: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM seeds WHERE state IN ('pending', 'leased')",
+                "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
+                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active'",
             )
             .fetch_one(&mut *tx)
             .await?;
@@ -268,12 +382,14 @@ impl Store for PgStore {
             fence: row.try_get("fence")?,
         };
         sqlx::query(
-            "INSERT INTO attempts (sweep_id, seed, fence, worker_id) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at)
+             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
         )
         .bind(lease.sweep_id.0)
         .bind(lease.seed)
         .bind(lease.fence)
         .bind(worker_id)
+        .bind(self.skew())
         .execute(&mut *tx)
         .await?;
         let sweep =
@@ -299,7 +415,7 @@ impl Store for PgStore {
         .bind(lease.sweep_id.0)
         .bind(lease.seed)
         .bind(lease.fence)
-        .bind(ttl.as_secs_f64())
+        .bind(self.skew() + ttl.as_secs_f64())
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 1 {
@@ -367,15 +483,16 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         if recorded != r.epochs as i64 {
-            return abort(tx, StoreError::Conflict(format!(
+            let msg = format!(
                 "{lease}: the result claims {} epochs but {recorded} epochs of metrics were recorded under this lease",
                 r.epochs
-            ))).await;
+            );
+            return abort(tx, StoreError::Conflict(msg)).await;
         }
         sqlx::query(
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
-                                  epochs, seconds, worker_id, device, data_fingerprint)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                                  epochs, seconds, worker_id, device, data_fingerprint, finished_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now() + make_interval(secs => $13))",
         )
         .bind(lease.sweep_id.0)
         .bind(lease.seed)
@@ -389,6 +506,7 @@ impl Store for PgStore {
         .bind(&r.worker_id)
         .bind(&r.device)
         .bind(&r.data_fingerprint)
+        .bind(self.skew())
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -400,12 +518,13 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE attempts SET outcome = 'succeeded', ended_at = now()
+            "UPDATE attempts SET outcome = 'succeeded', ended_at = now() + make_interval(secs => $4)
              WHERE sweep_id = $1 AND seed = $2 AND fence = $3",
         )
         .bind(lease.sweep_id.0)
         .bind(lease.seed)
         .bind(lease.fence)
+        .bind(self.skew())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -422,37 +541,99 @@ impl Store for PgStore {
         if let Err(e) = Self::lock_held(&mut tx, lease).await {
             return abort(tx, e).await;
         }
-        let state: String = sqlx::query_scalar(
-            "UPDATE seeds s SET
-                 state = CASE WHEN $3 AND s.failures + 1 >= w.max_attempts THEN 'failed' ELSE 'pending' END,
-                 failures = s.failures + CASE WHEN $3 THEN 1 ELSE 0 END,
-                 worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-             FROM sweeps w
-             WHERE w.id = s.sweep_id AND s.sweep_id = $1 AND s.seed = $2
-             RETURNING s.state",
+        let row = sqlx::query(
+            "SELECT s.failures, w.max_attempts, w.retry_backoff_seconds, w.retry_backoff_max_seconds,
+                    EXISTS (SELECT 1 FROM attempts a, attempts me
+                            WHERE me.sweep_id = s.sweep_id AND me.seed = s.seed AND me.fence = s.fence
+                              AND a.sweep_id = s.sweep_id AND a.seed = s.seed AND a.fence <> s.fence
+                              AND a.outcome = 'failed' AND a.cause = $3
+                              AND a.worker_id <> me.worker_id) AS repeated
+             FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
+             WHERE s.sweep_id = $1 AND s.seed = $2",
         )
         .bind(lease.sweep_id.0)
         .bind(lease.seed)
-        .bind(counts_as_attempt)
+        .bind(cause)
         .fetch_one(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE attempts SET outcome = $4, ended_at = now(), cause = $5
-             WHERE sweep_id = $1 AND seed = $2 AND fence = $3",
-        )
-        .bind(lease.sweep_id.0)
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(if counts_as_attempt {
+        let outcome = if counts_as_attempt {
             "failed"
         } else {
             "released"
-        })
-        .bind(cause)
+        };
+        let state = self
+            .end_attempt(
+                &mut tx,
+                lease,
+                row.try_get::<i32, _>("failures")? as u32,
+                row.try_get::<i32, _>("max_attempts")? as u32,
+                retry_from_row(&row)?,
+                row.try_get("repeated")?,
+                outcome,
+                cause,
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(state)
+    }
+
+    async fn set_sweep_state(&self, id: SweepId, state: SweepState) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        match lock_sweep(&mut tx, id).await? {
+            None => return abort(tx, StoreError::SweepNotFound(id)).await,
+            Some(SweepState::Cancelled) if state != SweepState::Cancelled => {
+                let msg = format!("sweep {id} is cancelled, which is final");
+                return abort(tx, StoreError::Conflict(msg)).await;
+            }
+            Some(_) => {}
+        }
+        sqlx::query("UPDATE sweeps SET state = $2 WHERE id = $1")
+            .bind(id.0)
+            .bind(state.as_str())
+            .execute(&mut *tx)
+            .await?;
+        if state == SweepState::Cancelled {
+            sqlx::query(
+                "UPDATE attempts SET outcome = 'cancelled', ended_at = now() + make_interval(secs => $2),
+                     cause = 'sweep cancelled'
+                 WHERE sweep_id = $1 AND outcome = 'running'",
+            )
+            .bind(id.0)
+            .bind(self.skew())
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE seeds SET state = 'cancelled', worker_id = NULL, lease_expires_at = NULL,
+                     not_before = NULL, updated_at = now()
+                 WHERE sweep_id = $1 AND state IN ('pending', 'leased')",
+            )
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn extend_sweep(&self, id: SweepId, seeds: &SeedSet) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        match lock_sweep(&mut tx, id).await? {
+            None => return abort(tx, StoreError::SweepNotFound(id)).await,
+            Some(SweepState::Cancelled) => {
+                let msg = format!("sweep {id} is cancelled: submit a new sweep instead");
+                return abort(tx, StoreError::Conflict(msg)).await;
+            }
+            Some(_) => {}
+        }
+        let added = insert_seeds(&mut tx, id, seeds.as_slice()).await?;
+        sqlx::query(
+            "UPDATE sweeps SET total_seeds = (SELECT count(*) FROM seeds WHERE sweep_id = $1) WHERE id = $1",
+        )
+        .bind(id.0)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        state_from_db(&state)
+        Ok(added)
     }
 }
 

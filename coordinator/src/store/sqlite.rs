@@ -1,36 +1,39 @@
 //! The SQLite store: one file, one host. All access goes through a single connection, so every
-//! transaction is serialised and no claim can race another.
+//! transaction is serialised and no claim can race another. SQLite is embedded, so the database
+//! clock is this host's: "now" is computed here and bound into each statement.
 
-use super::{Result, Store, StoreError, state_from_db, train_from_config, u64_from_db};
+use super::{
+    Clock, Result, Store, StoreError, jitter, state_from_db, sweep_state_from_db,
+    train_from_config, u64_from_db,
+};
 use crate::domain::{
     ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedCounts, SeedResult, SeedState,
-    SweepId, SweepProgress, SweepSummary,
+    SweepId, SweepProgress, SweepState, SweepSummary,
 };
-use crate::spec::SweepSpec;
+use crate::spec::{RetrySettings, SeedSet, SweepSpec};
 use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use uuid::Uuid;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
-/// The current time as stored: UTC ISO 8601 with milliseconds, which sorts in time order.
-macro_rules! now {
-    () => {
-        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-    };
-}
+const SUMMARY: &str = "SELECT w.id, w.name, w.task, w.dataset, w.created_at, w.state, w.priority,
+        w.total_seeds,
+        (SELECT count(*) FROM seeds s WHERE s.sweep_id = w.id AND s.state = 'done') AS done
+    FROM sweeps w";
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    clock: Clock,
 }
 
 impl SqliteStore {
-    pub async fn connect(url: &str) -> Result<Self> {
+    pub async fn connect(url: &str, clock: Clock) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -42,19 +45,26 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore { pool, clock })
+    }
+
+    /// Now plus `later` seconds, as stored: UTC ISO 8601 with milliseconds, which sorts in time order.
+    fn at(&self, later: f64) -> String {
+        let t = SystemTime::now()
+            + Duration::from_secs_f64((self.clock.offset_seconds() + later).max(0.0));
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+
+    fn now(&self) -> String {
+        self.at(0.0)
     }
 
     async fn summary(&self, id: SweepId) -> Result<SweepSummary> {
-        let row = sqlx::query(
-            "SELECT w.id, w.name, w.task, w.dataset, w.created_at, w.total_seeds,
-                    (SELECT count(*) FROM seeds s WHERE s.sweep_id = w.id AND s.state = 'done') AS done
-             FROM sweeps w WHERE w.id = ?1",
-        )
-        .bind(id.0.to_string())
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(StoreError::SweepNotFound(id))?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SUMMARY} WHERE w.id = ?1")))
+            .bind(id.0.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::SweepNotFound(id))?;
         summary_from_row(&row)
     }
 
@@ -81,12 +91,63 @@ impl SqliteStore {
             _ => Err(StoreError::StaleLease(lease)),
         }
     }
+
+    /// Ends one lease without a result and decides where the seed goes next.
+    #[allow(clippy::too_many_arguments)]
+    async fn end_attempt(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        lease: LeaseRef,
+        failures: u32,
+        max_attempts: u32,
+        retry: RetrySettings,
+        give_up: bool,
+        outcome: &str,
+        cause: &str,
+    ) -> Result<SeedState> {
+        let counted = outcome != "released";
+        let failures = failures + counted as u32;
+        let state = if counted && (give_up || failures >= max_attempts) {
+            SeedState::Failed
+        } else {
+            SeedState::Pending
+        };
+        let not_before = (counted && state == SeedState::Pending)
+            .then(|| self.at(retry.backoff_seconds(failures, jitter())));
+        let sweep = lease.sweep_id.0.to_string();
+        sqlx::query(
+            "UPDATE seeds SET state = ?3, failures = ?4, not_before = ?5, worker_id = NULL,
+                 lease_expires_at = NULL, updated_at = ?6
+             WHERE sweep_id = ?1 AND seed = ?2",
+        )
+        .bind(&sweep)
+        .bind(lease.seed)
+        .bind(state.as_str())
+        .bind(failures as i64)
+        .bind(not_before)
+        .bind(self.now())
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "UPDATE attempts SET outcome = ?4, ended_at = ?5, cause = ?6
+             WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3",
+        )
+        .bind(&sweep)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(outcome)
+        .bind(self.now())
+        .bind(cause)
+        .execute(&mut **tx)
+        .await?;
+        Ok(state)
+    }
 }
 
-async fn missing(conn: &mut sqlx::SqliteConnection, lease: LeaseRef) -> StoreError {
+async fn missing(tx: &mut Transaction<'_, Sqlite>, lease: LeaseRef) -> StoreError {
     let exists = sqlx::query("SELECT 1 FROM sweeps WHERE id = ?1")
         .bind(lease.sweep_id.0.to_string())
-        .fetch_optional(conn)
+        .fetch_optional(&mut **tx)
         .await;
     match exists {
         Ok(Some(_)) => StoreError::SeedNotFound {
@@ -98,24 +159,46 @@ async fn missing(conn: &mut sqlx::SqliteConnection, lease: LeaseRef) -> StoreErr
     }
 }
 
+fn parse_id(id: &str) -> Result<SweepId> {
+    Uuid::parse_str(id)
+        .map(SweepId)
+        .map_err(|e| StoreError::Corrupt(format!("sweep id `{id}`: {e}")))
+}
+
 fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SweepSummary> {
-    let id: String = row.try_get("id")?;
     Ok(SweepSummary {
-        id: SweepId(
-            Uuid::parse_str(&id)
-                .map_err(|e| StoreError::Corrupt(format!("sweep id `{id}`: {e}")))?,
-        ),
+        id: parse_id(row.try_get("id")?)?,
         name: row.try_get("name")?,
         task: row.try_get("task")?,
         dataset: row.try_get("dataset")?,
         created_at: row.try_get("created_at")?,
+        state: sweep_state_from_db(row.try_get("state")?)?,
+        priority: row.try_get::<i64, _>("priority")? as i32,
         total: u64_from_db(row.try_get("total_seeds")?),
         done: u64_from_db(row.try_get("done")?),
     })
 }
 
-fn ttl_modifier(ttl: Duration) -> String {
-    format!("+{:.3} seconds", ttl.as_secs_f64())
+fn retry_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RetrySettings> {
+    Ok(RetrySettings {
+        base_seconds: row.try_get("retry_backoff_seconds")?,
+        max_seconds: row.try_get("retry_backoff_max_seconds")?,
+    })
+}
+
+/// Inserts seeds that the sweep does not have yet; returns how many were new.
+async fn insert_seeds(tx: &mut Transaction<'_, Sqlite>, id: SweepId, seeds: &[i64]) -> Result<u64> {
+    let mut added = 0;
+    // SQLite binds at most 32766 parameters per statement: insert in chunks.
+    for chunk in seeds.chunks(10_000) {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new("INSERT INTO seeds (sweep_id, seed) ");
+        q.push_values(chunk, |mut b, seed| {
+            b.push_bind(id.0.to_string()).push_bind(*seed);
+        });
+        q.push(" ON CONFLICT (sweep_id, seed) DO NOTHING");
+        added += q.build().execute(&mut **tx).await?.rows_affected();
+    }
+    Ok(added)
 }
 
 #[async_trait]
@@ -123,8 +206,10 @@ impl Store for SqliteStore {
     async fn create_sweep(&self, id: SweepId, spec: &SweepSpec) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO sweeps (id, seq, name, task, dataset, config, max_attempts, total_seeds)
-             VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM sweeps), ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO sweeps (id, seq, name, task, dataset, config, max_attempts, total_seeds,
+                                 retry_backoff_seconds, retry_backoff_max_seconds, priority)
+             VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM sweeps), ?2, ?3, ?4, ?5, ?6, ?7,
+                     ?8, ?9, ?10)",
         )
         .bind(id.0.to_string())
         .bind(&spec.name)
@@ -133,28 +218,20 @@ impl Store for SqliteStore {
         .bind(spec.config_json().to_string())
         .bind(spec.max_attempts as i64)
         .bind(spec.seeds.len() as i64)
+        .bind(spec.retry.base_seconds)
+        .bind(spec.retry.max_seconds)
+        .bind(spec.priority as i64)
         .execute(&mut *tx)
         .await?;
-        // SQLite binds at most 32766 parameters per statement: insert in chunks.
-        for chunk in spec.seeds.as_slice().chunks(10_000) {
-            let mut q = sqlx::QueryBuilder::<Sqlite>::new("INSERT INTO seeds (sweep_id, seed) ");
-            q.push_values(chunk, |mut b, seed| {
-                b.push_bind(id.0.to_string()).push_bind(*seed);
-            });
-            q.build().execute(&mut *tx).await?;
-        }
+        insert_seeds(&mut tx, id, spec.seeds.as_slice()).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn list_sweeps(&self) -> Result<Vec<SweepSummary>> {
-        let rows = sqlx::query(
-            "SELECT w.id, w.name, w.task, w.dataset, w.created_at, w.total_seeds,
-                    (SELECT count(*) FROM seeds s WHERE s.sweep_id = w.id AND s.state = 'done') AS done
-             FROM sweeps w ORDER BY w.seq",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SUMMARY} ORDER BY w.seq")))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(summary_from_row).collect()
     }
 
@@ -174,6 +251,7 @@ impl Store for SqliteStore {
                 SeedState::Leased => counts.leased = n,
                 SeedState::Done => counts.done = n,
                 SeedState::Failed => counts.failed = n,
+                SeedState::Cancelled => counts.cancelled = n,
             }
         }
         let accuracies = sqlx::query(
@@ -223,42 +301,61 @@ impl Store for SqliteStore {
 
     async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(concat!(
-            "UPDATE attempts SET outcome = 'expired', ended_at = ", now!(), ", cause = 'lease expired: no heartbeat before its deadline'
-             WHERE outcome = 'running' AND EXISTS (
-                 SELECT 1 FROM seeds s WHERE s.sweep_id = attempts.sweep_id AND s.seed = attempts.seed
-                   AND s.fence = attempts.fence AND s.state = 'leased' AND s.lease_expires_at < ", now!(), ")"
-        ))
-        .execute(&mut *tx)
+        let now = self.now();
+        let expired = sqlx::query(
+            "SELECT s.sweep_id, s.seed, s.fence, s.failures, w.max_attempts,
+                    w.retry_backoff_seconds, w.retry_backoff_max_seconds
+             FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
+             WHERE s.state = 'leased' AND s.lease_expires_at < ?1",
+        )
+        .bind(&now)
+        .fetch_all(&mut *tx)
         .await?;
-        sqlx::query(concat!(
-            "UPDATE seeds SET
-                 state = CASE WHEN failures + 1 >= (SELECT max_attempts FROM sweeps WHERE id = seeds.sweep_id)
-                              THEN 'failed' ELSE 'pending' END,
-                 failures = failures + 1, worker_id = NULL, lease_expires_at = NULL, updated_at = ", now!(), "
-             WHERE state = 'leased' AND lease_expires_at < ", now!(), ""
-        ))
-        .execute(&mut *tx)
-        .await?;
-        let claimed = sqlx::query(concat!(
+        for row in &expired {
+            let lease = LeaseRef {
+                sweep_id: parse_id(row.try_get("sweep_id")?)?,
+                seed: row.try_get("seed")?,
+                fence: row.try_get("fence")?,
+            };
+            let failures = row.try_get::<i64, _>("failures")? as u32;
+            let max_attempts = row.try_get::<i64, _>("max_attempts")? as u32;
+            let cause = "lease expired: no heartbeat before its deadline";
+            self.end_attempt(
+                &mut tx,
+                lease,
+                failures,
+                max_attempts,
+                retry_from_row(row)?,
+                false,
+                "expired",
+                cause,
+            )
+            .await?;
+        }
+        let claimed = sqlx::query(
             "UPDATE seeds SET state = 'leased', fence = fence + 1, worker_id = ?1,
-                 lease_expires_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2), updated_at = ", now!(), "
+                 lease_expires_at = ?2, not_before = NULL, updated_at = ?3
              WHERE rowid = (
                  SELECT s.rowid FROM seeds s
-                 WHERE s.state = 'pending' AND s.sweep_id = (
+                 WHERE s.state = 'pending' AND (s.not_before IS NULL OR s.not_before <= ?3)
+                   AND s.sweep_id = (
                      SELECT w.id FROM sweeps w
-                     WHERE EXISTS (SELECT 1 FROM seeds p WHERE p.sweep_id = w.id AND p.state = 'pending')
-                     ORDER BY w.seq LIMIT 1)
+                     WHERE w.state = 'active' AND EXISTS (
+                         SELECT 1 FROM seeds p WHERE p.sweep_id = w.id AND p.state = 'pending'
+                           AND (p.not_before IS NULL OR p.not_before <= ?3))
+                     ORDER BY w.priority DESC, w.seq LIMIT 1)
                  ORDER BY s.seed LIMIT 1)
-             RETURNING sweep_id, seed, fence"
-        ))
+             RETURNING sweep_id, seed, fence",
+        )
         .bind(worker_id)
-        .bind(ttl_modifier(ttl))
+        .bind(self.at(ttl.as_secs_f64()))
+        .bind(&now)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = claimed else {
             let outstanding: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM seeds WHERE state IN ('pending', 'leased')",
+                "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
+                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active'",
             )
             .fetch_one(&mut *tx)
             .await?;
@@ -267,47 +364,45 @@ impl Store for SqliteStore {
                 outstanding: u64_from_db(outstanding),
             });
         };
-        let sweep_id: String = row.try_get("sweep_id")?;
-        let (seed, fence): (i64, i64) = (row.try_get("seed")?, row.try_get("fence")?);
+        let lease = LeaseRef {
+            sweep_id: parse_id(row.try_get("sweep_id")?)?,
+            seed: row.try_get("seed")?,
+            fence: row.try_get("fence")?,
+        };
         sqlx::query(
-            "INSERT INTO attempts (sweep_id, seed, fence, worker_id) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
-        .bind(&sweep_id)
-        .bind(seed)
-        .bind(fence)
+        .bind(lease.sweep_id.0.to_string())
+        .bind(lease.seed)
+        .bind(lease.fence)
         .bind(worker_id)
+        .bind(&now)
         .execute(&mut *tx)
         .await?;
         let sweep = sqlx::query("SELECT task, dataset, config FROM sweeps WHERE id = ?1")
-            .bind(&sweep_id)
+            .bind(lease.sweep_id.0.to_string())
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
         let config: String = sweep.try_get("config")?;
-        let lease = Lease {
-            lease: LeaseRef {
-                sweep_id: SweepId(
-                    Uuid::parse_str(&sweep_id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                ),
-                seed,
-                fence,
-            },
+        Ok(ClaimOutcome::Leased(Box::new(Lease {
+            lease,
             task: sweep.try_get("task")?,
             dataset: sweep.try_get("dataset")?,
             train: train_from_config(&config)?,
-        };
-        Ok(ClaimOutcome::Leased(Box::new(lease)))
+        })))
     }
 
     async fn heartbeat(&self, lease: LeaseRef, ttl: Duration) -> Result<()> {
-        let done = sqlx::query(concat!(
-            "UPDATE seeds SET lease_expires_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?4), updated_at = ", now!(), "
-             WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3 AND state = 'leased'"
-        ))
+        let done = sqlx::query(
+            "UPDATE seeds SET lease_expires_at = ?4, updated_at = ?5
+             WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3 AND state = 'leased'",
+        )
         .bind(lease.sweep_id.0.to_string())
         .bind(lease.seed)
         .bind(lease.fence)
-        .bind(ttl_modifier(ttl))
+        .bind(self.at(ttl.as_secs_f64()))
+        .bind(self.now())
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 1 {
@@ -328,8 +423,8 @@ impl Store for SqliteStore {
         }
         sqlx::query(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
-                                        test_accuracy, lr, seconds)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                                        test_accuracy, lr, seconds, recorded_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (sweep_id, seed, epoch) DO UPDATE SET
                  fence = excluded.fence, train_loss = excluded.train_loss,
                  train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
@@ -347,6 +442,7 @@ impl Store for SqliteStore {
         .bind(e.test_accuracy)
         .bind(e.lr)
         .bind(e.seconds)
+        .bind(self.now())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -376,15 +472,17 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         if recorded != r.epochs as i64 {
-            return abort(tx, StoreError::Conflict(format!(
+            let msg = format!(
                 "{lease}: the result claims {} epochs but {recorded} epochs of metrics were recorded under this lease",
                 r.epochs
-            ))).await;
+            );
+            return abort(tx, StoreError::Conflict(msg)).await;
         }
+        let now = self.now();
         sqlx::query(
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
-                                  epochs, seconds, worker_id, device, data_fingerprint)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                                  epochs, seconds, worker_id, device, data_fingerprint, finished_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )
         .bind(&sweep)
         .bind(lease.seed)
@@ -398,27 +496,26 @@ impl Store for SqliteStore {
         .bind(&r.worker_id)
         .bind(&r.device)
         .bind(&r.data_fingerprint)
+        .bind(&now)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(concat!(
-            "UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = ",
-            now!(),
-            "
-             WHERE sweep_id = ?1 AND seed = ?2"
-        ))
+        sqlx::query(
+            "UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = ?3
+             WHERE sweep_id = ?1 AND seed = ?2",
+        )
         .bind(&sweep)
         .bind(lease.seed)
+        .bind(&now)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(concat!(
-            "UPDATE attempts SET outcome = 'succeeded', ended_at = ",
-            now!(),
-            "
-             WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3"
-        ))
+        sqlx::query(
+            "UPDATE attempts SET outcome = 'succeeded', ended_at = ?4
+             WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3",
+        )
         .bind(&sweep)
         .bind(lease.seed)
         .bind(lease.fence)
+        .bind(&now)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -436,43 +533,116 @@ impl Store for SqliteStore {
         if let Err(e) = Self::check_held(&mut tx, lease).await {
             return abort(tx, e).await;
         }
-        let state: String = sqlx::query_scalar(concat!(
-            "UPDATE seeds SET
-                 state = CASE WHEN ?3 AND failures + 1 >= (SELECT max_attempts FROM sweeps WHERE id = seeds.sweep_id)
-                              THEN 'failed' ELSE 'pending' END,
-                 failures = failures + ?3, worker_id = NULL, lease_expires_at = NULL, updated_at = ", now!(), "
-             WHERE sweep_id = ?1 AND seed = ?2
-             RETURNING state"
-        ))
+        let row = sqlx::query(
+            "SELECT s.failures, w.max_attempts, w.retry_backoff_seconds, w.retry_backoff_max_seconds,
+                    EXISTS (SELECT 1 FROM attempts a, attempts me
+                            WHERE me.sweep_id = s.sweep_id AND me.seed = s.seed AND me.fence = s.fence
+                              AND a.sweep_id = s.sweep_id AND a.seed = s.seed AND a.fence <> s.fence
+                              AND a.outcome = 'failed' AND a.cause = ?3
+                              AND a.worker_id <> me.worker_id) AS repeated
+             FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
+             WHERE s.sweep_id = ?1 AND s.seed = ?2",
+        )
         .bind(&sweep)
         .bind(lease.seed)
-        .bind(counts_as_attempt)
+        .bind(cause)
         .fetch_one(&mut *tx)
         .await?;
-        sqlx::query(concat!(
-            "UPDATE attempts SET outcome = ?4, ended_at = ",
-            now!(),
-            ", cause = ?5
-             WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3"
-        ))
-        .bind(&sweep)
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(if counts_as_attempt {
+        let outcome = if counts_as_attempt {
             "failed"
         } else {
             "released"
-        })
-        .bind(cause)
+        };
+        let state = self
+            .end_attempt(
+                &mut tx,
+                lease,
+                row.try_get::<i64, _>("failures")? as u32,
+                row.try_get::<i64, _>("max_attempts")? as u32,
+                retry_from_row(&row)?,
+                row.try_get("repeated")?,
+                outcome,
+                cause,
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(state)
+    }
+
+    async fn set_sweep_state(&self, id: SweepId, state: SweepState) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<String> = sqlx::query_scalar("SELECT state FROM sweeps WHERE id = ?1")
+            .bind(id.0.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(current) = current else {
+            return abort(tx, StoreError::SweepNotFound(id)).await;
+        };
+        if sweep_state_from_db(&current)? == SweepState::Cancelled && state != SweepState::Cancelled
+        {
+            return abort(
+                tx,
+                StoreError::Conflict(format!("sweep {id} is cancelled, which is final")),
+            )
+            .await;
+        }
+        let now = self.now();
+        sqlx::query("UPDATE sweeps SET state = ?2 WHERE id = ?1")
+            .bind(id.0.to_string())
+            .bind(state.as_str())
+            .execute(&mut *tx)
+            .await?;
+        if state == SweepState::Cancelled {
+            sqlx::query(
+                "UPDATE attempts SET outcome = 'cancelled', ended_at = ?2, cause = 'sweep cancelled'
+                 WHERE sweep_id = ?1 AND outcome = 'running'",
+            )
+            .bind(id.0.to_string())
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE seeds SET state = 'cancelled', worker_id = NULL, lease_expires_at = NULL,
+                     not_before = NULL, updated_at = ?2
+                 WHERE sweep_id = ?1 AND state IN ('pending', 'leased')",
+            )
+            .bind(id.0.to_string())
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn extend_sweep(&self, id: SweepId, seeds: &SeedSet) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<String> = sqlx::query_scalar("SELECT state FROM sweeps WHERE id = ?1")
+            .bind(id.0.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        match current.as_deref().map(sweep_state_from_db).transpose()? {
+            None => return abort(tx, StoreError::SweepNotFound(id)).await,
+            Some(SweepState::Cancelled) => {
+                let msg = format!("sweep {id} is cancelled: submit a new sweep instead");
+                return abort(tx, StoreError::Conflict(msg)).await;
+            }
+            Some(_) => {}
+        }
+        let added = insert_seeds(&mut tx, id, seeds.as_slice()).await?;
+        sqlx::query(
+            "UPDATE sweeps SET total_seeds = (SELECT count(*) FROM seeds WHERE sweep_id = ?1) WHERE id = ?1",
+        )
+        .bind(id.0.to_string())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        state_from_db(&state)
+        Ok(added)
     }
 }
 
 /// Ends a transaction that must not commit and returns `e`. Rolling back explicitly releases its
-/// row locks now, not whenever the pool next hands out the connection.
+/// locks now, not whenever the pool next hands out the connection.
 async fn abort<T>(tx: Transaction<'_, Sqlite>, e: StoreError) -> Result<T> {
     tx.rollback().await?;
     Err(e)
