@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod e2e;
+mod protocol_model;
 mod resilience;
 mod store_conformance;
 
