@@ -37,10 +37,11 @@ fn status(e: StoreError) -> Status {
         StoreError::UnsupportedUrl(u) => {
             Status::internal(format!("unsupported database URL {}", redact_url(&u)))
         }
-        StoreError::Database(ref db)
-            if matches!(db, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) =>
-        {
-            Status::unavailable(e.to_string())
+        _ if e.is_transient() => {
+            tracing::warn!(error = %e, "database unavailable");
+            Status::unavailable(format!(
+                "the coordinator's database is unavailable, retry later: {e}"
+            ))
         }
         StoreError::Database(_) | StoreError::Migrate(_) | StoreError::Corrupt(_) => {
             tracing::error!(error = %e, "store error");

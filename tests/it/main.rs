@@ -2,6 +2,7 @@
 //! against SQLite and PostgreSQL, end-to-end sweeps through the real binaries, and bad input.
 
 mod bad_input;
+mod chaos;
 mod e2e;
 mod protocol_model;
 mod resilience;

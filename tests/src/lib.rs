@@ -176,6 +176,28 @@ impl PgServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Restarts the server (fast shutdown, then start), as an operator or a failover would. Returns
+    /// false when the server is not ours to restart (DATABASE_URL).
+    pub fn restart(&self) -> anyhow::Result<bool> {
+        let Some((bindir, dir)) = &self.cluster else {
+            return Ok(false);
+        };
+        let out = run(pg_command(&bindir.join("pg_ctl"))
+            .args(["-w", "-t", "60", "-m", "fast", "-l"])
+            .arg(dir.path().join("log"))
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .arg("restart")
+            .stdin(Stdio::null()));
+        if !out.status.success() {
+            bail!(
+                "pg_ctl restart failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(true)
+    }
+
     /// Creates an empty database and returns its URL.
     pub fn fresh_database(&self) -> anyhow::Result<String> {
         let name = format!("seedsweep_test_{}", uuid::Uuid::new_v4().simple());

@@ -52,6 +52,38 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+impl StoreError {
+    /// Whether the database is unreachable or busy for now (restarting, failing over, out of
+    /// connections, a serialisation conflict): the caller may retry the same request. The one place
+    /// that reads database error codes.
+    pub fn is_transient(&self) -> bool {
+        let StoreError::Database(e) = self else {
+            return false;
+        };
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                // 08: connection exception; 57P: operator intervention (shutdown, restart);
+                // 53: insufficient resources; 40001 / 40P01: serialisation failure / deadlock.
+                // SQLite: 5 / 6 (SQLITE_BUSY / SQLITE_LOCKED).
+                code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code.starts_with("53")
+                    || code == "40001"
+                    || code == "40P01"
+                    || code == "5"
+                    || code == "6"
+            }),
+            _ => false,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Creates the sweep and all of its seeds (pending) in one transaction.
