@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -53,7 +53,12 @@ impl Coordinator {
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .add_service(CoordinatorServer::new(self.service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            // Without TCP_NODELAY, a reply written in several small pieces waits out the
+            // client's delayed ACK (40 ms on Linux) under Nagle's algorithm.
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(self.listener).with_nodelay(Some(true)),
+                shutdown,
+            )
             .await
             .context("gRPC server failed")
     }

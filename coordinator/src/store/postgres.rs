@@ -233,6 +233,8 @@ impl Store for PgStore {
         .await?;
         insert_seeds(&mut tx, id, spec.seeds.as_slice()).await?;
         tx.commit().await?;
+        // Fresh statistics, so the claim's plan does not wait for autovacuum to notice a big sweep.
+        sqlx::query("ANALYZE seeds").execute(&self.pool).await?;
         Ok(())
     }
 

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Lease-cycle benchmark: loadgen (simulated workers over gRPC against a real coordinator) on SQLite
+# and PostgreSQL (a fresh database and coordinator per measurement), and pgbench running the bare claim + fenced completion SQL against the same
+# schema, side by side in one run. Each configuration runs REPS times; the table shows medians.
+#
+#   bench/run.sh [SECONDS_PER_RUN] [REPS]      (defaults: 5 and 3)
+#
+# Needs PostgreSQL's server binaries and pgbench; run as root it runs them as the postgres user.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-5}
+reps=${2:-3}
+source scripts/env.sh
+cargo build --release --bins -q
+bin=target/release
+
+pgbin=$(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+work=$(mktemp -d)
+[ "$(id -u)" = 0 ] && chown postgres "$work"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
+  as_pg "$pgbin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+as_pg "$pgbin/initdb" -A trust -U postgres -D "$work/pg" >/dev/null
+as_pg "$pgbin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w \
+  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=400" start >/dev/null
+pg="postgres://postgres@127.0.0.1:$port"
+"$pgbin/psql" -q "$pg/postgres" -c "CREATE DATABASE bare"
+
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read())['$1'])"; }
+
+# One measurement: a coordinator on a fresh database, loadgen against it. Prints loadgen's JSON.
+measure() { # BACKEND WORKERS
+  local tag=$1-$2-$RANDOM url
+  if [ "$1" = sqlite ]; then url="sqlite://$work/$tag.db"; else
+    "$pgbin/psql" -q "$pg/postgres" -c "CREATE DATABASE \"$tag\""; url="$pg/$tag"; fi
+  "$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/$tag.addr" --database-url "$url" \
+    >/dev/null 2>>"$work/coordinator.log" &
+  local pid=$!
+  for _ in $(seq 300); do [ -f "$work/$tag.addr" ] && break; sleep 0.1; done
+  "$bin/loadgen" --coordinator "http://$(cat "$work/$tag.addr")" --workers "$2" --seconds "$secs" ||
+    echo '{"cycles_per_second": 0, "claim_p50_ms": "nan", "claim_p99_ms": "nan"}'
+  kill $pid; wait $pid 2>/dev/null || true
+}
+
+# The bare-SQL baseline: the same schema and claim, one sweep of plenty of seeds.
+"$bin/coordinator" migrate --database-url "$pg/bare" 2>/dev/null
+"$pgbin/psql" -q "$pg/bare" -c "INSERT INTO sweeps (id, name, task, dataset, config, max_attempts, total_seeds)
+  VALUES (gen_random_uuid(), 'bare', 'resnet9', 'd', '{}', 3, 3000000);
+  INSERT INTO seeds (sweep_id, seed) SELECT id, generate_series(0, 2999999) FROM sweeps;"
+
+printf '%-10s %8s %14s %14s %14s\n' backend workers cycles/s claim_p50_ms claim_p99_ms
+for n in 1 16 256; do
+  for backend in sqlite postgres; do
+    rates=(); p50s=(); p99s=()
+    for _ in $(seq "$reps"); do
+      out=$(measure $backend "$n")
+      rates+=("$(field cycles_per_second <<<"$out")"); p50s+=("$(field claim_p50_ms <<<"$out")"); p99s+=("$(field claim_p99_ms <<<"$out")")
+    done
+    printf '%-10s %8s %14.0f %14.2f %14.2f\n' $backend "$n" \
+      "$(printf '%s\n' "${rates[@]}" | median)" "$(printf '%s\n' "${p50s[@]}" | median)" "$(printf '%s\n' "${p99s[@]}" | median)"
+  done
+  tps=()
+  for _ in $(seq "$reps"); do
+    tps+=("$("$pgbin/pgbench" -n -f bench/claim.sql -c "$n" -j 2 -T "$secs" "$pg/bare" 2>/dev/null |
+      awk '/^tps/ {print $3; exit}')")
+  done
+  printf '%-10s %8s %14.0f %14s %14s\n' bare-sql "$n" "$(printf '%s\n' "${tps[@]}" | median)" - -
+done

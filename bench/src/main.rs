@@ -1,0 +1,126 @@
+//! A load generator, not a worker: `--workers` simulated workers, each looping lease, heartbeat,
+//! `--epochs` epoch reports over a stream, complete, against a real coordinator. Prints one JSON
+//! line: lease cycles per second and claim-latency percentiles.
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use seedsweep_proto::v1 as pb;
+use seedsweep_proto::v1::coordinator_client::CoordinatorClient;
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+
+/// Plays many workers against a coordinator and measures lease cycles.
+#[derive(Parser)]
+#[command(name = "loadgen")]
+struct Args {
+    /// The coordinator's gRPC URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// Simulated workers, each one task with its own connection.
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+    /// How long to run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Epoch reports per lease.
+    #[arg(long, default_value_t = 1)]
+    epochs: u32,
+    /// Seeds in the sweep the run submits (more than it can finish).
+    #[arg(long, default_value_t = 100_000)]
+    seeds: u64,
+}
+
+async fn client(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let channel = Endpoint::from_shared(url.to_string())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url}"))?;
+    Ok(CoordinatorClient::new(channel))
+}
+
+/// One simulated worker: returns the claim latencies of its completed cycles.
+async fn simulate(url: String, n: usize, epochs: u32, until: Instant) -> anyhow::Result<Vec<Duration>> {
+    let mut c = client(&url).await?;
+    let worker_id = format!("loadgen-{n}");
+    let mut claims = Vec::new();
+    while Instant::now() < until {
+        let started = Instant::now();
+        let reply = c.lease_seed(pb::LeaseSeedRequest { worker_id: worker_id.clone() }).await?.into_inner();
+        let claim = started.elapsed();
+        let Some(pb::lease_seed_response::Outcome::Lease(l)) = reply.outcome else {
+            bail!("the sweep ran out of seeds: raise --seeds");
+        };
+        let lease = pb::LeaseRef { sweep_id: l.sweep_id, seed: l.seed, fence: l.fence };
+        c.heartbeat(pb::HeartbeatRequest { lease: Some(lease.clone()) }).await?;
+        let metrics: Vec<_> = (1..=epochs)
+            .map(|epoch| pb::EpochMetrics {
+                lease: Some(lease.clone()),
+                epoch,
+                train_loss: 1.0,
+                train_accuracy: 0.5,
+                test_loss: 1.0,
+                test_accuracy: 0.5,
+                lr: 0.1,
+                seconds: 1.0,
+            })
+            .collect();
+        c.stream_epoch_metrics(tokio_stream::iter(metrics)).await?;
+        c.complete_seed(pb::CompleteSeedRequest {
+            lease: Some(lease),
+            worker_id: worker_id.clone(),
+            test_accuracy: 0.5,
+            test_loss: 1.0,
+            train_loss: 1.0,
+            train_accuracy: 0.5,
+            epochs,
+            seconds: 1.0,
+            device: "loadgen".into(),
+            data_fingerprint: "loadgen".into(),
+        })
+        .await?;
+        claims.push(claim);
+    }
+    Ok(claims)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut c = client(&args.coordinator).await?;
+    let sweep = format!(
+        "name = \"loadgen\"\ntask = \"resnet9\"\ndataset = \"loadgen\"\nseeds = \"0..{}\"\n[train]\nepochs = {}\n",
+        args.seeds, args.epochs
+    );
+    c.submit_sweep(pb::SubmitSweepRequest { sweep_toml: sweep }).await?;
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(args.seconds);
+    let tasks: Vec<_> = (0..args.workers)
+        .map(|n| tokio::spawn(simulate(args.coordinator.clone(), n, args.epochs, until)))
+        .collect();
+    let mut claims = Vec::new();
+    for t in tasks {
+        claims.extend(t.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    claims.sort();
+    println!(
+        "{}",
+        serde_json::json!({
+            "workers": args.workers,
+            "epochs": args.epochs,
+            "cycles": claims.len(),
+            "cycles_per_second": claims.len() as f64 / elapsed,
+            "claim_p50_ms": percentile(&claims, 0.5),
+            "claim_p99_ms": percentile(&claims, 0.99),
+        })
+    );
+    Ok(())
+}
