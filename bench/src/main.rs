@@ -39,19 +39,36 @@ async fn client(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
 }
 
 /// One simulated worker: returns the claim latencies of its completed cycles.
-async fn simulate(url: String, n: usize, epochs: u32, until: Instant) -> anyhow::Result<Vec<Duration>> {
+async fn simulate(
+    url: String,
+    n: usize,
+    epochs: u32,
+    until: Instant,
+) -> anyhow::Result<Vec<Duration>> {
     let mut c = client(&url).await?;
     let worker_id = format!("loadgen-{n}");
     let mut claims = Vec::new();
     while Instant::now() < until {
         let started = Instant::now();
-        let reply = c.lease_seed(pb::LeaseSeedRequest { worker_id: worker_id.clone() }).await?.into_inner();
+        let reply = c
+            .lease_seed(pb::LeaseSeedRequest {
+                worker_id: worker_id.clone(),
+            })
+            .await?
+            .into_inner();
         let claim = started.elapsed();
         let Some(pb::lease_seed_response::Outcome::Lease(l)) = reply.outcome else {
             bail!("the sweep ran out of seeds: raise --seeds");
         };
-        let lease = pb::LeaseRef { sweep_id: l.sweep_id, seed: l.seed, fence: l.fence };
-        c.heartbeat(pb::HeartbeatRequest { lease: Some(lease.clone()) }).await?;
+        let lease = pb::LeaseRef {
+            sweep_id: l.sweep_id,
+            seed: l.seed,
+            fence: l.fence,
+        };
+        c.heartbeat(pb::HeartbeatRequest {
+            lease: Some(lease.clone()),
+        })
+        .await?;
         let metrics: Vec<_> = (1..=epochs)
             .map(|epoch| pb::EpochMetrics {
                 lease: Some(lease.clone()),
@@ -99,7 +116,8 @@ async fn main() -> anyhow::Result<()> {
         "name = \"loadgen\"\ntask = \"resnet9\"\ndataset = \"loadgen\"\nseeds = \"0..{}\"\n[train]\nepochs = {}\n",
         args.seeds, args.epochs
     );
-    c.submit_sweep(pb::SubmitSweepRequest { sweep_toml: sweep }).await?;
+    c.submit_sweep(pb::SubmitSweepRequest { sweep_toml: sweep })
+        .await?;
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(args.seconds);
     let tasks: Vec<_> = (0..args.workers)

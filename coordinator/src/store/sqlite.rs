@@ -48,11 +48,14 @@ impl SqliteStore {
         Ok(SqliteStore { pool, clock })
     }
 
-    /// Now plus `later` seconds, as stored: UTC ISO 8601 with milliseconds, which sorts in time order.
+    /// The store's current time: this host's clock plus the clock offset.
+    fn instant(&self) -> SystemTime {
+        SystemTime::now() + Duration::from_secs_f64(self.clock.offset_seconds().max(0.0))
+    }
+
+    /// Now plus `later` seconds, as stored.
     fn at(&self, later: f64) -> String {
-        let t = SystemTime::now()
-            + Duration::from_secs_f64((self.clock.offset_seconds() + later).max(0.0));
-        humantime::format_rfc3339_millis(t).to_string()
+        stamp(self.instant(), later)
     }
 
     fn now(&self) -> String {
@@ -97,6 +100,7 @@ impl SqliteStore {
     async fn end_attempt(
         &self,
         tx: &mut Transaction<'_, Sqlite>,
+        now: SystemTime,
         lease: LeaseRef,
         failures: u32,
         max_attempts: u32,
@@ -113,7 +117,7 @@ impl SqliteStore {
             SeedState::Pending
         };
         let not_before = (counted && state == SeedState::Pending)
-            .then(|| self.at(retry.backoff_seconds(failures, jitter())));
+            .then(|| stamp(now, retry.backoff_seconds(failures, jitter())));
         let sweep = lease.sweep_id.0.to_string();
         sqlx::query(
             "UPDATE seeds SET state = ?3, failures = ?4, not_before = ?5, worker_id = NULL,
@@ -125,7 +129,7 @@ impl SqliteStore {
         .bind(state.as_str())
         .bind(failures as i64)
         .bind(not_before)
-        .bind(self.now())
+        .bind(stamp(now, 0.0))
         .execute(&mut **tx)
         .await?;
         sqlx::query(
@@ -136,12 +140,17 @@ impl SqliteStore {
         .bind(lease.seed)
         .bind(lease.fence)
         .bind(outcome)
-        .bind(self.now())
+        .bind(stamp(now, 0.0))
         .bind(cause)
         .execute(&mut **tx)
         .await?;
         Ok(state)
     }
+}
+
+/// `t` plus `later` seconds as stored: UTC ISO 8601 with milliseconds, which sorts in time order.
+fn stamp(t: SystemTime, later: f64) -> String {
+    humantime::format_rfc3339_millis(t + Duration::from_secs_f64(later.max(0.0))).to_string()
 }
 
 async fn missing(tx: &mut Transaction<'_, Sqlite>, lease: LeaseRef) -> StoreError {
@@ -301,7 +310,10 @@ impl Store for SqliteStore {
 
     async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome> {
         let mut tx = self.pool.begin().await?;
-        let now = self.now();
+        // One instant for the whole claim, as PostgreSQL's now() is one per transaction: a seed
+        // whose lease expires in this claim can be leased by it.
+        let instant = self.instant();
+        let now = stamp(instant, 0.0);
         let expired = sqlx::query(
             "SELECT s.sweep_id, s.seed, s.fence, s.failures, w.max_attempts,
                     w.retry_backoff_seconds, w.retry_backoff_max_seconds
@@ -322,6 +334,7 @@ impl Store for SqliteStore {
             let cause = "lease expired: no heartbeat before its deadline";
             self.end_attempt(
                 &mut tx,
+                instant,
                 lease,
                 failures,
                 max_attempts,
@@ -348,7 +361,7 @@ impl Store for SqliteStore {
              RETURNING sweep_id, seed, fence",
         )
         .bind(worker_id)
-        .bind(self.at(ttl.as_secs_f64()))
+        .bind(stamp(instant, ttl.as_secs_f64()))
         .bind(&now)
         .fetch_optional(&mut *tx)
         .await?;
@@ -556,6 +569,7 @@ impl Store for SqliteStore {
         let state = self
             .end_attempt(
                 &mut tx,
+                self.instant(),
                 lease,
                 row.try_get::<i64, _>("failures")? as u32,
                 row.try_get::<i64, _>("max_attempts")? as u32,
