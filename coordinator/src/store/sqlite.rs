@@ -345,26 +345,36 @@ impl Store for SqliteStore {
             )
             .await?;
         }
-        let claimed = sqlx::query(
-            "UPDATE seeds SET state = 'leased', fence = fence + 1, worker_id = ?1,
-                 lease_expires_at = ?2, not_before = NULL, updated_at = ?3
-             WHERE rowid = (
-                 SELECT s.rowid FROM seeds s
-                 WHERE s.state = 'pending' AND (s.not_before IS NULL OR s.not_before <= ?3)
-                   AND s.sweep_id = (
-                     SELECT w.id FROM sweeps w
-                     WHERE w.state = 'active' AND EXISTS (
-                         SELECT 1 FROM seeds p WHERE p.sweep_id = w.id AND p.state = 'pending'
-                           AND (p.not_before IS NULL OR p.not_before <= ?3))
-                     ORDER BY w.priority DESC, w.seq LIMIT 1)
-                 ORDER BY s.seed LIMIT 1)
-             RETURNING sweep_id, seed, fence",
+        // Active sweeps in service order, then the first one's lowest claimable seed: index
+        // searches only. (Written as one statement with EXISTS, SQLite's planner scanned the
+        // seeds table, ~30 ms per claim per 100,000 seeds.)
+        let sweeps: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM sweeps WHERE state = 'active' ORDER BY priority DESC, seq",
         )
-        .bind(worker_id)
-        .bind(stamp(instant, ttl.as_secs_f64()))
-        .bind(&now)
-        .fetch_optional(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        let mut claimed = None;
+        for sweep in &sweeps {
+            claimed = sqlx::query(
+                "UPDATE seeds SET state = 'leased', fence = fence + 1, worker_id = ?1,
+                     lease_expires_at = ?2, not_before = NULL, updated_at = ?3
+                 WHERE rowid = (
+                     SELECT rowid FROM seeds INDEXED BY seeds_pending
+                     WHERE sweep_id = ?4 AND state = 'pending'
+                       AND (not_before IS NULL OR not_before <= ?3)
+                     ORDER BY seed LIMIT 1)
+                 RETURNING sweep_id, seed, fence",
+            )
+            .bind(worker_id)
+            .bind(stamp(instant, ttl.as_secs_f64()))
+            .bind(&now)
+            .bind(sweep)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if claimed.is_some() {
+                break;
+            }
+        }
         let Some(row) = claimed else {
             let outstanding: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
