@@ -111,6 +111,14 @@ pub async fn extend(url: &str, id: &str, seeds: &str) -> anyhow::Result<String> 
         ..Default::default()
     };
     if seeds.contains("..") {
+        // Validate before contacting anyone, as `submit` does.
+        crate::spec::SeedSet::parse_range(seeds).map_err(|e| {
+            let why = e.to_string();
+            anyhow::anyhow!(
+                "--seeds: {}",
+                why.trim_start_matches("invalid sweep file: ")
+            )
+        })?;
         req.range = seeds.to_string();
     } else {
         req.list = seeds

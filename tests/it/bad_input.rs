@@ -212,3 +212,47 @@ fn a_failed_cifar10_download_hands_the_seed_back_and_says_where_to_put_the_files
         "a failed download left files behind"
     );
 }
+
+#[test]
+fn sweep_control_rejects_bad_ids_seeds_and_transitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("s.db").display());
+    let coordinator = CoordinatorProcess::start(&db, &[]).unwrap();
+    let file = dir.path().join("ok.toml");
+    std::fs::write(&file, GOOD).unwrap();
+    let id = stdout(&coordinator.sweep(&["submit", file.to_str().unwrap()]))
+        .trim()
+        .to_string();
+    let unknown = uuid::Uuid::new_v4().to_string();
+    for cmd in ["pause", "resume", "cancel"] {
+        let out = coordinator.sweep(&[cmd, &unknown]);
+        assert!(
+            !out.status.success() && stderr(&out).contains("no sweep"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    for bad in ["5..5", "a,b", "1,1", "-3..2"] {
+        let out = coordinator.sweep(&["extend", &id, &format!("--seeds={bad}")]);
+        assert!(!out.status.success(), "accepted --seeds {bad}");
+        assert!(stderr(&out).contains("seeds"), "{}", stderr(&out));
+    }
+    let out = coordinator.sweep(&["extend", &id, "--seeds", "2..6"]);
+    assert!(stdout(&out).contains("added 2 seeds"), "{}", stderr(&out));
+    assert!(coordinator.sweep(&["cancel", &id]).status.success());
+    let out = coordinator.sweep(&["resume", &id]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("final"),
+        "{}",
+        stderr(&out)
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&coordinator.sweep(&["status", &id, "--json"]))).unwrap();
+    assert_eq!(
+        (
+            status["total"].as_u64(),
+            status["counts"]["cancelled"].as_u64()
+        ),
+        (Some(6), Some(6))
+    );
+}
