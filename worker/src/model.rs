@@ -77,6 +77,10 @@ mod tests {
 
     #[test]
     fn full_width_matches_the_reference_parameter_count() {
+        // Building a model draws from libtorch's global generator: not while a seed initialises.
+        let _init = crate::train::INIT_LOCK
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let vs = nn::VarStore::new(Device::Cpu);
         let net = resnet9(&vs.root(), 1.0, 10);
         assert_eq!(parameter_count(&vs), 6_573_120);
@@ -89,6 +93,10 @@ mod tests {
 
     #[test]
     fn width_scales_channels() {
+        // Building a model draws from libtorch's global generator: not while a seed initialises.
+        let _init = crate::train::INIT_LOCK
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = resnet9(&vs.root(), 0.25, 10);
         let n = parameter_count(&vs);

@@ -69,8 +69,9 @@ pub fn factor_seed(seed: i64, factor: &str) -> u64 {
 }
 
 /// libtorch initialises weights from its global generator; this lock keeps seeding it and
-/// building a model one atomic step when several seeds train in one process.
-static INIT_LOCK: Mutex<()> = Mutex::new(());
+/// building a model one atomic step when several seeds train in one process. Anything else in the
+/// process that builds a model (or otherwise draws from that generator) must hold it too.
+pub(crate) static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// The learning rate at fractional epoch `t`: linear from 0 to `lr` at `lr_peak_epoch`, then
 /// linear down to 0 at the last epoch.
