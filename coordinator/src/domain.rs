@@ -197,6 +197,20 @@ pub struct SeedCounts {
     pub cancelled: u64,
 }
 
+impl SeedCounts {
+    /// Records that `n` seeds are in `state`.
+    pub fn set(&mut self, state: SeedState, n: u64) {
+        let slot = match state {
+            SeedState::Pending => &mut self.pending,
+            SeedState::Leased => &mut self.leased,
+            SeedState::Done => &mut self.done,
+            SeedState::Failed => &mut self.failed,
+            SeedState::Cancelled => &mut self.cancelled,
+        };
+        *slot = n;
+    }
+}
+
 /// A sweep, its seed counts and the final test accuracy of every finished seed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SweepProgress {

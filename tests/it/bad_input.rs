@@ -5,6 +5,19 @@ use std::process::Command;
 
 const GOOD: &str = "name = \"ok\"\ntask = \"resnet9\"\ndataset = \"synthetic\"\nseeds = \"0..4\"\n[train]\nepochs = 1\n";
 
+/// A coordinator on a fresh SQLite file, with the sweep `text` submitted.
+fn submitted(text: &str) -> (tempfile::TempDir, CoordinatorProcess, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("s.db").display());
+    let coordinator = CoordinatorProcess::start(&db, &[]).unwrap();
+    let file = dir.path().join("sweep.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = coordinator.sweep(&["submit", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    (dir, coordinator, id)
+}
+
 #[test]
 fn malformed_sweep_files_are_rejected_and_nothing_is_created() {
     let dir = tempfile::tempdir().unwrap();
@@ -152,14 +165,7 @@ fn bad_flags_and_database_urls_are_rejected() {
 
 #[test]
 fn a_worker_without_its_dataset_hands_the_seed_back_and_stops() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}", dir.path().join("s.db").display());
-    let coordinator = CoordinatorProcess::start(&db, &[]).unwrap();
-    let file = dir.path().join("ok.toml");
-    std::fs::write(&file, GOOD).unwrap();
-    let id = stdout(&coordinator.sweep(&["submit", file.to_str().unwrap()]))
-        .trim()
-        .to_string();
+    let (dir, coordinator, id) = submitted(GOOD);
     let out = run(&mut seedsweep_tests::worker(
         &coordinator.url,
         &dir.path().join("data"),
@@ -182,14 +188,7 @@ fn a_worker_without_its_dataset_hands_the_seed_back_and_stops() {
 
 #[test]
 fn a_failed_cifar10_download_hands_the_seed_back_and_says_where_to_put_the_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}", dir.path().join("s.db").display());
-    let coordinator = CoordinatorProcess::start(&db, &[]).unwrap();
-    let file = dir.path().join("c.toml");
-    std::fs::write(&file, GOOD.replace("synthetic", "cifar10")).unwrap();
-    let id = stdout(&coordinator.sweep(&["submit", file.to_str().unwrap()]))
-        .trim()
-        .to_string();
+    let (dir, coordinator, id) = submitted(&GOOD.replace("synthetic", "cifar10"));
     // A port nobody listens on: the download fails at once, as it does without internet access.
     let mirror = format!(
         "http://127.0.0.1:{}/cifar-10-binary.tar.gz",
@@ -215,14 +214,7 @@ fn a_failed_cifar10_download_hands_the_seed_back_and_says_where_to_put_the_files
 
 #[test]
 fn sweep_control_rejects_bad_ids_seeds_and_transitions() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}", dir.path().join("s.db").display());
-    let coordinator = CoordinatorProcess::start(&db, &[]).unwrap();
-    let file = dir.path().join("ok.toml");
-    std::fs::write(&file, GOOD).unwrap();
-    let id = stdout(&coordinator.sweep(&["submit", file.to_str().unwrap()]))
-        .trim()
-        .to_string();
+    let (_dir, coordinator, id) = submitted(GOOD);
     let unknown = uuid::Uuid::new_v4().to_string();
     for cmd in ["pause", "resume", "cancel"] {
         let out = coordinator.sweep(&[cmd, &unknown]);

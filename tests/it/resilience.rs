@@ -28,6 +28,18 @@ fn status(c: &CoordinatorProcess, id: &str) -> serde_json::Value {
     serde_json::from_str(&stdout(&c.sweep(&["status", id, "--json"]))).unwrap()
 }
 
+/// Waits until at least `n` epochs of metrics are recorded in `db`.
+fn wait_for_epochs(db: &Path, n: u32) {
+    wait_until(
+        &format!("{n} epochs are recorded"),
+        Duration::from_secs(120),
+        || {
+            let recorded = sqlite_query(db, "SELECT count(*) FROM epoch_metrics");
+            recorded.trim().parse::<u32>().unwrap() >= n
+        },
+    );
+}
+
 fn setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -48,11 +60,7 @@ fn a_stopped_worker_hands_its_seed_back_at_once() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until(
-        "the first epoch is recorded",
-        Duration::from_secs(120),
-        || sqlite_query(&db, "SELECT count(*) FROM epoch_metrics").trim() != "0",
-    );
+    wait_for_epochs(&db, 1);
     signal(&a, "TERM");
     let out = a.wait_with_output().unwrap();
     assert!(
@@ -103,11 +111,7 @@ fn cancelling_a_sweep_stops_its_workers() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until(
-        "the first epoch is recorded",
-        Duration::from_secs(120),
-        || sqlite_query(&db, "SELECT count(*) FROM epoch_metrics").trim() != "0",
-    );
+    wait_for_epochs(&db, 1);
     let out = c.sweep(&["cancel", &id]);
     assert!(out.status.success(), "{}", stderr(&out));
     // 200 epochs would take minutes; the worker must drop the seed and (idle) exit long before.
@@ -144,13 +148,7 @@ fn a_coordinator_crash_loses_nothing() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("two epochs are recorded", Duration::from_secs(120), || {
-        sqlite_query(&db, "SELECT count(*) FROM epoch_metrics")
-            .trim()
-            .parse::<u32>()
-            .unwrap()
-            >= 2
-    });
+    wait_for_epochs(&db, 2);
     c.kill();
     std::thread::sleep(Duration::from_secs(3));
     let c = CoordinatorProcess::start_on(&url, &listen, &[]).unwrap();

@@ -254,14 +254,10 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         for row in rows {
-            let n = u64_from_db(row.try_get("n")?);
-            match state_from_db(row.try_get("state")?)? {
-                SeedState::Pending => counts.pending = n,
-                SeedState::Leased => counts.leased = n,
-                SeedState::Done => counts.done = n,
-                SeedState::Failed => counts.failed = n,
-                SeedState::Cancelled => counts.cancelled = n,
-            }
+            counts.set(
+                state_from_db(row.try_get("state")?)?,
+                u64_from_db(row.try_get("n")?),
+            );
         }
         let accuracies = sqlx::query(
             "SELECT seed, test_accuracy FROM results WHERE sweep_id = ?1 ORDER BY seed",
