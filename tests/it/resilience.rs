@@ -98,6 +98,34 @@ fn a_stopped_worker_hands_its_seed_back_at_once() {
     );
 }
 
+/// A second SIGTERM exits at once (status 130), even while the worker is still trying to hand
+/// its seed back to a coordinator that does not answer (here: stopped with SIGSTOP).
+#[test]
+fn a_second_signal_exits_at_once() {
+    let _heavy = crate::heavy();
+    let (dir, data, db) = setup();
+    let c = CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
+    submit(&c, dir.path(), "[0]", 30);
+    let mut a = worker(&c.url, &data)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_epochs(&db, 1);
+    c.signal("STOP");
+    signal(&a, "TERM");
+    // The hand-back cannot get through: the worker keeps trying (for up to a minute).
+    std::thread::sleep(Duration::from_secs(2));
+    let still_running = a.try_wait().unwrap().is_none();
+    signal(&a, "TERM");
+    let started = std::time::Instant::now();
+    let out = a.wait_with_output().unwrap();
+    c.signal("CONT");
+    assert!(still_running, "the worker exited before the second signal");
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(stderr(&out).contains("second signal"), "{}", stderr(&out));
+}
+
 /// Cancelling a sweep stops the worker holding its seed at its next heartbeat.
 #[test]
 fn cancelling_a_sweep_stops_its_workers() {

@@ -289,6 +289,11 @@ impl CoordinatorProcess {
         })
     }
 
+    /// Sends a signal (`STOP`, `CONT`, ...) to the coordinator process.
+    pub fn signal(&self, name: &str) {
+        signal(&self.child, name);
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("coordinator.log")).unwrap_or_default()
     }
