@@ -5,7 +5,25 @@
 //!   linker would drop it and the binary would never see a GPU. When the libtorch lib folder has
 //!   libtorch_cuda, force it in with `--no-as-needed`. torch-sys reports that folder as
 //!   DEP_TCH_LIBTORCH_LIB to crates that depend on it directly, which is why this crate does.
-use std::path::PathBuf;
+//! - `csrc/shim.cpp`, compiled against the same libtorch: the switches tch does not expose.
+use std::path::{Path, PathBuf};
+
+fn compile_shim(lib: &Path) {
+    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let root = lib.parent().expect("the libtorch lib folder has a parent");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .file("csrc/shim.cpp")
+        .compile("seedsweep_shim");
+}
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -18,6 +36,7 @@ fn main() {
     if cfg!(target_os = "linux") || cfg!(target_os = "macos") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     }
+    compile_shim(&lib);
     for cuda in ["torch_cuda", "torch_cuda_cu", "torch_cuda_cpp"] {
         if lib.join(format!("lib{cuda}.so")).exists() {
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-l{cuda},--as-needed");

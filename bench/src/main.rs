@@ -75,8 +75,8 @@ async fn simulate(
                 epoch,
                 train_loss: 1.0,
                 train_accuracy: 0.5,
-                test_loss: 1.0,
-                test_accuracy: 0.5,
+                test_loss: Some(1.0),
+                test_accuracy: Some(0.5),
                 lr: 0.1,
                 seconds: 1.0,
             })
@@ -93,6 +93,8 @@ async fn simulate(
             seconds: 1.0,
             device: "loadgen".into(),
             data_fingerprint: "loadgen".into(),
+            precision: "fp32".into(),
+            deterministic: true,
         })
         .await?;
         claims.push(claim);

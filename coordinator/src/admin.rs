@@ -193,18 +193,39 @@ pub async fn results(url: &str, id: &str, json: bool) -> anyhow::Result<String> 
             .map(|r| serde_json::json!({"seed": r.seed, "test_accuracy": r.test_accuracy, "test_loss": r.test_loss,
                 "train_loss": r.train_loss, "train_accuracy": r.train_accuracy, "epochs": r.epochs,
                 "seconds": r.seconds, "worker_id": r.worker_id, "device": r.device,
-                "data_fingerprint": r.data_fingerprint, "finished_at": r.finished_at}))
+                "data_fingerprint": r.data_fingerprint, "finished_at": r.finished_at,
+                "precision": r.precision, "deterministic": r.deterministic,
+                "init_seed": r.factors.map(|f| f.init), "order_seed": r.factors.map(|f| f.order),
+                "augment_seed": r.factors.map(|f| f.augment)}))
             .collect();
         return Ok(serde_json::to_string_pretty(&v)?);
     }
     let mut out = format!(
-        "{:>8}  {:>9}  {:>9}  {:>10}  {:>6}  {:>8}  {}\n",
-        "SEED", "TEST_ACC", "TEST_LOSS", "TRAIN_LOSS", "EPOCHS", "SECONDS", "WORKER"
+        "{:>8}  {:>9}  {:>9}  {:>10}  {:>6}  {:>8}  {:>20}  {}\n",
+        "SEED",
+        "TEST_ACC",
+        "TEST_LOSS",
+        "TRAIN_LOSS",
+        "EPOCHS",
+        "SECONDS",
+        "INIT/ORDER/AUGMENT",
+        "WORKER"
     );
     for r in rows {
+        let factors = r
+            .factors
+            .map(|f| format!("{}/{}/{}", f.init, f.order, f.augment))
+            .unwrap_or_default();
         out += &format!(
-            "{:>8}  {:>9.4}  {:>9.4}  {:>10.4}  {:>6}  {:>8.1}  {}\n",
-            r.seed, r.test_accuracy, r.test_loss, r.train_loss, r.epochs, r.seconds, r.worker_id
+            "{:>8}  {:>9.4}  {:>9.4}  {:>10.4}  {:>6}  {:>8.1}  {:>20}  {}\n",
+            r.seed,
+            r.test_accuracy,
+            r.test_loss,
+            r.train_loss,
+            r.epochs,
+            r.seconds,
+            factors,
+            r.worker_id
         );
     }
     Ok(out)

@@ -1,7 +1,7 @@
 //! Domain types shared by the store and the service layer. Proto types never get past the
 //! service layer; SQL never gets past the store.
 
-use crate::spec::TrainSettings;
+use crate::spec::{FactorSeeds, TrainSettings};
 use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
@@ -128,6 +128,8 @@ pub struct Lease {
     pub task: String,
     pub dataset: String,
     pub train: TrainSettings,
+    pub factors: FactorSeeds,
+    pub seed_namespace: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -152,8 +154,9 @@ pub struct EpochRecord {
     pub epoch: u32,
     pub train_loss: f64,
     pub train_accuracy: f64,
-    pub test_loss: f64,
-    pub test_accuracy: f64,
+    /// Absent for an epoch without an evaluation.
+    pub test_loss: Option<f64>,
+    pub test_accuracy: Option<f64>,
     pub lr: f64,
     pub seconds: f64,
 }
@@ -171,6 +174,11 @@ pub struct SeedResult {
     pub worker_id: String,
     pub device: String,
     pub data_fingerprint: String,
+    /// The precision used and whether the run repeats bit for bit, as the worker reports them.
+    pub precision: String,
+    pub deterministic: bool,
+    /// Set by the store when recorded, from the seed's row.
+    pub factors: Option<FactorSeeds>,
     /// Set by the store when recorded.
     pub finished_at: String,
 }

@@ -130,8 +130,11 @@ fn epoch_record(m: &pb::EpochMetrics) -> Result<EpochRecord, Status> {
         epoch: m.epoch,
         train_loss: finite("train_loss", m.train_loss)?,
         train_accuracy: fraction("train_accuracy", m.train_accuracy)?,
-        test_loss: finite("test_loss", m.test_loss)?,
-        test_accuracy: fraction("test_accuracy", m.test_accuracy)?,
+        test_loss: m.test_loss.map(|v| finite("test_loss", v)).transpose()?,
+        test_accuracy: m
+            .test_accuracy
+            .map(|v| fraction("test_accuracy", v))
+            .transpose()?,
         lr: non_negative("lr", m.lr)?,
         seconds: non_negative("seconds", m.seconds)?,
     })
@@ -164,6 +167,24 @@ fn train_pb(t: &crate::spec::TrainSettings) -> pb::TrainConfig {
         label_smoothing: t.label_smoothing,
         crop_padding: t.crop_padding,
         flip: t.flip,
+        model: t.model.as_str().to_string(),
+        schedule: t.schedule.as_str().to_string(),
+        smoothed_loss_weight: t.smoothed_loss_weight,
+        smoothed_loss_epsilon: t.smoothed_loss_epsilon,
+        cutout: t.cutout,
+        precision: t.precision.as_str().to_string(),
+        channels_last: t.channels_last,
+        deterministic: t.deterministic,
+        eval_every: t.eval_every,
+        checkpoint_every: t.checkpoint_every,
+    }
+}
+
+fn factors_pb(f: &crate::spec::FactorSeeds) -> pb::FactorSeeds {
+    pb::FactorSeeds {
+        init: f.init,
+        order: f.order,
+        augment: f.augment,
     }
 }
 
@@ -243,6 +264,9 @@ impl Coordinator for CoordinatorService {
                     device: r.device,
                     data_fingerprint: r.data_fingerprint,
                     finished_at: r.finished_at,
+                    factors: r.factors.as_ref().map(factors_pb),
+                    precision: r.precision,
+                    deterministic: r.deterministic,
                 })
                 .collect(),
         }))
@@ -310,6 +334,8 @@ impl Coordinator for CoordinatorService {
                     dataset: l.dataset,
                     train: Some(train_pb(&l.train)),
                     lease_ttl_seconds: self.lease_ttl.as_secs().max(1) as u32,
+                    factors: Some(factors_pb(&l.factors)),
+                    seed_namespace: l.seed_namespace,
                 })
             }
             ClaimOutcome::Empty { outstanding } => {
@@ -346,7 +372,7 @@ impl Coordinator for CoordinatorService {
                 .record_epoch(lease, &record)
                 .await
                 .map_err(status)?;
-            tracing::debug!(%lease, epoch = record.epoch, test_accuracy = record.test_accuracy, "epoch recorded");
+            tracing::debug!(%lease, epoch = record.epoch, test_accuracy = ?record.test_accuracy, "epoch recorded");
             received += 1;
         }
         Ok(Response::new(pb::StreamEpochMetricsResponse { received }))
@@ -372,6 +398,16 @@ impl Coordinator for CoordinatorService {
             worker_id: worker_id(&r.worker_id)?.to_string(),
             device: label("device", &r.device)?,
             data_fingerprint: label("data_fingerprint", &r.data_fingerprint)?,
+            precision: match r.precision.as_str() {
+                p @ ("fp32" | "fp16" | "bf16") => p.to_string(),
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "precision = \"{other}\": must be \"fp32\", \"fp16\" or \"bf16\""
+                    )));
+                }
+            },
+            deterministic: r.deterministic,
+            factors: None,
             finished_at: String::new(),
         };
         let outcome = self.store.complete(lease, &result).await.map_err(status)?;

@@ -108,10 +108,128 @@ impl SeedSet {
     }
 }
 
-/// How each seed is trained. Defaults follow Page's DAWNBench ResNet-9 recipe.
+/// The network a run trains (see the worker's `model` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Model {
+    /// Page's DAWNBench ResNet-9, 6,573,120 parameters.
+    Resnet9,
+    /// The skinnier ResNet-9 with CELU of Picard's seed study, 2,440,256 parameters.
+    Resnet9Skinny,
+}
+
+/// The learning-rate schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Per step, linear from 0 to `lr` at `lr_peak_epoch`, then linear to 0 at the last epoch.
+    Linear,
+    /// Picard's per-epoch multiplier of `lr`: 0.5 e/3 + 0.01 for epoch e < 4 (from 0), then
+    /// 0.5 (22 - e)/19 + 0.01, held at 0.01 from epoch 22 on.
+    Picard,
+}
+
+/// Arithmetic on CUDA devices; a CPU always trains in fp32 (results record what was used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl Model {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Model::Resnet9 => "resnet9",
+            Model::Resnet9Skinny => "resnet9-skinny",
+        }
+    }
+}
+
+impl Schedule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Schedule::Linear => "linear",
+            Schedule::Picard => "picard",
+        }
+    }
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The named recipes a sweep file selects with `recipe = "..."`; its `[train]` table overrides
+/// any of their settings. Settings a recipe does not name take the defaults of
+/// [`TrainSettings`].
+pub const RECIPES: [&str; 3] = ["dawnbench", "paper-short", "paper-long"];
+
+/// Page's DAWNBench ResNet-9: 94% on CIFAR-10 in 24 epochs (lr peaks at 5/24 of the epochs).
+const DAWNBENCH: &str = r#"
+model = "resnet9"
+epochs = 24
+batch_size = 512
+lr = 0.4
+schedule = "linear"
+momentum = 0.9
+nesterov = true
+weight_decay = 5e-4
+label_smoothing = 0.0
+crop_padding = 4
+flip = true
+cutout = 8
+precision = "fp16"
+channels_last = true
+"#;
+
+/// Picard's short run (davidpicard/deepseed), used for the 10^4-seed scan.
+const PAPER_SHORT: &str = r#"
+model = "resnet9-skinny"
+epochs = 22
+batch_size = 500
+lr = 0.2
+schedule = "picard"
+momentum = 0.9
+nesterov = true
+weight_decay = 1e-3
+label_smoothing = 0.0
+smoothed_loss_weight = 2.0
+smoothed_loss_epsilon = 0.2
+crop_padding = 4
+flip = true
+cutout = 8
+precision = "fp16"
+channels_last = true
+"#;
+
+fn recipe(name: &str) -> Option<toml::Table> {
+    let (text, epochs) = match name {
+        "dawnbench" => (DAWNBENCH, None),
+        "paper-short" => (PAPER_SHORT, None),
+        // The same at 45 epochs; the Picard schedule holds its multiplier at 0.01 after epoch 22.
+        "paper-long" => (PAPER_SHORT, Some(45)),
+        _ => return None,
+    };
+    let mut table: toml::Table = toml::from_str(text).expect("the recipes are valid TOML");
+    if let Some(e) = epochs {
+        table.insert("epochs".into(), toml::Value::Integer(e));
+    }
+    Some(table)
+}
+
+/// How each seed is trained: a recipe's settings with the sweep file's `[train]` over them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSettings {
+    #[serde(default = "defaults::model")]
+    pub model: Model,
     #[serde(default = "defaults::epochs")]
     pub epochs: u32,
     #[serde(default = "defaults::batch_size")]
@@ -119,9 +237,11 @@ pub struct TrainSettings {
     /// Channel multiplier: 1.0 is the full 6,573,120-parameter network.
     #[serde(default = "defaults::width")]
     pub width: f64,
-    /// Peak learning rate of the piecewise-linear schedule 0 -> lr (at `lr_peak_epoch`) -> 0.
+    /// Peak learning rate (the `linear` schedule) or base learning rate (`picard`).
     #[serde(default = "defaults::lr")]
     pub lr: f64,
+    #[serde(default = "defaults::schedule")]
+    pub schedule: Schedule,
     /// Where the schedule peaks; when absent, 5/24 of `epochs` (Page's 5 of 24). Always set after
     /// [`SweepSpec::parse`].
     #[serde(default)]
@@ -132,17 +252,61 @@ pub struct TrainSettings {
     pub nesterov: bool,
     #[serde(default = "defaults::weight_decay")]
     pub weight_decay: f64,
+    /// Label smoothing of the cross-entropy loss.
     #[serde(default)]
     pub label_smoothing: f64,
+    /// The loss adds this many times a second cross-entropy, with `smoothed_loss_epsilon` label
+    /// smoothing (Picard: CE + 2 x CE with smoothing 0.2).
+    #[serde(default)]
+    pub smoothed_loss_weight: f64,
+    #[serde(default = "defaults::smoothed_loss_epsilon")]
+    pub smoothed_loss_epsilon: f64,
     /// Random-crop padding in pixels (0 turns cropping off).
     #[serde(default = "defaults::crop_padding")]
     pub crop_padding: u32,
     /// Random horizontal flip.
     #[serde(default = "defaults::flip")]
     pub flip: bool,
+    /// Side in pixels of the square cut out of each training image at a random place (0: off).
+    #[serde(default)]
+    pub cutout: u32,
+    /// Mixed precision on CUDA: "fp32", "fp16" (autocast with loss scaling; BatchNorm stays
+    /// fp32) or "bf16".
+    #[serde(default = "defaults::precision")]
+    pub precision: Precision,
+    /// The channels_last memory format on CUDA.
+    #[serde(default)]
+    pub channels_last: bool,
+    /// Deterministic algorithms on CUDA (cuDNN deterministic, no autotuning): exact repeats at
+    /// some cost in speed. CPU training is always deterministic.
+    #[serde(default)]
+    pub deterministic: bool,
+    /// Evaluate on the test set every this many epochs; the last epoch is always evaluated.
+    #[serde(default = "defaults::eval_every")]
+    pub eval_every: u32,
+    /// Save a checkpoint every this many epochs to the worker's `--checkpoint-dir` (0: never);
+    /// a seed whose lease is lost resumes from it on any worker with the same folder.
+    #[serde(default)]
+    pub checkpoint_every: u32,
 }
 
 mod defaults {
+    use super::{Model, Precision, Schedule};
+    pub fn model() -> Model {
+        Model::Resnet9
+    }
+    pub fn schedule() -> Schedule {
+        Schedule::Linear
+    }
+    pub fn precision() -> Precision {
+        Precision::Fp32
+    }
+    pub fn smoothed_loss_epsilon() -> f64 {
+        0.2
+    }
+    pub fn eval_every() -> u32 {
+        1
+    }
     pub fn epochs() -> u32 {
         24
     }
@@ -256,7 +420,125 @@ impl TrainSettings {
                 self.crop_padding
             ));
         }
+        finite("smoothed_loss_weight", self.smoothed_loss_weight)?;
+        if !(0.0..=100.0).contains(&self.smoothed_loss_weight) {
+            return invalid(format!(
+                "`train.smoothed_loss_weight` = {}: must be in [0, 100]",
+                self.smoothed_loss_weight
+            ));
+        }
+        finite("smoothed_loss_epsilon", self.smoothed_loss_epsilon)?;
+        if !(0.0..1.0).contains(&self.smoothed_loss_epsilon) {
+            return invalid(format!(
+                "`train.smoothed_loss_epsilon` = {}: must be in [0, 1)",
+                self.smoothed_loss_epsilon
+            ));
+        }
+        if self.cutout > 32 {
+            return invalid(format!(
+                "`train.cutout` = {}: at most 32 pixels (the image side)",
+                self.cutout
+            ));
+        }
+        if self.eval_every == 0 {
+            return invalid("`train.eval_every` = 0: give 1 to evaluate after every epoch");
+        }
         Ok(())
+    }
+}
+
+/// A source of randomness that a sweep can vary on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Factor {
+    /// The initial weights.
+    Init,
+    /// The order of the training data.
+    Order,
+    /// The augmentation draws (crops, flips, cutout).
+    Augment,
+}
+
+impl Factor {
+    pub const ALL: [Factor; 3] = [Factor::Init, Factor::Order, Factor::Augment];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Factor::Init => "init",
+            Factor::Order => "order",
+            Factor::Augment => "augment",
+        }
+    }
+
+    fn parse(key: &str, text: &str) -> Result<Factor, SpecError> {
+        Factor::ALL
+            .into_iter()
+            .find(|f| f.as_str() == text)
+            .ok_or_else(|| {
+                SpecError(format!(
+                    "`{key}` names `{text}`, not a seed factor: use \"init\", \"order\" or \"augment\""
+                ))
+            })
+    }
+}
+
+/// The seed of each factor for one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FactorSeeds {
+    pub init: i64,
+    pub order: i64,
+    pub augment: i64,
+}
+
+/// How a sweep's runs map to factor seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Design {
+    /// A run's seed is the seed of each factor in `vary`; the others stay at `base_seed`.
+    Vary { vary: Vec<Factor>, base_seed: i64 },
+    /// Every combination of the listed factors' seeds (the others at `base_seed`); run `i`
+    /// (0-based) is combination `i` with the last factor changing fastest.
+    Crossed {
+        levels: Vec<(Factor, Vec<i64>)>,
+        base_seed: i64,
+    },
+}
+
+impl Design {
+    /// The factor seeds of run `seed`.
+    pub fn factors(&self, seed: i64) -> FactorSeeds {
+        let (base, set): (i64, Vec<(Factor, i64)>) = match self {
+            Design::Vary { vary, base_seed } => {
+                (*base_seed, vary.iter().map(|f| (*f, seed)).collect())
+            }
+            Design::Crossed { levels, base_seed } => {
+                let mut rest = seed;
+                let mut set = Vec::with_capacity(levels.len());
+                for (f, values) in levels.iter().rev() {
+                    let n = values.len() as i64;
+                    set.push((*f, values[(rest % n) as usize]));
+                    rest /= n;
+                }
+                (*base_seed, set)
+            }
+        };
+        let mut out = FactorSeeds {
+            init: base,
+            order: base,
+            augment: base,
+        };
+        for (f, v) in set {
+            match f {
+                Factor::Init => out.init = v,
+                Factor::Order => out.order = v,
+                Factor::Augment => out.augment = v,
+            }
+        }
+        out
+    }
+
+    pub fn is_crossed(&self) -> bool {
+        matches!(self, Design::Crossed { .. })
     }
 }
 
@@ -272,7 +554,14 @@ pub struct SweepSpec {
     pub retry: RetrySettings,
     /// Higher-priority sweeps are served first; within a priority, older sweeps first.
     pub priority: i32,
+    /// The recipe `train` started from.
+    pub recipe: String,
     pub train: TrainSettings,
+    pub design: Design,
+    /// Part of every generator's derivation: runs of sweeps with the same namespace and factor
+    /// seeds draw the same random numbers (pairing a baseline with a variant); another namespace
+    /// gives independent draws. Empty by default.
+    pub seed_namespace: String,
 }
 
 /// A failed attempt's seed waits `base * 2^(failures - 1)`, at most `max`, times a random factor in
@@ -302,14 +591,20 @@ struct RawSweep {
     name: String,
     task: String,
     dataset: String,
-    seeds: RawSeeds,
+    seeds: Option<RawSeeds>,
+    recipe: Option<String>,
+    vary: Option<Vec<String>>,
+    base_seed: Option<i64>,
+    crossed: Option<toml::Table>,
+    #[serde(default)]
+    seed_namespace: String,
     max_attempts: Option<u32>,
     #[serde(default)]
     priority: i32,
     retry_backoff_seconds: Option<f64>,
     retry_backoff_max_seconds: Option<f64>,
     #[serde(default)]
-    train: TrainSettings,
+    train: toml::Table,
 }
 
 #[derive(Deserialize)]
@@ -335,7 +630,7 @@ impl SweepSpec {
                 ));
             }
         };
-        let dataset = raw.dataset;
+        let dataset = raw.dataset.clone();
         if dataset.is_empty()
             || dataset.len() > 64
             || !dataset
@@ -347,10 +642,10 @@ impl SweepSpec {
                 "`dataset` = \"{dataset}\": a dataset name is 1 to 64 letters, digits, '-' or '_' (e.g. \"cifar10\" or \"synthetic\")"
             ));
         }
-        let seeds = match raw.seeds {
-            RawSeeds::Range(r) => SeedSet::parse_range(&r)?,
-            RawSeeds::List(l) => SeedSet::from_list(l)?,
-        };
+        let (seeds, design) = design(&raw)?;
+        if raw.seed_namespace.len() > 200 || raw.seed_namespace.chars().any(char::is_control) {
+            return invalid("`seed_namespace` must be at most 200 printable characters");
+        }
         let max_attempts = raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
         if max_attempts == 0 || max_attempts > 100 {
             return invalid(format!(
@@ -385,7 +680,17 @@ impl SweepSpec {
                 raw.priority
             ));
         }
-        let mut train = raw.train;
+        let recipe_name = raw.recipe.clone().unwrap_or_else(|| "dawnbench".into());
+        let Some(mut table) = recipe(&recipe_name) else {
+            return invalid(format!(
+                "`recipe` = \"{recipe_name}\" is not a known recipe: use one of {}",
+                RECIPES.map(|r| format!("\"{r}\"")).join(", ")
+            ));
+        };
+        table.extend(raw.train.clone());
+        let mut train: TrainSettings = table.try_into().map_err(|e: toml::de::Error| {
+            SpecError(format!("in [train]: {}", e.message().trim_end()))
+        })?;
         train.validate()?;
         train.lr_peak_epoch = Some(train.peak_epoch());
         Ok(SweepSpec {
@@ -396,7 +701,10 @@ impl SweepSpec {
             max_attempts,
             retry,
             priority: raw.priority,
+            recipe: recipe_name,
             train,
+            design,
+            seed_namespace: raw.seed_namespace,
         })
     }
 
@@ -409,6 +717,9 @@ impl SweepSpec {
             "seeds": self.seeds_description(),
             "max_attempts": self.max_attempts,
             "priority": self.priority,
+            "recipe": self.recipe,
+            "design": self.design,
+            "seed_namespace": self.seed_namespace,
             "retry_backoff_seconds": self.retry.base_seconds,
             "retry_backoff_max_seconds": self.retry.max_seconds,
             "train": self.train,
@@ -422,6 +733,87 @@ impl SweepSpec {
             serde_json::Value::String(format!("{}..{}", s[0], s[s.len() - 1] + 1))
         } else {
             serde_json::json!(s)
+        }
+    }
+}
+
+/// The runs and their design: `seeds` with `vary` (default: every factor), or `[crossed]`.
+fn design(raw: &RawSweep) -> Result<(SeedSet, Design), SpecError> {
+    let base_seed = raw.base_seed.unwrap_or(0);
+    if base_seed < 0 {
+        return invalid(format!(
+            "`base_seed` = {base_seed}: seeds must be non-negative"
+        ));
+    }
+    match (&raw.seeds, &raw.crossed) {
+        (Some(_), Some(_)) => invalid(
+            "give either `seeds` (one run per seed) or a `[crossed]` table (every combination of factor seeds), not both",
+        ),
+        (None, None) => invalid(
+            "missing `seeds`: give a range such as \"0..100\", a list of integers, or a `[crossed]` table",
+        ),
+        (Some(seeds), None) => {
+            let seeds = match seeds {
+                RawSeeds::Range(r) => SeedSet::parse_range(r)?,
+                RawSeeds::List(l) => SeedSet::from_list(l.clone())?,
+            };
+            let mut vary = match &raw.vary {
+                None => Factor::ALL.to_vec(),
+                Some(names) => names
+                    .iter()
+                    .map(|n| Factor::parse("vary", n))
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            vary.sort();
+            vary.dedup();
+            if vary.is_empty() {
+                return invalid(
+                    "`vary` is empty: every run would be the same; name at least one factor",
+                );
+            }
+            Ok((seeds, Design::Vary { vary, base_seed }))
+        }
+        (None, Some(table)) => {
+            if raw.vary.is_some() {
+                return invalid(
+                    "`vary` does not apply to a `[crossed]` design: the factors it lists vary",
+                );
+            }
+            let mut levels = Vec::new();
+            for (key, value) in table {
+                let factor = Factor::parse(&format!("crossed.{key}"), key)?;
+                let values = match value.clone().try_into::<RawSeeds>() {
+                    Ok(RawSeeds::Range(r)) => SeedSet::parse_range(&r),
+                    Ok(RawSeeds::List(l)) => SeedSet::from_list(l),
+                    Err(_) => invalid("not a range or a list"),
+                }
+                .map_err(|e| {
+                    SpecError(format!(
+                        "`crossed.{key}`: {}",
+                        e.0.replace("`seeds`", "the seeds")
+                    ))
+                })?;
+                levels.push((factor, values.0));
+            }
+            levels.sort_by_key(|(f, _)| *f);
+            if levels.len() < 2 {
+                return invalid(
+                    "`[crossed]` needs at least two factors (for one, use `seeds` with `vary`)",
+                );
+            }
+            let runs = levels
+                .iter()
+                .try_fold(1u64, |acc, (_, v)| acc.checked_mul(v.len() as u64))
+                .filter(|n| *n <= MAX_SEEDS)
+                .ok_or_else(|| {
+                    SpecError(format!(
+                        "`[crossed]` makes more than {MAX_SEEDS} runs; one sweep holds at most that"
+                    ))
+                })?;
+            Ok((
+                SeedSet((0..runs as i64).collect()),
+                Design::Crossed { levels, base_seed },
+            ))
         }
     }
 }
@@ -528,6 +920,100 @@ width = 0.25
             err(&OK.replace("name = \"t\"", "name = \"t\"\npriority = 5000"))
                 .contains("`priority`")
         );
+    }
+
+    #[test]
+    fn recipes_fill_settings_and_train_overrides_them() {
+        let s = SweepSpec::parse(OK).unwrap();
+        assert_eq!(s.recipe, "dawnbench");
+        assert_eq!((s.train.model, s.train.cutout), (Model::Resnet9, 8));
+        let short =
+            SweepSpec::parse(&OK.replace("[train]", "recipe = \"paper-short\"\n[train]")).unwrap();
+        assert_eq!(short.train.model, Model::Resnet9Skinny);
+        assert_eq!(short.train.schedule, Schedule::Picard);
+        assert_eq!(short.train.batch_size, 64, "[train] overrides the recipe");
+        assert_eq!(short.train.epochs, 2);
+        assert_eq!(
+            (
+                short.train.lr,
+                short.train.weight_decay,
+                short.train.smoothed_loss_weight
+            ),
+            (0.2, 1e-3, 2.0)
+        );
+        let long = SweepSpec::parse(
+            "name = \"l\"\ntask = \"resnet9\"\ndataset = \"d\"\nseeds = \"0..2\"\nrecipe = \"paper-long\"\n",
+        )
+        .unwrap();
+        assert_eq!((long.train.epochs, long.train.batch_size), (45, 500));
+        assert_eq!(long.train.precision, Precision::Fp16);
+        assert!(err(&OK.replace("[train]", "recipe = \"fast\"\n[train]")).contains("`recipe`"));
+        assert!(err(&OK.replace("epochs = 2", "epochs = 2\nmodel = \"vgg\"")).contains("vgg"));
+        assert!(
+            err(&OK.replace("epochs = 2", "epochs = 2\ncutout = 40")).contains("`train.cutout`")
+        );
+        assert!(
+            err(&OK.replace("epochs = 2", "epochs = 2\neval_every = 0")).contains("eval_every")
+        );
+    }
+
+    #[test]
+    fn vary_pins_the_other_factors() {
+        let s =
+            SweepSpec::parse(&OK.replace("[train]", "vary = [\"init\"]\nbase_seed = 7\n[train]"))
+                .unwrap();
+        assert_eq!(
+            s.design.factors(3),
+            FactorSeeds {
+                init: 3,
+                order: 7,
+                augment: 7
+            }
+        );
+        let all = SweepSpec::parse(OK).unwrap();
+        assert_eq!(
+            all.design.factors(3),
+            FactorSeeds {
+                init: 3,
+                order: 3,
+                augment: 3
+            }
+        );
+        assert!(err(&OK.replace("[train]", "vary = [\"dropout\"]\n[train]")).contains("dropout"));
+        assert!(err(&OK.replace("[train]", "vary = []\n[train]")).contains("`vary`"));
+    }
+
+    #[test]
+    fn crossed_designs_enumerate_every_combination() {
+        let text = "name = \"x\"\ntask = \"resnet9\"\ndataset = \"d\"\nbase_seed = 9\n\
+                    [crossed]\norder = [5, 6, 7]\ninit = \"0..2\"\n";
+        let s = SweepSpec::parse(text).unwrap();
+        assert_eq!(s.seeds.as_slice(), &[0, 1, 2, 3, 4, 5]);
+        let runs: Vec<(i64, i64, i64)> = (0..6)
+            .map(|i| {
+                let f = s.design.factors(i);
+                (f.init, f.order, f.augment)
+            })
+            .collect();
+        assert_eq!(
+            runs,
+            vec![
+                (0, 5, 9),
+                (0, 6, 9),
+                (0, 7, 9),
+                (1, 5, 9),
+                (1, 6, 9),
+                (1, 7, 9)
+            ]
+        );
+        assert!(s.design.is_crossed());
+        assert!(
+            err(&text.replace("[crossed]", "seeds = \"0..3\"\n[crossed]")).contains("not both")
+        );
+        assert!(err(&text.replace("init = \"0..2\"\n", "")).contains("at least two"));
+        assert!(err(&text.replace("init =", "split =")).contains("split"));
+        assert!(err(&text.replace("[5, 6, 7]", "[5, 5]")).contains("`crossed.order`"));
+        assert!(err(&text.replace("[crossed]", "vary = [\"init\"]\n[crossed]")).contains("`vary`"));
     }
 
     #[test]

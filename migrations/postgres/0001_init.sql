@@ -29,6 +29,10 @@ CREATE TABLE seeds (
     seed             BIGINT NOT NULL CHECK (seed >= 0),
     state            TEXT NOT NULL DEFAULT 'pending'
                      CHECK (state IN ('pending', 'leased', 'done', 'failed', 'cancelled')),
+    -- The seed of each source of randomness for this run (see README, "Seed factors").
+    init_seed        BIGINT NOT NULL CHECK (init_seed >= 0),
+    order_seed       BIGINT NOT NULL CHECK (order_seed >= 0),
+    augment_seed     BIGINT NOT NULL CHECK (augment_seed >= 0),
     -- Grows by one with each lease; every worker write names it.
     fence            BIGINT NOT NULL DEFAULT 0,
     -- Attempts that ended badly (reported failures and expired leases).
@@ -73,6 +77,13 @@ CREATE TABLE results (
     worker_id        TEXT NOT NULL,
     device           TEXT NOT NULL,
     data_fingerprint TEXT NOT NULL,
+    -- The run's factor seeds, copied from seeds.
+    init_seed        BIGINT NOT NULL,
+    order_seed       BIGINT NOT NULL,
+    augment_seed     BIGINT NOT NULL,
+    -- The arithmetic used ('fp32' on a CPU) and whether the run repeats bit for bit.
+    precision        TEXT NOT NULL CHECK (precision IN ('fp32', 'fp16', 'bf16')),
+    deterministic    BOOLEAN NOT NULL,
     finished_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (sweep_id, seed),
     FOREIGN KEY (sweep_id, seed) REFERENCES seeds (sweep_id, seed) ON DELETE CASCADE
@@ -86,8 +97,9 @@ CREATE TABLE epoch_metrics (
     fence          BIGINT NOT NULL,
     train_loss     DOUBLE PRECISION NOT NULL,
     train_accuracy DOUBLE PRECISION NOT NULL,
-    test_loss      DOUBLE PRECISION NOT NULL,
-    test_accuracy  DOUBLE PRECISION NOT NULL,
+    -- NULL for an epoch without an evaluation (the sweep's eval_every).
+    test_loss      DOUBLE PRECISION,
+    test_accuracy  DOUBLE PRECISION,
     lr             DOUBLE PRECISION NOT NULL,
     seconds        DOUBLE PRECISION NOT NULL,
     recorded_at    TIMESTAMPTZ NOT NULL DEFAULT now(),

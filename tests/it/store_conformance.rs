@@ -37,8 +37,8 @@ fn epoch(n: u32) -> EpochRecord {
         epoch: n,
         train_loss: 1.0 / n as f64,
         train_accuracy: 0.5,
-        test_loss: 1.0,
-        test_accuracy: 0.5,
+        test_loss: Some(1.0),
+        test_accuracy: Some(0.5),
         lr: 0.1,
         seconds: 1.0,
     }
@@ -56,6 +56,9 @@ fn result(seed: i64, acc: f64) -> SeedResult {
         worker_id: "w".into(),
         device: "cpu".into(),
         data_fingerprint: "sha256:00".into(),
+        precision: "fp32".into(),
+        deterministic: true,
+        factors: None,
         finished_at: String::new(),
     }
 }

@@ -72,6 +72,11 @@ pub struct Dataset {
     pub fingerprint: String,
 }
 
+// SAFETY: a Dataset's tensors are written once, when it is loaded, and only read afterwards
+// (shallow clones, copies to a device, index_select), which libtorch allows from several threads
+// at once; tch marks Tensor Send but not Sync only because it cannot know that.
+unsafe impl Sync for Dataset {}
+
 pub fn dataset_dir(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join(name).join(BATCH_DIR)
 }

@@ -1,10 +1,13 @@
 //! seedsweep's worker: leases seeds from the coordinator and trains them with libtorch.
 //!
 //! - [`data`]: datasets in the CIFAR-10 binary layout, the synthetic generator, the CIFAR-10 download;
-//! - [`model`]: ResNet-9; [`train`]: one seed's training, every random draw derived from the seed;
+//! - [`model`]: the ResNet-9s; [`train`]: one run's training, every random draw derived from its seeds;
+//! - [`checkpoint`]: save and resume a run; [`shim`]: libtorch switches tch lacks (C++);
 //! - [`runner`]: the lease / heartbeat / stream / report loop.
 
+pub mod checkpoint;
 pub mod data;
 pub mod model;
 pub mod runner;
+pub mod shim;
 pub mod train;

@@ -56,6 +56,14 @@ struct RunArgs {
     /// Exit (status 0) after this many seeds.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_seeds: Option<u64>,
+    /// Seeds to train at once on the device, each with its own lease (fills a large GPU with a
+    /// small network). On a CPU, --threads is shared by the slots.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    slots: u64,
+    /// Folder for checkpoints of sweeps that set `checkpoint_every` (shared storage on a cluster,
+    /// so that a seed whose lease was lost resumes on any worker).
+    #[arg(long, env = "SEEDSWEEP_CHECKPOINT_DIR", value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
     /// Seconds to keep trying to reach the coordinator at start before giving up.
     #[arg(long, default_value_t = 30)]
     connect_timeout: u64,
@@ -99,6 +107,12 @@ enum DatasetKind {
 }
 
 fn main() {
+    // cuBLAS needs this before it starts for deterministic results (sweeps with
+    // `deterministic = true`); it costs a few MiB of GPU memory.
+    if std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8") };
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -184,6 +198,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         idle_poll: Duration::from_secs(2),
         max_seeds: args.max_seeds,
         lease_patience: Duration::from_secs(60),
+        slots: args.slots as usize,
+        checkpoint_dir: args.checkpoint_dir,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

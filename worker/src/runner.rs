@@ -1,15 +1,17 @@
 //! The worker loop: lease a seed, train it while heartbeating, stream each epoch's metrics, report
 //! the result, repeat. The worker never touches the database; it speaks only gRPC.
 
+use crate::checkpoint::CheckpointStore;
 use crate::data::{self, DataError, Dataset};
-use crate::train::{self, EpochMetrics, TrainConfig, TrainError};
+use crate::model::Arch;
+use crate::train::{self, EpochMetrics, Precision, Run, Schedule, Seeds, TrainConfig, TrainError};
 use anyhow::{Context, bail};
 use seedsweep_proto::v1 as pb;
 use seedsweep_proto::v1::coordinator_client::CoordinatorClient;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tch::Device;
 use tokio::sync::mpsc;
@@ -35,6 +37,11 @@ pub struct WorkerSettings {
     pub max_seeds: Option<u64>,
     /// How long to keep retrying a report while the coordinator is unreachable.
     pub lease_patience: Duration,
+    /// Seeds trained at once on the device, each with its own lease.
+    pub slots: usize,
+    /// Where runs save checkpoints (sweeps with `checkpoint_every`), shared by the workers that
+    /// should be able to resume each other's seeds.
+    pub checkpoint_dir: Option<PathBuf>,
 }
 
 pub fn device_label(device: Device) -> String {
@@ -47,20 +54,49 @@ pub fn device_label(device: Device) -> String {
 pub struct Worker {
     settings: WorkerSettings,
     client: CoordinatorClient<Channel>,
-    /// Datasets loaded so far, by name. Tensors are not Sync, so a dataset is moved into the
-    /// training thread and back rather than shared.
-    datasets: HashMap<String, Dataset>,
-    /// Set by SIGINT/SIGTERM: stop training, hand the seed back, exit.
+    /// Datasets loaded so far, by name, shared by the slots.
+    datasets: tokio::sync::Mutex<HashMap<String, Arc<Dataset>>>,
+    /// Set by SIGINT/SIGTERM: stop training, hand the seeds back, exit.
     shutdown: Arc<AtomicBool>,
+    /// Leases taken so far (for `--max-seeds`).
+    leases: AtomicU64,
 }
 
 /// How one lease ended, from the worker's side.
+#[derive(Debug, PartialEq)]
 enum LeaseEnd {
     Finished,
     /// The coordinator no longer considers this worker the holder; drop the seed and move on.
     Lost,
     /// Shutdown was requested; the seed was handed back.
     ShutDown,
+}
+
+/// A lease this worker holds, heartbeated from the moment it was granted.
+struct Held {
+    lease: pb::Lease,
+    lref: pb::LeaseRef,
+    /// Set to stop training: by the heartbeat when the lease is lost, or on shutdown.
+    stop: Arc<AtomicBool>,
+    /// Set by the heartbeat when the coordinator refused it.
+    lost: Arc<AtomicBool>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+/// What asking for a lease gave.
+enum Asked {
+    Lease(Held),
+    NoWork {
+        outstanding: u64,
+    },
+    /// `--max-seeds` leases were taken already.
+    Enough,
 }
 
 impl Worker {
@@ -87,66 +123,171 @@ impl Worker {
                 Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         };
-        tracing::info!(coordinator = %url, worker = %settings.worker_id, device = %device_label(settings.device), "worker connected");
+        tracing::info!(coordinator = %url, worker = %settings.worker_id, device = %device_label(settings.device), slots = settings.slots, "worker connected");
         Ok(Worker {
             settings,
             client: CoordinatorClient::new(channel),
-            datasets: HashMap::new(),
+            datasets: tokio::sync::Mutex::new(HashMap::new()),
             shutdown,
+            leases: AtomicU64::new(0),
         })
     }
 
-    pub async fn run(mut self) -> anyhow::Result<()> {
-        let mut leases = 0u64;
+    /// Runs `--slots` lease loops until there is no more work (with `--exit-when-idle`), the
+    /// seeds asked for are done, or shutdown. A fatal error in one slot stops the others (their
+    /// seeds are handed back) and is returned.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let me = Arc::new(self);
+        let mut slots = tokio::task::JoinSet::new();
+        for slot in 0..me.settings.slots.max(1) {
+            let w = me.clone();
+            slots.spawn(async move { w.slot(slot).await });
+        }
+        let mut first_error = None;
+        while let Some(done) = slots.join_next().await {
+            let outcome = done.context("a slot panicked").and_then(|r| r);
+            if let Err(e) = outcome
+                && first_error.is_none()
+            {
+                me.shutdown.store(true, Ordering::Relaxed);
+                first_error = Some(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// One slot: lease, train, report, repeat; the next lease is fetched as the last epoch starts.
+    async fn slot(self: Arc<Self>, slot: usize) -> anyhow::Result<()> {
+        let mut next: Option<Held> = None;
         let mut delay = Duration::from_millis(500);
         loop {
             if self.shutdown.load(Ordering::Relaxed) {
+                if let Some(held) = next.take() {
+                    self.hand_back(held).await?;
+                }
                 return Ok(());
             }
-            if self.settings.max_seeds.is_some_and(|max| leases >= max) {
-                tracing::info!(leases, "done the seeds asked for (--max-seeds); exiting");
-                return Ok(());
-            }
-            let request = pb::LeaseSeedRequest {
-                worker_id: self.settings.worker_id.clone(),
-            };
-            let reply = match self.client.lease_seed(request).await {
-                Ok(r) => r.into_inner(),
-                Err(s) if is_transient(&s) => {
-                    // The coordinator is down or restarting: wait for it, as long as it takes.
-                    tracing::warn!(error = s.message(), "coordinator unreachable; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                    continue;
-                }
-                Err(s) => bail!("the coordinator refused a lease: {}", s.message()),
-            };
-            delay = Duration::from_millis(500);
-            match reply.outcome {
-                Some(pb::lease_seed_response::Outcome::Lease(lease)) => {
-                    leases += 1;
-                    match self.run_lease(lease).await? {
-                        LeaseEnd::Finished | LeaseEnd::Lost => {}
-                        LeaseEnd::ShutDown => return Ok(()),
-                    }
-                }
-                Some(pb::lease_seed_response::Outcome::NoWork(w)) => {
-                    if self.settings.exit_when_idle && w.outstanding == 0 {
-                        tracing::info!("no seed left to lease; exiting (--exit-when-idle)");
+            let held = match next.take() {
+                Some(h) => h,
+                None => match self.ask().await {
+                    Ok(Asked::Lease(h)) => h,
+                    Ok(Asked::Enough) => {
+                        tracing::info!(slot, "done the seeds asked for (--max-seeds)");
                         return Ok(());
                     }
-                    tracing::debug!(outstanding = w.outstanding, "nothing to lease yet");
-                    tokio::time::sleep(self.settings.idle_poll).await;
+                    Ok(Asked::NoWork { outstanding }) => {
+                        if self.settings.exit_when_idle && outstanding == 0 {
+                            tracing::info!(
+                                slot,
+                                "no seed left to lease; exiting (--exit-when-idle)"
+                            );
+                            return Ok(());
+                        }
+                        tracing::debug!(outstanding, "nothing to lease yet");
+                        tokio::time::sleep(self.settings.idle_poll).await;
+                        continue;
+                    }
+                    Err(s) if is_transient(&s) => {
+                        // The coordinator is down or restarting: wait for it, as long as it takes.
+                        tracing::warn!(error = s.message(), "coordinator unreachable; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                    Err(s) => bail!("the coordinator refused a lease: {}", s.message()),
+                },
+            };
+            delay = Duration::from_millis(500);
+            let (end, prefetched) = self.run_lease(held).await?;
+            next = prefetched;
+            if end == LeaseEnd::ShutDown {
+                if let Some(held) = next.take() {
+                    self.hand_back(held).await?;
                 }
-                None => bail!("the coordinator sent an empty lease reply"),
+                return Ok(());
             }
         }
     }
 
-    /// Takes dataset `name` out of the cache, loading (or, for cifar10, downloading) it if needed.
-    async fn take_dataset(&mut self, name: &str) -> Result<Dataset, DataError> {
-        if let Some(d) = self.datasets.remove(name) {
-            return Ok(d);
+    /// Asks the coordinator for a lease once; a granted lease is heartbeated from now on.
+    async fn ask(&self) -> Result<Asked, Status> {
+        if let Some(max) = self.settings.max_seeds
+            && self.leases.fetch_add(1, Ordering::SeqCst) >= max
+        {
+            self.leases.fetch_sub(1, Ordering::SeqCst);
+            return Ok(Asked::Enough);
+        }
+        let request = pb::LeaseSeedRequest {
+            worker_id: self.settings.worker_id.clone(),
+        };
+        let reply = self.client.clone().lease_seed(request).await;
+        let outcome = reply.map(|r| r.into_inner().outcome);
+        let give_ticket_back = || {
+            if self.settings.max_seeds.is_some() {
+                self.leases.fetch_sub(1, Ordering::SeqCst);
+            }
+        };
+        match outcome {
+            Ok(Some(pb::lease_seed_response::Outcome::Lease(lease))) => {
+                Ok(Asked::Lease(self.hold(lease)))
+            }
+            Ok(Some(pb::lease_seed_response::Outcome::NoWork(w))) => {
+                give_ticket_back();
+                Ok(Asked::NoWork {
+                    outstanding: w.outstanding,
+                })
+            }
+            Ok(None) => {
+                give_ticket_back();
+                Err(Status::internal(
+                    "the coordinator sent an empty lease reply",
+                ))
+            }
+            Err(s) => {
+                give_ticket_back();
+                Err(s)
+            }
+        }
+    }
+
+    fn hold(&self, lease: pb::Lease) -> Held {
+        let lref = pb::LeaseRef {
+            sweep_id: lease.sweep_id.clone(),
+            seed: lease.seed,
+            fence: lease.fence,
+        };
+        tracing::info!(sweep = %lease.sweep_id, seed = lease.seed, fence = lease.fence, "leased");
+        let stop = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(AtomicBool::new(false));
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            self.client.clone(),
+            lref.clone(),
+            Duration::from_secs_f64((lease.lease_ttl_seconds as f64 / 3.0).max(1.0)),
+            stop.clone(),
+            lost.clone(),
+            self.shutdown.clone(),
+        ));
+        Held {
+            lease,
+            lref,
+            stop,
+            lost,
+            heartbeat,
+        }
+    }
+
+    /// Hands an untrained lease back (shutdown): not counted as an attempt.
+    async fn hand_back(&self, held: Held) -> anyhow::Result<()> {
+        self.fail(&held.lref, "worker shut down", false).await?;
+        tracing::info!(seed = held.lref.seed, "handed a prefetched seed back");
+        Ok(())
+    }
+
+    /// Dataset `name`, loading (or, for cifar10, downloading) it if needed.
+    async fn dataset(&self, name: &str) -> Result<Arc<Dataset>, DataError> {
+        let mut cache = self.datasets.lock().await;
+        if let Some(d) = cache.get(name) {
+            return Ok(d.clone());
         }
         let dir = self.settings.data_dir.clone();
         let url = self.settings.cifar10_url.clone();
@@ -164,23 +305,17 @@ impl Worker {
             path: self.settings.data_dir.clone(),
             source: std::io::Error::other(e),
         })?;
-        let d = loaded?;
+        let d = Arc::new(loaded?);
         tracing::info!(dataset = name, train = d.train.len(), test = d.test.len(), fingerprint = %d.fingerprint, "dataset loaded");
+        cache.insert(name.to_string(), d.clone());
         Ok(d)
     }
 
-    async fn run_lease(&mut self, lease: pb::Lease) -> anyhow::Result<LeaseEnd> {
-        let lref = pb::LeaseRef {
-            sweep_id: lease.sweep_id.clone(),
-            seed: lease.seed,
-            fence: lease.fence,
-        };
-        tracing::info!(sweep = %lease.sweep_id, seed = lease.seed, fence = lease.fence, "leased");
-        let Some(cfg) = lease.train.as_ref().map(train_config) else {
-            self.fail(&lref, "the lease carried no train settings", true)
-                .await?;
-            return Ok(LeaseEnd::Finished);
-        };
+    /// Trains a held lease and reports how it ended; returns the next lease too if one was
+    /// fetched while this one trained.
+    async fn run_lease(self: &Arc<Self>, held: Held) -> anyhow::Result<(LeaseEnd, Option<Held>)> {
+        let lref = held.lref.clone();
+        let lease = &held.lease;
         if lease.task != "resnet9" {
             let cause = format!(
                 "this worker cannot run task `{}` (it runs: resnet9)",
@@ -189,7 +324,20 @@ impl Worker {
             self.fail(&lref, &cause, false).await?;
             bail!("{cause}; upgrade the worker");
         }
-        let data = match self.take_dataset(&lease.dataset).await {
+        let cfg = match lease.train.as_ref().map(train_config) {
+            Some(Ok(cfg)) => cfg,
+            Some(Err(problem)) => {
+                let cause = format!("this worker cannot train these settings: {problem}");
+                self.fail(&lref, &cause, false).await?;
+                bail!("{cause}; upgrade the worker");
+            }
+            None => {
+                self.fail(&lref, "the lease carried no train settings", true)
+                    .await?;
+                return Ok((LeaseEnd::Finished, None));
+            }
+        };
+        let data = match self.dataset(&lease.dataset).await {
             Ok(d) => d,
             Err(e) => {
                 // A problem of this host, not of the seed: hand it back without using an attempt,
@@ -203,40 +351,75 @@ impl Worker {
                 bail!("{e}");
             }
         };
+        let factors = lease.factors.unwrap_or(pb::FactorSeeds {
+            init: lease.seed,
+            order: lease.seed,
+            augment: lease.seed,
+        });
+        let seeds = Seeds::derive(
+            &lease.seed_namespace,
+            factors.init,
+            factors.order,
+            factors.augment,
+        );
+        let checkpoints = match (&self.settings.checkpoint_dir, cfg.checkpoint_every) {
+            (Some(dir), every) if every > 0 => {
+                let key = format!("{cfg:?}|{seeds:?}|{}", data.fingerprint);
+                let key = hex_sha256(key.as_bytes());
+                Some(CheckpointStore::new(dir, &lease.sweep_id, lease.seed, &key))
+            }
+            _ => None,
+        };
+        let checkpoint_dir = checkpoints.as_ref().map(|c| c.dir().to_path_buf());
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let lost = Arc::new(AtomicBool::new(false));
-        let heartbeat = tokio::spawn(heartbeat_loop(
-            self.client.clone(),
-            lref.clone(),
-            Duration::from_secs_f64((lease.lease_ttl_seconds as f64 / 3.0).max(1.0)),
-            stop.clone(),
-            lost.clone(),
-            self.shutdown.clone(),
-        ));
         let patience = Duration::from_secs(lease.lease_ttl_seconds.max(1) as u64);
         let (tx, rx) = mpsc::channel::<pb::EpochMetrics>(1024);
         let stream = tokio::spawn(ship_metrics(self.client.clone(), rx, patience));
+        // Fetch the next lease as the last epoch starts, so the slot never waits for one.
+        let (prefetch_tx, prefetch_rx) = tokio::sync::oneshot::channel::<()>();
+        let me = self.clone();
+        let prefetch = tokio::spawn(async move {
+            if prefetch_rx.await.is_err() || me.shutdown.load(Ordering::Relaxed) {
+                return None;
+            }
+            match me.ask().await {
+                Ok(Asked::Lease(h)) => Some(h),
+                _ => None,
+            }
+        });
 
         let started = Instant::now();
-        let (device, seed) = (self.settings.device, lease.seed);
-        let (stop_t, lref_t) = (stop.clone(), lref.clone());
-        let (data, trained) = tokio::task::spawn_blocking(move || {
-            let trained = train::train(&data, &cfg, seed, device, &stop_t, |m: &EpochMetrics| {
+        let device = self.settings.device;
+        let (stop_t, lref_t, data_t) = (held.stop.clone(), lref.clone(), data.clone());
+        let epochs = cfg.epochs;
+        let trained = tokio::task::spawn_blocking(move || {
+            let mut prefetch_tx = Some(prefetch_tx);
+            if epochs <= 1 {
+                prefetch_tx.take().map(|t| t.send(()));
+            }
+            let run = Run {
+                seeds,
+                device,
+                stop: &stop_t,
+                checkpoints,
+            };
+            train::train(&data_t, &cfg, &run, |m: &EpochMetrics| {
                 if tx.blocking_send(epoch_pb(&lref_t, m)).is_err() {
                     // The coordinator closed the stream (a stale lease): stop training.
                     stop_t.store(true, Ordering::Relaxed);
                 }
-            });
-            (data, trained)
+                if m.epoch + 1 >= epochs {
+                    prefetch_tx.take().map(|t| t.send(()));
+                }
+            })
         })
         .await
         .context("the training thread panicked")?;
-        let fingerprint = data.fingerprint.clone();
-        self.datasets.insert(lease.dataset.clone(), data);
         let seconds = started.elapsed().as_secs_f64();
         let streamed = stream.await.context("the metrics stream task panicked")?;
-        heartbeat.abort();
+        let next = prefetch.await.context("the prefetch task panicked")?;
+        held.heartbeat.abort();
+        let seed = lref.seed;
 
         if let Err(status) = &streamed
             && is_lost(status)
@@ -246,25 +429,31 @@ impl Worker {
                 reason = status.message(),
                 "lease lost while streaming metrics; dropping the seed"
             );
-            return Ok(LeaseEnd::Lost);
+            return Ok((LeaseEnd::Lost, next));
         }
-        match trained {
-            Ok(history) => {
+        let end = match trained {
+            Ok(t) => {
                 streamed.map_err(|s| {
                     anyhow::anyhow!("streaming epoch metrics failed: {}", s.message())
                 })?;
-                let last = history.last().context("training ran no epoch")?;
+                let last = t.history.last().context("training ran no epoch")?;
+                let (Some(test_accuracy), Some(test_loss)) = (last.test_accuracy, last.test_loss)
+                else {
+                    bail!("the last epoch of seed {seed} was not evaluated");
+                };
                 let req = pb::CompleteSeedRequest {
                     lease: Some(lref.clone()),
                     worker_id: self.settings.worker_id.clone(),
-                    test_accuracy: last.test_accuracy,
-                    test_loss: last.test_loss,
+                    test_accuracy,
+                    test_loss,
                     train_loss: last.train_loss,
                     train_accuracy: last.train_accuracy,
-                    epochs: history.len() as u32,
+                    epochs: t.history.len() as u32,
                     seconds,
                     device: device_label(device),
-                    data_fingerprint: fingerprint,
+                    data_fingerprint: data.fingerprint.clone(),
+                    precision: t.precision.as_str().to_string(),
+                    deterministic: t.deterministic,
                 };
                 match with_retries(patience, || {
                     let mut c = self.client.clone();
@@ -276,15 +465,22 @@ impl Worker {
                     Ok(_) => {
                         tracing::info!(
                             seed,
-                            test_accuracy = last.test_accuracy,
+                            test_accuracy,
                             seconds,
+                            resumed_from = t.resumed_from,
                             "seed finished"
                         );
-                        Ok(LeaseEnd::Finished)
+                        if let Some(dir) = checkpoint_dir
+                            && let Err(e) = std::fs::remove_dir_all(&dir)
+                            && e.kind() != std::io::ErrorKind::NotFound
+                        {
+                            tracing::warn!(path = %dir.display(), error = %e, "could not remove a checkpoint");
+                        }
+                        LeaseEnd::Finished
                     }
                     Err(s) if is_lost(&s) => {
                         tracing::warn!(seed, reason = s.message(), "result refused: lease lost");
-                        Ok(LeaseEnd::Lost)
+                        LeaseEnd::Lost
                     }
                     Err(s) => bail!(
                         "failed to report the result of seed {seed}: {}",
@@ -292,21 +488,22 @@ impl Worker {
                     ),
                 }
             }
-            Err(TrainError::Cancelled) if lost.load(Ordering::Relaxed) => {
+            Err(TrainError::Cancelled) if held.lost.load(Ordering::Relaxed) => {
                 tracing::warn!(seed, "lease lost during training; dropping the seed");
-                Ok(LeaseEnd::Lost)
+                LeaseEnd::Lost
             }
             Err(TrainError::Cancelled) => {
                 self.fail(&lref, "worker shut down", false).await?;
                 tracing::info!(seed, "handed the seed back; shutting down");
-                Ok(LeaseEnd::ShutDown)
+                LeaseEnd::ShutDown
             }
             Err(e) => {
                 let state = self.fail(&lref, &e.to_string(), true).await?;
                 tracing::warn!(seed, error = %e, state, "seed failed");
-                Ok(LeaseEnd::Finished)
+                LeaseEnd::Finished
             }
-        }
+        };
+        Ok((end, next))
     }
 
     /// Reports a failed or abandoned attempt; returns the seed's new state.
@@ -338,6 +535,14 @@ impl Worker {
             ),
         }
     }
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Statuses that mean this worker no longer holds the lease.
@@ -497,20 +702,56 @@ async fn wait_for(flag: &AtomicBool) {
     }
 }
 
-fn train_config(t: &pb::TrainConfig) -> TrainConfig {
-    TrainConfig {
+/// The worker's training settings from a lease's; names this worker does not know are an error.
+fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
+    let arch = Arch::parse(&t.model).ok_or_else(|| {
+        format!(
+            "unknown model `{}` (this worker knows resnet9, resnet9-skinny)",
+            t.model
+        )
+    })?;
+    let schedule = match t.schedule.as_str() {
+        "linear" => Schedule::Linear,
+        "picard" => Schedule::Picard,
+        other => {
+            return Err(format!(
+                "unknown schedule `{other}` (this worker knows linear, picard)"
+            ));
+        }
+    };
+    let precision = match t.precision.as_str() {
+        "fp32" => Precision::Fp32,
+        "fp16" => Precision::Fp16,
+        "bf16" => Precision::Bf16,
+        other => {
+            return Err(format!(
+                "unknown precision `{other}` (this worker knows fp32, fp16, bf16)"
+            ));
+        }
+    };
+    Ok(TrainConfig {
+        arch,
         epochs: t.epochs,
         batch_size: t.batch_size,
         width: t.width,
         lr: t.lr,
+        schedule,
         lr_peak_epoch: t.lr_peak_epoch,
         momentum: t.momentum,
         nesterov: t.nesterov,
         weight_decay: t.weight_decay,
         label_smoothing: t.label_smoothing,
+        smoothed_loss_weight: t.smoothed_loss_weight,
+        smoothed_loss_epsilon: t.smoothed_loss_epsilon,
         crop_padding: t.crop_padding,
         flip: t.flip,
-    }
+        cutout: t.cutout,
+        precision,
+        channels_last: t.channels_last,
+        deterministic: t.deterministic,
+        eval_every: t.eval_every.max(1),
+        checkpoint_every: t.checkpoint_every,
+    })
 }
 
 fn epoch_pb(lease: &pb::LeaseRef, m: &EpochMetrics) -> pb::EpochMetrics {

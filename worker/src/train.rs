@@ -1,17 +1,26 @@
-//! Trains one seed of ResNet-9. The seed fixes everything random, through generators derived from
-//! it for each factor: the initial weights (`init`), the data order (`order`) and the augmentation
-//! (`augment`). Nothing draws from an unseeded source, so on the CPU the same seed gives the same
-//! numbers bit for bit.
+//! Trains one seed of ResNet-9. Each source of randomness has its own generator, seeded from the
+//! run's factor seeds ([`Seeds`]): the initial weights (`init`), the data order (`order`) and the
+//! augmentation (`augment`). Nothing draws from an unseeded source, so on the CPU the same seeds
+//! give the same numbers bit for bit, whatever else runs in the process.
+//!
+//! The pipeline stays on the training device: the training set is uploaded once as uint8, and each
+//! epoch's random draws (the order, and per image a crop offset, a flip and a cutout position) are
+//! made on the host in one go and uploaded as one set of tensors. Each step then only launches
+//! kernels: gather the batch, normalise, crop, flip, cut out, forward, backward, update.
+
+use crate::checkpoint::{Checkpoint, CheckpointStore};
 
 use crate::data::{Dataset, Split};
-use crate::model;
+use crate::model::{self, Arch};
+use crate::shim;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Reduction, Tensor};
 
 /// CIFAR-10 channel statistics (as in the reference recipes), applied to every dataset.
@@ -19,32 +28,116 @@ const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
 const STD: [f32; 3] = [0.2023, 0.1994, 0.2010];
 const EVAL_BATCH: i64 = 1000;
 
-/// How to train; mirrors the sweep file's `[train]` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Piecewise linear 0 -> `lr` at `peak_epoch` -> 0 at the last epoch, per step (Page).
+    Linear,
+    /// Picard's multiplier, per epoch e (from 0): 0.5 e / 3 + 0.01 for e < 4, then
+    /// 0.5 (22 - e) / 19 + 0.01 down to 0.01 at epoch 22, then 0.01.
+    Picard,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    /// CUDA autocast to float16 (BatchNorm stays float32), with dynamic loss scaling.
+    Fp16,
+    /// CUDA autocast to bfloat16 (BatchNorm stays float32).
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// How to train; mirrors the sweep file's `[train]` table after its recipe is applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
+    pub arch: Arch,
     pub epochs: u32,
     pub batch_size: u32,
     pub width: f64,
     pub lr: f64,
+    pub schedule: Schedule,
     pub lr_peak_epoch: f64,
     pub momentum: f64,
     pub nesterov: bool,
     pub weight_decay: f64,
     pub label_smoothing: f64,
+    /// The loss adds this many times a cross-entropy with `smoothed_loss_epsilon` label smoothing.
+    pub smoothed_loss_weight: f64,
+    pub smoothed_loss_epsilon: f64,
     pub crop_padding: u32,
     pub flip: bool,
+    /// Side of the square cut out of each training image (0: none).
+    pub cutout: u32,
+    /// Mixed precision on CUDA; the CPU always trains in fp32.
+    pub precision: Precision,
+    /// channels_last memory format on CUDA.
+    pub channels_last: bool,
+    /// Deterministic algorithms on CUDA (cuDNN deterministic, no autotuning).
+    pub deterministic: bool,
+    /// Evaluate on the test set every this many epochs (and always after the last).
+    pub eval_every: u32,
+    /// Save a checkpoint every this many epochs (0: never).
+    pub checkpoint_every: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The 64-bit generator seed of each source of randomness for one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seeds {
+    pub init: u64,
+    pub order: u64,
+    pub augment: u64,
+}
+
+impl Seeds {
+    /// Generator seeds from factor seeds: each factor's generator is derived from (namespace,
+    /// factor, that factor's seed), so changing one factor never perturbs the others.
+    pub fn derive(namespace: &str, init: i64, order: i64, augment: i64) -> Seeds {
+        Seeds {
+            init: factor_seed(namespace, "init", init),
+            order: factor_seed(namespace, "order", order),
+            augment: factor_seed(namespace, "augment", augment),
+        }
+    }
+
+    /// All factors from one seed, in the default namespace.
+    pub fn single(seed: i64) -> Seeds {
+        Seeds::derive("", seed, seed, seed)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: u32,
     pub train_loss: f64,
     pub train_accuracy: f64,
-    pub test_loss: f64,
-    pub test_accuracy: f64,
+    /// Absent for epochs without an evaluation (see `eval_every`).
+    pub test_loss: Option<f64>,
+    pub test_accuracy: Option<f64>,
     /// The learning rate at the epoch's last step.
     pub lr: f64,
     pub seconds: f64,
+}
+
+/// What the training produced, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trained {
+    pub history: Vec<EpochMetrics>,
+    /// The precision actually used (fp32 on the CPU whatever was asked).
+    pub precision: Precision,
+    /// Whether the numbers are reproducible bit for bit: always on the CPU; on CUDA when
+    /// `deterministic` was set.
+    pub deterministic: bool,
+    /// The epoch a checkpoint resumed from (0: trained from scratch).
+    pub resumed_from: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +148,21 @@ pub enum TrainError {
     Cancelled,
     #[error("libtorch error: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("{0}")]
+    Device(String),
+    #[error("cannot resume from the checkpoint: {0}")]
+    Checkpoint(String),
 }
 
-/// A 64-bit seed for one source of randomness, derived from the run's seed. Changing how one factor
-/// is drawn never perturbs the others.
-pub fn factor_seed(seed: i64, factor: &str) -> u64 {
-    let digest = Sha256::digest(format!("seedsweep/v1/{factor}/{seed}"));
+/// A 64-bit seed for one source of randomness. The default namespace keeps the derivation of
+/// earlier versions, so a seed's numbers do not change.
+pub fn factor_seed(namespace: &str, factor: &str, seed: i64) -> u64 {
+    let text = if namespace.is_empty() {
+        format!("seedsweep/v1/{factor}/{seed}")
+    } else {
+        format!("seedsweep/v1/{namespace}/{factor}/{seed}")
+    };
+    let digest = Sha256::digest(text);
     u64::from_le_bytes(
         digest[..8]
             .try_into()
@@ -73,92 +175,403 @@ pub fn factor_seed(seed: i64, factor: &str) -> u64 {
 /// process that builds a model (or otherwise draws from that generator) must hold it too.
 pub(crate) static INIT_LOCK: Mutex<()> = Mutex::new(());
 
-/// The learning rate at fractional epoch `t`: linear from 0 to `lr` at `lr_peak_epoch`, then
-/// linear down to 0 at the last epoch.
-pub fn learning_rate(cfg: &TrainConfig, t: f64) -> f64 {
-    let (peak, end) = (cfg.lr_peak_epoch, cfg.epochs as f64);
-    let factor = if t < peak {
-        t / peak
-    } else if end > peak {
-        (end - t) / (end - peak)
-    } else {
-        1.0
-    };
-    cfg.lr * factor.clamp(0.0, 1.0)
+/// The learning rate during step `step` (from 0) of `steps` in epoch `epoch` (from 1).
+pub fn learning_rate(cfg: &TrainConfig, epoch: u32, step: i64, steps: i64) -> f64 {
+    match cfg.schedule {
+        Schedule::Linear => {
+            let t = (epoch - 1) as f64 + (step + 1) as f64 / steps as f64;
+            let (peak, end) = (cfg.lr_peak_epoch, cfg.epochs as f64);
+            let factor = if t < peak {
+                t / peak
+            } else if end > peak {
+                (end - t) / (end - peak)
+            } else {
+                1.0
+            };
+            cfg.lr * factor.clamp(0.0, 1.0)
+        }
+        Schedule::Picard => {
+            let e = (epoch - 1) as f64;
+            let m = if e < 4.0 {
+                0.5 * e / 3.0 + 0.01
+            } else if e < 22.0 {
+                0.5 * (22.0 - e) / 19.0 + 0.01
+            } else {
+                0.01
+            };
+            cfg.lr * m
+        }
+    }
 }
 
-/// Trains `seed` and calls `on_epoch` as each epoch ends. Checks `stop` between steps.
+/// SGD with momentum, Nesterov and weight decay as `torch.optim.SGD` (dampening 0), with its
+/// momentum buffers in the open so that checkpoints can save them.
+struct Sgd {
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<Tensor>,
+    momentum: f64,
+    nesterov: bool,
+    weight_decay: f64,
+}
+
+impl Sgd {
+    fn new(vs: &nn::VarStore, cfg: &TrainConfig) -> Sgd {
+        let mut params: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let buffers = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        Sgd {
+            params,
+            buffers,
+            momentum: cfg.momentum,
+            nesterov: cfg.nesterov,
+            weight_decay: cfg.weight_decay,
+        }
+    }
+
+    fn zero_grad(&mut self) {
+        for (_, p) in &mut self.params {
+            p.zero_grad();
+        }
+    }
+
+    /// One update with learning rate `lr`. With `skip` (a 0/1 scalar tensor from the loss scaler)
+    /// the update is computed but not applied, without a host synchronisation.
+    fn step(&mut self, lr: f64, skip: Option<&Tensor>) {
+        tch::no_grad(|| {
+            for ((_, p), buf) in self.params.iter_mut().zip(&mut self.buffers) {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let d = if self.weight_decay != 0.0 {
+                    &g + &*p * self.weight_decay
+                } else {
+                    g
+                };
+                let new_buf = &*buf * self.momentum + &d;
+                let update = if self.nesterov {
+                    d + &new_buf * self.momentum
+                } else {
+                    new_buf.shallow_clone()
+                };
+                match skip {
+                    None => {
+                        buf.copy_(&new_buf);
+                        *p -= update * lr;
+                    }
+                    Some(skip) => {
+                        buf.copy_(&buf.where_self(skip, &new_buf));
+                        let stepped = &*p - update * lr;
+                        p.copy_(&p.where_self(skip, &stepped));
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Dynamic loss scaling for float16 (as `torch.amp.GradScaler`): multiply the loss by the scale,
+/// unscale the gradients, skip the step and halve the scale when any gradient is not finite,
+/// double it after 2000 good steps. Runs on the device without synchronising.
+struct LossScaler {
+    scale: Tensor,
+    growth_tracker: Tensor,
+}
+
+impl LossScaler {
+    fn new(device: Device) -> LossScaler {
+        LossScaler {
+            scale: Tensor::full([1], 65536.0, (Kind::Float, device)),
+            growth_tracker: Tensor::zeros([1], (Kind::Int, device)),
+        }
+    }
+
+    fn scaled(&self, loss: &Tensor) -> Tensor {
+        loss * &self.scale
+    }
+
+    /// Unscales the gradients; returns the 0/1 "skip this step" flag (as bool).
+    fn unscale(&mut self, sgd: &mut Sgd) -> Result<Tensor, TrainError> {
+        let mut found_inf = Tensor::zeros([1], (Kind::Float, self.scale.device()));
+        let inv_scale = self.scale.reciprocal();
+        for (_, p) in &mut sgd.params {
+            let mut g = p.grad();
+            if g.defined() {
+                g.f_internal_amp_non_finite_check_and_unscale(&mut found_inf, &inv_scale)?;
+            }
+        }
+        let _ = self.scale.f_internal_amp_update_scale_(
+            &self.growth_tracker,
+            &found_inf,
+            2.0,
+            0.5,
+            2000,
+        )?;
+        Ok(found_inf.gt(0.0))
+    }
+}
+
+/// Per-image random draws for one epoch, uploaded once.
+struct EpochDraws {
+    order: Tensor,
+    crop_y: Tensor,
+    crop_x: Tensor,
+    flip: Tensor,
+    cut_y: Tensor,
+    cut_x: Tensor,
+}
+
+impl EpochDraws {
+    /// Draws the epoch's order (Fisher-Yates with the order generator) and, for each position of
+    /// it, a crop offset, a flip and a cutout position from the augmentation generator.
+    fn draw(
+        n: i64,
+        cfg: &TrainConfig,
+        order_rng: &mut ChaCha8Rng,
+        augment_rng: &mut ChaCha8Rng,
+        device: Device,
+    ) -> EpochDraws {
+        let mut order: Vec<i64> = (0..n).collect();
+        for i in (1..order.len()).rev() {
+            let j = order_rng.random_range(0..=i);
+            order.swap(i, j);
+        }
+        let side = crate::data::SIDE as i64;
+        let pad = cfg.crop_padding as i64;
+        let cut = (cfg.cutout as i64).min(side);
+        let len = n as usize;
+        let (mut crop_y, mut crop_x, mut flip, mut cut_y, mut cut_x) = (
+            Vec::with_capacity(len),
+            Vec::with_capacity(len),
+            Vec::with_capacity(len),
+            Vec::with_capacity(len),
+            Vec::with_capacity(len),
+        );
+        for _ in 0..n {
+            crop_y.push(augment_rng.random_range(0..=2 * pad));
+            crop_x.push(augment_rng.random_range(0..=2 * pad));
+            flip.push(cfg.flip && augment_rng.random_bool(0.5));
+            if cut > 0 {
+                cut_y.push(augment_rng.random_range(0..=side - cut));
+                cut_x.push(augment_rng.random_range(0..=side - cut));
+            }
+        }
+        let up = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        EpochDraws {
+            order: up(&order),
+            crop_y: up(&crop_y),
+            crop_x: up(&crop_x),
+            flip: Tensor::from_slice(&flip).to_device(device),
+            cut_y: up(&cut_y),
+            cut_x: up(&cut_x),
+        }
+    }
+}
+
+/// The device-side pipeline: normalisation and the per-image augmentation of a batch.
+struct Pipeline {
+    mean: Tensor,
+    std: Tensor,
+    /// 0..side as `[1, 1, side, 1]` and `[1, 1, 1, side]`.
+    rows: Tensor,
+    cols: Tensor,
+    pad: i64,
+    cut: i64,
+    channels_last: bool,
+}
+
+impl Pipeline {
+    fn new(cfg: &TrainConfig, device: Device) -> Pipeline {
+        let side = crate::data::SIDE as i64;
+        let range = Tensor::arange(side, (Kind::Int64, device));
+        Pipeline {
+            mean: Tensor::from_slice(&MEAN)
+                .view([1, 3, 1, 1])
+                .to_device(device),
+            std: Tensor::from_slice(&STD)
+                .view([1, 3, 1, 1])
+                .to_device(device),
+            rows: range.view([1, 1, side, 1]),
+            cols: range.view([1, 1, 1, side]),
+            pad: cfg.crop_padding as i64,
+            cut: (cfg.cutout as i64).min(side),
+            channels_last: cfg.channels_last && device.is_cuda(),
+        }
+    }
+
+    fn normalise(&self, x: &Tensor) -> Tensor {
+        let x = (x.to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std;
+        if self.channels_last {
+            shim::channels_last(&x)
+        } else {
+            x
+        }
+    }
+
+    /// Normalises and augments images `[b, 3, s, s]` (uint8) with the draws at `at..at + b`.
+    /// Padding and cutout fill with zero, the mean after normalisation.
+    fn augment(&self, images: &Tensor, draws: &EpochDraws, at: i64) -> Tensor {
+        let size = images.size();
+        let (b, c, s) = (size[0], size[1], size[3]);
+        let mut x = (images.to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std;
+        if self.pad > 0 {
+            let padded = x.constant_pad_nd([self.pad, self.pad, self.pad, self.pad]);
+            let wide = s + 2 * self.pad;
+            let dy = draws.crop_y.narrow(0, at, b).view([b, 1, 1, 1]);
+            let dx = draws.crop_x.narrow(0, at, b).view([b, 1, 1, 1]);
+            let rows = (&self.rows + dy).expand([b, c, s, wide], false);
+            let cols = (&self.cols + dx).expand([b, c, s, s], false);
+            x = padded.gather(2, &rows, false).gather(3, &cols, false);
+        }
+        let flip = draws.flip.narrow(0, at, b).view([b, 1, 1, 1]);
+        x = x.flip([3]).where_self(&flip, &x);
+        if self.cut > 0 {
+            let cy = draws.cut_y.narrow(0, at, b).view([b, 1, 1, 1]);
+            let cx = draws.cut_x.narrow(0, at, b).view([b, 1, 1, 1]);
+            let inside = |range: &Tensor, from: &Tensor| {
+                range
+                    .ge_tensor(from)
+                    .logical_and(&range.lt_tensor(&(from + self.cut)))
+            };
+            let hole = inside(&self.rows, &cy).logical_and(&inside(&self.cols, &cx));
+            x = x.masked_fill(&hole, 0.0);
+        }
+        if self.channels_last {
+            shim::channels_last(&x)
+        } else {
+            x
+        }
+    }
+}
+
+fn loss_of(cfg: &TrainConfig, logits: &Tensor, y: &Tensor) -> Tensor {
+    let ce = |smoothing: f64| {
+        logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+            y,
+            None,
+            Reduction::Mean,
+            -100,
+            smoothing,
+        )
+    };
+    let loss = ce(cfg.label_smoothing);
+    if cfg.smoothed_loss_weight != 0.0 {
+        loss + ce(cfg.smoothed_loss_epsilon) * cfg.smoothed_loss_weight
+    } else {
+        loss
+    }
+}
+
+/// Where a run saves and finds its checkpoints, and what else it needs to know.
+pub struct Run<'a> {
+    pub seeds: Seeds,
+    pub device: Device,
+    pub stop: &'a AtomicBool,
+    pub checkpoints: Option<CheckpointStore>,
+}
+
+/// Trains one run and calls `on_epoch` as each epoch ends (for a resumed run, first for each
+/// epoch the checkpoint already holds). Checks `run.stop` between steps.
 pub fn train(
     data: &Dataset,
     cfg: &TrainConfig,
-    seed: i64,
-    device: Device,
-    stop: &AtomicBool,
+    run: &Run<'_>,
     mut on_epoch: impl FnMut(&EpochMetrics),
-) -> Result<Vec<EpochMetrics>, TrainError> {
+) -> Result<Trained, TrainError> {
+    let device = run.device;
+    let cuda = device.is_cuda();
+    if cuda {
+        if cfg.deterministic {
+            shim::set_deterministic(true).map_err(TrainError::Device)?;
+        } else {
+            shim::favour_speed().map_err(TrainError::Device)?;
+        }
+        shim::set_autocast_bfloat16(cfg.precision == Precision::Bf16)
+            .map_err(TrainError::Device)?;
+    }
+    let precision = if cuda { cfg.precision } else { Precision::Fp32 };
     let vs = nn::VarStore::new(device);
     let net = {
         let _guard = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        tch::manual_seed(factor_seed(seed, "init") as i64);
-        let root = vs.root();
-        model::resnet9(&root, cfg.width, crate::data::CLASSES as i64)
+        tch::manual_seed(run.seeds.init as i64);
+        model::build(&vs.root(), cfg.arch, cfg.width, crate::data::CLASSES as i64)
     };
-    let mut opt = nn::Sgd {
-        momentum: cfg.momentum,
-        dampening: 0.0,
-        wd: cfg.weight_decay,
-        nesterov: cfg.nesterov,
+    if cuda && cfg.channels_last {
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                if v.dim() == 4 {
+                    v.set_data(&shim::channels_last(&v));
+                }
+            }
+        });
     }
-    .build(&vs, 0.0)?;
-    let mut order_rng = ChaCha8Rng::seed_from_u64(factor_seed(seed, "order"));
-    let mut augment_rng = ChaCha8Rng::seed_from_u64(factor_seed(seed, "augment"));
+    let mut sgd = Sgd::new(&vs, cfg);
+    let mut scaler = (precision == Precision::Fp16).then(|| LossScaler::new(device));
+    let mut order_rng = ChaCha8Rng::seed_from_u64(run.seeds.order);
+    let mut augment_rng = ChaCha8Rng::seed_from_u64(run.seeds.augment);
+    let mut history = Vec::with_capacity(cfg.epochs as usize);
+
+    let mut resumed_from = 0;
+    if let Some(store) = &run.checkpoints
+        && let Some(ckpt) = store.load()
+    {
+        ckpt.restore(&vs, &mut sgd.buffers, &mut order_rng, &mut augment_rng)
+            .map_err(|e| TrainError::Checkpoint(format!("{e:#}")))?;
+        if let (Some(s), Some(saved)) = (&mut scaler, &ckpt.scaler) {
+            s.scale.copy_(&saved.0);
+            s.growth_tracker.copy_(&saved.1);
+        }
+        resumed_from = ckpt.epoch;
+        tracing::info!(epoch = ckpt.epoch, "resuming from a checkpoint");
+        for m in &ckpt.history {
+            on_epoch(m);
+        }
+        history = ckpt.history;
+    }
 
     // The whole training set moves to the device once, as uint8.
     let train_images = data.train.images.to_device(device);
     let train_labels = data.train.labels.to_device(device);
-    let mean = Tensor::from_slice(&MEAN)
-        .view([1, 3, 1, 1])
-        .to_device(device);
-    let std = Tensor::from_slice(&STD)
-        .view([1, 3, 1, 1])
-        .to_device(device);
-    let normalise = |x: &Tensor| (x.to_kind(Kind::Float) / 255.0 - &mean) / &std;
-
+    let pipeline = Pipeline::new(cfg, device);
     let n = data.train.len();
     let batch = (cfg.batch_size as i64).min(n);
     let steps = (n + batch - 1) / batch;
-    let mut history = Vec::with_capacity(cfg.epochs as usize);
-    let mut order: Vec<i64> = (0..n).collect();
-    for epoch in 1..=cfg.epochs {
+    for epoch in resumed_from + 1..=cfg.epochs {
         let started = Instant::now();
-        shuffle(&mut order, &mut order_rng);
-        let index = Tensor::from_slice(&order).to_device(device);
+        let draws = EpochDraws::draw(n, cfg, &mut order_rng, &mut augment_rng, device);
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         let mut correct = Tensor::zeros([], (Kind::Int64, device));
         let mut lr = 0.0;
         for step in 0..steps {
-            if stop.load(Ordering::Relaxed) {
+            if run.stop.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
             }
             let start = step * batch;
-            let idx = index.narrow(0, start, batch.min(n - start));
-            let x = augment(
-                &normalise(&train_images.index_select(0, &idx)),
-                cfg,
-                &mut augment_rng,
-            );
+            let idx = draws.order.narrow(0, start, batch.min(n - start));
+            let x = pipeline.augment(&train_images.index_select(0, &idx), &draws, start);
             let y = train_labels.index_select(0, &idx);
-            lr = learning_rate(cfg, (epoch - 1) as f64 + (step + 1) as f64 / steps as f64);
-            opt.set_lr(lr);
-            let logits = net.forward_t(&x, true);
-            let loss = logits.cross_entropy_loss::<Tensor>(
-                &y,
-                None,
-                Reduction::Mean,
-                -100,
-                cfg.label_smoothing,
-            );
-            opt.backward_step(&loss);
+            lr = learning_rate(cfg, epoch, step, steps);
+            let (logits, loss) = tch::autocast(precision != Precision::Fp32, || {
+                let logits = net.forward_t(&x, true);
+                let loss = loss_of(cfg, &logits, &y);
+                (logits, loss)
+            });
+            sgd.zero_grad();
+            match &mut scaler {
+                None => {
+                    loss.backward();
+                    sgd.step(lr, None);
+                }
+                Some(s) => {
+                    s.scaled(&loss).backward();
+                    let skip = s.unscale(&mut sgd)?;
+                    sgd.step(lr, Some(&skip));
+                }
+            }
             tch::no_grad(|| {
                 loss_sum += loss.detach() * y.size()[0] as f64;
                 correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
@@ -171,7 +584,13 @@ pub fn train(
                 loss: train_loss,
             });
         }
-        let (test_loss, test_accuracy) = evaluate(&net, &data.test, device, &normalise);
+        let evaluate_now = epoch == cfg.epochs || epoch % cfg.eval_every.max(1) == 0;
+        let (test_loss, test_accuracy) = if evaluate_now {
+            let (l, a) = evaluate(&net, &data.test, &pipeline, precision, device);
+            (Some(l), Some(a))
+        } else {
+            (None, None)
+        };
         let m = EpochMetrics {
             epoch,
             train_loss,
@@ -181,53 +600,41 @@ pub fn train(
             lr,
             seconds: started.elapsed().as_secs_f64(),
         };
-        on_epoch(&m);
         history.push(m);
+        if let Some(store) = &run.checkpoints
+            && cfg.checkpoint_every > 0
+            && epoch % cfg.checkpoint_every == 0
+            && epoch < cfg.epochs
+        {
+            let ckpt = Checkpoint {
+                epoch,
+                history: history.clone(),
+                scaler: scaler
+                    .as_ref()
+                    .map(|s| (s.scale.shallow_clone(), s.growth_tracker.shallow_clone())),
+            };
+            if let Err(e) = store.save(&ckpt, &vs, &sgd.buffers, &order_rng, &augment_rng) {
+                // A checkpoint is an optimisation: training goes on without it.
+                tracing::warn!(epoch, error = %e, "could not save a checkpoint");
+            }
+        }
+        on_epoch(&m);
     }
-    Ok(history)
-}
-
-/// Fisher-Yates with the order generator (rand's own shuffle may change between versions).
-fn shuffle(order: &mut [i64], rng: &mut ChaCha8Rng) {
-    for i in (1..order.len()).rev() {
-        let j = rng.random_range(0..=i);
-        order.swap(i, j);
-    }
-}
-
-/// Random crop with zero padding (zero is the mean after normalisation) and horizontal flip, drawn
-/// per image from the augmentation generator.
-fn augment(x: &Tensor, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> Tensor {
-    let b = x.size()[0];
-    let side = x.size()[3];
-    let pad = cfg.crop_padding as i64;
-    let mut x = x.shallow_clone();
-    if pad > 0 {
-        let padded = x.constant_pad_nd([pad, pad, pad, pad]);
-        let crops: Vec<Tensor> = (0..b)
-            .map(|i| {
-                let (dy, dx) = (rng.random_range(0..=2 * pad), rng.random_range(0..=2 * pad));
-                padded.get(i).narrow(1, dy, side).narrow(2, dx, side)
-            })
-            .collect();
-        x = Tensor::stack(&crops, 0);
-    }
-    if cfg.flip {
-        let flips: Vec<bool> = (0..b).map(|_| rng.random_bool(0.5)).collect();
-        let mask = Tensor::from_slice(&flips)
-            .to_device(x.device())
-            .view([b, 1, 1, 1]);
-        x = x.flip([3]).where_self(&mask, &x);
-    }
-    x
+    Ok(Trained {
+        history,
+        precision,
+        deterministic: !cuda || cfg.deterministic,
+        resumed_from,
+    })
 }
 
 /// Mean cross-entropy (no label smoothing) and accuracy on a split.
 fn evaluate(
     net: &impl ModuleT,
     split: &Split,
+    pipeline: &Pipeline,
+    precision: Precision,
     device: Device,
-    normalise: &dyn Fn(&Tensor) -> Tensor,
 ) -> (f64, f64) {
     tch::no_grad(|| {
         let n = split.len();
@@ -236,9 +643,10 @@ fn evaluate(
         let mut start = 0;
         while start < n {
             let len = EVAL_BATCH.min(n - start);
-            let x = normalise(&split.images.narrow(0, start, len).to_device(device));
+            let x = pipeline.normalise(&split.images.narrow(0, start, len).to_device(device));
             let y = split.labels.narrow(0, start, len).to_device(device);
-            let logits = net.forward_t(&x, false);
+            let logits = tch::autocast(precision != Precision::Fp32, || net.forward_t(&x, false))
+                .to_kind(Kind::Float);
             loss_sum += logits
                 .cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)
                 .to_kind(Kind::Double);
@@ -257,61 +665,258 @@ mod tests {
     use super::*;
     use crate::data;
 
-    fn tiny() -> (Dataset, TrainConfig) {
+    pub(crate) fn tiny() -> (Dataset, TrainConfig) {
         let dir = tempfile::tempdir().unwrap();
         let (train, test) = data::synthetic_records(256, 128, 3);
         data::write_dataset(&dir.path().join("s"), &train, &test).unwrap();
         let d = data::load(dir.path(), "s").unwrap();
         let cfg = TrainConfig {
+            arch: Arch::Resnet9,
             epochs: 2,
             batch_size: 64,
             width: 0.125,
             lr: 0.2,
+            schedule: Schedule::Linear,
             lr_peak_epoch: 0.5,
             momentum: 0.9,
             nesterov: true,
             weight_decay: 5e-4,
             label_smoothing: 0.0,
+            smoothed_loss_weight: 0.0,
+            smoothed_loss_epsilon: 0.2,
             crop_padding: 4,
             flip: true,
+            cutout: 8,
+            precision: Precision::Fp16,
+            channels_last: true,
+            deterministic: false,
+            eval_every: 1,
+            checkpoint_every: 0,
         };
         (d, cfg)
+    }
+
+    fn run_with(d: &Dataset, cfg: &TrainConfig, seeds: Seeds) -> Trained {
+        let stop = AtomicBool::new(false);
+        let run = Run {
+            seeds,
+            device: Device::Cpu,
+            stop: &stop,
+            checkpoints: None,
+        };
+        train(d, cfg, &run, |_| {}).unwrap()
+    }
+
+    fn bits(t: &Trained) -> Vec<(u64, u64, Option<u64>)> {
+        t.history
+            .iter()
+            .map(|m| {
+                (
+                    m.train_loss.to_bits(),
+                    m.train_accuracy.to_bits(),
+                    m.test_loss.map(f64::to_bits),
+                )
+            })
+            .collect()
     }
 
     #[test]
     fn same_seed_is_bitwise_identical_and_seeds_differ() {
         tch::set_num_threads(1);
         let (d, cfg) = tiny();
-        let stop = AtomicBool::new(false);
-        let run = |seed| train(&d, &cfg, seed, Device::Cpu, &stop, |_| {}).unwrap();
-        let (a, b, c) = (run(7), run(7), run(8));
-        for (x, y) in a.iter().zip(&b) {
-            assert_eq!(x.train_loss.to_bits(), y.train_loss.to_bits());
-            assert_eq!(x.test_loss.to_bits(), y.test_loss.to_bits());
-            assert_eq!(x.test_accuracy.to_bits(), y.test_accuracy.to_bits());
-        }
-        assert_ne!(a[1].train_loss.to_bits(), c[1].train_loss.to_bits());
+        let (a, b, c) = (
+            run_with(&d, &cfg, Seeds::single(7)),
+            run_with(&d, &cfg, Seeds::single(7)),
+            run_with(&d, &cfg, Seeds::single(8)),
+        );
+        assert_eq!(bits(&a), bits(&b));
+        assert_ne!(a.history[1].train_loss, c.history[1].train_loss);
         // Learning happens: the loss falls.
-        assert!(a[1].train_loss < a[0].train_loss, "{a:?}");
+        assert!(a.history[1].train_loss < a.history[0].train_loss, "{a:?}");
+        // On the CPU: fp32, deterministic, whatever the settings asked for CUDA.
+        assert_eq!((a.precision, a.deterministic), (Precision::Fp32, true));
+    }
+
+    /// Each factor has its own generator: changing the order seed leaves the initial weights alone
+    /// (the same first-step loss on the same first batch is not checkable, but the initial test
+    /// loss of an untrained net is), and changing any factor changes the run.
+    #[test]
+    fn factors_are_independent() {
+        tch::set_num_threads(1);
+        let (d, mut cfg) = tiny();
+        cfg.epochs = 1;
+        let base = Seeds::derive("", 1, 1, 1);
+        let other_order = Seeds::derive("", 1, 2, 1);
+        let other_augment = Seeds::derive("", 1, 1, 2);
+        assert_eq!(base.init, other_order.init);
+        assert_eq!(base.augment, other_order.augment);
+        assert_ne!(base.order, other_order.order);
+        let (a, b, c) = (
+            run_with(&d, &cfg, base),
+            run_with(&d, &cfg, other_order),
+            run_with(&d, &cfg, other_augment),
+        );
+        assert_ne!(bits(&a), bits(&b));
+        assert_ne!(bits(&a), bits(&c));
+        assert_ne!(
+            Seeds::derive("other", 1, 1, 1).init,
+            base.init,
+            "a namespace gives other streams"
+        );
+    }
+
+    /// A run stopped after a checkpoint and resumed (by a new `train` call, as on another worker)
+    /// ends with the same numbers as an uninterrupted run; a corrupt checkpoint is ignored.
+    #[test]
+    fn resuming_from_a_checkpoint_gives_the_same_numbers() {
+        tch::set_num_threads(1);
+        let (d, mut cfg) = tiny();
+        cfg.epochs = 3;
+        cfg.checkpoint_every = 1;
+        let dir = tempfile::tempdir().unwrap();
+        let store = || Some(CheckpointStore::new(dir.path(), "sweep", 5, "key"));
+        let whole = run_with(&d, &cfg, Seeds::single(5));
+
+        let stop = AtomicBool::new(false);
+        let first = Run {
+            seeds: Seeds::single(5),
+            device: Device::Cpu,
+            stop: &stop,
+            checkpoints: store(),
+        };
+        let cut = train(&d, &cfg, &first, |m| {
+            if m.epoch == 2 {
+                stop.store(true, Ordering::Relaxed);
+            }
+        });
+        assert!(matches!(cut, Err(TrainError::Cancelled)));
+
+        let stop = AtomicBool::new(false);
+        let second = Run {
+            seeds: Seeds::single(5),
+            device: Device::Cpu,
+            stop: &stop,
+            checkpoints: store(),
+        };
+        let mut replayed = Vec::new();
+        let resumed = train(&d, &cfg, &second, |m| replayed.push(m.epoch)).unwrap();
+        assert_eq!(resumed.resumed_from, 2);
+        assert_eq!(replayed, vec![1, 2, 3], "every epoch is reported again");
+        assert_eq!(bits(&resumed), bits(&whole));
+
+        // Corrupt the checkpoint: it is ignored and the run starts over, with the same numbers.
+        let file = dir.path().join("sweep/seed-5/checkpoint.safetensors");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&file, bytes).unwrap();
+        let third = Run {
+            seeds: Seeds::single(5),
+            device: Device::Cpu,
+            stop: &stop,
+            checkpoints: store(),
+        };
+        let fresh = train(&d, &cfg, &third, |_| {}).unwrap();
+        assert_eq!(fresh.resumed_from, 0);
+        assert_eq!(bits(&fresh), bits(&whole));
+        // A checkpoint made for other settings is not used either.
+        let other = Run {
+            seeds: Seeds::single(5),
+            device: Device::Cpu,
+            stop: &stop,
+            checkpoints: Some(CheckpointStore::new(dir.path(), "sweep", 5, "other key")),
+        };
+        assert_eq!(train(&d, &cfg, &other, |_| {}).unwrap().resumed_from, 0);
     }
 
     #[test]
-    fn schedule_is_piecewise_linear() {
+    fn eval_every_skips_evaluations_but_not_the_last() {
+        tch::set_num_threads(1);
+        let (d, mut cfg) = tiny();
+        cfg.epochs = 3;
+        cfg.eval_every = 2;
+        let t = run_with(&d, &cfg, Seeds::single(1));
+        let evaluated: Vec<bool> = t.history.iter().map(|m| m.test_loss.is_some()).collect();
+        assert_eq!(evaluated, vec![false, true, true]);
+    }
+
+    #[test]
+    fn schedules() {
         let (_, mut cfg) = tiny();
         cfg.epochs = 10;
         cfg.lr_peak_epoch = 2.0;
         cfg.lr = 0.4;
-        assert_eq!(learning_rate(&cfg, 0.0), 0.0);
-        assert!((learning_rate(&cfg, 1.0) - 0.2).abs() < 1e-12);
-        assert!((learning_rate(&cfg, 2.0) - 0.4).abs() < 1e-12);
-        assert!((learning_rate(&cfg, 6.0) - 0.2).abs() < 1e-12);
-        assert_eq!(learning_rate(&cfg, 10.0), 0.0);
+        // One step per epoch: the step ends at t = epoch.
+        let lr = |cfg: &TrainConfig, e| learning_rate(cfg, e, 0, 1);
+        assert!((lr(&cfg, 1) - 0.2).abs() < 1e-12);
+        assert!((lr(&cfg, 2) - 0.4).abs() < 1e-12);
+        assert!((lr(&cfg, 6) - 0.2).abs() < 1e-12);
+        assert_eq!(lr(&cfg, 10), 0.0);
+        cfg.schedule = Schedule::Picard;
+        cfg.lr = 0.2;
+        cfg.epochs = 45;
+        let m = |e| lr(&cfg, e) / 0.2;
+        assert!((m(1) - 0.01).abs() < 1e-12);
+        assert!((m(4) - 0.51).abs() < 1e-12);
+        assert!((m(5) - (0.5 * 18.0 / 19.0 + 0.01)).abs() < 1e-12);
+        assert!((m(22) - (0.5 / 19.0 + 0.01)).abs() < 1e-12);
+        assert!((m(23) - 0.01).abs() < 1e-12);
+        assert!((m(45) - 0.01).abs() < 1e-12);
     }
 
+    /// The batched crop is the per-image crop of the padded image; cutout zeroes one square.
     #[test]
-    fn factors_are_independent_streams() {
-        assert_ne!(factor_seed(1, "init"), factor_seed(1, "order"));
-        assert_ne!(factor_seed(1, "init"), factor_seed(2, "init"));
-        assert_eq!(factor_seed(1, "init"), factor_seed(1, "init"));
+    fn augmentation_crops_flips_and_cuts_per_image() {
+        let (_, mut cfg) = tiny();
+        cfg.flip = false;
+        let device = Device::Cpu;
+        let p = Pipeline::new(&cfg, device);
+        // Not from the global generator: a seed may be initialising in another test.
+        let images = Tensor::arange(3 * 3 * 32 * 32, (Kind::Int64, device))
+            .remainder(251)
+            .to_kind(Kind::Uint8)
+            .view([3, 3, 32, 32]);
+        let draws = EpochDraws {
+            order: Tensor::from_slice(&[0i64, 1, 2]),
+            crop_y: Tensor::from_slice(&[0i64, 4, 8]),
+            crop_x: Tensor::from_slice(&[8i64, 4, 1]),
+            flip: Tensor::from_slice(&[false, false, false]),
+            cut_y: Tensor::from_slice(&[0i64, 10, 24]),
+            cut_x: Tensor::from_slice(&[0i64, 3, 24]),
+        };
+        cfg.cutout = 0;
+        let plain = Pipeline::new(&cfg, device).augment(&images, &draws, 0);
+        let norm = p.normalise(&images).constant_pad_nd([4, 4, 4, 4]);
+        for (i, (dy, dx)) in [(0, 8), (4, 4), (8, 1)].into_iter().enumerate() {
+            let want = norm.get(i as i64).narrow(1, dy, 32).narrow(2, dx, 32);
+            assert!(plain.get(i as i64).equal(&want), "image {i}");
+        }
+        let cut = p.augment(&images, &draws, 0);
+        let zeroed = cut.eq(0.0).logical_and(&plain.ne(0.0)).sum(Kind::Int64);
+        // 3 images x 3 channels x 8 x 8, less any pixel that was already exactly zero.
+        assert!(zeroed.int64_value(&[]) <= 3 * 3 * 64);
+        assert!(
+            cut.get(1)
+                .narrow(1, 10, 8)
+                .narrow(2, 3, 8)
+                .eq(0.0)
+                .all()
+                .int64_value(&[])
+                == 1
+        );
+        assert!(
+            cut.get(2)
+                .narrow(1, 24, 8)
+                .narrow(2, 24, 8)
+                .eq(0.0)
+                .all()
+                .int64_value(&[])
+                == 1
+        );
+        let mut flipped = draws;
+        flipped.flip = Tensor::from_slice(&[true, false, false]);
+        let f = Pipeline::new(&cfg, device).augment(&images, &flipped, 0);
+        assert!(f.get(0).equal(&plain.get(0).flip([2])));
+        assert!(f.get(1).equal(&plain.get(1)));
     }
 }

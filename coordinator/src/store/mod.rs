@@ -195,12 +195,54 @@ pub(crate) fn state_from_db(s: &str) -> Result<SeedState> {
     SeedState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown seed state `{s}`")))
 }
 
-/// The train settings inside a stored `sweeps.config`.
-pub(crate) fn train_from_config(config: &str) -> Result<crate::spec::TrainSettings> {
-    let value: serde_json::Value = serde_json::from_str(config)
-        .map_err(|e| StoreError::Corrupt(format!("sweep config: {e}")))?;
-    serde_json::from_value(value["train"].clone())
-        .map_err(|e| StoreError::Corrupt(format!("sweep config: {e}")))
+/// What a lease needs from a stored `sweeps.config`.
+pub(crate) struct LeaseConfig {
+    pub train: crate::spec::TrainSettings,
+    pub seed_namespace: String,
+}
+
+fn config_value(config: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(config).map_err(|e| StoreError::Corrupt(format!("sweep config: {e}")))
+}
+
+fn config_field<T: serde::de::DeserializeOwned>(value: &serde_json::Value, key: &str) -> Result<T> {
+    serde_json::from_value(value[key].clone())
+        .map_err(|e| StoreError::Corrupt(format!("sweep config `{key}`: {e}")))
+}
+
+pub(crate) fn lease_config(config: &str) -> Result<LeaseConfig> {
+    let value = config_value(config)?;
+    Ok(LeaseConfig {
+        train: config_field(&value, "train")?,
+        seed_namespace: config_field::<Option<String>>(&value, "seed_namespace")?
+            .unwrap_or_default(),
+    })
+}
+
+/// The design inside a stored `sweeps.config`.
+pub(crate) fn design_from_config(config: &str) -> Result<crate::spec::Design> {
+    config_field(&config_value(config)?, "design")
+}
+
+/// Each seed with its factor seeds under `design`, as the insert statements take them.
+pub(crate) fn seed_rows(seeds: &[i64], design: &crate::spec::Design) -> Vec<[i64; 4]> {
+    seeds
+        .iter()
+        .map(|&s| {
+            let f = design.factors(s);
+            [s, f.init, f.order, f.augment]
+        })
+        .collect()
+}
+
+/// Refuses to extend a crossed design: its runs are the combinations of its factor seeds.
+pub(crate) fn check_extendable(id: SweepId, design: &crate::spec::Design) -> Result<()> {
+    if design.is_crossed() {
+        return Err(StoreError::Conflict(format!(
+            "sweep {id} has a crossed design: its runs are every combination of its factor seeds, so it cannot be extended; submit another sweep"
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) fn u64_from_db(v: i64) -> u64 {

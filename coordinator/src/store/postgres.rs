@@ -4,14 +4,14 @@
 //! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
 use super::{
-    Clock, Result, Store, StoreError, jitter, state_from_db, sweep_state_from_db,
-    train_from_config, u64_from_db,
+    Clock, Result, Store, StoreError, check_extendable, design_from_config, jitter, lease_config,
+    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
     ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedCounts, SeedResult, SeedState,
     SweepId, SweepProgress, SweepState, SweepSummary,
 };
-use crate::spec::{RetrySettings, SeedSet, SweepSpec};
+use crate::spec::{Design, FactorSeeds, RetrySettings, SeedSet, SweepSpec};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -179,20 +179,27 @@ fn retry_from_row(row: &PgRow) -> Result<RetrySettings> {
     })
 }
 
-/// Inserts seeds that the sweep does not have yet; returns how many were new.
+/// Inserts seeds that the sweep does not have yet, with their factor seeds under `design`;
+/// returns how many were new.
 async fn insert_seeds(
     tx: &mut Transaction<'_, Postgres>,
     id: SweepId,
     seeds: &[i64],
+    design: &Design,
 ) -> Result<u64> {
     let mut added = 0;
-    for chunk in seeds.chunks(50_000) {
+    for chunk in seed_rows(seeds, design).chunks(50_000) {
+        let column = |i: usize| chunk.iter().map(|r| r[i]).collect::<Vec<i64>>();
         added += sqlx::query(
-            "INSERT INTO seeds (sweep_id, seed) SELECT $1, unnest($2::bigint[])
+            "INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed)
+             SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
              ON CONFLICT (sweep_id, seed) DO NOTHING",
         )
         .bind(id.0)
-        .bind(chunk)
+        .bind(column(0))
+        .bind(column(1))
+        .bind(column(2))
+        .bind(column(3))
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -231,7 +238,7 @@ impl Store for PgStore {
         .bind(spec.priority)
         .execute(&mut *tx)
         .await?;
-        insert_seeds(&mut tx, id, spec.seeds.as_slice()).await?;
+        insert_seeds(&mut tx, id, spec.seeds.as_slice(), &spec.design).await?;
         tx.commit().await?;
         // Fresh statistics, so the claim's plan does not wait for autovacuum to notice a big sweep.
         sqlx::query("ANALYZE seeds").execute(&self.pool).await?;
@@ -280,7 +287,8 @@ impl Store for PgStore {
         self.summary(id).await?;
         let rows = sqlx::query(concat!(
             "SELECT seed, test_accuracy, test_loss, train_loss, train_accuracy, epochs, seconds, worker_id,
-                    device, data_fingerprint, ",
+                    device, data_fingerprint, precision, deterministic, init_seed, order_seed,
+                    augment_seed, ",
             iso!("finished_at"),
             " AS finished_at FROM results WHERE sweep_id = $1 ORDER BY seed"
         ))
@@ -301,6 +309,13 @@ impl Store for PgStore {
                     device: r.try_get("device")?,
                     data_fingerprint: r.try_get("data_fingerprint")?,
                     finished_at: r.try_get("finished_at")?,
+                    precision: r.try_get("precision")?,
+                    deterministic: r.try_get("deterministic")?,
+                    factors: Some(FactorSeeds {
+                        init: r.try_get("init_seed")?,
+                        order: r.try_get("order_seed")?,
+                        augment: r.try_get("augment_seed")?,
+                    }),
                 })
             })
             .collect()
@@ -355,7 +370,7 @@ impl Store for PgStore {
                  updated_at = now()
              FROM next
              WHERE s.sweep_id = next.sweep_id AND s.seed = next.seed
-             RETURNING s.sweep_id, s.seed, s.fence",
+             RETURNING s.sweep_id, s.seed, s.fence, s.init_seed, s.order_seed, s.augment_seed",
         )
         .bind(worker_id)
         .bind(ttl.as_secs_f64())
@@ -396,12 +411,18 @@ impl Store for PgStore {
                 .fetch_one(&mut *tx)
                 .await?;
         tx.commit().await?;
-        let config: String = sweep.try_get("config")?;
+        let config = lease_config(&sweep.try_get::<String, _>("config")?)?;
         Ok(ClaimOutcome::Leased(Box::new(Lease {
             lease,
             task: sweep.try_get("task")?,
             dataset: sweep.try_get("dataset")?,
-            train: train_from_config(&config)?,
+            train: config.train,
+            factors: FactorSeeds {
+                init: row.try_get("init_seed")?,
+                order: row.try_get("order_seed")?,
+                augment: row.try_get("augment_seed")?,
+            },
+            seed_namespace: config.seed_namespace,
         })))
     }
 
@@ -489,8 +510,11 @@ impl Store for PgStore {
         }
         sqlx::query(
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
-                                  epochs, seconds, worker_id, device, data_fingerprint, finished_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now() + make_interval(secs => $13))",
+                                  epochs, seconds, worker_id, device, data_fingerprint, finished_at,
+                                  precision, deterministic, init_seed, order_seed, augment_seed)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                    now() + make_interval(secs => $13), $14, $15, init_seed, order_seed, augment_seed
+             FROM seeds WHERE sweep_id = $1 AND seed = $2",
         )
         .bind(lease.sweep_id.0)
         .bind(lease.seed)
@@ -505,6 +529,8 @@ impl Store for PgStore {
         .bind(&r.device)
         .bind(&r.data_fingerprint)
         .bind(self.skew())
+        .bind(&r.precision)
+        .bind(r.deterministic)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -623,7 +649,15 @@ impl Store for PgStore {
             }
             Some(_) => {}
         }
-        let added = insert_seeds(&mut tx, id, seeds.as_slice()).await?;
+        let config: String = sqlx::query_scalar("SELECT config::text FROM sweeps WHERE id = $1")
+            .bind(id.0)
+            .fetch_one(&mut *tx)
+            .await?;
+        let design = design_from_config(&config)?;
+        if let Err(e) = check_extendable(id, &design) {
+            return abort(tx, e).await;
+        }
+        let added = insert_seeds(&mut tx, id, seeds.as_slice(), &design).await?;
         sqlx::query(
             "UPDATE sweeps SET total_seeds = (SELECT count(*) FROM seeds WHERE sweep_id = $1) WHERE id = $1",
         )

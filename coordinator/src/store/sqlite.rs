@@ -3,14 +3,14 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    Clock, Result, Store, StoreError, jitter, state_from_db, sweep_state_from_db,
-    train_from_config, u64_from_db,
+    Clock, Result, Store, StoreError, check_extendable, design_from_config, jitter, lease_config,
+    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
     ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedCounts, SeedResult, SeedState,
     SweepId, SweepProgress, SweepState, SweepSummary,
 };
-use crate::spec::{RetrySettings, SeedSet, SweepSpec};
+use crate::spec::{Design, FactorSeeds, RetrySettings, SeedSet, SweepSpec};
 use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -195,14 +195,25 @@ fn retry_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RetrySettings> {
     })
 }
 
-/// Inserts seeds that the sweep does not have yet; returns how many were new.
-async fn insert_seeds(tx: &mut Transaction<'_, Sqlite>, id: SweepId, seeds: &[i64]) -> Result<u64> {
+/// Inserts seeds that the sweep does not have yet, with their factor seeds under `design`;
+/// returns how many were new.
+async fn insert_seeds(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: SweepId,
+    seeds: &[i64],
+    design: &Design,
+) -> Result<u64> {
     let mut added = 0;
     // SQLite binds at most 32766 parameters per statement: insert in chunks.
-    for chunk in seeds.chunks(10_000) {
-        let mut q = sqlx::QueryBuilder::<Sqlite>::new("INSERT INTO seeds (sweep_id, seed) ");
-        q.push_values(chunk, |mut b, seed| {
-            b.push_bind(id.0.to_string()).push_bind(*seed);
+    for chunk in seed_rows(seeds, design).chunks(6_000) {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed) ",
+        );
+        q.push_values(chunk, |mut b, row| {
+            b.push_bind(id.0.to_string());
+            for v in row {
+                b.push_bind(*v);
+            }
         });
         q.push(" ON CONFLICT (sweep_id, seed) DO NOTHING");
         added += q.build().execute(&mut **tx).await?.rows_affected();
@@ -232,7 +243,7 @@ impl Store for SqliteStore {
         .bind(spec.priority as i64)
         .execute(&mut *tx)
         .await?;
-        insert_seeds(&mut tx, id, spec.seeds.as_slice()).await?;
+        insert_seeds(&mut tx, id, spec.seeds.as_slice(), &spec.design).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -279,7 +290,8 @@ impl Store for SqliteStore {
         self.summary(id).await?;
         let rows = sqlx::query(
             "SELECT seed, test_accuracy, test_loss, train_loss, train_accuracy, epochs, seconds, worker_id,
-                    device, data_fingerprint, finished_at
+                    device, data_fingerprint, finished_at, precision, deterministic, init_seed,
+                    order_seed, augment_seed
              FROM results WHERE sweep_id = ?1 ORDER BY seed",
         )
         .bind(id.0.to_string())
@@ -299,6 +311,13 @@ impl Store for SqliteStore {
                     device: r.try_get("device")?,
                     data_fingerprint: r.try_get("data_fingerprint")?,
                     finished_at: r.try_get("finished_at")?,
+                    precision: r.try_get("precision")?,
+                    deterministic: r.try_get("deterministic")?,
+                    factors: Some(FactorSeeds {
+                        init: r.try_get("init_seed")?,
+                        order: r.try_get("order_seed")?,
+                        augment: r.try_get("augment_seed")?,
+                    }),
                 })
             })
             .collect()
@@ -359,7 +378,7 @@ impl Store for SqliteStore {
                      WHERE sweep_id = ?4 AND state = 'pending'
                        AND (not_before IS NULL OR not_before <= ?3)
                      ORDER BY seed LIMIT 1)
-                 RETURNING sweep_id, seed, fence",
+                 RETURNING sweep_id, seed, fence, init_seed, order_seed, augment_seed",
             )
             .bind(worker_id)
             .bind(stamp(instant, ttl.as_secs_f64()))
@@ -403,12 +422,18 @@ impl Store for SqliteStore {
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
-        let config: String = sweep.try_get("config")?;
+        let config = lease_config(&sweep.try_get::<String, _>("config")?)?;
         Ok(ClaimOutcome::Leased(Box::new(Lease {
             lease,
             task: sweep.try_get("task")?,
             dataset: sweep.try_get("dataset")?,
-            train: train_from_config(&config)?,
+            train: config.train,
+            factors: FactorSeeds {
+                init: row.try_get("init_seed")?,
+                order: row.try_get("order_seed")?,
+                augment: row.try_get("augment_seed")?,
+            },
+            seed_namespace: config.seed_namespace,
         })))
     }
 
@@ -500,8 +525,11 @@ impl Store for SqliteStore {
         let now = self.now();
         sqlx::query(
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
-                                  epochs, seconds, worker_id, device, data_fingerprint, finished_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                  epochs, seconds, worker_id, device, data_fingerprint, finished_at,
+                                  precision, deterministic, init_seed, order_seed, augment_seed)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                    init_seed, order_seed, augment_seed
+             FROM seeds WHERE sweep_id = ?1 AND seed = ?2",
         )
         .bind(&sweep)
         .bind(lease.seed)
@@ -516,6 +544,8 @@ impl Store for SqliteStore {
         .bind(&r.device)
         .bind(&r.data_fingerprint)
         .bind(&now)
+        .bind(&r.precision)
+        .bind(r.deterministic)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -649,7 +679,15 @@ impl Store for SqliteStore {
             }
             Some(_) => {}
         }
-        let added = insert_seeds(&mut tx, id, seeds.as_slice()).await?;
+        let config: String = sqlx::query_scalar("SELECT config FROM sweeps WHERE id = ?1")
+            .bind(id.0.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        let design = design_from_config(&config)?;
+        if let Err(e) = check_extendable(id, &design) {
+            return abort(tx, e).await;
+        }
+        let added = insert_seeds(&mut tx, id, seeds.as_slice(), &design).await?;
         sqlx::query(
             "UPDATE sweeps SET total_seeds = (SELECT count(*) FROM seeds WHERE sweep_id = ?1) WHERE id = ?1",
         )
