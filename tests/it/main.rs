@@ -7,6 +7,7 @@ mod e2e;
 mod protocol_model;
 mod resilience;
 mod store_conformance;
+mod training;
 
 /// Tests that train spread over both cores each; running two at once only slows both down.
 pub static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
