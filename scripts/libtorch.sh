@@ -3,11 +3,14 @@
 # folder keyed by version, once; later calls only print the folder. Prints the torch/ folder that
 # LIBTORCH must point at on stdout; progress goes to stderr.
 #
-#   SEEDSWEEP_CACHE   cache root (default: ${XDG_CACHE_HOME:-$HOME/.cache}/seedsweep)
-#   SEEDSWEEP_PYTHON  python used to run pip (default: python3)
+#   SEEDSWEEP_CACHE          cache root (default: ${XDG_CACHE_HOME:-$HOME/.cache}/seedsweep)
+#   SEEDSWEEP_PYTHON         python used to run pip (default: python3)
+#   SEEDSWEEP_TORCH_VERSION  another torch version, to build a worker for a host that has it
+#                            (default: 2.13.0, the version tch 0.26 is written for; see
+#                            bench/README.md, "GPU")
 set -euo pipefail
 
-version=2.13.0
+version=${SEEDSWEEP_TORCH_VERSION:-2.13.0}
 cache=${SEEDSWEEP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/seedsweep}
 dest="$cache/libtorch-$version"
 python=${SEEDSWEEP_PYTHON:-python3}

@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <optional>
+#include <vector>
 
 static char *copy_message(const char *what) {
   char *out = static_cast<char *>(std::malloc(std::strlen(what) + 1));
@@ -57,6 +59,44 @@ int seedsweep_is_channels_last(const at::Tensor *t) {
     return t->is_contiguous(at::MemoryFormat::ChannelsLast) ? 1 : 0;
   } catch (const std::exception &) {
     return 0;
+  }
+}
+
+// One SGD step over all parameters that have a gradient, as torch.optim.SGD(fused=True):
+// momentum, dampening 0, optional Nesterov and weight decay, in one fused kernel per device.
+// With `found_inf` (a one-element float tensor, non-zero when a gradient overflowed) the step is
+// skipped on the device, without a host synchronisation.
+char *seedsweep_fused_sgd(at::Tensor **params, at::Tensor **buffers, int n, double weight_decay,
+                          double momentum, double lr, int nesterov, const at::Tensor *found_inf) {
+  try {
+    std::vector<at::Tensor> ps, gs, bs;
+    for (int i = 0; i < n; ++i) {
+      const at::Tensor &g = params[i]->grad();
+      if (!g.defined()) {
+        continue;
+      }
+      ps.push_back(*params[i]);
+      gs.push_back(g);
+      bs.push_back(*buffers[i]);
+    }
+    at::NoGradGuard no_grad;
+    std::optional<at::Tensor> inf;
+    if (found_inf != nullptr) {
+      inf = *found_inf;
+    }
+    at::_fused_sgd_(ps, gs, bs, weight_decay, momentum, lr, /*dampening=*/0.0, nesterov != 0,
+                    /*maximize=*/false, /*is_first_step=*/false, std::nullopt, inf);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return copy_message(e.what());
+  }
+}
+
+// Drops the parameters' gradients (zero_grad(set_to_none=True)): no kernels, and backward
+// writes fresh gradients instead of accumulating into zeroed ones.
+void seedsweep_grads_to_none(at::Tensor **params, int n) {
+  for (int i = 0; i < n; ++i) {
+    params[i]->mutable_grad().reset();
   }
 }
 

@@ -11,6 +11,17 @@ unsafe extern "C" {
     fn seedsweep_set_autocast_bf16(on: c_int) -> *mut c_char;
     fn seedsweep_channels_last(t: *const C_tensor) -> *mut C_tensor;
     fn seedsweep_is_channels_last(t: *const C_tensor) -> c_int;
+    fn seedsweep_fused_sgd(
+        params: *const *mut C_tensor,
+        buffers: *const *mut C_tensor,
+        n: c_int,
+        weight_decay: f64,
+        momentum: f64,
+        lr: f64,
+        nesterov: c_int,
+        found_inf: *const C_tensor,
+    ) -> *mut c_char;
+    fn seedsweep_grads_to_none(params: *const *mut C_tensor, n: c_int);
     fn seedsweep_free(message: *mut c_char);
 }
 
@@ -67,6 +78,52 @@ pub fn channels_last(t: &Tensor) -> Tensor {
     }
     // SAFETY: `out` is a fresh heap-allocated at::Tensor that we now own.
     unsafe { Tensor::from_ptr(out) }
+}
+
+fn handles(tensors: &[Tensor]) -> Vec<*mut C_tensor> {
+    tensors.iter().map(|t| t.as_ptr() as *mut C_tensor).collect()
+}
+
+/// SGD settings for [`fused_sgd`].
+#[derive(Debug, Clone, Copy)]
+pub struct SgdStep {
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+}
+
+/// One fused SGD step (libtorch's `_fused_sgd_`) over `params` and their momentum `buffers`; with
+/// `found_inf` non-zero on the device the step is skipped there.
+pub fn fused_sgd(
+    params: &[Tensor],
+    buffers: &[Tensor],
+    step: SgdStep,
+    found_inf: Option<&Tensor>,
+) -> Result<(), String> {
+    assert_eq!(params.len(), buffers.len(), "one momentum buffer per parameter");
+    let (p, b) = (handles(params), handles(buffers));
+    let inf = found_inf.map_or(std::ptr::null(), Tensor::as_ptr);
+    // SAFETY: live tensor handles, `n` of each; the shim catches every C++ exception.
+    check(unsafe {
+        seedsweep_fused_sgd(
+            p.as_ptr(),
+            b.as_ptr(),
+            p.len() as c_int,
+            step.weight_decay,
+            step.momentum,
+            step.lr,
+            c_int::from(step.nesterov),
+            inf,
+        )
+    })
+}
+
+/// Drops the gradients of `params` (set to none, as PyTorch's default `zero_grad`).
+pub fn grads_to_none(params: &[Tensor]) {
+    let p = handles(params);
+    // SAFETY: live tensor handles; resetting a gradient cannot throw.
+    unsafe { seedsweep_grads_to_none(p.as_ptr(), p.len() as c_int) }
 }
 
 pub fn is_channels_last(t: &Tensor) -> bool {

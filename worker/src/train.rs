@@ -204,10 +204,11 @@ pub fn learning_rate(cfg: &TrainConfig, epoch: u32, step: i64, steps: i64) -> f6
     }
 }
 
-/// SGD with momentum, Nesterov and weight decay as `torch.optim.SGD` (dampening 0), with its
-/// momentum buffers in the open so that checkpoints can save them.
+/// SGD with momentum, Nesterov and weight decay as `torch.optim.SGD(fused=True)` (dampening 0),
+/// with its momentum buffers in the open so that checkpoints can save them. The buffers start at
+/// zero, which makes the first step the same as PyTorch's (buffer = gradient).
 struct Sgd {
-    params: Vec<(String, Tensor)>,
+    params: Vec<Tensor>,
     buffers: Vec<Tensor>,
     momentum: f64,
     nesterov: bool,
@@ -216,13 +217,14 @@ struct Sgd {
 
 impl Sgd {
     fn new(vs: &nn::VarStore, cfg: &TrainConfig) -> Sgd {
-        let mut params: Vec<(String, Tensor)> = vs
+        let mut named: Vec<(String, Tensor)> = vs
             .variables()
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
-        let buffers = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+        let buffers = params.iter().map(Tensor::zeros_like).collect();
         Sgd {
             params,
             buffers,
@@ -233,44 +235,18 @@ impl Sgd {
     }
 
     fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
-        }
+        shim::grads_to_none(&self.params);
     }
 
-    /// One update with learning rate `lr`. With `skip` (a 0/1 scalar tensor from the loss scaler)
-    /// the update is computed but not applied, without a host synchronisation.
-    fn step(&mut self, lr: f64, skip: Option<&Tensor>) {
-        tch::no_grad(|| {
-            for ((_, p), buf) in self.params.iter_mut().zip(&mut self.buffers) {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let d = if self.weight_decay != 0.0 {
-                    &g + &*p * self.weight_decay
-                } else {
-                    g
-                };
-                let new_buf = &*buf * self.momentum + &d;
-                let update = if self.nesterov {
-                    d + &new_buf * self.momentum
-                } else {
-                    new_buf.shallow_clone()
-                };
-                match skip {
-                    None => {
-                        buf.copy_(&new_buf);
-                        *p -= update * lr;
-                    }
-                    Some(skip) => {
-                        buf.copy_(&buf.where_self(skip, &new_buf));
-                        let stepped = &*p - update * lr;
-                        p.copy_(&p.where_self(skip, &stepped));
-                    }
-                }
-            }
-        })
+    /// One update with learning rate `lr`; skipped on the device where `found_inf` is non-zero.
+    fn step(&mut self, lr: f64, found_inf: Option<&Tensor>) -> Result<(), TrainError> {
+        let step = shim::SgdStep {
+            lr,
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+        };
+        shim::fused_sgd(&self.params, &self.buffers, step, found_inf).map_err(TrainError::Device)
     }
 }
 
@@ -294,11 +270,11 @@ impl LossScaler {
         loss * &self.scale
     }
 
-    /// Unscales the gradients; returns the 0/1 "skip this step" flag (as bool).
+    /// Unscales the gradients; returns `found_inf`, non-zero when a gradient overflowed.
     fn unscale(&mut self, sgd: &mut Sgd) -> Result<Tensor, TrainError> {
         let mut found_inf = Tensor::zeros([1], (Kind::Float, self.scale.device()));
         let inv_scale = self.scale.reciprocal();
-        for (_, p) in &mut sgd.params {
+        for p in &mut sgd.params {
             let mut g = p.grad();
             if g.defined() {
                 g.f_internal_amp_non_finite_check_and_unscale(&mut found_inf, &inv_scale)?;
@@ -311,7 +287,7 @@ impl LossScaler {
             0.5,
             2000,
         )?;
-        Ok(found_inf.gt(0.0))
+        Ok(found_inf)
     }
 }
 
@@ -564,12 +540,12 @@ pub fn train(
             match &mut scaler {
                 None => {
                     loss.backward();
-                    sgd.step(lr, None);
+                    sgd.step(lr, None)?;
                 }
                 Some(s) => {
                     s.scaled(&loss).backward();
-                    let skip = s.unscale(&mut sgd)?;
-                    sgd.step(lr, Some(&skip));
+                    let found_inf = s.unscale(&mut sgd)?;
+                    sgd.step(lr, Some(&found_inf))?;
                 }
             }
             tch::no_grad(|| {
@@ -827,6 +803,33 @@ mod tests {
             checkpoints: Some(CheckpointStore::new(dir.path(), "sweep", 5, "other key")),
         };
         assert_eq!(train(&d, &cfg, &other, |_| {}).unwrap().resumed_from, 0);
+    }
+
+    /// One step by hand: d = g + wd p; buf = m buf + d; update = d + m buf (Nesterov); p -= lr update.
+    #[test]
+    fn sgd_steps_like_torch_and_skips_on_overflow() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let p = vs.root().var_copy("p", &Tensor::from_slice(&[1.0f32, 2.0]));
+        let (_, mut cfg) = tiny();
+        cfg.momentum = 0.9;
+        cfg.nesterov = true;
+        cfg.weight_decay = 0.1;
+        let mut sgd = Sgd::new(&vs, &cfg);
+        let grad_of = |p: &Tensor| (p * Tensor::from_slice(&[0.5f32, -1.0])).sum(Kind::Float);
+        grad_of(&p).backward();
+        sgd.step(0.1, None).unwrap();
+        let after: Vec<f32> = Vec::try_from(&p.detach()).unwrap();
+        let want = [1.0 - 0.1 * 1.9 * 0.6, 2.0 - 0.1 * 1.9 * -0.8];
+        for (a, w) in after.iter().zip(want) {
+            assert!((*a as f64 - w).abs() < 1e-6, "{after:?} vs {want:?}");
+        }
+        // An overflowed step changes nothing, not even the momentum buffer.
+        sgd.zero_grad();
+        grad_of(&p).backward();
+        let buffer: Vec<f32> = Vec::try_from(&sgd.buffers[0]).unwrap();
+        sgd.step(0.1, Some(&Tensor::from_slice(&[1.0f32]))).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&p.detach()).unwrap(), after);
+        assert_eq!(Vec::<f32>::try_from(&sgd.buffers[0]).unwrap(), buffer);
     }
 
     #[test]
