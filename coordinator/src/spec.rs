@@ -687,9 +687,19 @@ impl SweepSpec {
                 RECIPES.map(|r| format!("\"{r}\"")).join(", ")
             ));
         };
+        let preset = table.clone();
         table.extend(raw.train.clone());
         let mut train: TrainSettings = table.try_into().map_err(|e: toml::de::Error| {
-            SpecError(format!("in [train]: {}", e.message().trim_end()))
+            // Name the key: the recipe's own settings are valid, so try the file's one at a time.
+            let culprit = raw.train.iter().find(|(k, v)| {
+                let mut one = preset.clone();
+                one.insert((*k).clone(), (*v).clone());
+                one.try_into::<TrainSettings>().is_err()
+            });
+            match culprit {
+                Some((key, _)) => SpecError(format!("`train.{key}`: {}", e.message().trim_end())),
+                None => SpecError(format!("in [train]: {}", e.message().trim_end())),
+            }
         })?;
         train.validate()?;
         train.lr_peak_epoch = Some(train.peak_epoch());

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <optional>
 #include <vector>
 
@@ -97,6 +98,21 @@ char *seedsweep_fused_sgd(at::Tensor **params, at::Tensor **buffers, int n, doub
 void seedsweep_grads_to_none(at::Tensor **params, int n) {
   for (int i = 0; i < n; ++i) {
     params[i]->mutable_grad().reset();
+  }
+}
+
+// Makes the calling thread launch its CUDA work on a stream of its own from libtorch's pool, so
+// that seeds training on several threads (--slots) overlap on the device instead of queueing on
+// the default stream. Goes through c10's device-generic interface, which libc10_cuda registers
+// when it loads, so no CUDA headers are needed here.
+char *seedsweep_use_own_stream(int device) {
+  try {
+    const auto *impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    c10::Device d(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
+    impl->exchangeStream(impl->getStreamFromGlobalPool(d, /*isHighPriority=*/false));
+    return nullptr;
+  } catch (const std::exception &e) {
+    return copy_message(e.what());
   }
 }
 

@@ -22,6 +22,7 @@ unsafe extern "C" {
         found_inf: *const C_tensor,
     ) -> *mut c_char;
     fn seedsweep_grads_to_none(params: *const *mut C_tensor, n: c_int);
+    fn seedsweep_use_own_stream(device: c_int) -> *mut c_char;
     fn seedsweep_free(message: *mut c_char);
 }
 
@@ -81,7 +82,10 @@ pub fn channels_last(t: &Tensor) -> Tensor {
 }
 
 fn handles(tensors: &[Tensor]) -> Vec<*mut C_tensor> {
-    tensors.iter().map(|t| t.as_ptr() as *mut C_tensor).collect()
+    tensors
+        .iter()
+        .map(|t| t.as_ptr() as *mut C_tensor)
+        .collect()
 }
 
 /// SGD settings for [`fused_sgd`].
@@ -101,7 +105,11 @@ pub fn fused_sgd(
     step: SgdStep,
     found_inf: Option<&Tensor>,
 ) -> Result<(), String> {
-    assert_eq!(params.len(), buffers.len(), "one momentum buffer per parameter");
+    assert_eq!(
+        params.len(),
+        buffers.len(),
+        "one momentum buffer per parameter"
+    );
     let (p, b) = (handles(params), handles(buffers));
     let inf = found_inf.map_or(std::ptr::null(), Tensor::as_ptr);
     // SAFETY: live tensor handles, `n` of each; the shim catches every C++ exception.
@@ -124,6 +132,12 @@ pub fn grads_to_none(params: &[Tensor]) {
     let p = handles(params);
     // SAFETY: live tensor handles; resetting a gradient cannot throw.
     unsafe { seedsweep_grads_to_none(p.as_ptr(), p.len() as c_int) }
+}
+
+/// Makes the calling thread launch its work on CUDA device `device` on a stream of its own.
+pub fn use_own_stream(device: usize) -> Result<(), String> {
+    // SAFETY: a plain call into the shim; it catches every C++ exception.
+    check(unsafe { seedsweep_use_own_stream(device as c_int) })
 }
 
 pub fn is_channels_last(t: &Tensor) -> bool {

@@ -460,6 +460,12 @@ pub fn train(
 ) -> Result<Trained, TrainError> {
     let device = run.device;
     let cuda = device.is_cuda();
+    if let Device::Cuda(index) = device {
+        // Seeds training at once (--slots) each get a stream, so that their kernels overlap.
+        if let Err(e) = shim::use_own_stream(index) {
+            tracing::debug!(problem = %e, "training on the default CUDA stream");
+        }
+    }
     if cuda {
         if cfg.deterministic {
             shim::set_deterministic(true).map_err(TrainError::Device)?;

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# GPU benchmark, for a GPU host that has PyTorch but maybe no Rust toolchain: it builds nothing.
+# Give it `worker` and `coordinator` binaries built elsewhere against the libtorch of the host's
+# PyTorch (bench/README.md, "GPU"); the worker finds that libtorch through LD_LIBRARY_PATH.
+#
+# On CIFAR-shaped generated data (50,000 training and 10,000 test images) it runs the
+# `dawnbench` and `paper-short` recipes for SEEDS seeds through a real coordinator and worker, then
+# bench/torch_reference.py (PyTorch eager, same recipe and pipeline) for as many seeds, and
+# reports seconds per seed (training and per-epoch evaluation, the model built and the data on the
+# device) and training images per second. Then a determinism check: one seed twice with
+# `deterministic = true` must give identical metrics.
+#
+#   bench/gpu.sh [SEEDS] [GPU]        (defaults: 2 and 0)
+#
+#   SEEDSWEEP_BIN   folder with worker and coordinator (default: target/release)
+#   PYTHON          python with torch (default: python3)
+#   RESULTS         file to append the report to as it goes (default: stdout only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seeds=${1:-2}
+gpu=${2:-0}
+bin=${SEEDSWEEP_BIN:-target/release}
+python=${PYTHON:-python3}
+results=${RESULTS:-/dev/null}
+say() { echo "$@" | tee -a "$results"; }
+
+torchlib=$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH="$torchlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+say "host: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1); torch $("$python" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+say "worker links: $(ldd "$bin/worker" | grep -Eo 'lib(torch_cuda|torch_cpu|c10_cuda)\.so => [^ ]+' | tr '\n' ' ')"
+if ldd "$bin/worker" | grep -q 'not found'; then
+  ldd "$bin/worker" | grep 'not found' >&2
+  echo "error: the worker cannot find some libraries; build it against this host's torch" >&2
+  exit 1
+fi
+
+work=$(mktemp -d)
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+train=50000
+"$bin/worker" make-dataset synthetic --train $train --test 10000 --out "$work/data/synthetic" 2>/dev/null
+"$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/addr" \
+  --database-url "sqlite://$work/bench.db" 2>"$work/coordinator.log" &
+for _ in $(seq 300); do [ -f "$work/addr" ] && break; sleep 0.1; done
+url="http://$(cat "$work/addr")"
+query() { "$python" -c 'import sqlite3, sys
+for row in sqlite3.connect(sys.argv[1]).execute(sys.argv[2]): print("|".join(map(str, row)))' "$work/bench.db" "$1"; }
+
+submit() { # NAME RECIPE SEEDS [EXTRA TRAIN LINES]
+  printf 'name = "%s"\ntask = "resnet9"\ndataset = "synthetic"\nrecipe = "%s"\nseeds = %s\n[train]\n%s\n' \
+    "$1" "$2" "$3" "${4:-}" >"$work/$1.toml"
+  "$bin/coordinator" sweep submit "$work/$1.toml" --coordinator "$url"
+}
+worker() {
+  "$bin/worker" --gpu "$gpu" --exit-when-idle --coordinator "$url" --data-dir "$work/data" \
+    2>>"$work/worker.log" || { tail -20 "$work/worker.log" >&2; exit 1; }
+}
+
+say "$(printf '%-12s %-8s %6s %12s %12s %14s %9s' recipe who seeds s/seed s/epoch train_img/s test_acc)"
+for recipe in dawnbench paper-short; do
+  id=$(submit "$recipe" "$recipe" "\"0..$seeds\"")
+  worker
+  # Median over seeds of the seed's seconds; epoch seconds without the first (autotuning) epoch.
+  per_seed=$(query "SELECT seconds FROM results WHERE sweep_id = '$id'" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  per_epoch=$(query "SELECT seconds FROM epoch_metrics WHERE sweep_id = '$id' AND epoch > 1" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  acc=$(query "SELECT avg(test_accuracy) FROM results WHERE sweep_id = '$id'")
+  prec=$(query "SELECT DISTINCT precision FROM results WHERE sweep_id = '$id'")
+  say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f  (%s)' "$recipe" worker "$seeds" "$per_seed" "$per_epoch" "$(echo "$train / $per_epoch" | bc -l)" "$acc" "$prec")"
+  : >"$work/ref.json"
+  for s in $(seq 0 $((seeds - 1))); do
+    "$python" bench/torch_reference.py --data "$work/data/synthetic" --recipe "$recipe" \
+      --device "cuda:$gpu" --seed "$s" >"$work/ref-$s.json"
+    "$python" -c 'import json, sys
+e = [json.loads(l) for l in open(sys.argv[1])]
+print(sum(x["seconds"] for x in e), sorted(x["seconds"] for x in e[1:])[len(e[1:]) // 2], e[-1]["test_accuracy"])' \
+      "$work/ref-$s.json" >>"$work/ref.json"
+  done
+  read -r r_seed r_epoch r_acc < <(sort -g "$work/ref.json" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}')
+  say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f' "$recipe" pytorch "$seeds" "$r_seed" "$r_epoch" "$(echo "$train / $r_epoch" | bc -l)" "$r_acc")"
+done
+
+# Determinism: the same seed twice with deterministic algorithms gives identical metrics.
+a=$(submit det-a dawnbench "[5]" $'epochs = 2\ndeterministic = true')
+worker
+b=$(submit det-b dawnbench "[5]" $'epochs = 2\ndeterministic = true')
+worker
+ma=$(query "SELECT epoch, train_loss, test_loss, test_accuracy FROM epoch_metrics WHERE sweep_id = '$a' ORDER BY epoch")
+mb=$(query "SELECT epoch, train_loss, test_loss, test_accuracy FROM epoch_metrics WHERE sweep_id = '$b' ORDER BY epoch")
+if [ "$ma" = "$mb" ]; then say "deterministic = true: identical metrics in two runs of seed 5 ($(query "SELECT deterministic FROM results WHERE sweep_id = '$a'"))"; else
+  say "deterministic = true: metrics DIFFER"; say "$ma"; say "$mb"; fi
