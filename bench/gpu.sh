@@ -10,11 +10,13 @@
 # device) and training images per second. Then a determinism check: one seed twice with
 # `deterministic = true` must give identical metrics.
 #
-#   bench/gpu.sh [SEEDS] [GPU]        (defaults: 2 and 0)
+#   bench/gpu.sh [SEEDS] [GPU]        (defaults: 2 and 0; GPU `cpu` runs it all on the CPU, a
+#                                     smoke test of the script itself)
 #
 #   SEEDSWEEP_BIN   folder with worker and coordinator (default: target/release)
 #   PYTHON          python with torch (default: python3)
 #   RESULTS         file to append the report to as it goes (default: stdout only)
+#   TRAIN_IMAGES, TEST_IMAGES, EXTRA_TRAIN   smaller data or extra [train] lines, for smoke tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds=${1:-2}
@@ -26,7 +28,11 @@ say() { echo "$@" | tee -a "$results"; }
 
 torchlib=$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$torchlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-say "host: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1); torch $("$python" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+if [ "$gpu" = cpu ]; then worker_device=(--cpu); ref_device=cpu; else
+  worker_device=(--gpu "$gpu"); ref_device="cuda:$gpu"
+  say "host: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1)"
+fi
+say "torch $("$python" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
 say "worker links: $(ldd "$bin/worker" | grep -Eo 'lib(torch_cuda|torch_cpu|c10_cuda)\.so => [^ ]+' | tr '\n' ' ')"
 if ldd "$bin/worker" | grep -q 'not found'; then
   ldd "$bin/worker" | grep 'not found' >&2
@@ -37,25 +43,30 @@ fi
 work=$(mktemp -d)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-train=50000
-"$bin/worker" make-dataset synthetic --train $train --test 10000 --out "$work/data/synthetic" 2>/dev/null
+train=${TRAIN_IMAGES:-50000}
+"$bin/worker" make-dataset synthetic --train "$train" --test "${TEST_IMAGES:-10000}" --out "$work/data/synthetic" 2>/dev/null
 "$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/addr" \
   --database-url "sqlite://$work/bench.db" 2>"$work/coordinator.log" &
 for _ in $(seq 300); do [ -f "$work/addr" ] && break; sleep 0.1; done
 url="http://$(cat "$work/addr")"
+div() { awk -v a="$1" -v b="$2" 'BEGIN { print a / b }'; }
 query() { "$python" -c 'import sqlite3, sys
 for row in sqlite3.connect(sys.argv[1]).execute(sys.argv[2]): print("|".join(map(str, row)))' "$work/bench.db" "$1"; }
 
 submit() { # NAME RECIPE SEEDS [EXTRA TRAIN LINES]
+  # The run's own lines win over EXTRA_TRAIN's for the same key.
+  local lines
+  lines=$(printf '%s\n%s\n' "${4:-}" "${EXTRA_TRAIN:-}" | awk -F= 'NF > 1 && !seen[$1]++')
   printf 'name = "%s"\ntask = "resnet9"\ndataset = "synthetic"\nrecipe = "%s"\nseeds = %s\n[train]\n%s\n' \
-    "$1" "$2" "$3" "${4:-}" >"$work/$1.toml"
+    "$1" "$2" "$3" "$lines" >"$work/$1.toml"
   "$bin/coordinator" sweep submit "$work/$1.toml" --coordinator "$url"
 }
 worker() {
-  "$bin/worker" --gpu "$gpu" --exit-when-idle --coordinator "$url" --data-dir "$work/data" \
+  "$bin/worker" "${worker_device[@]}" --exit-when-idle --coordinator "$url" --data-dir "$work/data" \
     2>>"$work/worker.log" || { tail -20 "$work/worker.log" >&2; exit 1; }
 }
 
+REF_ARGS=${REF_ARGS:-}
 say "$(printf '%-12s %-8s %6s %12s %12s %14s %9s' recipe who seeds s/seed s/epoch train_img/s test_acc)"
 for recipe in dawnbench paper-short; do
   id=$(submit "$recipe" "$recipe" "\"0..$seeds\"")
@@ -65,18 +76,18 @@ for recipe in dawnbench paper-short; do
   per_epoch=$(query "SELECT seconds FROM epoch_metrics WHERE sweep_id = '$id' AND epoch > 1" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
   acc=$(query "SELECT avg(test_accuracy) FROM results WHERE sweep_id = '$id'")
   prec=$(query "SELECT DISTINCT precision FROM results WHERE sweep_id = '$id'")
-  say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f  (%s)' "$recipe" worker "$seeds" "$per_seed" "$per_epoch" "$(echo "$train / $per_epoch" | bc -l)" "$acc" "$prec")"
+  say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f  (%s)' "$recipe" worker "$seeds" "$per_seed" "$per_epoch" "$(div "$train" "$per_epoch")" "$acc" "$prec")"
   : >"$work/ref.json"
   for s in $(seq 0 $((seeds - 1))); do
-    "$python" bench/torch_reference.py --data "$work/data/synthetic" --recipe "$recipe" \
-      --device "cuda:$gpu" --seed "$s" >"$work/ref-$s.json"
+    "$python" -W ignore::UserWarning bench/torch_reference.py --data "$work/data/synthetic" --recipe "$recipe" \
+      --device "$ref_device" --seed "$s" $REF_ARGS >"$work/ref-$s.json"
     "$python" -c 'import json, sys
 e = [json.loads(l) for l in open(sys.argv[1])]
 print(sum(x["seconds"] for x in e), sorted(x["seconds"] for x in e[1:])[len(e[1:]) // 2], e[-1]["test_accuracy"])' \
       "$work/ref-$s.json" >>"$work/ref.json"
   done
   read -r r_seed r_epoch r_acc < <(sort -g "$work/ref.json" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}')
-  say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f' "$recipe" pytorch "$seeds" "$r_seed" "$r_epoch" "$(echo "$train / $r_epoch" | bc -l)" "$r_acc")"
+  say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f' "$recipe" pytorch "$seeds" "$r_seed" "$r_epoch" "$(div "$train" "$r_epoch")" "$r_acc")"
 done
 
 # Determinism: the same seed twice with deterministic algorithms gives identical metrics.

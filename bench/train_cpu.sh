@@ -30,6 +30,7 @@ train=2560
 for _ in $(seq 300); do [ -f "$work/addr" ] && break; sleep 0.1; done
 url="http://$(cat "$work/addr")"
 
+div() { awk -v a="$1" -v b="$2" 'BEGIN { print a / b }'; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 printf '%-6s %6s %16s %16s %8s %14s\n' width epochs worker_s/epoch pytorch_s/epoch ratio worker_img/s
@@ -52,7 +53,7 @@ TOML
       --data-dir "$work/data" 2>>"$work/worker.log"
     sqlite3 "$work/bench.db" \
       "SELECT seconds FROM epoch_metrics WHERE sweep_id = '$id' AND epoch > 1" >>"$work/worker.$width"
-    "$python" bench/torch_reference.py --data "$work/data/synthetic" --recipe dawnbench \
+    "$python" -W ignore::UserWarning bench/torch_reference.py --data "$work/data/synthetic" --recipe dawnbench \
       --epochs "$epochs" --width "$width" --threads "$threads" --seed "$rep" 2>>"$work/torch.log" |
       "$python" -c 'import json,sys
 for l in sys.stdin:
@@ -62,5 +63,5 @@ for l in sys.stdin:
   w=$(median <"$work/worker.$width")
   t=$(median <"$work/torch.$width")
   printf '%-6s %6s %16.3f %16.3f %8.3f %14.1f\n' "$width" "$(wc -l <"$work/worker.$width")" "$w" "$t" \
-    "$(echo "$w / $t" | bc -l)" "$(echo "$train / $w" | bc -l)"
+    "$(div "$w" "$t")" "$(div "$train" "$w")"
 done
