@@ -7,8 +7,8 @@
 # `dawnbench` and `paper-short` recipes for SEEDS seeds through a real coordinator and worker, then
 # bench/torch_reference.py (PyTorch eager, same recipe and pipeline) for as many seeds, and
 # reports seconds per seed (training and per-epoch evaluation, the model built and the data on the
-# device) and training images per second. Then a determinism check: one seed twice with
-# `deterministic = true` must give identical metrics.
+# device) and training images per second. First a determinism check: one seed twice with
+# `deterministic = true` (2 epochs) must give identical metrics.
 #
 #   bench/gpu.sh [SEEDS] [GPU]        (defaults: 2 and 0; GPU `cpu` runs it all on the CPU, a
 #                                     smoke test of the script itself)
@@ -16,7 +16,9 @@
 #   SEEDSWEEP_BIN   folder with worker and coordinator (default: target/release)
 #   PYTHON          python with torch (default: python3)
 #   RESULTS         file to append the report to as it goes (default: stdout only)
-#   TRAIN_IMAGES, TEST_IMAGES, EXTRA_TRAIN   smaller data or extra [train] lines, for smoke tests
+#   LOGS            folder to copy the worker's and coordinator's logs into at the end
+#   TRAIN_IMAGES, TEST_IMAGES, EXTRA_TRAIN, REF_ARGS   smaller data, extra [train] lines and
+#                   torch_reference.py flags, for smoke tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seeds=${1:-2}
@@ -41,7 +43,11 @@ if ldd "$bin/worker" | grep -q 'not found'; then
 fi
 
 work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
+  [ -n "${LOGS:-}" ] && cp "$work"/*.log "$LOGS"/ 2>/dev/null
+  rm -rf "$work"
+}
 trap cleanup EXIT
 train=${TRAIN_IMAGES:-50000}
 "$bin/worker" make-dataset synthetic --train "$train" --test "${TEST_IMAGES:-10000}" --out "$work/data/synthetic" 2>/dev/null
@@ -61,34 +67,10 @@ submit() { # NAME RECIPE SEEDS [EXTRA TRAIN LINES]
     "$1" "$2" "$3" "$lines" >"$work/$1.toml"
   "$bin/coordinator" sweep submit "$work/$1.toml" --coordinator "$url"
 }
-worker() {
-  "$bin/worker" "${worker_device[@]}" --exit-when-idle --coordinator "$url" --data-dir "$work/data" \
+worker() { # [EXTRA WORKER FLAGS]
+  "$bin/worker" "${worker_device[@]}" "$@" --exit-when-idle --coordinator "$url" --data-dir "$work/data" \
     2>>"$work/worker.log" || { tail -20 "$work/worker.log" >&2; exit 1; }
 }
-
-REF_ARGS=${REF_ARGS:-}
-say "$(printf '%-12s %-8s %6s %12s %12s %14s %9s' recipe who seeds s/seed s/epoch train_img/s test_acc)"
-for recipe in dawnbench paper-short; do
-  id=$(submit "$recipe" "$recipe" "\"0..$seeds\"")
-  worker
-  # Median over seeds of the seed's seconds; epoch seconds without the first (autotuning) epoch.
-  per_seed=$(query "SELECT seconds FROM results WHERE sweep_id = '$id'" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-  per_epoch=$(query "SELECT seconds FROM epoch_metrics WHERE sweep_id = '$id' AND epoch > 1" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-  acc=$(query "SELECT avg(test_accuracy) FROM results WHERE sweep_id = '$id'")
-  prec=$(query "SELECT DISTINCT precision FROM results WHERE sweep_id = '$id'")
-  say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f  (%s)' "$recipe" worker "$seeds" "$per_seed" "$per_epoch" "$(div "$train" "$per_epoch")" "$acc" "$prec")"
-  : >"$work/ref.json"
-  for s in $(seq 0 $((seeds - 1))); do
-    "$python" -W ignore::UserWarning bench/torch_reference.py --data "$work/data/synthetic" --recipe "$recipe" \
-      --device "$ref_device" --seed "$s" $REF_ARGS >"$work/ref-$s.json"
-    "$python" -c 'import json, sys
-e = [json.loads(l) for l in open(sys.argv[1])]
-print(sum(x["seconds"] for x in e), sorted(x["seconds"] for x in e[1:])[len(e[1:]) // 2], e[-1]["test_accuracy"])' \
-      "$work/ref-$s.json" >>"$work/ref.json"
-  done
-  read -r r_seed r_epoch r_acc < <(sort -g "$work/ref.json" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}')
-  say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f' "$recipe" pytorch "$seeds" "$r_seed" "$r_epoch" "$(div "$train" "$r_epoch")" "$r_acc")"
-done
 
 # Determinism: the same seed twice with deterministic algorithms gives identical metrics.
 a=$(submit det-a dawnbench "[5]" $'epochs = 2\ndeterministic = true')
@@ -99,3 +81,35 @@ ma=$(query "SELECT epoch, train_loss, test_loss, test_accuracy FROM epoch_metric
 mb=$(query "SELECT epoch, train_loss, test_loss, test_accuracy FROM epoch_metrics WHERE sweep_id = '$b' ORDER BY epoch")
 if [ "$ma" = "$mb" ]; then say "deterministic = true: identical metrics in two runs of seed 5 ($(query "SELECT deterministic FROM results WHERE sweep_id = '$a'"))"; else
   say "deterministic = true: metrics DIFFER"; say "$ma"; say "$mb"; fi
+# Two slots (each on its own CUDA stream) with seed 6 beside seed 5: seed 5 must not change.
+c=$(submit det-c dawnbench "[5, 6]" $'epochs = 2\ndeterministic = true')
+worker --slots 2
+mc=$(query "SELECT epoch, train_loss, test_loss, test_accuracy FROM epoch_metrics WHERE sweep_id = '$c' AND seed = 5 ORDER BY epoch")
+if [ "$ma" = "$mc" ]; then say "--slots 2: seed 5 identical beside seed 6"; else
+  say "--slots 2: seed 5 DIFFERS beside seed 6"; say "$mc"; fi
+
+REF_ARGS=${REF_ARGS:-}
+say "$(printf '%-12s %-8s %6s %12s %12s %14s %9s' recipe who seeds s/seed s/epoch train_img/s test_acc)"
+for recipe in dawnbench paper-short; do
+  id=$(submit "$recipe" "$recipe" "\"0..$seeds\"")
+  worker
+  # Median over seeds of the seed's seconds; epoch seconds without the first (autotuning) epoch.
+  per_seed=$(query "SELECT seconds FROM results WHERE sweep_id = '$id'" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  per_epoch=$(query "SELECT seconds FROM epoch_metrics WHERE sweep_id = '$id' AND epoch > min(1, (SELECT max(epoch) - 1 FROM epoch_metrics WHERE sweep_id = '$id'))" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  acc=$(query "SELECT avg(test_accuracy) FROM results WHERE sweep_id = '$id'")
+  prec=$(query "SELECT DISTINCT precision FROM results WHERE sweep_id = '$id'")
+  say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f  (%s)' "$recipe" worker "$seeds" "$per_seed" "$per_epoch" "$(div "$train" "$per_epoch")" "$acc" "$prec")"
+  : >"$work/ref.json"
+  for s in $(seq 0 $((seeds - 1))); do
+    "$python" -W ignore::UserWarning bench/torch_reference.py --data "$work/data/synthetic" --recipe "$recipe" \
+      --device "$ref_device" --seed "$s" $REF_ARGS >"$work/ref-$s.json"
+    "$python" -c 'import json, sys
+e = [json.loads(l) for l in open(sys.argv[1])]
+rest = e[1:] or e
+print(sum(x["seconds"] for x in e), sorted(x["seconds"] for x in rest)[len(rest) // 2], e[-1]["test_accuracy"])' \
+      "$work/ref-$s.json" >>"$work/ref.json"
+  done
+  read -r r_seed r_epoch r_acc < <(sort -g "$work/ref.json" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}')
+  say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f' "$recipe" pytorch "$seeds" "$r_seed" "$r_epoch" "$(div "$train" "$r_epoch")" "$r_acc")"
+done
+

@@ -1,6 +1,12 @@
 //! A load generator, not a worker: `--workers` simulated workers, each looping lease, heartbeat,
 //! `--epochs` epoch reports over a stream, complete, against a real coordinator. Prints one JSON
 //! line: lease cycles per second and claim-latency percentiles.
+//!
+//! By default the loop is closed with no pause (each simulated worker claims again the moment it
+//! completes): that measures the most cycles per second the coordinator can serve. With
+//! `--think-ms` each simulated worker "trains" for about that long (uniformly 0.5x to 1.5x)
+//! between its heartbeat and its completion, as real workers do, so the coordinator sees a fleet
+//! at a realistic load and the claim latency is the one such a fleet gets.
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -28,6 +34,9 @@ struct Args {
     /// Seeds in the sweep the run submits (more than it can finish).
     #[arg(long, default_value_t = 100_000)]
     seeds: u64,
+    /// Mean simulated training time per lease, in milliseconds (0: a closed loop at full speed).
+    #[arg(long, default_value_t = 0)]
+    think_ms: u64,
 }
 
 async fn client(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
@@ -43,9 +52,23 @@ async fn simulate(
     url: String,
     n: usize,
     epochs: u32,
+    think: Duration,
     until: Instant,
 ) -> anyhow::Result<Vec<Duration>> {
     let mut c = client(&url).await?;
+    // A tiny per-worker generator (xorshift) spreads the think times, so the workers drift apart
+    // instead of arriving in lockstep.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (n as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    if !think.is_zero() {
+        // Start at a random point of a cycle, as a fleet that has been running a while does.
+        tokio::time::sleep(think.mul_f64(uniform())).await;
+    }
     let worker_id = format!("loadgen-{n}");
     let mut claims = Vec::new();
     while Instant::now() < until {
@@ -69,6 +92,9 @@ async fn simulate(
             lease: Some(lease.clone()),
         })
         .await?;
+        if !think.is_zero() {
+            tokio::time::sleep(think.mul_f64(0.5 + uniform())).await;
+        }
         let metrics: Vec<_> = (1..=epochs)
             .map(|epoch| pb::EpochMetrics {
                 lease: Some(lease.clone()),
@@ -123,7 +149,15 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(args.seconds);
     let tasks: Vec<_> = (0..args.workers)
-        .map(|n| tokio::spawn(simulate(args.coordinator.clone(), n, args.epochs, until)))
+        .map(|n| {
+            tokio::spawn(simulate(
+                args.coordinator.clone(),
+                n,
+                args.epochs,
+                Duration::from_millis(args.think_ms),
+                until,
+            ))
+        })
         .collect();
     let mut claims = Vec::new();
     for t in tasks {
@@ -136,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
         serde_json::json!({
             "workers": args.workers,
             "epochs": args.epochs,
+            "think_ms": args.think_ms,
             "cycles": claims.len(),
             "cycles_per_second": claims.len() as f64 / elapsed,
             "claim_p50_ms": percentile(&claims, 0.5),
