@@ -45,6 +45,23 @@ char *seedsweep_set_autocast_bf16(int on) {
   }
 }
 
+// Enters a CUDA autocast region (or a region without it) for the calling thread; returns whether
+// autocast was on before, for seedsweep_autocast_exit. (tch's own helper calls deprecated
+// functions that print a warning.)
+int seedsweep_autocast_enter(int enabled) {
+  bool before = at::autocast::is_autocast_enabled(at::kCUDA);
+  at::autocast::set_autocast_enabled(at::kCUDA, enabled != 0);
+  at::autocast::increment_nesting();
+  return before ? 1 : 0;
+}
+
+void seedsweep_autocast_exit(int before) {
+  if (at::autocast::decrement_nesting() == 0) {
+    at::autocast::clear_cache();
+  }
+  at::autocast::set_autocast_enabled(at::kCUDA, before != 0);
+}
+
 // A new tensor with the data of `t` in channels_last (NHWC) memory format; null on error.
 at::Tensor *seedsweep_channels_last(const at::Tensor *t) {
   try {

@@ -147,8 +147,11 @@ pub fn build(p: &nn::Path, arch: Arch, width: f64, classes: i64) -> Resnet9 {
             Box::new(layer(p / "layer1", arch, c0, c1, true)),
             Box::new(layer(p / "layer2", arch, c1, c2, false)),
             Box::new(layer(p / "layer3", arch, c2, c3, true)),
+            // A global max pool, as max_pool2d over the whole map: the same numbers as an adaptive
+            // max pool to 1x1, and unlike it, its CUDA backward has a deterministic kernel.
             Box::new(nn::func_t(|x, _| {
-                x.adaptive_max_pool2d([1, 1]).0.flat_view()
+                let side = [x.size()[2], x.size()[3]];
+                x.max_pool2d(side, side, [0, 0], [1, 1], false).flat_view()
             })),
             Box::new(nn::func_t(move |x, _| x.apply(&classifier) * scale)),
         ],

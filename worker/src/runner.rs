@@ -403,15 +403,20 @@ impl Worker {
                 stop: &stop_t,
                 checkpoints,
             };
-            train::train(&data_t, &cfg, &run, |m: &EpochMetrics| {
-                if tx.blocking_send(epoch_pb(&lref_t, m)).is_err() {
-                    // The coordinator closed the stream (a stale lease): stop training.
-                    stop_t.store(true, Ordering::Relaxed);
-                }
-                if m.epoch + 1 >= epochs {
-                    prefetch_tx.take().map(|t| t.send(()));
-                }
-            })
+            let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                train::train(&data_t, &cfg, &run, |m: &EpochMetrics| {
+                    if tx.blocking_send(epoch_pb(&lref_t, m)).is_err() {
+                        // The coordinator closed the stream (a stale lease): stop training.
+                        stop_t.store(true, Ordering::Relaxed);
+                    }
+                    if m.epoch + 1 >= epochs {
+                        prefetch_tx.take().map(|t| t.send(()));
+                    }
+                })
+            }));
+            // tch panics on libtorch errors in operations it does not let fail: the seed fails
+            // with libtorch's message, and the worker goes on.
+            trained.unwrap_or_else(|panic| Err(TrainError::Panicked(panic_message(&panic))))
         })
         .await
         .context("the training thread panicked")?;
@@ -535,6 +540,16 @@ impl Worker {
             ),
         }
     }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    // libtorch appends a C++ stack trace to its messages; the first lines say what happened.
+    text.lines().take(3).collect::<Vec<_>>().join(" ")
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {

@@ -23,6 +23,8 @@ unsafe extern "C" {
     ) -> *mut c_char;
     fn seedsweep_grads_to_none(params: *const *mut C_tensor, n: c_int);
     fn seedsweep_use_own_stream(device: c_int) -> *mut c_char;
+    fn seedsweep_autocast_enter(enabled: c_int) -> c_int;
+    fn seedsweep_autocast_exit(before: c_int);
     fn seedsweep_free(message: *mut c_char);
 }
 
@@ -64,6 +66,15 @@ pub fn favour_speed() -> Result<(), String> {
 pub fn set_autocast_bfloat16(on: bool) -> Result<(), String> {
     // SAFETY: as above.
     check(unsafe { seedsweep_set_autocast_bf16(c_int::from(on)) })
+}
+
+/// Runs `f` with CUDA autocast on (`enabled`) or off, for the calling thread.
+pub fn autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain calls into the shim; they only set thread-local autocast state.
+    let before = unsafe { seedsweep_autocast_enter(c_int::from(enabled)) };
+    let out = f();
+    unsafe { seedsweep_autocast_exit(before) };
+    out
 }
 
 /// `t` in channels_last memory format (for 4-d tensors; others come back as they are).

@@ -152,6 +152,10 @@ pub enum TrainError {
     Device(String),
     #[error("cannot resume from the checkpoint: {0}")]
     Checkpoint(String),
+    /// libtorch raised an error inside an operation tch does not let fail (CUDA out of memory in
+    /// a forward pass, say).
+    #[error("training failed: {0}")]
+    Panicked(String),
 }
 
 /// A 64-bit seed for one source of randomness. The default namespace keeps the derivation of
@@ -424,6 +428,12 @@ impl Pipeline {
     }
 }
 
+/// Backpropagates, turning a libtorch error (out of memory, an operation without a deterministic
+/// kernel, ...) into a failed seed rather than a crash.
+fn backward(loss: &Tensor) -> Result<(), TrainError> {
+    Ok(loss.f_backward()?)
+}
+
 fn loss_of(cfg: &TrainConfig, logits: &Tensor, y: &Tensor) -> Tensor {
     let ce = |smoothing: f64| {
         logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
@@ -537,7 +547,7 @@ pub fn train(
             let x = pipeline.augment(&train_images.index_select(0, &idx), &draws, start);
             let y = train_labels.index_select(0, &idx);
             lr = learning_rate(cfg, epoch, step, steps);
-            let (logits, loss) = tch::autocast(precision != Precision::Fp32, || {
+            let (logits, loss) = shim::autocast(precision != Precision::Fp32, || {
                 let logits = net.forward_t(&x, true);
                 let loss = loss_of(cfg, &logits, &y);
                 (logits, loss)
@@ -545,11 +555,11 @@ pub fn train(
             sgd.zero_grad();
             match &mut scaler {
                 None => {
-                    loss.backward();
+                    backward(&loss)?;
                     sgd.step(lr, None)?;
                 }
                 Some(s) => {
-                    s.scaled(&loss).backward();
+                    backward(&s.scaled(&loss))?;
                     let found_inf = s.unscale(&mut sgd)?;
                     sgd.step(lr, Some(&found_inf))?;
                 }
@@ -627,7 +637,7 @@ fn evaluate(
             let len = EVAL_BATCH.min(n - start);
             let x = pipeline.normalise(&split.images.narrow(0, start, len).to_device(device));
             let y = split.labels.narrow(0, start, len).to_device(device);
-            let logits = tch::autocast(precision != Precision::Fp32, || net.forward_t(&x, false))
+            let logits = shim::autocast(precision != Precision::Fp32, || net.forward_t(&x, false))
                 .to_kind(Kind::Float);
             loss_sum += logits
                 .cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)
