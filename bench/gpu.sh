@@ -8,7 +8,9 @@
 # bench/torch_reference.py (PyTorch eager, same recipe and pipeline) for as many seeds, and
 # reports seconds per seed (training and per-epoch evaluation, the model built and the data on the
 # device) and training images per second. First a determinism check: one seed twice with
-# `deterministic = true` (2 epochs) must give identical metrics.
+# `deterministic = true` (2 epochs) must give identical metrics, also with a second seed training
+# beside it in another slot. Last, seeds per minute of a small network with one slot and with
+# several.
 #
 #   bench/gpu.sh [SEEDS] [GPU]        (defaults: 2 and 0; GPU `cpu` runs it all on the CPU, a
 #                                     smoke test of the script itself)
@@ -16,6 +18,8 @@
 #   SEEDSWEEP_BIN   folder with worker and coordinator (default: target/release)
 #   PYTHON          python with torch (default: python3)
 #   RESULTS         file to append the report to as it goes (default: stdout only)
+#   PARTS           which parts to run (default: "checks recipes slots")
+#   SLOTS           slots for the slots part (default: 4)
 #   LOGS            folder to copy the worker's and coordinator's logs into at the end
 #   TRAIN_IMAGES, TEST_IMAGES, EXTRA_TRAIN, REF_ARGS   smaller data, extra [train] lines and
 #                   torch_reference.py flags, for smoke tests
@@ -72,6 +76,10 @@ worker() { # [EXTRA WORKER FLAGS]
     2>>"$work/worker.log" || { tail -20 "$work/worker.log" >&2; exit 1; }
 }
 
+parts=${PARTS:-checks recipes slots}
+has() { [[ " $parts " == *" $1 "* ]]; }
+
+if has checks; then
 # Determinism: the same seed twice with deterministic algorithms gives identical metrics.
 a=$(submit det-a dawnbench "[5]" $'epochs = 2\ndeterministic = true')
 worker
@@ -88,7 +96,10 @@ mc=$(query "SELECT epoch, train_loss, test_loss, test_accuracy FROM epoch_metric
 if [ "$ma" = "$mc" ]; then say "--slots 2: seed 5 identical beside seed 6"; else
   say "--slots 2: seed 5 DIFFERS beside seed 6"; say "$mc"; fi
 
+fi
+
 REF_ARGS=${REF_ARGS:-}
+if has recipes; then
 say "$(printf '%-12s %-8s %6s %12s %12s %14s %9s' recipe who seeds s/seed s/epoch train_img/s test_acc)"
 for recipe in dawnbench paper-short; do
   id=$(submit "$recipe" "$recipe" "\"0..$seeds\"")
@@ -112,4 +123,18 @@ print(sum(x["seconds"] for x in e), sorted(x["seconds"] for x in rest)[len(rest)
   read -r r_seed r_epoch r_acc < <(sort -g "$work/ref.json" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}')
   say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f' "$recipe" pytorch "$seeds" "$r_seed" "$r_epoch" "$(div "$train" "$r_epoch")" "$r_acc")"
 done
+fi
 
+# Slots: a small network (dawnbench at width 0.25, 4 epochs) on 8 seeds, one at a time and
+# SLOTS at a time in one worker; seeds per minute from the wall time of each worker run.
+if has slots; then
+  say "$(printf '%-28s %6s %10s %12s' 'slots (width 0.25, 4 ep)' seeds wall_s seeds/min)"
+  for n in 1 "${SLOTS:-4}"; do
+    submit "slots-$n" dawnbench '"0..8"' $'epochs = 4\nwidth = 0.25' >/dev/null
+    t0=$(date +%s.%N)
+    worker --slots "$n"
+    t1=$(date +%s.%N)
+    wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+    say "$(printf '%-28s %6s %10.1f %12.1f' "--slots $n" 8 "$wall" "$(div 480 "$wall")")"
+  done
+fi

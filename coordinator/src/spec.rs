@@ -356,6 +356,13 @@ impl TrainSettings {
                 invalid(format!("`train.{key}` = {v} is not a finite number"))
             }
         };
+        let below_one = |key: &str, v: f64| -> Result<(), SpecError> {
+            if (0.0..1.0).contains(&v) {
+                Ok(())
+            } else {
+                invalid(format!("`train.{key}` = {v}: must be in [0, 1)"))
+            }
+        };
         if self.epochs == 0 || self.epochs > 10_000 {
             return invalid(format!(
                 "`train.epochs` = {}: give between 1 and 10000 epochs",
@@ -407,13 +414,7 @@ impl TrainSettings {
                 self.weight_decay
             ));
         }
-        finite("label_smoothing", self.label_smoothing)?;
-        if !(0.0..1.0).contains(&self.label_smoothing) {
-            return invalid(format!(
-                "`train.label_smoothing` = {}: must be in [0, 1)",
-                self.label_smoothing
-            ));
-        }
+        below_one("label_smoothing", self.label_smoothing)?;
         if self.crop_padding > 16 {
             return invalid(format!(
                 "`train.crop_padding` = {}: at most 16 pixels",
@@ -427,13 +428,7 @@ impl TrainSettings {
                 self.smoothed_loss_weight
             ));
         }
-        finite("smoothed_loss_epsilon", self.smoothed_loss_epsilon)?;
-        if !(0.0..1.0).contains(&self.smoothed_loss_epsilon) {
-            return invalid(format!(
-                "`train.smoothed_loss_epsilon` = {}: must be in [0, 1)",
-                self.smoothed_loss_epsilon
-            ));
-        }
+        below_one("smoothed_loss_epsilon", self.smoothed_loss_epsilon)?;
         if self.cutout > 32 {
             return invalid(format!(
                 "`train.cutout` = {}: at most 32 pixels (the image side)",

@@ -49,7 +49,7 @@ fn metrics(db: &Path, sweep: &str) -> String {
 
 /// The paper's recipe (overridden to a tiny size) in a crossed design of init x order seeds:
 /// every combination runs, its factor seeds are stored with its result, runs differ, and the
-/// design cannot be extended.
+/// design cannot be extended. One worker, which leases each next seed as the last epoch starts.
 #[test]
 fn a_crossed_design_on_the_paper_recipe() {
     let _heavy = crate::heavy();
@@ -65,7 +65,17 @@ fn a_crossed_design_on_the_paper_recipe() {
          base_seed = 9\n[crossed]\ninit = [0, 1]\norder = [0, 1]\n\
          [train]\nepochs = 2\nbatch_size = 50\nwidth = 0.125\neval_every = 2\n",
     );
-    run_workers(&c, &data, 2, &[]);
+    let logs = run_workers(&c, &data, 1, &[]);
+    // The next seed is leased while the current one trains its last epoch, not after.
+    let lines: Vec<&str> = logs[0].lines().collect();
+    let second_lease = lines.iter().filter(|l| l.contains(" leased ")).nth(1);
+    let first_finish = lines.iter().position(|l| l.contains("seed finished"));
+    let second_lease = second_lease.and_then(|l| lines.iter().position(|x| x == l));
+    assert!(
+        matches!((second_lease, first_finish), (Some(a), Some(b)) if a < b),
+        "no lease ahead of the first result:\n{}",
+        logs[0]
+    );
     assert_eq!(
         sqlite_query(
             &db,

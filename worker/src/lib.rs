@@ -1,12 +1,14 @@
 //! seedsweep's worker: leases seeds from the coordinator and trains them with libtorch.
 //!
 //! - [`data`]: datasets in the CIFAR-10 binary layout, the synthetic generator, the CIFAR-10 download;
+//! - [`imagefolder`]: ImageFolder datasets (JPEG, PNG), decoded on a thread pool;
 //! - [`model`]: the ResNet-9s; [`train`]: one run's training, every random draw derived from its seeds;
 //! - [`checkpoint`]: save and resume a run; [`shim`]: libtorch switches tch lacks (C++);
 //! - [`runner`]: the lease / heartbeat / stream / report loop.
 
 pub mod checkpoint;
 pub mod data;
+pub mod imagefolder;
 pub mod model;
 pub mod runner;
 pub mod shim;

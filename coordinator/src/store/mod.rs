@@ -235,6 +235,20 @@ pub(crate) fn seed_rows(seeds: &[i64], design: &crate::spec::Design) -> Vec<[i64
         .collect()
 }
 
+/// The factor seeds in a `seeds` or `results` row (columns init_seed, order_seed, augment_seed).
+pub(crate) fn factors_from_row<'r, R>(row: &'r R) -> Result<crate::spec::FactorSeeds>
+where
+    R: sqlx::Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(crate::spec::FactorSeeds {
+        init: row.try_get("init_seed")?,
+        order: row.try_get("order_seed")?,
+        augment: row.try_get("augment_seed")?,
+    })
+}
+
 /// Refuses to extend a crossed design: its runs are the combinations of its factor seeds.
 pub(crate) fn check_extendable(id: SweepId, design: &crate::spec::Design) -> Result<()> {
     if design.is_crossed() {

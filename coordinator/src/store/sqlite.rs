@@ -3,14 +3,14 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    Clock, Result, Store, StoreError, check_extendable, design_from_config, jitter, lease_config,
-    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
+    Clock, Result, Store, StoreError, check_extendable, design_from_config, factors_from_row,
+    jitter, lease_config, seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
     ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedCounts, SeedResult, SeedState,
     SweepId, SweepProgress, SweepState, SweepSummary,
 };
-use crate::spec::{Design, FactorSeeds, RetrySettings, SeedSet, SweepSpec};
+use crate::spec::{Design, RetrySettings, SeedSet, SweepSpec};
 use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -313,11 +313,7 @@ impl Store for SqliteStore {
                     finished_at: r.try_get("finished_at")?,
                     precision: r.try_get("precision")?,
                     deterministic: r.try_get("deterministic")?,
-                    factors: Some(FactorSeeds {
-                        init: r.try_get("init_seed")?,
-                        order: r.try_get("order_seed")?,
-                        augment: r.try_get("augment_seed")?,
-                    }),
+                    factors: Some(factors_from_row(r)?),
                 })
             })
             .collect()
@@ -428,11 +424,7 @@ impl Store for SqliteStore {
             task: sweep.try_get("task")?,
             dataset: sweep.try_get("dataset")?,
             train: config.train,
-            factors: FactorSeeds {
-                init: row.try_get("init_seed")?,
-                order: row.try_get("order_seed")?,
-                augment: row.try_get("augment_seed")?,
-            },
+            factors: factors_from_row(&row)?,
             seed_namespace: config.seed_namespace,
         })))
     }
