@@ -103,6 +103,7 @@ async fn simulate(
                 train_accuracy: 0.5,
                 test_loss: Some(1.0),
                 test_accuracy: Some(0.5),
+                test_top5: None,
                 lr: 0.1,
                 seconds: 1.0,
             })
@@ -121,6 +122,7 @@ async fn simulate(
             data_fingerprint: "loadgen".into(),
             precision: "fp32".into(),
             deterministic: true,
+            test_top5: None,
         })
         .await?;
         claims.push(claim);

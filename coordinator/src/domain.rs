@@ -130,6 +130,7 @@ pub struct Lease {
     pub train: TrainSettings,
     pub factors: FactorSeeds,
     pub seed_namespace: String,
+    pub finetune: Option<crate::finetune::FinetuneSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +158,8 @@ pub struct EpochRecord {
     /// Absent for an epoch without an evaluation.
     pub test_loss: Option<f64>,
     pub test_accuracy: Option<f64>,
+    /// Top-5 accuracy (task finetune-head).
+    pub test_top5: Option<f64>,
     pub lr: f64,
     pub seconds: f64,
 }
@@ -177,6 +180,8 @@ pub struct SeedResult {
     /// The precision used and whether the run repeats bit for bit, as the worker reports them.
     pub precision: String,
     pub deterministic: bool,
+    /// Top-5 test accuracy (task finetune-head).
+    pub test_top5: Option<f64>,
     /// Set by the store when recorded, from the seed's row.
     pub factors: Option<FactorSeeds>,
     /// Set by the store when recorded.

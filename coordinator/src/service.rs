@@ -135,6 +135,7 @@ fn epoch_record(m: &pb::EpochMetrics) -> Result<EpochRecord, Status> {
             .test_accuracy
             .map(|v| fraction("test_accuracy", v))
             .transpose()?,
+        test_top5: m.test_top5.map(|v| fraction("test_top5", v)).transpose()?,
         lr: non_negative("lr", m.lr)?,
         seconds: non_negative("seconds", m.seconds)?,
     })
@@ -177,6 +178,46 @@ fn train_pb(t: &crate::spec::TrainSettings) -> pb::TrainConfig {
         deterministic: t.deterministic,
         eval_every: t.eval_every,
         checkpoint_every: t.checkpoint_every,
+    }
+}
+
+/// The name a settings enum has in sweep files (its serde name).
+fn name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn finetune_pb(f: &crate::finetune::FinetuneSpec) -> pb::FinetuneConfig {
+    let b = &f.backbone;
+    let t = &f.finetune;
+    pb::FinetuneConfig {
+        backbone: Some(pb::Backbone {
+            file: b.file.clone(),
+            sha256: b.sha256.clone(),
+            format: b.format.map(|f| name(&f)).unwrap_or_default(),
+            arch: b.arch.clone().unwrap_or_default(),
+            features: b.features,
+            input_size: b.input_size,
+            mean: b.mean.to_vec(),
+            std: b.std.to_vec(),
+        }),
+        head_init: name(&t.head_init),
+        head_init_std: t.head_init_std,
+        label_smoothing: t.label_smoothing,
+        optimizer: name(&t.optimizer),
+        augment: t.augment,
+        eval_every_steps: t.eval_every_steps,
+        bad_images: name(&t.bad_images),
+        head: Some(pb::Phase {
+            steps: t.head.steps,
+            batch_size: t.head.batch_size,
+            lr: t.head.lr,
+            lr_end: t.head.lr_end,
+            weight_decay: t.head.weight_decay,
+            momentum: t.head.momentum,
+        }),
     }
 }
 
@@ -267,6 +308,7 @@ impl Coordinator for CoordinatorService {
                     factors: r.factors.as_ref().map(factors_pb),
                     precision: r.precision,
                     deterministic: r.deterministic,
+                    test_top5: r.test_top5,
                 })
                 .collect(),
         }))
@@ -336,6 +378,7 @@ impl Coordinator for CoordinatorService {
                     lease_ttl_seconds: self.lease_ttl.as_secs().max(1) as u32,
                     factors: Some(factors_pb(&l.factors)),
                     seed_namespace: l.seed_namespace,
+                    finetune: l.finetune.as_ref().map(finetune_pb),
                 })
             }
             ClaimOutcome::Empty { outstanding } => {
@@ -407,6 +450,7 @@ impl Coordinator for CoordinatorService {
                 }
             },
             deterministic: r.deterministic,
+            test_top5: r.test_top5.map(|v| fraction("test_top5", v)).transpose()?,
             factors: None,
             finished_at: String::new(),
         };

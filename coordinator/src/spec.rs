@@ -14,21 +14,31 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 #[error("invalid sweep file: {0}")]
 pub struct SpecError(String);
 
+impl SpecError {
+    pub(crate) fn new(msg: impl Into<String>) -> SpecError {
+        SpecError(msg.into())
+    }
+}
+
 fn invalid<T>(msg: impl Into<String>) -> Result<T, SpecError> {
     Err(SpecError(msg.into()))
 }
 
-/// What a worker trains. Only `resnet9` exists so far.
+/// What a worker trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Task {
+    /// A ResNet-9 from scratch on a CIFAR-layout dataset, under `recipe` and `[train]`.
     Resnet9,
+    /// A new classifier head on a pretrained backbone, under `[backbone]` and `[finetune]`.
+    FinetuneHead,
 }
 
 impl Task {
     pub fn as_str(self) -> &'static str {
         match self {
             Task::Resnet9 => "resnet9",
+            Task::FinetuneHead => "finetune-head",
         }
     }
 }
@@ -557,6 +567,8 @@ pub struct SweepSpec {
     /// seeds draw the same random numbers (pairing a baseline with a variant); another namespace
     /// gives independent draws. Empty by default.
     pub seed_namespace: String,
+    /// The `finetune-head` settings (that task only).
+    pub finetune: Option<crate::finetune::FinetuneSpec>,
 }
 
 /// A failed attempt's seed waits `base * 2^(failures - 1)`, at most `max`, times a random factor in
@@ -600,6 +612,8 @@ struct RawSweep {
     retry_backoff_max_seconds: Option<f64>,
     #[serde(default)]
     train: toml::Table,
+    backbone: Option<toml::Value>,
+    finetune: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -619,10 +633,32 @@ impl SweepSpec {
         }
         let task = match raw.task.as_str() {
             "resnet9" => Task::Resnet9,
+            "finetune-head" => Task::FinetuneHead,
             other => {
                 return invalid(format!(
-                    "`task` = \"{other}\" is not a known task: use \"resnet9\""
+                    "`task` = \"{other}\" is not a known task: use \"resnet9\" or \"finetune-head\""
                 ));
+            }
+        };
+        let finetune = match task {
+            Task::Resnet9 => {
+                if raw.backbone.is_some() || raw.finetune.is_some() {
+                    return invalid(
+                        "[backbone] and [finetune] belong to task \"finetune-head\"; task \"resnet9\" takes `recipe` and [train]",
+                    );
+                }
+                None
+            }
+            Task::FinetuneHead => {
+                if !raw.train.is_empty() || raw.recipe.is_some() {
+                    return invalid(
+                        "`recipe` and [train] belong to task \"resnet9\"; task \"finetune-head\" takes [backbone] and [finetune]",
+                    );
+                }
+                Some(crate::finetune::FinetuneSpec::parse(
+                    raw.backbone.clone(),
+                    raw.finetune.clone(),
+                )?)
             }
         };
         let dataset = raw.dataset.clone();
@@ -710,6 +746,7 @@ impl SweepSpec {
             train,
             design,
             seed_namespace: raw.seed_namespace,
+            finetune,
         })
     }
 
@@ -725,6 +762,7 @@ impl SweepSpec {
             "recipe": self.recipe,
             "design": self.design,
             "seed_namespace": self.seed_namespace,
+            "finetune": self.finetune,
             "retry_backoff_seconds": self.retry.base_seconds,
             "retry_backoff_max_seconds": self.retry.max_seconds,
             "train": self.train,
@@ -897,6 +935,8 @@ width = 0.25
         assert!(err(&OK.replace("epochs = 2", "epochs = 2\nepoch = 3")).contains("epoch"));
         assert!(err(&OK.replace("name = \"t\"", "name = \"t\"\ncolour = 1")).contains("colour"));
         assert!(err(&OK.replace("resnet9", "resnet18")).contains("`task`"));
+        assert!(err(&OK.replace("resnet9", "finetune-head")).contains("[train] belong"));
+        assert!(err(&format!("{OK}[finetune]\n")).contains("[finetune] belong"));
         let dup = err(&OK.replace("epochs = 2", "epochs = 2\nepochs = 3"));
         assert!(
             dup.contains("duplicate") && dup.contains("line 8") && dup.contains("epochs"),

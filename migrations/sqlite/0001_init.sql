@@ -84,6 +84,8 @@ CREATE TABLE results (
     -- The arithmetic used ('fp32' on a CPU) and whether the run repeats bit for bit.
     precision        TEXT NOT NULL CHECK (precision IN ('fp32', 'fp16', 'bf16')),
     deterministic    INTEGER NOT NULL,
+    -- Top-5 test accuracy (task finetune-head), NULL otherwise.
+    test_top5        REAL CHECK (test_top5 >= 0 AND test_top5 <= 1),
     finished_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     PRIMARY KEY (sweep_id, seed),
     FOREIGN KEY (sweep_id, seed) REFERENCES seeds (sweep_id, seed) ON DELETE CASCADE
@@ -100,6 +102,7 @@ CREATE TABLE epoch_metrics (
     -- NULL for an epoch without an evaluation (the sweep's eval_every).
     test_loss      REAL,
     test_accuracy  REAL,
+    test_top5      REAL,
     lr             REAL NOT NULL,
     seconds        REAL NOT NULL,
     recorded_at    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),

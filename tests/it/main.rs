@@ -4,6 +4,7 @@
 mod bad_input;
 mod chaos;
 mod e2e;
+mod finetune;
 mod protocol_model;
 mod resilience;
 mod store_conformance;

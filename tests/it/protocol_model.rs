@@ -61,6 +61,7 @@ fn epoch(n: u32) -> EpochRecord {
         train_accuracy: 0.5,
         test_loss: Some(1.0),
         test_accuracy: Some(0.5),
+        test_top5: None,
         lr: 0.1,
         seconds: 1.0,
     }
@@ -80,6 +81,7 @@ fn result(seed: i64) -> SeedResult {
         data_fingerprint: "sha256:00".into(),
         precision: "fp32".into(),
         deterministic: true,
+        test_top5: None,
         factors: None,
         finished_at: String::new(),
     }

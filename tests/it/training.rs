@@ -145,7 +145,7 @@ fn a_lost_seed_resumes_from_its_checkpoint_with_the_same_numbers() {
 
     // Interrupted: kill the worker after epoch 3, let the lease expire, resume elsewhere.
     let cut = submit(&c, dir.path(), &sweep("cut", "[0]"));
-    let a = worker(&c.url, &data)
+    let mut a = worker(&c.url, &data)
         .arg("--checkpoint-dir")
         .arg(&checkpoints)
         .stderr(Stdio::null())
@@ -162,6 +162,7 @@ fn a_lost_seed_resumes_from_its_checkpoint_with_the_same_numbers() {
             >= 3
     });
     signal(&a, "KILL");
+    let _ = a.wait();
     let logs = run_workers(
         &c,
         &data,

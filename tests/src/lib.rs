@@ -31,6 +31,32 @@ pub fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"))
 }
 
+/// The repository's root (where scripts/ is).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the repository")
+        .to_path_buf()
+}
+
+/// A `python3` command that can import the torch the worker links (the per-user libtorch cache,
+/// which scripts/libtorch.sh installs and prints; scripts/test.sh exports it as LIBTORCH).
+pub fn torch_python() -> Command {
+    let torch = std::env::var_os("LIBTORCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let out = run(Command::new("bash").arg(repo_root().join("scripts/libtorch.sh")));
+            assert!(out.status.success(), "scripts/libtorch.sh failed");
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        });
+    let mut c =
+        Command::new(std::env::var("SEEDSWEEP_PYTHON").unwrap_or_else(|_| "python3".into()));
+    c.arg("-W")
+        .arg("ignore")
+        .env("PYTHONPATH", torch.parent().expect("torch/ has a parent"));
+    c
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -266,19 +266,36 @@ pub struct Chunk {
     pub skipped: Vec<usize>,
 }
 
-/// Decodes `items` in chunks of `chunk` on `threads` threads, the next chunk while the caller
-/// uses the current one, and hands each chunk to `use_chunk` in order. Per-image randomness comes
-/// from `seed_of(position)`, so it does not depend on the thread that decodes an image.
+/// How [`decode_chunks`] decodes.
+#[derive(Debug, Clone, Copy)]
+pub struct Decoding {
+    /// Output side in pixels.
+    pub size: u32,
+    pub transform: Transform,
+    pub threads: usize,
+    /// Images per chunk.
+    pub chunk: usize,
+    pub on_bad: OnBadImage,
+}
+
+type Decoded = Vec<(usize, Result<Vec<u8>, String>)>;
+
+/// Decodes `items` in chunks on a pool of threads, the next chunk while the caller uses the
+/// current one, and hands each chunk to `use_chunk` in order. Per-image randomness comes from
+/// `seed_of(position)`, so it does not depend on the thread that decodes an image.
 pub fn decode_chunks(
     items: &[Item],
-    size: u32,
-    transform: Transform,
-    threads: usize,
-    chunk: usize,
-    on_bad: OnBadImage,
+    how: Decoding,
     seed_of: &(dyn Fn(usize) -> u64 + Sync),
     mut use_chunk: impl FnMut(Chunk) -> Result<(), FolderError>,
 ) -> Result<(), FolderError> {
+    let Decoding {
+        size,
+        transform,
+        threads,
+        chunk,
+        on_bad,
+    } = how;
     let threads = threads.max(1);
     let chunk = chunk.max(1);
     let bytes = 3 * (size * size) as usize;
@@ -289,7 +306,7 @@ pub fn decode_chunks(
             for (c, part) in items.chunks(chunk).enumerate() {
                 let start = c * chunk;
                 let per_thread = part.len().div_ceil(threads);
-                let decoded: Vec<Vec<(usize, Result<Vec<u8>, String>)>> = std::thread::scope(|s| {
+                let decoded: Vec<Decoded> = std::thread::scope(|s| {
                     let handles: Vec<_> = part
                         .chunks(per_thread)
                         .enumerate()
@@ -414,19 +431,17 @@ mod tests {
         );
         let run = |threads, chunk, transform, on_bad| {
             let mut got = Vec::new();
-            let r = decode_chunks(
-                &items,
-                16,
+            let how = Decoding {
+                size: 16,
                 transform,
                 threads,
                 chunk,
                 on_bad,
-                &|i| i as u64,
-                |c| {
-                    got.push(c);
-                    Ok(())
-                },
-            );
+            };
+            let r = decode_chunks(&items, how, &|i| i as u64, |c| {
+                got.push(c);
+                Ok(())
+            });
             (r, got)
         };
         let (r, a) = run(1, 3, Transform::RandomResizedCropFlip, OnBadImage::Skip);

@@ -4,10 +4,12 @@
 //! - [`imagefolder`]: ImageFolder datasets (JPEG, PNG), decoded on a thread pool;
 //! - [`model`]: the ResNet-9s; [`train`]: one run's training, every random draw derived from its seeds;
 //! - [`checkpoint`]: save and resume a run; [`shim`]: libtorch switches tch lacks (C++);
+//! - [`finetune`]: task finetune-head, a new head on a frozen pretrained backbone;
 //! - [`runner`]: the lease / heartbeat / stream / report loop.
 
 pub mod checkpoint;
 pub mod data;
+pub mod finetune;
 pub mod imagefolder;
 pub mod model;
 pub mod runner;

@@ -64,6 +64,16 @@ struct RunArgs {
     /// so that a seed whose lease was lost resumes on any worker).
     #[arg(long, env = "SEEDSWEEP_CHECKPOINT_DIR", value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
+    /// Folder holding backbone files (task finetune-head); sweeps name files relative to it.
+    #[arg(long, env = "SEEDSWEEP_MODEL_DIR", default_value = "./models")]
+    model_dir: PathBuf,
+    /// Local folder for cached backbone features (default: the per-user cache,
+    /// ~/.cache/seedsweep/features).
+    #[arg(long, env = "SEEDSWEEP_FEATURE_CACHE", value_name = "DIR")]
+    feature_cache: Option<PathBuf>,
+    /// Threads decoding images (default: one per core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    decode_threads: Option<u64>,
     /// Seconds to keep trying to reach the coordinator at start before giving up.
     #[arg(long, default_value_t = 30)]
     connect_timeout: u64,
@@ -98,6 +108,29 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Write a randomly initialised (seeded) backbone in safetensors with torchvision's names,
+    /// and print the sweep file's [backbone] table for it: for trying task finetune-head, or a
+    /// fleet's set-up, without downloading weights. Pretrained backbones come from
+    /// scripts/export_backbone.py.
+    MakeBackbone {
+        arch: BackboneArch,
+        /// Output file (.safetensors), normally under the workers' --model-dir.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Input side the [backbone] table states.
+        #[arg(long, default_value_t = 224)]
+        input_size: u32,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackboneArch {
+    Resnet18,
+    Resnet34,
+    Resnet50,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -130,12 +163,64 @@ fn main() {
             test,
             seed,
         }) => make_synthetic(&out, train as usize, test as usize, seed),
+        Some(Command::MakeBackbone {
+            arch,
+            out,
+            seed,
+            input_size,
+        }) => make_backbone(arch, &out, seed, input_size),
         None => run(cli.run),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn make_backbone(
+    arch: BackboneArch,
+    out: &std::path::Path,
+    seed: u64,
+    input_size: u32,
+) -> anyhow::Result<()> {
+    use tch::nn;
+    anyhow::ensure!(
+        out.extension().is_some_and(|e| e == "safetensors"),
+        "--out {}: the file must end in .safetensors",
+        out.display()
+    );
+    tch::manual_seed(seed as i64);
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let (name, features) = match arch {
+        BackboneArch::Resnet18 => {
+            let _ = tch::vision::resnet::resnet18_no_final_layer(&vs.root());
+            ("resnet18", 512)
+        }
+        BackboneArch::Resnet34 => {
+            let _ = tch::vision::resnet::resnet34_no_final_layer(&vs.root());
+            ("resnet34", 512)
+        }
+        BackboneArch::Resnet50 => {
+            let _ = tch::vision::resnet::resnet50_no_final_layer(&vs.root());
+            ("resnet50", 2048)
+        }
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    vs.save(out)
+        .with_context(|| format!("failed to write {}", out.display()))?;
+    let bytes = std::fs::read(out)?;
+    let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let file = out.file_name().unwrap_or_default().to_string_lossy();
+    println!(
+        "[backbone]\nfile = \"{file}\"\nsha256 = \"{sha}\"\nformat = \"safetensors\"\narch = \"{name}\"\nfeatures = {features}\ninput_size = {input_size}"
+    );
+    eprintln!("wrote a random {name} (seed {seed}) to {}", out.display());
+    Ok(())
 }
 
 fn make_synthetic(
@@ -152,6 +237,15 @@ fn make_synthetic(
         out.join(data::BATCH_DIR).display()
     );
     Ok(())
+}
+
+/// `${XDG_CACHE_HOME:-~/.cache}/seedsweep/features`, or `./feature-cache` without a home.
+fn default_feature_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|c| c.join("seedsweep").join("features"))
+        .unwrap_or_else(|| PathBuf::from("feature-cache"))
 }
 
 fn hostname() -> String {
@@ -202,6 +296,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         lease_patience: Duration::from_secs(60),
         slots: args.slots as usize,
         checkpoint_dir: args.checkpoint_dir,
+        model_dir: args.model_dir,
+        feature_cache: args.feature_cache.unwrap_or_else(default_feature_cache),
+        decode_threads: args
+            .decode_threads
+            .map(|n| n as usize)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -2,9 +2,9 @@
 //! BatchNorm and the activation; `width` scales every channel count.
 //!
 //! - [`Arch::Resnet9`], D. Page's DAWNBench network ("How to train your ResNet", 2018): prep conv
-//!   64; layer1 conv 128 + maxpool + residual(2 x 128); layer2 conv 256 + maxpool; layer3 conv 512
-//!   + maxpool + residual(2 x 512); global max pool; linear 512 -> 10 without bias; output x 0.125;
-//!   ReLU. 6,573,120 trainable parameters at width 1.0.
+//!   64; layer1 conv 128 + maxpool + residual(2 x 128); layer2 conv 256 + maxpool; layer3 conv
+//!   512 + maxpool + residual(2 x 512); global max pool; linear 512 -> 10 without bias; output
+//!   x 0.125; ReLU. 6,573,120 trainable parameters at width 1.0.
 //! - [`Arch::Resnet9Skinny`], the "skinnier" network of Picard's seed study (davidpicard/deepseed):
 //!   prep conv 64 + maxpool; layer1 conv 128 + maxpool + residual(2 x 128); layer2 conv 256 +
 //!   maxpool; layer3 conv 256 + maxpool + residual(2 x 256); global max pool; linear 256 -> 10

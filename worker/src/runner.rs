@@ -3,8 +3,14 @@
 
 use crate::checkpoint::CheckpointStore;
 use crate::data::{self, DataError, Dataset};
+use crate::finetune::{
+    self, Backbone, BackboneConfig, BackboneError, FeatureCache, Features, FinetuneConfig, Source,
+};
+use crate::imagefolder::{self, ImageFolder, OnBadImage};
 use crate::model::Arch;
-use crate::train::{self, EpochMetrics, Precision, Run, Schedule, Seeds, TrainConfig, TrainError};
+use crate::train::{
+    self, EpochMetrics, Precision, Run, Schedule, Seeds, TrainConfig, TrainError, Trained,
+};
 use anyhow::{Context, bail};
 use seedsweep_proto::v1 as pb;
 use seedsweep_proto::v1::coordinator_client::CoordinatorClient;
@@ -42,6 +48,12 @@ pub struct WorkerSettings {
     /// Where runs save checkpoints (sweeps with `checkpoint_every`), shared by the workers that
     /// should be able to resume each other's seeds.
     pub checkpoint_dir: Option<PathBuf>,
+    /// Where backbones are (task finetune-head).
+    pub model_dir: PathBuf,
+    /// Where backbone features are cached (local disk).
+    pub feature_cache: PathBuf,
+    /// Threads decoding images.
+    pub decode_threads: usize,
 }
 
 pub fn device_label(device: Device) -> String {
@@ -60,6 +72,145 @@ pub struct Worker {
     shutdown: Arc<AtomicBool>,
     /// Leases taken so far (for `--max-seeds`).
     leases: AtomicU64,
+    /// Backbone features computed or loaded so far, by cache key (task finetune-head).
+    features: FeatureMemory,
+}
+
+type FeatureMemory = Arc<std::sync::Mutex<HashMap<String, Arc<Features>>>>;
+
+/// Where the images of a finetune-head dataset come from.
+enum FinetuneSource {
+    Folder(Arc<ImageFolder>),
+    Cifar(Arc<Dataset>),
+}
+
+impl FinetuneSource {
+    fn as_source(&self) -> Source<'_> {
+        match self {
+            FinetuneSource::Folder(f) => Source::Folder(f),
+            FinetuneSource::Cifar(d) => Source::Cifar(d),
+        }
+    }
+}
+
+/// What a finetune-head run needs to find or make its features.
+struct FeatureSettings {
+    model_dir: PathBuf,
+    cache: FeatureCache,
+    threads: usize,
+    memory: FeatureMemory,
+}
+
+/// One lease's training, prepared.
+enum Job {
+    Resnet9 {
+        cfg: TrainConfig,
+        data: Arc<Dataset>,
+        checkpoints: Option<CheckpointStore>,
+    },
+    Finetune {
+        cfg: FinetuneConfig,
+        source: FinetuneSource,
+    },
+}
+
+impl Job {
+    fn fingerprint(&self) -> String {
+        match self {
+            Job::Resnet9 { data, .. } => data.fingerprint.clone(),
+            Job::Finetune { source, .. } => source.as_source().fingerprint().to_string(),
+        }
+    }
+
+    /// How many metrics reports the run makes (epochs, or evaluations).
+    fn epochs(&self) -> u32 {
+        match self {
+            Job::Resnet9 { cfg, .. } => cfg.epochs,
+            Job::Finetune { cfg, .. } => cfg.head.steps.div_ceil(cfg.eval_every_steps.max(1)),
+        }
+    }
+
+    fn run(
+        self,
+        seeds: Seeds,
+        device: Device,
+        stop: &AtomicBool,
+        features: &FeatureSettings,
+        on_epoch: impl FnMut(&EpochMetrics),
+    ) -> Result<Trained, TrainError> {
+        match self {
+            Job::Resnet9 {
+                cfg,
+                data,
+                checkpoints,
+            } => {
+                let run = Run {
+                    seeds,
+                    device,
+                    stop,
+                    checkpoints,
+                };
+                train::train(&data, &cfg, &run, on_epoch)
+            }
+            Job::Finetune { cfg, source } => {
+                let feats = features_for(&cfg, &source.as_source(), device, features)?;
+                let history = finetune::train_head(&feats, &cfg, seeds, device, stop, on_epoch)?;
+                Ok(Trained {
+                    history,
+                    precision: Precision::Fp32,
+                    deterministic: !device.is_cuda(),
+                    resumed_from: 0,
+                })
+            }
+        }
+    }
+}
+
+/// The backbone features for a run: from this process's memory, else the disk cache, else
+/// computed (and cached). Holding the lock while computing keeps slots from computing twice.
+fn features_for(
+    cfg: &FinetuneConfig,
+    source: &Source<'_>,
+    device: Device,
+    settings: &FeatureSettings,
+) -> Result<Arc<Features>, TrainError> {
+    let key = finetune::cache_key(&cfg.backbone, source);
+    let mut memory = settings.memory.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(f) = memory.get(&key) {
+        return Ok(f.clone());
+    }
+    let feats = match settings.cache.load(&key) {
+        Some(f) => {
+            tracing::info!(key = %key, "backbone features from the cache");
+            f
+        }
+        None => {
+            tracing::info!(key = %key, "computing backbone features (once per backbone, dataset and preprocessing)");
+            let backbone = Backbone::load(&settings.model_dir, &cfg.backbone, device).map_err(
+                |e| match e {
+                    BackboneError::Missing { .. } | BackboneError::Checksum { .. } => {
+                        TrainError::Host(e.to_string())
+                    }
+                    other => TrainError::Device(other.to_string()),
+                },
+            )?;
+            let f = finetune::compute_features(
+                &backbone,
+                &cfg.backbone,
+                source,
+                settings.threads,
+                cfg.bad_images,
+                device,
+            )?;
+            if let Err(e) = settings.cache.store(&key, &f) {
+                tracing::warn!(dir = %settings.cache.dir.display(), error = %e, "could not cache the features");
+            }
+            f
+        }
+    };
+    let feats = Arc::new(feats);
+    memory.insert(key, feats.clone());
+    Ok(feats)
 }
 
 /// How one lease ended, from the worker's side.
@@ -91,7 +242,7 @@ impl Drop for Held {
 
 /// What asking for a lease gave.
 enum Asked {
-    Lease(Held),
+    Lease(Box<Held>),
     NoWork {
         outstanding: u64,
     },
@@ -130,6 +281,7 @@ impl Worker {
             datasets: tokio::sync::Mutex::new(HashMap::new()),
             shutdown,
             leases: AtomicU64::new(0),
+            features: Arc::new(std::sync::Mutex::new(HashMap::new())),
         })
     }
 
@@ -170,7 +322,7 @@ impl Worker {
             let held = match next.take() {
                 Some(h) => h,
                 None => match self.ask().await {
-                    Ok(Asked::Lease(h)) => h,
+                    Ok(Asked::Lease(h)) => *h,
                     Ok(Asked::Enough) => {
                         tracing::info!(slot, "done the seeds asked for (--max-seeds)");
                         return Ok(());
@@ -229,7 +381,7 @@ impl Worker {
         };
         match outcome {
             Ok(Some(pb::lease_seed_response::Outcome::Lease(lease))) => {
-                Ok(Asked::Lease(self.hold(lease)))
+                Ok(Asked::Lease(Box::new(self.hold(lease))))
             }
             Ok(Some(pb::lease_seed_response::Outcome::NoWork(w))) => {
                 give_ticket_back();
@@ -311,34 +463,112 @@ impl Worker {
         Ok(d)
     }
 
+    /// The images of a finetune-head dataset: an ImageFolder (`train/`, `val/`) or a
+    /// CIFAR-layout dataset.
+    async fn finetune_source(&self, name: &str) -> Result<FinetuneSource, String> {
+        let dir = self.settings.data_dir.join(name);
+        if imagefolder::is_image_folder(&dir) {
+            let scanned = tokio::task::spawn_blocking(move || imagefolder::scan(&dir))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            tracing::info!(
+                dataset = name,
+                classes = scanned.classes.len(),
+                train = scanned.train.len(),
+                val = scanned.val.len(),
+                "image folder scanned"
+            );
+            return Ok(FinetuneSource::Folder(Arc::new(scanned)));
+        }
+        self.dataset(name)
+            .await
+            .map(FinetuneSource::Cifar)
+            .map_err(|e| e.to_string())
+    }
+
     /// Trains a held lease and reports how it ended; returns the next lease too if one was
     /// fetched while this one trained.
     async fn run_lease(self: &Arc<Self>, held: Held) -> anyhow::Result<(LeaseEnd, Option<Held>)> {
         let lref = held.lref.clone();
         let lease = &held.lease;
-        if lease.task != "resnet9" {
-            let cause = format!(
-                "this worker cannot run task `{}` (it runs: resnet9)",
-                lease.task
-            );
-            self.fail(&lref, &cause, false).await?;
-            bail!("{cause}; upgrade the worker");
-        }
-        let cfg = match lease.train.as_ref().map(train_config) {
-            Some(Ok(cfg)) => cfg,
-            Some(Err(problem)) => {
-                let cause = format!("this worker cannot train these settings: {problem}");
+        let factors = lease.factors.unwrap_or(pb::FactorSeeds {
+            init: lease.seed,
+            order: lease.seed,
+            augment: lease.seed,
+        });
+        let seeds = Seeds::derive(
+            &lease.seed_namespace,
+            factors.init,
+            factors.order,
+            factors.augment,
+        );
+        // What to train, per task; settings this worker does not know stop it (it needs an
+        // upgrade), a host problem (missing data) hands the seed back and stops it too.
+        let prepared = match lease.task.as_str() {
+            "resnet9" => match lease.train.as_ref().map(train_config) {
+                Some(Ok(cfg)) => self
+                    .dataset(&lease.dataset)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .map(|data| {
+                        let checkpoints =
+                            match (&self.settings.checkpoint_dir, cfg.checkpoint_every) {
+                                (Some(dir), every) if every > 0 => {
+                                    let key = format!("{cfg:?}|{seeds:?}|{}", data.fingerprint);
+                                    let key = hex_sha256(key.as_bytes());
+                                    Some(CheckpointStore::new(
+                                        dir,
+                                        &lease.sweep_id,
+                                        lease.seed,
+                                        &key,
+                                    ))
+                                }
+                                _ => None,
+                            };
+                        Job::Resnet9 {
+                            cfg,
+                            data,
+                            checkpoints,
+                        }
+                    }),
+                Some(Err(problem)) => {
+                    let cause = format!("this worker cannot train these settings: {problem}");
+                    self.fail(&lref, &cause, false).await?;
+                    bail!("{cause}; upgrade the worker");
+                }
+                None => {
+                    self.fail(&lref, "the lease carried no train settings", true)
+                        .await?;
+                    return Ok((LeaseEnd::Finished, None));
+                }
+            },
+            "finetune-head" => match lease.finetune.as_ref().map(finetune_config) {
+                Some(Ok(cfg)) => self
+                    .finetune_source(&lease.dataset)
+                    .await
+                    .map(|source| Job::Finetune { cfg, source }),
+                Some(Err(problem)) => {
+                    let cause = format!("this worker cannot train these settings: {problem}");
+                    self.fail(&lref, &cause, false).await?;
+                    bail!("{cause}; upgrade the worker");
+                }
+                None => {
+                    self.fail(&lref, "the lease carried no finetune settings", true)
+                        .await?;
+                    return Ok((LeaseEnd::Finished, None));
+                }
+            },
+            other => {
+                let cause = format!(
+                    "this worker cannot run task `{other}` (it runs: resnet9, finetune-head)"
+                );
                 self.fail(&lref, &cause, false).await?;
                 bail!("{cause}; upgrade the worker");
             }
-            None => {
-                self.fail(&lref, "the lease carried no train settings", true)
-                    .await?;
-                return Ok((LeaseEnd::Finished, None));
-            }
         };
-        let data = match self.dataset(&lease.dataset).await {
-            Ok(d) => d,
+        let job = match prepared {
+            Ok(job) => job,
             Err(e) => {
                 // A problem of this host, not of the seed: hand it back without using an attempt,
                 // then stop, so a misconfigured host does not burn through a sweep's retries.
@@ -351,26 +581,14 @@ impl Worker {
                 bail!("{e}");
             }
         };
-        let factors = lease.factors.unwrap_or(pb::FactorSeeds {
-            init: lease.seed,
-            order: lease.seed,
-            augment: lease.seed,
-        });
-        let seeds = Seeds::derive(
-            &lease.seed_namespace,
-            factors.init,
-            factors.order,
-            factors.augment,
-        );
-        let checkpoints = match (&self.settings.checkpoint_dir, cfg.checkpoint_every) {
-            (Some(dir), every) if every > 0 => {
-                let key = format!("{cfg:?}|{seeds:?}|{}", data.fingerprint);
-                let key = hex_sha256(key.as_bytes());
-                Some(CheckpointStore::new(dir, &lease.sweep_id, lease.seed, &key))
-            }
+        let fingerprint = job.fingerprint();
+        let checkpoint_dir = match &job {
+            Job::Resnet9 {
+                checkpoints: Some(c),
+                ..
+            } => Some(c.dir().to_path_buf()),
             _ => None,
         };
-        let checkpoint_dir = checkpoints.as_ref().map(|c| c.dir().to_path_buf());
 
         let patience = Duration::from_secs(lease.lease_ttl_seconds.max(1) as u64);
         let (tx, rx) = mpsc::channel::<pb::EpochMetrics>(1024);
@@ -383,36 +601,39 @@ impl Worker {
                 return None;
             }
             match me.ask().await {
-                Ok(Asked::Lease(h)) => Some(h),
+                Ok(Asked::Lease(h)) => Some(*h),
                 _ => None,
             }
         });
 
         let started = Instant::now();
         let device = self.settings.device;
-        let (stop_t, lref_t, data_t) = (held.stop.clone(), lref.clone(), data.clone());
-        let epochs = cfg.epochs;
+        let (stop_t, lref_t) = (held.stop.clone(), lref.clone());
+        let epochs = job.epochs();
+        let features = FeatureSettings {
+            model_dir: self.settings.model_dir.clone(),
+            cache: FeatureCache {
+                dir: self.settings.feature_cache.clone(),
+            },
+            threads: self.settings.decode_threads,
+            memory: self.features.clone(),
+        };
         let trained = tokio::task::spawn_blocking(move || {
             let mut prefetch_tx = Some(prefetch_tx);
             if epochs <= 1 {
                 prefetch_tx.take().map(|t| t.send(()));
             }
-            let run = Run {
-                seeds,
-                device,
-                stop: &stop_t,
-                checkpoints,
+            let on_epoch = |m: &EpochMetrics| {
+                if tx.blocking_send(epoch_pb(&lref_t, m)).is_err() {
+                    // The coordinator closed the stream (a stale lease): stop training.
+                    stop_t.store(true, Ordering::Relaxed);
+                }
+                if m.epoch + 1 >= epochs {
+                    prefetch_tx.take().map(|t| t.send(()));
+                }
             };
             let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                train::train(&data_t, &cfg, &run, |m: &EpochMetrics| {
-                    if tx.blocking_send(epoch_pb(&lref_t, m)).is_err() {
-                        // The coordinator closed the stream (a stale lease): stop training.
-                        stop_t.store(true, Ordering::Relaxed);
-                    }
-                    if m.epoch + 1 >= epochs {
-                        prefetch_tx.take().map(|t| t.send(()));
-                    }
-                })
+                job.run(seeds, device, &stop_t, &features, on_epoch)
             }));
             // tch panics on libtorch errors in operations it does not let fail: the seed fails
             // with libtorch's message, and the worker goes on.
@@ -456,7 +677,8 @@ impl Worker {
                     epochs: t.history.len() as u32,
                     seconds,
                     device: device_label(device),
-                    data_fingerprint: data.fingerprint.clone(),
+                    data_fingerprint: fingerprint.clone(),
+                    test_top5: last.test_top5,
                     precision: t.precision.as_str().to_string(),
                     deterministic: t.deterministic,
                 };
@@ -496,6 +718,15 @@ impl Worker {
             Err(TrainError::Cancelled) if held.lost.load(Ordering::Relaxed) => {
                 tracing::warn!(seed, "lease lost during training; dropping the seed");
                 LeaseEnd::Lost
+            }
+            Err(TrainError::Host(problem)) => {
+                self.fail(
+                    &lref,
+                    &format!("worker {}: {problem}", self.settings.worker_id),
+                    false,
+                )
+                .await?;
+                bail!("{problem}");
             }
             Err(TrainError::Cancelled) => {
                 self.fail(&lref, "worker shut down", false).await?;
@@ -769,6 +1000,58 @@ fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
     })
 }
 
+/// The worker's finetune settings from a lease's; names this worker does not know are an error.
+fn finetune_config(t: &pb::FinetuneConfig) -> Result<FinetuneConfig, String> {
+    let b = t.backbone.as_ref().ok_or("the lease carried no backbone")?;
+    let head = t.head.as_ref().ok_or("the lease carried no head phase")?;
+    let three = |v: &[f64], what: &str| -> Result<[f64; 3], String> {
+        v.try_into()
+            .map_err(|_| format!("backbone {what} has {} values, not 3", v.len()))
+    };
+    Ok(FinetuneConfig {
+        backbone: BackboneConfig {
+            file: b.file.clone(),
+            sha256: b.sha256.clone(),
+            format: match b.format.as_str() {
+                "torchscript" => finetune::Format::Torchscript,
+                "safetensors" => finetune::Format::Safetensors,
+                other => return Err(format!("unknown backbone format `{other}`")),
+            },
+            arch: b.arch.clone(),
+            features: b.features as i64,
+            input_size: b.input_size as i64,
+            mean: three(&b.mean, "mean")?,
+            std: three(&b.std, "std")?,
+        },
+        head_init: match t.head_init.as_str() {
+            "normal" => finetune::HeadInit::Normal,
+            "default" => finetune::HeadInit::Default,
+            other => return Err(format!("unknown head_init `{other}`")),
+        },
+        head_init_std: t.head_init_std,
+        label_smoothing: t.label_smoothing,
+        optimizer: match t.optimizer.as_str() {
+            "sgd" => finetune::Optimizer::Sgd,
+            "adamw" => finetune::Optimizer::AdamW,
+            other => return Err(format!("unknown optimizer `{other}`")),
+        },
+        eval_every_steps: t.eval_every_steps.max(1),
+        bad_images: match t.bad_images.as_str() {
+            "skip" => OnBadImage::Skip,
+            "fail" => OnBadImage::Fail,
+            other => return Err(format!("unknown bad_images `{other}`")),
+        },
+        head: finetune::Phase {
+            steps: head.steps,
+            batch_size: head.batch_size,
+            lr: head.lr,
+            lr_end: head.lr_end,
+            weight_decay: head.weight_decay,
+            momentum: head.momentum,
+        },
+    })
+}
+
 fn epoch_pb(lease: &pb::LeaseRef, m: &EpochMetrics) -> pb::EpochMetrics {
     pb::EpochMetrics {
         lease: Some(lease.clone()),
@@ -777,6 +1060,7 @@ fn epoch_pb(lease: &pb::LeaseRef, m: &EpochMetrics) -> pb::EpochMetrics {
         train_accuracy: m.train_accuracy,
         test_loss: m.test_loss,
         test_accuracy: m.test_accuracy,
+        test_top5: m.test_top5,
         lr: m.lr,
         seconds: m.seconds,
     }

@@ -122,6 +122,9 @@ pub struct EpochMetrics {
     /// Absent for epochs without an evaluation (see `eval_every`).
     pub test_loss: Option<f64>,
     pub test_accuracy: Option<f64>,
+    /// Top-5 accuracy (task finetune-head, more than five classes).
+    #[serde(default)]
+    pub test_top5: Option<f64>,
     /// The learning rate at the epoch's last step.
     pub lr: f64,
     pub seconds: f64,
@@ -156,6 +159,9 @@ pub enum TrainError {
     /// a forward pass, say).
     #[error("training failed: {0}")]
     Panicked(String),
+    /// A problem of this host (a missing or wrong backbone file), not of the seed.
+    #[error("{0}")]
+    Host(String),
 }
 
 /// A 64-bit seed for one source of randomness. The default namespace keeps the derivation of
@@ -589,6 +595,7 @@ pub fn train(
             train_accuracy: correct.int64_value(&[]) as f64 / n as f64,
             test_loss,
             test_accuracy,
+            test_top5: None,
             lr,
             seconds: started.elapsed().as_secs_f64(),
         };

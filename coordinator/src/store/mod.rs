@@ -199,6 +199,7 @@ pub(crate) fn state_from_db(s: &str) -> Result<SeedState> {
 pub(crate) struct LeaseConfig {
     pub train: crate::spec::TrainSettings,
     pub seed_namespace: String,
+    pub finetune: Option<crate::finetune::FinetuneSpec>,
 }
 
 fn config_value(config: &str) -> Result<serde_json::Value> {
@@ -216,6 +217,7 @@ pub(crate) fn lease_config(config: &str) -> Result<LeaseConfig> {
         train: config_field(&value, "train")?,
         seed_namespace: config_field::<Option<String>>(&value, "seed_namespace")?
             .unwrap_or_default(),
+        finetune: config_field(&value, "finetune")?,
     })
 }
 

@@ -287,7 +287,7 @@ impl Store for PgStore {
         self.summary(id).await?;
         let rows = sqlx::query(concat!(
             "SELECT seed, test_accuracy, test_loss, train_loss, train_accuracy, epochs, seconds, worker_id,
-                    device, data_fingerprint, precision, deterministic, init_seed, order_seed,
+                    device, data_fingerprint, precision, deterministic, test_top5, init_seed, order_seed,
                     augment_seed, ",
             iso!("finished_at"),
             " AS finished_at FROM results WHERE sweep_id = $1 ORDER BY seed"
@@ -311,6 +311,7 @@ impl Store for PgStore {
                     finished_at: r.try_get("finished_at")?,
                     precision: r.try_get("precision")?,
                     deterministic: r.try_get("deterministic")?,
+                    test_top5: r.try_get("test_top5")?,
                     factors: Some(factors_from_row(r)?),
                 })
             })
@@ -415,6 +416,7 @@ impl Store for PgStore {
             train: config.train,
             factors: factors_from_row(&row)?,
             seed_namespace: config.seed_namespace,
+            finetune: config.finetune,
         })))
     }
 
@@ -447,13 +449,13 @@ impl Store for PgStore {
         }
         sqlx::query(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
-                                        test_accuracy, lr, seconds)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                                        test_accuracy, lr, seconds, test_top5)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (sweep_id, seed, epoch) DO UPDATE SET
                  fence = excluded.fence, train_loss = excluded.train_loss,
                  train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
                  test_accuracy = excluded.test_accuracy, lr = excluded.lr, seconds = excluded.seconds,
-                 recorded_at = excluded.recorded_at
+                 recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5
              WHERE epoch_metrics.fence <= excluded.fence",
         )
         .bind(lease.sweep_id.0)
@@ -466,6 +468,7 @@ impl Store for PgStore {
         .bind(e.test_accuracy)
         .bind(e.lr)
         .bind(e.seconds)
+        .bind(e.test_top5)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -503,9 +506,11 @@ impl Store for PgStore {
         sqlx::query(
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
                                   epochs, seconds, worker_id, device, data_fingerprint, finished_at,
-                                  precision, deterministic, init_seed, order_seed, augment_seed)
+                                  precision, deterministic, test_top5, init_seed, order_seed,
+                                  augment_seed)
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                    now() + make_interval(secs => $13), $14, $15, init_seed, order_seed, augment_seed
+                    now() + make_interval(secs => $13), $14, $15, $16, init_seed, order_seed,
+                    augment_seed
              FROM seeds WHERE sweep_id = $1 AND seed = $2",
         )
         .bind(lease.sweep_id.0)
@@ -523,6 +528,7 @@ impl Store for PgStore {
         .bind(self.skew())
         .bind(&r.precision)
         .bind(r.deterministic)
+        .bind(r.test_top5)
         .execute(&mut *tx)
         .await?;
         sqlx::query(

@@ -290,7 +290,7 @@ impl Store for SqliteStore {
         self.summary(id).await?;
         let rows = sqlx::query(
             "SELECT seed, test_accuracy, test_loss, train_loss, train_accuracy, epochs, seconds, worker_id,
-                    device, data_fingerprint, finished_at, precision, deterministic, init_seed,
+                    device, data_fingerprint, finished_at, precision, deterministic, test_top5, init_seed,
                     order_seed, augment_seed
              FROM results WHERE sweep_id = ?1 ORDER BY seed",
         )
@@ -313,6 +313,7 @@ impl Store for SqliteStore {
                     finished_at: r.try_get("finished_at")?,
                     precision: r.try_get("precision")?,
                     deterministic: r.try_get("deterministic")?,
+                    test_top5: r.try_get("test_top5")?,
                     factors: Some(factors_from_row(r)?),
                 })
             })
@@ -426,6 +427,7 @@ impl Store for SqliteStore {
             train: config.train,
             factors: factors_from_row(&row)?,
             seed_namespace: config.seed_namespace,
+            finetune: config.finetune,
         })))
     }
 
@@ -459,13 +461,13 @@ impl Store for SqliteStore {
         }
         sqlx::query(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
-                                        test_accuracy, lr, seconds, recorded_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                                        test_accuracy, lr, seconds, recorded_at, test_top5)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT (sweep_id, seed, epoch) DO UPDATE SET
                  fence = excluded.fence, train_loss = excluded.train_loss,
                  train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
                  test_accuracy = excluded.test_accuracy, lr = excluded.lr, seconds = excluded.seconds,
-                 recorded_at = excluded.recorded_at
+                 recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5
              WHERE epoch_metrics.fence <= excluded.fence",
         )
         .bind(lease.sweep_id.0.to_string())
@@ -479,6 +481,7 @@ impl Store for SqliteStore {
         .bind(e.lr)
         .bind(e.seconds)
         .bind(self.now())
+        .bind(e.test_top5)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -518,8 +521,9 @@ impl Store for SqliteStore {
         sqlx::query(
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
                                   epochs, seconds, worker_id, device, data_fingerprint, finished_at,
-                                  precision, deterministic, init_seed, order_seed, augment_seed)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                                  precision, deterministic, test_top5, init_seed, order_seed,
+                                  augment_seed)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
                     init_seed, order_seed, augment_seed
              FROM seeds WHERE sweep_id = ?1 AND seed = ?2",
         )
@@ -538,6 +542,7 @@ impl Store for SqliteStore {
         .bind(&now)
         .bind(&r.precision)
         .bind(r.deterministic)
+        .bind(r.test_top5)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
