@@ -369,6 +369,29 @@ lr = 0.02
         assert_eq!(ts.backbone.format, Some(BackboneFormat::Torchscript));
     }
 
+    /// The README's example sweeps parse once their checksum is filled in, and not before.
+    #[test]
+    fn the_example_sweeps_are_valid() {
+        for name in ["resnet50", "dino-resnet50", "dino-vits16"] {
+            let path = format!(
+                "{}/../examples/finetune-{name}.toml",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let text = std::fs::read_to_string(&path).unwrap();
+            let e = crate::spec::SweepSpec::parse(&text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("backbone.sha256"), "{path}: {e}");
+            let filled = text.replace(
+                "REPLACE with the sha256 that export_backbone.py printed",
+                &"ab".repeat(32),
+            );
+            let spec =
+                crate::spec::SweepSpec::parse(&filled).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert!(spec.finetune.is_some());
+        }
+    }
+
     #[test]
     fn rejects_bad_settings_naming_the_key() {
         assert!(err(&OK.replace("tiny.safetensors", "../x.safetensors")).contains("backbone.file"));
