@@ -92,7 +92,8 @@ struct DeviceArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write a generated dataset in the CIFAR-10 binary layout (use --out DATA_DIR/NAME).
+    /// Write a generated dataset (use --out DATA_DIR/NAME): `synthetic` in the CIFAR-10 binary
+    /// layout, `image-folder` as PNG and JPEG files.
     MakeDataset {
         kind: DatasetKind,
         /// Dataset folder; `--out DATA_DIR/synthetic` makes it the dataset `synthetic`.
@@ -107,6 +108,24 @@ enum Command {
         /// Seed of the generator.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Image side in pixels (image-folder only).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(8..=1024))]
+        size: u32,
+    },
+    /// Measure how fast this host decodes an ImageFolder dataset's training images (resize and
+    /// centre crop, as for the feature cache), to choose --decode-threads. Prints JSON.
+    DecodeBench {
+        /// The dataset folder (holding train/ and val/).
+        dir: PathBuf,
+        /// Output side in pixels.
+        #[arg(long, default_value_t = 224)]
+        size: u32,
+        /// Decoding threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Decode at most this many images.
+        #[arg(long, default_value_t = 2000)]
+        limit: usize,
     },
     /// Write a randomly initialised (seeded) backbone in safetensors with torchvision's names,
     /// and print the sweep file's [backbone] table for it: for trying task finetune-head, or a
@@ -135,8 +154,12 @@ enum BackboneArch {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DatasetKind {
-    /// Ten classes of coloured stripe patterns with shifts, mixing and noise.
+    /// Ten classes of coloured stripe patterns with shifts, mixing and noise, in the CIFAR-10
+    /// binary layout.
     Synthetic,
+    /// The same images as an ImageFolder (train/ and val/ with a folder per class), upscaled to
+    /// --size, alternately PNG and JPEG files: for trying task finetune-head.
+    ImageFolder,
 }
 
 fn main() {
@@ -157,12 +180,24 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::MakeDataset {
-            kind: DatasetKind::Synthetic,
+            kind,
             out,
             train,
             test,
             seed,
-        }) => make_synthetic(&out, train as usize, test as usize, seed),
+            size,
+        }) => match kind {
+            DatasetKind::Synthetic => make_synthetic(&out, train as usize, test as usize, seed),
+            DatasetKind::ImageFolder => {
+                make_image_folder(&out, train as usize, test as usize, seed, size)
+            }
+        },
+        Some(Command::DecodeBench {
+            dir,
+            size,
+            threads,
+            limit,
+        }) => decode_bench(&dir, size, threads, limit),
         Some(Command::MakeBackbone {
             arch,
             out,
@@ -220,6 +255,78 @@ fn make_backbone(
         "[backbone]\nfile = \"{file}\"\nsha256 = \"{sha}\"\nformat = \"safetensors\"\narch = \"{name}\"\nfeatures = {features}\ninput_size = {input_size}"
     );
     eprintln!("wrote a random {name} (seed {seed}) to {}", out.display());
+    Ok(())
+}
+
+fn decode_bench(
+    dir: &std::path::Path,
+    size: u32,
+    threads: Option<usize>,
+    limit: usize,
+) -> anyhow::Result<()> {
+    use seedsweep_worker::imagefolder::{self, Decoding, OnBadImage, Transform};
+    let folder = imagefolder::scan(dir)?;
+    let items = &folder.train[..folder.train.len().min(limit)];
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let how = Decoding {
+        size,
+        transform: Transform::ResizeCentreCrop,
+        threads,
+        chunk: 256,
+        on_bad: OnBadImage::Skip,
+    };
+    let started = std::time::Instant::now();
+    let mut decoded = 0usize;
+    imagefolder::decode_chunks(items, how, &|_| 0, |chunk| {
+        decoded += chunk.labels.len();
+        Ok(())
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "images": decoded,
+            "threads": threads,
+            "size": size,
+            "seconds": seconds,
+            "images_per_second": decoded as f64 / seconds,
+        })
+    );
+    Ok(())
+}
+
+fn make_image_folder(
+    out: &std::path::Path,
+    train: usize,
+    test: usize,
+    seed: u64,
+    size: u32,
+) -> anyhow::Result<()> {
+    let (train_records, test_records) = data::synthetic_records(train, test, seed);
+    for (split, records) in [("train", &train_records), ("val", &test_records)] {
+        for (i, record) in records.chunks(data::RECORD_BYTES).enumerate() {
+            let dir = out.join(split).join(format!("class{}", record[0]));
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let side = data::SIDE as u32;
+            let plane = data::SIDE * data::SIDE;
+            let pixels = &record[1..];
+            let img = image::RgbImage::from_fn(side, side, |x, y| {
+                let at = (y * side + x) as usize;
+                image::Rgb([pixels[at], pixels[plane + at], pixels[2 * plane + at]])
+            });
+            let img =
+                image::imageops::resize(&img, size, size, image::imageops::FilterType::Triangle);
+            let path = dir.join(format!("{i:06}.{}", if i % 2 == 0 { "png" } else { "jpg" }));
+            img.save(&path)
+                .with_context(|| format!("failed to write {}", path.display()))?;
+        }
+    }
+    eprintln!(
+        "wrote {train} training and {test} validation images ({size}x{size}) to {}",
+        out.display()
+    );
     Ok(())
 }
 
