@@ -104,6 +104,8 @@ async fn simulate(
                 test_loss: Some(1.0),
                 test_accuracy: Some(0.5),
                 test_top5: None,
+                val_loss: None,
+                val_accuracy: None,
                 lr: 0.1,
                 seconds: 1.0,
             })
@@ -123,6 +125,8 @@ async fn simulate(
             precision: "fp32".into(),
             deterministic: true,
             test_top5: None,
+            val_loss: None,
+            val_accuracy: None,
         })
         .await?;
         claims.push(claim);

@@ -196,7 +196,8 @@ pub async fn results(url: &str, id: &str, json: bool) -> anyhow::Result<String> 
                 "data_fingerprint": r.data_fingerprint, "finished_at": r.finished_at,
                 "precision": r.precision, "deterministic": r.deterministic,
                 "init_seed": r.factors.map(|f| f.init), "order_seed": r.factors.map(|f| f.order),
-                "augment_seed": r.factors.map(|f| f.augment)}))
+                "augment_seed": r.factors.map(|f| f.augment), "split_seed": r.factors.map(|f| f.split),
+                "test_top5": r.test_top5, "val_loss": r.val_loss, "val_accuracy": r.val_accuracy}))
             .collect();
         return Ok(serde_json::to_string_pretty(&v)?);
     }

@@ -160,6 +160,9 @@ pub struct EpochRecord {
     pub test_accuracy: Option<f64>,
     /// Top-5 accuracy (task finetune-head).
     pub test_top5: Option<f64>,
+    /// On the run's held-out validation images.
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
     pub lr: f64,
     pub seconds: f64,
 }
@@ -182,6 +185,9 @@ pub struct SeedResult {
     pub deterministic: bool,
     /// Top-5 test accuracy (task finetune-head).
     pub test_top5: Option<f64>,
+    /// On the run's held-out validation images.
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
     /// Set by the store when recorded, from the seed's row.
     pub factors: Option<FactorSeeds>,
     /// Set by the store when recorded.

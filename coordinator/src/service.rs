@@ -136,6 +136,11 @@ fn epoch_record(m: &pb::EpochMetrics) -> Result<EpochRecord, Status> {
             .map(|v| fraction("test_accuracy", v))
             .transpose()?,
         test_top5: m.test_top5.map(|v| fraction("test_top5", v)).transpose()?,
+        val_loss: m.val_loss.map(|v| finite("val_loss", v)).transpose()?,
+        val_accuracy: m
+            .val_accuracy
+            .map(|v| fraction("val_accuracy", v))
+            .transpose()?,
         lr: non_negative("lr", m.lr)?,
         seconds: non_negative("seconds", m.seconds)?,
     })
@@ -178,6 +183,7 @@ fn train_pb(t: &crate::spec::TrainSettings) -> pb::TrainConfig {
         deterministic: t.deterministic,
         eval_every: t.eval_every,
         checkpoint_every: t.checkpoint_every,
+        holdout: t.holdout,
     }
 }
 
@@ -226,6 +232,7 @@ fn factors_pb(f: &crate::spec::FactorSeeds) -> pb::FactorSeeds {
         init: f.init,
         order: f.order,
         augment: f.augment,
+        split: f.split,
     }
 }
 
@@ -309,6 +316,8 @@ impl Coordinator for CoordinatorService {
                     precision: r.precision,
                     deterministic: r.deterministic,
                     test_top5: r.test_top5,
+                    val_loss: r.val_loss,
+                    val_accuracy: r.val_accuracy,
                 })
                 .collect(),
         }))
@@ -451,6 +460,11 @@ impl Coordinator for CoordinatorService {
             },
             deterministic: r.deterministic,
             test_top5: r.test_top5.map(|v| fraction("test_top5", v)).transpose()?,
+            val_loss: r.val_loss.map(|v| finite("val_loss", v)).transpose()?,
+            val_accuracy: r
+                .val_accuracy
+                .map(|v| fraction("val_accuracy", v))
+                .transpose()?,
             factors: None,
             finished_at: String::new(),
         };

@@ -298,6 +298,10 @@ pub struct TrainSettings {
     /// a seed whose lease is lost resumes from it on any worker with the same folder.
     #[serde(default)]
     pub checkpoint_every: u32,
+    /// Hold out this many training images as the run's validation set, chosen by its `split`
+    /// factor; the run trains on the rest and is evaluated on both (0: no split).
+    #[serde(default)]
+    pub holdout: u32,
 }
 
 mod defaults {
@@ -445,6 +449,12 @@ impl TrainSettings {
                 self.cutout
             ));
         }
+        if self.holdout > 10_000_000 {
+            return invalid(format!(
+                "`train.holdout` = {}: at most 10000000 images",
+                self.holdout
+            ));
+        }
         if self.eval_every == 0 {
             return invalid("`train.eval_every` = 0: give 1 to evaluate after every epoch");
         }
@@ -462,16 +472,19 @@ pub enum Factor {
     Order,
     /// The augmentation draws (crops, flips, cutout).
     Augment,
+    /// Which training images a run holds out as its validation set (`train.holdout`).
+    Split,
 }
 
 impl Factor {
-    pub const ALL: [Factor; 3] = [Factor::Init, Factor::Order, Factor::Augment];
+    pub const ALL: [Factor; 4] = [Factor::Init, Factor::Order, Factor::Augment, Factor::Split];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Factor::Init => "init",
             Factor::Order => "order",
             Factor::Augment => "augment",
+            Factor::Split => "split",
         }
     }
 
@@ -481,7 +494,7 @@ impl Factor {
             .find(|f| f.as_str() == text)
             .ok_or_else(|| {
                 SpecError(format!(
-                    "`{key}` names `{text}`, not a seed factor: use \"init\", \"order\" or \"augment\""
+                    "`{key}` names `{text}`, not a seed factor: use \"init\", \"order\", \"augment\" or \"split\""
                 ))
             })
     }
@@ -493,6 +506,8 @@ pub struct FactorSeeds {
     pub init: i64,
     pub order: i64,
     pub augment: i64,
+    #[serde(default)]
+    pub split: i64,
 }
 
 /// How a sweep's runs map to factor seeds.
@@ -531,12 +546,14 @@ impl Design {
             init: base,
             order: base,
             augment: base,
+            split: base,
         };
         for (f, v) in set {
             match f {
                 Factor::Init => out.init = v,
                 Factor::Order => out.order = v,
                 Factor::Augment => out.augment = v,
+                Factor::Split => out.split = v,
             }
         }
         out
@@ -1012,7 +1029,8 @@ width = 0.25
             FactorSeeds {
                 init: 3,
                 order: 7,
-                augment: 7
+                augment: 7,
+                split: 7
             }
         );
         let all = SweepSpec::parse(OK).unwrap();
@@ -1021,7 +1039,8 @@ width = 0.25
             FactorSeeds {
                 init: 3,
                 order: 3,
-                augment: 3
+                augment: 3,
+                split: 3
             }
         );
         assert!(err(&OK.replace("[train]", "vary = [\"dropout\"]\n[train]")).contains("dropout"));
@@ -1056,7 +1075,9 @@ width = 0.25
             err(&text.replace("[crossed]", "seeds = \"0..3\"\n[crossed]")).contains("not both")
         );
         assert!(err(&text.replace("init = \"0..2\"\n", "")).contains("at least two"));
-        assert!(err(&text.replace("init =", "split =")).contains("split"));
+        assert!(err(&text.replace("init =", "dropout =")).contains("dropout"));
+        let split = SweepSpec::parse(&text.replace("init =", "split =")).unwrap();
+        assert_eq!(split.design.factors(5).split, 1);
         assert!(err(&text.replace("[5, 6, 7]", "[5, 5]")).contains("`crossed.order`"));
         assert!(err(&text.replace("[crossed]", "vary = [\"init\"]\n[crossed]")).contains("`vary`"));
     }

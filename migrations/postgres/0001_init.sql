@@ -33,6 +33,7 @@ CREATE TABLE seeds (
     init_seed        BIGINT NOT NULL CHECK (init_seed >= 0),
     order_seed       BIGINT NOT NULL CHECK (order_seed >= 0),
     augment_seed     BIGINT NOT NULL CHECK (augment_seed >= 0),
+    split_seed       BIGINT NOT NULL CHECK (split_seed >= 0),
     -- Grows by one with each lease; every worker write names it.
     fence            BIGINT NOT NULL DEFAULT 0,
     -- Attempts that ended badly (reported failures and expired leases).
@@ -81,11 +82,15 @@ CREATE TABLE results (
     init_seed        BIGINT NOT NULL,
     order_seed       BIGINT NOT NULL,
     augment_seed     BIGINT NOT NULL,
+    split_seed       BIGINT NOT NULL,
     -- The arithmetic used ('fp32' on a CPU) and whether the run repeats bit for bit.
     precision        TEXT NOT NULL CHECK (precision IN ('fp32', 'fp16', 'bf16')),
     deterministic    BOOLEAN NOT NULL,
     -- Top-5 test accuracy (task finetune-head), NULL otherwise.
     test_top5        DOUBLE PRECISION CHECK (test_top5 >= 0 AND test_top5 <= 1),
+    -- On the run's held-out validation images (train.holdout > 0), NULL otherwise.
+    val_loss         DOUBLE PRECISION,
+    val_accuracy     DOUBLE PRECISION CHECK (val_accuracy >= 0 AND val_accuracy <= 1),
     finished_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (sweep_id, seed),
     FOREIGN KEY (sweep_id, seed) REFERENCES seeds (sweep_id, seed) ON DELETE CASCADE
@@ -103,6 +108,8 @@ CREATE TABLE epoch_metrics (
     test_loss      DOUBLE PRECISION,
     test_accuracy  DOUBLE PRECISION,
     test_top5      DOUBLE PRECISION,
+    val_loss       DOUBLE PRECISION,
+    val_accuracy   DOUBLE PRECISION,
     lr             DOUBLE PRECISION NOT NULL,
     seconds        DOUBLE PRECISION NOT NULL,
     recorded_at    TIMESTAMPTZ NOT NULL DEFAULT now(),

@@ -33,6 +33,7 @@ CREATE TABLE seeds (
     init_seed        INTEGER NOT NULL CHECK (init_seed >= 0),
     order_seed       INTEGER NOT NULL CHECK (order_seed >= 0),
     augment_seed     INTEGER NOT NULL CHECK (augment_seed >= 0),
+    split_seed       INTEGER NOT NULL CHECK (split_seed >= 0),
     -- Grows by one with each lease; every worker write names it.
     fence            INTEGER NOT NULL DEFAULT 0,
     -- Attempts that ended badly (reported failures and expired leases).
@@ -81,11 +82,15 @@ CREATE TABLE results (
     init_seed        INTEGER NOT NULL,
     order_seed       INTEGER NOT NULL,
     augment_seed     INTEGER NOT NULL,
+    split_seed       INTEGER NOT NULL,
     -- The arithmetic used ('fp32' on a CPU) and whether the run repeats bit for bit.
     precision        TEXT NOT NULL CHECK (precision IN ('fp32', 'fp16', 'bf16')),
     deterministic    INTEGER NOT NULL,
     -- Top-5 test accuracy (task finetune-head), NULL otherwise.
     test_top5        REAL CHECK (test_top5 >= 0 AND test_top5 <= 1),
+    -- On the run's held-out validation images (train.holdout > 0), NULL otherwise.
+    val_loss         REAL,
+    val_accuracy     REAL CHECK (val_accuracy >= 0 AND val_accuracy <= 1),
     finished_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     PRIMARY KEY (sweep_id, seed),
     FOREIGN KEY (sweep_id, seed) REFERENCES seeds (sweep_id, seed) ON DELETE CASCADE
@@ -103,6 +108,8 @@ CREATE TABLE epoch_metrics (
     test_loss      REAL,
     test_accuracy  REAL,
     test_top5      REAL,
+    val_loss       REAL,
+    val_accuracy   REAL,
     lr             REAL NOT NULL,
     seconds        REAL NOT NULL,
     recorded_at    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),

@@ -62,6 +62,8 @@ fn epoch(n: u32) -> EpochRecord {
         test_loss: Some(1.0),
         test_accuracy: Some(0.5),
         test_top5: None,
+        val_loss: None,
+        val_accuracy: None,
         lr: 0.1,
         seconds: 1.0,
     }
@@ -82,6 +84,8 @@ fn result(seed: i64) -> SeedResult {
         precision: "fp32".into(),
         deterministic: true,
         test_top5: None,
+        val_loss: None,
+        val_accuracy: None,
         factors: None,
         finished_at: String::new(),
     }

@@ -47,9 +47,9 @@ fn metrics(db: &Path, sweep: &str) -> String {
     )
 }
 
-/// The paper's recipe (overridden to a tiny size) in a crossed design of init x order seeds:
-/// every combination runs, its factor seeds are stored with its result, runs differ, and the
-/// design cannot be extended. One worker, which leases each next seed as the last epoch starts.
+/// The paper's recipe (overridden to a tiny size) in a crossed design of init x order seeds, with
+/// 60 training images held out by the split factor: every combination runs, its factor seeds are
+/// stored with its result, runs differ, and the design cannot be extended. One worker, which leases each next seed as the last epoch starts.
 #[test]
 fn a_crossed_design_on_the_paper_recipe() {
     let _heavy = crate::heavy();
@@ -63,7 +63,7 @@ fn a_crossed_design_on_the_paper_recipe() {
         dir.path(),
         "name = \"crossed\"\ntask = \"resnet9\"\ndataset = \"synthetic\"\nrecipe = \"paper-short\"\n\
          base_seed = 9\n[crossed]\ninit = [0, 1]\norder = [0, 1]\n\
-         [train]\nepochs = 2\nbatch_size = 50\nwidth = 0.125\neval_every = 2\n",
+         [train]\nepochs = 2\nbatch_size = 50\nwidth = 0.125\neval_every = 2\nholdout = 60\n",
     );
     let logs = run_workers(&c, &data, 1, &[]);
     // The next seed is leased while the current one trains its last epoch, not after.
@@ -79,21 +79,22 @@ fn a_crossed_design_on_the_paper_recipe() {
     assert_eq!(
         sqlite_query(
             &db,
-            "SELECT seed, init_seed, order_seed, augment_seed, precision, deterministic FROM results ORDER BY seed"
+            "SELECT seed, init_seed, order_seed, augment_seed, split_seed, precision, deterministic,
+                    val_accuracy BETWEEN 0 AND 1 FROM results ORDER BY seed"
         ),
-        "0|0|0|9|fp32|1\n1|0|1|9|fp32|1\n2|1|0|9|fp32|1\n3|1|1|9|fp32|1\n"
+        "0|0|0|9|9|fp32|1|1\n1|0|1|9|9|fp32|1|1\n2|1|0|9|9|fp32|1|1\n3|1|1|9|9|fp32|1|1\n"
     );
     assert_eq!(
         sqlite_query(&db, "SELECT count(DISTINCT train_loss) FROM results"),
         "4\n"
     );
-    // eval_every = 2: epoch 1 has no test metrics, epoch 2 (the last) has.
+    // eval_every = 2: epoch 1 has no test or validation metrics, epoch 2 (the last) has.
     assert_eq!(
         sqlite_query(
             &db,
-            "SELECT epoch, count(test_loss), count(*) FROM epoch_metrics GROUP BY epoch ORDER BY epoch"
+            "SELECT epoch, count(test_loss), count(val_loss), count(*) FROM epoch_metrics GROUP BY epoch ORDER BY epoch"
         ),
-        "1|0|4\n2|4|4\n"
+        "1|0|0|4\n2|4|4|4\n"
     );
     let config: serde_json::Value =
         serde_json::from_str(&sqlite_query(&db, "SELECT config FROM sweeps")).unwrap();

@@ -587,6 +587,8 @@ pub fn train_head(
                 test_loss: Some(test_loss),
                 test_accuracy: Some(top1 as f64 / nv),
                 test_top5: (classes > 5).then(|| top5 as f64 / nv),
+                val_loss: None,
+                val_accuracy: None,
                 lr,
                 seconds: started.elapsed().as_secs_f64(),
             };

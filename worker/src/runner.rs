@@ -496,12 +496,14 @@ impl Worker {
             init: lease.seed,
             order: lease.seed,
             augment: lease.seed,
+            split: lease.seed,
         });
         let seeds = Seeds::derive(
             &lease.seed_namespace,
             factors.init,
             factors.order,
             factors.augment,
+            factors.split,
         );
         // What to train, per task; settings this worker does not know stop it (it needs an
         // upgrade), a host problem (missing data) hands the seed back and stops it too.
@@ -679,6 +681,8 @@ impl Worker {
                     device: device_label(device),
                     data_fingerprint: fingerprint.clone(),
                     test_top5: last.test_top5,
+                    val_loss: last.val_loss,
+                    val_accuracy: last.val_accuracy,
                     precision: t.precision.as_str().to_string(),
                     deterministic: t.deterministic,
                 };
@@ -997,6 +1001,7 @@ fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
         deterministic: t.deterministic,
         eval_every: t.eval_every.max(1),
         checkpoint_every: t.checkpoint_every,
+        holdout: t.holdout,
     })
 }
 
@@ -1061,6 +1066,8 @@ fn epoch_pb(lease: &pb::LeaseRef, m: &EpochMetrics) -> pb::EpochMetrics {
         test_loss: m.test_loss,
         test_accuracy: m.test_accuracy,
         test_top5: m.test_top5,
+        val_loss: m.val_loss,
+        val_accuracy: m.val_accuracy,
         lr: m.lr,
         seconds: m.seconds,
     }

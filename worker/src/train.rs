@@ -87,6 +87,8 @@ pub struct TrainConfig {
     pub eval_every: u32,
     /// Save a checkpoint every this many epochs (0: never).
     pub checkpoint_every: u32,
+    /// Training images held out as the run's validation set, chosen by the split generator.
+    pub holdout: u32,
 }
 
 /// The 64-bit generator seed of each source of randomness for one run.
@@ -95,22 +97,25 @@ pub struct Seeds {
     pub init: u64,
     pub order: u64,
     pub augment: u64,
+    /// Which training images are held out (`holdout`).
+    pub split: u64,
 }
 
 impl Seeds {
     /// Generator seeds from factor seeds: each factor's generator is derived from (namespace,
     /// factor, that factor's seed), so changing one factor never perturbs the others.
-    pub fn derive(namespace: &str, init: i64, order: i64, augment: i64) -> Seeds {
+    pub fn derive(namespace: &str, init: i64, order: i64, augment: i64, split: i64) -> Seeds {
         Seeds {
             init: factor_seed(namespace, "init", init),
             order: factor_seed(namespace, "order", order),
             augment: factor_seed(namespace, "augment", augment),
+            split: factor_seed(namespace, "split", split),
         }
     }
 
     /// All factors from one seed, in the default namespace.
     pub fn single(seed: i64) -> Seeds {
-        Seeds::derive("", seed, seed, seed)
+        Seeds::derive("", seed, seed, seed, seed)
     }
 }
 
@@ -125,6 +130,11 @@ pub struct EpochMetrics {
     /// Top-5 accuracy (task finetune-head, more than five classes).
     #[serde(default)]
     pub test_top5: Option<f64>,
+    /// On the run's held-out validation images (`holdout`), when evaluated.
+    #[serde(default)]
+    pub val_loss: Option<f64>,
+    #[serde(default)]
+    pub val_accuracy: Option<f64>,
     /// The learning rate at the epoch's last step.
     pub lr: f64,
     pub seconds: f64,
@@ -531,11 +541,49 @@ pub fn train(
         history = ckpt.history;
     }
 
+    // The run's split: the split generator picks `holdout` training images as its validation
+    // set; it trains on the rest.
+    let all = data.train.len();
+    let holdout = cfg.holdout as i64;
+    if holdout >= all {
+        return Err(TrainError::Device(format!(
+            "`holdout` = {holdout} leaves no training image (the dataset has {all})"
+        )));
+    }
+    let (train_split, val_split) = if holdout > 0 {
+        let mut split_rng = ChaCha8Rng::seed_from_u64(run.seeds.split);
+        let mut perm: Vec<i64> = (0..all).collect();
+        for i in (1..perm.len()).rev() {
+            let j = split_rng.random_range(0..=i);
+            perm.swap(i, j);
+        }
+        let (val, train) = perm.split_at(holdout as usize);
+        let (mut val, mut train) = (val.to_vec(), train.to_vec());
+        val.sort_unstable();
+        train.sort_unstable();
+        let pick = |idx: &[i64]| {
+            let idx = Tensor::from_slice(idx);
+            Split {
+                images: data.train.images.index_select(0, &idx),
+                labels: data.train.labels.index_select(0, &idx),
+            }
+        };
+        (pick(&train), Some(pick(&val)))
+    } else {
+        (
+            Split {
+                images: data.train.images.shallow_clone(),
+                labels: data.train.labels.shallow_clone(),
+            },
+            None,
+        )
+    };
+
     // The whole training set moves to the device once, as uint8.
-    let train_images = data.train.images.to_device(device);
-    let train_labels = data.train.labels.to_device(device);
+    let train_images = train_split.images.to_device(device);
+    let train_labels = train_split.labels.to_device(device);
     let pipeline = Pipeline::new(cfg, device);
-    let n = data.train.len();
+    let n = train_split.len();
     let batch = (cfg.batch_size as i64).min(n);
     let steps = (n + batch - 1) / batch;
     for epoch in resumed_from + 1..=cfg.epochs {
@@ -589,6 +637,13 @@ pub fn train(
         } else {
             (None, None)
         };
+        let (val_loss, val_accuracy) = match (&val_split, evaluate_now) {
+            (Some(v), true) => {
+                let (l, a) = evaluate(&net, v, &pipeline, precision, device);
+                (Some(l), Some(a))
+            }
+            _ => (None, None),
+        };
         let m = EpochMetrics {
             epoch,
             train_loss,
@@ -596,6 +651,8 @@ pub fn train(
             test_loss,
             test_accuracy,
             test_top5: None,
+            val_loss,
+            val_accuracy,
             lr,
             seconds: started.elapsed().as_secs_f64(),
         };
@@ -691,6 +748,7 @@ mod tests {
             deterministic: false,
             eval_every: 1,
             checkpoint_every: 0,
+            holdout: 0,
         };
         (d, cfg)
     }
@@ -744,9 +802,9 @@ mod tests {
         tch::set_num_threads(1);
         let (d, mut cfg) = tiny();
         cfg.epochs = 1;
-        let base = Seeds::derive("", 1, 1, 1);
-        let other_order = Seeds::derive("", 1, 2, 1);
-        let other_augment = Seeds::derive("", 1, 1, 2);
+        let base = Seeds::derive("", 1, 1, 1, 1);
+        let other_order = Seeds::derive("", 1, 2, 1, 1);
+        let other_augment = Seeds::derive("", 1, 1, 2, 1);
         assert_eq!(base.init, other_order.init);
         assert_eq!(base.augment, other_order.augment);
         assert_ne!(base.order, other_order.order);
@@ -757,8 +815,22 @@ mod tests {
         );
         assert_ne!(bits(&a), bits(&b));
         assert_ne!(bits(&a), bits(&c));
+        // The split seed matters only with a holdout, and then changes the run.
+        assert_eq!(
+            bits(&a),
+            bits(&run_with(&d, &cfg, Seeds::derive("", 1, 1, 1, 2)))
+        );
+        let mut held = cfg.clone();
+        held.holdout = 56;
+        let (h1, h2) = (
+            run_with(&d, &held, base),
+            run_with(&d, &held, Seeds::derive("", 1, 1, 1, 2)),
+        );
+        assert_ne!(bits(&h1), bits(&h2));
+        assert!(h1.history[0].val_accuracy.is_some() && a.history[0].val_accuracy.is_none());
+        assert_eq!(bits(&h1), bits(&run_with(&d, &held, base)));
         assert_ne!(
-            Seeds::derive("other", 1, 1, 1).init,
+            Seeds::derive("other", 1, 1, 1, 1).init,
             base.init,
             "a namespace gives other streams"
         );

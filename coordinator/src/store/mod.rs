@@ -227,17 +227,17 @@ pub(crate) fn design_from_config(config: &str) -> Result<crate::spec::Design> {
 }
 
 /// Each seed with its factor seeds under `design`, as the insert statements take them.
-pub(crate) fn seed_rows(seeds: &[i64], design: &crate::spec::Design) -> Vec<[i64; 4]> {
+pub(crate) fn seed_rows(seeds: &[i64], design: &crate::spec::Design) -> Vec<[i64; 5]> {
     seeds
         .iter()
         .map(|&s| {
             let f = design.factors(s);
-            [s, f.init, f.order, f.augment]
+            [s, f.init, f.order, f.augment, f.split]
         })
         .collect()
 }
 
-/// The factor seeds in a `seeds` or `results` row (columns init_seed, order_seed, augment_seed).
+/// The factor seeds in a `seeds` or `results` row (columns init_seed ... split_seed).
 pub(crate) fn factors_from_row<'r, R>(row: &'r R) -> Result<crate::spec::FactorSeeds>
 where
     R: sqlx::Row,
@@ -248,6 +248,7 @@ where
         init: row.try_get("init_seed")?,
         order: row.try_get("order_seed")?,
         augment: row.try_get("augment_seed")?,
+        split: row.try_get("split_seed")?,
     })
 }
 

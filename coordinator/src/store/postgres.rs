@@ -191,8 +191,9 @@ async fn insert_seeds(
     for chunk in seed_rows(seeds, design).chunks(50_000) {
         let column = |i: usize| chunk.iter().map(|r| r[i]).collect::<Vec<i64>>();
         added += sqlx::query(
-            "INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed)
-             SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+            "INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed, split_seed)
+             SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                                      $6::bigint[])
              ON CONFLICT (sweep_id, seed) DO NOTHING",
         )
         .bind(id.0)
@@ -200,6 +201,7 @@ async fn insert_seeds(
         .bind(column(1))
         .bind(column(2))
         .bind(column(3))
+        .bind(column(4))
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -287,8 +289,8 @@ impl Store for PgStore {
         self.summary(id).await?;
         let rows = sqlx::query(concat!(
             "SELECT seed, test_accuracy, test_loss, train_loss, train_accuracy, epochs, seconds, worker_id,
-                    device, data_fingerprint, precision, deterministic, test_top5, init_seed, order_seed,
-                    augment_seed, ",
+                    device, data_fingerprint, precision, deterministic, test_top5, val_loss,
+                    val_accuracy, init_seed, order_seed, augment_seed, split_seed, ",
             iso!("finished_at"),
             " AS finished_at FROM results WHERE sweep_id = $1 ORDER BY seed"
         ))
@@ -312,6 +314,8 @@ impl Store for PgStore {
                     precision: r.try_get("precision")?,
                     deterministic: r.try_get("deterministic")?,
                     test_top5: r.try_get("test_top5")?,
+                    val_loss: r.try_get("val_loss")?,
+                    val_accuracy: r.try_get("val_accuracy")?,
                     factors: Some(factors_from_row(r)?),
                 })
             })
@@ -367,7 +371,8 @@ impl Store for PgStore {
                  updated_at = now()
              FROM next
              WHERE s.sweep_id = next.sweep_id AND s.seed = next.seed
-             RETURNING s.sweep_id, s.seed, s.fence, s.init_seed, s.order_seed, s.augment_seed",
+             RETURNING s.sweep_id, s.seed, s.fence, s.init_seed, s.order_seed, s.augment_seed,
+                       s.split_seed",
         )
         .bind(worker_id)
         .bind(ttl.as_secs_f64())
@@ -449,13 +454,14 @@ impl Store for PgStore {
         }
         sqlx::query(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
-                                        test_accuracy, lr, seconds, test_top5)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                                        test_accuracy, lr, seconds, test_top5, val_loss, val_accuracy)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
              ON CONFLICT (sweep_id, seed, epoch) DO UPDATE SET
                  fence = excluded.fence, train_loss = excluded.train_loss,
                  train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
                  test_accuracy = excluded.test_accuracy, lr = excluded.lr, seconds = excluded.seconds,
-                 recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5
+                 recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5,
+                 val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy
              WHERE epoch_metrics.fence <= excluded.fence",
         )
         .bind(lease.sweep_id.0)
@@ -469,6 +475,8 @@ impl Store for PgStore {
         .bind(e.lr)
         .bind(e.seconds)
         .bind(e.test_top5)
+        .bind(e.val_loss)
+        .bind(e.val_accuracy)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -506,11 +514,11 @@ impl Store for PgStore {
         sqlx::query(
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
                                   epochs, seconds, worker_id, device, data_fingerprint, finished_at,
-                                  precision, deterministic, test_top5, init_seed, order_seed,
-                                  augment_seed)
+                                  precision, deterministic, test_top5, val_loss, val_accuracy,
+                                  init_seed, order_seed, augment_seed, split_seed)
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                    now() + make_interval(secs => $13), $14, $15, $16, init_seed, order_seed,
-                    augment_seed
+                    now() + make_interval(secs => $13), $14, $15, $16, $17, $18, init_seed,
+                    order_seed, augment_seed, split_seed
              FROM seeds WHERE sweep_id = $1 AND seed = $2",
         )
         .bind(lease.sweep_id.0)
@@ -529,6 +537,8 @@ impl Store for PgStore {
         .bind(&r.precision)
         .bind(r.deterministic)
         .bind(r.test_top5)
+        .bind(r.val_loss)
+        .bind(r.val_accuracy)
         .execute(&mut *tx)
         .await?;
         sqlx::query(

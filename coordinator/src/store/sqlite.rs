@@ -205,9 +205,9 @@ async fn insert_seeds(
 ) -> Result<u64> {
     let mut added = 0;
     // SQLite binds at most 32766 parameters per statement: insert in chunks.
-    for chunk in seed_rows(seeds, design).chunks(6_000) {
+    for chunk in seed_rows(seeds, design).chunks(5_000) {
         let mut q = sqlx::QueryBuilder::<Sqlite>::new(
-            "INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed) ",
+            "INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed, split_seed) ",
         );
         q.push_values(chunk, |mut b, row| {
             b.push_bind(id.0.to_string());
@@ -290,8 +290,8 @@ impl Store for SqliteStore {
         self.summary(id).await?;
         let rows = sqlx::query(
             "SELECT seed, test_accuracy, test_loss, train_loss, train_accuracy, epochs, seconds, worker_id,
-                    device, data_fingerprint, finished_at, precision, deterministic, test_top5, init_seed,
-                    order_seed, augment_seed
+                    device, data_fingerprint, finished_at, precision, deterministic, test_top5,
+                    val_loss, val_accuracy, init_seed, order_seed, augment_seed, split_seed
              FROM results WHERE sweep_id = ?1 ORDER BY seed",
         )
         .bind(id.0.to_string())
@@ -314,6 +314,8 @@ impl Store for SqliteStore {
                     precision: r.try_get("precision")?,
                     deterministic: r.try_get("deterministic")?,
                     test_top5: r.try_get("test_top5")?,
+                    val_loss: r.try_get("val_loss")?,
+                    val_accuracy: r.try_get("val_accuracy")?,
                     factors: Some(factors_from_row(r)?),
                 })
             })
@@ -375,7 +377,7 @@ impl Store for SqliteStore {
                      WHERE sweep_id = ?4 AND state = 'pending'
                        AND (not_before IS NULL OR not_before <= ?3)
                      ORDER BY seed LIMIT 1)
-                 RETURNING sweep_id, seed, fence, init_seed, order_seed, augment_seed",
+                 RETURNING sweep_id, seed, fence, init_seed, order_seed, augment_seed, split_seed",
             )
             .bind(worker_id)
             .bind(stamp(instant, ttl.as_secs_f64()))
@@ -461,13 +463,15 @@ impl Store for SqliteStore {
         }
         sqlx::query(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
-                                        test_accuracy, lr, seconds, recorded_at, test_top5)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                                        test_accuracy, lr, seconds, recorded_at, test_top5, val_loss,
+                                        val_accuracy)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
              ON CONFLICT (sweep_id, seed, epoch) DO UPDATE SET
                  fence = excluded.fence, train_loss = excluded.train_loss,
                  train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
                  test_accuracy = excluded.test_accuracy, lr = excluded.lr, seconds = excluded.seconds,
-                 recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5
+                 recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5,
+                 val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy
              WHERE epoch_metrics.fence <= excluded.fence",
         )
         .bind(lease.sweep_id.0.to_string())
@@ -482,6 +486,8 @@ impl Store for SqliteStore {
         .bind(e.seconds)
         .bind(self.now())
         .bind(e.test_top5)
+        .bind(e.val_loss)
+        .bind(e.val_accuracy)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -521,10 +527,10 @@ impl Store for SqliteStore {
         sqlx::query(
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
                                   epochs, seconds, worker_id, device, data_fingerprint, finished_at,
-                                  precision, deterministic, test_top5, init_seed, order_seed,
-                                  augment_seed)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                    init_seed, order_seed, augment_seed
+                                  precision, deterministic, test_top5, val_loss, val_accuracy,
+                                  init_seed, order_seed, augment_seed, split_seed)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                    ?18, init_seed, order_seed, augment_seed, split_seed
              FROM seeds WHERE sweep_id = ?1 AND seed = ?2",
         )
         .bind(&sweep)
@@ -543,6 +549,8 @@ impl Store for SqliteStore {
         .bind(&r.precision)
         .bind(r.deterministic)
         .bind(r.test_top5)
+        .bind(r.val_loss)
+        .bind(r.val_accuracy)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
