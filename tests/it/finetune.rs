@@ -38,14 +38,6 @@ fn sweep(name: &str, dataset: &str, seeds: &str, backbone: &str) -> String {
     )
 }
 
-fn submit(c: &CoordinatorProcess, dir: &Path, text: &str) -> String {
-    let file = dir.join(format!("sweep-{}.toml", uuid::Uuid::new_v4().simple()));
-    std::fs::write(&file, text).unwrap();
-    let out = c.sweep(&["submit", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).trim().to_string()
-}
-
 /// Runs one worker to idle with the model and cache folders; returns its log.
 fn run_worker(c: &CoordinatorProcess, data: &Path, models: &Path, cache: &Path) -> String {
     let out = run(worker(&c.url, data)
@@ -94,7 +86,7 @@ fn finetune_head_end_to_end() {
     );
 
     // Three seeds: the backbone runs once, every later seed trains on cached features.
-    let a = submit(&c, dir.path(), &sweep("a", "folder", "[0, 1, 2]", &r18));
+    let a = c.submit(dir.path(), &sweep("a", "folder", "[0, 1, 2]", &r18));
     let log = run_worker(&c, &data, &models, &cache);
     assert_eq!(
         log.matches("computing backbone features").count(),
@@ -118,7 +110,7 @@ fn finetune_head_end_to_end() {
     assert_eq!(first.len(), 3 * 2, "an evaluation every 10 of 20 steps");
 
     // Another process: features from the disk cache, and seed 1 again gives the same numbers.
-    let b = submit(&c, dir.path(), &sweep("b", "folder", "[1]", &r18));
+    let b = c.submit(dir.path(), &sweep("b", "folder", "[1]", &r18));
     let log = run_worker(&c, &data, &models, &cache);
     assert!(!log.contains("computing backbone features"), "{log}");
     assert!(log.contains("backbone features from the cache"), "{log}");
@@ -140,7 +132,7 @@ fn finetune_head_end_to_end() {
             std::fs::write(&path, bytes).unwrap();
         }
     }
-    let d = submit(&c, dir.path(), &sweep("d", "folder", "[1]", &r18));
+    let d = c.submit(dir.path(), &sweep("d", "folder", "[1]", &r18));
     let log = run_worker(&c, &data, &models, &cache);
     assert!(log.contains("feature cache unusable"), "{log}");
     assert_eq!(
@@ -158,7 +150,7 @@ fn finetune_head_end_to_end() {
     assert!(exported.status.success(), "{}", stderr(&exported));
     let tiny = stdout(&exported);
     assert!(tiny.contains("format = \"torchscript\""), "{tiny}");
-    let e = submit(&c, dir.path(), &sweep("e", "synthetic", "[0, 1]", &tiny));
+    let e = c.submit(dir.path(), &sweep("e", "synthetic", "[0, 1]", &tiny));
     run_worker(&c, &data, &models, &cache);
     assert_eq!(
         sqlite_query(
@@ -171,7 +163,7 @@ fn finetune_head_end_to_end() {
     // A backbone that does not match its checksum: the seed goes back unused, the worker stops.
     std::fs::write(models.join("tiny.pt"), b"something else").unwrap();
     std::fs::remove_dir_all(&cache).unwrap();
-    let f = submit(&c, dir.path(), &sweep("f", "synthetic", "[5]", &tiny));
+    let f = c.submit(dir.path(), &sweep("f", "synthetic", "[5]", &tiny));
     let out = run(worker(&c.url, &data)
         .arg("--model-dir")
         .arg(&models)

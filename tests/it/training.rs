@@ -2,19 +2,11 @@
 //! lost seed resume on another worker with the same numbers.
 
 use seedsweep_tests::{
-    CoordinatorProcess, make_synthetic, signal, sqlite_query, stderr, stdout, wait_until, worker,
+    CoordinatorProcess, make_synthetic, signal, sqlite_query, stderr, wait_until, worker,
 };
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
-
-fn submit(c: &CoordinatorProcess, dir: &Path, text: &str) -> String {
-    let file = dir.join(format!("sweep-{}.toml", uuid::Uuid::new_v4().simple()));
-    std::fs::write(&file, text).unwrap();
-    let out = c.sweep(&["submit", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).trim().to_string()
-}
 
 fn run_workers(c: &CoordinatorProcess, data: &Path, n: usize, extra: &[&str]) -> Vec<String> {
     let workers: Vec<_> = (0..n)
@@ -58,9 +50,7 @@ fn a_crossed_design_on_the_paper_recipe() {
     make_synthetic(&data, 300, 100);
     let db = dir.path().join("s.db");
     let c = CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
-    let id = submit(
-        &c,
-        dir.path(),
+    let id = c.submit(dir.path(),
         "name = \"crossed\"\ntask = \"resnet9\"\ndataset = \"synthetic\"\nrecipe = \"paper-short\"\n\
          base_seed = 9\n[crossed]\ninit = [0, 1]\norder = [0, 1]\n\
          [train]\nepochs = 2\nbatch_size = 50\nwidth = 0.125\neval_every = 2\nholdout = 60\n",
@@ -126,10 +116,10 @@ fn a_lost_seed_resumes_from_its_checkpoint_with_the_same_numbers() {
         )
     };
     // Undisturbed: seeds 0 and 1 on one worker with two slots, then seed 0 alone.
-    let reference = submit(&c, dir.path(), &sweep("reference", "[0, 1]"));
+    let reference = c.submit(dir.path(), &sweep("reference", "[0, 1]"));
     let logs = run_workers(&c, &data, 1, &["--slots", "2"]);
     assert!(logs[0].contains("slots=2"), "{}", logs[0]);
-    let single = submit(&c, dir.path(), &sweep("single", "[0]"));
+    let single = c.submit(dir.path(), &sweep("single", "[0]"));
     run_workers(&c, &data, 1, &[]);
     let seed0 = |sweep: &str| {
         metrics(&db, sweep)
@@ -145,7 +135,7 @@ fn a_lost_seed_resumes_from_its_checkpoint_with_the_same_numbers() {
     );
 
     // Interrupted: kill the worker after epoch 3, let the lease expire, resume elsewhere.
-    let cut = submit(&c, dir.path(), &sweep("cut", "[0]"));
+    let cut = c.submit(dir.path(), &sweep("cut", "[0]"));
     let mut a = worker(&c.url, &data)
         .arg("--checkpoint-dir")
         .arg(&checkpoints)

@@ -324,6 +324,15 @@ impl CoordinatorProcess {
         std::fs::read_to_string(self._dir.path().join("coordinator.log")).unwrap_or_default()
     }
 
+    /// Writes `text` to a new sweep file in `dir`, submits it, and returns the sweep id.
+    pub fn submit(&self, dir: &Path, text: &str) -> String {
+        let file = dir.join(format!("sweep-{}.toml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&file, text).expect("write the sweep file");
+        let out = self.sweep(&["submit", file.to_str().expect("a UTF-8 path")]);
+        assert!(out.status.success(), "submit failed: {}", stderr(&out));
+        stdout(&out).trim().to_string()
+    }
+
     /// Runs `coordinator sweep ARGS --coordinator URL`.
     pub fn sweep(&self, args: &[&str]) -> Output {
         run(Command::new(bin("coordinator"))
