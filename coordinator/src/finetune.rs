@@ -3,12 +3,8 @@
 //! `[finetune]` (how the new classifier head is trained). Validated here, once, like the rest of
 //! the file.
 
-use crate::spec::SpecError;
+use crate::spec::{SpecError, invalid};
 use serde::{Deserialize, Serialize};
-
-fn invalid<T>(msg: impl Into<String>) -> Result<T, SpecError> {
-    Err(SpecError::new(msg))
-}
 
 /// How the backbone file is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,7 +20,7 @@ impl SpecError {
     }
 }
 
-fn invalid<T>(msg: impl Into<String>) -> Result<T, SpecError> {
+pub(crate) fn invalid<T>(msg: impl Into<String>) -> Result<T, SpecError> {
     Err(SpecError(msg.into()))
 }
 
@@ -429,12 +429,14 @@ impl TrainSettings {
             ));
         }
         below_one("label_smoothing", self.label_smoothing)?;
-        if self.crop_padding > 16 {
-            return invalid(format!(
-                "`train.crop_padding` = {}: at most 16 pixels",
-                self.crop_padding
-            ));
-        }
+        let at_most = |key: &str, v: u32, max: u32, unit: &str| -> Result<(), SpecError> {
+            if v <= max {
+                Ok(())
+            } else {
+                invalid(format!("`train.{key}` = {v}: at most {max} {unit}"))
+            }
+        };
+        at_most("crop_padding", self.crop_padding, 16, "pixels")?;
         finite("smoothed_loss_weight", self.smoothed_loss_weight)?;
         if !(0.0..=100.0).contains(&self.smoothed_loss_weight) {
             return invalid(format!(
@@ -443,18 +445,8 @@ impl TrainSettings {
             ));
         }
         below_one("smoothed_loss_epsilon", self.smoothed_loss_epsilon)?;
-        if self.cutout > 32 {
-            return invalid(format!(
-                "`train.cutout` = {}: at most 32 pixels (the image side)",
-                self.cutout
-            ));
-        }
-        if self.holdout > 10_000_000 {
-            return invalid(format!(
-                "`train.holdout` = {}: at most 10000000 images",
-                self.holdout
-            ));
-        }
+        at_most("cutout", self.cutout, 32, "pixels (the image side)")?;
+        at_most("holdout", self.holdout, 10_000_000, "images")?;
         if self.eval_every == 0 {
             return invalid("`train.eval_every` = 0: give 1 to evaluate after every epoch");
         }

@@ -3,8 +3,7 @@
 //! resumed on any worker ends with the same numbers as an uninterrupted one.
 //!
 //! One run's checkpoint is `DIR/SWEEP/seed-SEED/checkpoint.safetensors` (its metadata, as JSON
-//! bytes, is the tensor `meta`) and `checkpoint.sha256` beside it, each written to a temporary
-//! file and renamed into place, the checksum last. A checkpoint whose checksum does not match,
+//! bytes, is the tensor `meta`) and `checkpoint.sha256` beside it, written by [`write_checked`]. A checkpoint whose checksum does not match,
 //! that cannot be read, or that was made for other settings, data or seeds is ignored (with a
 //! warning) and the run starts from scratch: never resumed from a wrong state.
 
@@ -108,17 +107,7 @@ impl CheckpointStore {
             named.push(("scaler/scale".into(), scale.to_device(Device::Cpu)));
             named.push(("scaler/growth".into(), tracker.to_device(Device::Cpu)));
         }
-        let tmp = self.dir.join(format!(".{DATA_FILE}.tmp"));
-        Tensor::write_safetensors(&named, &tmp)?;
-        sync(&tmp)?;
-        let bytes = std::fs::read(&tmp)?;
-        std::fs::rename(&tmp, self.dir.join(DATA_FILE))?;
-        let sum_tmp = self.dir.join(format!(".{SUM_FILE}.tmp"));
-        let mut f = std::fs::File::create(&sum_tmp)?;
-        writeln!(f, "{}", hex(&Sha256::digest(&bytes)))?;
-        f.sync_all()?;
-        std::fs::rename(&sum_tmp, self.dir.join(SUM_FILE))?;
-        Ok(())
+        write_checked(&self.dir.join(DATA_FILE), &self.dir.join(SUM_FILE), &named)
     }
 
     /// The checkpoint, if there is a sound one for this run.
@@ -137,15 +126,7 @@ impl CheckpointStore {
     }
 
     fn try_load(&self, data: &Path) -> anyhow::Result<Loaded> {
-        let bytes = std::fs::read(data)?;
-        let want = std::fs::read_to_string(self.dir.join(SUM_FILE))
-            .map_err(|e| anyhow::anyhow!("no readable checksum beside it ({e})"))?;
-        anyhow::ensure!(
-            want.trim() == hex(&Sha256::digest(&bytes)),
-            "its checksum does not match (a partial or corrupt file)"
-        );
-        let mut tensors: HashMap<String, Tensor> =
-            Tensor::read_safetensors(data)?.into_iter().collect();
+        let mut tensors = read_checked(data, &self.dir.join(SUM_FILE))?;
         let meta = tensors
             .remove("meta")
             .ok_or_else(|| anyhow::anyhow!("it has no metadata"))?;
@@ -223,10 +204,41 @@ impl Loaded {
     }
 }
 
-fn sync(path: &Path) -> std::io::Result<()> {
-    std::fs::File::open(path)?.sync_all()
+/// A temporary name beside `path`, for writing it whole before renaming it into place.
+fn temporary(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Writes `named` tensors to `data` (safetensors) and their SHA-256 to `sum`, each to a temporary
+/// file synced and renamed into place, the checksum last: a reader never trusts a partial file.
+/// Also the format of the feature cache.
+pub(crate) fn write_checked(
+    data: &Path,
+    sum: &Path,
+    named: &[(String, Tensor)],
+) -> anyhow::Result<()> {
+    let tmp = temporary(data);
+    Tensor::write_safetensors(named, &tmp)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    let bytes = std::fs::read(&tmp)?;
+    std::fs::rename(&tmp, data)?;
+    let sum_tmp = temporary(sum);
+    let mut f = std::fs::File::create(&sum_tmp)?;
+    writeln!(f, "{:x}", Sha256::digest(&bytes))?;
+    f.sync_all()?;
+    std::fs::rename(&sum_tmp, sum)?;
+    Ok(())
+}
+
+/// Reads what [`write_checked`] wrote, refusing a file whose checksum is missing or differs.
+pub(crate) fn read_checked(data: &Path, sum: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(data)?;
+    let want = std::fs::read_to_string(sum)
+        .map_err(|e| anyhow::anyhow!("no readable checksum beside it ({e})"))?;
+    anyhow::ensure!(
+        want.trim() == format!("{:x}", Sha256::digest(&bytes)),
+        "its checksum does not match (a partial or corrupt file)"
+    );
+    Ok(Tensor::read_safetensors(data)?.into_iter().collect())
 }

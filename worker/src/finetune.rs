@@ -8,14 +8,16 @@
 //! every seed then trains only the head on them. The seed's factors fix the head's initial
 //! weights (`init`) and the order of the training features (`order`).
 
+use crate::checkpoint::{read_checked, write_checked};
 use crate::data::Dataset;
 use crate::imagefolder::{self, ImageFolder, OnBadImage, Transform};
 use crate::train::{EpochMetrics, INIT_LOCK, Seeds, TrainError};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tch::nn::{self, ModuleT, OptimizerConfig};
@@ -102,10 +104,6 @@ pub enum BackboneError {
     Data(String),
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn file_sha256(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
@@ -117,7 +115,7 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(hex(&h.finalize()))
+    Ok(format!("{:x}", h.finalize()))
 }
 
 /// A loaded, frozen backbone.
@@ -185,13 +183,13 @@ impl Backbone {
 }
 
 /// Where images for features come from.
-pub enum Source<'a> {
-    Folder(&'a ImageFolder),
+pub enum Source {
+    Folder(Arc<ImageFolder>),
     /// A CIFAR-layout dataset, its 32x32 images upscaled to the backbone's input size.
-    Cifar(&'a Dataset),
+    Cifar(Arc<Dataset>),
 }
 
-impl Source<'_> {
+impl Source {
     pub fn fingerprint(&self) -> &str {
         match self {
             Source::Folder(f) => &f.fingerprint,
@@ -220,7 +218,7 @@ pub struct Features {
 unsafe impl Sync for Features {}
 
 /// The key of a feature cache entry: everything that determines the features.
-pub fn cache_key(cfg: &BackboneConfig, source: &Source<'_>) -> String {
+pub fn cache_key(cfg: &BackboneConfig, source: &Source) -> String {
     let text = format!(
         "seedsweep-features/v1|{}|{}|{}|{:?}|{:?}|resize-centre-crop",
         cfg.sha256,
@@ -229,11 +227,12 @@ pub fn cache_key(cfg: &BackboneConfig, source: &Source<'_>) -> String {
         cfg.mean,
         cfg.std
     );
-    hex(&Sha256::digest(text))
+    format!("{:x}", Sha256::digest(text))
 }
 
-/// Feature files on local disk: `DIR/KEY.safetensors` with `DIR/KEY.sha256` beside it, written
-/// to temporary files and renamed; a file whose checksum does not match is rebuilt.
+/// Feature files on local disk: `DIR/KEY.safetensors` with `DIR/KEY.sha256` beside it, in the
+/// checkpoints' checked format ([`write_checked`]); a file whose checksum does not match is
+/// rebuilt.
 pub struct FeatureCache {
     pub dir: PathBuf,
 }
@@ -252,14 +251,7 @@ impl FeatureCache {
             return None;
         }
         let attempt = || -> anyhow::Result<Features> {
-            let bytes = std::fs::read(&data)?;
-            let want = std::fs::read_to_string(&sum)?;
-            anyhow::ensure!(
-                want.trim() == hex(&Sha256::digest(&bytes)),
-                "its checksum does not match (a partial or corrupt file)"
-            );
-            let mut t: std::collections::HashMap<String, Tensor> =
-                Tensor::read_safetensors(&data)?.into_iter().collect();
+            let mut t = read_checked(&data, &sum)?;
             let mut take = |name: &str| {
                 t.remove(name)
                     .ok_or_else(|| anyhow::anyhow!("it lacks `{name}`"))
@@ -285,26 +277,14 @@ impl FeatureCache {
     pub fn store(&self, key: &str, f: &Features) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let (data, sum) = self.paths(key);
-        let tmp = self.dir.join(format!(".{key}.tmp.{}", std::process::id()));
         let named = [
-            ("train", f.train.shallow_clone()),
-            ("train_labels", f.train_labels.shallow_clone()),
-            ("val", f.val.shallow_clone()),
-            ("val_labels", f.val_labels.shallow_clone()),
-            ("classes", Tensor::from_slice(&[f.classes])),
+            ("train".to_string(), f.train.shallow_clone()),
+            ("train_labels".to_string(), f.train_labels.shallow_clone()),
+            ("val".to_string(), f.val.shallow_clone()),
+            ("val_labels".to_string(), f.val_labels.shallow_clone()),
+            ("classes".to_string(), Tensor::from_slice(&[f.classes])),
         ];
-        Tensor::write_safetensors(&named, &tmp)?;
-        let bytes = std::fs::read(&tmp)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &data)?;
-        let sum_tmp = self
-            .dir
-            .join(format!(".{key}.sha256.tmp.{}", std::process::id()));
-        let mut file = std::fs::File::create(&sum_tmp)?;
-        writeln!(file, "{}", hex(&Sha256::digest(&bytes)))?;
-        file.sync_all()?;
-        std::fs::rename(&sum_tmp, &sum)?;
-        Ok(())
+        write_checked(&data, &sum, &named)
     }
 }
 
@@ -404,7 +384,7 @@ fn folder_features(
 pub fn compute_features(
     backbone: &Backbone,
     cfg: &BackboneConfig,
-    source: &Source<'_>,
+    source: &Source,
     threads: usize,
     on_bad: OnBadImage,
     device: Device,
@@ -444,14 +424,15 @@ pub fn cosine_lr(phase: &Phase, step: u32) -> f64 {
     phase.lr_end + 0.5 * (phase.lr - phase.lr_end) * (1.0 + (std::f64::consts::PI * t).cos())
 }
 
-/// Top-1 and top-5 hits (or top-k with fewer classes) of `logits` against `labels`.
-fn hits(logits: &Tensor, labels: &Tensor) -> (i64, i64) {
+/// Top-1 and top-5 hits (or top-k with fewer classes) of `logits` against `labels`, as scalar
+/// tensors on their device.
+fn hits(logits: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
     let k = logits.size()[1].min(5);
     let (_, top) = logits.topk(k, 1, true, true);
     let labels = labels.view([-1, 1]);
     let top1 = top.narrow(1, 0, 1).eq_tensor(&labels).sum(Kind::Int64);
     let top5 = top.eq_tensor(&labels).sum(Kind::Int64);
-    (top1.int64_value(&[]), top5.int64_value(&[]))
+    (top1, top5)
 }
 
 /// Trains a new head on cached features. Calls `on_eval` after every evaluation, numbered from 1
@@ -488,31 +469,20 @@ pub fn train_head(
         }
     };
     let phase = &cfg.head;
-    let mut sgd = None;
-    let mut adamw = None;
-    match cfg.optimizer {
-        Optimizer::Sgd => {
-            sgd = Some(
-                nn::Sgd {
-                    momentum: phase.momentum,
-                    dampening: 0.0,
-                    wd: phase.weight_decay,
-                    nesterov: false,
-                }
-                .build(&vs, phase.lr)?,
-            )
+    let mut opt = match cfg.optimizer {
+        Optimizer::Sgd => nn::Sgd {
+            momentum: phase.momentum,
+            dampening: 0.0,
+            wd: phase.weight_decay,
+            nesterov: false,
         }
-        Optimizer::AdamW => {
-            adamw = Some(
-                nn::AdamW {
-                    wd: phase.weight_decay,
-                    ..Default::default()
-                }
-                .build(&vs, phase.lr)?,
-            )
+        .build(&vs, phase.lr)?,
+        Optimizer::AdamW => nn::AdamW {
+            wd: phase.weight_decay,
+            ..Default::default()
         }
-    }
-    let opt = sgd.as_mut().or(adamw.as_mut()).expect("one optimiser");
+        .build(&vs, phase.lr)?,
+    };
     let train = features.train.to_device(device);
     let train_labels = features.train_labels.to_device(device);
     let val = features.val.to_device(device);
@@ -523,7 +493,9 @@ pub fn train_head(
     let mut order: Vec<i64> = Vec::new();
     let mut at = 0usize;
     let mut history = Vec::new();
-    let (mut loss_sum, mut seen, mut correct) = (0.0f64, 0i64, 0i64);
+    // Sums kept on the device and read at each evaluation: no synchronisation per step.
+    let zero = |kind| Tensor::zeros([], (kind, device));
+    let (mut loss_sum, mut correct, mut seen) = (zero(Kind::Double), zero(Kind::Int64), 0i64);
     let mut started = Instant::now();
     for step in 0..phase.steps {
         if stop.load(Ordering::Relaxed) {
@@ -533,11 +505,7 @@ pub fn train_head(
         let mut idx = Vec::with_capacity(batch as usize);
         while idx.len() < batch as usize {
             if at == order.len() {
-                order = (0..n).collect();
-                for i in (1..order.len()).rev() {
-                    let j = order_rng.random_range(0..=i);
-                    order.swap(i, j);
-                }
+                order = crate::train::permutation(n, &mut order_rng);
                 at = 0;
             }
             idx.push(order[at]);
@@ -559,31 +527,33 @@ pub fn train_head(
         opt.zero_grad();
         loss.f_backward()?;
         opt.step();
-        let l = loss.double_value(&[]);
-        if !l.is_finite() {
-            return Err(TrainError::NonFinite {
-                epoch: history.len() as u32 + 1,
-                loss: l,
-            });
-        }
-        loss_sum += l * batch as f64;
+        tch::no_grad(|| {
+            loss_sum += loss.to_kind(Kind::Double) * batch as f64;
+            correct += hits(&logits, &y).0;
+        });
         seen += batch;
-        correct += tch::no_grad(|| hits(&logits, &y).0);
         let done = step + 1;
         if done % cfg.eval_every_steps == 0 || done == phase.steps {
+            let train_loss = loss_sum.double_value(&[]) / seen as f64;
+            if !train_loss.is_finite() {
+                return Err(TrainError::NonFinite {
+                    epoch: history.len() as u32 + 1,
+                    loss: train_loss,
+                });
+            }
             let (test_loss, top1, top5) = tch::no_grad(|| {
                 let logits = val.apply(&head);
                 let loss = logits
                     .cross_entropy_loss::<Tensor>(&val_labels, None, Reduction::Mean, -100, 0.0)
                     .double_value(&[]);
                 let (t1, t5) = hits(&logits, &val_labels);
-                (loss, t1, t5)
+                (loss, t1.int64_value(&[]), t5.int64_value(&[]))
             });
             let nv = val.size()[0] as f64;
             let m = EpochMetrics {
                 epoch: history.len() as u32 + 1,
-                train_loss: loss_sum / seen as f64,
-                train_accuracy: correct as f64 / seen as f64,
+                train_loss,
+                train_accuracy: correct.int64_value(&[]) as f64 / seen as f64,
                 test_loss: Some(test_loss),
                 test_accuracy: Some(top1 as f64 / nv),
                 test_top5: (classes > 5).then(|| top5 as f64 / nv),
@@ -594,7 +564,7 @@ pub fn train_head(
             };
             on_eval(&m);
             history.push(m);
-            (loss_sum, seen, correct) = (0.0, 0, 0);
+            (loss_sum, correct, seen) = (zero(Kind::Double), zero(Kind::Int64), 0);
             started = Instant::now();
         }
     }

@@ -156,19 +156,12 @@ pub fn scan(root: &Path) -> Result<ImageFolder, FolderError> {
     };
     let train = split("train", &train_dir)?;
     let val = split("val", &val_dir)?;
-    let digest = hasher.finalize();
     Ok(ImageFolder {
         root: root.to_path_buf(),
         classes,
         train,
         val,
-        fingerprint: format!(
-            "sha256:{}",
-            digest
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        ),
+        fingerprint: format!("sha256:{:x}", hasher.finalize()),
     })
 }
 

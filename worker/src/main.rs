@@ -118,14 +118,14 @@ enum Command {
         /// The dataset folder (holding train/ and val/).
         dir: PathBuf,
         /// Output side in pixels.
-        #[arg(long, default_value_t = 224)]
+        #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(8..=1024))]
         size: u32,
         /// Decoding threads (default: one per core).
-        #[arg(long)]
-        threads: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        threads: Option<u64>,
         /// Decode at most this many images.
-        #[arg(long, default_value_t = 2000)]
-        limit: usize,
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
     },
     /// Write a randomly initialised (seeded) backbone in safetensors with torchvision's names,
     /// and print the sweep file's [backbone] table for it: for trying task finetune-head, or a
@@ -140,7 +140,7 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Input side the [backbone] table states.
-        #[arg(long, default_value_t = 224)]
+        #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(8..=1024))]
         input_size: u32,
     },
 }
@@ -197,7 +197,7 @@ fn main() {
             size,
             threads,
             limit,
-        }) => decode_bench(&dir, size, threads, limit),
+        }) => decode_bench(&dir, size, threads.map(|t| t as usize), limit as usize),
         Some(Command::MakeBackbone {
             arch,
             out,
@@ -246,10 +246,7 @@ fn make_backbone(
     vs.save(out)
         .with_context(|| format!("failed to write {}", out.display()))?;
     let bytes = std::fs::read(out)?;
-    let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
     let file = out.file_name().unwrap_or_default().to_string_lossy();
     println!(
         "[backbone]\nfile = \"{file}\"\nsha256 = \"{sha}\"\nformat = \"safetensors\"\narch = \"{name}\"\nfeatures = {features}\ninput_size = {input_size}"

@@ -6,7 +6,7 @@ use crate::data::{self, DataError, Dataset};
 use crate::finetune::{
     self, Backbone, BackboneConfig, BackboneError, FeatureCache, Features, FinetuneConfig, Source,
 };
-use crate::imagefolder::{self, ImageFolder, OnBadImage};
+use crate::imagefolder::{self, OnBadImage};
 use crate::model::Arch;
 use crate::train::{
     self, EpochMetrics, Precision, Run, Schedule, Seeds, TrainConfig, TrainError, Trained,
@@ -14,6 +14,7 @@ use crate::train::{
 use anyhow::{Context, bail};
 use seedsweep_proto::v1 as pb;
 use seedsweep_proto::v1::coordinator_client::CoordinatorClient;
+use sha2::Digest;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,21 +79,6 @@ pub struct Worker {
 
 type FeatureMemory = Arc<std::sync::Mutex<HashMap<String, Arc<Features>>>>;
 
-/// Where the images of a finetune-head dataset come from.
-enum FinetuneSource {
-    Folder(Arc<ImageFolder>),
-    Cifar(Arc<Dataset>),
-}
-
-impl FinetuneSource {
-    fn as_source(&self) -> Source<'_> {
-        match self {
-            FinetuneSource::Folder(f) => Source::Folder(f),
-            FinetuneSource::Cifar(d) => Source::Cifar(d),
-        }
-    }
-}
-
 /// What a finetune-head run needs to find or make its features.
 struct FeatureSettings {
     model_dir: PathBuf,
@@ -110,7 +96,7 @@ enum Job {
     },
     Finetune {
         cfg: FinetuneConfig,
-        source: FinetuneSource,
+        source: Source,
     },
 }
 
@@ -118,7 +104,7 @@ impl Job {
     fn fingerprint(&self) -> String {
         match self {
             Job::Resnet9 { data, .. } => data.fingerprint.clone(),
-            Job::Finetune { source, .. } => source.as_source().fingerprint().to_string(),
+            Job::Finetune { source, .. } => source.fingerprint().to_string(),
         }
     }
 
@@ -153,7 +139,7 @@ impl Job {
                 train::train(&data, &cfg, &run, on_epoch)
             }
             Job::Finetune { cfg, source } => {
-                let feats = features_for(&cfg, &source.as_source(), device, features)?;
+                let feats = features_for(&cfg, &source, device, features)?;
                 let history = finetune::train_head(&feats, &cfg, seeds, device, stop, on_epoch)?;
                 Ok(Trained {
                     history,
@@ -170,7 +156,7 @@ impl Job {
 /// computed (and cached). Holding the lock while computing keeps slots from computing twice.
 fn features_for(
     cfg: &FinetuneConfig,
-    source: &Source<'_>,
+    source: &Source,
     device: Device,
     settings: &FeatureSettings,
 ) -> Result<Arc<Features>, TrainError> {
@@ -465,7 +451,7 @@ impl Worker {
 
     /// The images of a finetune-head dataset: an ImageFolder (`train/`, `val/`) or a
     /// CIFAR-layout dataset.
-    async fn finetune_source(&self, name: &str) -> Result<FinetuneSource, String> {
+    async fn finetune_source(&self, name: &str) -> Result<Source, String> {
         let dir = self.settings.data_dir.join(name);
         if imagefolder::is_image_folder(&dir) {
             let scanned = tokio::task::spawn_blocking(move || imagefolder::scan(&dir))
@@ -479,11 +465,11 @@ impl Worker {
                 val = scanned.val.len(),
                 "image folder scanned"
             );
-            return Ok(FinetuneSource::Folder(Arc::new(scanned)));
+            return Ok(Source::Folder(Arc::new(scanned)));
         }
         self.dataset(name)
             .await
-            .map(FinetuneSource::Cifar)
+            .map(Source::Cifar)
             .map_err(|e| e.to_string())
     }
 
@@ -518,7 +504,7 @@ impl Worker {
                             match (&self.settings.checkpoint_dir, cfg.checkpoint_every) {
                                 (Some(dir), every) if every > 0 => {
                                     let key = format!("{cfg:?}|{seeds:?}|{}", data.fingerprint);
-                                    let key = hex_sha256(key.as_bytes());
+                                    let key = format!("{:x}", sha2::Sha256::digest(key));
                                     Some(CheckpointStore::new(
                                         dir,
                                         &lease.sweep_id,
@@ -785,14 +771,6 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or("a panic without a message");
     // libtorch appends a C++ stack trace to its messages; the first lines say what happened.
     text.lines().take(3).collect::<Vec<_>>().join(" ")
-}
-
-fn hex_sha256(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Statuses that mean this worker no longer holds the lease.

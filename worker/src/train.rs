@@ -190,6 +190,17 @@ pub fn factor_seed(namespace: &str, factor: &str, seed: i64) -> u64 {
     )
 }
 
+/// 0..n in the order of a Fisher-Yates shuffle drawn from `rng` (written out rather than rand's
+/// `shuffle`, whose draws may change between versions and would change every run's numbers).
+pub(crate) fn permutation(n: i64, rng: &mut ChaCha8Rng) -> Vec<i64> {
+    let mut order: Vec<i64> = (0..n).collect();
+    for i in (1..order.len()).rev() {
+        let j = rng.random_range(0..=i);
+        order.swap(i, j);
+    }
+    order
+}
+
 /// libtorch initialises weights from its global generator; this lock keeps seeding it and
 /// building a model one atomic step when several seeds train in one process. Anything else in the
 /// process that builds a model (or otherwise draws from that generator) must hold it too.
@@ -331,11 +342,7 @@ impl EpochDraws {
         augment_rng: &mut ChaCha8Rng,
         device: Device,
     ) -> EpochDraws {
-        let mut order: Vec<i64> = (0..n).collect();
-        for i in (1..order.len()).rev() {
-            let j = order_rng.random_range(0..=i);
-            order.swap(i, j);
-        }
+        let order = permutation(n, order_rng);
         let side = crate::data::SIDE as i64;
         let pad = cfg.crop_padding as i64;
         let cut = (cfg.cutout as i64).min(side);
@@ -399,8 +406,16 @@ impl Pipeline {
         }
     }
 
+    /// uint8 images to normalised floats, in the memory format training uses.
     fn normalise(&self, x: &Tensor) -> Tensor {
-        let x = (x.to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std;
+        self.layout(self.standardise(x))
+    }
+
+    fn standardise(&self, x: &Tensor) -> Tensor {
+        (x.to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std
+    }
+
+    fn layout(&self, x: Tensor) -> Tensor {
         if self.channels_last {
             shim::channels_last(&x)
         } else {
@@ -413,7 +428,7 @@ impl Pipeline {
     fn augment(&self, images: &Tensor, draws: &EpochDraws, at: i64) -> Tensor {
         let size = images.size();
         let (b, c, s) = (size[0], size[1], size[3]);
-        let mut x = (images.to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std;
+        let mut x = self.standardise(images);
         if self.pad > 0 {
             let padded = x.constant_pad_nd([self.pad, self.pad, self.pad, self.pad]);
             let wide = s + 2 * self.pad;
@@ -436,11 +451,7 @@ impl Pipeline {
             let hole = inside(&self.rows, &cy).logical_and(&inside(&self.cols, &cx));
             x = x.masked_fill(&hole, 0.0);
         }
-        if self.channels_last {
-            shim::channels_last(&x)
-        } else {
-            x
-        }
+        self.layout(x)
     }
 }
 
@@ -551,12 +562,7 @@ pub fn train(
         )));
     }
     let (train_split, val_split) = if holdout > 0 {
-        let mut split_rng = ChaCha8Rng::seed_from_u64(run.seeds.split);
-        let mut perm: Vec<i64> = (0..all).collect();
-        for i in (1..perm.len()).rev() {
-            let j = split_rng.random_range(0..=i);
-            perm.swap(i, j);
-        }
+        let perm = permutation(all, &mut ChaCha8Rng::seed_from_u64(run.seeds.split));
         let (val, train) = perm.split_at(holdout as usize);
         let (mut val, mut train) = (val.to_vec(), train.to_vec());
         val.sort_unstable();
