@@ -8,7 +8,8 @@
 #   bench/train_cpu.sh [REPS] [EPOCHS] [THREADS]      (defaults: 3, 3 and 2)
 #
 # The reference runs on the torch the worker links (the per-user libtorch cache), so both use the
-# same kernels. Widths 1.0 (the full DAWNBench ResNet-9) and 0.25 (where overheads show).
+# same kernels. Widths 1.0 (the full DAWNBench ResNet-9) and 0.25 (where overheads show); set
+# WIDTHS="0.25" to run one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 reps=${1:-3}
@@ -34,7 +35,7 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN { print a / b }'; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 printf '%-6s %6s %16s %16s %8s %14s\n' width epochs worker_s/epoch pytorch_s/epoch ratio worker_img/s
-for width in 1.0 0.25; do
+for width in ${WIDTHS:-1.0 0.25}; do
   : >"$work/worker.$width"
   : >"$work/torch.$width"
   for rep in $(seq "$reps"); do
