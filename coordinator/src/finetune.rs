@@ -295,11 +295,8 @@ impl Phase {
 impl Finetune {
     fn validate(&self) -> Result<(), SpecError> {
         self.head.validate("head")?;
-        if self.full.is_some() || self.augment {
-            // Said plainly rather than accepted and ignored.
-            return invalid(
-                "this version trains the head on cached features only: `finetune.full` (fine-tuning the whole network) and `finetune.augment = true` are not supported yet",
-            );
+        if let Some(full) = &self.full {
+            full.validate("full")?;
         }
         if !(self.head_init_std.is_finite() && self.head_init_std > 0.0) {
             return invalid(format!(
@@ -356,6 +353,14 @@ lr = 0.02
         assert_eq!(s.finetune.head_init, HeadInit::Normal);
         assert_eq!(s.finetune.optimizer, Optimizer::Sgd);
         assert_eq!(s.finetune.head.momentum, 0.9);
+        assert!(s.finetune.full.is_none() && !s.finetune.augment);
+        let two = parse(&format!(
+            "{}[finetune.full]\nsteps = 5\nbatch_size = 4\nlr = 0.001\n",
+            OK.replace("[finetune]", "[finetune]\naugment = true")
+        ))
+        .unwrap();
+        assert!(two.finetune.augment);
+        assert_eq!(two.finetune.full.unwrap().steps, 5);
         let ts = parse(
             &OK.replace("tiny.safetensors", "dino.pt")
                 .replace("arch = \"resnet18\"\n", "")
@@ -398,8 +403,10 @@ lr = 0.02
         assert!(err(&OK.replace("steps = 20", "steps = 0")).contains("finetune.head.steps"));
         assert!(err(&OK.replace("lr = 0.02", "lr = 0.02\nlr_end = 1.0")).contains("lr_end"));
         assert!(
-            err(&OK.replace("[finetune]", "[finetune]\naugment = true"))
-                .contains("not supported yet")
+            err(&format!(
+                "{OK}[finetune.full]\nsteps = 5\nbatch_size = 0\nlr = 0.1\n"
+            ))
+            .contains("finetune.full.batch_size")
         );
         assert!(err(&OK.replace("[finetune]", "[finetune]\ncolour = 1")).contains("colour"));
         assert!(err("[backbone]\n").contains("needs a [backbone]"));

@@ -216,14 +216,19 @@ fn finetune_pb(f: &crate::finetune::FinetuneSpec) -> pb::FinetuneConfig {
         augment: t.augment,
         eval_every_steps: t.eval_every_steps,
         bad_images: name(&t.bad_images),
-        head: Some(pb::Phase {
-            steps: t.head.steps,
-            batch_size: t.head.batch_size,
-            lr: t.head.lr,
-            lr_end: t.head.lr_end,
-            weight_decay: t.head.weight_decay,
-            momentum: t.head.momentum,
-        }),
+        head: Some(phase_pb(&t.head)),
+        full: t.full.as_ref().map(phase_pb),
+    }
+}
+
+fn phase_pb(p: &crate::finetune::Phase) -> pb::Phase {
+    pb::Phase {
+        steps: p.steps,
+        batch_size: p.batch_size,
+        lr: p.lr,
+        lr_end: p.lr_end,
+        weight_decay: p.weight_decay,
+        momentum: p.momentum,
     }
 }
 

@@ -4,7 +4,7 @@
 
 use seedsweep_tests::{
     CoordinatorProcess, make_synthetic, repo_root, run, sqlite_query, stderr, stdout, torch_python,
-    worker,
+    torchvision_python, worker,
 };
 use std::path::Path;
 use std::process::Command;
@@ -160,6 +160,28 @@ fn finetune_head_end_to_end() {
         "2|2\n"
     );
 
+    // Augmented images through the frozen backbone (phase 1), then the whole network (phase 2):
+    // no feature cache, the same numbers for the same seed, a metrics row per evaluation.
+    let two_phase = format!(
+        "{}[finetune.full]\nsteps = 10\nbatch_size = 8\nlr = 0.01\n",
+        sweep("g", "synthetic", "[3, 4]", &tiny)
+            .replace("[finetune]", "[finetune]\naugment = true")
+    );
+    let g = c.submit(dir.path(), &two_phase);
+    let log = run_worker(&c, &data, &models, &cache);
+    assert!(!log.contains("backbone features"), "{log}");
+    let g_metrics = metrics(&db, &g);
+    assert_eq!(g_metrics.len(), 2 * (2 + 1), "{g_metrics:?}");
+    let h = c.submit(
+        dir.path(),
+        &two_phase
+            .replace("name = \"g\"", "name = \"h\"")
+            .replace("[3, 4]", "[3]"),
+    );
+    run_worker(&c, &data, &models, &cache);
+    let seed3: Vec<&String> = g_metrics.iter().filter(|l| l.starts_with("3|")).collect();
+    assert_eq!(metrics(&db, &h).iter().collect::<Vec<_>>(), seed3);
+
     // A backbone that does not match its checksum: the seed goes back unused, the worker stops.
     std::fs::write(models.join("tiny.pt"), b"something else").unwrap();
     std::fs::remove_dir_all(&cache).unwrap();
@@ -178,4 +200,54 @@ fn finetune_head_end_to_end() {
         ),
         "pending|0\n"
     );
+}
+
+/// scripts/export_backbone.py on a real torchvision network (random weights: no download): its
+/// safetensors weights load into the worker's own ResNet-18 and give the same numbers as the
+/// TorchScript export of the same network.
+#[test]
+fn torchvision_exports_agree_across_formats() {
+    let _heavy = crate::heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let models = dir.path().join("models");
+    image_folder(&data.join("folder"));
+    let export = |out: &str| {
+        let done = run(torchvision_python()
+            .arg(repo_root().join("scripts/export_backbone.py"))
+            .args([
+                "torchvision:resnet18",
+                "--input-size",
+                "32",
+                "--seed",
+                "5",
+                "--out",
+            ])
+            .arg(models.join(out)));
+        assert!(done.status.success(), "{}", stderr(&done));
+        stdout(&done)
+    };
+    let weights = export("r18.safetensors");
+    let script = export("r18.pt");
+    assert!(weights.contains("arch = \"resnet18\"") && weights.contains("features = 512"));
+    assert!(script.contains("format = \"torchscript\""), "{script}");
+    let db = dir.path().join("s.db");
+    let c = CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
+    let a = c.submit(dir.path(), &sweep("w", "folder", "[2]", &weights));
+    let b = c.submit(dir.path(), &sweep("s", "folder", "[2]", &script));
+    run_worker(&c, &data, &models, &dir.path().join("cache"));
+    let numbers = |sweep: &str| -> Vec<Vec<f64>> {
+        metrics(&db, sweep)
+            .iter()
+            .map(|l| l.split('|').map(|v| v.parse().unwrap()).collect())
+            .collect()
+    };
+    let (wa, sb) = (numbers(&a), numbers(&b));
+    assert_eq!(wa.len(), 2);
+    assert_eq!(wa.len(), sb.len());
+    for (x, y) in wa.iter().zip(&sb) {
+        for (u, v) in x.iter().zip(y) {
+            assert!((u - v).abs() <= 1e-4 * (1.0 + u.abs()), "{wa:?} vs {sb:?}");
+        }
+    }
 }

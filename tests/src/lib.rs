@@ -42,6 +42,21 @@ pub fn repo_root() -> PathBuf {
 /// A `python3` command that can import the torch the worker links (the per-user libtorch cache,
 /// which scripts/libtorch.sh installs and prints; scripts/test.sh exports it as LIBTORCH).
 pub fn torch_python() -> Command {
+    python_with(&[])
+}
+
+/// Python with the cached torch and torchvision (scripts/torchvision.sh installs it once).
+pub fn torchvision_python() -> Command {
+    let out = run(Command::new("bash").arg(repo_root().join("scripts/torchvision.sh")));
+    assert!(
+        out.status.success(),
+        "scripts/torchvision.sh failed: {}",
+        stderr(&out)
+    );
+    python_with(&[PathBuf::from(stdout(&out).trim())])
+}
+
+fn python_with(extra: &[PathBuf]) -> Command {
     let torch = std::env::var_os("LIBTORCH")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -49,11 +64,14 @@ pub fn torch_python() -> Command {
             assert!(out.status.success(), "scripts/libtorch.sh failed");
             PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
         });
+    let mut path = vec![torch.parent().expect("torch/ has a parent").to_path_buf()];
+    path.extend_from_slice(extra);
     let mut c =
         Command::new(std::env::var("SEEDSWEEP_PYTHON").unwrap_or_else(|_| "python3".into()));
-    c.arg("-W")
-        .arg("ignore")
-        .env("PYTHONPATH", torch.parent().expect("torch/ has a parent"));
+    c.arg("-W").arg("ignore").env(
+        "PYTHONPATH",
+        std::env::join_paths(path).expect("paths without ':'"),
+    );
     c
 }
 

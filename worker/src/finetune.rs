@@ -1,12 +1,15 @@
-//! Task `finetune-head`: a new classifier head on a frozen pretrained backbone, as in the
-//! paper's ImageNet experiments (phase 1: the head alone).
+//! Task `finetune-head`: a new classifier head on a pretrained backbone, as in the paper's
+//! ImageNet experiments. Phase 1 trains the head alone on the frozen backbone; phase 2
+//! (`[finetune.full]`, optional) trains the whole network, each with its own steps, batch size
+//! and cosine schedule.
 //!
 //! The backbone is a file under `--model-dir`, checked against the SHA-256 the sweep names: a
 //! TorchScript module returning features, or safetensors weights for a ResNet the worker builds
 //! (torchvision's names). With the backbone frozen and no augmentation, its features of the whole
 //! dataset are computed once per (backbone, dataset, preprocessing) and cached on local disk;
-//! every seed then trains only the head on them. The seed's factors fix the head's initial
-//! weights (`init`) and the order of the training features (`order`).
+//! phase 1 then trains only the head on them. Otherwise images are decoded for every step. The
+//! seed's factors fix the head's initial weights (`init`), the order of the training data
+//! (`order`) and the random-resized crops and flips (`augment`).
 
 use crate::checkpoint::{read_checked, write_checked};
 use crate::data::Dataset;
@@ -73,7 +76,12 @@ pub struct FinetuneConfig {
     pub optimizer: Optimizer,
     pub eval_every_steps: u32,
     pub bad_images: OnBadImage,
+    /// Random-resized-crop and flip on training images (no feature cache then).
+    pub augment: bool,
+    /// Phase 1: the head alone.
     pub head: Phase,
+    /// Phase 2, when set: the whole network.
+    pub full: Option<Phase>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,13 +126,17 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// A loaded, frozen backbone.
-pub enum Backbone {
+/// A loaded backbone. Its parameters live in its own var store, frozen (and the network in
+/// evaluation mode) until [`Backbone::train_whole`] is called for the full fine-tuning phase.
+pub struct Backbone {
+    vs: nn::VarStore,
+    net: Net,
+    train: bool,
+}
+
+enum Net {
     Script(tch::CModule),
-    Resnet {
-        _vs: nn::VarStore,
-        net: Box<dyn ModuleT>,
-    },
+    Resnet(Box<dyn ModuleT>),
 }
 
 impl Backbone {
@@ -150,15 +162,20 @@ impl Backbone {
                 expected: cfg.sha256.clone(),
             });
         }
-        match cfg.format {
+        let mut vs = nn::VarStore::new(device);
+        let net = match cfg.format {
             Format::Torchscript => {
                 let mut m =
                     tch::CModule::load_on_device(&path, device).map_err(|e| load(e.to_string()))?;
                 m.set_eval();
-                Ok(Backbone::Script(m))
+                // The module's parameters, registered so that phase 2 can train them.
+                let params = m.named_parameters().map_err(|e| load(e.to_string()))?;
+                for (name, t) in params {
+                    let _ = vs.root().add(&name.replace('.', "_"), t, true);
+                }
+                Net::Script(m)
             }
             Format::Safetensors => {
-                let mut vs = nn::VarStore::new(device);
                 let root = vs.root();
                 let net: Box<dyn ModuleT> = match cfg.arch.as_str() {
                     "resnet18" => Box::new(tch::vision::resnet::resnet18_no_final_layer(&root)),
@@ -167,18 +184,43 @@ impl Backbone {
                     other => return Err(load(format!("unknown architecture `{other}`"))),
                 };
                 vs.load(&path).map_err(|e| load(e.to_string()))?;
-                vs.freeze();
-                Ok(Backbone::Resnet { _vs: vs, net })
+                Net::Resnet(net)
             }
+        };
+        vs.freeze();
+        Ok(Backbone {
+            vs,
+            net,
+            train: false,
+        })
+    }
+
+    /// From now on the backbone's parameters take gradients (phase 2).
+    fn train_whole(&mut self) {
+        self.vs.unfreeze();
+    }
+
+    /// Training mode (batch statistics) or evaluation mode. A TorchScript module made with
+    /// `torch.jit.trace` keeps the mode it was traced in.
+    fn set_train(&mut self, train: bool) {
+        self.train = train;
+        if let Net::Script(m) = &mut self.net {
+            if train { m.set_train() } else { m.set_eval() }
         }
     }
 
-    /// Features of normalised images `[n, 3, s, s]`, in eval mode, without gradients.
+    /// Features of normalised images `[n, 3, s, s]`, with gradients when the backbone is
+    /// trained.
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TrainError> {
+        match &self.net {
+            Net::Script(m) => Ok(m.forward_ts(&[x])?),
+            Net::Resnet(net) => Ok(net.forward_t(x, self.train)),
+        }
+    }
+
+    /// Features without gradients.
     fn features(&self, x: &Tensor) -> Result<Tensor, TrainError> {
-        tch::no_grad(|| match self {
-            Backbone::Script(m) => Ok(m.forward_ts(&[x])?),
-            Backbone::Resnet { net, .. } => Ok(net.forward_t(x, false)),
-        })
+        tch::no_grad(|| self.forward(x))
     }
 }
 
@@ -188,6 +230,10 @@ pub enum Source {
     /// A CIFAR-layout dataset, its 32x32 images upscaled to the backbone's input size.
     Cifar(Arc<Dataset>),
 }
+
+/// The images of one split, as [`Source::batches`] hands them over: uint8 `[n, 3, h, w]` and
+/// labels `[n]` (n = 0 when every image of a chunk was unreadable and skipped).
+type Batch = (Tensor, Tensor);
 
 impl Source {
     pub fn fingerprint(&self) -> &str {
@@ -202,6 +248,79 @@ impl Source {
             Source::Folder(f) => f.classes.len() as i64,
             Source::Cifar(_) => crate::data::CLASSES as i64,
         }
+    }
+
+    fn len(&self, val: bool) -> usize {
+        match (self, val) {
+            (Source::Folder(f), false) => f.train.len(),
+            (Source::Folder(f), true) => f.val.len(),
+            (Source::Cifar(d), false) => d.train.len() as usize,
+            (Source::Cifar(d), true) => d.test.len() as usize,
+        }
+    }
+
+    /// Hands `use_batch` the images at positions `order` of the training (or validation)
+    /// split, `how.chunk` at a time. ImageFolder images are decoded on `how.threads` threads
+    /// with `how.transform`; CIFAR images stay 32x32 (upscaled by [`inputs`]) unless
+    /// augmented, when they go through the same random-resized-crop and flip as files.
+    fn batches(
+        &self,
+        val: bool,
+        order: &[usize],
+        how: imagefolder::Decoding,
+        seed_of: &(dyn Fn(usize) -> u64 + Sync),
+        mut use_batch: impl FnMut(Batch) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
+        let mut decoded = |chunk: imagefolder::Chunk| {
+            let n = chunk.labels.len() as i64;
+            let side = how.size as i64;
+            use_batch((
+                Tensor::from_slice(&chunk.images).view([n, 3, side, side]),
+                Tensor::from_slice(&chunk.labels),
+            ))
+        };
+        match self {
+            Source::Folder(f) => {
+                let items = if val { &f.val } else { &f.train };
+                let pictures: Vec<&imagefolder::Item> = order.iter().map(|&i| &items[i]).collect();
+                imagefolder::decode_chunks(&pictures, how, seed_of, decoded)
+            }
+            Source::Cifar(d) => {
+                let split = if val { &d.test } else { &d.train };
+                if how.transform == Transform::RandomResizedCropFlip {
+                    let bytes = Vec::<u8>::try_from(split.images.flatten(0, -1))?;
+                    let labels = Vec::<i64>::try_from(&split.labels)?;
+                    let side = split.images.size()[2] as u32;
+                    let per = 3 * (side * side) as usize;
+                    let pictures: Vec<imagefolder::Pixels> = order
+                        .iter()
+                        .map(|&i| imagefolder::Pixels {
+                            chw: &bytes[i * per..(i + 1) * per],
+                            side,
+                            label: labels[i],
+                            index: i,
+                        })
+                        .collect();
+                    imagefolder::decode_chunks(&pictures, how, seed_of, &mut decoded)
+                } else {
+                    for part in order.chunks(how.chunk.max(1)) {
+                        let idx: Vec<i64> = part.iter().map(|&i| i as i64).collect();
+                        let idx = Tensor::from_slice(&idx);
+                        use_batch((
+                            split.images.index_select(0, &idx),
+                            split.labels.index_select(0, &idx),
+                        ))?;
+                    }
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+impl From<imagefolder::FolderError> for TrainError {
+    fn from(e: imagefolder::FolderError) -> TrainError {
+        TrainError::Device(e.to_string())
     }
 }
 
@@ -288,38 +407,56 @@ impl FeatureCache {
     }
 }
 
+/// Images per backbone call when computing features or evaluating.
 const FEATURE_BATCH: i64 = 64;
+/// Images decoded per chunk when computing features or evaluating.
+const DECODE_CHUNK: usize = 256;
 
-fn normalise(images: &Tensor, cfg: &BackboneConfig, device: Device) -> Tensor {
-    let mean = Tensor::from_slice(&cfg.mean.map(|v| v as f32))
-        .view([1, 3, 1, 1])
-        .to_device(device);
-    let std = Tensor::from_slice(&cfg.std.map(|v| v as f32))
-        .view([1, 3, 1, 1])
-        .to_device(device);
-    (images.to_device(device).to_kind(Kind::Float) / 255.0 - mean) / std
+/// Normalised float inputs at the backbone's input size, from uint8 images `[n, 3, h, w]`
+/// (upscaled bilinearly when smaller, as CIFAR images are).
+fn inputs(images: &Tensor, cfg: &BackboneConfig, device: Device) -> Tensor {
+    let per_channel = |v: [f64; 3]| {
+        Tensor::from_slice(&v.map(|v| v as f32))
+            .view([1, 3, 1, 1])
+            .to_device(device)
+    };
+    let x = (images.to_device(device).to_kind(Kind::Float) / 255.0 - per_channel(cfg.mean))
+        / per_channel(cfg.std);
+    let side = cfg.input_size;
+    if x.size()[2] != side || x.size()[3] != side {
+        x.upsample_bilinear2d([side, side], false, None, None)
+    } else {
+        x
+    }
 }
 
-/// Runs the backbone over uint8 images `[n, 3, s, s]` in batches; returns float features on the
-/// CPU.
+/// Calls `f` with each slice of at most [`FEATURE_BATCH`] rows of `x` and `y`.
+fn in_batches(
+    x: &Tensor,
+    y: &Tensor,
+    mut f: impl FnMut(&Tensor, &Tensor) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let n = x.size()[0];
+    let mut start = 0;
+    while start < n {
+        let len = FEATURE_BATCH.min(n - start);
+        f(&x.narrow(0, start, len), &y.narrow(0, start, len))?;
+        start += len;
+    }
+    Ok(())
+}
+
+/// Runs the frozen backbone over uint8 images; returns float features on the CPU.
 fn run_backbone(
     backbone: &Backbone,
     cfg: &BackboneConfig,
     images: &Tensor,
     device: Device,
 ) -> Result<Tensor, TrainError> {
-    let n = images.size()[0];
     let mut out = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = FEATURE_BATCH.min(n - start);
-        let mut x = normalise(&images.narrow(0, start, len), cfg, device);
-        let side = cfg.input_size;
-        if x.size()[2] != side || x.size()[3] != side {
-            x = x.upsample_bilinear2d([side, side], false, None, None);
-        }
-        let f = backbone.features(&x)?;
-        if f.size() != [len, cfg.features] {
+    in_batches(images, images, |x, _| {
+        let f = backbone.features(&inputs(x, cfg, device))?;
+        if f.size() != [x.size()[0], cfg.features] {
             return Err(TrainError::Device(
                 BackboneError::Shape {
                     path: PathBuf::from(&cfg.file),
@@ -330,79 +467,65 @@ fn run_backbone(
             ));
         }
         out.push(f.to_kind(Kind::Float).to_device(Device::Cpu));
-        start += len;
-    }
+        Ok(())
+    })?;
     Ok(Tensor::cat(&out, 0))
 }
 
-/// The features of an ImageFolder split, decoding on `threads` threads.
-fn folder_features(
-    backbone: &Backbone,
-    cfg: &BackboneConfig,
-    items: &[imagefolder::Item],
-    threads: usize,
-    on_bad: OnBadImage,
-    device: Device,
-) -> Result<(Tensor, Tensor), TrainError> {
-    let side = cfg.input_size;
-    let mut feats = Vec::new();
-    let mut labels = Vec::new();
-    let mut failure = None;
-    let how = imagefolder::Decoding {
-        size: side as u32,
+/// How images are decoded for features and evaluation: resize and centre crop, no randomness.
+fn eval_decoding(cfg: &FinetuneConfig, threads: usize) -> imagefolder::Decoding {
+    imagefolder::Decoding {
+        size: cfg.backbone.input_size as u32,
         transform: Transform::ResizeCentreCrop,
         threads,
-        chunk: 256,
-        on_bad,
-    };
-    let decoded = imagefolder::decode_chunks(items, how, &|_| 0, |chunk| {
-        if chunk.labels.is_empty() {
-            return Ok(());
-        }
-        let n = chunk.labels.len() as i64;
-        let images = Tensor::from_slice(&chunk.images).view([n, 3, side, side]);
-        match run_backbone(backbone, cfg, &images, device) {
-            Ok(f) => feats.push(f),
-            Err(e) => failure = Some(e),
-        }
-        labels.extend(chunk.labels);
-        Ok(())
-    });
-    decoded.map_err(|e| TrainError::Device(e.to_string()))?;
-    if let Some(e) = failure {
-        return Err(e);
+        chunk: DECODE_CHUNK,
+        on_bad: cfg.bad_images,
     }
-    if feats.is_empty() {
-        return Err(TrainError::Device(
-            "no image of the split could be decoded".into(),
-        ));
-    }
-    Ok((Tensor::cat(&feats, 0), Tensor::from_slice(&labels)))
 }
 
-/// Computes the features of `source` with `backbone`.
+fn split_name(val: bool) -> &'static str {
+    if val { "validation" } else { "training" }
+}
+
+/// The features and labels of one split, in file order.
+fn split_features(
+    backbone: &Backbone,
+    cfg: &FinetuneConfig,
+    source: &Source,
+    val: bool,
+    threads: usize,
+    device: Device,
+) -> Result<(Tensor, Tensor), TrainError> {
+    let order: Vec<usize> = (0..source.len(val)).collect();
+    let (mut feats, mut labels) = (Vec::new(), Vec::new());
+    let how = eval_decoding(cfg, threads);
+    source.batches(val, &order, how, &|_| 0, |(images, y)| {
+        if y.size()[0] > 0 {
+            feats.push(run_backbone(backbone, &cfg.backbone, &images, device)?);
+            labels.push(y);
+        }
+        Ok(())
+    })?;
+    if feats.is_empty() {
+        return Err(TrainError::Device(format!(
+            "no image of the {} split could be decoded",
+            split_name(val)
+        )));
+    }
+    Ok((Tensor::cat(&feats, 0), Tensor::cat(&labels, 0)))
+}
+
+/// Computes the features of `source` with `backbone`, decoding on `threads` threads.
 pub fn compute_features(
     backbone: &Backbone,
-    cfg: &BackboneConfig,
+    cfg: &FinetuneConfig,
     source: &Source,
     threads: usize,
-    on_bad: OnBadImage,
     device: Device,
 ) -> Result<Features, TrainError> {
     let started = Instant::now();
-    let (train, train_labels, val, val_labels) = match source {
-        Source::Folder(f) => {
-            let (t, tl) = folder_features(backbone, cfg, &f.train, threads, on_bad, device)?;
-            let (v, vl) = folder_features(backbone, cfg, &f.val, threads, on_bad, device)?;
-            (t, tl, v, vl)
-        }
-        Source::Cifar(d) => (
-            run_backbone(backbone, cfg, &d.train.images, device)?,
-            d.train.labels.shallow_clone(),
-            run_backbone(backbone, cfg, &d.test.images, device)?,
-            d.test.labels.shallow_clone(),
-        ),
-    };
+    let (train, train_labels) = split_features(backbone, cfg, source, false, threads, device)?;
+    let (val, val_labels) = split_features(backbone, cfg, source, true, threads, device)?;
     tracing::info!(
         train = train.size()[0],
         val = val.size()[0],
@@ -435,23 +558,56 @@ fn hits(logits: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
     (top1, top5)
 }
 
-/// Trains a new head on cached features. Calls `on_eval` after every evaluation, numbered from 1
-/// as epochs are.
-pub fn train_head(
-    features: &Features,
-    cfg: &FinetuneConfig,
-    seeds: Seeds,
-    device: Device,
-    stop: &AtomicBool,
-    mut on_eval: impl FnMut(&EpochMetrics),
-) -> Result<Vec<EpochMetrics>, TrainError> {
-    let f = cfg.backbone.features;
-    let classes = features.classes;
-    let vs = nn::VarStore::new(device);
-    let head = {
+/// Evaluation sums over the batches of a validation split.
+#[derive(Debug, Default)]
+struct Tally {
+    loss: f64,
+    top1: i64,
+    top5: i64,
+    n: i64,
+}
+
+/// Mean validation loss, top-1 and (with more than five classes) top-5 accuracy.
+struct Scores {
+    loss: f64,
+    top1: f64,
+    top5: Option<f64>,
+}
+
+impl Tally {
+    fn add(&mut self, logits: &Tensor, labels: &Tensor) {
+        let loss = logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Sum, -100, 0.0);
+        let (top1, top5) = hits(logits, labels);
+        self.loss += loss.double_value(&[]);
+        self.top1 += top1.int64_value(&[]);
+        self.top5 += top5.int64_value(&[]);
+        self.n += labels.size()[0];
+    }
+
+    fn scores(&self, classes: i64) -> Scores {
+        let n = self.n.max(1) as f64;
+        Scores {
+            loss: self.loss / n,
+            top1: self.top1 as f64 / n,
+            top5: (classes > 5).then(|| self.top5 as f64 / n),
+        }
+    }
+}
+
+/// The new classifier in its own var store, initialised from the seed's `init` generator.
+pub struct Head {
+    vs: nn::VarStore,
+    linear: nn::Linear,
+    classes: i64,
+}
+
+impl Head {
+    pub fn new(cfg: &FinetuneConfig, seeds: Seeds, classes: i64, device: Device) -> Head {
+        let vs = nn::VarStore::new(device);
+        let f = cfg.backbone.features;
         let _guard = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(seeds.init as i64);
-        match cfg.head_init {
+        let linear = match cfg.head_init {
             HeadInit::Default => nn::linear(vs.root() / "head", f, classes, Default::default()),
             HeadInit::Normal => nn::linear(
                 vs.root() / "head",
@@ -466,46 +622,169 @@ pub fn train_head(
                     bias: true,
                 },
             ),
+        };
+        Head {
+            vs,
+            linear,
+            classes,
         }
-    };
-    let phase = &cfg.head;
-    let mut opt = match cfg.optimizer {
+    }
+
+    fn forward(&self, features: &Tensor) -> Tensor {
+        features.apply(&self.linear)
+    }
+}
+
+fn optimizer(
+    cfg: &FinetuneConfig,
+    phase: &Phase,
+    vs: &nn::VarStore,
+) -> Result<nn::Optimizer, TrainError> {
+    Ok(match cfg.optimizer {
         Optimizer::Sgd => nn::Sgd {
             momentum: phase.momentum,
             dampening: 0.0,
             wd: phase.weight_decay,
             nesterov: false,
         }
-        .build(&vs, phase.lr)?,
+        .build(vs, phase.lr)?,
         Optimizer::AdamW => nn::AdamW {
             wd: phase.weight_decay,
             ..Default::default()
         }
-        .build(&vs, phase.lr)?,
-    };
+        .build(vs, phase.lr)?,
+    })
+}
+
+/// One phase's steps: the learning rate of each, running sums kept on the device (read only
+/// at an evaluation, so no synchronisation per step), and the evaluations, numbered from 1 over
+/// the whole run as epochs are.
+pub struct Progress<'a> {
+    phase: &'a Phase,
+    eval_every: u32,
+    step: u32,
+    lr: f64,
+    loss_sum: Option<Tensor>,
+    correct: Option<Tensor>,
+    seen: i64,
+    started: Instant,
+    history: &'a mut Vec<EpochMetrics>,
+    on_eval: &'a mut dyn FnMut(&EpochMetrics),
+}
+
+impl<'a> Progress<'a> {
+    pub fn new(
+        phase: &'a Phase,
+        eval_every: u32,
+        history: &'a mut Vec<EpochMetrics>,
+        on_eval: &'a mut dyn FnMut(&EpochMetrics),
+    ) -> Progress<'a> {
+        Progress {
+            phase,
+            eval_every: eval_every.max(1),
+            step: 0,
+            lr: phase.lr,
+            loss_sum: None,
+            correct: None,
+            seen: 0,
+            started: Instant::now(),
+            history,
+            on_eval,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.step >= self.phase.steps
+    }
+
+    /// Sets this step's learning rate on `opts`.
+    fn begin(&mut self, opts: &mut [nn::Optimizer]) {
+        self.lr = cosine_lr(self.phase, self.step);
+        for o in opts {
+            o.set_lr(self.lr);
+        }
+    }
+
+    /// Counts a step and adds its loss and hits (none when every image of its batch was
+    /// unreadable); says whether an evaluation is due.
+    fn end(&mut self, outcome: Option<(&Tensor, &Tensor, &Tensor)>) -> bool {
+        if let Some((loss, logits, y)) = outcome {
+            let n = y.size()[0];
+            tch::no_grad(|| {
+                let l = loss.to_kind(Kind::Double) * n as f64;
+                let c = hits(logits, y).0;
+                self.loss_sum = Some(self.loss_sum.take().map_or(l.shallow_clone(), |s| s + &l));
+                self.correct = Some(self.correct.take().map_or(c.shallow_clone(), |s| s + &c));
+            });
+            self.seen += n;
+        }
+        self.step += 1;
+        self.step.is_multiple_of(self.eval_every) || self.step == self.phase.steps
+    }
+
+    fn evaluate(&mut self, s: Scores) -> Result<(), TrainError> {
+        let epoch = self.history.len() as u32 + 1;
+        let (Some(loss_sum), Some(correct)) = (self.loss_sum.take(), self.correct.take()) else {
+            return Err(TrainError::Device(format!(
+                "no training image could be decoded for evaluation {epoch}'s steps"
+            )));
+        };
+        let seen = self.seen as f64;
+        let train_loss = loss_sum.double_value(&[]) / seen;
+        if !train_loss.is_finite() {
+            return Err(TrainError::NonFinite {
+                epoch,
+                loss: train_loss,
+            });
+        }
+        let m = EpochMetrics {
+            epoch,
+            train_loss,
+            train_accuracy: correct.int64_value(&[]) as f64 / seen,
+            test_loss: Some(s.loss),
+            test_accuracy: Some(s.top1),
+            test_top5: s.top5,
+            val_loss: None,
+            val_accuracy: None,
+            lr: self.lr,
+            seconds: self.started.elapsed().as_secs_f64(),
+        };
+        (self.on_eval)(&m);
+        self.history.push(m);
+        self.seen = 0;
+        self.started = Instant::now();
+        Ok(())
+    }
+}
+
+/// Phase 1 from cached features: the head alone, on the training features in passes of a
+/// fresh order each, evaluated on the validation features.
+pub fn head_on_features(
+    features: &Features,
+    cfg: &FinetuneConfig,
+    head: &Head,
+    order_rng: &mut ChaCha8Rng,
+    device: Device,
+    stop: &AtomicBool,
+    progress: &mut Progress,
+) -> Result<(), TrainError> {
+    let mut opt = optimizer(cfg, &cfg.head, &head.vs)?;
     let train = features.train.to_device(device);
     let train_labels = features.train_labels.to_device(device);
     let val = features.val.to_device(device);
     let val_labels = features.val_labels.to_device(device);
     let n = train.size()[0];
-    let batch = (phase.batch_size as i64).min(n);
-    let mut order_rng = ChaCha8Rng::seed_from_u64(seeds.order);
+    let batch = (cfg.head.batch_size as i64).min(n) as usize;
     let mut order: Vec<i64> = Vec::new();
     let mut at = 0usize;
-    let mut history = Vec::new();
-    // Sums kept on the device and read at each evaluation: no synchronisation per step.
-    let zero = |kind| Tensor::zeros([], (kind, device));
-    let (mut loss_sum, mut correct, mut seen) = (zero(Kind::Double), zero(Kind::Int64), 0i64);
-    let mut started = Instant::now();
-    for step in 0..phase.steps {
+    while !progress.finished() {
         if stop.load(Ordering::Relaxed) {
             return Err(TrainError::Cancelled);
         }
-        // Passes over the training features, each in a fresh order from the order generator.
-        let mut idx = Vec::with_capacity(batch as usize);
-        while idx.len() < batch as usize {
+        let mut idx = Vec::with_capacity(batch);
+        while idx.len() < batch {
             if at == order.len() {
-                order = crate::train::permutation(n, &mut order_rng);
+                order = crate::train::permutation(n, order_rng);
                 at = 0;
             }
             idx.push(order[at]);
@@ -514,9 +793,8 @@ pub fn train_head(
         let idx = Tensor::from_slice(&idx).to_device(device);
         let x = train.index_select(0, &idx);
         let y = train_labels.index_select(0, &idx);
-        let lr = cosine_lr(phase, step);
-        opt.set_lr(lr);
-        let logits = x.apply(&head);
+        progress.begin(std::slice::from_mut(&mut opt));
+        let logits = head.forward(&x);
         let loss = logits.cross_entropy_loss::<Tensor>(
             &y,
             None,
@@ -527,48 +805,197 @@ pub fn train_head(
         opt.zero_grad();
         loss.f_backward()?;
         opt.step();
-        tch::no_grad(|| {
-            loss_sum += loss.to_kind(Kind::Double) * batch as f64;
-            correct += hits(&logits, &y).0;
-        });
-        seen += batch;
-        let done = step + 1;
-        if done % cfg.eval_every_steps == 0 || done == phase.steps {
-            let train_loss = loss_sum.double_value(&[]) / seen as f64;
-            if !train_loss.is_finite() {
-                return Err(TrainError::NonFinite {
-                    epoch: history.len() as u32 + 1,
-                    loss: train_loss,
-                });
-            }
-            let (test_loss, top1, top5) = tch::no_grad(|| {
-                let logits = val.apply(&head);
-                let loss = logits
-                    .cross_entropy_loss::<Tensor>(&val_labels, None, Reduction::Mean, -100, 0.0)
-                    .double_value(&[]);
-                let (t1, t5) = hits(&logits, &val_labels);
-                (loss, t1.int64_value(&[]), t5.int64_value(&[]))
-            });
-            let nv = val.size()[0] as f64;
-            let m = EpochMetrics {
-                epoch: history.len() as u32 + 1,
-                train_loss,
-                train_accuracy: correct.int64_value(&[]) as f64 / seen as f64,
-                test_loss: Some(test_loss),
-                test_accuracy: Some(top1 as f64 / nv),
-                test_top5: (classes > 5).then(|| top5 as f64 / nv),
-                val_loss: None,
-                val_accuracy: None,
-                lr,
-                seconds: started.elapsed().as_secs_f64(),
-            };
-            on_eval(&m);
-            history.push(m);
-            (loss_sum, correct, seen) = (zero(Kind::Double), zero(Kind::Int64), 0);
-            started = Instant::now();
+        if progress.end(Some((&loss, &logits, &y))) {
+            let mut tally = Tally::default();
+            tch::no_grad(|| tally.add(&head.forward(&val), &val_labels));
+            progress.evaluate(tally.scores(head.classes))?;
         }
     }
+    Ok(())
+}
+
+/// What a run reads besides its configuration.
+pub struct RunInputs<'a> {
+    pub source: &'a Source,
+    pub seeds: Seeds,
+    pub device: Device,
+    pub stop: &'a AtomicBool,
+    /// Threads that decode images.
+    pub threads: usize,
+}
+
+/// The validation scores of backbone and head on decoded images.
+fn eval_images(
+    backbone: &mut Backbone,
+    head: &Head,
+    cfg: &FinetuneConfig,
+    run: &RunInputs,
+) -> Result<Scores, TrainError> {
+    backbone.set_train(false);
+    let order: Vec<usize> = (0..run.source.len(true)).collect();
+    let mut tally = Tally::default();
+    let how = eval_decoding(cfg, run.threads);
+    run.source
+        .batches(true, &order, how, &|_| 0, |(images, y)| {
+            let y = y.to_device(run.device);
+            in_batches(&images, &y, |x, y| {
+                let x = inputs(x, &cfg.backbone, run.device);
+                let logits = tch::no_grad(|| backbone.forward(&x).map(|f| head.forward(&f)))?;
+                tally.add(&logits, y);
+                Ok(())
+            })
+        })?;
+    if tally.n == 0 {
+        return Err(TrainError::Device(
+            "no image of the validation split could be decoded".into(),
+        ));
+    }
+    Ok(tally.scores(head.classes))
+}
+
+/// The generator seed of the image at `position` of phase `phase`'s training stream.
+fn draw_seed(augment: u64, phase: u64, position: usize) -> u64 {
+    let splitmix = |mut z: u64| {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    splitmix(augment ^ splitmix((phase << 48) ^ position as u64))
+}
+
+/// A phase on decoded images: the head alone over the frozen backbone (`whole` false, when
+/// augmenting), or the whole network (phase 2). Images come in passes of a fresh order each;
+/// with `augment`, each gets a random-resized crop and flip drawn from the seed's `augment`
+/// generator and its position in the stream.
+#[allow(clippy::too_many_arguments)]
+fn on_images(
+    cfg: &FinetuneConfig,
+    run: &RunInputs,
+    phase_no: u64,
+    backbone: &mut Backbone,
+    head: &Head,
+    whole: bool,
+    order_rng: &mut ChaCha8Rng,
+    progress: &mut Progress,
+) -> Result<(), TrainError> {
+    let phase = progress.phase;
+    let n = run.source.len(false);
+    if n == 0 {
+        return Err(TrainError::Device(
+            "the training split has no images".into(),
+        ));
+    }
+    let batch = (phase.batch_size as usize).min(n);
+    let total = phase.steps as usize * batch;
+    let mut order = Vec::with_capacity(total);
+    while order.len() < total {
+        let pass = crate::train::permutation(n as i64, order_rng);
+        order.extend(pass.into_iter().map(|i| i as usize));
+    }
+    order.truncate(total);
+    let augment = run.seeds.augment;
+    let how = imagefolder::Decoding {
+        transform: if cfg.augment {
+            Transform::RandomResizedCropFlip
+        } else {
+            Transform::ResizeCentreCrop
+        },
+        chunk: batch,
+        ..eval_decoding(cfg, run.threads)
+    };
+    let mut opts = vec![optimizer(cfg, phase, &head.vs)?];
+    if whole {
+        opts.push(optimizer(cfg, phase, &backbone.vs)?);
+    }
+    let seed_of = move |position| draw_seed(augment, phase_no, position);
+    run.source
+        .batches(false, &order, how, &seed_of, |(images, y)| {
+            if run.stop.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled);
+            }
+            progress.begin(&mut opts);
+            let mut outcome = None;
+            if y.size()[0] > 0 {
+                let x = inputs(&images, &cfg.backbone, run.device);
+                let y = y.to_device(run.device);
+                backbone.set_train(whole);
+                let features = if whole {
+                    backbone.forward(&x)?
+                } else {
+                    backbone.features(&x)?
+                };
+                let logits = head.forward(&features);
+                let loss = logits.cross_entropy_loss::<Tensor>(
+                    &y,
+                    None,
+                    Reduction::Mean,
+                    -100,
+                    cfg.label_smoothing,
+                );
+                opts.iter_mut().for_each(nn::Optimizer::zero_grad);
+                loss.f_backward()?;
+                opts.iter_mut().for_each(nn::Optimizer::step);
+                outcome = Some((loss, logits, y));
+            }
+            if progress.end(outcome.as_ref().map(|(l, g, y)| (l, g, y))) {
+                let scores = eval_images(backbone, head, cfg, run)?;
+                progress.evaluate(scores)?;
+            }
+            Ok(())
+        })
+}
+
+/// The run of one seed: phase 1 (the head alone; from cached features, or on augmented images
+/// through the frozen backbone), then phase 2 (the whole network) when configured. `features`
+/// and `load_backbone` are called only when needed, so a head-only run from the cache never
+/// loads the backbone.
+pub fn run(
+    cfg: &FinetuneConfig,
+    run: &RunInputs,
+    features: impl FnOnce() -> Result<Arc<Features>, TrainError>,
+    load_backbone: impl Fn() -> Result<Backbone, TrainError>,
+    mut on_eval: impl FnMut(&EpochMetrics),
+) -> Result<Vec<EpochMetrics>, TrainError> {
+    let head = Head::new(cfg, run.seeds, run.source.classes(), run.device);
+    let mut order_rng = ChaCha8Rng::seed_from_u64(run.seeds.order);
+    let mut history = Vec::new();
+    let mut backbone = None;
+    {
+        let mut progress =
+            Progress::new(&cfg.head, cfg.eval_every_steps, &mut history, &mut on_eval);
+        if cfg.augment {
+            let b = backbone.insert(load_backbone()?);
+            on_images(cfg, run, 1, b, &head, false, &mut order_rng, &mut progress)?;
+        } else {
+            let feats = features()?;
+            head_on_features(
+                &feats,
+                cfg,
+                &head,
+                &mut order_rng,
+                run.device,
+                run.stop,
+                &mut progress,
+            )?;
+        }
+    }
+    if let Some(full) = &cfg.full {
+        let b = match backbone {
+            Some(ref mut b) => b,
+            None => backbone.insert(load_backbone()?),
+        };
+        b.train_whole();
+        let mut progress = Progress::new(full, cfg.eval_every_steps, &mut history, &mut on_eval);
+        on_images(cfg, run, 2, b, &head, true, &mut order_rng, &mut progress)?;
+    }
     Ok(history)
+}
+
+/// How many evaluations a run reports.
+pub fn evaluations(cfg: &FinetuneConfig) -> u32 {
+    let every = cfg.eval_every_steps.max(1);
+    cfg.head.steps.div_ceil(every) + cfg.full.as_ref().map_or(0, |p| p.steps.div_ceil(every))
 }
 
 #[cfg(test)]
@@ -610,6 +1037,7 @@ mod tests {
             optimizer: Optimizer::Sgd,
             eval_every_steps: 10,
             bad_images: OnBadImage::Skip,
+            augment: false,
             head: Phase {
                 steps: 30,
                 batch_size: 16,
@@ -618,24 +1046,36 @@ mod tests {
                 weight_decay: 0.0,
                 momentum: 0.9,
             },
+            full: None,
         }
+    }
+
+    /// Phase 1 on features, as `run` does it without a cache.
+    fn train_head(features: &Features, cfg: &FinetuneConfig, seed: i64) -> Vec<EpochMetrics> {
+        let seeds = Seeds::single(seed);
+        let head = Head::new(cfg, seeds, features.classes, Device::Cpu);
+        let mut rng = ChaCha8Rng::seed_from_u64(seeds.order);
+        let (mut history, mut on_eval) = (Vec::new(), |_: &EpochMetrics| {});
+        let mut progress =
+            Progress::new(&cfg.head, cfg.eval_every_steps, &mut history, &mut on_eval);
+        let stop = AtomicBool::new(false);
+        head_on_features(
+            features,
+            cfg,
+            &head,
+            &mut rng,
+            Device::Cpu,
+            &stop,
+            &mut progress,
+        )
+        .unwrap();
+        history
     }
 
     #[test]
     fn a_head_learns_reproducibly_and_seeds_differ() {
         let feats = toy_features(120, 8, 6);
-        let stop = AtomicBool::new(false);
-        let run = |seed| {
-            train_head(
-                &feats,
-                &cfg(),
-                Seeds::single(seed),
-                Device::Cpu,
-                &stop,
-                |_| {},
-            )
-            .unwrap()
-        };
+        let run = |seed| train_head(&feats, &cfg(), seed);
         let (a, b, c) = (run(1), run(1), run(2));
         assert_eq!(a.len(), 3, "an evaluation every 10 of 30 steps");
         let bits =
@@ -648,7 +1088,7 @@ mod tests {
         let mut adamw = cfg();
         adamw.optimizer = Optimizer::AdamW;
         adamw.head.lr = 0.05;
-        let h = train_head(&feats, &adamw, Seeds::single(1), Device::Cpu, &stop, |_| {}).unwrap();
+        let h = train_head(&feats, &adamw, 1);
         assert!(h.last().unwrap().test_accuracy.unwrap() > 0.9);
     }
 
@@ -678,5 +1118,145 @@ mod tests {
         bytes[last] ^= 1;
         std::fs::write(&path, bytes).unwrap();
         assert!(cache.load("k").is_none());
+    }
+
+    /// A random ResNet-18 in safetensors and a tiny ImageFolder, with a config that augments
+    /// and fine-tunes the whole network in phase 2.
+    fn two_phase_setup(dir: &Path) -> (FinetuneConfig, Source) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        {
+            // The global generator is shared with other tests' initialisations.
+            let _guard = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+            tch::manual_seed(7);
+            let _ = tch::vision::resnet::resnet18_no_final_layer(&vs.root());
+        }
+        vs.save(dir.join("r18.safetensors")).unwrap();
+        let mut cfg = cfg();
+        cfg.backbone = BackboneConfig {
+            file: "r18.safetensors".into(),
+            sha256: file_sha256(&dir.join("r18.safetensors")).unwrap(),
+            format: Format::Safetensors,
+            arch: "resnet18".into(),
+            features: 512,
+            input_size: 32,
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        };
+        cfg.augment = true;
+        cfg.eval_every_steps = 2;
+        cfg.head = Phase {
+            steps: 3,
+            batch_size: 4,
+            lr: 0.05,
+            ..cfg.head
+        };
+        cfg.full = Some(Phase {
+            steps: 2,
+            lr: 0.01,
+            ..cfg.head.clone()
+        });
+        imagefolder::tests::tiny_folder(&dir.join("folder"));
+        let folder = imagefolder::scan(&dir.join("folder")).unwrap();
+        (cfg, Source::Folder(Arc::new(folder)))
+    }
+
+    #[test]
+    fn augmented_two_phase_runs_repeat_bit_for_bit_and_follow_each_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, source) = two_phase_setup(dir.path());
+        let stop = AtomicBool::new(false);
+        let run_with = |seeds: Seeds| {
+            let inputs = RunInputs {
+                source: &source,
+                seeds,
+                device: Device::Cpu,
+                stop: &stop,
+                threads: 2,
+            };
+            let no_cache = || -> Result<Arc<Features>, TrainError> {
+                panic!("an augmented run must not read cached features")
+            };
+            let load = || {
+                Backbone::load(dir.path(), &cfg.backbone, Device::Cpu)
+                    .map_err(|e| TrainError::Host(e.to_string()))
+            };
+            run(&cfg, &inputs, no_cache, load, |_| {}).unwrap()
+        };
+        let bits = |h: &[EpochMetrics]| -> Vec<(u32, u64, u64)> {
+            h.iter()
+                .map(|m| {
+                    (
+                        m.epoch,
+                        m.train_loss.to_bits(),
+                        m.test_loss.unwrap().to_bits(),
+                    )
+                })
+                .collect()
+        };
+        let a = run_with(Seeds::single(1));
+        // Phase 1: evaluations after steps 2 and 3; phase 2: after its step 2.
+        assert_eq!(a.len() as u32, evaluations(&cfg));
+        assert_eq!(a.len(), 3);
+        assert_eq!(bits(&a), bits(&run_with(Seeds::single(1))));
+        // Another augmentation seed alone changes the numbers.
+        let other_augment = Seeds {
+            augment: 99,
+            ..Seeds::single(1)
+        };
+        assert_ne!(bits(&a), bits(&run_with(other_augment)));
+    }
+
+    #[test]
+    fn phase_two_trains_the_backbone_and_phase_one_leaves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, source) = two_phase_setup(dir.path());
+        let stop = AtomicBool::new(false);
+        let inputs = RunInputs {
+            source: &source,
+            seeds: Seeds::single(3),
+            device: Device::Cpu,
+            stop: &stop,
+            threads: 1,
+        };
+        let mut backbone = Backbone::load(dir.path(), &cfg.backbone, Device::Cpu).unwrap();
+        let snapshot = |b: &Backbone| -> Vec<Tensor> {
+            let mut v: Vec<_> = b.vs.variables().into_iter().collect();
+            v.sort_by(|x, y| x.0.cmp(&y.0));
+            v.into_iter().map(|(_, t)| t.copy()).collect()
+        };
+        let head = Head::new(&cfg, inputs.seeds, 2, Device::Cpu);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let (mut history, mut on_eval) = (Vec::new(), |_: &EpochMetrics| {});
+        let before = snapshot(&backbone);
+        let mut p = Progress::new(&cfg.head, 2, &mut history, &mut on_eval);
+        on_images(
+            &cfg,
+            &inputs,
+            1,
+            &mut backbone,
+            &head,
+            false,
+            &mut rng,
+            &mut p,
+        )
+        .unwrap();
+        let after_head = snapshot(&backbone);
+        assert!(before.iter().zip(&after_head).all(|(x, y)| x.equal(y)));
+        backbone.train_whole();
+        let full = cfg.full.clone().unwrap();
+        let mut p = Progress::new(&full, 2, &mut history, &mut on_eval);
+        on_images(
+            &cfg,
+            &inputs,
+            2,
+            &mut backbone,
+            &head,
+            true,
+            &mut rng,
+            &mut p,
+        )
+        .unwrap();
+        let after_full = snapshot(&backbone);
+        assert!(after_head.iter().zip(&after_full).any(|(x, y)| !x.equal(y)));
     }
 }

@@ -28,7 +28,7 @@ pub enum FolderError {
     #[error(
         "cannot decode image {path}: {problem} (set `bad_images = \"skip\"` to skip such files)"
     )]
-    BadImage { path: PathBuf, problem: String },
+    BadImage { path: String, problem: String },
 }
 
 /// One image file and its class index.
@@ -36,6 +36,65 @@ pub enum FolderError {
 pub struct Item {
     pub path: PathBuf,
     pub label: i64,
+}
+
+/// An image to decode: a file ([`Item`]) or pixels already in memory ([`Pixels`]).
+pub trait Picture: Sync {
+    fn label(&self) -> i64;
+    /// What an error message calls it (a file's path).
+    fn name(&self) -> String;
+    fn rgb(&self) -> Result<image::RgbImage, String>;
+}
+
+impl Picture for Item {
+    fn label(&self) -> i64 {
+        self.label
+    }
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn rgb(&self) -> Result<image::RgbImage, String> {
+        decode(&self.path)
+    }
+}
+
+impl<P: Picture> Picture for &P {
+    fn label(&self) -> i64 {
+        (*self).label()
+    }
+    fn name(&self) -> String {
+        (*self).name()
+    }
+    fn rgb(&self) -> Result<image::RgbImage, String> {
+        (*self).rgb()
+    }
+}
+
+/// One image of a CIFAR-layout set held in memory: channel-major bytes of a `side` x `side` image.
+pub struct Pixels<'a> {
+    pub chw: &'a [u8],
+    pub side: u32,
+    pub label: i64,
+    pub index: usize,
+}
+
+impl Picture for Pixels<'_> {
+    fn label(&self) -> i64 {
+        self.label
+    }
+    fn name(&self) -> String {
+        format!("training image {}", self.index)
+    }
+    fn rgb(&self) -> Result<image::RgbImage, String> {
+        let plane = (self.side * self.side) as usize;
+        if self.chw.len() != 3 * plane {
+            return Err(format!("{} bytes, not 3 x {plane}", self.chw.len()));
+        }
+        Ok(image::RgbImage::from_fn(self.side, self.side, |x, y| {
+            let i = (y * self.side + x) as usize;
+            image::Rgb([self.chw[i], self.chw[plane + i], self.chw[2 * plane + i]])
+        }))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -227,12 +286,12 @@ fn crop_box(
 
 /// Decodes one image into `size` x `size` RGB bytes, channel-major (3 x size x size).
 pub fn load(
-    path: &Path,
+    picture: &impl Picture,
     size: u32,
     transform: Transform,
     rng: &mut ChaCha8Rng,
 ) -> Result<Vec<u8>, String> {
-    let img = decode(path)?;
+    let img = picture.rgb()?;
     let ((x, y, w, h), flip) = crop_box(img.width(), img.height(), size, transform, rng);
     let cropped = image::imageops::crop_imm(&img, x, y, w, h).to_image();
     let mut resized =
@@ -274,14 +333,15 @@ pub struct Decoding {
 type Decoded = Vec<(usize, Result<Vec<u8>, String>)>;
 
 /// Decodes `items` in chunks on a pool of threads, the next chunk while the caller uses the
-/// current one, and hands each chunk to `use_chunk` in order. Per-image randomness comes from
-/// `seed_of(position)`, so it does not depend on the thread that decodes an image.
-pub fn decode_chunks(
-    items: &[Item],
+/// current one, and hands each chunk to `use_chunk` in order; an error of `use_chunk` stops the
+/// decoding and is returned. Per-image randomness comes from `seed_of(position)`, so it does not
+/// depend on the thread that decodes an image.
+pub fn decode_chunks<P: Picture, E: From<FolderError>>(
+    items: &[P],
     how: Decoding,
     seed_of: &(dyn Fn(usize) -> u64 + Sync),
-    mut use_chunk: impl FnMut(Chunk) -> Result<(), FolderError>,
-) -> Result<(), FolderError> {
+    mut use_chunk: impl FnMut(Chunk) -> Result<(), E>,
+) -> Result<(), E> {
     let Decoding {
         size,
         transform,
@@ -314,7 +374,7 @@ pub fn decode_chunks(
                                             <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(
                                                 seed_of(at),
                                             );
-                                        (at, load(&item.path, size, transform, &mut rng))
+                                        (at, load(item, size, transform, &mut rng))
                                     })
                                     .collect()
                             })
@@ -336,15 +396,15 @@ pub fn decode_chunks(
                     match result {
                         Ok(pixels) => {
                             out.images.extend_from_slice(&pixels);
-                            out.labels.push(item.label);
+                            out.labels.push(item.label());
                         }
                         Err(problem) if on_bad == OnBadImage::Skip => {
-                            tracing::warn!(path = %item.path.display(), %problem, "skipping an unreadable image");
+                            tracing::warn!(path = %item.name(), %problem, "skipping an unreadable image");
                             out.skipped.push(at);
                         }
                         Err(problem) => {
                             failed = Some(FolderError::BadImage {
-                                path: item.path.clone(),
+                                path: item.name(),
                                 problem,
                             });
                             break;
@@ -357,6 +417,7 @@ pub fn decode_chunks(
                 }
             }
         });
+        // Returning early drops the receiver, which stops the decoding thread at its next send.
         for received in rx {
             use_chunk(received?)?;
         }
@@ -365,7 +426,7 @@ pub fn decode_chunks(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A tiny ImageFolder of generated images: real PNG and JPEG files, and one corrupt file.
@@ -433,7 +494,7 @@ mod tests {
             };
             let r = decode_chunks(&items, how, &|i| i as u64, |c| {
                 got.push(c);
-                Ok(())
+                Ok::<_, FolderError>(())
             });
             (r, got)
         };

@@ -277,7 +277,7 @@ fn decode_bench(
     let mut decoded = 0usize;
     imagefolder::decode_chunks(items, how, &|_| 0, |chunk| {
         decoded += chunk.labels.len();
-        Ok(())
+        Ok::<_, imagefolder::FolderError>(())
     })?;
     let seconds = started.elapsed().as_secs_f64();
     println!(

@@ -112,7 +112,7 @@ impl Job {
     fn epochs(&self) -> u32 {
         match self {
             Job::Resnet9 { cfg, .. } => cfg.epochs,
-            Job::Finetune { cfg, .. } => cfg.head.steps.div_ceil(cfg.eval_every_steps.max(1)),
+            Job::Finetune { cfg, .. } => finetune::evaluations(cfg),
         }
     }
 
@@ -139,8 +139,20 @@ impl Job {
                 train::train(&data, &cfg, &run, on_epoch)
             }
             Job::Finetune { cfg, source } => {
-                let feats = features_for(&cfg, &source, device, features)?;
-                let history = finetune::train_head(&feats, &cfg, seeds, device, stop, on_epoch)?;
+                let run = finetune::RunInputs {
+                    source: &source,
+                    seeds,
+                    device,
+                    stop,
+                    threads: features.threads,
+                };
+                let history = finetune::run(
+                    &cfg,
+                    &run,
+                    || features_for(&cfg, &source, device, features),
+                    || load_backbone(&features.model_dir, &cfg, device),
+                    on_epoch,
+                )?;
                 Ok(Trained {
                     history,
                     precision: Precision::Fp32,
@@ -150,6 +162,21 @@ impl Job {
             }
         }
     }
+}
+
+/// Loads the sweep's backbone; a missing or mismatched file is this host's problem, not the
+/// seed's.
+fn load_backbone(
+    model_dir: &std::path::Path,
+    cfg: &FinetuneConfig,
+    device: Device,
+) -> Result<Backbone, TrainError> {
+    Backbone::load(model_dir, &cfg.backbone, device).map_err(|e| match e {
+        BackboneError::Missing { .. } | BackboneError::Checksum { .. } => {
+            TrainError::Host(e.to_string())
+        }
+        other => TrainError::Device(other.to_string()),
+    })
 }
 
 /// The backbone features for a run: from this process's memory, else the disk cache, else
@@ -172,22 +199,8 @@ fn features_for(
         }
         None => {
             tracing::info!(key = %key, "computing backbone features (once per backbone, dataset and preprocessing)");
-            let backbone = Backbone::load(&settings.model_dir, &cfg.backbone, device).map_err(
-                |e| match e {
-                    BackboneError::Missing { .. } | BackboneError::Checksum { .. } => {
-                        TrainError::Host(e.to_string())
-                    }
-                    other => TrainError::Device(other.to_string()),
-                },
-            )?;
-            let f = finetune::compute_features(
-                &backbone,
-                &cfg.backbone,
-                source,
-                settings.threads,
-                cfg.bad_images,
-                device,
-            )?;
+            let backbone = load_backbone(&settings.model_dir, cfg, device)?;
+            let f = finetune::compute_features(&backbone, cfg, source, settings.threads, device)?;
             if let Err(e) = settings.cache.store(&key, &f) {
                 tracing::warn!(dir = %settings.cache.dir.display(), error = %e, "could not cache the features");
             }
@@ -987,6 +1000,14 @@ fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
 fn finetune_config(t: &pb::FinetuneConfig) -> Result<FinetuneConfig, String> {
     let b = t.backbone.as_ref().ok_or("the lease carried no backbone")?;
     let head = t.head.as_ref().ok_or("the lease carried no head phase")?;
+    let phase = |p: &pb::Phase| finetune::Phase {
+        steps: p.steps,
+        batch_size: p.batch_size,
+        lr: p.lr,
+        lr_end: p.lr_end,
+        weight_decay: p.weight_decay,
+        momentum: p.momentum,
+    };
     let three = |v: &[f64], what: &str| -> Result<[f64; 3], String> {
         v.try_into()
             .map_err(|_| format!("backbone {what} has {} values, not 3", v.len()))
@@ -1024,14 +1045,9 @@ fn finetune_config(t: &pb::FinetuneConfig) -> Result<FinetuneConfig, String> {
             "fail" => OnBadImage::Fail,
             other => return Err(format!("unknown bad_images `{other}`")),
         },
-        head: finetune::Phase {
-            steps: head.steps,
-            batch_size: head.batch_size,
-            lr: head.lr,
-            lr_end: head.lr_end,
-            weight_decay: head.weight_decay,
-            momentum: head.momentum,
-        },
+        augment: t.augment,
+        head: phase(head),
+        full: t.full.as_ref().map(phase),
     })
 }
 
