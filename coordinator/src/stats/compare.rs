@@ -1,0 +1,141 @@
+//! Two sweeps against each other: is A's improvement bigger than what a lucky seed buys?
+
+use super::Moments;
+use super::describe::Interval;
+use serde::Serialize;
+use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Side {
+    pub n: u64,
+    pub mean: f64,
+    pub std: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    pub a: Side,
+    pub b: Side,
+    /// mean(A) - mean(B).
+    pub difference: f64,
+    /// 95% Welch interval of the difference.
+    pub difference_ci: Interval,
+    pub welch_t: f64,
+    pub welch_df: f64,
+    /// Two-sided.
+    pub welch_p: f64,
+    /// Mann-Whitney U of A (ties count one half).
+    pub mann_whitney_u: f64,
+    /// Two-sided, normal approximation with tie and continuity corrections (scipy's
+    /// `method="asymptotic"`).
+    pub mann_whitney_p: f64,
+    /// P(a random seed of A scores above a random seed of B), ties counting one half: U / (nA nB).
+    pub prob_a_beats_b: f64,
+}
+
+fn side(x: &[f64]) -> (Side, f64) {
+    let mut m = Moments::default();
+    x.iter().for_each(|&v| m.push(v));
+    let var = m.std().powi(2);
+    (
+        Side {
+            n: m.n,
+            mean: m.mean,
+            std: m.std(),
+        },
+        var,
+    )
+}
+
+/// Compares the scores of two sweeps; `None` unless each has at least two.
+pub fn compare(a: &[f64], b: &[f64]) -> Option<Comparison> {
+    if a.len() < 2 || b.len() < 2 {
+        return None;
+    }
+    let (sa, var_a) = side(a);
+    let (sb, var_b) = side(b);
+    let (na, nb) = (a.len() as f64, b.len() as f64);
+    let (va, vb) = (var_a / na, var_b / nb);
+    let difference = sa.mean - sb.mean;
+    let se = (va + vb).sqrt();
+    let df = (va + vb).powi(2) / (va * va / (na - 1.0) + vb * vb / (nb - 1.0));
+    let (welch_t, welch_p, half) = if se > 0.0 {
+        let t = StudentsT::new(0.0, 1.0, df).ok()?;
+        let stat = difference / se;
+        (stat, 2.0 * t.sf(stat.abs()), t.inverse_cdf(0.975) * se)
+    } else {
+        (0.0, 1.0, 0.0)
+    };
+
+    // Mann-Whitney U with midranks over the pooled scores.
+    let mut pooled: Vec<(f64, bool)> = a
+        .iter()
+        .map(|&x| (x, true))
+        .chain(b.iter().map(|&x| (x, false)))
+        .collect();
+    pooled.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let n = pooled.len();
+    let (mut rank_sum_a, mut ties) = (0.0, 0.0);
+    let mut i = 0;
+    while i < n {
+        let mut j = i;
+        while j + 1 < n && pooled[j + 1].0 == pooled[i].0 {
+            j += 1;
+        }
+        let midrank = (i + j) as f64 / 2.0 + 1.0;
+        let t = (j - i + 1) as f64;
+        ties += t * t * t - t;
+        rank_sum_a += midrank * pooled[i..=j].iter().filter(|p| p.1).count() as f64;
+        i = j + 1;
+    }
+    let u = rank_sum_a - na * (na + 1.0) / 2.0;
+    let mu = na * nb / 2.0;
+    let nn = na + nb;
+    let sigma = (na * nb / 12.0 * ((nn + 1.0) - ties / (nn * (nn - 1.0)))).sqrt();
+    let mann_whitney_p = if sigma > 0.0 {
+        let z = ((u - mu).abs() - 0.5).max(0.0) / sigma;
+        (2.0 * Normal::standard().sf(z)).min(1.0)
+    } else {
+        1.0
+    };
+    Some(Comparison {
+        a: sa,
+        b: sb,
+        difference,
+        difference_ci: Interval {
+            low: difference - half,
+            high: difference + half,
+        },
+        welch_t,
+        welch_df: df,
+        welch_p,
+        mann_whitney_u: u,
+        mann_whitney_p,
+        prob_a_beats_b: u / (na * nb),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::reference::{REFERENCE, close, f, floats};
+    use super::*;
+
+    #[test]
+    fn matches_scipy() {
+        let r = &REFERENCE["compare"];
+        let c = compare(&floats(&r["a"]), &floats(&r["b"])).unwrap();
+        close(c.difference, f(&r["difference"]), 1e-9, "difference");
+        let ci = floats(&r["ci"]);
+        close(c.difference_ci.low, ci[0], 1e-9, "ci low");
+        close(c.difference_ci.high, ci[1], 1e-9, "ci high");
+        close(c.welch_t, f(&r["welch_t"]), 1e-9, "welch t");
+        close(c.welch_df, f(&r["welch_df"]), 1e-9, "welch df");
+        close(c.welch_p, f(&r["welch_p"]), 1e-7, "welch p");
+        close(c.mann_whitney_u, f(&r["mann_whitney_u"]), 1e-12, "U");
+        close(c.mann_whitney_p, f(&r["mann_whitney_p"]), 1e-7, "U p");
+        close(c.prob_a_beats_b, f(&r["prob_a_beats_b"]), 1e-12, "P(A > B)");
+        assert!(compare(&[1.0], &[1.0, 2.0]).is_none());
+        let same = compare(&[1.0, 1.0], &[1.0, 1.0]).unwrap();
+        assert_eq!((same.welch_p, same.mann_whitney_p, same.prob_a_beats_b), (1.0, 1.0, 0.5));
+    }
+}

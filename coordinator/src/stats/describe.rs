@@ -1,0 +1,379 @@
+//! Black swans, best-of-k, intervals and the per-epoch spread of one sweep's scores.
+
+use super::{Moments, Summary, quantile, sorted};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use statrs::distribution::{ContinuousCDF, StudentsT};
+
+/// A robust z-score beyond this flags a black swan (Iglewicz and Hoaglin's 3.5).
+pub const ROBUST_Z_LIMIT: f64 = 3.5;
+/// A classic z-score beyond this flags a black swan.
+pub const Z_LIMIT: f64 = 3.0;
+/// 0.6745 = the normal distribution's third quartile: makes the MAD comparable to a std.
+const MAD_SCALE: f64 = 0.674_489_750_196_081_7;
+
+/// A seed whose score is far from the rest.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BlackSwan {
+    pub seed: i64,
+    pub score: f64,
+    /// (score - mean) / std.
+    pub z: f64,
+    /// 0.6745 (score - median) / MAD; absent when the MAD is 0 (most scores equal).
+    pub robust_z: Option<f64>,
+    /// "high" or "low".
+    pub side: &'static str,
+    /// Which criteria flag it: "robust" (|robust_z| > 3.5), "z" (|z| > 3).
+    pub flagged_by: Vec<&'static str>,
+}
+
+/// The median and the median absolute deviation of sorted scores.
+pub fn median_mad(sorted: &[f64]) -> (f64, f64) {
+    let median = quantile(sorted, 0.5);
+    let deviations = super::sorted(sorted.iter().map(|x| (x - median).abs()));
+    (median, quantile(&deviations, 0.5))
+}
+
+/// Whether `score` is a black swan among scores with this mean, std, median and MAD.
+pub fn judge(seed: i64, score: f64, summary: &Summary, mad: f64) -> Option<BlackSwan> {
+    let z = if summary.std > 0.0 {
+        (score - summary.mean) / summary.std
+    } else {
+        0.0
+    };
+    let robust_z = (mad > 0.0).then(|| MAD_SCALE * (score - summary.median) / mad);
+    let mut flagged_by = Vec::new();
+    if robust_z.is_some_and(|r| r.abs() > ROBUST_Z_LIMIT) {
+        flagged_by.push("robust");
+    }
+    if z.abs() > Z_LIMIT {
+        flagged_by.push("z");
+    }
+    (!flagged_by.is_empty()).then(|| BlackSwan {
+        seed,
+        score,
+        z,
+        robust_z,
+        side: if score >= summary.median {
+            "high"
+        } else {
+            "low"
+        },
+        flagged_by,
+    })
+}
+
+/// Every black swan of a sweep, the farthest first.
+pub fn black_swans(scores: &[(i64, f64)], summary: &Summary) -> Vec<BlackSwan> {
+    let (_, mad) = median_mad(&sorted(scores.iter().map(|s| s.1)));
+    let mut swans: Vec<BlackSwan> = scores
+        .iter()
+        .filter_map(|&(seed, x)| judge(seed, x, summary, mad))
+        .collect();
+    swans.sort_by(|a, b| b.z.abs().total_cmp(&a.z.abs()).then(a.seed.cmp(&b.seed)));
+    swans
+}
+
+/// What a researcher who runs k seeds and reports the best (or the worst) can expect.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BestOfK {
+    pub k: usize,
+    pub expected_max: f64,
+    pub expected_min: f64,
+    /// expected_max - mean: the inflation of a best-of-k claim.
+    pub inflation: f64,
+}
+
+/// The expected best and worst of k seeds drawn without replacement from the observed ones,
+/// exactly: with scores sorted ascending, E[max] = sum over i >= k of x_(i) C(i-1, k-1) / C(n, k).
+/// The weights are built by their ratio from the top down, so no binomial overflows. O(n) per k.
+pub fn best_of_k(sorted: &[f64], k: usize) -> BestOfK {
+    let n = sorted.len();
+    assert!((1..=n).contains(&k), "k = {k} must be in 1..={n}");
+    // w_i for the i-th smallest (1-based): w_n = k/n, w_{i-1} = w_i (i-k)/(i-1).
+    let (mut expected_max, mut expected_min) = (0.0, 0.0);
+    let mut w = k as f64 / n as f64;
+    for i in (k..=n).rev() {
+        expected_max += w * sorted[i - 1];
+        // The same weight for the i-th largest gives the minimum.
+        expected_min += w * sorted[n - i];
+        if i > 1 {
+            w *= (i - k) as f64 / (i - 1) as f64;
+        }
+    }
+    let mean = sorted.iter().sum::<f64>() / n as f64;
+    BestOfK {
+        k,
+        expected_max,
+        expected_min,
+        inflation: expected_max - mean,
+    }
+}
+
+/// k = 1, 2, 3, 5, 10, 20, 50, ... up to n, and n itself: the best-of-k curve.
+pub fn k_grid(n: usize) -> Vec<usize> {
+    let mut ks = Vec::new();
+    let mut decade = 1;
+    while decade <= n {
+        for step in [1, 2, 3, 5] {
+            let k = step * decade;
+            if k <= n && !ks.contains(&k) {
+                ks.push(k);
+            }
+        }
+        decade *= 10;
+    }
+    if n > 0 && ks.last() != Some(&n) {
+        ks.push(n);
+    }
+    ks
+}
+
+/// A 95% interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Interval {
+    pub low: f64,
+    pub high: f64,
+}
+
+/// 95% intervals for the mean, the std and the gap.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Intervals {
+    /// "bootstrap" (percentile, `resamples` resamples of the seeds, a fixed generator so the
+    /// answer repeats) or "normal-theory" above [`BOOTSTRAP_MAX_N`] seeds (t interval for the
+    /// mean, chi-square for the std; no interval for the gap).
+    pub method: &'static str,
+    pub resamples: usize,
+    pub mean: Interval,
+    pub std: Interval,
+    pub gap: Option<Interval>,
+    /// The t interval of the mean, always given.
+    pub mean_t: Interval,
+}
+
+/// Above this many seeds the intervals are normal-theory, not bootstrap.
+pub const BOOTSTRAP_MAX_N: usize = 20_000;
+const RESAMPLES: usize = 2_000;
+
+pub fn intervals(scores: &[f64], summary: &Summary) -> Option<Intervals> {
+    let n = scores.len();
+    if n < 2 {
+        return None;
+    }
+    let t = StudentsT::new(0.0, 1.0, (n - 1) as f64).ok()?;
+    let half = t.inverse_cdf(0.975) * summary.std / (n as f64).sqrt();
+    let mean_t = Interval {
+        low: summary.mean - half,
+        high: summary.mean + half,
+    };
+    if n > BOOTSTRAP_MAX_N {
+        let df = (n - 1) as f64;
+        let chi = statrs::distribution::ChiSquared::new(df).ok()?;
+        let var = summary.std * summary.std;
+        return Some(Intervals {
+            method: "normal-theory",
+            resamples: 0,
+            mean: mean_t,
+            std: Interval {
+                low: (df * var / chi.inverse_cdf(0.975)).sqrt(),
+                high: (df * var / chi.inverse_cdf(0.025)).sqrt(),
+            },
+            gap: None,
+            mean_t,
+        });
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed_5eed);
+    let (mut means, mut stds, mut gaps) = (
+        Vec::with_capacity(RESAMPLES),
+        Vec::with_capacity(RESAMPLES),
+        Vec::with_capacity(RESAMPLES),
+    );
+    for _ in 0..RESAMPLES {
+        let mut m = Moments::default();
+        let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+        for _ in 0..n {
+            let x = scores[rng.random_range(0..n)];
+            m.push(x);
+            lo = lo.min(x);
+            hi = hi.max(x);
+        }
+        means.push(m.mean);
+        stds.push(m.std());
+        gaps.push(hi - lo);
+    }
+    let percentile = |v: Vec<f64>| {
+        let v = sorted(v.into_iter());
+        Interval {
+            low: quantile(&v, 0.025),
+            high: quantile(&v, 0.975),
+        }
+    };
+    Some(Intervals {
+        method: "bootstrap",
+        resamples: RESAMPLES,
+        mean: percentile(means),
+        std: percentile(stds),
+        gap: Some(percentile(gaps)),
+        mean_t,
+    })
+}
+
+/// How many seeds a 95% interval of the mean `width` wide needs (normal approximation with the
+/// observed std): n = (2 * 1.96 * std / width)^2.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SeedsFor {
+    pub ci_width: f64,
+    pub seeds: u64,
+}
+
+pub fn seeds_for_width(std: f64, width: f64) -> SeedsFor {
+    let z = 1.959_963_984_540_054;
+    SeedsFor {
+        ci_width: width,
+        seeds: ((2.0 * z * std / width).powi(2)).ceil().max(2.0) as u64,
+    }
+}
+
+/// Scores across seeds at one epoch.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EpochSpread {
+    pub epoch: u32,
+    pub n: u64,
+    pub mean: f64,
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+    pub q1: f64,
+    pub median: f64,
+    pub q3: f64,
+}
+
+/// The spread across seeds at each epoch, from `(epoch, score)` pairs in any order.
+pub fn epoch_spread(points: &[(u32, f64)]) -> Vec<EpochSpread> {
+    let mut by_epoch: std::collections::BTreeMap<u32, Vec<f64>> = Default::default();
+    for &(e, x) in points {
+        by_epoch.entry(e).or_default().push(x);
+    }
+    by_epoch
+        .into_iter()
+        .map(|(epoch, xs)| {
+            let mut m = Moments::default();
+            xs.iter().for_each(|&x| m.push(x));
+            let s = sorted(xs.into_iter());
+            EpochSpread {
+                epoch,
+                n: m.n,
+                mean: m.mean,
+                std: m.std(),
+                min: s[0],
+                max: s[s.len() - 1],
+                q1: quantile(&s, 0.25),
+                median: quantile(&s, 0.5),
+                q3: quantile(&s, 0.75),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::reference::{REFERENCE, close, f, floats, sweep};
+    use super::super::summarize;
+    use super::*;
+
+    #[test]
+    fn z_scores_and_black_swans_match_numpy() {
+        let scores = sweep();
+        let s = summarize(&scores).unwrap();
+        let (_, mad) = median_mad(&sorted(scores.iter().map(|x| x.1)));
+        close(mad, f(&REFERENCE["summary"]["mad"]), 1e-9, "mad");
+        let zs = floats(&REFERENCE["z"]);
+        let robust = floats(&REFERENCE["robust_z"]);
+        for (i, &(seed, x)) in scores.iter().enumerate() {
+            let flagged = judge(seed, x, &s, mad);
+            let by_robust = robust[i].abs() > ROBUST_Z_LIMIT;
+            let by_z = zs[i].abs() > Z_LIMIT;
+            assert_eq!(flagged.is_some(), by_robust || by_z, "seed {seed}");
+            if let Some(b) = flagged {
+                close(b.z, zs[i], 1e-9, "z");
+                close(b.robust_z.unwrap(), robust[i], 1e-9, "robust z");
+            }
+        }
+        let swans = black_swans(&scores, &s);
+        // Seed 109 (0.871) is far below and 103 (0.961) far above; the farthest comes first.
+        assert_eq!(swans[0].seed, 109);
+        assert_eq!(swans[0].side, "low");
+        assert!(swans.iter().any(|b| b.seed == 103 && b.side == "high"));
+    }
+
+    #[test]
+    fn best_of_k_matches_brute_force_over_subsets() {
+        let s = sorted(sweep().into_iter().map(|x| x.1));
+        for r in REFERENCE["best_of_k"].as_array().unwrap() {
+            let k = r["k"].as_u64().unwrap() as usize;
+            let b = best_of_k(&s, k);
+            close(b.expected_max, f(&r["expected_max"]), 1e-12, "E[max]");
+            close(b.expected_min, f(&r["expected_min"]), 1e-12, "E[min]");
+        }
+        let one = best_of_k(&s, 1);
+        assert!(one.inflation.abs() < 1e-12, "best of 1 is the mean");
+        assert_eq!(k_grid(14), vec![1, 2, 3, 5, 10, 14]);
+        assert_eq!(k_grid(1), vec![1]);
+    }
+
+    #[test]
+    fn intervals_agree_with_scipy() {
+        let scores: Vec<f64> = sweep().into_iter().map(|x| x.1).collect();
+        let s = summarize(&sweep()).unwrap();
+        let ci = intervals(&scores, &s).unwrap();
+        let t = floats(&REFERENCE["mean_ci_t"]);
+        close(ci.mean_t.low, t[0], 1e-9, "t low");
+        close(ci.mean_t.high, t[1], 1e-9, "t high");
+        // Two bootstraps with different generators: equal up to resampling noise.
+        let boot = &REFERENCE["bootstrap"];
+        for (got, key) in [(ci.mean, "mean"), (ci.std, "std"), (ci.gap.unwrap(), "gap")] {
+            let want = floats(&boot[key]);
+            let width = want[1] - want[0];
+            assert!(
+                (got.low - want[0]).abs() < 0.15 * width && (got.high - want[1]).abs() < 0.15 * width,
+                "{key}: {got:?} vs scipy {want:?}"
+            );
+        }
+        assert_eq!(intervals(&scores, &s), Some(ci), "a fixed generator repeats");
+    }
+
+    #[test]
+    fn seeds_needed_shrink_with_the_square_of_the_width() {
+        let a = seeds_for_width(0.01, 0.01).seeds;
+        let b = seeds_for_width(0.01, 0.005).seeds;
+        assert_eq!(a, 16);
+        assert!((b as f64 / a as f64 - 4.0).abs() < 0.2);
+    }
+
+    #[test]
+    fn epoch_spread_matches_numpy() {
+        let r = &REFERENCE["epochs"];
+        let mut points = Vec::new();
+        for curve in r["curves"].as_array().unwrap() {
+            for (e, x) in floats(curve).into_iter().enumerate() {
+                points.push((e as u32 + 1, x));
+            }
+        }
+        let got = epoch_spread(&points);
+        for (g, w) in got.iter().zip(r["spread"].as_array().unwrap()) {
+            assert_eq!(g.epoch as u64, w["epoch"].as_u64().unwrap());
+            assert_eq!(g.n, w["n"].as_u64().unwrap());
+            for (x, key) in [
+                (g.mean, "mean"),
+                (g.std, "std"),
+                (g.min, "min"),
+                (g.max, "max"),
+                (g.q1, "q1"),
+                (g.median, "median"),
+                (g.q3, "q3"),
+            ] {
+                close(x, f(&w[key]), 1e-12, key);
+            }
+        }
+    }
+}

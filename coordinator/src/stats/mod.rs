@@ -1,0 +1,195 @@
+//! Statistics over seeds: what a sweep's scores say about seed variance and black swans.
+//!
+//! Everything here is a pure function of the finished runs; the store fetches them and the
+//! service and the command line present the answers. Each statistic is checked against numpy and
+//! scipy on fixed data (`reference.json`, written by `scripts/stats_reference.py`).
+//!
+//! - [`summarize`]: n, mean, sample std, min and max with their seeds, quartiles, the gap.
+//! - [`describe`]: black swans (robust and classic z), exact best-of-k, bootstrap intervals, how
+//!   many seeds a target interval width needs, the per-epoch spread.
+//! - [`noise`]: test-set noise: binomial, and from per-example correctness (Jordan 2023).
+//! - [`components`]: variance by seed factor in a crossed design.
+//! - [`compare`]: two sweeps against each other.
+
+pub mod compare;
+pub mod components;
+pub mod describe;
+pub mod noise;
+
+use serde::Serialize;
+
+/// The usual description of scores over seeds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub n: u64,
+    pub mean: f64,
+    /// Sample standard deviation (divides by n - 1); 0 for a single seed.
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+    pub worst_seed: i64,
+    pub best_seed: i64,
+    /// Quartiles by linear interpolation (numpy's default).
+    pub q1: f64,
+    pub median: f64,
+    pub q3: f64,
+    /// max - min: what picking the best seed over the worst buys.
+    pub gap: f64,
+}
+
+/// Summarises `(seed, score)` pairs; `None` when there are none. Ties for best or worst go to the
+/// smallest seed, so the answer does not depend on the order results arrived in.
+pub fn summarize(scores: &[(i64, f64)]) -> Option<Summary> {
+    let (&(first_seed, first), rest) = scores.split_first()?;
+    let mut moments = Moments::default();
+    moments.push(first);
+    let (mut min, mut max, mut worst_seed, mut best_seed) = (first, first, first_seed, first_seed);
+    for &(seed, x) in rest {
+        moments.push(x);
+        if x < min || (x == min && seed < worst_seed) {
+            (min, worst_seed) = (x, seed);
+        }
+        if x > max || (x == max && seed < best_seed) {
+            (max, best_seed) = (x, seed);
+        }
+    }
+    let sorted = sorted(scores.iter().map(|s| s.1));
+    Some(Summary {
+        n: moments.n,
+        mean: moments.mean,
+        std: moments.std(),
+        min,
+        max,
+        worst_seed,
+        best_seed,
+        q1: quantile(&sorted, 0.25),
+        median: quantile(&sorted, 0.5),
+        q3: quantile(&sorted, 0.75),
+        gap: max - min,
+    })
+}
+
+/// Running count, mean and sum of squared deviations (Welford): stable for 10^6 scores that
+/// agree to many digits, and updated in O(1) per score.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Moments {
+    pub n: u64,
+    pub mean: f64,
+    pub m2: f64,
+}
+
+impl Moments {
+    pub fn push(&mut self, x: f64) {
+        self.n += 1;
+        let delta = x - self.mean;
+        self.mean += delta / self.n as f64;
+        self.m2 += delta * (x - self.mean);
+    }
+
+    /// Sample standard deviation; 0 below two scores.
+    pub fn std(&self) -> f64 {
+        if self.n > 1 {
+            (self.m2 / (self.n - 1) as f64).sqrt()
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The scores sorted ascending (NaN never reaches here: the store refuses non-finite scores).
+pub fn sorted(scores: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut v: Vec<f64> = scores.collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// The `p` quantile of sorted scores by linear interpolation between order statistics
+/// (numpy's default, Hyndman and Fan's type 7).
+pub fn quantile(sorted: &[f64], p: f64) -> f64 {
+    let Some(&last) = sorted.last() else {
+        return f64::NAN;
+    };
+    let h = (sorted.len() - 1) as f64 * p.clamp(0.0, 1.0);
+    let lo = h.floor() as usize;
+    if lo + 1 >= sorted.len() {
+        return last;
+    }
+    sorted[lo] + (h - lo as f64) * (sorted[lo + 1] - sorted[lo])
+}
+
+#[cfg(test)]
+pub(crate) mod reference {
+    //! The numpy/scipy reference values, read once.
+    use std::sync::LazyLock;
+
+    pub static REFERENCE: LazyLock<serde_json::Value> = LazyLock::new(|| {
+        serde_json::from_str(include_str!("reference.json")).expect("reference.json parses")
+    });
+
+    pub fn f(v: &serde_json::Value) -> f64 {
+        v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+    }
+
+    pub fn floats(v: &serde_json::Value) -> Vec<f64> {
+        v.as_array().unwrap().iter().map(f).collect()
+    }
+
+    /// `got` equals `want` to `rel` relative (or 1e-12 absolute) error.
+    pub fn close(got: f64, want: f64, rel: f64, what: &str) {
+        let ok = (got - want).abs() <= rel * want.abs().max(1e-300) || (got - want).abs() < 1e-12;
+        assert!(ok, "{what}: got {got}, numpy/scipy say {want}");
+    }
+
+    /// The reference sweep as (seed, score) pairs.
+    pub fn sweep() -> Vec<(i64, f64)> {
+        let s = &REFERENCE["sweep"];
+        let seeds = s["seeds"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap());
+        seeds.zip(floats(&s["scores"])).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reference::{REFERENCE, close, f, sweep};
+    use super::*;
+
+    #[test]
+    fn the_summary_matches_numpy() {
+        let s = summarize(&sweep()).unwrap();
+        let r = &REFERENCE["summary"];
+        assert_eq!(s.n, r["n"].as_u64().unwrap());
+        for (got, key) in [
+            (s.mean, "mean"),
+            (s.std, "std"),
+            (s.min, "min"),
+            (s.max, "max"),
+            (s.median, "median"),
+            (s.q1, "q1"),
+            (s.q3, "q3"),
+            (s.gap, "gap"),
+        ] {
+            close(got, f(&r[key]), 1e-12, key);
+        }
+        assert_eq!(s.best_seed, r["best_seed"].as_i64().unwrap());
+        assert_eq!(s.worst_seed, r["worst_seed"].as_i64().unwrap());
+    }
+
+    #[test]
+    fn ties_go_to_the_smallest_seed_and_one_score_has_no_spread() {
+        let s = summarize(&[(3, 0.9), (1, 0.8), (2, 0.85), (7, 0.9), (0, 0.8)]).unwrap();
+        assert_eq!((s.min, s.worst_seed), (0.8, 0));
+        assert_eq!((s.max, s.best_seed), (0.9, 3));
+        assert_eq!(summarize(&[]), None);
+        let s = summarize(&[(5, 0.5)]).unwrap();
+        assert_eq!((s.n, s.std, s.best_seed, s.median, s.gap), (1, 0.0, 5, 0.5, 0.0));
+    }
+
+    #[test]
+    fn quantiles_interpolate_like_numpy() {
+        let v = [1.0, 2.0, 4.0, 8.0];
+        assert_eq!(quantile(&v, 0.0), 1.0);
+        assert_eq!(quantile(&v, 1.0), 8.0);
+        assert_eq!(quantile(&v, 0.5), 3.0);
+        assert_eq!(quantile(&v, 0.25), 1.75);
+    }
+}
