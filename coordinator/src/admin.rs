@@ -231,3 +231,329 @@ pub async fn results(url: &str, id: &str, json: bool) -> anyhow::Result<String> 
     }
     Ok(out)
 }
+
+/// Statistics of a sweep's metric, as a table or as the JSON document.
+pub async fn stats(
+    url: &str,
+    id: &str,
+    metric: &str,
+    ci_width: Option<f64>,
+    test_examples: Option<u64>,
+    json: bool,
+) -> anyhow::Result<String> {
+    let mut client = connect(url).await?;
+    let doc = client
+        .get_sweep_stats(pb::GetSweepStatsRequest {
+            sweep_id: id.to_string(),
+            metric: metric.to_string(),
+            ci_width: ci_width.unwrap_or(0.0),
+            test_examples: test_examples.unwrap_or(0),
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .json;
+    let v: serde_json::Value =
+        serde_json::from_str(&doc).context("the coordinator sent statistics that do not parse")?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&v)? + "\n");
+    }
+    Ok(stats_table(&v))
+}
+
+fn num(v: &serde_json::Value) -> String {
+    match v.as_f64() {
+        Some(x) if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e5) => format!("{x:.3e}"),
+        Some(x) => format!("{x:.4}"),
+        None => "-".into(),
+    }
+}
+
+fn interval(v: &serde_json::Value) -> String {
+    if v.is_null() {
+        return "-".into();
+    }
+    format!("[{}, {}]", num(&v["low"]), num(&v["high"]))
+}
+
+/// The table `sweep stats` prints, from the JSON document.
+pub fn stats_table(v: &serde_json::Value) -> String {
+    let metric = v["metric"].as_str().unwrap_or("?");
+    let mut out = format!(
+        "sweep {}  metric {metric}\n",
+        v["sweep_id"].as_str().unwrap_or("?")
+    );
+    if v["n"].as_u64() == Some(0) {
+        return out + "no seed has finished yet\n";
+    }
+    out += &format!(
+        "n {}  mean {}  std {}  median {}  q1 {}  q3 {}  MAD {}\nmin {} (seed {})  max {} (seed {})  gap {}\n",
+        v["n"],
+        num(&v["mean"]),
+        num(&v["std"]),
+        num(&v["median"]),
+        num(&v["q1"]),
+        num(&v["q3"]),
+        num(&v["mad"]),
+        num(&v["min"]),
+        v["worst_seed"],
+        num(&v["max"]),
+        v["best_seed"],
+        num(&v["gap"]),
+    );
+    if let Some(b) = v["binomial_std"].as_f64() {
+        out += &format!(
+            "test-set noise: binomial std {} against the observed std {}\n",
+            num(&b.into()),
+            num(&v["std"])
+        );
+    }
+    let ci = &v["intervals"];
+    if !ci.is_null() {
+        out += &format!(
+            "95% intervals ({}{}): mean {}  std {}  gap {}  (t interval of the mean {})\n",
+            ci["method"].as_str().unwrap_or("?"),
+            match ci["resamples"].as_u64() {
+                Some(r) if r > 0 => format!(", {r} resamples"),
+                _ => String::new(),
+            },
+            interval(&ci["mean"]),
+            interval(&ci["std"]),
+            interval(&ci["gap"]),
+            interval(&ci["mean_t"]),
+        );
+    }
+    for p in v["seeds_for_ci_width"].as_array().into_iter().flatten() {
+        out += &format!(
+            "a 95% interval of the mean {} wide needs about {} seeds\n",
+            num(&p["ci_width"]),
+            p["seeds"]
+        );
+    }
+    let swans = v["black_swans"].as_array().cloned().unwrap_or_default();
+    if swans.is_empty() {
+        out += "black swans: none (|robust z| > 3.5 or |z| > 3)\n";
+    } else {
+        out += "black swans (|robust z| > 3.5 or |z| > 3):\n  seed          score  side        z   robust z  flagged by\n";
+        for b in &swans {
+            out += &format!(
+                "  {:<12} {:>7}  {:<4} {:>8.2} {:>10}  {}\n",
+                b["seed"],
+                num(&b["score"]),
+                b["side"].as_str().unwrap_or("?"),
+                b["z"].as_f64().unwrap_or(0.0),
+                b["robust_z"]
+                    .as_f64()
+                    .map_or("-".into(), |r| format!("{r:.2}")),
+                b["flagged_by"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+        }
+    }
+    out += "best of k seeds (expected, exact over the observed seeds):\n  k        E[max]    E[min]  E[max]-mean\n";
+    for b in v["best_of_k"].as_array().into_iter().flatten() {
+        out += &format!(
+            "  {:<7} {:>8} {:>9} {:>12}\n",
+            b["k"],
+            num(&b["expected_max"]),
+            num(&b["expected_min"]),
+            num(&b["inflation"])
+        );
+    }
+    let epochs = v["epochs"].as_array().cloned().unwrap_or_default();
+    if !epochs.is_empty() {
+        out += "per epoch, across seeds:\n  epoch     n     mean      std      min       q1   median       q3      max\n";
+        for e in &epochs {
+            out += &format!(
+                "  {:<5} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+                e["epoch"],
+                e["n"],
+                num(&e["mean"]),
+                num(&e["std"]),
+                num(&e["min"]),
+                num(&e["q1"]),
+                num(&e["median"]),
+                num(&e["q3"]),
+                num(&e["max"])
+            );
+        }
+    }
+    match v["variance_components"]["components"].as_array() {
+        Some(cs) => {
+            out += "variance by source (random-effects ANOVA):\n  source                      levels    variance  share  95% interval\n";
+            for c in cs {
+                out += &format!(
+                    "  {:<27} {:>6} {:>11} {:>5.1}%  {}\n",
+                    c["source"].as_str().unwrap_or("?"),
+                    c["levels"],
+                    num(&c["variance"]),
+                    100.0 * c["share"].as_f64().unwrap_or(0.0),
+                    interval(&c["interval"])
+                );
+            }
+        }
+        None => {
+            out += &format!(
+                "variance by source: {}\n",
+                v["variance_components_note"].as_str().unwrap_or("-")
+            )
+        }
+    }
+    out
+}
+
+/// Two sweeps against each other.
+pub async fn compare(
+    url: &str,
+    a: &str,
+    b: &str,
+    metric: &str,
+    json: bool,
+) -> anyhow::Result<String> {
+    let mut client = connect(url).await?;
+    let doc = client
+        .compare_sweeps(pb::CompareSweepsRequest {
+            sweep_a: a.to_string(),
+            sweep_b: b.to_string(),
+            metric: metric.to_string(),
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .json;
+    let v: serde_json::Value = serde_json::from_str(&doc)
+        .context("the coordinator sent a comparison that does not parse")?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&v)? + "\n");
+    }
+    let side = |s: &serde_json::Value| {
+        format!(
+            "n {}  mean {}  std {}",
+            s["n"],
+            num(&s["mean"]),
+            num(&s["std"])
+        )
+    };
+    Ok(format!(
+        "metric {}\nA {}  {}\nB {}  {}\nmean(A) - mean(B) = {}  95% interval {}\n\
+         Welch t = {:.3} (df {:.1}), p = {}\nMann-Whitney U = {}, p = {}\n\
+         P(a random seed of A beats one of B) = {:.3}\n",
+        v["metric"].as_str().unwrap_or("?"),
+        v["sweep_a"].as_str().unwrap_or("?"),
+        side(&v["a"]),
+        v["sweep_b"].as_str().unwrap_or("?"),
+        side(&v["b"]),
+        num(&v["difference"]),
+        interval(&v["difference_ci"]),
+        v["welch_t"].as_f64().unwrap_or(f64::NAN),
+        v["welch_df"].as_f64().unwrap_or(f64::NAN),
+        num(&v["welch_p"]),
+        v["mann_whitney_u"],
+        num(&v["mann_whitney_p"]),
+        v["prob_a_beats_b"].as_f64().unwrap_or(f64::NAN),
+    ))
+}
+
+/// Follows a sweep until it ends: a live view at a terminal, one line per update otherwise.
+pub async fn watch(url: &str, id: &str, metric: &str) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let mut client = connect(url).await?;
+    let mut updates = client
+        .watch_sweep(pb::WatchSweepRequest {
+            sweep_id: id.to_string(),
+            metric: metric.to_string(),
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    let terminal = std::io::stdout().is_terminal();
+    let started = std::time::Instant::now();
+    let mut first_done = None;
+    let mut swans: Vec<pb::BlackSwan> = Vec::new();
+    let mut stdout = std::io::stdout();
+    while let Some(u) = updates.message().await.map_err(rpc)? {
+        let (Some(sweep), Some(c)) = (&u.sweep, &u.counts) else {
+            bail!("the coordinator sent an incomplete update")
+        };
+        let done = c.done + c.failed + c.cancelled;
+        let total = sweep.total.max(1);
+        let base = *first_done.get_or_insert(done);
+        let elapsed = started.elapsed().as_secs_f64();
+        let rate = (done - base) as f64 / elapsed.max(1e-9) * 3600.0;
+        let eta = if rate > 0.0 && done < total {
+            let secs = (total - done) as f64 / rate * 3600.0;
+            humantime::format_duration(Duration::from_secs(secs as u64)).to_string()
+        } else {
+            "-".into()
+        };
+        let summary = u.summary.as_ref().map_or("no result yet".to_string(), |a| {
+            format!(
+                "n {}  mean {:.4}  std {:.4}  median {:.4}  min {:.4} (seed {})  max {:.4} (seed {})",
+                a.n, a.mean, a.std, u.median, a.min, a.worst_seed, a.max, a.best_seed
+            )
+        });
+        let swan_text = |b: &pb::BlackSwan| {
+            format!(
+                "seed {} {} {:.4} (z {:.2}{})",
+                b.seed,
+                b.side,
+                b.score,
+                b.z,
+                b.robust_z
+                    .map_or(String::new(), |r| format!(", robust z {r:.2}"))
+            )
+        };
+        if terminal {
+            swans.extend(u.new_black_swans.iter().cloned());
+            let width = 40usize;
+            let filled = (done as usize * width / total as usize).min(width);
+            let mut screen = format!(
+                "\x1b[2J\x1b[H{} ({})  {}  {}\n[{}{}] {}/{}  {:.0} seeds/h  ETA {}\npending {}  leased {}  failed {}  cancelled {}\n{}: {}\n",
+                sweep.name,
+                sweep.sweep_id,
+                sweep.state,
+                u.metric,
+                "#".repeat(filled),
+                "-".repeat(width - filled),
+                done,
+                total,
+                rate,
+                eta,
+                c.pending,
+                c.leased,
+                c.failed,
+                c.cancelled,
+                u.metric,
+                summary
+            );
+            screen += "newest black swans:\n";
+            if swans.is_empty() {
+                screen += "  none\n";
+            }
+            for b in swans.iter().rev().take(8) {
+                screen += &format!("  {}\n", swan_text(b));
+            }
+            write!(stdout, "{screen}")?;
+        } else {
+            writeln!(
+                stdout,
+                "{done}/{total} done ({:.0} seeds/h, ETA {eta})  pending {} leased {} failed {}  {}: {summary}",
+                rate, c.pending, c.leased, c.failed, u.metric
+            )?;
+            for b in &u.new_black_swans {
+                writeln!(stdout, "black swan: {}", swan_text(b))?;
+            }
+        }
+        stdout.flush()?;
+        if u.finished {
+            writeln!(stdout, "sweep {} has no seed left to run", sweep.sweep_id)?;
+            return Ok(());
+        }
+    }
+    bail!("the coordinator ended the watch before the sweep ended")
+}

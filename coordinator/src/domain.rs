@@ -235,5 +235,107 @@ impl SeedCounts {
 pub struct SweepProgress {
     pub summary: SweepSummary,
     pub counts: SeedCounts,
-    pub accuracies: Vec<(i64, f64)>,
+    /// The live aggregate of the final test accuracy; `None` before the first result.
+    pub test_accuracy: Option<Aggregate>,
+}
+
+/// A per-seed number the statistics can describe: a column of `results` (and, but for
+/// `seconds`' different meaning there, of `epoch_metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    TestAccuracy,
+    TestLoss,
+    TrainAccuracy,
+    TrainLoss,
+    TestTop5,
+    ValAccuracy,
+    ValLoss,
+    Seconds,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 8] = [
+        Metric::TestAccuracy,
+        Metric::TestLoss,
+        Metric::TrainAccuracy,
+        Metric::TrainLoss,
+        Metric::TestTop5,
+        Metric::ValAccuracy,
+        Metric::ValLoss,
+        Metric::Seconds,
+    ];
+
+    /// The column name, also the metric's name everywhere (CLI, RPC, the `aggregates` table).
+    pub fn column(self) -> &'static str {
+        match self {
+            Metric::TestAccuracy => "test_accuracy",
+            Metric::TestLoss => "test_loss",
+            Metric::TrainAccuracy => "train_accuracy",
+            Metric::TrainLoss => "train_loss",
+            Metric::TestTop5 => "test_top5",
+            Metric::ValAccuracy => "val_accuracy",
+            Metric::ValLoss => "val_loss",
+            Metric::Seconds => "seconds",
+        }
+    }
+
+    /// Its value in a result, when the result has it.
+    pub fn of(self, r: &SeedResult) -> Option<f64> {
+        match self {
+            Metric::TestAccuracy => Some(r.test_accuracy),
+            Metric::TestLoss => Some(r.test_loss),
+            Metric::TrainAccuracy => Some(r.train_accuracy),
+            Metric::TrainLoss => Some(r.train_loss),
+            Metric::TestTop5 => r.test_top5,
+            Metric::ValAccuracy => r.val_accuracy,
+            Metric::ValLoss => r.val_loss,
+            Metric::Seconds => Some(r.seconds),
+        }
+    }
+
+    /// Whether `epoch_metrics` has it per epoch (its `seconds` is an epoch's, not a run's).
+    pub fn per_epoch(self) -> bool {
+        self != Metric::Seconds
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.column())
+    }
+}
+
+impl FromStr for Metric {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Metric, String> {
+        Metric::ALL
+            .into_iter()
+            .find(|m| m.column() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Metric::ALL.iter().map(|m| m.column()).collect();
+                format!("unknown metric `{s}`: use one of {}", names.join(", "))
+            })
+    }
+}
+
+/// One finished seed as the statistics see it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub seed: i64,
+    /// init, order, augment, split.
+    pub factors: [i64; 4],
+    pub value: f64,
+}
+
+/// A metric's live aggregate over a sweep's results, kept up to date as each result is
+/// recorded (the `aggregates` table).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Aggregate {
+    pub metric: Metric,
+    pub moments: crate::stats::Moments,
+    pub min: f64,
+    pub min_seed: i64,
+    pub max: f64,
+    pub max_seed: i64,
 }

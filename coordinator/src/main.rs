@@ -114,6 +114,49 @@ enum SweepCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Statistics over the sweep's seeds: summary (n, mean, std, quartiles, min and max with
+    /// their seeds, gap), black swans (robust MAD and classic z), exact best-of-k, 95% intervals,
+    /// seeds needed for a target interval, the per-epoch spread, and variance by seed factor.
+    Stats {
+        id: String,
+        /// test_accuracy, test_loss, train_accuracy, train_loss, test_top5, val_accuracy,
+        /// val_loss or seconds.
+        #[arg(long, default_value = "test_accuracy")]
+        metric: String,
+        /// Also say how many seeds a 95% interval of the mean this wide needs.
+        #[arg(long, value_parser = positive)]
+        ci_width: Option<f64>,
+        /// The test-set size (10000 for CIFAR-10): adds the binomial std of the mean accuracy.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        test_examples: Option<u64>,
+        /// The JSON document (keys in README, "Statistics").
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two sweeps: difference of means with a 95% interval, Welch's t-test, the
+    /// Mann-Whitney rank test, and P(a random seed of A beats one of B).
+    Compare {
+        a: String,
+        b: String,
+        #[arg(long, default_value = "test_accuracy")]
+        metric: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a sweep live until no seed is left to run: progress with rate and ETA, the
+    /// summary, the newest black swans (one line per update when stdout is not a terminal).
+    Watch {
+        id: String,
+        #[arg(long, default_value = "test_accuracy")]
+        metric: String,
+    },
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a number > 0")),
+    }
 }
 
 #[tokio::main]
@@ -180,6 +223,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 SweepCommand::Extend { id, seeds } => {
                     admin::extend(&coordinator, &id, &seeds).await?
+                }
+                SweepCommand::Stats {
+                    id,
+                    metric,
+                    ci_width,
+                    test_examples,
+                    json,
+                } => {
+                    admin::stats(&coordinator, &id, &metric, ci_width, test_examples, json).await?
+                }
+                SweepCommand::Compare { a, b, metric, json } => {
+                    admin::compare(&coordinator, &a, &b, &metric, json).await?
+                }
+                SweepCommand::Watch { id, metric } => {
+                    admin::watch(&coordinator, &id, &metric).await?;
+                    String::new()
                 }
                 SweepCommand::Results { id, json } => {
                     admin::results(&coordinator, &id, json).await?

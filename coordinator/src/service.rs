@@ -3,7 +3,8 @@
 
 use crate::domain::SweepState;
 use crate::domain::{
-    ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, SeedResult, SweepId, SweepSummary,
+    Aggregate, ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, Metric, SeedCounts,
+    SeedResult, SweepId, SweepSummary,
 };
 use crate::spec::{SeedSet, SweepSpec};
 use crate::stats;
@@ -17,12 +18,96 @@ use tonic::{Request, Response, Status, Streaming};
 pub struct CoordinatorService {
     store: Arc<dyn Store>,
     lease_ttl: Duration,
+    /// Told the sweep of each result this process records, to wake its watchers.
+    recorded: tokio::sync::broadcast::Sender<SweepId>,
 }
 
 impl CoordinatorService {
     pub fn new(store: Arc<dyn Store>, lease_ttl: Duration) -> Self {
-        CoordinatorService { store, lease_ttl }
+        let (recorded, _) = tokio::sync::broadcast::channel(1024);
+        CoordinatorService {
+            store,
+            lease_ttl,
+            recorded,
+        }
     }
+}
+
+/// How often a watcher also looks for results another coordinator replica recorded.
+const WATCH_POLL: Duration = Duration::from_secs(2);
+
+fn metric(s: &str) -> Result<Metric, Status> {
+    if s.is_empty() {
+        return Ok(Metric::TestAccuracy);
+    }
+    s.parse().map_err(Status::invalid_argument)
+}
+
+fn json_document(v: serde_json::Value) -> Response<pb::StatsDocument> {
+    Response::new(pb::StatsDocument {
+        json: v.to_string(),
+    })
+}
+
+/// What a watcher keeps between updates: the scores so far, sorted, for the median and the
+/// MAD (the moments come from the store's live aggregate), and how far it has read.
+#[derive(Default)]
+struct Watched {
+    sorted: Vec<f64>,
+    after: i64,
+}
+
+/// One update for a watcher: progress, the live aggregate, and the new results' black swans.
+async fn watch_update(
+    store: &dyn Store,
+    id: SweepId,
+    metric: Metric,
+    w: &mut Watched,
+) -> Result<pb::SweepUpdate, StoreError> {
+    let (new, last) = store.scores(id, metric, w.after).await?;
+    w.after = last;
+    for r in &new {
+        let at = w.sorted.partition_point(|&x| x < r.value);
+        w.sorted.insert(at, r.value);
+    }
+    let progress = store.sweep_progress(id).await?;
+    let aggregate = store
+        .aggregates(id)
+        .await?
+        .into_iter()
+        .find(|a| a.metric == metric);
+    let (median, mad) = stats::describe::median_mad(&w.sorted);
+    let mut swans = Vec::new();
+    if let Some(a) = &aggregate {
+        let centre = stats::describe::Centre {
+            mean: a.moments.mean,
+            std: a.moments.std(),
+            median,
+            mad,
+        };
+        for r in &new {
+            if let Some(b) = stats::describe::judge(r.seed, r.value, &centre) {
+                swans.push(pb::BlackSwan {
+                    seed: b.seed,
+                    score: b.score,
+                    z: b.z,
+                    robust_z: b.robust_z,
+                    side: b.side.into(),
+                    flagged_by: b.flagged_by.iter().map(|s| s.to_string()).collect(),
+                });
+            }
+        }
+    }
+    let c = progress.counts;
+    Ok(pb::SweepUpdate {
+        sweep: Some(summary_pb(&progress.summary)),
+        counts: Some(counts_pb(&c)),
+        metric: metric.to_string(),
+        summary: aggregate.as_ref().map(aggregate_pb),
+        new_black_swans: swans,
+        median: if w.sorted.is_empty() { 0.0 } else { median },
+        finished: c.pending == 0 && c.leased == 0,
+    })
 }
 
 /// The one place store errors become gRPC statuses.
@@ -232,6 +317,29 @@ fn phase_pb(p: &crate::finetune::Phase) -> pb::Phase {
     }
 }
 
+fn counts_pb(c: &SeedCounts) -> pb::SeedCounts {
+    pb::SeedCounts {
+        pending: c.pending,
+        leased: c.leased,
+        done: c.done,
+        failed: c.failed,
+        cancelled: c.cancelled,
+    }
+}
+
+/// A live aggregate as the status messages carry it.
+fn aggregate_pb(a: &Aggregate) -> pb::AccuracyStats {
+    pb::AccuracyStats {
+        n: a.moments.n,
+        mean: a.moments.mean,
+        std: a.moments.std(),
+        min: a.min,
+        max: a.max,
+        worst_seed: a.min_seed,
+        best_seed: a.max_seed,
+    }
+}
+
 fn factors_pb(f: &crate::spec::FactorSeeds) -> pb::FactorSeeds {
     pb::FactorSeeds {
         init: f.init,
@@ -264,24 +372,10 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::SweepStatus>, Status> {
         let id = sweep_id(&req.get_ref().sweep_id)?;
         let p = self.store.sweep_progress(id).await.map_err(status)?;
-        let test_accuracy = stats::summarize(&p.accuracies).map(|s| pb::AccuracyStats {
-            n: s.n,
-            mean: s.mean,
-            std: s.std,
-            min: s.min,
-            max: s.max,
-            worst_seed: s.worst_seed,
-            best_seed: s.best_seed,
-        });
+        let test_accuracy = p.test_accuracy.as_ref().map(aggregate_pb);
         Ok(Response::new(pb::SweepStatus {
             sweep: Some(summary_pb(&p.summary)),
-            counts: Some(pb::SeedCounts {
-                pending: p.counts.pending,
-                leased: p.counts.leased,
-                done: p.counts.done,
-                failed: p.counts.failed,
-                cancelled: p.counts.cancelled,
-            }),
+            counts: Some(counts_pb(&p.counts)),
             test_accuracy,
         }))
     }
@@ -294,6 +388,111 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::ListSweepsResponse {
             sweeps: sweeps.iter().map(summary_pb).collect(),
         }))
+    }
+
+    async fn get_sweep_stats(
+        &self,
+        req: Request<pb::GetSweepStatsRequest>,
+    ) -> Result<Response<pb::StatsDocument>, Status> {
+        let r = req.get_ref();
+        let id = sweep_id(&r.sweep_id)?;
+        let metric = metric(&r.metric)?;
+        if !(r.ci_width.is_finite() && r.ci_width >= 0.0) {
+            return Err(Status::invalid_argument("ci_width must be a number >= 0"));
+        }
+        let (runs, _) = self.store.scores(id, metric, 0).await.map_err(status)?;
+        let epochs = if metric.per_epoch() {
+            self.store.epoch_scores(id, metric).await.map_err(status)?
+        } else {
+            Vec::new()
+        };
+        let ci_width = (r.ci_width > 0.0).then_some(r.ci_width);
+        let test_examples = (r.test_examples > 0).then_some(r.test_examples);
+        // CPU work: off the async threads.
+        let analysed = tokio::task::spawn_blocking(move || {
+            stats::analyse(metric, &runs, &epochs, ci_width, test_examples)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let mut doc = match analysed {
+            Some(s) => serde_json::to_value(s).map_err(|e| Status::internal(e.to_string()))?,
+            None => serde_json::json!({"metric": metric, "n": 0}),
+        };
+        doc["sweep_id"] = serde_json::json!(id.to_string());
+        Ok(json_document(doc))
+    }
+
+    async fn compare_sweeps(
+        &self,
+        req: Request<pb::CompareSweepsRequest>,
+    ) -> Result<Response<pb::StatsDocument>, Status> {
+        let r = req.get_ref();
+        let (a, b) = (sweep_id(&r.sweep_a)?, sweep_id(&r.sweep_b)?);
+        let metric = metric(&r.metric)?;
+        let values = |runs: Vec<crate::domain::Scored>| -> Vec<f64> {
+            runs.into_iter().map(|s| s.value).collect()
+        };
+        let va = values(self.store.scores(a, metric, 0).await.map_err(status)?.0);
+        let vb = values(self.store.scores(b, metric, 0).await.map_err(status)?.0);
+        let Some(c) = stats::compare::compare(&va, &vb) else {
+            return Err(Status::failed_precondition(format!(
+                "a comparison needs at least 2 results of `{metric}` in each sweep: {a} has {}, {b} has {}",
+                va.len(),
+                vb.len()
+            )));
+        };
+        let mut doc = serde_json::to_value(c).map_err(|e| Status::internal(e.to_string()))?;
+        doc["metric"] = serde_json::json!(metric);
+        doc["sweep_a"] = serde_json::json!(a.to_string());
+        doc["sweep_b"] = serde_json::json!(b.to_string());
+        Ok(json_document(doc))
+    }
+
+    type WatchSweepStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::SweepUpdate, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_sweep(
+        &self,
+        req: Request<pb::WatchSweepRequest>,
+    ) -> Result<Response<Self::WatchSweepStream>, Status> {
+        let id = sweep_id(&req.get_ref().sweep_id)?;
+        let metric = metric(&req.get_ref().metric)?;
+        let store = self.store.clone();
+        let mut woken = self.recorded.subscribe();
+        let mut watched = Watched::default();
+        // The first update here, so that a bad id is an error of the call itself.
+        let first = watch_update(store.as_ref(), id, metric, &mut watched)
+            .await
+            .map_err(status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            let mut update = Ok(first);
+            loop {
+                let finished = matches!(&update, Ok(u) if u.finished) || update.is_err();
+                if tx.send(update).await.is_err() || finished {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        got = woken.recv() => match got {
+                            Ok(s) if s != id => continue,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                            _ => {}
+                        },
+                        _ = tokio::time::sleep(WATCH_POLL) => {}
+                        _ = tx.closed() => return,
+                    }
+                    break;
+                }
+                update = watch_update(store.as_ref(), id, metric, &mut watched)
+                    .await
+                    .map_err(status);
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn list_results(
@@ -475,6 +674,10 @@ impl Coordinator for CoordinatorService {
         };
         let outcome = self.store.complete(lease, &result).await.map_err(status)?;
         let recorded = outcome == CompleteOutcome::Recorded;
+        if recorded {
+            // No watcher: nobody to wake.
+            let _ = self.recorded.send(lease.sweep_id);
+        }
         tracing::info!(%lease, worker = %result.worker_id, test_accuracy = result.test_accuracy, recorded, "seed finished");
         Ok(Response::new(pb::CompleteSeedResponse { recorded }))
     }

@@ -232,7 +232,11 @@ async fn run_one(s: &dyn Store, clock: &Clock, rng_seed: u64, steps: usize) {
             count(|s| matches!(s, St::Leased { .. })),
             "{ctx}"
         );
-        assert_eq!(p.accuracies.len() as u64, p.counts.done, "{ctx}");
+        assert_eq!(
+            p.test_accuracy.map_or(0, |a| a.moments.n),
+            p.counts.done,
+            "{ctx}"
+        );
     }
 }
 

@@ -3,10 +3,11 @@
 use seedsweep_coordinator::domain::SweepId;
 use seedsweep_coordinator::domain::SweepState;
 use seedsweep_coordinator::domain::{
-    ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedResult, SeedState,
+    ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, Metric, SeedResult, SeedState,
 };
 use seedsweep_coordinator::spec::SeedSet;
 use seedsweep_coordinator::spec::SweepSpec;
+use seedsweep_coordinator::stats;
 use seedsweep_coordinator::store::{self, Clock, Store, StoreError};
 use seedsweep_tests::PgServer;
 use std::sync::Arc;
@@ -206,7 +207,9 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
         ),
         (2, 1, 0, 0)
     );
-    assert_eq!(pa.accuracies, vec![(2, 0.8), (9, 0.7)]);
+    let acc = pa.test_accuracy.unwrap();
+    assert_eq!((acc.moments.n, acc.min_seed, acc.max_seed), (2, 9, 2));
+    assert!((acc.moments.mean - 0.75).abs() < 1e-12);
     assert_eq!((pa.summary.total, pa.summary.done), (3, 2));
     let pb = s.sweep_progress(b).await.unwrap();
     assert_eq!((pb.counts.done, pb.counts.failed), (1, 1));
@@ -315,7 +318,10 @@ async fn retries_and_control(s: Arc<dyn Store>, clock: Clock) {
         (p.summary.total, p.counts.done, p.counts.pending),
         (5, 1, 4)
     );
-    assert_eq!(p.accuracies, vec![(0, 0.5)]);
+    assert_eq!(
+        p.test_accuracy.map(|a| (a.moments.n, a.max)),
+        Some((1, 0.5))
+    );
 
     // Cancelling ends held leases and pending seeds, for good.
     s.set_sweep_state(high, SweepState::Cancelled)
@@ -375,8 +381,159 @@ async fn concurrent_claims(s: Arc<dyn Store>) {
     assert_eq!(all, (0..200).collect::<Vec<_>>());
 }
 
+/// The live aggregates equal a recomputation from scratch after every delivery of a
+/// randomised stream of results that includes late deliveries (a lease that expired and was
+/// re-leased) and duplicates (the same result twice); and the SQL views agree with them.
+async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
+    use rand::{Rng, SeedableRng};
+    let id = SweepId::new();
+    s.create_sweep(id, &spec("\"0..30\"", 5)).await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut held: Vec<LeaseRef> = Vec::new();
+    let mut delivered: Vec<LeaseRef> = Vec::new();
+    let (mut late, mut duplicates) = (0, 0);
+    loop {
+        match rng.random_range(0..10) {
+            // Lease one more.
+            0..=3 => match s.claim("w", TTL).await.unwrap() {
+                ClaimOutcome::Leased(l) => held.push(l.lease),
+                _ if held.is_empty() => break,
+                _ => {}
+            },
+            // Time passes: every held lease expires; their holders deliver late, if at all.
+            4 => clock.advance(TTL + Duration::from_secs(1)),
+            // Deliver a held lease's result, or the same one again.
+            _ => {
+                let again = rng.random_bool(0.2) && !delivered.is_empty();
+                let l = if again {
+                    delivered[rng.random_range(0..delivered.len())]
+                } else if held.is_empty() {
+                    continue;
+                } else {
+                    held.swap_remove(rng.random_range(0..held.len()))
+                };
+                let acc = (rng.random_range(0.80..0.95f64) * 1e4).round() / 1e4;
+                let r = async {
+                    if !again {
+                        s.record_epoch(l, &epoch(1)).await?;
+                        s.record_epoch(l, &epoch(2)).await?;
+                    }
+                    s.complete(l, &result(l.seed, acc)).await
+                }
+                .await;
+                match r {
+                    Ok(CompleteOutcome::Recorded) => delivered.push(l),
+                    Ok(CompleteOutcome::AlreadyRecorded) => duplicates += 1,
+                    Err(StoreError::StaleLease(_)) | Err(StoreError::Conflict(_)) => late += 1,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        let (scores, _) = s.scores(id, Metric::TestAccuracy, 0).await.unwrap();
+        let live = s
+            .aggregates(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|a| a.metric == Metric::TestAccuracy);
+        let pairs: Vec<(i64, f64)> = scores.iter().map(|r| (r.seed, r.value)).collect();
+        match (stats::summarize(&pairs), live) {
+            (None, None) => {}
+            (Some(want), Some(got)) => {
+                assert_eq!(got.moments.n, want.n);
+                assert!(
+                    (got.moments.mean - want.mean).abs() < 1e-12,
+                    "{got:?} {want:?}"
+                );
+                assert!(
+                    (got.moments.std() - want.std).abs() < 1e-9,
+                    "{got:?} {want:?}"
+                );
+                assert_eq!((got.min, got.min_seed), (want.min, want.worst_seed));
+                assert_eq!((got.max, got.max_seed), (want.max, want.best_seed));
+            }
+            (want, got) => panic!("recomputed {want:?}, live {got:?}"),
+        }
+    }
+    assert!(
+        late > 0 && duplicates > 0,
+        "late {late}, duplicates {duplicates}"
+    );
+    let (scores, last) = s.scores(id, Metric::TestAccuracy, 0).await.unwrap();
+    let p = s.sweep_progress(id).await.unwrap();
+    assert_eq!(p.counts.done + p.counts.failed, 30, "every seed ends");
+    let mut seeds: Vec<i64> = scores.iter().map(|r| r.seed).collect();
+    seeds.sort();
+    seeds.dedup();
+    assert_eq!(
+        seeds.len() as u64,
+        p.counts.done,
+        "each finished seed counted once"
+    );
+    let (tail, _) = s.scores(id, Metric::TestAccuracy, last).await.unwrap();
+    assert!(tail.is_empty(), "nothing after the last position");
+    // Epochs of every seed that recorded them, finished or not (a seed that ran out of
+    // attempts keeps its partial curve).
+    let epoch_points = s.epoch_scores(id, Metric::TestAccuracy).await.unwrap();
+    assert!(epoch_points.len() as u64 >= 2 * p.counts.done);
+    let at_two = epoch_points.iter().filter(|e| e.0 == 2).count() as i64;
+    let want =
+        stats::summarize(&scores.iter().map(|r| (r.seed, r.value)).collect::<Vec<_>>()).unwrap();
+
+    // The views, through plain SQL.
+    let (view, epochs): ((i64, f64, f64, i64), (i64, f64)) = if url.starts_with("postgres") {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        let sql = "SELECT n, mean, std, best_seed FROM sweep_summary WHERE sweep_id::text = $1";
+        let v = sqlx::query_as(sql)
+            .bind(id.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let sql = "SELECT n, mean FROM epoch_summary WHERE sweep_id::text = $1 AND epoch = 2";
+        (
+            v,
+            sqlx::query_as(sql)
+                .bind(id.to_string())
+                .fetch_one(&pool)
+                .await
+                .unwrap(),
+        )
+    } else {
+        let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+        let sql = "SELECT n, mean, std, best_seed FROM sweep_summary WHERE sweep_id = ?";
+        let v = sqlx::query_as(sql)
+            .bind(id.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let sql = "SELECT n, mean FROM epoch_summary WHERE sweep_id = ? AND epoch = 2";
+        (
+            v,
+            sqlx::query_as(sql)
+                .bind(id.to_string())
+                .fetch_one(&pool)
+                .await
+                .unwrap(),
+        )
+    };
+    assert_eq!(view.0 as u64, want.n);
+    assert!((view.1 - want.mean).abs() < 1e-12 && (view.2 - want.std).abs() < 1e-9);
+    assert_eq!(view.3, want.best_seed);
+    assert_eq!(epochs, (at_two, 0.5));
+}
+
 /// Every suite, each on a fresh database from `fresh` (a URL per call).
 async fn all_suites(fresh: impl Fn() -> String) {
+    let clock = Clock::database();
+    let url = fresh();
+    live_aggregates(
+        store::connect_with_clock(&url, clock.clone())
+            .await
+            .unwrap(),
+        clock,
+        &url,
+    )
+    .await;
     let clock = Clock::database();
     suite(
         store::connect_with_clock(&fresh(), clock.clone())

@@ -136,6 +136,9 @@ mod tests {
         close(c.prob_a_beats_b, f(&r["prob_a_beats_b"]), 1e-12, "P(A > B)");
         assert!(compare(&[1.0], &[1.0, 2.0]).is_none());
         let same = compare(&[1.0, 1.0], &[1.0, 1.0]).unwrap();
-        assert_eq!((same.welch_p, same.mann_whitney_p, same.prob_a_beats_b), (1.0, 1.0, 0.5));
+        assert_eq!(
+            (same.welch_p, same.mann_whitney_p, same.prob_a_beats_b),
+            (1.0, 1.0, 0.5)
+        );
     }
 }

@@ -91,7 +91,11 @@ pub fn components(cells: &[Cell]) -> Result<Components, NotCrossed> {
     if combinations != n || !distinct {
         return fail(format!(
             "the factors ({}) are not completely crossed with one run per combination: {n} runs for {combinations} combinations",
-            sources.iter().map(|s| s.0.as_str()).collect::<Vec<_>>().join(", ")
+            sources
+                .iter()
+                .map(|s| s.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     let y: Vec<f64> = cells.iter().map(|c| c.score).collect();

@@ -34,14 +34,34 @@ pub fn median_mad(sorted: &[f64]) -> (f64, f64) {
     (median, quantile(&deviations, 0.5))
 }
 
-/// Whether `score` is a black swan among scores with this mean, std, median and MAD.
-pub fn judge(seed: i64, score: f64, summary: &Summary, mad: f64) -> Option<BlackSwan> {
-    let z = if summary.std > 0.0 {
-        (score - summary.mean) / summary.std
+/// Where a sweep's scores sit: what a black swan is far from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Centre {
+    pub mean: f64,
+    pub std: f64,
+    pub median: f64,
+    pub mad: f64,
+}
+
+impl Centre {
+    pub fn of(summary: &Summary, mad: f64) -> Centre {
+        Centre {
+            mean: summary.mean,
+            std: summary.std,
+            median: summary.median,
+            mad,
+        }
+    }
+}
+
+/// Whether `score` is a black swan among scores centred at `c`.
+pub fn judge(seed: i64, score: f64, c: &Centre) -> Option<BlackSwan> {
+    let z = if c.std > 0.0 {
+        (score - c.mean) / c.std
     } else {
         0.0
     };
-    let robust_z = (mad > 0.0).then(|| MAD_SCALE * (score - summary.median) / mad);
+    let robust_z = (c.mad > 0.0).then(|| MAD_SCALE * (score - c.median) / c.mad);
     let mut flagged_by = Vec::new();
     if robust_z.is_some_and(|r| r.abs() > ROBUST_Z_LIMIT) {
         flagged_by.push("robust");
@@ -54,11 +74,7 @@ pub fn judge(seed: i64, score: f64, summary: &Summary, mad: f64) -> Option<Black
         score,
         z,
         robust_z,
-        side: if score >= summary.median {
-            "high"
-        } else {
-            "low"
-        },
+        side: if score >= c.median { "high" } else { "low" },
         flagged_by,
     })
 }
@@ -66,9 +82,10 @@ pub fn judge(seed: i64, score: f64, summary: &Summary, mad: f64) -> Option<Black
 /// Every black swan of a sweep, the farthest first.
 pub fn black_swans(scores: &[(i64, f64)], summary: &Summary) -> Vec<BlackSwan> {
     let (_, mad) = median_mad(&sorted(scores.iter().map(|s| s.1)));
+    let centre = Centre::of(summary, mad);
     let mut swans: Vec<BlackSwan> = scores
         .iter()
-        .filter_map(|&(seed, x)| judge(seed, x, summary, mad))
+        .filter_map(|&(seed, x)| judge(seed, x, &centre))
         .collect();
     swans.sort_by(|a, b| b.z.abs().total_cmp(&a.z.abs()).then(a.seed.cmp(&b.seed)));
     swans
@@ -290,7 +307,7 @@ mod tests {
         let zs = floats(&REFERENCE["z"]);
         let robust = floats(&REFERENCE["robust_z"]);
         for (i, &(seed, x)) in scores.iter().enumerate() {
-            let flagged = judge(seed, x, &s, mad);
+            let flagged = judge(seed, x, &Centre::of(&s, mad));
             let by_robust = robust[i].abs() > ROBUST_Z_LIMIT;
             let by_z = zs[i].abs() > Z_LIMIT;
             assert_eq!(flagged.is_some(), by_robust || by_z, "seed {seed}");
@@ -335,11 +352,16 @@ mod tests {
             let want = floats(&boot[key]);
             let width = want[1] - want[0];
             assert!(
-                (got.low - want[0]).abs() < 0.15 * width && (got.high - want[1]).abs() < 0.15 * width,
+                (got.low - want[0]).abs() < 0.15 * width
+                    && (got.high - want[1]).abs() < 0.15 * width,
                 "{key}: {got:?} vs scipy {want:?}"
             );
         }
-        assert_eq!(intervals(&scores, &s), Some(ci), "a fixed generator repeats");
+        assert_eq!(
+            intervals(&scores, &s),
+            Some(ci),
+            "a fixed generator repeats"
+        );
     }
 
     #[test]

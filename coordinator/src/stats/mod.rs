@@ -16,7 +16,90 @@ pub mod components;
 pub mod describe;
 pub mod noise;
 
+use crate::domain::{Metric, Scored};
 use serde::Serialize;
+
+/// Everything `coordinator sweep stats --json` prints (README, "Statistics", documents the keys).
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepStats {
+    pub metric: Metric,
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// Median absolute deviation (unscaled).
+    pub mad: f64,
+    pub black_swans: Vec<describe::BlackSwan>,
+    pub best_of_k: Vec<describe::BestOfK>,
+    pub intervals: Option<describe::Intervals>,
+    pub seeds_for_ci_width: Vec<describe::SeedsFor>,
+    /// The binomial std of the mean accuracy over `test_examples` examples (accuracies only,
+    /// when the test-set size is given).
+    pub binomial_std: Option<f64>,
+    pub epochs: Vec<describe::EpochSpread>,
+    pub variance_components: Option<components::Components>,
+    /// Why there are no variance components, when there are none.
+    pub variance_components_note: Option<String>,
+}
+
+/// The statistics of one sweep's metric; `None` before its first result. `ci_width`: also say
+/// how many seeds a 95% interval of the mean this wide needs.
+pub fn analyse(
+    metric: Metric,
+    runs: &[Scored],
+    epochs: &[(u32, f64)],
+    ci_width: Option<f64>,
+    test_examples: Option<u64>,
+) -> Option<SweepStats> {
+    let pairs: Vec<(i64, f64)> = runs.iter().map(|r| (r.seed, r.value)).collect();
+    let summary = summarize(&pairs)?;
+    let values = sorted(pairs.iter().map(|p| p.1));
+    let (_, mad) = describe::median_mad(&values);
+    let intervals = describe::intervals(&values, &summary);
+    let mut widths: Vec<f64> = intervals
+        .iter()
+        .flat_map(|i| {
+            let w = i.mean_t.high - i.mean_t.low;
+            [w / 2.0, w / 4.0]
+        })
+        .collect();
+    widths.extend(ci_width);
+    let cells: Vec<components::Cell> = runs
+        .iter()
+        .map(|r| components::Cell {
+            factors: r.factors,
+            score: r.value,
+        })
+        .collect();
+    let (variance_components, variance_components_note) = match components::components(&cells) {
+        Ok(c) => (Some(c), None),
+        Err(e) => (None, Some(e.reason)),
+    };
+    let accuracy = matches!(
+        metric,
+        Metric::TestAccuracy | Metric::TestTop5 | Metric::ValAccuracy | Metric::TrainAccuracy
+    );
+    Some(SweepStats {
+        metric,
+        black_swans: describe::black_swans(&pairs, &summary),
+        best_of_k: describe::k_grid(values.len())
+            .into_iter()
+            .map(|k| describe::best_of_k(&values, k))
+            .collect(),
+        intervals,
+        seeds_for_ci_width: widths
+            .into_iter()
+            .filter(|w| *w > 0.0)
+            .map(|w| describe::seeds_for_width(summary.std, w))
+            .collect(),
+        binomial_std: test_examples
+            .filter(|_| accuracy)
+            .map(|n| noise::binomial_std(summary.mean, n)),
+        epochs: describe::epoch_spread(epochs),
+        variance_components,
+        variance_components_note,
+        mad,
+        summary,
+    })
+}
 
 /// The usual description of scores over seeds.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -143,7 +226,11 @@ pub(crate) mod reference {
     /// The reference sweep as (seed, score) pairs.
     pub fn sweep() -> Vec<(i64, f64)> {
         let s = &REFERENCE["sweep"];
-        let seeds = s["seeds"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap());
+        let seeds = s["seeds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap());
         seeds.zip(floats(&s["scores"])).collect()
     }
 }
@@ -181,7 +268,10 @@ mod tests {
         assert_eq!((s.max, s.best_seed), (0.9, 3));
         assert_eq!(summarize(&[]), None);
         let s = summarize(&[(5, 0.5)]).unwrap();
-        assert_eq!((s.n, s.std, s.best_seed, s.median, s.gap), (1, 0.0, 5, 0.5, 0.0));
+        assert_eq!(
+            (s.n, s.std, s.best_seed, s.median, s.gap),
+            (1, 0.0, 5, 0.5, 0.0)
+        );
     }
 
     #[test]

@@ -120,15 +120,36 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .map(|b| b.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect())
+            .map(|b| {
+                b.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u8)
+                    .collect()
+            })
             .collect();
         let refs: Vec<&[u8]> = maps.iter().map(|m| m.as_slice()).collect();
         let got = test_set_noise(&refs, n).unwrap();
         close(got.binomial_std, f(&r["binomial_std"]), 1e-12, "binomial");
         close(got.observed_std, f(&r["observed_std"]), 1e-12, "observed");
-        close(got.independent_errors_std, f(&r["independent_errors_std"]), 1e-12, "independent");
-        close(got.distribution_var, f(&r["distribution_var"]), 1e-9, "distribution");
-        close(got.split_half_correlation.unwrap(), f(&r["split_half_correlation"]), 1e-9, "split half");
+        close(
+            got.independent_errors_std,
+            f(&r["independent_errors_std"]),
+            1e-12,
+            "independent",
+        );
+        close(
+            got.distribution_var,
+            f(&r["distribution_var"]),
+            1e-9,
+            "distribution",
+        );
+        close(
+            got.split_half_correlation.unwrap(),
+            f(&r["split_half_correlation"]),
+            1e-9,
+            "split half",
+        );
         assert!(test_set_noise(&refs[..1], n).is_none());
     }
 }

@@ -17,8 +17,8 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::domain::{
-    ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, SeedResult, SeedState, SweepId,
-    SweepProgress, SweepState, SweepSummary,
+    Aggregate, ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, Metric, Scored, SeedResult,
+    SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
 };
 use crate::spec::{SeedSet, SweepSpec};
 use async_trait::async_trait;
@@ -91,6 +91,14 @@ pub trait Store: Send + Sync + 'static {
     async fn list_sweeps(&self) -> Result<Vec<SweepSummary>>;
     async fn sweep_progress(&self, id: SweepId) -> Result<SweepProgress>;
     async fn list_results(&self, id: SweepId) -> Result<Vec<SeedResult>>;
+    /// The live aggregate of each metric the sweep's results have (the `aggregates` table).
+    async fn aggregates(&self, id: SweepId) -> Result<Vec<Aggregate>>;
+    /// The finished seeds' values of `metric` (results without it left out), in the order they
+    /// were recorded, only those recorded after position `after` (0: all); with the position
+    /// of the last one (`after` when there are none).
+    async fn scores(&self, id: SweepId, metric: Metric, after: i64) -> Result<(Vec<Scored>, i64)>;
+    /// `(epoch, value)` of `metric` for every epoch of every seed that has it.
+    async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64)>>;
 
     /// Expires overdue leases, then leases one seed to `worker_id` for `ttl`.
     async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome>;
@@ -260,6 +268,91 @@ pub(crate) fn check_extendable(id: SweepId, design: &crate::spec::Design) -> Res
         )));
     }
     Ok(())
+}
+
+/// Adds one result's value to a metric's running aggregate (Welford's update in SQL, so that
+/// concurrent recorders serialise on the row). `$1` sweep, `$2` metric, `$3` value, `$4` seed;
+/// SQLite takes `?` for `$`.
+pub(crate) const AGGREGATE_UPSERT: &str = "
+INSERT INTO aggregates (sweep_id, metric, n, mean, m2, min, min_seed, max, max_seed)
+VALUES ($1, $2, 1, $3, 0, $3, $4, $3, $4)
+ON CONFLICT (sweep_id, metric) DO UPDATE SET
+  n = aggregates.n + 1,
+  mean = aggregates.mean + (excluded.mean - aggregates.mean) / (aggregates.n + 1),
+  m2 = aggregates.m2 + (excluded.mean - aggregates.mean)
+       * (excluded.mean - aggregates.mean - (excluded.mean - aggregates.mean) / (aggregates.n + 1)),
+  min_seed = CASE WHEN excluded.min < aggregates.min
+                    OR (excluded.min = aggregates.min AND excluded.min_seed < aggregates.min_seed)
+             THEN excluded.min_seed ELSE aggregates.min_seed END,
+  min = CASE WHEN excluded.min < aggregates.min THEN excluded.min ELSE aggregates.min END,
+  max_seed = CASE WHEN excluded.max > aggregates.max
+                    OR (excluded.max = aggregates.max AND excluded.max_seed < aggregates.max_seed)
+             THEN excluded.max_seed ELSE aggregates.max_seed END,
+  max = CASE WHEN excluded.max > aggregates.max THEN excluded.max ELSE aggregates.max END";
+
+pub(crate) const AGGREGATE_COLUMNS: &str = "metric, n, mean, m2, min, min_seed, max, max_seed";
+
+pub(crate) fn aggregate_from_row<'r, R>(row: &'r R) -> Result<Option<Aggregate>>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let name: String = row.try_get("metric")?;
+    // A metric this build does not know (written by a newer one) is left out.
+    let Ok(metric) = name.parse::<Metric>() else {
+        return Ok(None);
+    };
+    Ok(Some(Aggregate {
+        metric,
+        moments: crate::stats::Moments {
+            n: u64_from_db(row.try_get("n")?),
+            mean: row.try_get("mean")?,
+            m2: row.try_get("m2")?,
+        },
+        min: row.try_get("min")?,
+        min_seed: row.try_get("min_seed")?,
+        max: row.try_get("max")?,
+        max_seed: row.try_get("max_seed")?,
+    }))
+}
+
+/// The SELECT of [`Store::scores`] for `metric`, with `seq` the recording position's expression
+/// and `$`-placeholders.
+pub(crate) fn scores_sql(metric: Metric, seq: &str) -> String {
+    let col = metric.column();
+    format!(
+        "SELECT seed, init_seed, order_seed, augment_seed, split_seed, {col} AS value, {seq} AS seq
+         FROM results WHERE sweep_id = $1 AND {seq} > $2 AND {col} IS NOT NULL ORDER BY {seq}"
+    )
+}
+
+pub(crate) fn epoch_scores_sql(metric: Metric) -> String {
+    let col = metric.column();
+    format!(
+        "SELECT epoch, {col} AS value FROM epoch_metrics WHERE sweep_id = $1 AND {col} IS NOT NULL"
+    )
+}
+
+pub(crate) fn scored_from_row<'r, R>(row: &'r R) -> Result<Scored>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Scored {
+        seed: row.try_get("seed")?,
+        factors: [
+            row.try_get("init_seed")?,
+            row.try_get("order_seed")?,
+            row.try_get("augment_seed")?,
+            row.try_get("split_seed")?,
+        ],
+        value: row.try_get("value")?,
+    })
 }
 
 pub(crate) fn u64_from_db(v: i64) -> u64 {

@@ -3,12 +3,13 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    Clock, Result, Store, StoreError, check_extendable, design_from_config, factors_from_row,
-    jitter, lease_config, seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
+    AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, Result, Store, StoreError, aggregate_from_row,
+    check_extendable, design_from_config, epoch_scores_sql, factors_from_row, jitter, lease_config,
+    scored_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
-    ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, SeedCounts, SeedResult, SeedState,
-    SweepId, SweepProgress, SweepState, SweepSummary,
+    Aggregate, ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, Metric, Scored,
+    SeedCounts, SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
 };
 use crate::spec::{Design, RetrySettings, SeedSet, SweepSpec};
 use async_trait::async_trait;
@@ -270,19 +271,15 @@ impl Store for SqliteStore {
                 u64_from_db(row.try_get("n")?),
             );
         }
-        let accuracies = sqlx::query(
-            "SELECT seed, test_accuracy FROM results WHERE sweep_id = ?1 ORDER BY seed",
-        )
-        .bind(id.0.to_string())
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get("seed")?, r.try_get("test_accuracy")?)))
-        .collect::<Result<_>>()?;
+        let test_accuracy = self
+            .aggregates(id)
+            .await?
+            .into_iter()
+            .find(|a| a.metric == Metric::TestAccuracy);
         Ok(SweepProgress {
             summary,
             counts,
-            accuracies,
+            test_accuracy,
         })
     }
 
@@ -318,6 +315,58 @@ impl Store for SqliteStore {
                     val_accuracy: r.try_get("val_accuracy")?,
                     factors: Some(factors_from_row(r)?),
                 })
+            })
+            .collect()
+    }
+
+    async fn aggregates(&self, id: SweepId) -> Result<Vec<Aggregate>> {
+        // Safe: constant text.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {AGGREGATE_COLUMNS} FROM aggregates WHERE sweep_id = ?1 ORDER BY metric"
+        )))
+        .bind(id.0.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(aggregate_from_row)
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    async fn scores(&self, id: SweepId, metric: Metric, after: i64) -> Result<(Vec<Scored>, i64)> {
+        self.summary(id).await?;
+        // Safe: the column comes from the Metric enum, not from the caller.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(
+            scores_sql(metric, "rowid").replace('$', "?"),
+        ))
+        .bind(id.0.to_string())
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?;
+        let last = match rows.last() {
+            Some(r) => r.try_get("seq")?,
+            None => after,
+        };
+        let scored = rows.iter().map(scored_from_row).collect::<Result<_>>()?;
+        Ok((scored, last))
+    }
+
+    async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64)>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(
+            epoch_scores_sql(metric).replace('$', "?"),
+        ))
+        .bind(id.0.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i32, _>("epoch")?.max(0) as u32,
+                    r.try_get("value")?,
+                ))
             })
             .collect()
     }
@@ -553,6 +602,18 @@ impl Store for SqliteStore {
         .bind(r.val_accuracy)
         .execute(&mut *tx)
         .await?;
+        let upsert = AGGREGATE_UPSERT.replace('$', "?");
+        for metric in Metric::ALL {
+            if let Some(value) = metric.of(r) {
+                sqlx::query(sqlx::AssertSqlSafe(upsert.as_str()))
+                    .bind(&sweep)
+                    .bind(metric.column())
+                    .bind(value)
+                    .bind(lease.seed)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         sqlx::query(
             "UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = ?3
              WHERE sweep_id = ?1 AND seed = ?2",
