@@ -69,7 +69,7 @@ pub fn judge(seed: i64, score: f64, c: &Centre) -> Option<BlackSwan> {
     if z.abs() > Z_LIMIT {
         flagged_by.push("z");
     }
-    (!flagged_by.is_empty()).then(|| BlackSwan {
+    (!flagged_by.is_empty()).then_some(BlackSwan {
         seed,
         score,
         z,
