@@ -263,6 +263,8 @@ pub async fn stats(
 
 fn num(v: &serde_json::Value) -> String {
     match v.as_f64() {
+        // Rounding residue (the best of 1 seed is the mean) reads as 0.
+        Some(x) if x.abs() < 1e-12 => "0.0000".into(),
         Some(x) if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e5) => format!("{x:.3e}"),
         Some(x) => format!("{x:.4}"),
         None => "-".into(),
@@ -334,11 +336,11 @@ pub fn stats_table(v: &serde_json::Value) -> String {
     if swans.is_empty() {
         out += "black swans: none (|robust z| > 3.5 or |z| > 3)\n";
     } else {
-        out += "black swans (|robust z| > 3.5 or |z| > 3):\n  seed          score  side        z   robust z  flagged by\n";
+        out += "black swans (|robust z| > 3.5 or |z| > 3):\n  seed           score  side        z   robust z  flagged by\n";
         for b in &swans {
             out += &format!(
                 "  {:<12} {:>7}  {:<4} {:>8.2} {:>10}  {}\n",
-                b["seed"],
+                b["seed"].to_string(),
                 num(&b["score"]),
                 b["side"].as_str().unwrap_or("?"),
                 b["z"].as_f64().unwrap_or(0.0),
@@ -355,11 +357,11 @@ pub fn stats_table(v: &serde_json::Value) -> String {
             );
         }
     }
-    out += "best of k seeds (expected, exact over the observed seeds):\n  k        E[max]    E[min]  E[max]-mean\n";
+    out += "best of k seeds (expected, exact over the observed seeds):\n  k         E[max]    E[min]  E[max]-mean\n";
     for b in v["best_of_k"].as_array().into_iter().flatten() {
         out += &format!(
             "  {:<7} {:>8} {:>9} {:>12}\n",
-            b["k"],
+            b["k"].to_string(),
             num(&b["expected_max"]),
             num(&b["expected_min"]),
             num(&b["inflation"])
@@ -371,8 +373,8 @@ pub fn stats_table(v: &serde_json::Value) -> String {
         for e in &epochs {
             out += &format!(
                 "  {:<5} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
-                e["epoch"],
-                e["n"],
+                e["epoch"].to_string(),
+                e["n"].to_string(),
                 num(&e["mean"]),
                 num(&e["std"]),
                 num(&e["min"]),
@@ -390,7 +392,7 @@ pub fn stats_table(v: &serde_json::Value) -> String {
                 out += &format!(
                     "  {:<27} {:>6} {:>11} {:>5.1}%  {}\n",
                     c["source"].as_str().unwrap_or("?"),
-                    c["levels"],
+                    c["levels"].to_string(),
                     num(&c["variance"]),
                     100.0 * c["share"].as_f64().unwrap_or(0.0),
                     interval(&c["interval"])
