@@ -124,9 +124,7 @@ async fn simulate(
             data_fingerprint: "loadgen".into(),
             precision: "fp32".into(),
             deterministic: true,
-            test_top5: None,
-            val_loss: None,
-            val_accuracy: None,
+            ..Default::default()
         })
         .await?;
         claims.push(claim);

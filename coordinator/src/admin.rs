@@ -310,6 +310,19 @@ pub fn stats_table(v: &serde_json::Value) -> String {
             num(&v["std"])
         );
     }
+    let t = &v["test_set"];
+    if !t.is_null() {
+        out += &format!(
+            "test set ({} examples, {} runs with per-example results): binomial std {}, independent-errors std {}, distribution-wise std {} (variance {}); split-half correlation {}\n",
+            t["test_examples"],
+            t["runs"],
+            num(&t["binomial_std"]),
+            num(&t["independent_errors_std"]),
+            num(&t["distribution_std"]),
+            num(&t["distribution_var"]),
+            num(&t["split_half_correlation"]),
+        );
+    }
     let ci = &v["intervals"];
     if !ci.is_null() {
         out += &format!(

@@ -192,6 +192,44 @@ pub struct SeedResult {
     pub factors: Option<FactorSeeds>,
     /// Set by the store when recorded.
     pub finished_at: String,
+    /// Which test examples the final evaluation got right (stored, not listed with results).
+    #[serde(skip)]
+    pub test_correct: Option<Correctness>,
+}
+
+/// A run's per-example correctness on the test set: bit i of `bits` (least significant first
+/// within each byte) for example i.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Correctness {
+    pub examples: u32,
+    pub bits: Vec<u8>,
+}
+
+impl Correctness {
+    /// Checks the bitmap against its size and the accuracy it must agree with.
+    pub fn new(examples: u32, bits: Vec<u8>, accuracy: f64) -> Result<Correctness, String> {
+        if examples == 0 {
+            return Err("test_correct was sent without test_examples".into());
+        }
+        let want = (examples as usize).div_ceil(8);
+        if bits.len() != want {
+            return Err(format!(
+                "test_correct has {} bytes; {examples} examples need {want}",
+                bits.len()
+            ));
+        }
+        let spare = want * 8 - examples as usize;
+        if spare > 0 && bits[want - 1] >> (8 - spare) != 0 {
+            return Err("test_correct has bits set past the last example".into());
+        }
+        let right: u32 = bits.iter().map(|b| b.count_ones()).sum();
+        if (right as f64 / examples as f64 - accuracy).abs() > 0.5 / examples as f64 {
+            return Err(format!(
+                "test_correct marks {right} of {examples} examples right, but test_accuracy is {accuracy}"
+            ));
+        }
+        Ok(Correctness { examples, bits })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -338,4 +376,38 @@ pub struct Aggregate {
     pub min_seed: i64,
     pub max: f64,
     pub max_seed: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn correctness_must_agree_with_its_size_and_accuracy() {
+        // 10 examples, 7 right: bits 0..7 of the first byte, none past bit 1 of the second.
+        assert!(Correctness::new(10, vec![0x7f, 0x00], 0.7).is_ok());
+        assert!(
+            Correctness::new(10, vec![0x7f], 0.7)
+                .unwrap_err()
+                .contains("10 examples need 2")
+        );
+        assert!(
+            Correctness::new(10, vec![0x7f, 0x04], 0.8)
+                .unwrap_err()
+                .contains("past the last")
+        );
+        assert!(
+            Correctness::new(10, vec![0x7f, 0x00], 0.9)
+                .unwrap_err()
+                .contains("marks 7 of 10")
+        );
+        assert!(Correctness::new(0, vec![], 0.5).is_err());
+        assert_eq!("test_loss".parse::<Metric>(), Ok(Metric::TestLoss));
+        assert!(
+            "loss"
+                .parse::<Metric>()
+                .unwrap_err()
+                .contains("test_accuracy")
+        );
+    }
 }

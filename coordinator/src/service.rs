@@ -3,8 +3,8 @@
 
 use crate::domain::SweepState;
 use crate::domain::{
-    Aggregate, ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, Metric, SeedCounts,
-    SeedResult, SweepId, SweepSummary,
+    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, LeaseRef, Metric,
+    SeedCounts, SeedResult, SweepId, SweepSummary,
 };
 use crate::spec::{SeedSet, SweepSpec};
 use crate::stats;
@@ -406,11 +406,23 @@ impl Coordinator for CoordinatorService {
         } else {
             Vec::new()
         };
+        let correctness = if metric == Metric::TestAccuracy {
+            self.store.correctness(id).await.map_err(status)?
+        } else {
+            Vec::new()
+        };
         let ci_width = (r.ci_width > 0.0).then_some(r.ci_width);
         let test_examples = (r.test_examples > 0).then_some(r.test_examples);
         // CPU work: off the async threads.
         let analysed = tokio::task::spawn_blocking(move || {
-            stats::analyse(metric, &runs, &epochs, ci_width, test_examples)
+            stats::analyse(
+                metric,
+                &runs,
+                &epochs,
+                ci_width,
+                test_examples,
+                &correctness,
+            )
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
@@ -671,6 +683,14 @@ impl Coordinator for CoordinatorService {
                 .transpose()?,
             factors: None,
             finished_at: String::new(),
+            test_correct: if r.test_correct.is_empty() && r.test_examples == 0 {
+                None
+            } else {
+                Some(
+                    Correctness::new(r.test_examples, r.test_correct.clone(), r.test_accuracy)
+                        .map_err(Status::invalid_argument)?,
+                )
+            },
         };
         let outcome = self.store.complete(lease, &result).await.map_err(status)?;
         let recorded = outcome == CompleteOutcome::Recorded;

@@ -40,3 +40,8 @@ SELECT sweep_id, epoch, count(test_accuracy) AS n,
        avg(test_loss) AS mean_test_loss, avg(train_loss) AS mean_train_loss
 FROM epoch_metrics
 GROUP BY sweep_id, epoch;
+
+-- Which test examples each run's final evaluation got right: bit i (least significant first
+-- within each byte) for example i; NULL when the worker did not report it.
+ALTER TABLE results ADD COLUMN test_examples INTEGER CHECK (test_examples > 0);
+ALTER TABLE results ADD COLUMN test_correct BYTEA;

@@ -91,6 +91,12 @@ fn check_tables(sql: &dyn Fn(&str) -> String, id: &str, seeds: usize) {
             f[0]
         );
     }
+    // Every result carries its per-example correctness, consistent with its accuracy.
+    let bitmaps = sql(&format!(
+        "SELECT count(*) FROM results WHERE sweep_id = '{id}' AND test_examples = 200
+           AND length(test_correct) = 25"
+    ));
+    assert_eq!(bitmaps.trim(), seeds.to_string());
     // The results vary with the seed.
     let distinct = sql(&format!(
         "SELECT count(DISTINCT train_loss) FROM results WHERE sweep_id = '{id}'"
@@ -98,8 +104,8 @@ fn check_tables(sql: &dyn Fn(&str) -> String, id: &str, seeds: usize) {
     assert_eq!(distinct.trim(), seeds.to_string());
 
     let queries = readme_queries();
-    assert_eq!(queries.len(), 3, "the README shows three queries");
-    let expected_rows = [1, EPOCHS as usize, seeds.min(10)];
+    assert_eq!(queries.len(), 5, "the README shows five queries");
+    let expected_rows = [1, EPOCHS as usize, 1, EPOCHS as usize, seeds.min(10)];
     for (q, n) in queries.iter().zip(expected_rows) {
         let out = sql(&q.replace("SWEEP_ID", id));
         assert_eq!(

@@ -88,6 +88,7 @@ fn result(seed: i64) -> SeedResult {
         val_accuracy: None,
         factors: None,
         finished_at: String::new(),
+        test_correct: None,
     }
 }
 

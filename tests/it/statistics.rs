@@ -65,6 +65,8 @@ async fn scripted_worker(url: &str, score: impl Fn(&str, i64) -> f64) {
                 data_fingerprint: "sha256:00".into(),
                 precision: "fp32".into(),
                 deterministic: true,
+                test_examples: TEST_EXAMPLES,
+                test_correct: bitmap(l.seed, (acc * TEST_EXAMPLES as f64).round() as u32),
                 ..Default::default()
             })
             .await
@@ -72,6 +74,20 @@ async fn scripted_worker(url: &str, score: impl Fn(&str, i64) -> f64) {
             .into_inner();
         assert!(done.recorded);
     }
+}
+
+const TEST_EXAMPLES: u32 = 1000;
+
+/// `right` of the test examples marked right, which ones depending on the seed.
+fn bitmap(seed: i64, right: u32) -> Vec<u8> {
+    let mut bits = vec![0u8; (TEST_EXAMPLES as usize).div_ceil(8)];
+    for i in 0..TEST_EXAMPLES as i64 {
+        // i -> (7919 i + 104729 seed) mod 1000 is a bijection: exactly `right` examples.
+        if (i * 7919 + seed * 104_729).rem_euclid(TEST_EXAMPLES as i64) < right as i64 {
+            bits[i as usize / 8] |= 1 << (i % 8);
+        }
+    }
+    bits
 }
 
 /// Sweep A's scores: 0.92 +- a little, and seed 7 a black swan far below.
@@ -146,6 +162,11 @@ async fn stats_compare_and_watch_from_the_command_line() {
             .iter()
             .any(|p| p["ci_width"] == 0.002)
     );
+    // Test-set noise from the bitmaps the worker sent.
+    assert_eq!(v["test_set"]["test_examples"], 1000);
+    assert_eq!(v["test_set"]["runs"], 12);
+    let binomial = (mean * (1.0 - mean) / 1000.0).sqrt();
+    assert!((v["binomial_std"].as_f64().unwrap() - binomial).abs() < 1e-12);
     // One seed sets every factor here: one source carries all the variance.
     assert_eq!(
         v["variance_components"]["components"][0]["source"],
@@ -183,6 +204,45 @@ async fn stats_compare_and_watch_from_the_command_line() {
     );
     let out = c.sweep(&["stats", &a, "--ci-width", "-1"]);
     assert!(!out.status.success());
+
+    // A correctness bitmap that disagrees with the accuracy is refused, naming the field.
+    let cs = c.submit(dir.path(), &sweep("c", "0..1"));
+    let mut client = CoordinatorClient::connect(c.url.clone()).await.unwrap();
+    let Some(pb::lease_seed_response::Outcome::Lease(l)) = client
+        .lease_seed(pb::LeaseSeedRequest {
+            worker_id: "bad".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+    else {
+        panic!("no lease for sweep {cs}")
+    };
+    let refused = client
+        .complete_seed(pb::CompleteSeedRequest {
+            lease: Some(pb::LeaseRef {
+                sweep_id: l.sweep_id,
+                seed: l.seed,
+                fence: l.fence,
+            }),
+            worker_id: "bad".into(),
+            test_accuracy: 0.9,
+            epochs: 2,
+            device: "cpu".into(),
+            data_fingerprint: "sha256:00".into(),
+            precision: "fp32".into(),
+            test_examples: TEST_EXAMPLES,
+            test_correct: bitmap(0, 500),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("test_correct marks 500"),
+        "{refused:?}"
+    );
 
     // The views, through the sqlite3 shell.
     let row = sqlite_query(

@@ -67,6 +67,7 @@ fn result(seed: i64, acc: f64) -> SeedResult {
         val_accuracy: None,
         factors: None,
         finished_at: String::new(),
+        test_correct: None,
     }
 }
 

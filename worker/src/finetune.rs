@@ -14,7 +14,7 @@
 use crate::checkpoint::{read_checked, write_checked};
 use crate::data::Dataset;
 use crate::imagefolder::{self, ImageFolder, OnBadImage, Transform};
-use crate::train::{EpochMetrics, INIT_LOCK, Seeds, TrainError};
+use crate::train::{Correct, EpochMetrics, INIT_LOCK, Seeds, TrainError};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
@@ -550,21 +550,28 @@ pub fn cosine_lr(phase: &Phase, step: u32) -> f64 {
 /// Top-1 and top-5 hits (or top-k with fewer classes) of `logits` against `labels`, as scalar
 /// tensors on their device.
 fn hits(logits: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+    let (top1, top5) = example_hits(logits, labels);
+    (top1.sum(Kind::Int64), top5.sum(Kind::Int64))
+}
+
+/// Per example: whether the top-1 (and whether one of the top 5) predictions is right.
+fn example_hits(logits: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
     let k = logits.size()[1].min(5);
     let (_, top) = logits.topk(k, 1, true, true);
     let labels = labels.view([-1, 1]);
-    let top1 = top.narrow(1, 0, 1).eq_tensor(&labels).sum(Kind::Int64);
-    let top5 = top.eq_tensor(&labels).sum(Kind::Int64);
+    let top1 = top.narrow(1, 0, 1).eq_tensor(&labels).flatten(0, -1);
+    let top5 = top.eq_tensor(&labels).any_dim(1, false);
     (top1, top5)
 }
 
-/// Evaluation sums over the batches of a validation split.
+/// Evaluation sums over the batches of a validation split, and which examples were right.
 #[derive(Debug, Default)]
 struct Tally {
     loss: f64,
     top1: i64,
     top5: i64,
     n: i64,
+    right: Vec<Tensor>,
 }
 
 /// Mean validation loss, top-1 and (with more than five classes) top-5 accuracy.
@@ -572,16 +579,18 @@ struct Scores {
     loss: f64,
     top1: f64,
     top5: Option<f64>,
+    correct: Correct,
 }
 
 impl Tally {
     fn add(&mut self, logits: &Tensor, labels: &Tensor) {
         let loss = logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Sum, -100, 0.0);
-        let (top1, top5) = hits(logits, labels);
+        let (top1, top5) = example_hits(logits, labels);
         self.loss += loss.double_value(&[]);
-        self.top1 += top1.int64_value(&[]);
-        self.top5 += top5.int64_value(&[]);
+        self.top1 += top1.sum(Kind::Int64).int64_value(&[]);
+        self.top5 += top5.sum(Kind::Int64).int64_value(&[]);
         self.n += labels.size()[0];
+        self.right.push(top1);
     }
 
     fn scores(&self, classes: i64) -> Scores {
@@ -590,6 +599,7 @@ impl Tally {
             loss: self.loss / n,
             top1: self.top1 as f64 / n,
             top5: (classes > 5).then(|| self.top5 as f64 / n),
+            correct: crate::train::pack_correct(&Tensor::cat(&self.right, 0)),
         }
     }
 }
@@ -670,6 +680,8 @@ pub struct Progress<'a> {
     started: Instant,
     history: &'a mut Vec<EpochMetrics>,
     on_eval: &'a mut dyn FnMut(&EpochMetrics),
+    /// Which validation examples the latest evaluation got right.
+    last_correct: Option<Correct>,
 }
 
 impl<'a> Progress<'a> {
@@ -690,6 +702,7 @@ impl<'a> Progress<'a> {
             started: Instant::now(),
             history,
             on_eval,
+            last_correct: None,
         }
     }
 
@@ -751,6 +764,7 @@ impl<'a> Progress<'a> {
         };
         (self.on_eval)(&m);
         self.history.push(m);
+        self.last_correct = Some(s.correct);
         self.seen = 0;
         self.started = Instant::now();
         Ok(())
@@ -956,8 +970,9 @@ pub fn run(
     features: impl FnOnce() -> Result<Arc<Features>, TrainError>,
     load_backbone: impl Fn() -> Result<Backbone, TrainError>,
     mut on_eval: impl FnMut(&EpochMetrics),
-) -> Result<Vec<EpochMetrics>, TrainError> {
+) -> Result<(Vec<EpochMetrics>, Option<Correct>), TrainError> {
     let head = Head::new(cfg, run.seeds, run.source.classes(), run.device);
+    let mut correct;
     let mut order_rng = ChaCha8Rng::seed_from_u64(run.seeds.order);
     let mut history = Vec::new();
     let mut backbone = None;
@@ -979,6 +994,7 @@ pub fn run(
                 &mut progress,
             )?;
         }
+        correct = progress.last_correct.take();
     }
     if let Some(full) = &cfg.full {
         let b = match backbone {
@@ -988,8 +1004,9 @@ pub fn run(
         b.train_whole();
         let mut progress = Progress::new(full, cfg.eval_every_steps, &mut history, &mut on_eval);
         on_images(cfg, run, 2, b, &head, true, &mut order_rng, &mut progress)?;
+        correct = progress.last_correct.take();
     }
-    Ok(history)
+    Ok((history, correct))
 }
 
 /// How many evaluations a run reports.
@@ -1180,7 +1197,7 @@ mod tests {
                 Backbone::load(dir.path(), &cfg.backbone, Device::Cpu)
                     .map_err(|e| TrainError::Host(e.to_string()))
             };
-            run(&cfg, &inputs, no_cache, load, |_| {}).unwrap()
+            run(&cfg, &inputs, no_cache, load, |_| {}).unwrap().0
         };
         let bits = |h: &[EpochMetrics]| -> Vec<(u32, u64, u64)> {
             h.iter()

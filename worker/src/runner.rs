@@ -146,7 +146,7 @@ impl Job {
                     stop,
                     threads: features.threads,
                 };
-                let history = finetune::run(
+                let (history, test_correct) = finetune::run(
                     &cfg,
                     &run,
                     || features_for(&cfg, &source, device, features),
@@ -155,6 +155,7 @@ impl Job {
                 )?;
                 Ok(Trained {
                     history,
+                    test_correct,
                     precision: Precision::Fp32,
                     deterministic: !device.is_cuda(),
                     resumed_from: 0,
@@ -684,6 +685,12 @@ impl Worker {
                     val_accuracy: last.val_accuracy,
                     precision: t.precision.as_str().to_string(),
                     deterministic: t.deterministic,
+                    test_examples: t.test_correct.as_ref().map_or(0, |c| c.examples),
+                    test_correct: t
+                        .test_correct
+                        .as_ref()
+                        .map(|c| c.bits.clone())
+                        .unwrap_or_default(),
                 };
                 match with_retries(patience, || {
                     let mut c = self.client.clone();

@@ -144,6 +144,8 @@ pub struct EpochMetrics {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trained {
     pub history: Vec<EpochMetrics>,
+    /// Which test examples the final evaluation got right.
+    pub test_correct: Option<Correct>,
     /// The precision actually used (fp32 on the CPU whatever was asked).
     pub precision: Precision,
     /// Whether the numbers are reproducible bit for bit: always on the CPU; on CUDA when
@@ -151,6 +153,32 @@ pub struct Trained {
     pub deterministic: bool,
     /// The epoch a checkpoint resumed from (0: trained from scratch).
     pub resumed_from: u32,
+}
+
+/// Which examples an evaluation got right: bit i of `bits` (least significant first within each
+/// byte) for example i.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Correct {
+    pub examples: u32,
+    pub bits: Vec<u8>,
+}
+
+/// Packs per-example hits (a bool or 0/1 tensor, any device) into a [`Correct`].
+pub fn pack_correct(hits: &Tensor) -> Correct {
+    let hits = Vec::<bool>::try_from(
+        hits.to_device(Device::Cpu)
+            .to_kind(Kind::Bool)
+            .flatten(0, -1),
+    )
+    .expect("a flat bool tensor converts");
+    let mut bits = vec![0u8; hits.len().div_ceil(8)];
+    for (i, _) in hits.iter().enumerate().filter(|(_, h)| **h) {
+        bits[i / 8] |= 1 << (i % 8);
+    }
+    Correct {
+        examples: hits.len() as u32,
+        bits,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -533,6 +561,7 @@ pub fn train(
     let mut order_rng = ChaCha8Rng::seed_from_u64(run.seeds.order);
     let mut augment_rng = ChaCha8Rng::seed_from_u64(run.seeds.augment);
     let mut history = Vec::with_capacity(cfg.epochs as usize);
+    let mut test_correct = None;
 
     let mut resumed_from = 0;
     if let Some(store) = &run.checkpoints
@@ -638,14 +667,17 @@ pub fn train(
         }
         let evaluate_now = epoch == cfg.epochs || epoch % cfg.eval_every.max(1) == 0;
         let (test_loss, test_accuracy) = if evaluate_now {
-            let (l, a) = evaluate(&net, &data.test, &pipeline, precision, device);
+            let (l, a, hits) = evaluate(&net, &data.test, &pipeline, precision, device);
+            if epoch == cfg.epochs {
+                test_correct = Some(pack_correct(&hits));
+            }
             (Some(l), Some(a))
         } else {
             (None, None)
         };
         let (val_loss, val_accuracy) = match (&val_split, evaluate_now) {
             (Some(v), true) => {
-                let (l, a) = evaluate(&net, v, &pipeline, precision, device);
+                let (l, a, _) = evaluate(&net, v, &pipeline, precision, device);
                 (Some(l), Some(a))
             }
             _ => (None, None),
@@ -684,24 +716,25 @@ pub fn train(
     }
     Ok(Trained {
         history,
+        test_correct,
         precision,
         deterministic: !cuda || cfg.deterministic,
         resumed_from,
     })
 }
 
-/// Mean cross-entropy (no label smoothing) and accuracy on a split.
+/// Mean cross-entropy (no label smoothing), accuracy, and which examples were right, on a split.
 fn evaluate(
     net: &impl ModuleT,
     split: &Split,
     pipeline: &Pipeline,
     precision: Precision,
     device: Device,
-) -> (f64, f64) {
+) -> (f64, f64, Tensor) {
     tch::no_grad(|| {
         let n = split.len();
         let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
-        let mut correct = Tensor::zeros([], (Kind::Int64, device));
+        let mut hits = Vec::new();
         let mut start = 0;
         while start < n {
             let len = EVAL_BATCH.min(n - start);
@@ -712,12 +745,14 @@ fn evaluate(
             loss_sum += logits
                 .cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)
                 .to_kind(Kind::Double);
-            correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
+            hits.push(logits.argmax(-1, false).eq_tensor(&y));
             start += len;
         }
+        let hits = Tensor::cat(&hits, 0);
         (
             loss_sum.double_value(&[]) / n as f64,
-            correct.int64_value(&[]) as f64 / n as f64,
+            hits.sum(Kind::Int64).int64_value(&[]) as f64 / n as f64,
+            hits,
         )
     })
 }
@@ -784,6 +819,14 @@ mod tests {
     }
 
     #[test]
+    fn correctness_bits_follow_the_examples() {
+        let hits = Tensor::from_slice(&[true, false, true, true, false, false, false, false, true]);
+        let c = pack_correct(&hits);
+        assert_eq!(c.examples, 9);
+        assert_eq!(c.bits, vec![0b0000_1101, 0b0000_0001]);
+    }
+
+    #[test]
     fn same_seed_is_bitwise_identical_and_seeds_differ() {
         tch::set_num_threads(1);
         let (d, cfg) = tiny();
@@ -798,6 +841,13 @@ mod tests {
         assert!(a.history[1].train_loss < a.history[0].train_loss, "{a:?}");
         // On the CPU: fp32, deterministic, whatever the settings asked for CUDA.
         assert_eq!((a.precision, a.deterministic), (Precision::Fp32, true));
+        // The final evaluation's per-example results agree with its accuracy.
+        let correct = a.test_correct.as_ref().unwrap();
+        assert_eq!(correct.examples as i64, d.test.len());
+        let right: u32 = correct.bits.iter().map(|b| b.count_ones()).sum();
+        let acc = a.history.last().unwrap().test_accuracy.unwrap();
+        assert_eq!(right as f64 / correct.examples as f64, acc);
+        assert_eq!(a.test_correct, b.test_correct);
     }
 
     /// Each factor has its own generator: changing the order seed leaves the initial weights alone

@@ -32,8 +32,12 @@ pub struct SweepStats {
     pub intervals: Option<describe::Intervals>,
     pub seeds_for_ci_width: Vec<describe::SeedsFor>,
     /// The binomial std of the mean accuracy over `test_examples` examples (accuracies only,
-    /// when the test-set size is given).
+    /// when the test-set size is given or known from the correctness bitmaps).
     pub binomial_std: Option<f64>,
+    /// From the runs' per-example correctness (metric test_accuracy, at least two runs with
+    /// bitmaps of one test-set size): independent-errors prediction, distribution-wise
+    /// variance, split-half correlation.
+    pub test_set: Option<noise::TestSetNoise>,
     pub epochs: Vec<describe::EpochSpread>,
     pub variance_components: Option<components::Components>,
     /// Why there are no variance components, when there are none.
@@ -48,6 +52,7 @@ pub fn analyse(
     epochs: &[(u32, f64)],
     ci_width: Option<f64>,
     test_examples: Option<u64>,
+    correctness: &[(i64, crate::domain::Correctness)],
 ) -> Option<SweepStats> {
     let pairs: Vec<(i64, f64)> = runs.iter().map(|r| (r.seed, r.value)).collect();
     let summary = summarize(&pairs)?;
@@ -77,6 +82,23 @@ pub fn analyse(
         metric,
         Metric::TestAccuracy | Metric::TestTop5 | Metric::ValAccuracy | Metric::TrainAccuracy
     );
+    // The bitmaps of the commonest test-set size (one size unless workers saw different data).
+    let test_set = (metric == Metric::TestAccuracy)
+        .then(|| {
+            let mut sizes: std::collections::BTreeMap<u32, usize> = Default::default();
+            for (_, c) in correctness {
+                *sizes.entry(c.examples).or_default() += 1;
+            }
+            let (&n, _) = sizes.iter().max_by_key(|(_, count)| **count)?;
+            let maps: Vec<&[u8]> = correctness
+                .iter()
+                .filter(|(_, c)| c.examples == n)
+                .map(|(_, c)| c.bits.as_slice())
+                .collect();
+            noise::test_set_noise(&maps, n as usize)
+        })
+        .flatten();
+    let test_examples = test_examples.or(test_set.as_ref().map(|t| t.test_examples));
     Some(SweepStats {
         metric,
         black_swans: describe::black_swans(&pairs, &summary),
@@ -93,6 +115,7 @@ pub fn analyse(
         binomial_std: test_examples
             .filter(|_| accuracy)
             .map(|n| noise::binomial_std(summary.mean, n)),
+        test_set,
         epochs: describe::epoch_spread(epochs),
         variance_components,
         variance_components_note,

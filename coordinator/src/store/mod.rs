@@ -17,8 +17,8 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::domain::{
-    Aggregate, ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, Metric, Scored, SeedResult,
-    SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
+    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, LeaseRef, Metric, Scored,
+    SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
 };
 use crate::spec::{SeedSet, SweepSpec};
 use async_trait::async_trait;
@@ -97,6 +97,8 @@ pub trait Store: Send + Sync + 'static {
     /// were recorded, only those recorded after position `after` (0: all); with the position
     /// of the last one (`after` when there are none).
     async fn scores(&self, id: SweepId, metric: Metric, after: i64) -> Result<(Vec<Scored>, i64)>;
+    /// The per-example correctness bitmaps of the sweep's results that have one, by seed.
+    async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>>;
     /// `(epoch, value)` of `metric` for every epoch of every seed that has it.
     async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64)>>;
 

@@ -9,8 +9,8 @@ use super::{
     scored_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
-    Aggregate, ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, Metric, Scored,
-    SeedCounts, SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
+    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, Lease, LeaseRef, Metric,
+    Scored, SeedCounts, SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
 };
 use crate::spec::{Design, RetrySettings, SeedSet, SweepSpec};
 use async_trait::async_trait;
@@ -314,6 +314,7 @@ impl Store for PgStore {
                     val_loss: r.try_get("val_loss")?,
                     val_accuracy: r.try_get("val_accuracy")?,
                     factors: Some(factors_from_row(r)?),
+                    test_correct: None,
                 })
             })
             .collect()
@@ -350,6 +351,27 @@ impl Store for PgStore {
         };
         let scored = rows.iter().map(scored_from_row).collect::<Result<_>>()?;
         Ok((scored, last))
+    }
+
+    async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>> {
+        let rows = sqlx::query(
+            "SELECT seed, test_examples, test_correct FROM results
+             WHERE sweep_id = $1 AND test_correct IS NOT NULL ORDER BY seed",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("seed")?,
+                    Correctness {
+                        examples: r.try_get::<i32, _>("test_examples")?.max(0) as u32,
+                        bits: r.try_get("test_correct")?,
+                    },
+                ))
+            })
+            .collect()
     }
 
     async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64)>> {
@@ -560,10 +582,11 @@ impl Store for PgStore {
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
                                   epochs, seconds, worker_id, device, data_fingerprint, finished_at,
                                   precision, deterministic, test_top5, val_loss, val_accuracy,
+                                  test_examples, test_correct,
                                   init_seed, order_seed, augment_seed, split_seed)
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                    now() + make_interval(secs => $13), $14, $15, $16, $17, $18, init_seed,
-                    order_seed, augment_seed, split_seed
+                    now() + make_interval(secs => $13), $14, $15, $16, $17, $18, $19, $20,
+                    init_seed, order_seed, augment_seed, split_seed
              FROM seeds WHERE sweep_id = $1 AND seed = $2",
         )
         .bind(lease.sweep_id.0)
@@ -584,6 +607,8 @@ impl Store for PgStore {
         .bind(r.test_top5)
         .bind(r.val_loss)
         .bind(r.val_accuracy)
+        .bind(r.test_correct.as_ref().map(|c| c.examples as i32))
+        .bind(r.test_correct.as_ref().map(|c| c.bits.clone()))
         .execute(&mut *tx)
         .await?;
         for metric in Metric::ALL {
