@@ -402,7 +402,7 @@ impl Coordinator for CoordinatorService {
         }
         let (runs, _) = self.store.scores(id, metric, 0).await.map_err(status)?;
         let epochs = if metric.per_epoch() {
-            self.store.epoch_scores(id, metric).await.map_err(status)?
+            self.store.epoch_spread(id, metric).await.map_err(status)?
         } else {
             Vec::new()
         };
@@ -415,14 +415,7 @@ impl Coordinator for CoordinatorService {
         let test_examples = (r.test_examples > 0).then_some(r.test_examples);
         // CPU work: off the async threads.
         let analysed = tokio::task::spawn_blocking(move || {
-            stats::analyse(
-                metric,
-                &runs,
-                &epochs,
-                ci_width,
-                test_examples,
-                &correctness,
-            )
+            stats::analyse(metric, &runs, epochs, ci_width, test_examples, &correctness)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;

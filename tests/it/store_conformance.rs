@@ -417,7 +417,11 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
                 let r = async {
                     if !again {
                         s.record_epoch(l, &epoch(1)).await?;
-                        s.record_epoch(l, &epoch(2)).await?;
+                        let last = EpochRecord {
+                            test_accuracy: Some(acc),
+                            ..epoch(2)
+                        };
+                        s.record_epoch(l, &last).await?;
                     }
                     s.complete(l, &result(l.seed, acc)).await
                 }
@@ -478,6 +482,24 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
     let epoch_points = s.epoch_scores(id, Metric::TestAccuracy).await.unwrap();
     assert!(epoch_points.len() as u64 >= 2 * p.counts.done);
     let at_two = epoch_points.iter().filter(|e| e.0 == 2).count() as i64;
+    // The store's per-epoch spread (SQL on PostgreSQL) equals the one computed here.
+    let spread = s.epoch_spread(id, Metric::TestAccuracy).await.unwrap();
+    let want_spread = stats::describe::epoch_spread(&epoch_points);
+    assert_eq!(spread.len(), want_spread.len());
+    for (g, w) in spread.iter().zip(&want_spread) {
+        assert_eq!((g.epoch, g.n), (w.epoch, w.n));
+        for (a, b) in [
+            (g.mean, w.mean),
+            (g.std, w.std),
+            (g.min, w.min),
+            (g.max, w.max),
+            (g.q1, w.q1),
+            (g.median, w.median),
+            (g.q3, w.q3),
+        ] {
+            assert!((a - b).abs() < 1e-9, "{g:?} vs {w:?}");
+        }
+    }
     let want =
         stats::summarize(&scores.iter().map(|r| (r.seed, r.value)).collect::<Vec<_>>()).unwrap();
 
@@ -520,7 +542,13 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
     assert_eq!(view.0 as u64, want.n);
     assert!((view.1 - want.mean).abs() < 1e-12 && (view.2 - want.std).abs() < 1e-9);
     assert_eq!(view.3, want.best_seed);
-    assert_eq!(epochs, (at_two, 0.5));
+    let two: Vec<f64> = epoch_points
+        .iter()
+        .filter(|e| e.0 == 2)
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(epochs.0, at_two);
+    assert!((epochs.1 - two.iter().sum::<f64>() / two.len() as f64).abs() < 1e-12);
 }
 
 /// Every suite, each on a fresh database from `fresh` (a URL per call).

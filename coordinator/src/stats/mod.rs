@@ -44,12 +44,13 @@ pub struct SweepStats {
     pub variance_components_note: Option<String>,
 }
 
-/// The statistics of one sweep's metric; `None` before its first result. `ci_width`: also say
-/// how many seeds a 95% interval of the mean this wide needs.
+/// The statistics of one sweep's metric; `None` before its first result. `epochs`: the spread
+/// at each epoch, as the store computed it. `ci_width`: also say how many seeds a 95% interval
+/// of the mean this wide needs.
 pub fn analyse(
     metric: Metric,
     runs: &[Scored],
-    epochs: &[(u32, f64)],
+    epochs: Vec<describe::EpochSpread>,
     ci_width: Option<f64>,
     test_examples: Option<u64>,
     correctness: &[(i64, crate::domain::Correctness)],
@@ -116,7 +117,7 @@ pub fn analyse(
             .filter(|_| accuracy)
             .map(|n| noise::binomial_std(summary.mean, n)),
         test_set,
-        epochs: describe::epoch_spread(epochs),
+        epochs,
         variance_components,
         variance_components_note,
         mad,

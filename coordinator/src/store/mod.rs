@@ -21,6 +21,7 @@ use crate::domain::{
     SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
 };
 use crate::spec::{SeedSet, SweepSpec};
+use crate::stats::describe::EpochSpread;
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -101,6 +102,12 @@ pub trait Store: Send + Sync + 'static {
     async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>>;
     /// `(epoch, value)` of `metric` for every epoch of every seed that has it.
     async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64)>>;
+    /// The spread of `metric` across seeds at each epoch. By default from [`Store::epoch_scores`];
+    /// PostgreSQL computes it where the rows are.
+    async fn epoch_spread(&self, id: SweepId, metric: Metric) -> Result<Vec<EpochSpread>> {
+        let points = self.epoch_scores(id, metric).await?;
+        Ok(crate::stats::describe::epoch_spread(&points))
+    }
 
     /// Expires overdue leases, then leases one seed to `worker_id` for `ttl`.
     async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome>;

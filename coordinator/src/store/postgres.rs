@@ -374,6 +374,45 @@ impl Store for PgStore {
             .collect()
     }
 
+    async fn epoch_spread(
+        &self,
+        id: SweepId,
+        metric: Metric,
+    ) -> Result<Vec<crate::stats::describe::EpochSpread>> {
+        let col = metric.column();
+        // Safe: the column comes from the Metric enum. percentile_cont interpolates linearly
+        // between order statistics, as stats::quantile does.
+        let sql = format!(
+            "SELECT epoch, count(*) AS n, avg(v) AS mean, coalesce(stddev_samp(v), 0) AS std,
+                    min(v) AS min, max(v) AS max,
+                    percentile_cont(0.25) WITHIN GROUP (ORDER BY v) AS q1,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY v) AS median,
+                    percentile_cont(0.75) WITHIN GROUP (ORDER BY v) AS q3
+             FROM (SELECT epoch, {col} AS v FROM epoch_metrics
+                   WHERE sweep_id = $1 AND {col} IS NOT NULL) e
+             GROUP BY epoch ORDER BY epoch"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(crate::stats::describe::EpochSpread {
+                    epoch: r.try_get::<i32, _>("epoch")?.max(0) as u32,
+                    n: u64_from_db(r.try_get("n")?),
+                    mean: r.try_get("mean")?,
+                    std: r.try_get("std")?,
+                    min: r.try_get("min")?,
+                    max: r.try_get("max")?,
+                    q1: r.try_get("q1")?,
+                    median: r.try_get("median")?,
+                    q3: r.try_get("q3")?,
+                })
+            })
+            .collect()
+    }
+
     async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64)>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_scores_sql(metric)))
             .bind(id.0)
