@@ -572,3 +572,43 @@ pub async fn watch(url: &str, id: &str, metric: &str) -> anyhow::Result<()> {
     }
     bail!("the coordinator ended the watch before the sweep ended")
 }
+
+/// Writes a sweep's report (figures as SVG and PNG, report.html, summary.md) into `out`,
+/// creating it; each file goes to a temporary name first, so none is left half-written.
+pub async fn report(url: &str, id: &str, metric: &str, out: &Path) -> anyhow::Result<String> {
+    if out.exists() && !out.is_dir() {
+        bail!("--out {}: exists and is not a folder", out.display());
+    }
+    let mut client = connect(url).await?.max_decoding_message_size(1 << 30);
+    let files = client
+        .get_sweep_report(pb::GetSweepReportRequest {
+            sweep_id: id.to_string(),
+            metric: metric.to_string(),
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner()
+        .files;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut written = Vec::new();
+    for f in &files {
+        let plain = !f.name.is_empty()
+            && !f.name.starts_with('.')
+            && f.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !plain {
+            bail!(
+                "the coordinator sent a file named {:?}; refusing to write it",
+                f.name
+            );
+        }
+        let path = out.join(&f.name);
+        let tmp = out.join(format!(".{}.tmp", f.name));
+        std::fs::write(&tmp, &f.content)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        written.push(path.display().to_string());
+    }
+    Ok(format!("wrote {}\n", written.join("\n      ")))
+}

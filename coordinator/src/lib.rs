@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod domain;
 pub mod finetune;
+pub mod report;
 pub mod server;
 pub mod service;
 pub mod spec;

@@ -133,6 +133,17 @@ enum SweepCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Figures (score histogram with a density estimate, every seed's per-epoch curve, best-of-k,
+    /// variance by source) as SVG and PNG, one self-contained report.html, and summary.md (a
+    /// Markdown table for a paper), written into a folder.
+    Report {
+        id: String,
+        /// The folder to write into (created if missing; files of the same names are replaced).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "test_accuracy")]
+        metric: String,
+    },
     /// Compare two sweeps: difference of means with a 95% interval, Welch's t-test, the
     /// Mann-Whitney rank test, and P(a random seed of A beats one of B).
     Compare {
@@ -232,6 +243,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 } => {
                     admin::stats(&coordinator, &id, &metric, ci_width, test_examples, json).await?
+                }
+                SweepCommand::Report { id, out, metric } => {
+                    admin::report(&coordinator, &id, &metric, &out).await?
                 }
                 SweepCommand::Compare { a, b, metric, json } => {
                     admin::compare(&coordinator, &a, &b, &metric, json).await?

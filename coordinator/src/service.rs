@@ -33,6 +33,37 @@ impl CoordinatorService {
     }
 }
 
+impl CoordinatorService {
+    /// A sweep's statistics for `metric` (None before its first result), with the runs they
+    /// came from.
+    async fn analyse(
+        &self,
+        id: SweepId,
+        metric: Metric,
+        ci_width: Option<f64>,
+        test_examples: Option<u64>,
+    ) -> Result<(Option<stats::SweepStats>, Vec<crate::domain::Scored>), Status> {
+        let (runs, _) = self.store.scores(id, metric, 0).await.map_err(status)?;
+        let epochs = if metric.per_epoch() {
+            self.store.epoch_spread(id, metric).await.map_err(status)?
+        } else {
+            Vec::new()
+        };
+        let correctness = if metric == Metric::TestAccuracy {
+            self.store.correctness(id).await.map_err(status)?
+        } else {
+            Vec::new()
+        };
+        // CPU work: off the async threads.
+        tokio::task::spawn_blocking(move || {
+            let s = stats::analyse(metric, &runs, epochs, ci_width, test_examples, &correctness);
+            (s, runs)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
 /// How often a watcher also looks for results another coordinator replica recorded.
 const WATCH_POLL: Duration = Duration::from_secs(2);
 
@@ -400,31 +431,62 @@ impl Coordinator for CoordinatorService {
         if !(r.ci_width.is_finite() && r.ci_width >= 0.0) {
             return Err(Status::invalid_argument("ci_width must be a number >= 0"));
         }
-        let (runs, _) = self.store.scores(id, metric, 0).await.map_err(status)?;
-        let epochs = if metric.per_epoch() {
-            self.store.epoch_spread(id, metric).await.map_err(status)?
-        } else {
-            Vec::new()
-        };
-        let correctness = if metric == Metric::TestAccuracy {
-            self.store.correctness(id).await.map_err(status)?
-        } else {
-            Vec::new()
-        };
         let ci_width = (r.ci_width > 0.0).then_some(r.ci_width);
         let test_examples = (r.test_examples > 0).then_some(r.test_examples);
-        // CPU work: off the async threads.
-        let analysed = tokio::task::spawn_blocking(move || {
-            stats::analyse(metric, &runs, epochs, ci_width, test_examples, &correctness)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        let (analysed, _) = self.analyse(id, metric, ci_width, test_examples).await?;
         let mut doc = match analysed {
             Some(s) => serde_json::to_value(s).map_err(|e| Status::internal(e.to_string()))?,
             None => serde_json::json!({"metric": metric, "n": 0}),
         };
         doc["sweep_id"] = serde_json::json!(id.to_string());
         Ok(json_document(doc))
+    }
+
+    async fn get_sweep_report(
+        &self,
+        req: Request<pb::GetSweepReportRequest>,
+    ) -> Result<Response<pb::SweepReport>, Status> {
+        let id = sweep_id(&req.get_ref().sweep_id)?;
+        let metric = metric(&req.get_ref().metric)?;
+        let name = self
+            .store
+            .sweep_progress(id)
+            .await
+            .map_err(status)?
+            .summary
+            .name;
+        let (analysed, runs) = self.analyse(id, metric, None, None).await?;
+        let Some(stats) = analysed else {
+            return Err(Status::failed_precondition(format!(
+                "sweep {id} has no result with `{metric}` yet: nothing to report"
+            )));
+        };
+        let curves = if metric.per_epoch() {
+            self.store.epoch_scores(id, metric).await.map_err(status)?
+        } else {
+            Vec::new()
+        };
+        let files = tokio::task::spawn_blocking(move || {
+            crate::report::build(&crate::report::Input {
+                sweep_id: &id.to_string(),
+                sweep_name: &name,
+                stats: &stats,
+                runs: &runs,
+                curves: &curves,
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(format!("cannot draw the report: {e:#}")))?;
+        Ok(Response::new(pb::SweepReport {
+            files: files
+                .into_iter()
+                .map(|f| pb::ReportFile {
+                    name: f.name,
+                    content: f.bytes,
+                })
+                .collect(),
+        }))
     }
 
     async fn compare_sweeps(

@@ -179,6 +179,27 @@ async fn stats_compare_and_watch_from_the_command_line() {
         "{table}"
     );
 
+    // report: every figure as SVG and PNG, the page and the Markdown table.
+    let out_dir = dir.path().join("report");
+    let out = c.sweep(&["report", &a, "--out", out_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for name in ["histogram", "curves", "best_of_k"] {
+        let svg = std::fs::read_to_string(out_dir.join(format!("{name}.svg"))).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("test_accuracy"),
+            "{name}"
+        );
+        let png = std::fs::read(out_dir.join(format!("{name}.png"))).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+    }
+    let html = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
+    assert!(html.contains("<h1>a</h1>") && html.matches("<svg").count() >= 3);
+    let md = std::fs::read_to_string(out_dir.join("summary.md")).unwrap();
+    assert!(md.contains("| a | test_accuracy | 12 |"), "{md}");
+    let not_a_folder = dir.path().join("s.db");
+    let out = c.sweep(&["report", &a, "--out", not_a_folder.to_str().unwrap()]);
+    assert!(!out.status.success() && stderr(&out).contains("not a folder"));
+
     // compare: B is A shifted up by 0.01 without the black swan.
     let b = c.submit(dir.path(), &sweep("b", "0..10"));
     let b_id = b.clone();

@@ -479,7 +479,13 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
     assert!(tail.is_empty(), "nothing after the last position");
     // Epochs of every seed that recorded them, finished or not (a seed that ran out of
     // attempts keeps its partial curve).
-    let epoch_points = s.epoch_scores(id, Metric::TestAccuracy).await.unwrap();
+    let epoch_points: Vec<(u32, f64)> = s
+        .epoch_scores(id, Metric::TestAccuracy)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, e, v)| (e, v))
+        .collect();
     assert!(epoch_points.len() as u64 >= 2 * p.counts.done);
     let at_two = epoch_points.iter().filter(|e| e.0 == 2).count() as i64;
     // The store's per-epoch spread (SQL on PostgreSQL) equals the one computed here.

@@ -100,12 +100,18 @@ pub trait Store: Send + Sync + 'static {
     async fn scores(&self, id: SweepId, metric: Metric, after: i64) -> Result<(Vec<Scored>, i64)>;
     /// The per-example correctness bitmaps of the sweep's results that have one, by seed.
     async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>>;
-    /// `(epoch, value)` of `metric` for every epoch of every seed that has it.
-    async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64)>>;
+    /// `(seed, epoch, value)` of `metric` for every epoch of every seed that has it, by seed
+    /// and epoch.
+    async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(i64, u32, f64)>>;
     /// The spread of `metric` across seeds at each epoch. By default from [`Store::epoch_scores`];
     /// PostgreSQL computes it where the rows are.
     async fn epoch_spread(&self, id: SweepId, metric: Metric) -> Result<Vec<EpochSpread>> {
-        let points = self.epoch_scores(id, metric).await?;
+        let points: Vec<(u32, f64)> = self
+            .epoch_scores(id, metric)
+            .await?
+            .into_iter()
+            .map(|(_, e, v)| (e, v))
+            .collect();
         Ok(crate::stats::describe::epoch_spread(&points))
     }
 
@@ -341,7 +347,8 @@ pub(crate) fn scores_sql(metric: Metric, seq: &str) -> String {
 pub(crate) fn epoch_scores_sql(metric: Metric) -> String {
     let col = metric.column();
     format!(
-        "SELECT epoch, {col} AS value FROM epoch_metrics WHERE sweep_id = $1 AND {col} IS NOT NULL"
+        "SELECT seed, epoch, {col} AS value FROM epoch_metrics
+         WHERE sweep_id = $1 AND {col} IS NOT NULL ORDER BY seed, epoch"
     )
 }
 

@@ -413,7 +413,7 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64)>> {
+    async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(i64, u32, f64)>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_scores_sql(metric)))
             .bind(id.0)
             .fetch_all(&self.pool)
@@ -421,6 +421,7 @@ impl Store for PgStore {
         rows.iter()
             .map(|r| {
                 Ok((
+                    r.try_get("seed")?,
                     r.try_get::<i32, _>("epoch")?.max(0) as u32,
                     r.try_get("value")?,
                 ))

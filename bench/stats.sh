@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Statistics benchmark on PostgreSQL: `coordinator sweep stats` over sweeps of 10^4 and 10^6
+# results (EPOCHS epochs of metrics each), `sweep report` over 10^4, and the cost of recording a result (lease, epochs,
+# completion with its live-aggregate update) when the sweep already holds 10 results against
+# 10^6, measured side by side with loadgen. Results are made in SQL (no training); every table
+# row is a median of REPS runs.
+#
+#   bench/stats.sh [REPS] [EPOCHS] [SECONDS_PER_LOADGEN_RUN]     (defaults: 3, 4, 5)
+#
+# Needs PostgreSQL's server binaries; run as root it runs them as the postgres user.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+reps=${1:-3}
+epochs=${2:-4}
+secs=${3:-5}
+source scripts/env.sh
+cargo build --release --bins -q
+bin=target/release
+
+pgbin=$(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+work=$(mktemp -d)
+[ "$(id -u)" = 0 ] && chown postgres "$work"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
+  as_pg "$pgbin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+as_pg "$pgbin/initdb" -A trust -U postgres -D "$work/pg" >/dev/null
+as_pg "$pgbin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w \
+  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null
+pg="postgres://postgres@127.0.0.1:$port"
+psql() { "$pgbin/psql" -qAt "$@"; }
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read())['$1'])"; }
+
+serve() { # DB -> sets coord and cpid
+  "$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/$1.addr" --database-url "$pg/$1" \
+    >/dev/null 2>>"$work/coordinator.log" &
+  cpid=$!
+  for _ in $(seq 300); do [ -f "$work/$1.addr" ] && break; sleep 0.1; done
+  coord="http://$(cat "$work/$1.addr")"
+}
+
+# A database holding one sweep of DONE finished seeds (scores spread around 0.93 with a few
+# black swans) and PENDING more seeds to lease; prints the sweep id. The sweep is submitted
+# through the coordinator with one seed (so its configuration is a real one), then grown in SQL.
+populate() { # DB DONE PENDING
+  psql "$pg/postgres" -c "CREATE DATABASE \"$1\""
+  serve "$1"
+  printf 'name = "bench"\ntask = "resnet9"\ndataset = "synthetic"\nseeds = "0..1"\n[train]\nepochs = %s\n' \
+    "$epochs" >"$work/$1.toml"
+  local id
+  id=$("$bin/coordinator" sweep --coordinator "$coord" submit "$work/$1.toml")
+  kill $cpid; wait $cpid 2>/dev/null || true
+  psql "$pg/$1" >/dev/null <<SQL
+DELETE FROM seeds;
+UPDATE sweeps SET total_seeds = $2 + $3;
+INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed, split_seed, state, fence)
+  SELECT id, s, s, s, s, s, CASE WHEN s < $2 THEN 'done' ELSE 'pending' END, CASE WHEN s < $2 THEN 1 ELSE 0 END
+  FROM sweeps, generate_series(0, $2 + $3 - 1) AS s;
+INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
+                     epochs, seconds, worker_id, device, data_fingerprint, init_seed, order_seed,
+                     augment_seed, split_seed, precision, deterministic)
+  SELECT sweep_id, seed, 1,
+         least(1, greatest(0, 0.93 + 0.007 * sin(seed * 12.9898) - CASE WHEN seed % 9973 = 5 THEN 0.1 ELSE 0 END)),
+         0.3, 0.2, 0.95, $epochs, 60, 'bench', 'cpu', 'sha256:00', seed, seed, seed, seed, 'fp32', true
+  FROM seeds WHERE state = 'done';
+INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
+                           test_accuracy, lr, seconds)
+  SELECT r.sweep_id, r.seed, e, 1, 1.0 / e, 0.5, 0.3, r.test_accuracy - 0.05 * ($epochs - e), 0.1, 1
+  FROM results r, generate_series(1, $epochs) AS e;
+INSERT INTO aggregates (sweep_id, metric, n, mean, m2, min, min_seed, max, max_seed)
+  SELECT sweep_id, 'test_accuracy', count(*), avg(test_accuracy),
+         coalesce(var_samp(test_accuracy) * (count(*) - 1), 0),
+         min(test_accuracy), (array_agg(seed ORDER BY test_accuracy, seed))[1],
+         max(test_accuracy), (array_agg(seed ORDER BY test_accuracy DESC, seed))[1]
+  FROM results GROUP BY sweep_id;
+ANALYZE;
+SQL
+  echo "$id"
+}
+
+echo "populating (10^4 and 10^6 results, $epochs epochs each) ..." >&2
+small=$(populate small 10 100000)
+medium=$(populate medium 10000 0)
+large=$(populate large 1000000 100000)
+
+printf '%-30s %12s %12s\n' measurement median min
+for db in medium large; do
+  serve $db
+  id=$([ $db = medium ] && echo "$medium" || echo "$large")
+  ts=()
+  for _ in $(seq "$reps"); do
+    start=$(date +%s%N)
+    "$bin/coordinator" sweep --coordinator "$coord" stats "$id" --json >"$work/stats.json"
+    ts+=("$(( ($(date +%s%N) - start) / 1000000 ))")
+  done
+  n=$(field n <"$work/stats.json")
+  if [ $db = medium ]; then
+    rs=()
+    for _ in $(seq "$reps"); do
+      start=$(date +%s%N)
+      "$bin/coordinator" sweep --coordinator "$coord" report "$id" --out "$work/report" >/dev/null
+      rs+=("$(( ($(date +%s%N) - start) / 1000000 ))")
+    done
+    printf '%-30s %12s %12s\n' "report n=$n (ms)" "$(printf '%s\n' "${rs[@]}" | median)" \
+      "$(printf '%s\n' "${rs[@]}" | sort -g | head -1)"
+  fi
+  printf '%-30s %12s %12s\n' "stats n=$n (ms)" "$(printf '%s\n' "${ts[@]}" | median)" \
+    "$(printf '%s\n' "${ts[@]}" | sort -g | head -1)"
+  kill $cpid; wait $cpid 2>/dev/null || true
+done
+
+# Recording results into a sweep of 10 against one of 10^6: loadgen (16 workers, EPOCHS epoch
+# reports and a completion per lease; its own sweep is newer, so it leases the bench sweep's
+# pending seeds) against each in turn, alternating, REPS times.
+declare -A rate
+for db in small large; do rate[$db]=""; done
+for _ in $(seq "$reps"); do
+  for db in small large; do
+    serve $db
+    out=$("$bin/loadgen" --coordinator "$coord" --workers 16 --seconds "$secs" --epochs "$epochs")
+    rate[$db]+="$(field cycles_per_second <<<"$out") "
+    kill $cpid; wait $cpid 2>/dev/null || true
+  done
+done
+for db in small large; do
+  label=$([ $db = small ] && echo "10 results" || echo "10^6 results")
+  printf '%-30s %12.0f\n' "cycles/s into $label" "$(tr ' ' '\n' <<<"${rate[$db]}" | grep . | median)"
+done

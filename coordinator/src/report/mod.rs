@@ -1,0 +1,592 @@
+//! `coordinator sweep report`: the figures a paper needs, as SVG and PNG, one self-contained
+//! HTML page and a Markdown table, from a sweep's statistics and its per-seed curves.
+//!
+//! Figures: the score histogram with a density estimate and the mean, min and max marked; every
+//! seed's per-epoch curve with the mean and the min-max band; the best-of-k curve; the variance
+//! by source when the sweep's factors are crossed.
+
+mod plot;
+
+use crate::domain::Scored;
+use crate::stats::{self, SweepStats};
+use plot::{Plot, escape, padded};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// The font the figures are drawn with, so that PNGs have text on any host (DejaVu Sans; its
+/// licence is `assets/DejaVuSans.LICENSE`).
+const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+
+/// One output file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct File {
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+/// What a report is made from.
+pub struct Input<'a> {
+    pub sweep_id: &'a str,
+    pub sweep_name: &'a str,
+    pub stats: &'a SweepStats,
+    pub runs: &'a [Scored],
+    /// (seed, epoch, value), by seed and epoch.
+    pub curves: &'a [(i64, u32, f64)],
+}
+
+const BLUE: &str = "#1f5fa8";
+const RED: &str = "#c0392b";
+const GREY: &str = "#555555";
+const GREEN: &str = "#2e8b57";
+
+/// Rasterises one of the report's SVGs at twice its size.
+pub fn png(svg: &str) -> anyhow::Result<Vec<u8>> {
+    use resvg::{tiny_skia, usvg};
+    let mut opt = usvg::Options {
+        font_family: "DejaVu Sans".into(),
+        ..Default::default()
+    };
+    opt.fontdb_mut().load_font_data(FONT.to_vec());
+    let tree = usvg::Tree::from_str(svg, &opt)?;
+    let size = tree.size().to_int_size();
+    let mut pixmap = tiny_skia::Pixmap::new(size.width() * 2, size.height() * 2)
+        .ok_or_else(|| anyhow::anyhow!("cannot allocate a {size:?} image"))?;
+    resvg::render(
+        &tree,
+        tiny_skia::Transform::from_scale(2.0, 2.0),
+        &mut pixmap.as_mut(),
+    );
+    Ok(pixmap.encode_png()?)
+}
+
+/// The score histogram with a Gaussian kernel density estimate (Silverman's bandwidth) scaled
+/// to counts, and the mean, min and max marked.
+fn histogram(input: &Input) -> String {
+    let s = &input.stats.summary;
+    let metric = input.stats.metric.to_string();
+    let values = stats::sorted(input.runs.iter().map(|r| r.value));
+    let n = values.len() as f64;
+    let iqr = s.q3 - s.q1;
+    // Freedman-Diaconis bins, 8 to 60 of them.
+    let bins = if iqr > 0.0 && s.gap > 0.0 {
+        ((s.gap / (2.0 * iqr * n.powf(-1.0 / 3.0))).ceil() as usize).clamp(8, 60)
+    } else {
+        (n.sqrt().ceil() as usize).clamp(1, 60)
+    };
+    let (lo, hi) = if s.gap > 0.0 {
+        (s.min, s.max)
+    } else {
+        padded(s.min, s.max, 0.5)
+    };
+    let width = (hi - lo) / bins as f64;
+    let mut counts = vec![0usize; bins];
+    for v in &values {
+        counts[(((v - lo) / width) as usize).min(bins - 1)] += 1;
+    }
+    let top = *counts.iter().max().unwrap_or(&1) as f64;
+    let (x0, x1) = padded(lo, hi, 0.08);
+    let mut p = Plot::new(
+        &format!("{}: {metric} over {} seeds", input.sweep_name, s.n),
+        &metric,
+        "seeds",
+        (x0, x1),
+        (0.0, top * 1.15),
+    );
+    for (i, c) in counts.iter().enumerate() {
+        let a = lo + i as f64 * width;
+        p.rect(a, 0.0, a + width, *c as f64, "#9ecae1");
+    }
+    let spread = s.std.min(iqr / 1.34);
+    let h = 0.9 * if spread > 0.0 { spread } else { s.std } * n.powf(-0.2);
+    if h > 0.0 {
+        // Binned above 5,000 seeds: 2,048 fine bins stand in for the scores.
+        let fine: Vec<(f64, f64)> = if values.len() > 5000 {
+            let k = 2048;
+            let w = (hi - lo) / k as f64;
+            let mut c = vec![0.0; k];
+            for v in &values {
+                c[(((v - lo) / w) as usize).min(k - 1)] += 1.0;
+            }
+            c.into_iter()
+                .enumerate()
+                .filter(|(_, c)| *c > 0.0)
+                .map(|(i, c)| (lo + (i as f64 + 0.5) * w, c))
+                .collect()
+        } else {
+            values.iter().map(|v| (*v, 1.0)).collect()
+        };
+        let norm = width / (h * (2.0 * std::f64::consts::PI).sqrt());
+        let curve: Vec<(f64, f64)> = (0..=200)
+            .map(|i| {
+                let x = x0 + (x1 - x0) * i as f64 / 200.0;
+                let d: f64 = fine
+                    .iter()
+                    .map(|(v, c)| c * (-0.5 * ((x - v) / h).powi(2)).exp())
+                    .sum();
+                (x, d * norm)
+            })
+            .collect();
+        p.line(&curve, BLUE, 2.0, 1.0);
+        p.legend(BLUE, "density estimate (scaled to seeds)");
+    }
+    p.legend("#9ecae1", "seeds per bin");
+    p.marker(s.mean, "black", false, &format!("mean {:.4}", s.mean));
+    p.marker(
+        s.min,
+        RED,
+        true,
+        &format!("min {:.4} (seed {})", s.min, s.worst_seed),
+    );
+    p.marker(
+        s.max,
+        GREEN,
+        true,
+        &format!("max {:.4} (seed {})", s.max, s.best_seed),
+    );
+    p.svg()
+}
+
+/// Every seed's curve over epochs, the min-max band and the mean.
+fn curves(input: &Input) -> Option<String> {
+    let e = &input.stats.epochs;
+    if e.is_empty() {
+        return None;
+    }
+    let metric = input.stats.metric.to_string();
+    let lo = e.iter().map(|x| x.min).fold(f64::INFINITY, f64::min);
+    let hi = e.iter().map(|x| x.max).fold(f64::NEG_INFINITY, f64::max);
+    let last = e.last().map_or(1, |x| x.epoch) as f64;
+    let first = e.first().map_or(1, |x| x.epoch) as f64;
+    let mut p = Plot::new(
+        &format!("{}: {metric} per epoch, every seed", input.sweep_name),
+        "epoch",
+        &metric,
+        padded(first, last, 0.02),
+        padded(lo, hi, 0.05),
+    );
+    let lower: Vec<(f64, f64)> = e.iter().map(|x| (x.epoch as f64, x.min)).collect();
+    let upper: Vec<(f64, f64)> = e.iter().map(|x| (x.epoch as f64, x.max)).collect();
+    p.band(&lower, &upper, BLUE, 0.15);
+    let mut by_seed: BTreeMap<i64, Vec<(f64, f64)>> = BTreeMap::new();
+    for (seed, epoch, v) in input.curves {
+        by_seed.entry(*seed).or_default().push((*epoch as f64, *v));
+    }
+    let opacity = (3.0 / (by_seed.len() as f64).sqrt()).clamp(0.03, 0.6);
+    for pts in by_seed.values() {
+        p.line(pts, GREY, 0.8, opacity);
+    }
+    let mean: Vec<(f64, f64)> = e.iter().map(|x| (x.epoch as f64, x.mean)).collect();
+    p.line(&mean, BLUE, 2.5, 1.0);
+    p.legend(BLUE, "mean across seeds");
+    p.legend("#c6d7ec", "min-max band");
+    p.legend(GREY, &format!("each of {} seeds", by_seed.len()));
+    Some(p.svg())
+}
+
+/// The expected best and worst of k seeds against k, on a log scale.
+fn best_of_k(input: &Input) -> String {
+    let s = &input.stats.summary;
+    let values = stats::sorted(input.runs.iter().map(|r| r.value));
+    let n = values.len();
+    // About 60 k values spread evenly in log k.
+    let mut ks: Vec<usize> = (0..=60)
+        .map(|i| (n as f64).powf(i as f64 / 60.0).round() as usize)
+        .filter(|k| (1..=n).contains(k))
+        .collect();
+    ks.dedup();
+    let points: Vec<stats::describe::BestOfK> = ks
+        .into_iter()
+        .map(|k| stats::describe::best_of_k(&values, k))
+        .collect();
+    let metric = input.stats.metric.to_string();
+    let mut p = Plot::new(
+        &format!("{}: expected best and worst of k seeds", input.sweep_name),
+        "k (seeds tried)",
+        &metric,
+        (1.0, (n as f64).max(10.0)),
+        padded(s.min, s.max, 0.05),
+    )
+    .log_x();
+    let max: Vec<(f64, f64)> = points
+        .iter()
+        .map(|b| (b.k as f64, b.expected_max))
+        .collect();
+    let min: Vec<(f64, f64)> = points
+        .iter()
+        .map(|b| (b.k as f64, b.expected_min))
+        .collect();
+    p.line(&max, GREEN, 2.5, 1.0);
+    p.line(&min, RED, 2.5, 1.0);
+    p.line(
+        &[(1.0, s.mean), ((n as f64).max(10.0), s.mean)],
+        "black",
+        1.2,
+        1.0,
+    );
+    p.legend(GREEN, "expected best of k");
+    p.legend(RED, "expected worst of k");
+    p.legend("black", "mean");
+    p.svg()
+}
+
+/// Each source's variance component with its 95% interval (an interval reaching past twice the
+/// largest estimate is cut at the top of the plot).
+fn variance(input: &Input) -> Option<String> {
+    let c = input.stats.variance_components.as_ref()?;
+    let largest = c.components.iter().map(|x| x.variance).fold(0.0, f64::max);
+    let top = if largest > 0.0 { 2.0 * largest } else { 1.0 };
+    let k = c.components.len() as f64;
+    let mut p = Plot::new(
+        &format!(
+            "{}: variance of {} by source",
+            input.sweep_name, input.stats.metric
+        ),
+        "source (share of the total)",
+        "variance component",
+        (0.0, k),
+        (0.0, top),
+    );
+    for (i, x) in c.components.iter().enumerate() {
+        let centre = i as f64 + 0.5;
+        p.rect(centre - 0.3, 0.0, centre + 0.3, x.variance, "#9ecae1");
+        if let Some(iv) = x.interval {
+            p.line(&[(centre, iv.low), (centre, iv.high)], "black", 1.5, 1.0);
+            p.line(
+                &[(centre - 0.05, iv.low), (centre + 0.05, iv.low)],
+                "black",
+                1.5,
+                1.0,
+            );
+            p.line(
+                &[(centre - 0.05, iv.high), (centre + 0.05, iv.high)],
+                "black",
+                1.5,
+                1.0,
+            );
+        }
+    }
+    p.x_labels(
+        c.components
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                (
+                    i as f64 + 0.5,
+                    format!("{} ({:.0}%)", x.source, 100.0 * x.share),
+                )
+            })
+            .collect(),
+    );
+    p.legend("#9ecae1", "estimate");
+    p.legend("black", "95% interval");
+    Some(p.svg())
+}
+
+fn f(v: f64) -> String {
+    if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e5) {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// The Markdown table to paste into a paper.
+fn markdown(input: &Input) -> String {
+    let st = input.stats;
+    let s = &st.summary;
+    let inflation = |k: usize| {
+        st.best_of_k
+            .iter()
+            .find(|b| b.k == k)
+            .map_or("-".into(), |b| format!("+{}", f(b.inflation)))
+    };
+    let mut out = format!(
+        "| sweep | metric | seeds | mean ± std | median | min (seed) | max (seed) | max - min | best of 5 vs mean | best of 10 vs mean |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n\
+         | {} | {} | {} | {} ± {} | {} | {} ({}) | {} ({}) | {} | {} | {} |\n",
+        input.sweep_name,
+        st.metric,
+        s.n,
+        f(s.mean),
+        f(s.std),
+        f(s.median),
+        f(s.min),
+        s.worst_seed,
+        f(s.max),
+        s.best_seed,
+        f(s.gap),
+        inflation(5),
+        inflation(10),
+    );
+    if let Some(i) = &st.intervals {
+        let _ = writeln!(
+            out,
+            "\n95% interval of the mean: [{}, {}] ({}); of the std: [{}, {}].",
+            f(i.mean.low),
+            f(i.mean.high),
+            i.method,
+            f(i.std.low),
+            f(i.std.high)
+        );
+    }
+    out
+}
+
+/// The self-contained page: tables and the figures inline.
+fn html(input: &Input, figures: &[(&str, &str, String)]) -> String {
+    let st = input.stats;
+    let s = &st.summary;
+    let mut h = format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{name}: seed statistics</title>
+<style>body{{font-family:"DejaVu Sans",sans-serif;max-width:980px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+th{{background:#f2f2f2}}td:first-child,th:first-child{{text-align:left}}figure{{margin:1.5em 0}}</style>
+</head><body>
+<h1>{name}</h1>
+<p>Sweep <code>{id}</code>, metric <code>{metric}</code>, {n} finished seeds.</p>
+<table><tr><th>n</th><th>mean</th><th>std</th><th>median</th><th>q1</th><th>q3</th><th>min (seed)</th><th>max (seed)</th><th>max - min</th></tr>
+<tr><td>{n}</td><td>{mean}</td><td>{std}</td><td>{median}</td><td>{q1}</td><td>{q3}</td><td>{min} ({ws})</td><td>{max} ({bs})</td><td>{gap}</td></tr></table>
+"#,
+        name = escape(input.sweep_name),
+        id = escape(input.sweep_id),
+        metric = st.metric,
+        n = s.n,
+        mean = f(s.mean),
+        std = f(s.std),
+        median = f(s.median),
+        q1 = f(s.q1),
+        q3 = f(s.q3),
+        min = f(s.min),
+        ws = s.worst_seed,
+        max = f(s.max),
+        bs = s.best_seed,
+        gap = f(s.gap),
+    );
+    if let Some(i) = &st.intervals {
+        let _ = writeln!(
+            h,
+            "<p>95% intervals ({}): mean [{}, {}], std [{}, {}].</p>",
+            i.method,
+            f(i.mean.low),
+            f(i.mean.high),
+            f(i.std.low),
+            f(i.std.high)
+        );
+    }
+    if let Some(t) = &st.test_set {
+        let _ = writeln!(
+            h,
+            "<p>Test set ({} examples, {} runs): binomial std {}, independent-errors std {}, distribution-wise std {}, split-half correlation {}.</p>",
+            t.test_examples,
+            t.runs,
+            f(t.binomial_std),
+            f(t.independent_errors_std),
+            f(t.distribution_std),
+            t.split_half_correlation.map_or("-".into(), f)
+        );
+    }
+    h += "<h2>Black swans</h2>\n";
+    if st.black_swans.is_empty() {
+        h += "<p>None: no seed has |robust z| &gt; 3.5 or |z| &gt; 3.</p>\n";
+    } else {
+        h += "<table><tr><th>seed</th><th>score</th><th>side</th><th>z</th><th>robust z</th><th>flagged by</th></tr>\n";
+        for b in &st.black_swans {
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td></tr>",
+                b.seed,
+                f(b.score),
+                b.side,
+                b.z,
+                b.robust_z.map_or("-".into(), |r| format!("{r:.2}")),
+                b.flagged_by.join(", ")
+            );
+        }
+        h += "</table>\n";
+    }
+    for (_, caption, svg) in figures {
+        let _ = writeln!(
+            h,
+            "<figure>{svg}<figcaption>{}</figcaption></figure>",
+            escape(caption)
+        );
+    }
+    h += "<h2>Best of k</h2>\n<table><tr><th>k</th><th>E[best]</th><th>E[worst]</th><th>E[best] - mean</th></tr>\n";
+    for b in &st.best_of_k {
+        let _ = writeln!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            b.k,
+            f(b.expected_max),
+            f(b.expected_min),
+            f(b.inflation)
+        );
+    }
+    h += "</table>\n";
+    if !st.epochs.is_empty() {
+        h += "<h2>Per epoch</h2>\n<table><tr><th>epoch</th><th>n</th><th>mean</th><th>std</th><th>min</th><th>median</th><th>max</th></tr>\n";
+        for e in &st.epochs {
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                e.epoch,
+                e.n,
+                f(e.mean),
+                f(e.std),
+                f(e.min),
+                f(e.median),
+                f(e.max)
+            );
+        }
+        h += "</table>\n";
+    }
+    h += "<h2>Markdown</h2>\n<pre>";
+    h += &escape(&markdown(input));
+    h += "</pre>\n<p>Made by seedsweep (<code>coordinator sweep report</code>).</p>\n</body></html>\n";
+    h
+}
+
+/// Every file of the report.
+pub fn build(input: &Input) -> anyhow::Result<Vec<File>> {
+    let mut figures: Vec<(&str, &str, String)> = vec![(
+        "histogram",
+        "Scores over seeds: histogram, density estimate, mean, min and max.",
+        histogram(input),
+    )];
+    if let Some(svg) = curves(input) {
+        figures.push((
+            "curves",
+            "Every seed's per-epoch curve, the mean and the min-max band.",
+            svg,
+        ));
+    }
+    figures.push((
+        "best_of_k",
+        "What reporting the best (or worst) of k seeds would claim.",
+        best_of_k(input),
+    ));
+    if let Some(svg) = variance(input) {
+        figures.push((
+            "variance",
+            "Variance by seed factor (random-effects ANOVA, 95% intervals).",
+            svg,
+        ));
+    }
+    let mut files = Vec::new();
+    for (name, _, svg) in &figures {
+        files.push(File {
+            name: format!("{name}.svg"),
+            bytes: svg.clone().into_bytes(),
+        });
+        files.push(File {
+            name: format!("{name}.png"),
+            bytes: png(svg)?,
+        });
+    }
+    files.push(File {
+        name: "report.html".into(),
+        bytes: html(input, &figures).into_bytes(),
+    });
+    files.push(File {
+        name: "summary.md".into(),
+        bytes: markdown(input).into_bytes(),
+    });
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Metric;
+
+    fn input_files(n: i64) -> Vec<File> {
+        let runs: Vec<Scored> = (0..n)
+            .map(|s| Scored {
+                seed: s,
+                factors: [s % 4, s / 4, 0, 0],
+                value: 0.93 + 0.004 * ((s * 37 % 11) as f64 - 5.0) / 5.0
+                    - if s == 3 { 0.05 } else { 0.0 },
+            })
+            .collect();
+        let curves: Vec<(i64, u32, f64)> = runs
+            .iter()
+            .flat_map(|r| (1..=5).map(move |e| (r.seed, e, r.value - 0.05 * (5 - e) as f64)))
+            .collect();
+        let points: Vec<(u32, f64)> = curves.iter().map(|c| (c.1, c.2)).collect();
+        let stats = stats::analyse(
+            Metric::TestAccuracy,
+            &runs,
+            stats::describe::epoch_spread(&points),
+            None,
+            None,
+            &[],
+        )
+        .unwrap();
+        build(&Input {
+            sweep_id: "id",
+            sweep_name: "demo <sweep>",
+            stats: &stats,
+            runs: &runs,
+            curves: &curves,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn writes_every_figure_as_svg_and_png_and_the_pages() {
+        let files = input_files(16);
+        let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        for want in [
+            "histogram.svg",
+            "histogram.png",
+            "curves.svg",
+            "curves.png",
+            "best_of_k.svg",
+            "best_of_k.png",
+            "variance.svg",
+            "variance.png",
+            "report.html",
+            "summary.md",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        for f in &files {
+            if f.name.ends_with(".png") {
+                assert_eq!(&f.bytes[1..4], b"PNG", "{}", f.name);
+                assert!(f.bytes.len() > 5_000, "{} is nearly empty", f.name);
+            }
+        }
+        let html = String::from_utf8(
+            files
+                .iter()
+                .find(|f| f.name == "report.html")
+                .unwrap()
+                .bytes
+                .clone(),
+        )
+        .unwrap();
+        assert!(
+            html.contains("demo &lt;sweep&gt;")
+                && html.contains("<svg")
+                && html.contains("Black swans")
+        );
+        assert!(!html.contains("src=\"http"), "self-contained");
+        let md = String::from_utf8(
+            files
+                .iter()
+                .find(|f| f.name == "summary.md")
+                .unwrap()
+                .bytes
+                .clone(),
+        )
+        .unwrap();
+        assert!(md.starts_with("| sweep | metric | seeds |"), "{md}");
+        let hist = String::from_utf8(files[0].bytes.clone()).unwrap();
+        assert!(
+            hist.contains("mean 0.9")
+                && hist.contains(">test_accuracy</text>")
+                && hist.contains(">seeds</text>")
+        );
+    }
+}
