@@ -37,6 +37,7 @@ median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read())['$1'])"; }
 
 serve() { # DB -> sets coord and cpid
+  rm -f "$work/$1.addr"
   "$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/$1.addr" --database-url "$pg/$1" \
     >/dev/null 2>>"$work/coordinator.log" &
   cpid=$!
@@ -127,6 +128,8 @@ for _ in $(seq "$reps"); do
     kill $cpid; wait $cpid 2>/dev/null || true
   done
 done
+# Where the time of the stats calls went (the coordinator's log).
+grep -h "statistics computed" "$work/coordinator.log" | sed 's/^.*INFO //' >&2
 for db in small large; do
   label=$([ $db = small ] && echo "10 results" || echo "10^6 results")
   printf '%-30s %12.0f\n' "cycles/s into $label" "$(tr ' ' '\n' <<<"${rate[$db]}" | grep . | median)"

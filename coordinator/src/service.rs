@@ -43,24 +43,35 @@ impl CoordinatorService {
         ci_width: Option<f64>,
         test_examples: Option<u64>,
     ) -> Result<(Option<stats::SweepStats>, Vec<crate::domain::Scored>), Status> {
+        let started = std::time::Instant::now();
+        let ms = |since: std::time::Instant| since.elapsed().as_secs_f64() * 1e3;
         let (runs, _) = self.store.scores(id, metric, 0).await.map_err(status)?;
+        let scores_ms = ms(started);
+        let at = std::time::Instant::now();
         let epochs = if metric.per_epoch() {
             self.store.epoch_spread(id, metric).await.map_err(status)?
         } else {
             Vec::new()
         };
+        let epochs_ms = ms(at);
+        let at = std::time::Instant::now();
         let correctness = if metric == Metric::TestAccuracy {
             self.store.correctness(id).await.map_err(status)?
         } else {
             Vec::new()
         };
+        let bitmaps_ms = ms(at);
         // CPU work: off the async threads.
-        tokio::task::spawn_blocking(move || {
+        let at = std::time::Instant::now();
+        let out = tokio::task::spawn_blocking(move || {
             let s = stats::analyse(metric, &runs, epochs, ci_width, test_examples, &correctness);
             (s, runs)
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))
+        .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(sweep = %id, %metric, seeds = out.1.len(), scores_ms, epochs_ms, bitmaps_ms,
+            compute_ms = ms(at), total_ms = ms(started), "statistics computed");
+        Ok(out)
     }
 }
 

@@ -84,10 +84,18 @@ pub fn components(cells: &[Cell]) -> Result<Components, NotCrossed> {
     if sources.is_empty() {
         return fail("no seed factor varies".into());
     }
-    // Balanced and completely crossed: every combination of levels exactly once.
+    // Balanced and completely crossed: every combination of levels exactly once. At most four
+    // sources, each under 2^32 levels: a combination packs into a u128.
     let combinations: usize = sources.iter().map(|s| s.2).product();
-    let mut seen = std::collections::HashSet::new();
-    let distinct = (0..n).all(|i| seen.insert(sources.iter().map(|s| s.1[i]).collect::<Vec<_>>()));
+    let mut keys: Vec<u128> = (0..n)
+        .map(|i| {
+            sources
+                .iter()
+                .fold(0u128, |k, s| (k << 32) | s.1[i] as u128)
+        })
+        .collect();
+    keys.sort_unstable();
+    let distinct = keys.windows(2).all(|w| w[0] != w[1]);
     if combinations != n || !distinct {
         return fail(format!(
             "the factors ({}) are not completely crossed with one run per combination: {n} runs for {combinations} combinations",

@@ -56,8 +56,8 @@ pub fn analyse(
     correctness: &[(i64, crate::domain::Correctness)],
 ) -> Option<SweepStats> {
     let pairs: Vec<(i64, f64)> = runs.iter().map(|r| (r.seed, r.value)).collect();
-    let summary = summarize(&pairs)?;
     let values = sorted(pairs.iter().map(|p| p.1));
+    let summary = summarize_sorted(&pairs, &values)?;
     let (_, mad) = describe::median_mad(&values);
     let intervals = describe::intervals(&values, &summary);
     let mut widths: Vec<f64> = intervals
@@ -102,7 +102,7 @@ pub fn analyse(
     let test_examples = test_examples.or(test_set.as_ref().map(|t| t.test_examples));
     Some(SweepStats {
         metric,
-        black_swans: describe::black_swans(&pairs, &summary),
+        black_swans: describe::black_swans(&pairs, &summary, mad),
         best_of_k: describe::k_grid(values.len())
             .into_iter()
             .map(|k| describe::best_of_k(&values, k))
@@ -147,6 +147,11 @@ pub struct Summary {
 /// Summarises `(seed, score)` pairs; `None` when there are none. Ties for best or worst go to the
 /// smallest seed, so the answer does not depend on the order results arrived in.
 pub fn summarize(scores: &[(i64, f64)]) -> Option<Summary> {
+    summarize_sorted(scores, &sorted(scores.iter().map(|s| s.1)))
+}
+
+/// [`summarize`] with the scores already sorted (`sorted`: the same values, ascending).
+pub fn summarize_sorted(scores: &[(i64, f64)], sorted: &[f64]) -> Option<Summary> {
     let (&(first_seed, first), rest) = scores.split_first()?;
     let mut moments = Moments::default();
     moments.push(first);
@@ -160,7 +165,6 @@ pub fn summarize(scores: &[(i64, f64)]) -> Option<Summary> {
             (max, best_seed) = (x, seed);
         }
     }
-    let sorted = sorted(scores.iter().map(|s| s.1));
     Some(Summary {
         n: moments.n,
         mean: moments.mean,
