@@ -173,9 +173,9 @@ pub fn summarize_sorted(scores: &[(i64, f64)], sorted: &[f64]) -> Option<Summary
         max,
         worst_seed,
         best_seed,
-        q1: quantile(&sorted, 0.25),
-        median: quantile(&sorted, 0.5),
-        q3: quantile(&sorted, 0.75),
+        q1: quantile(sorted, 0.25),
+        median: quantile(sorted, 0.5),
+        q3: quantile(sorted, 0.75),
         gap: max - min,
     })
 }
