@@ -612,3 +612,58 @@ pub async fn report(url: &str, id: &str, metric: &str, out: &Path) -> anyhow::Re
     }
     Ok(format!("wrote {}\n", written.join("\n      ")))
 }
+
+/// Writes a sweep's results (or epoch metrics) as CSV or Parquet to `out`, through a temporary
+/// file beside it, so that a failed export leaves nothing half-written.
+pub async fn export(
+    url: &str,
+    id: &str,
+    table: &str,
+    format: &str,
+    out: &Path,
+) -> anyhow::Result<String> {
+    let mut client = connect(url).await?.max_decoding_message_size(1 << 30);
+    let table = match table {
+        "results" => {
+            let rows = client
+                .list_results(pb::ListResultsRequest {
+                    sweep_id: id.to_string(),
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .results;
+            crate::export::results_table(id, &rows)
+        }
+        "epochs" => {
+            let rows = client
+                .list_epoch_metrics(pb::ListEpochMetricsRequest {
+                    sweep_id: id.to_string(),
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .rows;
+            crate::export::epochs_table(id, &rows)
+        }
+        other => bail!("--table {other}: use results or epochs"),
+    };
+    let bytes = match format {
+        "csv" => table.csv().into_bytes(),
+        "parquet" => table.parquet()?,
+        other => bail!("--format {other}: use csv or parquet"),
+    };
+    let name = out
+        .file_name()
+        .with_context(|| format!("--out {}: give a file name", out.display()))?;
+    let tmp = out.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    std::fs::write(&tmp, &bytes)
+        .and_then(|_| std::fs::rename(&tmp, out))
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(format!(
+        "wrote {} ({} rows of {})\n",
+        out.display(),
+        table.rows(),
+        table.name
+    ))
+}

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod domain;
+pub mod export;
 pub mod finetune;
 pub mod report;
 pub mod server;

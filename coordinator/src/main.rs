@@ -144,6 +144,18 @@ enum SweepCommand {
         #[arg(long, default_value = "test_accuracy")]
         metric: String,
     },
+    /// Write the sweep's results (one row per finished seed) or epoch metrics (one row per seed
+    /// and epoch) to a CSV or Parquet file, with the columns of the SQL tables.
+    Export {
+        id: String,
+        #[arg(long, value_parser = ["csv", "parquet"])]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// results or epochs.
+        #[arg(long, default_value = "results", value_parser = ["results", "epochs"])]
+        table: String,
+    },
     /// Compare two sweeps: difference of means with a 95% interval, Welch's t-test, the
     /// Mann-Whitney rank test, and P(a random seed of A beats one of B).
     Compare {
@@ -247,6 +259,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 SweepCommand::Report { id, out, metric } => {
                     admin::report(&coordinator, &id, &metric, &out).await?
                 }
+                SweepCommand::Export {
+                    id,
+                    format,
+                    out,
+                    table,
+                } => admin::export(&coordinator, &id, &table, &format, &out).await?,
                 SweepCommand::Compare { a, b, metric, json } => {
                     admin::compare(&coordinator, &a, &b, &metric, json).await?
                 }

@@ -573,6 +573,32 @@ impl Coordinator for CoordinatorService {
         )))
     }
 
+    async fn list_epoch_metrics(
+        &self,
+        req: Request<pb::ListEpochMetricsRequest>,
+    ) -> Result<Response<pb::ListEpochMetricsResponse>, Status> {
+        let id = sweep_id(&req.get_ref().sweep_id)?;
+        let rows = self.store.list_epochs(id).await.map_err(status)?;
+        Ok(Response::new(pb::ListEpochMetricsResponse {
+            rows: rows
+                .into_iter()
+                .map(|(seed, e)| pb::EpochRow {
+                    seed,
+                    epoch: e.epoch,
+                    train_loss: e.train_loss,
+                    train_accuracy: e.train_accuracy,
+                    test_loss: e.test_loss,
+                    test_accuracy: e.test_accuracy,
+                    test_top5: e.test_top5,
+                    val_loss: e.val_loss,
+                    val_accuracy: e.val_accuracy,
+                    lr: e.lr,
+                    seconds: e.seconds,
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_results(
         &self,
         req: Request<pb::ListResultsRequest>,

@@ -200,6 +200,42 @@ async fn stats_compare_and_watch_from_the_command_line() {
     let out = c.sweep(&["report", &a, "--out", not_a_folder.to_str().unwrap()]);
     assert!(!out.status.success() && stderr(&out).contains("not a folder"));
 
+    // export: the results and the epochs, as CSV and Parquet.
+    let csv_path = dir.path().join("a.csv");
+    let out = c.sweep(&[
+        "export",
+        &a,
+        "--format",
+        "csv",
+        "--out",
+        csv_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let csv = std::fs::read_to_string(&csv_path).unwrap();
+    assert!(csv.starts_with("sweep_id,seed,init_seed,"), "{csv}");
+    assert_eq!(csv.lines().count(), 1 + 12);
+    assert!(csv.contains(&format!("{a},7,7,7,7,7,0.8,")), "{csv}");
+    let epochs_path = dir.path().join("a-epochs.parquet");
+    let out = c.sweep(&[
+        "export",
+        &a,
+        "--format",
+        "parquet",
+        "--table",
+        "epochs",
+        "--out",
+        epochs_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("24 rows of epoch_metrics"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(&std::fs::read(&epochs_path).unwrap()[..4], b"PAR1");
+    let out = c.sweep(&["export", &a, "--format", "xlsx", "--out", "x"]);
+    assert!(!out.status.success());
+
     // compare: B is A shifted up by 0.01 without the black swan.
     let b = c.submit(dir.path(), &sweep("b", "0..10"));
     let b_id = b.clone();

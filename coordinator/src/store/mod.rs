@@ -98,6 +98,8 @@ pub trait Store: Send + Sync + 'static {
     /// were recorded, only those recorded after position `after` (0: all); with the position
     /// of the last one (`after` when there are none).
     async fn scores(&self, id: SweepId, metric: Metric, after: i64) -> Result<(Vec<Scored>, i64)>;
+    /// Every epoch row of the sweep, by seed and epoch.
+    async fn list_epochs(&self, id: SweepId) -> Result<Vec<(i64, EpochRecord)>>;
     /// The per-example correctness bitmaps of the sweep's results that have one, by seed.
     async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>>;
     /// `(seed, epoch, value)` of `metric` for every epoch of every seed that has it, by seed
@@ -350,6 +352,34 @@ pub(crate) fn epoch_scores_sql(metric: Metric) -> String {
         "SELECT seed, epoch, {col} AS value FROM epoch_metrics
          WHERE sweep_id = $1 AND {col} IS NOT NULL ORDER BY seed, epoch"
     )
+}
+
+pub(crate) const EPOCH_COLUMNS: &str = "seed, epoch, train_loss, train_accuracy, test_loss,
+    test_accuracy, test_top5, val_loss, val_accuracy, lr, seconds";
+
+pub(crate) fn epoch_from_row<'r, R>(row: &'r R) -> Result<(i64, EpochRecord)>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok((
+        row.try_get("seed")?,
+        EpochRecord {
+            epoch: row.try_get::<i32, _>("epoch")?.max(0) as u32,
+            train_loss: row.try_get("train_loss")?,
+            train_accuracy: row.try_get("train_accuracy")?,
+            test_loss: row.try_get("test_loss")?,
+            test_accuracy: row.try_get("test_accuracy")?,
+            test_top5: row.try_get("test_top5")?,
+            val_loss: row.try_get("val_loss")?,
+            val_accuracy: row.try_get("val_accuracy")?,
+            lr: row.try_get("lr")?,
+            seconds: row.try_get("seconds")?,
+        },
+    ))
 }
 
 pub(crate) fn scored_from_row<'r, R>(row: &'r R) -> Result<Scored>

@@ -4,9 +4,10 @@
 //! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
 use super::{
-    AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, Result, Store, StoreError, aggregate_from_row,
-    check_extendable, design_from_config, epoch_scores_sql, factors_from_row, jitter, lease_config,
-    scores_sql, seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
+    AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, Result, Store, StoreError,
+    aggregate_from_row, check_extendable, design_from_config, epoch_from_row, epoch_scores_sql,
+    factors_from_row, jitter, lease_config, scores_sql, seed_rows, state_from_db,
+    sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, Lease, LeaseRef, Metric,
@@ -374,6 +375,18 @@ impl Store for PgStore {
             })
             .collect();
         Ok((scored, last))
+    }
+
+    async fn list_epochs(&self, id: SweepId) -> Result<Vec<(i64, EpochRecord)>> {
+        self.summary(id).await?;
+        // Safe: constant text.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EPOCH_COLUMNS} FROM epoch_metrics WHERE sweep_id = $1 ORDER BY seed, epoch"
+        )))
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(epoch_from_row).collect()
     }
 
     async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>> {
