@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Statistics benchmark on PostgreSQL: `coordinator sweep stats` over sweeps of 10^4 and 10^6
-# results (EPOCHS epochs of metrics each), `sweep report` over 10^4, and the cost of recording a result (lease, epochs,
-# completion with its live-aggregate update) when the sweep already holds 10 results against
-# 10^6, measured side by side with loadgen. Results are made in SQL (no training); every table
+# results (EPOCHS epochs of metrics each), `sweep report` over 10^4, and the cost of recording a
+# result (lease, epochs, completion with its live-aggregate update) when the sweep already holds
+# 10 results against 10^6, measured side by side with loadgen. Results are made in SQL (no training); every table
 # row is a median of REPS runs.
 #
 #   bench/stats.sh [REPS] [EPOCHS] [SECONDS_PER_LOADGEN_RUN]     (defaults: 3, 4, 5)
@@ -13,28 +13,8 @@ cd "$(dirname "$0")/.."
 reps=${1:-3}
 epochs=${2:-4}
 secs=${3:-5}
-source scripts/env.sh
-cargo build --release --bins -q
-bin=target/release
-
-pgbin=$(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-work=$(mktemp -d)
-[ "$(id -u)" = 0 ] && chown postgres "$work"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cleanup() {
-  kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
-  as_pg "$pgbin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-as_pg "$pgbin/initdb" -A trust -U postgres -D "$work/pg" >/dev/null
-as_pg "$pgbin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w \
-  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null
-pg="postgres://postgres@127.0.0.1:$port"
+PG_MAX_CONNECTIONS=200 source bench/pg.sh
 psql() { "$pgbin/psql" -qAt "$@"; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read())['$1'])"; }
 
 serve() { # DB -> sets coord and cpid
   rm -f "$work/$1.addr"

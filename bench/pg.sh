@@ -1,0 +1,28 @@
+# Sourced by the benchmark scripts: builds the release binaries, starts a throwaway PostgreSQL
+# cluster on a free port (as the postgres user when run as root) and stops and removes it, with
+# any background jobs, on exit. Sets bin, pgbin, work, pg (the server's URL, no database) and
+# as_pg, median and field.
+#   PG_MAX_CONNECTIONS   default 400
+source scripts/env.sh
+cargo build --release --bins -q
+bin=target/release
+
+pgbin=$(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+work=$(mktemp -d)
+[ "$(id -u)" = 0 ] && chown postgres "$work"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
+  as_pg "$pgbin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+as_pg "$pgbin/initdb" -A trust -U postgres -D "$work/pg" >/dev/null
+as_pg "$pgbin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w \
+  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=${PG_MAX_CONNECTIONS:-400}" \
+  start >/dev/null
+pg="postgres://postgres@127.0.0.1:$port"
+
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read())['$1'])"; }
