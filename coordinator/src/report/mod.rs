@@ -164,6 +164,14 @@ fn curves(input: &Input) -> Option<String> {
         padded(first, last, 0.02),
         padded(lo, hi, 0.05),
     );
+    // Epochs are whole numbers: label only those.
+    p.x_labels(
+        plot::ticks(first, last, 8)
+            .into_iter()
+            .filter(|t| t.fract() == 0.0)
+            .map(|t| (t, format!("{t:.0}")))
+            .collect(),
+    );
     let lower: Vec<(f64, f64)> = e.iter().map(|x| (x.epoch as f64, x.min)).collect();
     let upper: Vec<(f64, f64)> = e.iter().map(|x| (x.epoch as f64, x.max)).collect();
     p.band(&lower, &upper, BLUE, 0.15);
