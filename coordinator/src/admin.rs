@@ -262,13 +262,7 @@ pub async fn stats(
 }
 
 fn num(v: &serde_json::Value) -> String {
-    match v.as_f64() {
-        // Rounding residue (the best of 1 seed is the mean) reads as 0.
-        Some(x) if x.abs() < 1e-12 => "0.0000".into(),
-        Some(x) if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e5) => format!("{x:.3e}"),
-        Some(x) => format!("{x:.4}"),
-        None => "-".into(),
-    }
+    v.as_f64().map_or("-".into(), crate::report::f)
 }
 
 fn interval(v: &serde_json::Value) -> String {

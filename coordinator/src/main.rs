@@ -147,9 +147,12 @@ enum SweepCommand {
     /// Write the sweep's results (one row per finished seed) or epoch metrics (one row per seed
     /// and epoch) to a CSV or Parquet file, with the columns of the SQL tables.
     Export {
+        /// The sweep's id, as printed by `sweep submit`.
         id: String,
+        /// The file format.
         #[arg(long, value_parser = ["csv", "parquet"])]
         format: String,
+        /// The file to write (replaced if it exists).
         #[arg(long)]
         out: PathBuf,
         /// results or epochs.

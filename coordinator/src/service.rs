@@ -113,11 +113,15 @@ async fn watch_update(
         w.sorted.insert(at, r.value);
     }
     let progress = store.sweep_progress(id).await?;
-    let aggregate = store
-        .aggregates(id)
-        .await?
-        .into_iter()
-        .find(|a| a.metric == metric);
+    // The progress already carries test accuracy's aggregate; other metrics are one more read.
+    let aggregate = match metric {
+        Metric::TestAccuracy => progress.test_accuracy,
+        _ => store
+            .aggregates(id)
+            .await?
+            .into_iter()
+            .find(|a| a.metric == metric),
+    };
     let (median, mad) = stats::describe::median_mad(&w.sorted);
     let mut swans = Vec::new();
     if let Some(a) = &aggregate {

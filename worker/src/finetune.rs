@@ -579,7 +579,8 @@ struct Scores {
     loss: f64,
     top1: f64,
     top5: Option<f64>,
-    correct: Correct,
+    /// Per validation example: whether the top-1 prediction was right.
+    right: Tensor,
 }
 
 impl Tally {
@@ -599,7 +600,7 @@ impl Tally {
             loss: self.loss / n,
             top1: self.top1 as f64 / n,
             top5: (classes > 5).then(|| self.top5 as f64 / n),
-            correct: crate::train::pack_correct(&Tensor::cat(&self.right, 0)),
+            right: Tensor::cat(&self.right, 0),
         }
     }
 }
@@ -681,7 +682,7 @@ pub struct Progress<'a> {
     history: &'a mut Vec<EpochMetrics>,
     on_eval: &'a mut dyn FnMut(&EpochMetrics),
     /// Which validation examples the latest evaluation got right.
-    last_correct: Option<Correct>,
+    last_right: Option<Tensor>,
 }
 
 impl<'a> Progress<'a> {
@@ -702,7 +703,7 @@ impl<'a> Progress<'a> {
             started: Instant::now(),
             history,
             on_eval,
-            last_correct: None,
+            last_right: None,
         }
     }
 
@@ -764,7 +765,7 @@ impl<'a> Progress<'a> {
         };
         (self.on_eval)(&m);
         self.history.push(m);
-        self.last_correct = Some(s.correct);
+        self.last_right = Some(s.right);
         self.seen = 0;
         self.started = Instant::now();
         Ok(())
@@ -972,7 +973,7 @@ pub fn run(
     mut on_eval: impl FnMut(&EpochMetrics),
 ) -> Result<(Vec<EpochMetrics>, Option<Correct>), TrainError> {
     let head = Head::new(cfg, run.seeds, run.source.classes(), run.device);
-    let mut correct;
+    let mut last_right;
     let mut order_rng = ChaCha8Rng::seed_from_u64(run.seeds.order);
     let mut history = Vec::new();
     let mut backbone = None;
@@ -994,7 +995,7 @@ pub fn run(
                 &mut progress,
             )?;
         }
-        correct = progress.last_correct.take();
+        last_right = progress.last_right.take();
     }
     if let Some(full) = &cfg.full {
         let b = match backbone {
@@ -1004,8 +1005,10 @@ pub fn run(
         b.train_whole();
         let mut progress = Progress::new(full, cfg.eval_every_steps, &mut history, &mut on_eval);
         on_images(cfg, run, 2, b, &head, true, &mut order_rng, &mut progress)?;
-        correct = progress.last_correct.take();
+        last_right = progress.last_right.take();
     }
+    // Packed once, from the run's final evaluation.
+    let correct = last_right.as_ref().map(crate::train::pack_correct);
     Ok((history, correct))
 }
 

@@ -39,15 +39,21 @@ const RED: &str = "#c0392b";
 const GREY: &str = "#555555";
 const GREEN: &str = "#2e8b57";
 
-/// Rasterises one of the report's SVGs at twice its size.
-pub fn png(svg: &str) -> anyhow::Result<Vec<u8>> {
-    use resvg::{tiny_skia, usvg};
-    let mut opt = usvg::Options {
+/// How the report's SVGs are read for rasterising: with the built-in font (parsed once per
+/// report, not per figure).
+fn svg_options() -> resvg::usvg::Options<'static> {
+    let mut opt = resvg::usvg::Options {
         font_family: "DejaVu Sans".into(),
         ..Default::default()
     };
     opt.fontdb_mut().load_font_data(FONT.to_vec());
-    let tree = usvg::Tree::from_str(svg, &opt)?;
+    opt
+}
+
+/// Rasterises one of the report's SVGs at twice its size.
+fn png(svg: &str, opt: &resvg::usvg::Options) -> anyhow::Result<Vec<u8>> {
+    use resvg::{tiny_skia, usvg};
+    let tree = usvg::Tree::from_str(svg, opt)?;
     let size = tree.size().to_int_size();
     let mut pixmap = tiny_skia::Pixmap::new(size.width() * 2, size.height() * 2)
         .ok_or_else(|| anyhow::anyhow!("cannot allocate a {size:?} image"))?;
@@ -290,8 +296,12 @@ fn variance(input: &Input) -> Option<String> {
     Some(p.svg())
 }
 
-fn f(v: f64) -> String {
-    if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e5) {
+/// A statistic for people: four decimals, or scientific notation for very small or large
+/// values; rounding residue (the best of one seed minus the mean) reads as 0.
+pub fn f(v: f64) -> String {
+    if v.abs() < 1e-12 {
+        "0.0000".into()
+    } else if v.abs() < 1e-3 || v.abs() >= 1e5 {
         format!("{v:.3e}")
     } else {
         format!("{v:.4}")
@@ -482,6 +492,7 @@ pub fn build(input: &Input) -> anyhow::Result<Vec<File>> {
         ));
     }
     let mut files = Vec::new();
+    let opt = svg_options();
     for (name, _, svg) in &figures {
         files.push(File {
             name: format!("{name}.svg"),
@@ -489,7 +500,7 @@ pub fn build(input: &Input) -> anyhow::Result<Vec<File>> {
         });
         files.push(File {
             name: format!("{name}.png"),
-            bytes: png(svg)?,
+            bytes: png(svg, &opt)?,
         });
     }
     files.push(File {

@@ -40,11 +40,6 @@ pub fn binomial_std(p: f64, n: u64) -> f64 {
     (p * (1.0 - p) / n as f64).sqrt()
 }
 
-fn variance(x: &[f64]) -> f64 {
-    let m = x.iter().sum::<f64>() / x.len() as f64;
-    x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64
-}
-
 fn pearson(x: &[f64], y: &[f64]) -> Option<f64> {
     let (mx, my) = (
         x.iter().sum::<f64>() / x.len() as f64,
@@ -92,7 +87,9 @@ pub fn test_set_noise(bitmaps: &[&[u8]], n: usize) -> Option<TestSetNoise> {
     let independent = e.iter().map(|e| e * (1.0 - e)).sum::<f64>() / (nf * nf);
     // Sample variance over runs of each example's 0/1 error.
     let per_example: f64 = e.iter().map(|e| e * (1.0 - e) * r / (r - 1.0)).sum();
-    let var_err = variance(&acc);
+    let mut moments = super::Moments::default();
+    acc.iter().for_each(|&a| moments.push(a));
+    let var_err = moments.std().powi(2);
     let distribution_var = nf / (nf - 1.0) * (var_err - per_example / (nf * nf));
     let mean_acc = acc.iter().sum::<f64>() / r;
     Some(TestSetNoise {
