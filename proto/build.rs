@@ -1,8 +1,13 @@
-//! Compiles the protos with protox (pure Rust), so building needs no `protoc`.
+//! Compiles the protos with protox (pure Rust), so building needs no `protoc`. The descriptor set
+//! is also written out for gRPC server reflection.
+use prost::Message;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "seedsweep/v1/seedsweep.proto";
     println!("cargo:rerun-if-changed={proto}");
     let descriptors = protox::compile([proto], ["."])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("seedsweep_descriptor.bin"), descriptors.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(descriptors)?;
     Ok(())
 }

@@ -90,6 +90,7 @@ async fn simulate(
         };
         c.heartbeat(pb::HeartbeatRequest {
             lease: Some(lease.clone()),
+            worker_id: worker_id.clone(),
         })
         .await?;
         if !think.is_zero() {

@@ -3,19 +3,12 @@
 use crate::spec::SweepSpec;
 use anyhow::{Context, bail};
 use seedsweep_proto::v1 as pb;
-use seedsweep_proto::v1::coordinator_client::CoordinatorClient;
 use std::path::Path;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use seedsweep_proto::client::{Client, Connection};
 
-pub async fn connect(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("`{url}` is not a coordinator URL: write it as http://HOST:PORT"))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.with_context(|| {
-        format!("cannot reach the coordinator at {url}: is `coordinator serve` running there? (set --coordinator or SEEDSWEEP_COORDINATOR)")
-    })?;
-    Ok(CoordinatorClient::new(channel))
+pub async fn connect(url: &Connection) -> anyhow::Result<Client> {
+    url.connect().await
 }
 
 /// A gRPC error as a one-line message for people.
@@ -23,7 +16,7 @@ fn rpc(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
 
-pub async fn submit(url: &str, file: &Path) -> anyhow::Result<String> {
+pub async fn submit(url: &Connection, file: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("failed to read sweep file {}", file.display()))?;
     // Validate before contacting anyone, so a typo is reported even with no coordinator running.
@@ -37,7 +30,7 @@ pub async fn submit(url: &str, file: &Path) -> anyhow::Result<String> {
     Ok(reply.into_inner().sweep_id)
 }
 
-pub async fn status(url: &str, id: &str, json: bool) -> anyhow::Result<String> {
+pub async fn status(url: &Connection, id: &str, json: bool) -> anyhow::Result<String> {
     let mut client = connect(url).await?;
     let s = client
         .get_sweep_status(pb::GetSweepStatusRequest {
@@ -92,7 +85,7 @@ pub async fn status(url: &str, id: &str, json: bool) -> anyhow::Result<String> {
 }
 
 /// Pauses, resumes or cancels a sweep.
-pub async fn set_state(url: &str, id: &str, state: &str) -> anyhow::Result<String> {
+pub async fn set_state(url: &Connection, id: &str, state: &str) -> anyhow::Result<String> {
     let mut client = connect(url).await?;
     client
         .set_sweep_state(pb::SetSweepStateRequest {
@@ -105,7 +98,7 @@ pub async fn set_state(url: &str, id: &str, state: &str) -> anyhow::Result<Strin
 }
 
 /// Adds seeds, written "START..END" (end exclusive) or "1,2,3", to a sweep.
-pub async fn extend(url: &str, id: &str, seeds: &str) -> anyhow::Result<String> {
+pub async fn extend(url: &Connection, id: &str, seeds: &str) -> anyhow::Result<String> {
     let mut req = pb::ExtendSweepRequest {
         sweep_id: id.to_string(),
         ..Default::default()
@@ -140,7 +133,7 @@ pub async fn extend(url: &str, id: &str, seeds: &str) -> anyhow::Result<String> 
     Ok(format!("added {added} seeds to sweep {id}\n"))
 }
 
-pub async fn list(url: &str, json: bool) -> anyhow::Result<String> {
+pub async fn list(url: &Connection, json: bool) -> anyhow::Result<String> {
     let mut client = connect(url).await?;
     let sweeps = client
         .list_sweeps(pb::ListSweepsRequest {})
@@ -177,7 +170,7 @@ pub async fn list(url: &str, json: bool) -> anyhow::Result<String> {
     Ok(out)
 }
 
-pub async fn results(url: &str, id: &str, json: bool) -> anyhow::Result<String> {
+pub async fn results(url: &Connection, id: &str, json: bool) -> anyhow::Result<String> {
     let mut client = connect(url).await?;
     let rows = client
         .list_results(pb::ListResultsRequest {
@@ -234,7 +227,7 @@ pub async fn results(url: &str, id: &str, json: bool) -> anyhow::Result<String> 
 
 /// Statistics of a sweep's metric, as a table or as the JSON document.
 pub async fn stats(
-    url: &str,
+    url: &Connection,
     id: &str,
     metric: &str,
     ci_width: Option<f64>,
@@ -418,7 +411,7 @@ pub fn stats_table(v: &serde_json::Value) -> String {
 
 /// Two sweeps against each other.
 pub async fn compare(
-    url: &str,
+    url: &Connection,
     a: &str,
     b: &str,
     metric: &str,
@@ -469,7 +462,7 @@ pub async fn compare(
 }
 
 /// Follows a sweep until it ends: a live view at a terminal, one line per update otherwise.
-pub async fn watch(url: &str, id: &str, metric: &str) -> anyhow::Result<()> {
+pub async fn watch(url: &Connection, id: &str, metric: &str) -> anyhow::Result<()> {
     use std::io::{IsTerminal, Write};
     let mut client = connect(url).await?;
     let mut updates = client
@@ -569,7 +562,7 @@ pub async fn watch(url: &str, id: &str, metric: &str) -> anyhow::Result<()> {
 
 /// Writes a sweep's report (figures as SVG and PNG, report.html, summary.md) into `out`,
 /// creating it; each file goes to a temporary name first, so none is left half-written.
-pub async fn report(url: &str, id: &str, metric: &str, out: &Path) -> anyhow::Result<String> {
+pub async fn report(url: &Connection, id: &str, metric: &str, out: &Path) -> anyhow::Result<String> {
     if out.exists() && !out.is_dir() {
         bail!("--out {}: exists and is not a folder", out.display());
     }
@@ -610,7 +603,7 @@ pub async fn report(url: &str, id: &str, metric: &str, out: &Path) -> anyhow::Re
 /// Writes a sweep's results (or epoch metrics) as CSV or Parquet to `out`, through a temporary
 /// file beside it, so that a failed export leaves nothing half-written.
 pub async fn export(
-    url: &str,
+    url: &Connection,
     id: &str,
     table: &str,
     format: &str,

@@ -245,6 +245,15 @@ pub struct SweepSummary {
     pub done: u64,
 }
 
+/// What the metrics endpoint reads from the database at each scrape.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FleetCounts {
+    /// Seeds per state of each sweep that is not cancelled: (sweep, name, state, count).
+    pub seeds: Vec<(SweepId, String, SeedState, u64)>,
+    /// Leases that ran out without a heartbeat, ever (attempts ended `expired`).
+    pub expired_leases: u64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SeedCounts {
     pub pending: u64,

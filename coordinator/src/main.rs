@@ -1,10 +1,13 @@
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use seedsweep_coordinator::server::{Coordinator, ServerSettings};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use seedsweep_coordinator::config::{ServeArgs, file_arguments};
+use seedsweep_coordinator::server::Coordinator;
 use seedsweep_coordinator::{admin, store};
-use std::net::SocketAddr;
+use seedsweep_ops::LogFormat;
+use seedsweep_proto::client::{Connection, read_token};
+use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// seedsweep's coordinator: holds sweeps of seeds and leases them to workers over gRPC.
 ///
@@ -13,31 +16,59 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "coordinator", version)]
 struct Cli {
+    /// Log lines for people (text) or one JSON object per line (json).
+    #[arg(long, global = true, env = "SEEDSWEEP_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+/// How the sweep commands reach the coordinator.
+#[derive(Args)]
+struct ClientArgs {
+    /// The coordinator's gRPC URL: http://HOST:PORT, or https://HOST:PORT for TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "SEEDSWEEP_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// File holding the admin token (its first line). Or set SEEDSWEEP_ADMIN_TOKEN.
+    #[arg(long, global = true, env = "SEEDSWEEP_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for an https:// coordinator (default: the system's roots).
+    #[arg(long, global = true, env = "SEEDSWEEP_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a coordinator that requires one; needs --tls-client-key.
+    #[arg(long, global = true, env = "SEEDSWEEP_CLIENT_CERT", value_name = "FILE")]
+    tls_client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "SEEDSWEEP_CLIENT_KEY", value_name = "FILE")]
+    tls_client_key: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    fn connection(self) -> anyhow::Result<Connection> {
+        Ok(Connection {
+            token: read_token(self.token_file.as_deref(), "SEEDSWEEP_ADMIN_TOKEN")?,
+            url: self.coordinator,
+            tls_ca: self.tls_ca,
+            tls_cert: self.tls_client_cert,
+            tls_key: self.tls_client_key,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the gRPC API, backed by SQLite (one host) or PostgreSQL (fleets). Migrates the schema at start.
-    Serve {
-        /// Address to listen on. Port 0 picks a free port (see --addr-file).
-        #[arg(long, env = "SEEDSWEEP_LISTEN", default_value = "127.0.0.1:50051")]
-        listen: SocketAddr,
-        /// Database: sqlite://FILE (created if missing) or postgres://USER:PASSWORD@HOST:PORT/DB.
-        #[arg(
-            long,
-            env = "SEEDSWEEP_DATABASE_URL",
-            default_value = "sqlite://seedsweep.db"
-        )]
-        database_url: String,
-        /// Seconds a lease lives without a heartbeat before its seed goes back to the queue.
-        #[arg(long, env = "SEEDSWEEP_LEASE_TTL", default_value_t = 60, value_parser = clap::value_parser!(u64).range(2..=86400))]
-        lease_ttl: u64,
-        /// Once listening, write the bound address (HOST:PORT) to this file.
-        #[arg(long)]
-        addr_file: Option<PathBuf>,
-    },
+    /// Serve the gRPC API, backed by SQLite (one host) or PostgreSQL (fleets). Migrates the
+    /// schema at start. Settings come from flags, SEEDSWEEP_… environment variables and
+    /// --config FILE, in that order of precedence (see `coordinator config`).
+    Serve(ServeArgs),
+    /// Print the settings `serve` would run with (same flags, environment and file), where each
+    /// came from, with the database password and tokens masked; checks them without serving.
+    Config(ServeArgs),
     /// Create or update the database schema, then exit.
     Migrate {
         /// Database: sqlite://FILE or postgres://USER:PASSWORD@HOST:PORT/DB.
@@ -50,14 +81,8 @@ enum Command {
     },
     /// Manage sweeps on a running coordinator.
     Sweep {
-        /// The coordinator's gRPC URL.
-        #[arg(
-            long,
-            global = true,
-            env = "SEEDSWEEP_COORDINATOR",
-            default_value = "http://127.0.0.1:50051"
-        )]
-        coordinator: String,
+        #[command(flatten)]
+        client: ClientArgs,
         #[command(subcommand)]
         command: SweepCommand,
     },
@@ -187,41 +212,58 @@ fn positive(s: &str) -> Result<f64, String> {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal, not in log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
-    if let Err(e) = run(Cli::parse()).await {
+    let (cli, matches, from_file) = match parse() {
+        Ok(parsed) => parsed,
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(e) => e.exit(),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        },
+    };
+    seedsweep_ops::init_logging(cli.log_format, "info,sqlx=warn");
+    if let Err(e) = run(cli, &matches, &from_file).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Parses the command line; for `serve` and `config`, parses it again with the configuration
+/// file's settings added where no flag or environment variable gave one. Returns the serve
+/// arguments' matches and the settings the file gave, for `config`'s report.
+fn parse() -> anyhow::Result<(Cli, clap::ArgMatches, BTreeSet<String>)> {
+    let mut argv: Vec<OsString> = std::env::args_os().collect();
+    let matches = Cli::command().try_get_matches_from(&argv)?;
+    let (extra, from_file) = match matches.subcommand() {
+        Some(("serve" | "config", sub)) => file_arguments(sub)?,
+        _ => (Vec::new(), BTreeSet::new()),
+    };
+    argv.extend(extra);
+    let matches = Cli::command().try_get_matches_from(&argv)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    let sub = match matches.subcommand() {
+        Some((_, sub)) => sub.clone(),
+        None => matches,
+    };
+    Ok((cli, sub, from_file))
+}
+
+async fn run(cli: Cli, matches: &clap::ArgMatches, from_file: &BTreeSet<String>) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve {
-            listen,
-            database_url,
-            lease_ttl,
-            addr_file,
-        } => {
-            let coordinator = Coordinator::build(ServerSettings {
-                listen,
-                database_url,
-                lease_ttl: Duration::from_secs(lease_ttl),
-            })
-            .await?;
-            if let Some(path) = addr_file {
+        Command::Serve(args) => {
+            let coordinator = Coordinator::build(args.settings()?).await?;
+            if let Some(path) = args.addr_file {
                 write_atomically(&path, &coordinator.local_addr().to_string())
                     .with_context(|| format!("failed to write {}", path.display()))?;
             }
             coordinator.run_until(shutdown_signal()).await?;
             tracing::info!("coordinator stopped");
+        }
+        Command::Config(args) => {
+            let text = args.describe(matches, from_file)?;
+            print!("{text}");
+            seedsweep_coordinator::server::check_exposure(&args.settings()?)?;
         }
         Command::Migrate { database_url } => {
             store::connect(&database_url).await.with_context(|| {
@@ -232,23 +274,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 store::redact_url(&database_url)
             );
         }
-        Command::Sweep {
-            coordinator,
-            command,
-        } => {
+        Command::Sweep { client, command } => {
+            let coordinator = &client.connection()?;
             let out = match command {
-                SweepCommand::Submit { file } => admin::submit(&coordinator, &file).await? + "\n",
-                SweepCommand::Status { id, json } => admin::status(&coordinator, &id, json).await?,
-                SweepCommand::List { json } => admin::list(&coordinator, json).await?,
-                SweepCommand::Pause { id } => admin::set_state(&coordinator, &id, "paused").await?,
+                SweepCommand::Submit { file } => admin::submit(coordinator, &file).await? + "\n",
+                SweepCommand::Status { id, json } => admin::status(coordinator, &id, json).await?,
+                SweepCommand::List { json } => admin::list(coordinator, json).await?,
+                SweepCommand::Pause { id } => admin::set_state(coordinator, &id, "paused").await?,
                 SweepCommand::Resume { id } => {
-                    admin::set_state(&coordinator, &id, "active").await?
+                    admin::set_state(coordinator, &id, "active").await?
                 }
                 SweepCommand::Cancel { id } => {
-                    admin::set_state(&coordinator, &id, "cancelled").await?
+                    admin::set_state(coordinator, &id, "cancelled").await?
                 }
                 SweepCommand::Extend { id, seeds } => {
-                    admin::extend(&coordinator, &id, &seeds).await?
+                    admin::extend(coordinator, &id, &seeds).await?
                 }
                 SweepCommand::Stats {
                     id,
@@ -257,26 +297,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     test_examples,
                     json,
                 } => {
-                    admin::stats(&coordinator, &id, &metric, ci_width, test_examples, json).await?
+                    admin::stats(coordinator, &id, &metric, ci_width, test_examples, json).await?
                 }
                 SweepCommand::Report { id, out, metric } => {
-                    admin::report(&coordinator, &id, &metric, &out).await?
+                    admin::report(coordinator, &id, &metric, &out).await?
                 }
                 SweepCommand::Export {
                     id,
                     format,
                     out,
                     table,
-                } => admin::export(&coordinator, &id, &table, &format, &out).await?,
+                } => admin::export(coordinator, &id, &table, &format, &out).await?,
                 SweepCommand::Compare { a, b, metric, json } => {
-                    admin::compare(&coordinator, &a, &b, &metric, json).await?
+                    admin::compare(coordinator, &a, &b, &metric, json).await?
                 }
                 SweepCommand::Watch { id, metric } => {
-                    admin::watch(&coordinator, &id, &metric).await?;
+                    admin::watch(coordinator, &id, &metric).await?;
                     String::new()
                 }
                 SweepCommand::Results { id, json } => {
-                    admin::results(&coordinator, &id, json).await?
+                    admin::results(coordinator, &id, json).await?
                 }
             };
             print!("{out}");

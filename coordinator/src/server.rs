@@ -1,15 +1,23 @@
-//! The start-up seam shared by `coordinator serve` and the tests: connect and migrate the store,
-//! bind the listener (port 0 allowed), report the bound address, serve until told to stop.
+//! The start-up seam shared by `coordinator serve` and the tests: check the security settings,
+//! connect and migrate the store, bind the listener (port 0 allowed), report the bound address,
+//! serve until told to stop. Beside the Coordinator service: the standard gRPC health service
+//! (for Kubernetes probes), server reflection (for grpcurl), and the Prometheus endpoint.
 
+use crate::auth::{AuthLayer, Tokens};
+use crate::metrics::Metrics;
 use crate::service::CoordinatorService;
-use crate::store::{self, redact_url};
-use anyhow::Context;
+use crate::store::{self, Store, redact_url};
+use anyhow::{Context, bail};
 use seedsweep_proto::v1::coordinator_server::CoordinatorServer;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic_health::ServingStatus;
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
@@ -17,17 +25,68 @@ pub struct ServerSettings {
     pub database_url: String,
     /// How long a lease lives without a heartbeat.
     pub lease_ttl: Duration,
+    /// Accepted tokens; `None` serves without authentication (loopback only unless `insecure`).
+    pub tokens: Option<Tokens>,
+    pub tls: Option<TlsSettings>,
+    /// Allow a non-loopback address without tokens.
+    pub insecure: bool,
+    /// Where to serve Prometheus metrics (`None`: not at all).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
-/// A coordinator that has connected to its database and bound its port, ready to serve.
+/// The server's certificate and key (PEM), and optionally the CA whose client certificates it
+/// requires.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    fn config(&self) -> anyhow::Result<ServerTlsConfig> {
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p).with_context(|| format!("failed to read the TLS {what} {}", p.display()))
+        };
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(read(&self.cert, "certificate")?, read(&self.key, "key")?));
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+        }
+        Ok(config)
+    }
+}
+
+/// Refuses to expose an unauthenticated coordinator beyond this host unless told to.
+pub fn check_exposure(settings: &ServerSettings) -> anyhow::Result<()> {
+    if settings.tokens.is_some() || settings.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if !settings.insecure {
+        bail!(
+            "refusing to listen on {} without authentication: anyone who can reach it could submit, cancel or read sweeps. Give worker and admin tokens (--worker-token-file/--admin-token-file or SEEDSWEEP_WORKER_TOKEN/SEEDSWEEP_ADMIN_TOKEN), listen on 127.0.0.1, or pass --insecure on a network you trust",
+            settings.listen
+        );
+    }
+    tracing::warn!(listen = %settings.listen, "--insecure: serving WITHOUT authentication on a non-loopback address; anyone who can reach it can drive this coordinator");
+    Ok(())
+}
+
+/// A coordinator that has connected to its database and bound its port(s), ready to serve.
 pub struct Coordinator {
     listener: TcpListener,
     service: CoordinatorService,
+    store: Arc<dyn Store>,
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    tls: Option<ServerTlsConfig>,
+    tokens: Option<Arc<Tokens>>,
 }
 
 impl Coordinator {
     pub async fn build(settings: ServerSettings) -> anyhow::Result<Coordinator> {
+        check_exposure(&settings)?;
+        let tls = settings.tls.as_ref().map(TlsSettings::config).transpose()?;
         let url = redact_url(&settings.database_url);
         let store = store::connect(&settings.database_url)
             .await
@@ -38,11 +97,29 @@ impl Coordinator {
         let addr = listener
             .local_addr()
             .context("failed to read the bound address")?;
-        tracing::info!(%addr, database = %url, "coordinator listening");
+        let metrics = Arc::new(Metrics::new(settings.lease_ttl));
+        let metrics_addr = match settings.metrics_listen {
+            Some(at) => {
+                let (m, s) = (metrics.clone(), store.clone());
+                let render = move || {
+                    let (m, s) = (m.clone(), s.clone());
+                    async move { m.render(s.as_ref()).await }
+                };
+                Some(seedsweep_ops::serve_metrics(at, render).await?)
+            }
+            None => None,
+        };
+        tracing::info!(%addr, database = %url, tls = tls.is_some(),
+            client_certificates = settings.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            auth = ?settings.tokens.as_ref().map(|_| "tokens"), "coordinator listening");
         Ok(Coordinator {
             listener,
-            service: CoordinatorService::new(store, settings.lease_ttl),
+            service: CoordinatorService::new(store.clone(), settings.lease_ttl, metrics),
+            store,
             addr,
+            metrics_addr,
+            tls,
+            tokens: settings.tokens.map(Arc::new),
         })
     }
 
@@ -50,16 +127,73 @@ impl Coordinator {
         self.addr
     }
 
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        tonic::transport::Server::builder()
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(seedsweep_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("failed to build the reflection service")?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(seedsweep_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("failed to build the reflection service")?;
+        let watch = tokio::spawn(report_health(health.clone(), self.store.clone()));
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls).context("bad TLS settings")?;
+        }
+        let served = builder
+            .layer(AuthLayer(self.tokens))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
             .add_service(CoordinatorServer::new(self.service))
             // Without TCP_NODELAY, a reply written in several small pieces waits out the
             // client's delayed ACK (40 ms on Linux) under Nagle's algorithm.
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.listener).with_nodelay(Some(true)),
-                shutdown,
+                async move {
+                    shutdown.await;
+                    // Probes see the replica leaving before its connections close.
+                    health.set_service_status("", ServingStatus::NotServing).await;
+                    health.set_not_serving::<CoordinatorServer<CoordinatorService>>().await;
+                },
             )
             .await
-            .context("gRPC server failed")
+            .context("gRPC server failed");
+        watch.abort();
+        served
+    }
+}
+
+/// Keeps the health service's answer true: SERVING while the database answers, NOT_SERVING
+/// while it does not (checked every 5 s), so a replica cut off from its database leaves the
+/// load balancer's rotation.
+async fn report_health(health: tonic_health::server::HealthReporter, store: Arc<dyn Store>) {
+    let mut last = None;
+    loop {
+        let status = match store.ping().await {
+            Ok(()) => ServingStatus::Serving,
+            Err(e) => {
+                if last != Some(ServingStatus::NotServing) {
+                    tracing::warn!(error = %e, "database unreachable: health is NOT_SERVING");
+                }
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) {
+            health.set_service_status("", status).await;
+            health
+                .set_service_status("seedsweep.v1.Coordinator", status)
+                .await;
+            last = Some(status);
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }

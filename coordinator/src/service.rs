@@ -7,6 +7,8 @@ use crate::domain::{
     SeedCounts, SeedResult, SweepId, SweepSummary,
 };
 use crate::spec::{SeedSet, SweepSpec};
+use crate::auth::caller_of;
+use crate::metrics::Metrics;
 use crate::stats;
 use crate::store::{Store, StoreError, redact_url};
 use seedsweep_proto::v1 as pb;
@@ -18,16 +20,18 @@ use tonic::{Request, Response, Status, Streaming};
 pub struct CoordinatorService {
     store: Arc<dyn Store>,
     lease_ttl: Duration,
+    metrics: Arc<Metrics>,
     /// Told the sweep of each result this process records, to wake its watchers.
     recorded: tokio::sync::broadcast::Sender<SweepId>,
 }
 
 impl CoordinatorService {
-    pub fn new(store: Arc<dyn Store>, lease_ttl: Duration) -> Self {
+    pub fn new(store: Arc<dyn Store>, lease_ttl: Duration, metrics: Arc<Metrics>) -> Self {
         let (recorded, _) = tokio::sync::broadcast::channel(1024);
         CoordinatorService {
             store,
             lease_ttl,
+            metrics,
             recorded,
         }
     }
@@ -681,14 +685,17 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::LeaseSeedRequest>,
     ) -> Result<Response<pb::LeaseSeedResponse>, Status> {
         let worker = worker_id(&req.get_ref().worker_id)?;
-        let outcome = match self
-            .store
-            .claim(worker, self.lease_ttl)
-            .await
-            .map_err(status)?
-        {
+        let token = caller_of(&req);
+        self.metrics.saw_worker(worker);
+        let started = std::time::Instant::now();
+        let claimed = self.store.claim(worker, self.lease_ttl).await;
+        self.metrics.claimed(
+            started.elapsed(),
+            matches!(claimed, Ok(ClaimOutcome::Leased(_))),
+        );
+        let outcome = match claimed.map_err(status)? {
             ClaimOutcome::Leased(l) => {
-                tracing::info!(sweep = %l.lease.sweep_id, seed = l.lease.seed, fence = l.lease.fence, worker, "seed leased");
+                tracing::info!(sweep = %l.lease.sweep_id, seed = l.lease.seed, fence = l.lease.fence, worker, token, "seed leased");
                 pb::lease_seed_response::Outcome::Lease(pb::Lease {
                     sweep_id: l.lease.sweep_id.to_string(),
                     seed: l.lease.seed,
@@ -716,6 +723,10 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let lease = lease_ref(req.get_ref().lease.as_ref())?;
+        let worker = &req.get_ref().worker_id;
+        if !worker.is_empty() {
+            self.metrics.saw_worker(worker_id(worker)?);
+        }
         self.store
             .heartbeat(lease, self.lease_ttl)
             .await
@@ -788,13 +799,15 @@ impl Coordinator for CoordinatorService {
                 )
             },
         };
+        self.metrics.saw_worker(&result.worker_id);
         let outcome = self.store.complete(lease, &result).await.map_err(status)?;
         let recorded = outcome == CompleteOutcome::Recorded;
         if recorded {
+            self.metrics.result_recorded();
             // No watcher: nobody to wake.
             let _ = self.recorded.send(lease.sweep_id);
         }
-        tracing::info!(%lease, worker = %result.worker_id, test_accuracy = result.test_accuracy, recorded, "seed finished");
+        tracing::info!(sweep = %lease.sweep_id, seed = lease.seed, fence = lease.fence, worker = %result.worker_id, token = caller_of(&req), test_accuracy = result.test_accuracy, recorded, "seed finished");
         Ok(Response::new(pb::CompleteSeedResponse { recorded }))
     }
 
@@ -805,13 +818,14 @@ impl Coordinator for CoordinatorService {
         let r = req.get_ref();
         let lease = lease_ref(r.lease.as_ref())?;
         let worker = worker_id(&r.worker_id)?;
+        self.metrics.saw_worker(worker);
         let cause: String = r.cause.chars().take(4096).collect();
         let state = self
             .store
             .fail(lease, &cause, r.counts_as_attempt)
             .await
             .map_err(status)?;
-        tracing::warn!(%lease, worker, cause = %cause, counts_as_attempt = r.counts_as_attempt, state = state.as_str(), "seed attempt ended without a result");
+        tracing::warn!(sweep = %lease.sweep_id, seed = lease.seed, fence = lease.fence, worker, token = caller_of(&req), cause = %cause, counts_as_attempt = r.counts_as_attempt, state = state.as_str(), "seed attempt ended without a result");
         Ok(Response::new(pb::FailSeedResponse {
             state: state.as_str().to_string(),
         }))

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod finetune;
 pub mod imagefolder;
+pub mod metrics;
 pub mod model;
 pub mod runner;
 pub mod shim;

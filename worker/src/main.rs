@@ -1,6 +1,8 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use seedsweep_proto::client::{Connection, read_token};
 use seedsweep_worker::data;
+use seedsweep_worker::metrics::WorkerMetrics;
 use seedsweep_worker::runner::{Worker, WorkerSettings, device_label};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +23,9 @@ use tch::Device;
     subcommand_negates_reqs = true
 )]
 struct Cli {
+    /// Log lines for people (text) or one JSON object per line (json).
+    #[arg(long, global = true, env = "SEEDSWEEP_LOG_FORMAT", default_value = "text")]
+    log_format: seedsweep_ops::LogFormat,
     #[command(flatten)]
     run: RunArgs,
     #[command(subcommand)]
@@ -31,13 +36,28 @@ struct Cli {
 struct RunArgs {
     #[command(flatten)]
     device: DeviceArgs,
-    /// The coordinator's gRPC URL.
+    /// The coordinator's gRPC URL: http://HOST:PORT, or https://HOST:PORT for TLS.
     #[arg(
         long,
         env = "SEEDSWEEP_COORDINATOR",
         default_value = "http://127.0.0.1:50051"
     )]
     coordinator: String,
+    /// File holding the worker token (its first line). Or set SEEDSWEEP_WORKER_TOKEN.
+    #[arg(long, env = "SEEDSWEEP_WORKER_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for an https:// coordinator (default: the system's roots).
+    #[arg(long, env = "SEEDSWEEP_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a coordinator that requires one; needs --tls-client-key.
+    #[arg(long, env = "SEEDSWEEP_CLIENT_CERT", value_name = "FILE")]
+    tls_client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "SEEDSWEEP_CLIENT_KEY", value_name = "FILE")]
+    tls_client_key: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP at this address (path /metrics), e.g. 0.0.0.0:9091.
+    #[arg(long, env = "SEEDSWEEP_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Folder holding the datasets: DATA_DIR/NAME/cifar-10-batches-bin/.
     #[arg(long, env = "SEEDSWEEP_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
@@ -169,15 +189,8 @@ fn main() {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8") };
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal, not in log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    seedsweep_ops::init_logging(cli.log_format, "info");
     let result = match cli.command {
         Some(Command::MakeDataset {
             kind,
@@ -387,8 +400,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             device_label(device)
         )
     });
+    let connection = Connection {
+        token: read_token(args.token_file.as_deref(), "SEEDSWEEP_WORKER_TOKEN")?,
+        url: args.coordinator,
+        tls_ca: args.tls_ca,
+        tls_cert: args.tls_client_cert,
+        tls_key: args.tls_client_key,
+    };
+    // Checked before libtorch or the data are touched, so a typo fails fast.
+    connection.endpoint()?;
     let settings = WorkerSettings {
-        coordinator: args.coordinator,
+        coordinator: connection,
         device,
         data_dir: args.data_dir,
         cifar10_url: args.cifar10_url,
@@ -415,7 +437,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let shutdown = Arc::new(AtomicBool::new(false));
         tokio::spawn(watch_signals(shutdown.clone()));
-        Worker::connect(settings, shutdown).await?.run().await
+        let metrics = Arc::new(WorkerMetrics::default());
+        if let Some(at) = args.metrics_listen {
+            let m = metrics.clone();
+            seedsweep_ops::serve_metrics(at, move || {
+                let page = m.render();
+                async move { Ok(page) }
+            })
+            .await?;
+        }
+        Worker::connect(settings, shutdown, metrics).await?.run().await
     })
 }
 

@@ -13,7 +13,8 @@ use crate::train::{
 };
 use anyhow::{Context, bail};
 use seedsweep_proto::v1 as pb;
-use seedsweep_proto::v1::coordinator_client::CoordinatorClient;
+use crate::metrics::WorkerMetrics;
+use seedsweep_proto::client::{Client, Connection};
 use sha2::Digest;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,12 +24,11 @@ use std::time::{Duration, Instant};
 use tch::Device;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
-    pub coordinator: String,
+    pub coordinator: Connection,
     pub device: Device,
     pub data_dir: PathBuf,
     /// Where to download CIFAR-10 from when `cifar10` is missing.
@@ -66,7 +66,7 @@ pub fn device_label(device: Device) -> String {
 
 pub struct Worker {
     settings: WorkerSettings,
-    client: CoordinatorClient<Channel>,
+    client: Client,
     /// Datasets loaded so far, by name, shared by the slots.
     datasets: tokio::sync::Mutex<HashMap<String, Arc<Dataset>>>,
     /// Set by SIGINT/SIGTERM: stop training, hand the seeds back, exit.
@@ -75,6 +75,7 @@ pub struct Worker {
     leases: AtomicU64,
     /// Backbone features computed or loaded so far, by cache key (task finetune-head).
     features: FeatureMemory,
+    metrics: Arc<WorkerMetrics>,
 }
 
 type FeatureMemory = Arc<std::sync::Mutex<HashMap<String, Arc<Features>>>>;
@@ -254,13 +255,10 @@ impl Worker {
     pub async fn connect(
         settings: WorkerSettings,
         shutdown: Arc<AtomicBool>,
+        metrics: Arc<WorkerMetrics>,
     ) -> anyhow::Result<Worker> {
-        let url = &settings.coordinator;
-        let endpoint = Endpoint::from_shared(url.clone())
-            .with_context(|| {
-                format!("`{url}` is not a coordinator URL: write it as http://HOST:PORT")
-            })?
-            .connect_timeout(Duration::from_secs(5));
+        let url = &settings.coordinator.url;
+        let endpoint = settings.coordinator.endpoint()?;
         let deadline = Instant::now() + settings.connect_timeout;
         let channel = loop {
             match endpoint.connect().await {
@@ -276,8 +274,9 @@ impl Worker {
         };
         tracing::info!(coordinator = %url, worker = %settings.worker_id, device = %device_label(settings.device), slots = settings.slots, "worker connected");
         Ok(Worker {
+            client: settings.coordinator.client(channel)?,
             settings,
-            client: CoordinatorClient::new(channel),
+            metrics,
             datasets: tokio::sync::Mutex::new(HashMap::new()),
             shutdown,
             leases: AtomicU64::new(0),
@@ -414,6 +413,7 @@ impl Worker {
         let heartbeat = tokio::spawn(heartbeat_loop(
             self.client.clone(),
             lref.clone(),
+            self.settings.worker_id.clone(),
             Duration::from_secs_f64((lease.lease_ttl_seconds as f64 / 3.0).max(1.0)),
             stop.clone(),
             lost.clone(),
@@ -608,6 +608,12 @@ impl Worker {
             }
         });
 
+        let mut shown = Shown::new(&self.metrics, &lref);
+        let images_per_epoch = match &job {
+            Job::Resnet9 { data, .. } => Some(data.train.len().max(0) as u64),
+            Job::Finetune { .. } => None,
+        };
+        let metrics_t = self.metrics.clone();
         let started = Instant::now();
         let device = self.settings.device;
         let (stop_t, lref_t) = (held.stop.clone(), lref.clone());
@@ -626,6 +632,9 @@ impl Worker {
                 prefetch_tx.take().map(|t| t.send(()));
             }
             let on_epoch = |m: &EpochMetrics| {
+                if let Some(images) = images_per_epoch {
+                    metrics_t.epoch(&lref_t.sweep_id, lref_t.seed, images, m.seconds);
+                }
                 if tx.blocking_send(epoch_pb(&lref_t, m)).is_err() {
                     // The coordinator closed the stream (a stale lease): stop training.
                     stop_t.store(true, Ordering::Relaxed);
@@ -700,6 +709,7 @@ impl Worker {
                 .await
                 {
                     Ok(_) => {
+                        shown.finished_in = Some(seconds);
                         tracing::info!(
                             seed,
                             test_accuracy,
@@ -783,6 +793,33 @@ impl Worker {
     }
 }
 
+/// A seed on the metrics page for as long as this lives (every way a lease ends drops it).
+struct Shown<'a> {
+    metrics: &'a WorkerMetrics,
+    sweep: String,
+    seed: i64,
+    /// Set when the coordinator accepted the seed's result: its training time.
+    finished_in: Option<f64>,
+}
+
+impl<'a> Shown<'a> {
+    fn new(metrics: &'a WorkerMetrics, lease: &pb::LeaseRef) -> Self {
+        metrics.started(&lease.sweep_id, lease.seed);
+        Shown {
+            metrics,
+            sweep: lease.sweep_id.clone(),
+            seed: lease.seed,
+            finished_in: None,
+        }
+    }
+}
+
+impl Drop for Shown<'_> {
+    fn drop(&mut self) {
+        self.metrics.ended(&self.sweep, self.seed, self.finished_in);
+    }
+}
+
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     let text = panic
         .downcast_ref::<String>()
@@ -835,7 +872,7 @@ type StreamCall =
 
 /// Opens a metrics stream that first replays `sent` (re-recording an epoch is idempotent).
 fn open_stream(
-    mut client: CoordinatorClient<Channel>,
+    mut client: Client,
     sent: &[pb::EpochMetrics],
 ) -> (mpsc::Sender<pb::EpochMetrics>, StreamCall) {
     let (tx, rx) = mpsc::channel(sent.len() + 64);
@@ -853,7 +890,7 @@ fn open_stream(
 /// stream, so every epoch arrives once the coordinator is back, for up to `patience` after
 /// training ends. Returns the stream's verdict: Ok, or the status that ended it.
 async fn ship_metrics(
-    client: CoordinatorClient<Channel>,
+    client: Client,
     mut from_training: mpsc::Receiver<pb::EpochMetrics>,
     patience: Duration,
 ) -> Result<(), Status> {
@@ -902,8 +939,9 @@ async fn ship_metrics(
 }
 
 async fn heartbeat_loop(
-    mut client: CoordinatorClient<Channel>,
+    mut client: Client,
     lease: pb::LeaseRef,
+    worker_id: String,
     every: Duration,
     stop: Arc<AtomicBool>,
     lost: Arc<AtomicBool>,
@@ -921,6 +959,7 @@ async fn heartbeat_loop(
         match client
             .heartbeat(pb::HeartbeatRequest {
                 lease: Some(lease.clone()),
+                worker_id: worker_id.clone(),
             })
             .await
         {

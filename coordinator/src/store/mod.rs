@@ -17,7 +17,7 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::domain::{
-    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, LeaseRef, Metric, Scored,
+    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, LeaseRef, Metric, Scored,
     SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
 };
 use crate::spec::{SeedSet, SweepSpec};
@@ -117,6 +117,11 @@ pub trait Store: Send + Sync + 'static {
         Ok(crate::stats::describe::epoch_spread(&points))
     }
 
+    /// Whether the database answers (a trivial query).
+    async fn ping(&self) -> Result<()>;
+    /// Seed counts per state of the sweeps not cancelled, and leases expired so far.
+    async fn fleet_counts(&self) -> Result<FleetCounts>;
+
     /// Expires overdue leases, then leases one seed to `worker_id` for `ttl`.
     async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome>;
     /// Extends a held lease to `ttl` from now.
@@ -211,6 +216,13 @@ pub fn redact_url(url: &str) -> String {
         None => format!("{scheme}://{authority}"),
     }
 }
+
+/// [`Store::fleet_counts`]' seed counts, the same in both dialects.
+pub(crate) const FLEET_SEEDS: &str = "SELECT w.id AS sweep_id, w.name, s.state, count(*) AS n
+     FROM sweeps w JOIN seeds s ON s.sweep_id = w.id
+     WHERE w.state <> 'cancelled'
+     GROUP BY w.id, w.name, s.state
+     ORDER BY w.id, s.state";
 
 pub(crate) fn sweep_state_from_db(s: &str) -> Result<SweepState> {
     SweepState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown sweep state `{s}`")))

@@ -3,13 +3,13 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, Result, Store, StoreError,
+    AGGREGATE_COLUMNS, FLEET_SEEDS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, Result, Store, StoreError,
     aggregate_from_row, check_extendable, design_from_config, epoch_from_row, epoch_scores_sql,
     factors_from_row, jitter, lease_config, scored_from_row, scores_sql, seed_rows, state_from_db,
     sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
-    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, Lease, LeaseRef, Metric,
+    FleetCounts, Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, Lease, LeaseRef, Metric,
     Scored, SeedCounts, SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
 };
 use crate::spec::{Design, RetrySettings, SeedSet, SweepSpec};
@@ -405,6 +405,32 @@ impl Store for SqliteStore {
                 ))
             })
             .collect()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn fleet_counts(&self) -> Result<FleetCounts> {
+        let rows = sqlx::query(FLEET_SEEDS).fetch_all(&self.pool).await?;
+        let mut seeds = Vec::with_capacity(rows.len());
+        for row in &rows {
+            seeds.push((
+                parse_id(row.try_get("sweep_id")?)?,
+                row.try_get("name")?,
+                state_from_db(row.try_get("state")?)?,
+                u64_from_db(row.try_get("n")?),
+            ));
+        }
+        let expired: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM attempts WHERE outcome = 'expired'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(FleetCounts {
+            seeds,
+            expired_leases: u64_from_db(expired),
+        })
     }
 
     async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome> {
