@@ -2,10 +2,10 @@
 
 use crate::spec::SweepSpec;
 use anyhow::{Context, bail};
+use seedsweep_proto::client::{Client, Connection};
 use seedsweep_proto::v1 as pb;
 use std::path::Path;
 use std::time::Duration;
-use seedsweep_proto::client::{Client, Connection};
 
 pub async fn connect(url: &Connection) -> anyhow::Result<Client> {
     url.connect().await
@@ -562,7 +562,12 @@ pub async fn watch(url: &Connection, id: &str, metric: &str) -> anyhow::Result<(
 
 /// Writes a sweep's report (figures as SVG and PNG, report.html, summary.md) into `out`,
 /// creating it; each file goes to a temporary name first, so none is left half-written.
-pub async fn report(url: &Connection, id: &str, metric: &str, out: &Path) -> anyhow::Result<String> {
+pub async fn report(
+    url: &Connection,
+    id: &str,
+    metric: &str,
+    out: &Path,
+) -> anyhow::Result<String> {
     if out.exists() && !out.is_dir() {
         bail!("--out {}: exists and is not a folder", out.display());
     }

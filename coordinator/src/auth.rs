@@ -207,7 +207,10 @@ mod tests {
 
     fn tokens() -> Tokens {
         Tokens::new(
-            &["worker-token-0123456789".into(), "worker-token-rotated-99".into()],
+            &[
+                "worker-token-0123456789".into(),
+                "worker-token-rotated-99".into(),
+            ],
             &["admin-token-0123456789".into()],
         )
         .unwrap()
@@ -234,18 +237,33 @@ mod tests {
         let submit = "/seedsweep.v1.Coordinator/SubmitSweep";
         let code = |path, h| t.authorize(path, h).unwrap_err().code();
         assert_eq!(code(lease, None), tonic::Code::Unauthenticated);
-        assert_eq!(code(lease, Some("Bearer nope-nope-nope-nope")), tonic::Code::Unauthenticated);
-        assert_eq!(code(lease, Some("worker-token-0123456789")), tonic::Code::Unauthenticated);
+        assert_eq!(
+            code(lease, Some("Bearer nope-nope-nope-nope")),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            code(lease, Some("worker-token-0123456789")),
+            tonic::Code::Unauthenticated
+        );
         assert_eq!(
             code(submit, Some("Bearer worker-token-0123456789")),
             tonic::Code::PermissionDenied
         );
-        let w = t.authorize(lease, Some("Bearer worker-token-rotated-99")).unwrap().unwrap();
+        let w = t
+            .authorize(lease, Some("Bearer worker-token-rotated-99"))
+            .unwrap()
+            .unwrap();
         assert_eq!(w.role, Role::Worker);
         assert!(w.token.starts_with("worker:") && w.token.len() == 15);
-        let a = t.authorize(lease, Some("Bearer admin-token-0123456789")).unwrap().unwrap();
+        let a = t
+            .authorize(lease, Some("Bearer admin-token-0123456789"))
+            .unwrap()
+            .unwrap();
         assert_eq!(a.role, Role::Admin);
-        assert_eq!(t.authorize("/grpc.health.v1.Health/Check", None).unwrap(), None);
+        assert_eq!(
+            t.authorize("/grpc.health.v1.Health/Check", None).unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -45,10 +45,20 @@ pub struct ServeArgs {
     #[arg(long, env = "SEEDSWEEP_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.
-    #[arg(long, env = "SEEDSWEEP_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    #[arg(
+        long,
+        env = "SEEDSWEEP_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// The TLS certificate's private key (PEM).
-    #[arg(long, env = "SEEDSWEEP_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    #[arg(
+        long,
+        env = "SEEDSWEEP_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
     pub tls_key: Option<PathBuf>,
     /// Require clients to present a certificate signed by this CA (PEM); needs --tls-cert.
     #[arg(
@@ -91,8 +101,8 @@ pub fn file_arguments(
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("failed to read the configuration file {}", path.display()))?;
-    let table: toml::Table = toml::from_str(&text)
-        .with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
     let mut args = Vec::new();
     let mut from_file = BTreeSet::new();
     for (key, value) in table {
@@ -280,16 +290,28 @@ mod tests {
         assert_eq!(s.listen.to_string(), "127.0.0.1:7000");
         assert_eq!(s.lease_ttl, 30);
         assert!(s.insecure);
-        assert!(text.contains("listen = \"127.0.0.1:7000\"  # file"), "{text}");
+        assert!(
+            text.contains("listen = \"127.0.0.1:7000\"  # file"),
+            "{text}"
+        );
         assert!(text.contains("lease-ttl = 30  # flag"), "{text}");
         assert!(text.contains("metrics-listen is not set"), "{text}");
-        assert!(!text.contains("secret") && text.contains("u:***@db"), "{text}");
+        assert!(
+            !text.contains("secret") && text.contains("u:***@db"),
+            "{text}"
+        );
 
         std::fs::write(&file, "listne = \"x\"\n").unwrap();
         let err = parse(&["--config", f]).unwrap_err().to_string();
-        assert!(err.contains("unknown key `listne`") && err.contains("listen"), "{err}");
+        assert!(
+            err.contains("unknown key `listne`") && err.contains("listen"),
+            "{err}"
+        );
         std::fs::write(&file, "lease-ttl = 1\n").unwrap();
-        assert!(parse(&["--config", f]).is_err(), "the file's values are validated too");
+        assert!(
+            parse(&["--config", f]).is_err(),
+            "the file's values are validated too"
+        );
     }
 
     #[test]
@@ -306,7 +328,10 @@ mod tests {
         ])
         .unwrap();
         assert!(s.tokens().unwrap().is_some());
-        assert!(text.contains("worker:") && text.contains("admin:"), "{text}");
+        assert!(
+            text.contains("worker:") && text.contains("admin:"),
+            "{text}"
+        );
         assert!(!text.contains("0123456789\""), "{text}");
         assert!(!text.contains("token-0123456789"), "{text}");
     }

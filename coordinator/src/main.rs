@@ -17,7 +17,12 @@ use std::path::PathBuf;
 #[command(name = "coordinator", version)]
 struct Cli {
     /// Log lines for people (text) or one JSON object per line (json).
-    #[arg(long, global = true, env = "SEEDSWEEP_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "SEEDSWEEP_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -35,13 +40,23 @@ struct ClientArgs {
     )]
     coordinator: String,
     /// File holding the admin token (its first line). Or set SEEDSWEEP_ADMIN_TOKEN.
-    #[arg(long, global = true, env = "SEEDSWEEP_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SEEDSWEEP_ADMIN_TOKEN_FILE",
+        value_name = "FILE"
+    )]
     token_file: Option<PathBuf>,
     /// CA certificate (PEM) to trust for an https:// coordinator (default: the system's roots).
     #[arg(long, global = true, env = "SEEDSWEEP_TLS_CA", value_name = "FILE")]
     tls_ca: Option<PathBuf>,
     /// Client certificate (PEM) for a coordinator that requires one; needs --tls-client-key.
-    #[arg(long, global = true, env = "SEEDSWEEP_CLIENT_CERT", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SEEDSWEEP_CLIENT_CERT",
+        value_name = "FILE"
+    )]
     tls_client_cert: Option<PathBuf>,
     /// The client certificate's private key (PEM).
     #[arg(long, global = true, env = "SEEDSWEEP_CLIENT_KEY", value_name = "FILE")]
@@ -249,7 +264,11 @@ fn parse() -> anyhow::Result<(Cli, clap::ArgMatches, BTreeSet<String>)> {
     Ok((cli, sub, from_file))
 }
 
-async fn run(cli: Cli, matches: &clap::ArgMatches, from_file: &BTreeSet<String>) -> anyhow::Result<()> {
+async fn run(
+    cli: Cli,
+    matches: &clap::ArgMatches,
+    from_file: &BTreeSet<String>,
+) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let coordinator = Coordinator::build(args.settings()?).await?;
@@ -281,9 +300,7 @@ async fn run(cli: Cli, matches: &clap::ArgMatches, from_file: &BTreeSet<String>)
                 SweepCommand::Status { id, json } => admin::status(coordinator, &id, json).await?,
                 SweepCommand::List { json } => admin::list(coordinator, json).await?,
                 SweepCommand::Pause { id } => admin::set_state(coordinator, &id, "paused").await?,
-                SweepCommand::Resume { id } => {
-                    admin::set_state(coordinator, &id, "active").await?
-                }
+                SweepCommand::Resume { id } => admin::set_state(coordinator, &id, "active").await?,
                 SweepCommand::Cancel { id } => {
                     admin::set_state(coordinator, &id, "cancelled").await?
                 }
@@ -296,9 +313,7 @@ async fn run(cli: Cli, matches: &clap::ArgMatches, from_file: &BTreeSet<String>)
                     ci_width,
                     test_examples,
                     json,
-                } => {
-                    admin::stats(coordinator, &id, &metric, ci_width, test_examples, json).await?
-                }
+                } => admin::stats(coordinator, &id, &metric, ci_width, test_examples, json).await?,
                 SweepCommand::Report { id, out, metric } => {
                     admin::report(coordinator, &id, &metric, &out).await?
                 }

@@ -46,10 +46,13 @@ pub struct TlsSettings {
 impl TlsSettings {
     fn config(&self) -> anyhow::Result<ServerTlsConfig> {
         let read = |p: &PathBuf, what: &str| {
-            std::fs::read(p).with_context(|| format!("failed to read the TLS {what} {}", p.display()))
+            std::fs::read(p)
+                .with_context(|| format!("failed to read the TLS {what} {}", p.display()))
         };
-        let mut config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(read(&self.cert, "certificate")?, read(&self.key, "key")?));
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(
+            read(&self.cert, "certificate")?,
+            read(&self.key, "key")?,
+        ));
         if let Some(ca) = &self.client_ca {
             config = config.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
         }
@@ -161,8 +164,12 @@ impl Coordinator {
                 async move {
                     shutdown.await;
                     // Probes see the replica leaving before its connections close.
-                    health.set_service_status("", ServingStatus::NotServing).await;
-                    health.set_not_serving::<CoordinatorServer<CoordinatorService>>().await;
+                    health
+                        .set_service_status("", ServingStatus::NotServing)
+                        .await;
+                    health
+                        .set_not_serving::<CoordinatorServer<CoordinatorService>>()
+                        .await;
                 },
             )
             .await

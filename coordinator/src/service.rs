@@ -1,14 +1,14 @@
 //! The gRPC service: converts proto messages into domain types (rejecting malformed ones), calls
 //! the store, and maps store errors to gRPC statuses in one place.
 
+use crate::auth::caller_of;
 use crate::domain::SweepState;
 use crate::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, LeaseRef, Metric,
     SeedCounts, SeedResult, SweepId, SweepSummary,
 };
-use crate::spec::{SeedSet, SweepSpec};
-use crate::auth::caller_of;
 use crate::metrics::Metrics;
+use crate::spec::{SeedSet, SweepSpec};
 use crate::stats;
 use crate::store::{Store, StoreError, redact_url};
 use seedsweep_proto::v1 as pb;

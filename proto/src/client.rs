@@ -59,9 +59,7 @@ pub fn read_token(file: Option<&Path>, env: &str) -> anyhow::Result<Option<Strin
 /// fits an HTTP header and is long enough not to be guessed).
 pub fn check_token(token: &str) -> anyhow::Result<()> {
     if token.len() < 16 {
-        bail!(
-            "a token must have at least 16 characters (make one with `openssl rand -hex 32`)"
-        );
+        bail!("a token must have at least 16 characters (make one with `openssl rand -hex 32`)");
     }
     if token.len() > 512 || !token.bytes().all(|b| b.is_ascii_graphic()) {
         bail!("a token must be at most 512 visible ASCII characters, without spaces");
@@ -168,7 +166,11 @@ mod tests {
         assert_eq!(got.as_deref(), Some("0123456789abcdef0123"));
         std::fs::write(&file, "\n\n").unwrap();
         assert!(read_token(Some(&file), "X").is_err());
-        assert!(read_token(None, "SEEDSWEEP_TEST_TOKEN_UNSET").unwrap().is_none());
+        assert!(
+            read_token(None, "SEEDSWEEP_TEST_TOKEN_UNSET")
+                .unwrap()
+                .is_none()
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -179,6 +181,11 @@ mod tests {
             tls_ca: Some("ca.pem".into()),
             ..Default::default()
         };
-        assert!(c.endpoint().unwrap_err().to_string().contains("not https://"));
+        assert!(
+            c.endpoint()
+                .unwrap_err()
+                .to_string()
+                .contains("not https://")
+        );
     }
 }

@@ -7,6 +7,7 @@ mod e2e;
 mod finetune;
 mod protocol_model;
 mod resilience;
+mod security;
 mod statistics;
 mod store_conformance;
 mod training;

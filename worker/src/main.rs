@@ -24,7 +24,12 @@ use tch::Device;
 )]
 struct Cli {
     /// Log lines for people (text) or one JSON object per line (json).
-    #[arg(long, global = true, env = "SEEDSWEEP_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "SEEDSWEEP_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: seedsweep_ops::LogFormat,
     #[command(flatten)]
     run: RunArgs,
@@ -446,7 +451,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             })
             .await?;
         }
-        Worker::connect(settings, shutdown, metrics).await?.run().await
+        Worker::connect(settings, shutdown, metrics)
+            .await?
+            .run()
+            .await
     })
 }
 

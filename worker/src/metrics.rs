@@ -99,12 +99,24 @@ mod tests {
         m.started("s1", 7);
         m.epoch("s1", 7, 5000, 2.0);
         let page = m.render();
-        assert!(page.contains(r#"seedsweep_worker_current_seed{sweep="s1",seed="7"} 1"#), "{page}");
-        assert!(page.contains(r#"seedsweep_worker_images_per_second{sweep="s1",seed="7"} 2500.0"#), "{page}");
+        assert!(
+            page.contains(r#"seedsweep_worker_current_seed{sweep="s1",seed="7"} 1"#),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"seedsweep_worker_images_per_second{sweep="s1",seed="7"} 2500.0"#),
+            "{page}"
+        );
         m.ended("s1", 7, Some(30.0));
         let page = m.render();
         assert!(!page.contains("seed=\"7\""), "{page}");
-        assert!(page.contains("seedsweep_worker_seeds_finished_total 1"), "{page}");
-        assert!(page.contains("seedsweep_worker_seed_seconds_count 1"), "{page}");
+        assert!(
+            page.contains("seedsweep_worker_seeds_finished_total 1"),
+            "{page}"
+        );
+        assert!(
+            page.contains("seedsweep_worker_seed_seconds_count 1"),
+            "{page}"
+        );
     }
 }

@@ -7,14 +7,14 @@ use crate::finetune::{
     self, Backbone, BackboneConfig, BackboneError, FeatureCache, Features, FinetuneConfig, Source,
 };
 use crate::imagefolder::{self, OnBadImage};
+use crate::metrics::WorkerMetrics;
 use crate::model::Arch;
 use crate::train::{
     self, EpochMetrics, Precision, Run, Schedule, Seeds, TrainConfig, TrainError, Trained,
 };
 use anyhow::{Context, bail};
-use seedsweep_proto::v1 as pb;
-use crate::metrics::WorkerMetrics;
 use seedsweep_proto::client::{Client, Connection};
+use seedsweep_proto::v1 as pb;
 use sha2::Digest;
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -17,8 +17,8 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::domain::{
-    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, LeaseRef, Metric, Scored,
-    SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
+    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, LeaseRef,
+    Metric, Scored, SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
 };
 use crate::spec::{SeedSet, SweepSpec};
 use crate::stats::describe::EpochSpread;

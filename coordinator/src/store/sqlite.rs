@@ -3,14 +3,15 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    AGGREGATE_COLUMNS, FLEET_SEEDS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, Result, Store, StoreError,
-    aggregate_from_row, check_extendable, design_from_config, epoch_from_row, epoch_scores_sql,
-    factors_from_row, jitter, lease_config, scored_from_row, scores_sql, seed_rows, state_from_db,
-    sweep_state_from_db, u64_from_db,
+    AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, FLEET_SEEDS, Result, Store,
+    StoreError, aggregate_from_row, check_extendable, design_from_config, epoch_from_row,
+    epoch_scores_sql, factors_from_row, jitter, lease_config, scored_from_row, scores_sql,
+    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
-    FleetCounts, Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, Lease, LeaseRef, Metric,
-    Scored, SeedCounts, SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
+    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, Lease,
+    LeaseRef, Metric, Scored, SeedCounts, SeedResult, SeedState, SweepId, SweepProgress,
+    SweepState, SweepSummary,
 };
 use crate::spec::{Design, RetrySettings, SeedSet, SweepSpec};
 use async_trait::async_trait;
