@@ -114,7 +114,7 @@ impl Coordinator {
         };
         tracing::info!(%addr, database = %url, tls = tls.is_some(),
             client_certificates = settings.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
-            auth = ?settings.tokens.as_ref().map(|_| "tokens"), "coordinator listening");
+            auth = if settings.tokens.is_some() { "tokens" } else { "none" }, "coordinator listening");
         Ok(Coordinator {
             listener,
             service: CoordinatorService::new(store.clone(), settings.lease_ttl, metrics),
