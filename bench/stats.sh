@@ -26,7 +26,8 @@ serve() { # DB -> sets coord and cpid
 }
 
 # A database holding one sweep of DONE finished seeds (scores spread around 0.93 with a few
-# black swans) and PENDING more seeds to lease; prints the sweep id. The sweep is submitted
+# black swans; accuracies are hits out of 10,000 test images, as on CIFAR-10, so they take
+# few distinct values) and PENDING more seeds to lease; prints the sweep id. The sweep is submitted
 # through the coordinator with one seed (so its configuration is a real one), then grown in SQL.
 populate() { # DB DONE PENDING
   psql "$pg/postgres" -c "CREATE DATABASE \"$1\""
@@ -46,13 +47,17 @@ INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss
                      epochs, seconds, worker_id, device, data_fingerprint, init_seed, order_seed,
                      augment_seed, split_seed, precision, deterministic)
   SELECT sweep_id, seed, 1,
-         least(1, greatest(0, 0.93 + 0.007 * sin(seed * 12.9898) - CASE WHEN seed % 9973 = 5 THEN 0.1 ELSE 0 END)),
+         round(10000 * least(1, greatest(0, 0.93 + 0.007 * sin(seed * 12.9898) - CASE WHEN seed % 9973 = 5 THEN 0.1 ELSE 0 END))) / 10000,
          0.3, 0.2, 0.95, $epochs, 60, 'bench', 'cpu', 'sha256:00', seed, seed, seed, seed, 'fp32', true
   FROM seeds WHERE state = 'done';
 INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
                            test_accuracy, lr, seconds)
-  SELECT r.sweep_id, r.seed, e, 1, 1.0 / e, 0.5, 0.3, r.test_accuracy - 0.05 * ($epochs - e), 0.1, 1
+  SELECT r.sweep_id, r.seed, e, 1, 1.0 / e, 0.5, 0.3, round(10000 * (r.test_accuracy - 0.05 * ($epochs - e))) / 10000, 0.1, 1
   FROM results r, generate_series(1, $epochs) AS e;
+INSERT INTO epoch_values (sweep_id, metric, epoch, value, n)
+  SELECT sweep_id, m, epoch, v, count(*)
+  FROM epoch_metrics, LATERAL (VALUES ('test_accuracy', test_accuracy), ('train_accuracy', train_accuracy)) AS x (m, v)
+  GROUP BY sweep_id, m, epoch, v;
 INSERT INTO aggregates (sweep_id, metric, n, mean, m2, min, min_seed, max, max_seed)
   SELECT sweep_id, 'test_accuracy', count(*), avg(test_accuracy),
          coalesce(var_samp(test_accuracy) * (count(*) - 1), 0),

@@ -341,6 +341,15 @@ impl Metric {
         }
     }
 
+    /// Whether the `epoch_values` table counts its values per epoch: the accuracies, fractions of
+    /// a fixed set of examples, so they take few distinct values.
+    pub fn counted(self) -> bool {
+        matches!(
+            self,
+            Metric::TestAccuracy | Metric::TrainAccuracy | Metric::TestTop5 | Metric::ValAccuracy
+        )
+    }
+
     /// Whether `epoch_metrics` has it per epoch (its `seconds` is an epoch's, not a run's).
     pub fn per_epoch(self) -> bool {
         self != Metric::Seconds

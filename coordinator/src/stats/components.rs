@@ -64,7 +64,17 @@ pub fn components(cells: &[Cell]) -> Result<Components, NotCrossed> {
     }
     // Each factor's level index per run; factors that induce the same grouping are one source.
     let mut sources: Vec<(String, Vec<usize>, usize)> = Vec::new();
+    // Which source the previous factor's grouping went to (None: it has one level).
+    let mut previous: Option<usize> = None;
     for (f, name) in FACTORS.iter().enumerate() {
+        // The same column as the previous factor (sweeps that vary nothing: all four are the
+        // seed) groups the runs the same way: merge without building its levels again.
+        if f > 0 && cells.iter().all(|c| c.factors[f] == c.factors[f - 1]) {
+            if let Some(i) = previous {
+                sources[i].0 = format!("{}+{name}", sources[i].0);
+            }
+            continue;
+        }
         let mut index: HashMap<i64, usize> = HashMap::new();
         let levels: Vec<usize> = cells
             .iter()
@@ -73,12 +83,19 @@ pub fn components(cells: &[Cell]) -> Result<Components, NotCrossed> {
                 *index.entry(c.factors[f]).or_insert(next)
             })
             .collect();
+        previous = None;
         if index.len() < 2 {
             continue;
         }
-        match sources.iter_mut().find(|s| s.1 == levels) {
-            Some(s) => s.0 = format!("{}+{name}", s.0),
-            None => sources.push((name.to_string(), levels, index.len())),
+        match sources.iter().position(|s| s.1 == levels) {
+            Some(i) => {
+                sources[i].0 = format!("{}+{name}", sources[i].0);
+                previous = Some(i);
+            }
+            None => {
+                sources.push((name.to_string(), levels, index.len()));
+                previous = Some(sources.len() - 1);
+            }
         }
     }
     if sources.is_empty() {

@@ -102,12 +102,25 @@ pub trait Store: Send + Sync + 'static {
     async fn list_epochs(&self, id: SweepId) -> Result<Vec<(i64, EpochRecord)>>;
     /// The per-example correctness bitmaps of the sweep's results that have one, by seed.
     async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>>;
-    /// `(seed, epoch, value)` of `metric` for every epoch of every seed that has it, by seed
-    /// and epoch.
+    /// `(seed, epoch, value)` of `metric` for every epoch of every finished seed that has it,
+    /// by seed and epoch (a seed that ran out of attempts keeps its partial curve in
+    /// `epoch_metrics`, but is not a finished seed).
     async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(i64, u32, f64)>>;
-    /// The spread of `metric` across seeds at each epoch. By default from [`Store::epoch_scores`];
-    /// PostgreSQL computes it where the rows are.
+    /// `(epoch, value, count)` of a [`Metric::counted`] metric over the finished seeds, by epoch
+    /// and value (the `epoch_values` table).
+    async fn epoch_values(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64, u64)>>;
+    /// The spread of `metric` across the finished seeds at each epoch: from the live counts for
+    /// the accuracies, else from a scan ([`Store::epoch_spread_scan`]).
     async fn epoch_spread(&self, id: SweepId, metric: Metric) -> Result<Vec<EpochSpread>> {
+        if metric.counted() {
+            let rows = self.epoch_values(id, metric).await?;
+            return Ok(crate::stats::describe::epoch_spread_counted(&rows));
+        }
+        self.epoch_spread_scan(id, metric).await
+    }
+    /// The spread from every epoch row. By default from [`Store::epoch_scores`]; PostgreSQL
+    /// computes it where the rows are.
+    async fn epoch_spread_scan(&self, id: SweepId, metric: Metric) -> Result<Vec<EpochSpread>> {
         let points: Vec<(u32, f64)> = self
             .epoch_scores(id, metric)
             .await?
@@ -358,12 +371,48 @@ pub(crate) fn scores_sql(metric: Metric, seq: &str) -> String {
     )
 }
 
+/// The join that keeps the epoch rows of finished seeds (`e`: epoch_metrics, `r`: results).
+pub(crate) const FINISHED_EPOCHS: &str =
+    "JOIN results r ON r.sweep_id = e.sweep_id AND r.seed = e.seed AND e.epoch <= r.epochs";
+
 pub(crate) fn epoch_scores_sql(metric: Metric) -> String {
     let col = metric.column();
     format!(
-        "SELECT seed, epoch, {col} AS value FROM epoch_metrics
-         WHERE sweep_id = $1 AND {col} IS NOT NULL ORDER BY seed, epoch"
+        "SELECT e.seed, e.epoch, e.{col} AS value FROM epoch_metrics e {FINISHED_EPOCHS}
+         WHERE e.sweep_id = $1 AND e.{col} IS NOT NULL ORDER BY e.seed, e.epoch"
     )
+}
+
+/// Reads `epoch_values` for one sweep (`$1`) and metric (`$2`).
+pub(crate) const EPOCH_VALUES: &str = "SELECT epoch, value, n FROM epoch_values
+     WHERE sweep_id = $1 AND metric = $2 ORDER BY epoch, value";
+
+/// Counts a finished seed's (`$2`, of sweep `$1`, `$3` epochs) epoch values of the counted
+/// metrics into `epoch_values`, in the result's transaction. Rows are taken in key order so
+/// that concurrent completions lock shared rows in the same order.
+pub(crate) fn epoch_values_upsert(sqlite: bool) -> String {
+    let counted: Vec<&str> = Metric::ALL
+        .into_iter()
+        .filter(|m| m.counted())
+        .map(|m| m.column())
+        .collect();
+    let select = counted
+        .iter()
+        .map(|c| {
+            format!(
+                "SELECT sweep_id, '{c}' AS metric, epoch, {c} AS value FROM epoch_metrics
+                 WHERE sweep_id = $1 AND seed = $2 AND epoch <= $3"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let sql = format!(
+        "INSERT INTO epoch_values (sweep_id, metric, epoch, value, n)
+         SELECT sweep_id, metric, epoch, value, 1 FROM ({select}) m
+         WHERE value IS NOT NULL ORDER BY metric, epoch
+         ON CONFLICT (sweep_id, metric, epoch, value) DO UPDATE SET n = epoch_values.n + 1"
+    );
+    if sqlite { sql.replace('$', "?") } else { sql }
 }
 
 pub(crate) const EPOCH_COLUMNS: &str = "seed, epoch, train_loss, train_accuracy, test_loss,

@@ -4,10 +4,10 @@
 //! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
 use super::{
-    AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, FLEET_SEEDS, Result, Store,
-    StoreError, aggregate_from_row, check_extendable, design_from_config, epoch_from_row,
-    epoch_scores_sql, factors_from_row, jitter, lease_config, scores_sql, seed_rows, state_from_db,
-    sweep_state_from_db, u64_from_db,
+    AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, EPOCH_VALUES, FINISHED_EPOCHS,
+    FLEET_SEEDS, Result, Store, StoreError, aggregate_from_row, check_extendable,
+    design_from_config, epoch_from_row, epoch_scores_sql, epoch_values_upsert, factors_from_row,
+    jitter, lease_config, scores_sql, seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, Lease,
@@ -411,7 +411,7 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn epoch_spread(
+    async fn epoch_spread_scan(
         &self,
         id: SweepId,
         metric: Metric,
@@ -423,8 +423,8 @@ impl Store for PgStore {
             "SELECT epoch, count(*) AS n, avg(v) AS mean, coalesce(stddev_samp(v), 0) AS std,
                     min(v) AS min, max(v) AS max,
                     percentile_cont(ARRAY[0.25, 0.5, 0.75]) WITHIN GROUP (ORDER BY v) AS q
-             FROM (SELECT epoch, {col} AS v FROM epoch_metrics
-                   WHERE sweep_id = $1 AND {col} IS NOT NULL) e
+             FROM (SELECT e.epoch, e.{col} AS v FROM epoch_metrics e {FINISHED_EPOCHS}
+                   WHERE e.sweep_id = $1 AND e.{col} IS NOT NULL) e
              GROUP BY epoch ORDER BY epoch"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -448,6 +448,23 @@ impl Store for PgStore {
                     median: q[1],
                     q3: q[2],
                 })
+            })
+            .collect()
+    }
+
+    async fn epoch_values(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64, u64)>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES))
+            .bind(id.0)
+            .bind(metric.column())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i32, _>("epoch")?.max(0) as u32,
+                    r.try_get("value")?,
+                    u64_from_db(r.try_get("n")?),
+                ))
             })
             .collect()
     }
@@ -727,6 +744,12 @@ impl Store for PgStore {
                     .await?;
             }
         }
+        sqlx::query(sqlx::AssertSqlSafe(epoch_values_upsert(false)))
+            .bind(lease.sweep_id.0)
+            .bind(lease.seed)
+            .bind(r.epochs as i32)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = now()
              WHERE sweep_id = $1 AND seed = $2",

@@ -3,10 +3,10 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, FLEET_SEEDS, Result, Store,
-    StoreError, aggregate_from_row, check_extendable, design_from_config, epoch_from_row,
-    epoch_scores_sql, factors_from_row, jitter, lease_config, scored_from_row, scores_sql,
-    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
+    AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, EPOCH_VALUES, FLEET_SEEDS, Result,
+    Store, StoreError, aggregate_from_row, check_extendable, design_from_config, epoch_from_row,
+    epoch_scores_sql, epoch_values_upsert, factors_from_row, jitter, lease_config, scored_from_row,
+    scores_sql, seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, Lease,
@@ -390,6 +390,23 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn epoch_values(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64, u64)>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES.replace('$', "?")))
+            .bind(id.0.to_string())
+            .bind(metric.column())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i32, _>("epoch")?.max(0) as u32,
+                    r.try_get("value")?,
+                    u64_from_db(r.try_get("n")?),
+                ))
+            })
+            .collect()
+    }
+
     async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(i64, u32, f64)>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(
             epoch_scores_sql(metric).replace('$', "?"),
@@ -680,6 +697,12 @@ impl Store for SqliteStore {
                     .await?;
             }
         }
+        sqlx::query(sqlx::AssertSqlSafe(epoch_values_upsert(true)))
+            .bind(&sweep)
+            .bind(lease.seed)
+            .bind(r.epochs as i32)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = ?3
              WHERE sweep_id = ?1 AND seed = ?2",
