@@ -52,7 +52,7 @@ impl CoordinatorService {
         // The three reads at once (each on its own connection): the slowest sets the time.
         let store = &self.store;
         let ((runs, scores_ms), (epochs, epochs_ms), (correctness, bitmaps_ms)) = tokio::join!(
-            timed(store.scores(id, metric, 0)),
+            timed(store.all_scores(id, metric)),
             timed(async {
                 if metric.per_epoch() {
                     store.epoch_spread(id, metric).await
@@ -68,7 +68,7 @@ impl CoordinatorService {
                 }
             }),
         );
-        let (runs, _) = runs.map_err(status)?;
+        let runs = runs.map_err(status)?;
         let (epochs, correctness) = (epochs.map_err(status)?, correctness.map_err(status)?);
         // CPU work: off the async threads.
         let at = std::time::Instant::now();
@@ -117,9 +117,15 @@ async fn watch_update(
 ) -> Result<pb::SweepUpdate, StoreError> {
     let (new, last) = store.scores(id, metric, w.after).await?;
     w.after = last;
-    for r in &new {
-        let at = w.sorted.partition_point(|&x| x < r.value);
-        w.sorted.insert(at, r.value);
+    if new.len() > 64 {
+        // A backlog (the first update of a large sweep): one sort, not n shifting inserts.
+        w.sorted.extend(new.iter().map(|r| r.value));
+        w.sorted.sort_unstable_by(f64::total_cmp);
+    } else {
+        for r in &new {
+            let at = w.sorted.partition_point(|&x| x < r.value);
+            w.sorted.insert(at, r.value);
+        }
     }
     let progress = store.sweep_progress(id).await?;
     // The progress already carries test accuracy's aggregate; other metrics are one more read.
@@ -530,8 +536,8 @@ impl Coordinator for CoordinatorService {
         let values = |runs: Vec<crate::domain::Scored>| -> Vec<f64> {
             runs.into_iter().map(|s| s.value).collect()
         };
-        let va = values(self.store.scores(a, metric, 0).await.map_err(status)?.0);
-        let vb = values(self.store.scores(b, metric, 0).await.map_err(status)?.0);
+        let va = values(self.store.all_scores(a, metric).await.map_err(status)?);
+        let vb = values(self.store.all_scores(b, metric).await.map_err(status)?);
         let Some(c) = stats::compare::compare(&va, &vb) else {
             return Err(Status::failed_precondition(format!(
                 "a comparison needs at least 2 results of `{metric}` in each sweep: {a} has {}, {b} has {}",

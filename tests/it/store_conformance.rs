@@ -477,6 +477,19 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
     );
     let (tail, _) = s.scores(id, Metric::TestAccuracy, last).await.unwrap();
     assert!(tail.is_empty(), "nothing after the last position");
+    // The unordered full read holds the same runs.
+    let key = |r: &seedsweep_coordinator::domain::Scored| (r.seed, r.factors, r.value.to_bits());
+    let mut all: Vec<_> = s
+        .all_scores(id, Metric::TestAccuracy)
+        .await
+        .unwrap()
+        .iter()
+        .map(key)
+        .collect();
+    let mut ordered: Vec<_> = scores.iter().map(key).collect();
+    all.sort();
+    ordered.sort();
+    assert_eq!(all, ordered);
     // Epochs of the finished seeds (a seed that ran out of attempts keeps its partial curve in
     // epoch_metrics, outside the statistics).
     let epoch_points: Vec<(u32, f64)> = s

@@ -9,7 +9,6 @@
 use super::describe::Interval;
 use serde::Serialize;
 use statrs::distribution::{ChiSquared, ContinuousCDF};
-use std::collections::HashMap;
 
 pub const FACTORS: [&str; 4] = ["init", "order", "augment", "split"];
 
@@ -56,6 +55,40 @@ fn chi_interval(df: f64, estimate: f64) -> Option<Interval> {
     })
 }
 
+/// Each run's level of factor `f`, numbered in order of first appearance (so two factors that
+/// group the runs alike get equal vectors), and the number of levels. Sorting rather than
+/// hashing: a million runs take a few tens of milliseconds.
+fn levels_of(cells: &[Cell], f: usize) -> (Vec<usize>, usize) {
+    let mut by_value: Vec<(i64, u32)> = cells
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.factors[f], i as u32))
+        .collect();
+    by_value.sort_unstable();
+    let mut sorted_level = vec![0usize; cells.len()];
+    let mut count = 0;
+    for (j, &(v, i)) in by_value.iter().enumerate() {
+        if j > 0 && v != by_value[j - 1].0 {
+            count += 1;
+        }
+        sorted_level[i as usize] = count;
+    }
+    let count = if cells.is_empty() { 0 } else { count + 1 };
+    let mut first = vec![usize::MAX; count];
+    let mut next = 0;
+    let levels = sorted_level
+        .into_iter()
+        .map(|l| {
+            if first[l] == usize::MAX {
+                first[l] = next;
+                next += 1;
+            }
+            first[l]
+        })
+        .collect();
+    (levels, count)
+}
+
 pub fn components(cells: &[Cell]) -> Result<Components, NotCrossed> {
     let n = cells.len();
     let fail = |reason: String| Err(NotCrossed { reason });
@@ -75,16 +108,9 @@ pub fn components(cells: &[Cell]) -> Result<Components, NotCrossed> {
             }
             continue;
         }
-        let mut index: HashMap<i64, usize> = HashMap::new();
-        let levels: Vec<usize> = cells
-            .iter()
-            .map(|c| {
-                let next = index.len();
-                *index.entry(c.factors[f]).or_insert(next)
-            })
-            .collect();
+        let (levels, count) = levels_of(cells, f);
         previous = None;
-        if index.len() < 2 {
+        if count < 2 {
             continue;
         }
         match sources.iter().position(|s| s.1 == levels) {
@@ -93,7 +119,7 @@ pub fn components(cells: &[Cell]) -> Result<Components, NotCrossed> {
                 previous = Some(i);
             }
             None => {
-                sources.push((name.to_string(), levels, index.len()));
+                sources.push((name.to_string(), levels, count));
                 previous = Some(sources.len() - 1);
             }
         }
@@ -104,15 +130,18 @@ pub fn components(cells: &[Cell]) -> Result<Components, NotCrossed> {
     // Balanced and completely crossed: every combination of levels exactly once. At most four
     // sources, each under 2^32 levels: a combination packs into a u128.
     let combinations: usize = sources.iter().map(|s| s.2).product();
-    let mut keys: Vec<u128> = (0..n)
-        .map(|i| {
-            sources
-                .iter()
-                .fold(0u128, |k, s| (k << 32) | s.1[i] as u128)
-        })
-        .collect();
-    keys.sort_unstable();
-    let distinct = keys.windows(2).all(|w| w[0] != w[1]);
+    // One source: its levels are the combinations, distinct when there are n of them.
+    let distinct = sources.len() == 1 && combinations == n || {
+        let mut keys: Vec<u128> = (0..n)
+            .map(|i| {
+                sources
+                    .iter()
+                    .fold(0u128, |k, s| (k << 32) | s.1[i] as u128)
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.windows(2).all(|w| w[0] != w[1])
+    };
     if combinations != n || !distinct {
         return fail(format!(
             "the factors ({}) are not completely crossed with one run per combination: {n} runs for {combinations} combinations",

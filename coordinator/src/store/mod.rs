@@ -98,6 +98,10 @@ pub trait Store: Send + Sync + 'static {
     /// were recorded, only those recorded after position `after` (0: all); with the position
     /// of the last one (`after` when there are none).
     async fn scores(&self, id: SweepId, metric: Metric, after: i64) -> Result<(Vec<Scored>, i64)>;
+    /// All of them, in any order (for readers that sort them anyway).
+    async fn all_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<Scored>> {
+        Ok(self.scores(id, metric, 0).await?.0)
+    }
     /// Every epoch row of the sweep, by seed and epoch.
     async fn list_epochs(&self, id: SweepId) -> Result<Vec<(i64, EpochRecord)>>;
     /// The per-example correctness bitmaps of the sweep's results that have one, by seed.
