@@ -388,7 +388,11 @@ async fn concurrent_claims(s: Arc<dyn Store>) {
 async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
     use rand::{Rng, SeedableRng};
     let id = SweepId::new();
-    s.create_sweep(id, &spec("\"0..30\"", 5)).await.unwrap();
+    // Two factors vary, two stay at the base seed: the factor seeds differ from the seed.
+    let design = "vary = [\"init\", \"order\"]\nbase_seed = 7";
+    s.create_sweep(id, &spec_with("\"0..30\"", 5, design))
+        .await
+        .unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut held: Vec<LeaseRef> = Vec::new();
     let mut delivered: Vec<LeaseRef> = Vec::new();

@@ -340,11 +340,82 @@ impl Store for PgStore {
     }
 
     async fn scores(&self, id: SweepId, metric: Metric, after: i64) -> Result<(Vec<Scored>, i64)> {
-        self.score_arrays(id, metric, after, true).await
+        self.summary(id).await?;
+        // One row of arrays rather than a row per result: a million results decode in a
+        // fraction of the time. The subquery's order carries into array_agg.
+        // Safe: the column comes from the Metric enum, not from the caller.
+        let sql = format!(
+            "SELECT array_agg(seed) AS seeds, array_agg(init_seed) AS init,
+                    array_agg(order_seed) AS ord, array_agg(augment_seed) AS augment,
+                    array_agg(split_seed) AS split, array_agg(value) AS vals, max(seq) AS last
+             FROM ({} ) r",
+            scores_sql(metric, "seq")
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .bind(after)
+            .fetch_one(&self.pool)
+            .await?;
+        let Some(last) = row.try_get::<Option<i64>, _>("last")? else {
+            return Ok((Vec::new(), after));
+        };
+        let column = |name: &str| -> Result<Vec<i64>> { Ok(row.try_get(name)?) };
+        let (seeds, init, ord, augment, split) = (
+            column("seeds")?,
+            column("init")?,
+            column("ord")?,
+            column("augment")?,
+            column("split")?,
+        );
+        let values: Vec<f64> = row.try_get("vals")?;
+        let scored = (0..seeds.len())
+            .map(|i| Scored {
+                seed: seeds[i],
+                factors: [init[i], ord[i], augment[i], split[i]],
+                value: values[i],
+            })
+            .collect();
+        Ok((scored, last))
     }
 
+    /// Reads only the seed and value columns, unordered: a run's factor seeds are a function
+    /// of its seed under the sweep's design (how they were made at submission), so they are
+    /// rebuilt here rather than read, and nothing past the value column of each row is decoded.
     async fn all_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<Scored>> {
-        Ok(self.score_arrays(id, metric, 0, false).await?.0)
+        let config: Option<String> =
+            sqlx::query_scalar("SELECT config::text FROM sweeps WHERE id = $1")
+                .bind(id.0)
+                .fetch_optional(&self.pool)
+                .await?;
+        let design = design_from_config(&config.ok_or(StoreError::SweepNotFound(id))?)?;
+        let col = metric.column();
+        // Safe: the column comes from the Metric enum, not from the caller.
+        let sql = format!(
+            "SELECT array_agg(seed) AS seeds, array_agg({col}) AS vals FROM results
+             WHERE sweep_id = $1 AND {col} IS NOT NULL"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_one(&self.pool)
+            .await?;
+        let seeds: Vec<i64> = row
+            .try_get::<Option<Vec<i64>>, _>("seeds")?
+            .unwrap_or_default();
+        let values: Vec<f64> = row
+            .try_get::<Option<Vec<f64>>, _>("vals")?
+            .unwrap_or_default();
+        Ok(seeds
+            .into_iter()
+            .zip(values)
+            .map(|(seed, value)| {
+                let f = design.factors(seed);
+                Scored {
+                    seed,
+                    factors: [f.init, f.order, f.augment, f.split],
+                    value,
+                }
+            })
+            .collect())
     }
 
     async fn list_epochs(&self, id: SweepId) -> Result<Vec<(i64, EpochRecord)>> {
@@ -860,85 +931,4 @@ impl Store for PgStore {
 async fn abort<T>(tx: Transaction<'_, Postgres>, e: StoreError) -> Result<T> {
     tx.rollback().await?;
     Err(e)
-}
-
-impl PgStore {
-    /// [`Store::scores`], in recording order or (a full read the caller sorts anyway) in any
-    /// order, which skips a sort of every result. One row of arrays rather than a row per
-    /// result: a million results decode in a fraction of the time; the subquery's order carries
-    /// into array_agg. Most sweeps vary no seed factor (every factor seed is the seed): then only
-    /// seeds and values travel, and the factors are rebuilt.
-    async fn score_arrays(
-        &self,
-        id: SweepId,
-        metric: Metric,
-        after: i64,
-        ordered: bool,
-    ) -> Result<(Vec<Scored>, i64)> {
-        self.summary(id).await?;
-        let col = metric.column();
-        let order = if ordered { "ORDER BY seq" } else { "" };
-        // Safe: the column comes from the Metric enum, not from the caller.
-        let sql = format!(
-            "SELECT array_agg(seed) AS seeds, array_agg(value) AS vals, max(seq) AS last,
-                    bool_and(init_seed = seed AND order_seed = seed AND augment_seed = seed
-                             AND split_seed = seed) AS plain
-             FROM (SELECT seed, init_seed, order_seed, augment_seed, split_seed, {col} AS value, seq
-                   FROM results WHERE sweep_id = $1 AND seq > $2 AND {col} IS NOT NULL {order}) r"
-        );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(id.0)
-            .bind(after)
-            .fetch_one(&self.pool)
-            .await?;
-        let Some(last) = row.try_get::<Option<i64>, _>("last")? else {
-            return Ok((Vec::new(), after));
-        };
-        if row.try_get::<Option<bool>, _>("plain")? == Some(true) {
-            let seeds: Vec<i64> = row.try_get("seeds")?;
-            let values: Vec<f64> = row.try_get("vals")?;
-            let scored = seeds
-                .into_iter()
-                .zip(values)
-                .map(|(seed, value)| Scored {
-                    seed,
-                    factors: [seed; 4],
-                    value,
-                })
-                .collect();
-            return Ok((scored, last));
-        }
-        let sql = format!(
-            "SELECT array_agg(seed) AS seeds, array_agg(init_seed) AS init,
-                    array_agg(order_seed) AS ord, array_agg(augment_seed) AS augment,
-                    array_agg(split_seed) AS split, array_agg(value) AS vals, max(seq) AS last
-             FROM ({} ) r",
-            scores_sql(metric, "seq")
-        );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(id.0)
-            .bind(after)
-            .fetch_one(&self.pool)
-            .await?;
-        let Some(last) = row.try_get::<Option<i64>, _>("last")? else {
-            return Ok((Vec::new(), after));
-        };
-        let column = |name: &str| -> Result<Vec<i64>> { Ok(row.try_get(name)?) };
-        let (seeds, init, ord, augment, split) = (
-            column("seeds")?,
-            column("init")?,
-            column("ord")?,
-            column("augment")?,
-            column("split")?,
-        );
-        let values: Vec<f64> = row.try_get("vals")?;
-        let scored = (0..seeds.len())
-            .map(|i| Scored {
-                seed: seeds[i],
-                factors: [init[i], ord[i], augment[i], split[i]],
-                value: values[i],
-            })
-            .collect();
-        Ok((scored, last))
-    }
 }
