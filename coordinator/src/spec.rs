@@ -517,22 +517,11 @@ pub enum Design {
 }
 
 impl Design {
-    /// The factor seeds of run `seed`.
+    /// The factor seeds of run `seed` (no allocation: rebuilt for every result of a large
+    /// sweep when its statistics are read).
     pub fn factors(&self, seed: i64) -> FactorSeeds {
-        let (base, set): (i64, Vec<(Factor, i64)>) = match self {
-            Design::Vary { vary, base_seed } => {
-                (*base_seed, vary.iter().map(|f| (*f, seed)).collect())
-            }
-            Design::Crossed { levels, base_seed } => {
-                let mut rest = seed;
-                let mut set = Vec::with_capacity(levels.len());
-                for (f, values) in levels.iter().rev() {
-                    let n = values.len() as i64;
-                    set.push((*f, values[(rest % n) as usize]));
-                    rest /= n;
-                }
-                (*base_seed, set)
-            }
+        let base = match self {
+            Design::Vary { base_seed, .. } | Design::Crossed { base_seed, .. } => *base_seed,
         };
         let mut out = FactorSeeds {
             init: base,
@@ -540,12 +529,21 @@ impl Design {
             augment: base,
             split: base,
         };
-        for (f, v) in set {
-            match f {
-                Factor::Init => out.init = v,
-                Factor::Order => out.order = v,
-                Factor::Augment => out.augment = v,
-                Factor::Split => out.split = v,
+        let mut set = |f: Factor, v: i64| match f {
+            Factor::Init => out.init = v,
+            Factor::Order => out.order = v,
+            Factor::Augment => out.augment = v,
+            Factor::Split => out.split = v,
+        };
+        match self {
+            Design::Vary { vary, .. } => vary.iter().for_each(|f| set(*f, seed)),
+            Design::Crossed { levels, .. } => {
+                let mut rest = seed;
+                for (f, values) in levels.iter().rev() {
+                    let n = values.len() as i64;
+                    set(*f, values[(rest % n) as usize]);
+                    rest /= n;
+                }
             }
         }
         out
