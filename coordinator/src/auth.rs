@@ -103,7 +103,12 @@ impl Tokens {
 
     /// The caller a presented `authorization` header value names.
     pub fn identify(&self, header: Option<&str>) -> Result<&Caller, Status> {
-        let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        // The scheme's name is case-insensitive (RFC 7235).
+        let token = header.and_then(|h| {
+            let (scheme, rest) = h.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(rest)
+        });
+        let Some(token) = token else {
             return Err(Status::unauthenticated(
                 "missing bearer token: send `authorization: Bearer TOKEN` (workers: --token-file or SEEDSWEEP_WORKER_TOKEN; admin commands: --token-file or SEEDSWEEP_ADMIN_TOKEN)",
             ));
@@ -260,6 +265,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(a.role, Role::Admin);
+        assert!(
+            t.authorize(lease, Some("bearer admin-token-0123456789"))
+                .is_ok()
+        );
         assert_eq!(
             t.authorize("/grpc.health.v1.Health/Check", None).unwrap(),
             None

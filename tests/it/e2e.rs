@@ -104,8 +104,15 @@ fn check_tables(sql: &dyn Fn(&str) -> String, id: &str, seeds: usize) {
     assert_eq!(distinct.trim(), seeds.to_string());
 
     let queries = readme_queries();
-    assert_eq!(queries.len(), 5, "the README shows five queries");
-    let expected_rows = [1, EPOCHS as usize, 1, EPOCHS as usize, seeds.min(10)];
+    assert_eq!(queries.len(), 6, "the README shows six queries");
+    let expected_rows = [
+        1,
+        EPOCHS as usize,
+        1,
+        EPOCHS as usize,
+        EPOCHS as usize,
+        seeds.min(10),
+    ];
     for (q, n) in queries.iter().zip(expected_rows) {
         let out = sql(&q.replace("SWEEP_ID", id));
         assert_eq!(

@@ -53,6 +53,26 @@ fn start(db: &Path, listen: &str, flags: &[String]) -> CoordinatorProcess {
     CoordinatorProcess::start_on(&url, listen, &flags).unwrap()
 }
 
+/// Submits a small sweep NAME of SEEDS with the admin token from the environment; its id.
+fn submit_as_admin(c: &CoordinatorProcess, dir: &Path, name: &str, seeds: &str) -> String {
+    let file = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "name = \"{name}\"\ntask = \"resnet9\"\ndataset = \"synthetic\"\nseeds = \"{seeds}\"\n"
+    );
+    std::fs::write(&file, text).unwrap();
+    let submit = run(Command::new(bin("coordinator"))
+        .args([
+            "sweep",
+            "submit",
+            file.to_str().unwrap(),
+            "--coordinator",
+            &c.url,
+        ])
+        .env("SEEDSWEEP_ADMIN_TOKEN", ADMIN_TOKEN));
+    assert!(submit.status.success(), "{}", stderr(&submit));
+    stdout(&submit).trim().to_string()
+}
+
 async fn channel(url: &str) -> Channel {
     Endpoint::from_shared(url.to_string())
         .unwrap()
@@ -127,23 +147,7 @@ async fn every_call_checks_the_token_and_its_role() {
     }
 
     // A refused call says the same whether the sweep exists or not.
-    let file = dir.path().join("s.toml");
-    std::fs::write(
-        &file,
-        "name = \"s\"\ntask = \"resnet9\"\ndataset = \"synthetic\"\nseeds = \"0..2\"\n",
-    )
-    .unwrap();
-    let submit = run(Command::new(bin("coordinator"))
-        .args([
-            "sweep",
-            "submit",
-            file.to_str().unwrap(),
-            "--coordinator",
-            &c.url,
-        ])
-        .env("SEEDSWEEP_ADMIN_TOKEN", ADMIN_TOKEN));
-    assert!(submit.status.success(), "{}", stderr(&submit));
-    let id = stdout(&submit).trim().to_string();
+    let id = submit_as_admin(&c, dir.path(), "s", "0..2");
     for token in [
         None,
         Some("not-a-token-of-this-coordinator"),
@@ -266,22 +270,7 @@ async fn health_reflection_and_metrics_are_open() {
     );
 
     // Metrics: the database's view of a sweep, and this replica's counters.
-    let file = dir.path().join("s.toml");
-    std::fs::write(
-        &file,
-        "name = \"m\"\ntask = \"resnet9\"\ndataset = \"synthetic\"\nseeds = \"0..3\"\n",
-    )
-    .unwrap();
-    let submit = run(Command::new(bin("coordinator"))
-        .args([
-            "sweep",
-            "submit",
-            file.to_str().unwrap(),
-            "--coordinator",
-            &c.url,
-        ])
-        .env("SEEDSWEEP_ADMIN_TOKEN", ADMIN_TOKEN));
-    let id = stdout(&submit).trim().to_string();
+    let id = submit_as_admin(&c, dir.path(), "m", "0..3");
     let mut client = pb::coordinator_client::CoordinatorClient::with_interceptor(
         ch,
         |mut r: tonic::Request<()>| {
