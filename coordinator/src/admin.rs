@@ -2,26 +2,22 @@
 
 use crate::spec::SweepSpec;
 use anyhow::{Context, bail};
-use seedsweep_proto::client::{Client, Connection};
+use seedsweep_proto::client::Connection;
 use seedsweep_proto::v1 as pb;
 use std::path::Path;
 use std::time::Duration;
-
-pub async fn connect(url: &Connection) -> anyhow::Result<Client> {
-    url.connect().await
-}
 
 /// A gRPC error as a one-line message for people.
 fn rpc(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
 
-pub async fn submit(url: &Connection, file: &Path) -> anyhow::Result<String> {
+pub async fn submit(coordinator: &Connection, file: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("failed to read sweep file {}", file.display()))?;
     // Validate before contacting anyone, so a typo is reported even with no coordinator running.
     SweepSpec::parse(&text).with_context(|| format!("{} was not submitted", file.display()))?;
-    let mut client = connect(url).await?;
+    let mut client = coordinator.connect().await?;
     let reply = client
         .submit_sweep(pb::SubmitSweepRequest { sweep_toml: text })
         .await
@@ -30,8 +26,8 @@ pub async fn submit(url: &Connection, file: &Path) -> anyhow::Result<String> {
     Ok(reply.into_inner().sweep_id)
 }
 
-pub async fn status(url: &Connection, id: &str, json: bool) -> anyhow::Result<String> {
-    let mut client = connect(url).await?;
+pub async fn status(coordinator: &Connection, id: &str, json: bool) -> anyhow::Result<String> {
+    let mut client = coordinator.connect().await?;
     let s = client
         .get_sweep_status(pb::GetSweepStatusRequest {
             sweep_id: id.to_string(),
@@ -85,8 +81,8 @@ pub async fn status(url: &Connection, id: &str, json: bool) -> anyhow::Result<St
 }
 
 /// Pauses, resumes or cancels a sweep.
-pub async fn set_state(url: &Connection, id: &str, state: &str) -> anyhow::Result<String> {
-    let mut client = connect(url).await?;
+pub async fn set_state(coordinator: &Connection, id: &str, state: &str) -> anyhow::Result<String> {
+    let mut client = coordinator.connect().await?;
     client
         .set_sweep_state(pb::SetSweepStateRequest {
             sweep_id: id.to_string(),
@@ -98,7 +94,7 @@ pub async fn set_state(url: &Connection, id: &str, state: &str) -> anyhow::Resul
 }
 
 /// Adds seeds, written "START..END" (end exclusive) or "1,2,3", to a sweep.
-pub async fn extend(url: &Connection, id: &str, seeds: &str) -> anyhow::Result<String> {
+pub async fn extend(coordinator: &Connection, id: &str, seeds: &str) -> anyhow::Result<String> {
     let mut req = pb::ExtendSweepRequest {
         sweep_id: id.to_string(),
         ..Default::default()
@@ -123,7 +119,7 @@ pub async fn extend(url: &Connection, id: &str, seeds: &str) -> anyhow::Result<S
             })
             .collect::<anyhow::Result<_>>()?;
     }
-    let mut client = connect(url).await?;
+    let mut client = coordinator.connect().await?;
     let added = client
         .extend_sweep(req)
         .await
@@ -133,8 +129,8 @@ pub async fn extend(url: &Connection, id: &str, seeds: &str) -> anyhow::Result<S
     Ok(format!("added {added} seeds to sweep {id}\n"))
 }
 
-pub async fn list(url: &Connection, json: bool) -> anyhow::Result<String> {
-    let mut client = connect(url).await?;
+pub async fn list(coordinator: &Connection, json: bool) -> anyhow::Result<String> {
+    let mut client = coordinator.connect().await?;
     let sweeps = client
         .list_sweeps(pb::ListSweepsRequest {})
         .await
@@ -170,8 +166,8 @@ pub async fn list(url: &Connection, json: bool) -> anyhow::Result<String> {
     Ok(out)
 }
 
-pub async fn results(url: &Connection, id: &str, json: bool) -> anyhow::Result<String> {
-    let mut client = connect(url).await?;
+pub async fn results(coordinator: &Connection, id: &str, json: bool) -> anyhow::Result<String> {
+    let mut client = coordinator.connect().await?;
     let rows = client
         .list_results(pb::ListResultsRequest {
             sweep_id: id.to_string(),
@@ -227,14 +223,14 @@ pub async fn results(url: &Connection, id: &str, json: bool) -> anyhow::Result<S
 
 /// Statistics of a sweep's metric, as a table or as the JSON document.
 pub async fn stats(
-    url: &Connection,
+    coordinator: &Connection,
     id: &str,
     metric: &str,
     ci_width: Option<f64>,
     test_examples: Option<u64>,
     json: bool,
 ) -> anyhow::Result<String> {
-    let mut client = connect(url).await?;
+    let mut client = coordinator.connect().await?;
     let doc = client
         .get_sweep_stats(pb::GetSweepStatsRequest {
             sweep_id: id.to_string(),
@@ -411,13 +407,13 @@ pub fn stats_table(v: &serde_json::Value) -> String {
 
 /// Two sweeps against each other.
 pub async fn compare(
-    url: &Connection,
+    coordinator: &Connection,
     a: &str,
     b: &str,
     metric: &str,
     json: bool,
 ) -> anyhow::Result<String> {
-    let mut client = connect(url).await?;
+    let mut client = coordinator.connect().await?;
     let doc = client
         .compare_sweeps(pb::CompareSweepsRequest {
             sweep_a: a.to_string(),
@@ -462,9 +458,9 @@ pub async fn compare(
 }
 
 /// Follows a sweep until it ends: a live view at a terminal, one line per update otherwise.
-pub async fn watch(url: &Connection, id: &str, metric: &str) -> anyhow::Result<()> {
+pub async fn watch(coordinator: &Connection, id: &str, metric: &str) -> anyhow::Result<()> {
     use std::io::{IsTerminal, Write};
-    let mut client = connect(url).await?;
+    let mut client = coordinator.connect().await?;
     let mut updates = client
         .watch_sweep(pb::WatchSweepRequest {
             sweep_id: id.to_string(),
@@ -563,7 +559,7 @@ pub async fn watch(url: &Connection, id: &str, metric: &str) -> anyhow::Result<(
 /// Writes a sweep's report (figures as SVG and PNG, report.html, summary.md) into `out`,
 /// creating it; each file goes to a temporary name first, so none is left half-written.
 pub async fn report(
-    url: &Connection,
+    coordinator: &Connection,
     id: &str,
     metric: &str,
     out: &Path,
@@ -571,7 +567,10 @@ pub async fn report(
     if out.exists() && !out.is_dir() {
         bail!("--out {}: exists and is not a folder", out.display());
     }
-    let mut client = connect(url).await?.max_decoding_message_size(1 << 30);
+    let mut client = coordinator
+        .connect()
+        .await?
+        .max_decoding_message_size(1 << 30);
     let files = client
         .get_sweep_report(pb::GetSweepReportRequest {
             sweep_id: id.to_string(),
@@ -608,13 +607,16 @@ pub async fn report(
 /// Writes a sweep's results (or epoch metrics) as CSV or Parquet to `out`, through a temporary
 /// file beside it, so that a failed export leaves nothing half-written.
 pub async fn export(
-    url: &Connection,
+    coordinator: &Connection,
     id: &str,
     table: &str,
     format: &str,
     out: &Path,
 ) -> anyhow::Result<String> {
-    let mut client = connect(url).await?.max_decoding_message_size(1 << 30);
+    let mut client = coordinator
+        .connect()
+        .await?
+        .max_decoding_message_size(1 << 30);
     let table = match table {
         "results" => {
             let rows = client
