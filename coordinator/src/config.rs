@@ -9,10 +9,11 @@ use crate::server::{ServerSettings, TlsSettings};
 use crate::store::redact_url;
 use anyhow::{Context, bail};
 use clap::parser::ValueSource;
+use seedsweep_proto::client::read_tokens;
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -141,35 +142,11 @@ pub fn file_arguments(
     Ok((args, from_file))
 }
 
-/// Reads the tokens of one role: every non-empty line of `file`, or the variable `env`.
-fn tokens(file: Option<&Path>, env: &str) -> anyhow::Result<Vec<String>> {
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("failed to read the token file {}", path.display()))?;
-        let list: Vec<String> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect();
-        if list.is_empty() {
-            bail!("the token file {} is empty", path.display());
-        }
-        return Ok(list);
-    }
-    Ok(std::env::var(env)
-        .ok()
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-        .into_iter()
-        .collect())
-}
-
 impl ServeArgs {
     /// The tokens, or `None` when neither role has any.
     pub fn tokens(&self) -> anyhow::Result<Option<Tokens>> {
-        let worker = tokens(self.worker_token_file.as_deref(), "SEEDSWEEP_WORKER_TOKEN")?;
-        let admin = tokens(self.admin_token_file.as_deref(), "SEEDSWEEP_ADMIN_TOKEN")?;
+        let worker = read_tokens(self.worker_token_file.as_deref(), "SEEDSWEEP_WORKER_TOKEN")?;
+        let admin = read_tokens(self.admin_token_file.as_deref(), "SEEDSWEEP_ADMIN_TOKEN")?;
         if worker.is_empty() && admin.is_empty() {
             return Ok(None);
         }

@@ -255,7 +255,17 @@ fn parse() -> anyhow::Result<(Cli, clap::ArgMatches, BTreeSet<String>)> {
         _ => (Vec::new(), BTreeSet::new()),
     };
     argv.extend(extra);
-    let matches = Cli::command().try_get_matches_from(&argv)?;
+    // A bad value the file gave is reported under its flag's name: say where it came from.
+    let matches = Cli::command()
+        .try_get_matches_from(&argv)
+        .map_err(|e| match from_file.is_empty() {
+            true => anyhow::Error::from(e),
+            false => anyhow::anyhow!(
+                "{}(the configuration file set: {}; fix the value there, or override it with the flag)",
+                e.render().to_string().trim_start_matches("error: "),
+                from_file.iter().map(|k| k.replace('_', "-")).collect::<Vec<_>>().join(", ")
+            ),
+        })?;
     let cli = Cli::from_arg_matches(&matches)?;
     let sub = match matches.subcommand() {
         Some((_, sub)) => sub.clone(),

@@ -31,22 +31,35 @@ pub struct Connection {
     pub token: Option<String>,
 }
 
-/// Reads a token: from `file` when given (its first non-empty line), else from the environment
-/// variable `env` when set and non-empty, else none.
-pub fn read_token(file: Option<&Path>, env: &str) -> anyhow::Result<Option<String>> {
-    let token = match file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("failed to read the token file {}", path.display()))?;
-            let Some(line) = text.lines().map(str::trim).find(|l| !l.is_empty()) else {
-                bail!("the token file {} is empty", path.display());
-            };
-            line.to_string()
+/// Reads tokens: every non-empty line of `file` when given (several lines: a rotation), else
+/// the environment variable `env` when set and non-empty, else none.
+pub fn read_tokens(file: Option<&Path>, env: &str) -> anyhow::Result<Vec<String>> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read the token file {}", path.display()))?;
+        let list: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        if list.is_empty() {
+            bail!("the token file {} is empty", path.display());
         }
-        None => match std::env::var(env) {
-            Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
-            _ => return Ok(None),
-        },
+        return Ok(list);
+    }
+    Ok(std::env::var(env)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .into_iter()
+        .collect())
+}
+
+/// Reads the token a client sends: the first of [`read_tokens`], checked.
+pub fn read_token(file: Option<&Path>, env: &str) -> anyhow::Result<Option<String>> {
+    let Some(token) = read_tokens(file, env)?.into_iter().next() else {
+        return Ok(None);
     };
     check_token(&token).with_context(|| match file {
         Some(p) => format!("bad token in {}", p.display()),
@@ -96,7 +109,7 @@ impl Connection {
                 ));
             }
             (None, None) => {}
-            _ => bail!("a client certificate needs both --tls-cert and --tls-key"),
+            _ => bail!("a client certificate needs both --tls-client-cert and --tls-client-key"),
         }
         endpoint
             .tls_config(config)

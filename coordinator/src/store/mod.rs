@@ -387,6 +387,38 @@ pub(crate) fn epoch_scores_sql(metric: Metric) -> String {
     )
 }
 
+/// One `epoch_scores_sql` row: (seed, epoch, value).
+pub(crate) fn epoch_score_from_row<'r, R>(row: &'r R) -> Result<(i64, u32, f64)>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok((
+        row.try_get("seed")?,
+        row.try_get::<i32, _>("epoch")?.max(0) as u32,
+        row.try_get("value")?,
+    ))
+}
+
+/// One `EPOCH_VALUES` row: (epoch, value, count).
+pub(crate) fn epoch_value_from_row<'r, R>(row: &'r R) -> Result<(u32, f64, u64)>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok((
+        row.try_get::<i32, _>("epoch")?.max(0) as u32,
+        row.try_get("value")?,
+        u64_from_db(row.try_get("n")?),
+    ))
+}
+
 /// Reads `epoch_values` for one sweep (`$1`) and metric (`$2`).
 pub(crate) const EPOCH_VALUES: &str = "SELECT epoch, value, n FROM epoch_values
      WHERE sweep_id = $1 AND metric = $2 ORDER BY epoch, value";

@@ -6,8 +6,9 @@
 use super::{
     AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, EPOCH_VALUES, FINISHED_EPOCHS,
     FLEET_SEEDS, Result, Store, StoreError, aggregate_from_row, check_extendable,
-    design_from_config, epoch_from_row, epoch_scores_sql, epoch_values_upsert, factors_from_row,
-    jitter, lease_config, scores_sql, seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
+    design_from_config, epoch_from_row, epoch_score_from_row, epoch_scores_sql,
+    epoch_value_from_row, epoch_values_upsert, factors_from_row, jitter, lease_config, scores_sql,
+    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, Lease,
@@ -498,15 +499,7 @@ impl Store for PgStore {
             .bind(metric.column())
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<i32, _>("epoch")?.max(0) as u32,
-                    r.try_get("value")?,
-                    u64_from_db(r.try_get("n")?),
-                ))
-            })
-            .collect()
+        rows.iter().map(epoch_value_from_row).collect()
     }
 
     async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(i64, u32, f64)>> {
@@ -514,15 +507,7 @@ impl Store for PgStore {
             .bind(id.0)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("seed")?,
-                    r.try_get::<i32, _>("epoch")?.max(0) as u32,
-                    r.try_get("value")?,
-                ))
-            })
-            .collect()
+        rows.iter().map(epoch_score_from_row).collect()
     }
 
     async fn ping(&self) -> Result<()> {

@@ -5,8 +5,9 @@
 use super::{
     AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, EPOCH_VALUES, FLEET_SEEDS, Result,
     Store, StoreError, aggregate_from_row, check_extendable, design_from_config, epoch_from_row,
-    epoch_scores_sql, epoch_values_upsert, factors_from_row, jitter, lease_config, scored_from_row,
-    scores_sql, seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
+    epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_upsert,
+    factors_from_row, jitter, lease_config, scored_from_row, scores_sql, seed_rows, state_from_db,
+    sweep_state_from_db, u64_from_db,
 };
 use crate::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, Lease,
@@ -396,15 +397,7 @@ impl Store for SqliteStore {
             .bind(metric.column())
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<i32, _>("epoch")?.max(0) as u32,
-                    r.try_get("value")?,
-                    u64_from_db(r.try_get("n")?),
-                ))
-            })
-            .collect()
+        rows.iter().map(epoch_value_from_row).collect()
     }
 
     async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(i64, u32, f64)>> {
@@ -414,15 +407,7 @@ impl Store for SqliteStore {
         .bind(id.0.to_string())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("seed")?,
-                    r.try_get::<i32, _>("epoch")?.max(0) as u32,
-                    r.try_get("value")?,
-                ))
-            })
-            .collect()
+        rows.iter().map(epoch_score_from_row).collect()
     }
 
     async fn ping(&self) -> Result<()> {
