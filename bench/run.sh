@@ -32,8 +32,8 @@ measure() { # BACKEND WORKERS [THINK_MS]
 "$bin/coordinator" migrate --database-url "$pg/bare" 2>/dev/null
 "$pgbin/psql" -q "$pg/bare" -c "INSERT INTO sweeps (id, name, task, dataset, config, max_attempts, total_seeds)
   VALUES (gen_random_uuid(), 'bare', 'resnet9', 'd', '{}', 3, 3000000);
-  INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed)
-    SELECT id, s, s, s, s FROM sweeps, generate_series(0, 2999999) AS s;"
+  INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed, split_seed)
+    SELECT id, s, s, s, s, s FROM sweeps, generate_series(0, 2999999) AS s;"
 
 printf '%-10s %8s %14s %14s %14s\n' backend workers cycles/s claim_p50_ms claim_p99_ms
 for n in 1 16 256; do
