@@ -1,16 +1,28 @@
 #!/usr/bin/env python3
-"""The worker's training recipe in PyTorch eager, for side-by-side timing (bench/train_cpu.sh,
-bench/gpu.sh).
+"""The recipes in PyTorch eager, written from the papers' public code and not from the worker's:
+the independent implementation that bench/fidelity.sh compares the worker with, and the baseline
+that bench/train_cpu.sh and bench/gpu.sh time it against.
 
-It trains on the same CIFAR-10-layout files with the same network, recipe and pipeline as
-worker/src/train.rs: the training set on the device as uint8; each epoch's order and per-image
-crop, flip and cutout draws made at once and uploaded; per batch, gather, normalise, crop (two
-gathers), flip, cut out, forward, backward, SGD step (torch.optim.SGD, Nesterov); evaluation on the
-test set in batches of 1000. It prints one JSON line per epoch: epoch, seconds (training plus
-evaluation, as the worker's epoch_metrics.seconds), train_loss, test_accuracy, images_per_second.
+- dawnbench: D. Page's dawn.py (davidcpage/cifar10-fast): the training set padded by reflection,
+  normalised; each epoch every image draws its own crop (0..8), flip and 8x8 cutout lying inside
+  the image; shuffled, last partial batch dropped; ResNet-9 (BatchNorm weight 1); loss summed over
+  the batch; Page's Nesterov SGD with lr = schedule / batch and weight decay 5e-4 x batch (the
+  momentum buffer holds lr-scaled steps); lr piecewise linear 0 -> 0.4 at epoch 5 -> 0 at 24, per
+  step.
+- paper-short: D. Picard's cifar_seed.py (davidpicard/deepseed): the images normalised first;
+  each epoch, every chunk of 500 consecutive training images gets one torchvision RandomCrop(32,
+  padding 4) (zero padding of the normalised tensor), one horizontal flip and one 8x8 cutout
+  centred anywhere and clipped at the borders; then shuffled; last partial batch dropped; the
+  skinny ResNet-9 with CELU(0.1); loss CE + 2 x CE with label smoothing 0.2 (mean); torch SGD
+  (lr 0.2, Nesterov 0.9, weight decay 1e-3) under LambdaLR's per-epoch multiplier.
 
-It draws from torch generators, not the worker's ChaCha streams, so its numbers are not the
-worker's numbers bit for bit; only the work done is the same.
+Both use PyTorch's default initialisation, evaluate in eval mode (BatchNorm running statistics)
+and train fp32 on a CPU; on CUDA they use autocast (fp16 or bf16) where the papers cast the
+network to half (the worker does the same). Random draws come from torch generators seeded with
+--seed, so the numbers are not the worker's bit for bit: the comparison is of distributions.
+
+Prints one JSON line per epoch: epoch, seconds (training plus evaluation), train_loss,
+test_accuracy, images_per_second.
 
     python3 bench/torch_reference.py --data DATA_DIR/NAME --recipe dawnbench --epochs 3 --threads 2
 """
@@ -27,13 +39,10 @@ import torch.nn.functional as F
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 RECIPES = {
-    # The coordinator's recipes (coordinator/src/spec.rs).
-    "dawnbench": dict(model="resnet9", epochs=24, batch_size=512, lr=0.4, schedule="linear",
-                      weight_decay=5e-4, label_smoothing=0.0, smoothed_weight=0.0, cutout=8,
-                      precision="fp16", channels_last=True),
-    "paper-short": dict(model="resnet9-skinny", epochs=22, batch_size=500, lr=0.2,
-                        schedule="picard", weight_decay=1e-3, label_smoothing=0.0,
-                        smoothed_weight=2.0, cutout=8, precision="fp16", channels_last=True),
+    "dawnbench": dict(model="resnet9", epochs=24, batch_size=512, precision="fp16",
+                      channels_last=True),
+    "paper-short": dict(model="resnet9-skinny", epochs=22, batch_size=500, precision="fp16",
+                        channels_last=True),
 }
 
 
@@ -45,40 +54,22 @@ def read_split(folder, names):
     return t[:, 1:].reshape(-1, 3, 32, 32).clone(), t[:, 0].long().clone()
 
 
-def conv_bn(c_in, c_out, act, pool):
-    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), act()]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
+def conv_bn(c_in, c_out, act):
+    bn = nn.BatchNorm2d(c_out)  # eps 1e-5, momentum 0.1
+    bn.weight.data.fill_(1.0)   # both papers set it (PyTorch's default since 1.2 too)
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), bn, act()]
 
 
 class Residual(nn.Module):
     def __init__(self, c, act):
         super().__init__()
-        self.body = nn.Sequential(conv_bn(c, c, act, False), conv_bn(c, c, act, False))
+        self.body = nn.Sequential(*conv_bn(c, c, act), *conv_bn(c, c, act))
 
     def forward(self, x):
         return x + self.body(x)
 
 
-def resnet9(model, width):
-    skinny = model == "resnet9-skinny"
-    base = (64, 128, 256, 256) if skinny else (64, 128, 256, 512)
-    c = [max(1, round(b * width)) for b in base]
-    act = (lambda: nn.CELU(0.1)) if skinny else (lambda: nn.ReLU())
-    scale = 0.1 if skinny else 0.125
-    return nn.Sequential(
-        conv_bn(3, c[0], act, skinny),
-        conv_bn(c[0], c[1], act, True), Residual(c[1], act),
-        conv_bn(c[1], c[2], act, True),
-        conv_bn(c[2], c[3], act, True), Residual(c[3], act),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-        nn.Linear(c[3], 10, bias=False),
-        Scale(scale),
-    )
-
-
-class Scale(nn.Module):
+class Mul(nn.Module):
     def __init__(self, s):
         super().__init__()
         self.s = s
@@ -87,15 +78,149 @@ class Scale(nn.Module):
         return x * self.s
 
 
-def learning_rate(a, epoch, step, steps):
-    if a.schedule == "linear":
-        t = epoch - 1 + (step + 1) / steps
-        peak, end = a.epochs * 5 / 24, a.epochs
-        f = t / peak if t < peak else ((end - t) / (end - peak) if end > peak else 1.0)
-        return a.lr * min(max(f, 0.0), 1.0)
-    e = epoch - 1
-    m = 0.5 * e / 3 + 0.01 if e < 4 else (0.5 * (22 - e) / 19 + 0.01 if e < 22 else 0.01)
-    return a.lr * m
+def page_resnet9(width):
+    c = [max(1, round(b * width)) for b in (64, 128, 256, 512)]
+    act = lambda: nn.ReLU(True)
+    return nn.Sequential(
+        *conv_bn(3, c[0], act),
+        *conv_bn(c[0], c[1], act), nn.MaxPool2d(2), Residual(c[1], act),
+        *conv_bn(c[1], c[2], act), nn.MaxPool2d(2),
+        *conv_bn(c[2], c[3], act), nn.MaxPool2d(2), Residual(c[3], act),
+        nn.MaxPool2d(4), nn.Flatten(), nn.Linear(c[3], 10, bias=False), Mul(0.125))
+
+
+def picard_resnet9(width):
+    c = [max(1, round(b * width)) for b in (64, 128, 256, 256)]
+    act = lambda: nn.CELU(alpha=0.1)
+    return nn.Sequential(
+        *conv_bn(3, c[0], act), nn.MaxPool2d(2),
+        *conv_bn(c[0], c[1], act), nn.MaxPool2d(2), Residual(c[1], act),
+        *conv_bn(c[1], c[2], act), nn.MaxPool2d(2),
+        *conv_bn(c[2], c[3], act), nn.MaxPool2d(2), Residual(c[3], act),
+        nn.AdaptiveMaxPool2d((1, 1)), nn.Flatten(), nn.Linear(c[3], 10, bias=False), Mul(0.1))
+
+
+def normalise(x, dev):
+    mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def piecewise_linear(t, knots, values):
+    """np.interp for one point (core.py's PiecewiseLinear)."""
+    if t <= knots[0]:
+        return values[0]
+    for (k0, v0), (k1, v1) in zip(zip(knots, values), zip(knots[1:], values[1:])):
+        if t <= k1:
+            return v0 + (v1 - v0) * (t - k0) / (k1 - k0)
+    return values[-1]
+
+
+class PageSGD(torch.optim.Optimizer):
+    """cifar10-fast's nesterov_update: dw = -lr (g + wd w); v = m v + dw; w += dw + m v. An
+    Optimizer, so that GradScaler can unscale and skip its steps on CUDA."""
+
+    def __init__(self, params, momentum=0.9):
+        super().__init__(params, dict(lr=0.0, weight_decay=0.0, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for w in g["params"]:
+                if w.grad is None:
+                    continue
+                v = self.state[w].setdefault("v", torch.zeros_like(w))
+                dw = w.grad.add(w, alpha=g["weight_decay"]).mul_(-g["lr"])
+                v.mul_(g["momentum"]).add_(dw)
+                w.add_(dw.add_(v, alpha=g["momentum"]))
+
+
+class Dawnbench:
+    def __init__(self, a, xtr, dev):
+        self.a, self.dev = a, dev
+        self.net = page_resnet9(a.width)
+        # Reflection padding of the raw images, then normalisation (dawn.py's preprocessing).
+        self.train = normalise(F.pad(xtr.float(), (4, 4, 4, 4), mode="reflect"), dev)
+        self.step_number = 0
+        self.steps = xtr.shape[0] // a.batch_size
+        self.r = torch.arange(32, device=dev)
+
+    def make_optimiser(self, net):
+        self.opt = PageSGD(net.parameters())
+
+    def batches(self, gen):
+        """Each image's own choices (Crop(32, 32), FlipLR(), Cutout(8, 8)), drawn per epoch."""
+        n, b, dev = self.train.shape[0], self.a.batch_size, self.dev
+        order = torch.randperm(n, generator=gen)
+        draw = lambda hi: torch.randint(0, hi, (n, 1, 1, 1), generator=gen).to(dev)
+        x0, y0, flip, cx, cy = draw(9), draw(9), draw(2).bool(), draw(32 - 8 + 1), draw(32 - 8 + 1)
+        rows, cols = self.r.view(1, 1, 32, 1), self.r.view(1, 1, 1, 32)
+        for s in range(n // b):
+            idx = order[s * b:(s + 1) * b].to(dev)
+            x = self.train[idx]
+            x = x.gather(2, (rows + y0[idx]).expand(b, 3, 32, 40))
+            x = x.gather(3, (cols + x0[idx]).expand(b, 3, 32, 32))
+            x = torch.where(flip[idx], x.flip(-1), x)
+            hole = ((rows >= cy[idx]) & (rows < cy[idx] + 8) & (cols >= cx[idx]) & (cols < cx[idx] + 8))
+            yield x.masked_fill(hole, 0.0), idx
+
+    def loss(self, logits, y):
+        return F.cross_entropy(logits, y, reduction="none").sum()
+
+    def before_step(self):
+        self.step_number += 1
+        t = self.step_number / self.steps
+        lr = piecewise_linear(t, [0, 5 * self.a.epochs / 24, self.a.epochs], [0, 0.4, 0])
+        for g in self.opt.param_groups:
+            g["lr"], g["weight_decay"] = lr / self.a.batch_size, 5e-4 * self.a.batch_size
+
+    def end_epoch(self):
+        pass
+
+
+class PaperShort:
+    def __init__(self, a, xtr, dev):
+        self.a, self.dev = a, dev
+        self.net = picard_resnet9(a.width)
+        self.train = normalise(xtr, dev)
+
+    def make_optimiser(self, net):
+        self.opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9, nesterov=True,
+                                   weight_decay=1e-3)
+
+        def mult(e):
+            return 0.5 * e / 3.0 + 0.01 if e < 4 else max(0.5 * (22 - e) / 19.0 + 0.01, 0.01)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, mult)
+
+    def augment_chunk(self, x, gen):
+        # torchvision RandomCrop(32, padding=(4, 4)) on a batch tensor: one offset for all.
+        x = F.pad(x, (4, 4, 4, 4))
+        i, j = torch.randint(0, 9, (2,), generator=gen).tolist()
+        x = x[:, :, i:i + 32, j:j + 32]
+        if torch.rand(1, generator=gen).item() < 0.5:  # RandomHorizontalFlip: one draw
+            x = x.flip(-1)
+        y, xc = torch.randint(0, 32, (2,), generator=gen).tolist()  # deepseed's Cutout(8, 8)
+        mask = torch.ones((1, 1, 32, 32), device=x.device)
+        mask[:, :, max(y - 4, 0):min(y + 4, 32), max(xc - 4, 0):min(xc + 4, 32)] = 0.0
+        return x * mask
+
+    def batches(self, gen):
+        n, b = self.train.shape[0], self.a.batch_size
+        chunks = [self.augment_chunk(self.train[c * b:(c + 1) * b], gen) for c in range(n // b)]
+        augmented = torch.cat(chunks)
+        order = torch.randperm(augmented.shape[0], generator=gen)
+        for s in range(n // b):
+            idx = order[s * b:(s + 1) * b]
+            yield augmented[idx.to(self.dev)], idx
+
+    def loss(self, logits, y):
+        return F.cross_entropy(logits, y) + 2 * F.cross_entropy(logits, y, label_smoothing=0.2)
+
+    def before_step(self):
+        pass
+
+    def end_epoch(self):
+        self.sched.step()
 
 
 def main():
@@ -129,22 +254,16 @@ def main():
     folder = os.path.join(a.data, "cifar-10-batches-bin")
     xtr, ytr = read_split(folder, [f"data_batch_{i}.bin" for i in range(1, 6)])
     xte, yte = read_split(folder, ["test_batch.bin"])
+    a.batch_size = min(a.batch_size, xtr.shape[0])
     xtr, ytr, xte, yte = xtr.to(dev), ytr.to(dev), xte.to(dev), yte.to(dev)
-    mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
-    rows = torch.arange(32, device=dev).view(1, 1, 32, 1)
-    cols = torch.arange(32, device=dev).view(1, 1, 1, 32)
+    test = normalise(xte, dev)
 
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
-    net = resnet9(a.model, a.width).to(dev).to(memory_format=fmt)
-    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9, nesterov=True,
-                          weight_decay=a.weight_decay)
+    recipe = (Dawnbench if a.recipe == "dawnbench" else PaperShort)(a, xtr, dev)
+    net = recipe.net.to(dev).to(memory_format=fmt)
+    recipe.make_optimiser(net)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and a.precision == "fp16")
-    n = xtr.shape[0]
-    batch = min(a.batch_size, n)
-    steps = (n + batch - 1) // batch
-    pad, cut = 4, a.cutout
 
     def sync():
         if cuda:
@@ -153,54 +272,36 @@ def main():
     for epoch in range(1, a.epochs + 1):
         sync()
         started = time.perf_counter()
-        order = torch.randperm(n, generator=gen).to(dev)
-        crop = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).to(dev)
-        flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
-        cuts = torch.randint(0, 32 - cut + 1, (2, n), generator=gen).to(dev)
         net.train()
-        loss_sum = torch.zeros((), device=dev)
-        for step in range(steps):
-            lo = step * batch
-            idx = order[lo:lo + batch]
-            b = idx.shape[0]
-            x = (xtr[idx].float() / 255 - mean) / std
-            x = F.pad(x, (pad, pad, pad, pad))
-            dy = crop[0, lo:lo + b].view(b, 1, 1, 1)
-            dx = crop[1, lo:lo + b].view(b, 1, 1, 1)
-            x = x.gather(2, (rows + dy).expand(b, 3, 32, 32 + 2 * pad))
-            x = x.gather(3, (cols + dx).expand(b, 3, 32, 32))
-            x = torch.where(flip[lo:lo + b].view(b, 1, 1, 1), x.flip(3), x)
-            if cut:
-                cy = cuts[0, lo:lo + b].view(b, 1, 1, 1)
-                cx = cuts[1, lo:lo + b].view(b, 1, 1, 1)
-                hole = (rows >= cy) & (rows < cy + cut) & (cols >= cx) & (cols < cx + cut)
-                x = x.masked_fill(hole, 0.0)
+        losses, seen = [], 0
+        for x, idx in recipe.batches(gen):
             x = x.contiguous(memory_format=fmt)
-            y = ytr[idx]
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(a, epoch, step, steps)
+            y = ytr[idx.to(dev)]
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
                 logits = net(x).float()
-                loss = F.cross_entropy(logits, y, label_smoothing=a.label_smoothing)
-                if a.smoothed_weight:
-                    loss = loss + a.smoothed_weight * F.cross_entropy(logits, y, label_smoothing=0.2)
-            opt.zero_grad(set_to_none=True)
+                loss = recipe.loss(logits, y)
+            recipe.opt.zero_grad(set_to_none=True)
+            recipe.before_step()
             scaler.scale(loss).backward()
-            scaler.step(opt)
+            scaler.step(recipe.opt)
             scaler.update()
-            loss_sum += loss.detach() * b
+            b = y.shape[0]
+            mean = loss.detach() / b if isinstance(recipe, Dawnbench) else loss.detach()
+            losses.append(mean * b)
+            seen += b
+        recipe.end_epoch()
         net.eval()
         correct = torch.zeros((), device=dev, dtype=torch.long)
         with torch.no_grad(), torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-            for lo in range(0, xte.shape[0], 1000):
-                x = ((xte[lo:lo + 1000].float() / 255 - mean) / std).contiguous(memory_format=fmt)
+            for lo in range(0, test.shape[0], 1000):
+                x = test[lo:lo + 1000].contiguous(memory_format=fmt)
                 correct += (net(x).argmax(-1) == yte[lo:lo + 1000]).sum()
-        acc = correct.item() / xte.shape[0]
-        train_loss = loss_sum.item() / n
+        acc = correct.item() / test.shape[0]
+        train_loss = torch.stack(losses).sum().item() / seen
         sync()
         seconds = time.perf_counter() - started
         print(json.dumps(dict(epoch=epoch, seconds=seconds, train_loss=train_loss,
-                              test_accuracy=acc, images_per_second=n / seconds)), flush=True)
+                              test_accuracy=acc, images_per_second=seen / seconds)), flush=True)
 
 
 if __name__ == "__main__":

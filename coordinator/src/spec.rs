@@ -139,6 +139,41 @@ pub enum Schedule {
     Picard,
 }
 
+/// How the weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    /// PyTorch's defaults, as both papers' code: convolutions and the linear layer uniform in
+    /// +-1/sqrt(fan_in), BatchNorm weight 1 and bias 0.
+    Pytorch,
+    /// tch's defaults: Kaiming uniform with the ReLU gain (2.45x wider) and BatchNorm weights
+    /// uniform in [0, 1]. What sweeps submitted before this setting trained with.
+    Tch,
+}
+
+/// What the random crop's padding holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PaddingMode {
+    /// The image mirrored at its edges (Page).
+    Reflect,
+    /// Zero after normalisation: the dataset's mean colour (Picard).
+    ZerosAfterNormalisation,
+    /// Black, as torchvision's `RandomCrop(32, padding=4)` before `Normalize`.
+    ZerosBeforeNormalisation,
+}
+
+/// How many images share one set of augmentation draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AugmentPer {
+    /// Each image its own crop, flip and cutout (Page).
+    Image,
+    /// One crop, flip and cutout per chunk of `batch_size` consecutive training images (Picard:
+    /// torchvision's transforms applied to batch tensors).
+    Batch,
+}
+
 /// Arithmetic on CUDA devices; a CPU always trains in fp32 (results record what was used).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -153,6 +188,34 @@ impl Model {
         match self {
             Model::Resnet9 => "resnet9",
             Model::Resnet9Skinny => "resnet9-skinny",
+        }
+    }
+}
+
+impl Init {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Init::Pytorch => "pytorch",
+            Init::Tch => "tch",
+        }
+    }
+}
+
+impl PaddingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaddingMode::Reflect => "reflect",
+            PaddingMode::ZerosAfterNormalisation => "zeros-after-normalisation",
+            PaddingMode::ZerosBeforeNormalisation => "zeros-before-normalisation",
+        }
+    }
+}
+
+impl AugmentPer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AugmentPer::Image => "image",
+            AugmentPer::Batch => "batch",
         }
     }
 }
@@ -181,9 +244,11 @@ impl Precision {
 /// [`TrainSettings`].
 pub const RECIPES: [&str; 3] = ["dawnbench", "paper-short", "paper-long"];
 
-/// Page's DAWNBench ResNet-9: 94% on CIFAR-10 in 24 epochs (lr peaks at 5/24 of the epochs).
+/// Page's DAWNBench ResNet-9: 94% on CIFAR-10 in 24 epochs (lr peaks at 5/24 of the epochs), as
+/// davidcpage/cifar10-fast's dawn.py trains it (README, "Recipes", lists each setting's source).
 const DAWNBENCH: &str = r#"
 model = "resnet9"
+init = "pytorch"
 epochs = 24
 batch_size = 512
 lr = 0.4
@@ -193,15 +258,21 @@ nesterov = true
 weight_decay = 5e-4
 label_smoothing = 0.0
 crop_padding = 4
+crop_padding_mode = "reflect"
 flip = true
 cutout = 8
+cutout_at_borders = false
+augment_per = "image"
+drop_last = true
+lr_in_momentum = true
 precision = "fp16"
 channels_last = true
 "#;
 
-/// Picard's short run (davidpicard/deepseed), used for the 10^4-seed scan.
+/// Picard's short run (davidpicard/deepseed's cifar_seed.py), used for the 10^4-seed scan.
 const PAPER_SHORT: &str = r#"
 model = "resnet9-skinny"
+init = "pytorch"
 epochs = 22
 batch_size = 500
 lr = 0.2
@@ -213,8 +284,13 @@ label_smoothing = 0.0
 smoothed_loss_weight = 2.0
 smoothed_loss_epsilon = 0.2
 crop_padding = 4
+crop_padding_mode = "zeros-after-normalisation"
 flip = true
 cutout = 8
+cutout_at_borders = true
+augment_per = "batch"
+drop_last = true
+lr_in_momentum = false
 precision = "fp16"
 channels_last = true
 "#;
@@ -244,6 +320,9 @@ pub struct TrainSettings {
     pub epochs: u32,
     #[serde(default = "defaults::batch_size")]
     pub batch_size: u32,
+    /// How the weights start; absent (a sweep stored before the setting): "tch".
+    #[serde(default = "defaults::init")]
+    pub init: Init,
     /// Channel multiplier: 1.0 is the full 6,573,120-parameter network.
     #[serde(default = "defaults::width")]
     pub width: f64,
@@ -274,12 +353,30 @@ pub struct TrainSettings {
     /// Random-crop padding in pixels (0 turns cropping off).
     #[serde(default = "defaults::crop_padding")]
     pub crop_padding: u32,
+    /// What the crop's padding holds; absent: "zeros-after-normalisation".
+    #[serde(default = "defaults::crop_padding_mode")]
+    pub crop_padding_mode: PaddingMode,
     /// Random horizontal flip.
     #[serde(default = "defaults::flip")]
     pub flip: bool,
     /// Side in pixels of the square cut out of each training image at a random place (0: off).
     #[serde(default)]
     pub cutout: u32,
+    /// The cutout square's centre anywhere in the image, the square clipped at its borders
+    /// (Picard), rather than the square wholly inside the image (Page).
+    #[serde(default)]
+    pub cutout_at_borders: bool,
+    /// One set of crop, flip and cutout draws per image or per chunk of `batch_size`
+    /// consecutive training images; absent: "image".
+    #[serde(default = "defaults::augment_per")]
+    pub augment_per: AugmentPer,
+    /// Skip each epoch's last, partial batch (as both papers' data loaders do).
+    #[serde(default)]
+    pub drop_last: bool,
+    /// Page's SGD: the momentum buffer accumulates learning-rate-scaled steps instead of
+    /// gradients (`torch.optim.SGD`); the two differ while the learning rate changes.
+    #[serde(default)]
+    pub lr_in_momentum: bool,
     /// Mixed precision on CUDA: "fp32", "fp16" (autocast with loss scaling; BatchNorm stays
     /// fp32) or "bf16".
     #[serde(default = "defaults::precision")]
@@ -305,7 +402,16 @@ pub struct TrainSettings {
 }
 
 mod defaults {
-    use super::{Model, Precision, Schedule};
+    use super::{AugmentPer, Init, Model, PaddingMode, Precision, Schedule};
+    pub fn init() -> Init {
+        Init::Tch
+    }
+    pub fn crop_padding_mode() -> PaddingMode {
+        PaddingMode::ZerosAfterNormalisation
+    }
+    pub fn augment_per() -> AugmentPer {
+        AugmentPer::Image
+    }
     pub fn model() -> Model {
         Model::Resnet9
     }

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod digits;
 pub mod finetune;
 pub mod imagefolder;
 pub mod metrics;

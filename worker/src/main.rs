@@ -117,25 +117,30 @@ struct DeviceArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write a generated dataset (use --out DATA_DIR/NAME): `synthetic` in the CIFAR-10 binary
-    /// layout, `image-folder` as PNG and JPEG files.
+    /// Write a dataset (use --out DATA_DIR/NAME): `synthetic` (generated) or `digits` (real
+    /// handwritten digits, from --source) in the CIFAR-10 binary layout, `image-folder`
+    /// (generated) as PNG and JPEG files.
     MakeDataset {
         kind: DatasetKind,
         /// Dataset folder; `--out DATA_DIR/synthetic` makes it the dataset `synthetic`.
         #[arg(long)]
         out: PathBuf,
-        /// Training images.
-        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-        train: u64,
-        /// Test images.
-        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-        test: u64,
-        /// Seed of the generator.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        /// Training images (generated kinds; default 5000).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        train: Option<u64>,
+        /// Test images (generated kinds; default 1000).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        test: Option<u64>,
+        /// Seed of the generator (generated kinds; default 0).
+        #[arg(long)]
+        seed: Option<u64>,
         /// Image side in pixels (image-folder only).
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(8..=1024))]
         size: u32,
+        /// scikit-learn's `sklearn/datasets/data/digits.csv.gz` (digits only; scripts/digits.sh
+        /// fetches it and prints its path). Checked against its SHA-256.
+        #[arg(long, value_name = "FILE")]
+        source: Option<PathBuf>,
     },
     /// Measure how fast this host decodes an ImageFolder dataset's training images (resize and
     /// centre crop, as for the feature cache), to choose --decode-threads. Prints JSON.
@@ -185,6 +190,9 @@ enum DatasetKind {
     /// The same images as an ImageFolder (train/ and val/ with a folder per class), upscaled to
     /// --size, alternately PNG and JPEG files: for trying task finetune-head.
     ImageFolder,
+    /// The UCI handwritten digits as scikit-learn ships them (1,437 training and 360 test
+    /// images, 8x8 upscaled to 32x32, grey): real data that nobody here generated.
+    Digits,
 }
 
 fn main() {
@@ -204,12 +212,32 @@ fn main() {
             test,
             seed,
             size,
-        }) => match kind {
-            DatasetKind::Synthetic => make_synthetic(&out, train as usize, test as usize, seed),
-            DatasetKind::ImageFolder => {
-                make_image_folder(&out, train as usize, test as usize, seed, size)
+            source,
+        }) => {
+            let generated = (
+                train.unwrap_or(5000) as usize,
+                test.unwrap_or(1000) as usize,
+                seed.unwrap_or(0),
+            );
+            match (kind, source) {
+                (DatasetKind::Digits, Some(source)) if train.or(test).or(seed).is_none() => {
+                    make_digits(&source, &out)
+                }
+                (DatasetKind::Digits, Some(_)) => Err(anyhow::anyhow!(
+                    "--train, --test and --seed are for generated datasets; digits has a fixed split"
+                )),
+                (DatasetKind::Digits, None) => Err(anyhow::anyhow!(
+                    "digits needs --source FILE: scikit-learn's sklearn/datasets/data/digits.csv.gz (scripts/digits.sh prints its path)"
+                )),
+                (_, Some(_)) => Err(anyhow::anyhow!("--source is for digits only")),
+                (DatasetKind::Synthetic, None) => {
+                    make_synthetic(&out, generated.0, generated.1, generated.2)
+                }
+                (DatasetKind::ImageFolder, None) => {
+                    make_image_folder(&out, generated.0, generated.1, generated.2, size)
+                }
             }
-        },
+        }
         Some(Command::DecodeBench {
             dir,
             size,
@@ -356,6 +384,19 @@ fn make_synthetic(
         .with_context(|| format!("failed to write the dataset to {}", out.display()))?;
     eprintln!(
         "wrote {train} training and {test} test images to {}",
+        out.join(data::BATCH_DIR).display()
+    );
+    Ok(())
+}
+
+fn make_digits(source: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    let (train_records, test_records) = seedsweep_worker::digits::records(source)?;
+    data::write_dataset(out, &train_records, &test_records)
+        .with_context(|| format!("failed to write the dataset to {}", out.display()))?;
+    eprintln!(
+        "wrote {} training and {} test images (UCI handwritten digits) to {}",
+        train_records.len() / data::RECORD_BYTES,
+        test_records.len() / data::RECORD_BYTES,
         out.join(data::BATCH_DIR).display()
     );
     Ok(())

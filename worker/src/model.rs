@@ -11,11 +11,51 @@
 //!   without bias; output x 0.1; CELU(alpha 0.1). 2,440,256 trainable parameters at width 1.0.
 //!
 //! The variable paths (`prep/conv`, `layer1/res1/bn`, ...) are the checkpoint format.
+//!
+//! [`Init::Pytorch`] starts the weights as both papers' code does, with PyTorch's defaults:
+//! convolutions and the linear layer uniform in +-1/sqrt(fan_in) (`kaiming_uniform_(a=sqrt(5))`),
+//! BatchNorm weight 1 and bias 0. [`Init::Tch`] is tch's defaults (Kaiming uniform with the ReLU
+//! gain, 2.45x wider, and BatchNorm weights uniform in [0, 1]), which sweeps submitted before the
+//! `init` setting existed were trained with.
 
 use tch::Tensor;
 use tch::nn::{self, ModuleT};
 
 const CELU_ALPHA: f64 = 0.1;
+
+/// How the weights start (the sweep file's `train.init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    Pytorch,
+    Tch,
+}
+
+impl Init {
+    /// The initialisation of a weight with `fan_in` inputs per output.
+    fn weights(self, fan_in: i64) -> nn::Init {
+        match self {
+            Init::Pytorch => {
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                }
+            }
+            Init::Tch => nn::ConvConfig::default().ws_init,
+        }
+    }
+
+    fn batch_norm(self) -> nn::BatchNormConfig {
+        match self {
+            Init::Pytorch => nn::BatchNormConfig {
+                ws_init: nn::Init::Const(1.0),
+                bs_init: nn::Init::Const(0.0),
+                ..Default::default()
+            },
+            Init::Tch => Default::default(),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -60,15 +100,24 @@ fn channels(base: i64, width: f64) -> i64 {
     ((base as f64 * width).round() as i64).max(1)
 }
 
-fn conv_bn(p: nn::Path, arch: Arch, c_in: i64, c_out: i64, pool: bool) -> nn::SequentialT {
+/// The architecture and how its weights start.
+#[derive(Debug, Clone, Copy)]
+struct Net {
+    arch: Arch,
+    init: Init,
+}
+
+fn conv_bn(p: nn::Path, net: Net, c_in: i64, c_out: i64, pool: bool) -> nn::SequentialT {
     let conv = nn::ConvConfig {
         padding: 1,
         bias: false,
+        ws_init: net.init.weights(c_in * 9),
         ..Default::default()
     };
+    let arch = net.arch;
     let block = nn::seq_t()
         .add(nn::conv2d(&p / "conv", c_in, c_out, 3, conv))
-        .add(nn::batch_norm2d(&p / "bn", c_out, Default::default()))
+        .add(nn::batch_norm2d(&p / "bn", c_out, net.init.batch_norm()))
         .add_fn(move |x| arch.activation(x));
     if pool {
         block.add_fn(|x| x.max_pool2d_default(2))
@@ -78,12 +127,12 @@ fn conv_bn(p: nn::Path, arch: Arch, c_in: i64, c_out: i64, pool: bool) -> nn::Se
 }
 
 /// conv-bn-act, max pool, then (optionally) a residual branch of two conv-bn-act.
-fn layer(p: nn::Path, arch: Arch, c_in: i64, c_out: i64, residual: bool) -> impl ModuleT + use<> {
-    let pre = conv_bn(&p / "prep", arch, c_in, c_out, true);
+fn layer(p: nn::Path, net: Net, c_in: i64, c_out: i64, residual: bool) -> impl ModuleT + use<> {
+    let pre = conv_bn(&p / "prep", net, c_in, c_out, true);
     let res = residual.then(|| {
-        conv_bn(&p / "res1", arch, c_out, c_out, false).add(conv_bn(
+        conv_bn(&p / "res1", net, c_out, c_out, false).add(conv_bn(
             &p / "res2",
-            arch,
+            net,
             c_out,
             c_out,
             false,
@@ -132,21 +181,23 @@ impl ModuleT for Resnet9 {
 }
 
 /// Builds `arch` under `p` for 3-channel 32x32 inputs and `classes` outputs.
-pub fn build(p: &nn::Path, arch: Arch, width: f64, classes: i64) -> Resnet9 {
+pub fn build(p: &nn::Path, arch: Arch, init: Init, width: f64, classes: i64) -> Resnet9 {
     let [c0, c1, c2, c3] = arch.channels().map(|c| channels(c, width));
     let linear = nn::LinearConfig {
         bias: false,
+        ws_init: init.weights(c3),
         ..Default::default()
     };
+    let net = Net { arch, init };
     let scale = arch.output_scale();
     let prep_pools = arch == Arch::Resnet9Skinny;
     let classifier = nn::linear(p / "classifier", c3, classes, linear);
     Resnet9 {
         stages: vec![
-            Box::new(conv_bn(p / "prep", arch, 3, c0, prep_pools)),
-            Box::new(layer(p / "layer1", arch, c0, c1, true)),
-            Box::new(layer(p / "layer2", arch, c1, c2, false)),
-            Box::new(layer(p / "layer3", arch, c2, c3, true)),
+            Box::new(conv_bn(p / "prep", net, 3, c0, prep_pools)),
+            Box::new(layer(p / "layer1", net, c0, c1, true)),
+            Box::new(layer(p / "layer2", net, c1, c2, false)),
+            Box::new(layer(p / "layer3", net, c2, c3, true)),
             // A global max pool, as max_pool2d over the whole map: the same numbers as an adaptive
             // max pool to 1x1, and unlike it, its CUDA backward has a deterministic kernel.
             Box::new(nn::func_t(|x, _| {
@@ -178,7 +229,7 @@ mod tests {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let vs = nn::VarStore::new(Device::Cpu);
-        let net = build(&vs.root(), arch, width, 10);
+        let net = build(&vs.root(), arch, Init::Pytorch, width, 10);
         let x = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu));
         let outs = net.stage_outputs(&x, false);
         (
@@ -223,6 +274,33 @@ mod tests {
                 vec![2, 10]
             ]
         );
+    }
+
+    /// PyTorch's defaults: BatchNorm weight 1 and bias 0; a conv's weights within 1/sqrt(fan_in)
+    /// and filling it (so not tch's ReLU-gain bound, 2.45x wider); tch's defaults on request.
+    #[test]
+    fn pytorch_init_is_pytorchs_defaults() {
+        let _init = crate::train::INIT_LOCK
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let var = |init: Init, name: &str| {
+            let vs = nn::VarStore::new(Device::Cpu);
+            tch::manual_seed(0);
+            build(&vs.root(), Arch::Resnet9, init, 0.5, 10);
+            vs.variables()[name].shallow_clone()
+        };
+        let max = |t: &Tensor| t.abs().max().double_value(&[]);
+        let bn = var(Init::Pytorch, "layer1.prep.bn.weight");
+        assert!(bn.eq(1.0).all().int64_value(&[]) == 1);
+        assert!(var(Init::Pytorch, "layer1.prep.bn.bias").eq(0.0).all().int64_value(&[]) == 1);
+        // layer1's conv: 32 -> 64 channels at width 0.5, fan_in 32 x 9.
+        let bound = 1.0 / (32.0f64 * 9.0).sqrt();
+        let conv = var(Init::Pytorch, "layer1.prep.conv.weight");
+        assert!(max(&conv) <= bound && max(&conv) > 0.95 * bound, "{}", max(&conv));
+        let linear = var(Init::Pytorch, "classifier.weight");
+        assert!(max(&linear) <= 1.0 / 256f64.sqrt());
+        assert!(max(&var(Init::Tch, "layer1.prep.conv.weight")) > 2.0 * bound);
+        assert!(var(Init::Tch, "layer1.prep.bn.weight").lt(0.99).any().int64_value(&[]) == 1);
     }
 
     #[test]

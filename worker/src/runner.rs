@@ -8,9 +8,9 @@ use crate::finetune::{
 };
 use crate::imagefolder::{self, OnBadImage};
 use crate::metrics::WorkerMetrics;
-use crate::model::Arch;
+use crate::model::{Arch, Init};
 use crate::train::{
-    self, EpochMetrics, Precision, Run, Schedule, Seeds, TrainConfig, TrainError, Trained,
+    self, AugmentPer, EpochMetrics, Padding, Precision, Run, Schedule, Seeds, TrainConfig, TrainError, Trained,
 };
 use anyhow::{Context, bail};
 use seedsweep_proto::client::{Client, Connection};
@@ -989,6 +989,10 @@ async fn wait_for(flag: &AtomicBool) {
     }
 }
 
+fn unknown(setting: &str, name: &str, known: &str) -> String {
+    format!("unknown {setting} `{name}` (this worker knows {known})")
+}
+
 /// The worker's training settings from a lease's; names this worker does not know are an error.
 fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
     let arch = Arch::parse(&t.model).ok_or_else(|| {
@@ -1016,8 +1020,32 @@ fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
             ));
         }
     };
+    // An empty name is a lease from a coordinator older than the setting: what workers did then.
+    let init = match t.init.as_str() {
+        "pytorch" => Init::Pytorch,
+        "tch" | "" => Init::Tch,
+        other => return Err(unknown("init", other, "pytorch, tch")),
+    };
+    let padding = match t.crop_padding_mode.as_str() {
+        "reflect" => Padding::Reflect,
+        "zeros-after-normalisation" | "" => Padding::ZerosAfterNormalisation,
+        "zeros-before-normalisation" => Padding::ZerosBeforeNormalisation,
+        other => {
+            return Err(unknown(
+                "crop_padding_mode",
+                other,
+                "reflect, zeros-after-normalisation, zeros-before-normalisation",
+            ));
+        }
+    };
+    let augment_per = match t.augment_per.as_str() {
+        "image" | "" => AugmentPer::Image,
+        "batch" => AugmentPer::Batch,
+        other => return Err(unknown("augment_per", other, "image, batch")),
+    };
     Ok(TrainConfig {
         arch,
+        init,
         epochs: t.epochs,
         batch_size: t.batch_size,
         width: t.width,
@@ -1031,8 +1059,13 @@ fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
         smoothed_loss_weight: t.smoothed_loss_weight,
         smoothed_loss_epsilon: t.smoothed_loss_epsilon,
         crop_padding: t.crop_padding,
+        padding,
         flip: t.flip,
         cutout: t.cutout,
+        cutout_at_borders: t.cutout_at_borders,
+        augment_per,
+        drop_last: t.drop_last,
+        lr_in_momentum: t.lr_in_momentum,
         precision,
         channels_last: t.channels_last,
         deterministic: t.deterministic,

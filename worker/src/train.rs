@@ -11,7 +11,7 @@
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 
 use crate::data::{Dataset, Split};
-use crate::model::{self, Arch};
+use crate::model::{self, Arch, Init};
 use crate::shim;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -56,10 +56,33 @@ impl Precision {
     }
 }
 
+/// What the random crop's padding holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// The image mirrored at its edges (Page: `np.pad(mode='reflect')`).
+    Reflect,
+    /// Zeros of the normalised image, i.e. the dataset's mean colour (Picard: torchvision's
+    /// `RandomCrop` on normalised tensors).
+    ZerosAfterNormalisation,
+    /// Black (torchvision's `RandomCrop(32, padding=4)` before `Normalize`).
+    ZerosBeforeNormalisation,
+}
+
+/// How many images share one set of augmentation draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AugmentPer {
+    /// Each image its own crop, flip and cutout (Page).
+    Image,
+    /// One crop, flip and cutout for each chunk of `batch_size` consecutive training images, as
+    /// torchvision's transforms do when applied to a batch tensor (Picard).
+    Batch,
+}
+
 /// How to train; mirrors the sweep file's `[train]` table after its recipe is applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     pub arch: Arch,
+    pub init: Init,
     pub epochs: u32,
     pub batch_size: u32,
     pub width: f64,
@@ -74,9 +97,20 @@ pub struct TrainConfig {
     pub smoothed_loss_weight: f64,
     pub smoothed_loss_epsilon: f64,
     pub crop_padding: u32,
+    pub padding: Padding,
     pub flip: bool,
     /// Side of the square cut out of each training image (0: none).
     pub cutout: u32,
+    /// Cutout centred anywhere in the image and clipped at its borders (Picard), rather than
+    /// lying wholly inside it (Page).
+    pub cutout_at_borders: bool,
+    pub augment_per: AugmentPer,
+    /// Skip each epoch's last, partial batch (both papers' data loaders).
+    pub drop_last: bool,
+    /// Page's SGD: the momentum buffer accumulates learning-rate-scaled steps
+    /// (`v = m v - lr d; w += -lr d + m v`) rather than gradients (`torch.optim.SGD`). The two
+    /// differ while the learning rate changes.
+    pub lr_in_momentum: bool,
     /// Mixed precision on CUDA; the CPU always trains in fp32.
     pub precision: Precision,
     /// channels_last memory format on CUDA.
@@ -272,6 +306,7 @@ struct Sgd {
     momentum: f64,
     nesterov: bool,
     weight_decay: f64,
+    lr_in_momentum: bool,
 }
 
 impl Sgd {
@@ -290,6 +325,7 @@ impl Sgd {
             momentum: cfg.momentum,
             nesterov: cfg.nesterov,
             weight_decay: cfg.weight_decay,
+            lr_in_momentum: cfg.lr_in_momentum,
         }
     }
 
@@ -299,12 +335,24 @@ impl Sgd {
 
     /// One update with learning rate `lr`; skipped on the device where `found_inf` is non-zero.
     fn step(&mut self, lr: f64, found_inf: Option<&Tensor>) -> Result<(), TrainError> {
-        let step = shim::SgdStep {
+        let mut step = shim::SgdStep {
             lr,
             momentum: self.momentum,
             nesterov: self.nesterov,
             weight_decay: self.weight_decay,
         };
+        if self.lr_in_momentum {
+            // Page's update is torch's with learning rate 1 on gradients and weight decay scaled
+            // by lr: d = lr (g + wd w); b = m b + d; w -= d + m b (b is Page's -v).
+            for p in &self.params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.f_mul_scalar_(lr)?;
+                }
+            }
+            step.weight_decay *= lr;
+            step.lr = 1.0;
+        }
         shim::fused_sgd(&self.params, &self.buffers, step, found_inf).map_err(TrainError::Device)
     }
 }
@@ -362,9 +410,12 @@ struct EpochDraws {
 
 impl EpochDraws {
     /// Draws the epoch's order (Fisher-Yates with the order generator) and, for each position of
-    /// it, a crop offset, a flip and a cutout position from the augmentation generator.
+    /// it, a crop offset, a flip and a cutout corner from the augmentation generator: one set per
+    /// image, or per chunk of `batch` consecutive training images (`augment_per`), in the order
+    /// of the images (or chunks), not of the epoch.
     fn draw(
         n: i64,
+        batch: i64,
         cfg: &TrainConfig,
         order_rng: &mut ChaCha8Rng,
         augment_rng: &mut ChaCha8Rng,
@@ -374,7 +425,11 @@ impl EpochDraws {
         let side = crate::data::SIDE as i64;
         let pad = cfg.crop_padding as i64;
         let cut = (cfg.cutout as i64).min(side);
-        let len = n as usize;
+        let units = match cfg.augment_per {
+            AugmentPer::Image => n,
+            AugmentPer::Batch => (n + batch - 1) / batch,
+        };
+        let len = units as usize;
         let (mut crop_y, mut crop_x, mut flip, mut cut_y, mut cut_x) = (
             Vec::with_capacity(len),
             Vec::with_capacity(len),
@@ -382,13 +437,31 @@ impl EpochDraws {
             Vec::with_capacity(len),
             Vec::with_capacity(len),
         );
-        for _ in 0..n {
+        for _ in 0..units {
             crop_y.push(augment_rng.random_range(0..=2 * pad));
             crop_x.push(augment_rng.random_range(0..=2 * pad));
             flip.push(cfg.flip && augment_rng.random_bool(0.5));
             if cut > 0 {
-                cut_y.push(augment_rng.random_range(0..=side - cut));
-                cut_x.push(augment_rng.random_range(0..=side - cut));
+                // The square's top-left corner; at the borders, a centre anywhere in the image.
+                let mut corner = || {
+                    if cfg.cutout_at_borders {
+                        augment_rng.random_range(0..side) - cut / 2
+                    } else {
+                        augment_rng.random_range(0..=side - cut)
+                    }
+                };
+                cut_y.push(corner());
+                cut_x.push(corner());
+            }
+        }
+        if cfg.augment_per == AugmentPer::Batch {
+            // Position p trains image order[p], whose chunk is order[p] / batch.
+            let chunk = |p: usize| (order[p] / batch) as usize;
+            let spread = |v: &[i64]| (0..n as usize).map(|p| v[chunk(p)]).collect::<Vec<_>>();
+            (crop_y, crop_x) = (spread(&crop_y), spread(&crop_x));
+            flip = (0..n as usize).map(|p| flip[chunk(p)]).collect();
+            if cut > 0 {
+                (cut_y, cut_x) = (spread(&cut_y), spread(&cut_x));
             }
         }
         let up = |v: &[i64]| Tensor::from_slice(v).to_device(device);
@@ -411,6 +484,7 @@ struct Pipeline {
     rows: Tensor,
     cols: Tensor,
     pad: i64,
+    padding: Padding,
     cut: i64,
     channels_last: bool,
 }
@@ -429,6 +503,7 @@ impl Pipeline {
             rows: range.view([1, 1, side, 1]),
             cols: range.view([1, 1, 1, side]),
             pad: cfg.crop_padding as i64,
+            padding: cfg.padding,
             cut: (cfg.cutout as i64).min(side),
             channels_last: cfg.channels_last && device.is_cuda(),
         }
@@ -451,20 +526,32 @@ impl Pipeline {
         }
     }
 
-    /// Normalises and augments images `[b, 3, s, s]` (uint8) with the draws at `at..at + b`.
-    /// Padding and cutout fill with zero, the mean after normalisation.
+    /// Images `[b, 3, s, s]` (uint8) normalised and padded by `pad` on every side.
+    fn padded(&self, images: &Tensor) -> Tensor {
+        let pad = [self.pad; 4];
+        match self.padding {
+            Padding::Reflect => self.standardise(images).reflection_pad2d(pad),
+            Padding::ZerosAfterNormalisation => self.standardise(images).constant_pad_nd(pad),
+            Padding::ZerosBeforeNormalisation => self.standardise(&images.constant_pad_nd(pad)),
+        }
+    }
+
+    /// Normalises and augments images `[b, 3, s, s]` (uint8) with the draws at `at..at + b`:
+    /// crop, then flip, then cutout, which fills with zero (the mean after normalisation).
     fn augment(&self, images: &Tensor, draws: &EpochDraws, at: i64) -> Tensor {
         let size = images.size();
         let (b, c, s) = (size[0], size[1], size[3]);
-        let mut x = self.standardise(images);
+        let mut x;
         if self.pad > 0 {
-            let padded = x.constant_pad_nd([self.pad, self.pad, self.pad, self.pad]);
+            let padded = self.padded(images);
             let wide = s + 2 * self.pad;
             let dy = draws.crop_y.narrow(0, at, b).view([b, 1, 1, 1]);
             let dx = draws.crop_x.narrow(0, at, b).view([b, 1, 1, 1]);
             let rows = (&self.rows + dy).expand([b, c, s, wide], false);
             let cols = (&self.cols + dx).expand([b, c, s, s], false);
             x = padded.gather(2, &rows, false).gather(3, &cols, false);
+        } else {
+            x = self.standardise(images);
         }
         let flip = draws.flip.narrow(0, at, b).view([b, 1, 1, 1]);
         x = x.flip([3]).where_self(&flip, &x);
@@ -545,7 +632,13 @@ pub fn train(
     let net = {
         let _guard = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(run.seeds.init as i64);
-        model::build(&vs.root(), cfg.arch, cfg.width, crate::data::CLASSES as i64)
+        model::build(
+            &vs.root(),
+            cfg.arch,
+            cfg.init,
+            cfg.width,
+            crate::data::CLASSES as i64,
+        )
     };
     if cuda && cfg.channels_last {
         tch::no_grad(|| {
@@ -620,10 +713,12 @@ pub fn train(
     let pipeline = Pipeline::new(cfg, device);
     let n = train_split.len();
     let batch = (cfg.batch_size as i64).min(n);
-    let steps = (n + batch - 1) / batch;
+    let steps = if cfg.drop_last { n / batch } else { (n + batch - 1) / batch };
+    // The images an epoch trains on, for its mean loss and accuracy.
+    let seen = if cfg.drop_last { steps * batch } else { n };
     for epoch in resumed_from + 1..=cfg.epochs {
         let started = Instant::now();
-        let draws = EpochDraws::draw(n, cfg, &mut order_rng, &mut augment_rng, device);
+        let draws = EpochDraws::draw(n, batch, cfg, &mut order_rng, &mut augment_rng, device);
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         let mut correct = Tensor::zeros([], (Kind::Int64, device));
         let mut lr = 0.0;
@@ -658,7 +753,7 @@ pub fn train(
                 correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
             });
         }
-        let train_loss = loss_sum.double_value(&[]) / n as f64;
+        let train_loss = loss_sum.double_value(&[]) / seen as f64;
         if !train_loss.is_finite() {
             return Err(TrainError::NonFinite {
                 epoch,
@@ -685,7 +780,7 @@ pub fn train(
         let m = EpochMetrics {
             epoch,
             train_loss,
-            train_accuracy: correct.int64_value(&[]) as f64 / n as f64,
+            train_accuracy: correct.int64_value(&[]) as f64 / seen as f64,
             test_loss,
             test_accuracy,
             test_top5: None,
@@ -769,6 +864,7 @@ mod tests {
         let d = data::load(dir.path(), "s").unwrap();
         let cfg = TrainConfig {
             arch: Arch::Resnet9,
+            init: Init::Pytorch,
             epochs: 2,
             batch_size: 64,
             width: 0.125,
@@ -782,8 +878,13 @@ mod tests {
             smoothed_loss_weight: 0.0,
             smoothed_loss_epsilon: 0.2,
             crop_padding: 4,
+            padding: Padding::ZerosAfterNormalisation,
             flip: true,
             cutout: 8,
+            cutout_at_borders: false,
+            augment_per: AugmentPer::Image,
+            drop_last: false,
+            lr_in_momentum: false,
             precision: Precision::Fp16,
             channels_last: true,
             deterministic: false,
