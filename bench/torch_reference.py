@@ -12,7 +12,8 @@ that bench/train_cpu.sh and bench/gpu.sh time it against.
 - paper-short: D. Picard's cifar_seed.py (davidpicard/deepseed): the images normalised first;
   each epoch, every chunk of 500 consecutive training images gets one torchvision RandomCrop(32,
   padding 4) (zero padding of the normalised tensor), one horizontal flip and one 8x8 cutout
-  centred anywhere and clipped at the borders; then shuffled; last partial batch dropped; the
+  centred anywhere and clipped at the borders (a partial last chunk too); then shuffled; last
+  partial batch dropped; the
   skinny ResNet-9 with CELU(0.1); loss CE + 2 x CE with label smoothing 0.2 (mean); torch SGD
   (lr 0.2, Nesterov 0.9, weight decay 1e-3) under LambdaLR's per-epoch multiplier.
 
@@ -206,7 +207,9 @@ class PaperShort:
 
     def batches(self, gen):
         n, b = self.train.shape[0], self.a.batch_size
-        chunks = [self.augment_chunk(self.train[c * b:(c + 1) * b], gen) for c in range(n // b)]
+        # deepseed needs n divisible by 500 (CIFAR-10's 50,000 is); a partial last chunk gets
+        # its own draws here, as in the worker, and every image can be drawn into a batch.
+        chunks = [self.augment_chunk(self.train[c * b:(c + 1) * b], gen) for c in range(-(-n // b))]
         augmented = torch.cat(chunks)
         order = torch.randperm(augmented.shape[0], generator=gen)
         for s in range(n // b):

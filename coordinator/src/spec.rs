@@ -1115,6 +1115,63 @@ width = 0.25
         );
     }
 
+    /// Each recipe carries its paper's fidelity settings; a sweep stored before they existed
+    /// (its resolved `train` without them) keeps training as it did then.
+    #[test]
+    fn recipes_carry_their_papers_settings_and_old_sweeps_keep_theirs() {
+        let page = SweepSpec::parse(OK).unwrap().train;
+        assert_eq!(
+            (page.init, page.crop_padding_mode, page.augment_per),
+            (Init::Pytorch, PaddingMode::Reflect, AugmentPer::Image)
+        );
+        assert!(page.drop_last && page.lr_in_momentum && !page.cutout_at_borders);
+        let picard = SweepSpec::parse(&OK.replace("[train]", "recipe = \"paper-short\"\n[train]"))
+            .unwrap()
+            .train;
+        assert_eq!(
+            (picard.init, picard.crop_padding_mode, picard.augment_per),
+            (
+                Init::Pytorch,
+                PaddingMode::ZerosAfterNormalisation,
+                AugmentPer::Batch
+            )
+        );
+        assert!(picard.drop_last && !picard.lr_in_momentum && picard.cutout_at_borders);
+        let black = SweepSpec::parse(&OK.replace(
+            "epochs = 2",
+            "epochs = 2\ncrop_padding_mode = \"zeros-before-normalisation\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            black.train.crop_padding_mode,
+            PaddingMode::ZerosBeforeNormalisation
+        );
+        let bad = err(&OK.replace("epochs = 2", "epochs = 2\ncrop_padding_mode = \"edge\""));
+        assert!(bad.contains("crop_padding_mode") && bad.contains("reflect"), "{bad}");
+
+        let mut stored = serde_json::to_value(&page).unwrap();
+        for key in [
+            "init",
+            "crop_padding_mode",
+            "cutout_at_borders",
+            "augment_per",
+            "drop_last",
+            "lr_in_momentum",
+        ] {
+            stored.as_object_mut().unwrap().remove(key);
+        }
+        let old: TrainSettings = serde_json::from_value(stored).unwrap();
+        assert_eq!(
+            (old.init, old.crop_padding_mode, old.augment_per),
+            (
+                Init::Tch,
+                PaddingMode::ZerosAfterNormalisation,
+                AugmentPer::Image
+            )
+        );
+        assert!(!old.drop_last && !old.lr_in_momentum && !old.cutout_at_borders);
+    }
+
     #[test]
     fn vary_pins_the_other_factors() {
         let s =

@@ -395,6 +395,21 @@ pub fn make_synthetic(data_dir: &Path, train: u32, test: u32) {
     );
 }
 
+/// Writes the real dataset `digits` (UCI handwritten digits from scikit-learn) under `data_dir`,
+/// from the file scripts/digits.sh fetches once into the per-user cache.
+pub fn make_digits(data_dir: &Path) {
+    let fetched = run(Command::new("bash").arg(repo_root().join("scripts/digits.sh")));
+    assert!(
+        fetched.status.success(),
+        "scripts/digits.sh failed: {}",
+        stderr(&fetched)
+    );
+    let out = run(Command::new(bin("worker"))
+        .args(["make-dataset", "digits", "--source", stdout(&fetched).trim(), "--out"])
+        .arg(data_dir.join("digits")));
+    assert!(out.status.success(), "make-dataset digits failed: {}", stderr(&out));
+}
+
 /// A CPU worker with one libtorch thread that exits when no seed is left.
 pub fn worker(coordinator: &str, data_dir: &Path) -> Command {
     let mut c = Command::new(bin("worker"));

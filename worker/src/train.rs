@@ -1119,6 +1119,131 @@ mod tests {
         assert!((m(45) - 0.01).abs() < 1e-12);
     }
 
+    fn ramp_images(n: i64) -> Tensor {
+        Tensor::arange(n * 3 * 32 * 32, (Kind::Int64, Device::Cpu))
+            .remainder(251)
+            .to_kind(Kind::Uint8)
+            .view([n, 3, 32, 32])
+    }
+
+    /// Reflection repeats the image mirrored (no edge pixel twice); zeros before normalisation
+    /// are black, after it the mean.
+    #[test]
+    fn padding_modes() {
+        let (_, mut cfg) = tiny();
+        let images = ramp_images(1);
+        let mut padded = |mode| {
+            cfg.padding = mode;
+            Pipeline::new(&cfg, Device::Cpu).padded(&images)
+        };
+        let reflect = padded(Padding::Reflect);
+        let after = padded(Padding::ZerosAfterNormalisation);
+        let before = padded(Padding::ZerosBeforeNormalisation);
+        assert_eq!(reflect.size(), vec![1, 3, 40, 40]);
+        let p = Pipeline::new(&cfg, Device::Cpu);
+        let norm = p.standardise(&images);
+        // Padded row 3 is image row 1 (4 - 3); padded column 0 is image column 4.
+        assert!(reflect.get(0).get(0).get(3).narrow(0, 4, 32).equal(&norm.get(0).get(0).get(1)));
+        assert_eq!(
+            reflect.double_value(&[0, 1, 10, 0]),
+            norm.double_value(&[0, 1, 6, 4])
+        );
+        assert_eq!(after.double_value(&[0, 2, 0, 0]), 0.0);
+        let black = (0.0 - MEAN[2] as f64) / STD[2] as f64;
+        assert!((before.double_value(&[0, 2, 0, 0]) - black).abs() < 1e-6);
+        // Inside the border all three agree.
+        let inner = |t: &Tensor| t.narrow(2, 4, 32).narrow(3, 4, 32);
+        assert!(inner(&reflect).equal(&inner(&after)));
+        assert!(inner(&before).allclose(&inner(&after), 1e-6, 1e-6, false));
+    }
+
+    /// Per batch: every image of a chunk of `batch` consecutive training images gets the chunk's
+    /// draws, wherever the epoch's order puts it; at the borders, cutout corners may leave the
+    /// image and the hole is clipped.
+    #[test]
+    fn draws_per_batch_and_cutout_at_the_borders() {
+        let (_, mut cfg) = tiny();
+        cfg.augment_per = AugmentPer::Batch;
+        cfg.cutout_at_borders = true;
+        let (n, batch) = (200, 64);
+        let rng = |s| ChaCha8Rng::seed_from_u64(s);
+        let d = EpochDraws::draw(n, batch, &cfg, &mut rng(1), &mut rng(2), Device::Cpu);
+        let v = |t: &Tensor| Vec::<i64>::try_from(t).unwrap();
+        let (order, cy, cx, crop) = (v(&d.order), v(&d.cut_y), v(&d.cut_x), v(&d.crop_y));
+        let mut by_chunk = std::collections::HashMap::new();
+        for p in 0..n as usize {
+            let key = (cy[p], cx[p], crop[p]);
+            assert_eq!(*by_chunk.entry(order[p] / batch).or_insert(key), key);
+        }
+        assert_eq!(by_chunk.len(), 4, "200 images in chunks of 64: 4 chunks");
+        let corners = (0..2000).map(|s| {
+            let d = EpochDraws::draw(8, 8, &cfg, &mut rng(s), &mut rng(s), Device::Cpu);
+            v(&d.cut_y)[0]
+        });
+        let (lo, hi) = corners.fold((i64::MAX, i64::MIN), |(l, h), c| (l.min(c), h.max(c)));
+        assert_eq!((lo, hi), (-4, 27), "centres 0..31, corner = centre - 4");
+        // A hole whose corner is at (-4, 28) covers rows 0..4 and columns 28..32 only.
+        cfg.flip = false;
+        cfg.crop_padding = 0;
+        let p = Pipeline::new(&cfg, Device::Cpu);
+        let one = EpochDraws {
+            order: Tensor::from_slice(&[0i64]),
+            crop_y: Tensor::from_slice(&[0i64]),
+            crop_x: Tensor::from_slice(&[0i64]),
+            flip: Tensor::from_slice(&[false]),
+            cut_y: Tensor::from_slice(&[-4i64]),
+            cut_x: Tensor::from_slice(&[28i64]),
+        };
+        let x = p.augment(&ramp_images(1).fill_(255), &one, 0);
+        let zero = x.eq(0.0).get(0).get(0);
+        assert_eq!(zero.sum(Kind::Int64).int64_value(&[]), 16);
+        assert!(zero.narrow(0, 0, 4).narrow(1, 28, 4).all().int64_value(&[]) == 1);
+    }
+
+    /// Page's update, by hand: dw = -lr (g + wd w); v = m v + dw; w += dw + m v, over two steps
+    /// with different learning rates (where it departs from torch's SGD).
+    #[test]
+    fn lr_in_momentum_steps_like_page() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let p = vs.root().var_copy("p", &Tensor::from_slice(&[1.0f64, -2.0]));
+        let (_, mut cfg) = tiny();
+        cfg.lr_in_momentum = true;
+        cfg.weight_decay = 0.1;
+        let mut sgd = Sgd::new(&vs, &cfg);
+        let g = [0.5, -1.0];
+        let (mut w, mut v) = ([1.0f64, -2.0], [0.0f64; 2]);
+        for lr in [0.3, 0.1] {
+            sgd.zero_grad();
+            (&p * Tensor::from_slice(&g)).sum(Kind::Double).backward();
+            sgd.step(lr, None).unwrap();
+            for i in 0..2 {
+                let dw = -lr * (g[i] + 0.1 * w[i]);
+                v[i] = 0.9 * v[i] + dw;
+                w[i] += dw + 0.9 * v[i];
+            }
+            let got = Vec::<f64>::try_from(&p.detach()).unwrap();
+            for i in 0..2 {
+                assert!((got[i] - w[i]).abs() < 1e-6, "lr {lr}: {got:?} vs {w:?}");
+            }
+        }
+    }
+
+    /// With drop_last an epoch trains only whole batches (256 images in batches of 96: 192),
+    /// and its accuracy is over those.
+    #[test]
+    fn drop_last_trains_whole_batches_only() {
+        tch::set_num_threads(1);
+        let (d, mut cfg) = tiny();
+        cfg.epochs = 1;
+        cfg.batch_size = 96;
+        let whole = run_with(&d, &cfg, Seeds::single(3));
+        cfg.drop_last = true;
+        let dropped = run_with(&d, &cfg, Seeds::single(3));
+        let hits = dropped.history[0].train_accuracy * 192.0;
+        assert!((hits - hits.round()).abs() < 1e-9, "{hits}: hits among 192 images");
+        assert_ne!(bits(&whole), bits(&dropped));
+    }
+
     /// The batched crop is the per-image crop of the padded image; cutout zeroes one square.
     #[test]
     fn augmentation_crops_flips_and_cuts_per_image() {
