@@ -5,7 +5,7 @@
 #
 # On CIFAR-shaped generated data (50,000 training and 10,000 test images) it runs the
 # `dawnbench` and `paper-short` recipes for SEEDS seeds through a real coordinator and worker, then
-# bench/torch_reference.py (PyTorch eager, same recipe and pipeline) for as many seeds, and
+# bench/torch_reference.py (PyTorch eager, each recipe written from its paper's code) for as many seeds, and
 # reports seconds per seed (training and per-epoch evaluation, the model built and the data on the
 # device) and training images per second. First a determinism check: one seed twice with
 # `deterministic = true` (2 epochs) must give identical metrics, also with a second seed training

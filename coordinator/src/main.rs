@@ -114,7 +114,9 @@ enum SweepCommand {
     /// a failed seed waits base * 2^(failures-1), capped, times a random factor in [0.5, 1.5). Optional `[train]` table (defaults: Page's DAWNBench
     /// ResNet-9 recipe): epochs = 24, batch_size = 512, width = 1.0 (channel multiplier), lr = 0.4
     /// (peak), lr_peak_epoch (default 5/24 of epochs), momentum = 0.9, nesterov = true,
-    /// weight_decay = 5e-4, label_smoothing = 0.0, crop_padding = 4, flip = true.
+    /// weight_decay = 5e-4, label_smoothing = 0.0, crop_padding = 4, crop_padding_mode =
+    /// "reflect", flip = true, cutout = 8, init = "pytorch", drop_last = true, lr_in_momentum =
+    /// true; `recipe` picks another (README, "Recipes", lists every setting).
     ///
     /// Example:  name = "baseline"  task = "resnet9"  dataset = "cifar10"  seeds = "0..100"
     /// (one key per line), then `[train]` and `epochs = 24`. Unknown keys and bad values are

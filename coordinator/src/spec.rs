@@ -1147,7 +1147,10 @@ width = 0.25
             PaddingMode::ZerosBeforeNormalisation
         );
         let bad = err(&OK.replace("epochs = 2", "epochs = 2\ncrop_padding_mode = \"edge\""));
-        assert!(bad.contains("crop_padding_mode") && bad.contains("reflect"), "{bad}");
+        assert!(
+            bad.contains("crop_padding_mode") && bad.contains("reflect"),
+            "{bad}"
+        );
 
         let mut stored = serde_json::to_value(&page).unwrap();
         for key in [

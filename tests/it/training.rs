@@ -214,7 +214,11 @@ fn both_recipes_learn_the_real_digits() {
                         group_concat(test_accuracy) FROM results WHERE sweep_id = '{id}'"
             ),
         );
-        assert!(summary.starts_with("2|1|1|"), "sweep {id}: {summary}\n{}", metrics(&db, id));
+        assert!(
+            summary.starts_with("2|1|1|"),
+            "sweep {id}: {summary}\n{}",
+            metrics(&db, id)
+        );
     }
     let fingerprint = sqlite_query(&db, "SELECT DISTINCT data_fingerprint FROM results");
     assert_eq!(fingerprint.lines().count(), 1, "{fingerprint}");

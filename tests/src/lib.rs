@@ -405,9 +405,19 @@ pub fn make_digits(data_dir: &Path) {
         stderr(&fetched)
     );
     let out = run(Command::new(bin("worker"))
-        .args(["make-dataset", "digits", "--source", stdout(&fetched).trim(), "--out"])
+        .args([
+            "make-dataset",
+            "digits",
+            "--source",
+            stdout(&fetched).trim(),
+            "--out",
+        ])
         .arg(data_dir.join("digits")));
-    assert!(out.status.success(), "make-dataset digits failed: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "make-dataset digits failed: {}",
+        stderr(&out)
+    );
 }
 
 /// A CPU worker with one libtorch thread that exits when no seed is left.

@@ -292,15 +292,31 @@ mod tests {
         let max = |t: &Tensor| t.abs().max().double_value(&[]);
         let bn = var(Init::Pytorch, "layer1.prep.bn.weight");
         assert!(bn.eq(1.0).all().int64_value(&[]) == 1);
-        assert!(var(Init::Pytorch, "layer1.prep.bn.bias").eq(0.0).all().int64_value(&[]) == 1);
+        assert!(
+            var(Init::Pytorch, "layer1.prep.bn.bias")
+                .eq(0.0)
+                .all()
+                .int64_value(&[])
+                == 1
+        );
         // layer1's conv: 32 -> 64 channels at width 0.5, fan_in 32 x 9.
         let bound = 1.0 / (32.0f64 * 9.0).sqrt();
         let conv = var(Init::Pytorch, "layer1.prep.conv.weight");
-        assert!(max(&conv) <= bound && max(&conv) > 0.95 * bound, "{}", max(&conv));
+        assert!(
+            max(&conv) <= bound && max(&conv) > 0.95 * bound,
+            "{}",
+            max(&conv)
+        );
         let linear = var(Init::Pytorch, "classifier.weight");
         assert!(max(&linear) <= 1.0 / 256f64.sqrt());
         assert!(max(&var(Init::Tch, "layer1.prep.conv.weight")) > 2.0 * bound);
-        assert!(var(Init::Tch, "layer1.prep.bn.weight").lt(0.99).any().int64_value(&[]) == 1);
+        assert!(
+            var(Init::Tch, "layer1.prep.bn.weight")
+                .lt(0.99)
+                .any()
+                .int64_value(&[])
+                == 1
+        );
     }
 
     #[test]

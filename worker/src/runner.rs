@@ -10,7 +10,8 @@ use crate::imagefolder::{self, OnBadImage};
 use crate::metrics::WorkerMetrics;
 use crate::model::{Arch, Init};
 use crate::train::{
-    self, AugmentPer, EpochMetrics, Padding, Precision, Run, Schedule, Seeds, TrainConfig, TrainError, Trained,
+    self, AugmentPer, EpochMetrics, Padding, Precision, Run, Schedule, Seeds, TrainConfig,
+    TrainError, Trained,
 };
 use anyhow::{Context, bail};
 use seedsweep_proto::client::{Client, Connection};

@@ -4,7 +4,7 @@
 //! give the same numbers bit for bit, whatever else runs in the process.
 //!
 //! The pipeline stays on the training device: the training set is uploaded once as uint8, and each
-//! epoch's random draws (the order, and per image a crop offset, a flip and a cutout position) are
+//! epoch's random draws (the order, and per image or per chunk a crop offset, a flip and a cutout position) are
 //! made on the host in one go and uploaded as one set of tensors. Each step then only launches
 //! kernels: gather the batch, normalise, crop, flip, cut out, forward, backward, update.
 
@@ -713,7 +713,11 @@ pub fn train(
     let pipeline = Pipeline::new(cfg, device);
     let n = train_split.len();
     let batch = (cfg.batch_size as i64).min(n);
-    let steps = if cfg.drop_last { n / batch } else { (n + batch - 1) / batch };
+    let steps = if cfg.drop_last {
+        n / batch
+    } else {
+        (n + batch - 1) / batch
+    };
     // The images an epoch trains on, for its mean loss and accuracy.
     let seen = if cfg.drop_last { steps * batch } else { n };
     for epoch in resumed_from + 1..=cfg.epochs {
@@ -1143,7 +1147,14 @@ mod tests {
         let p = Pipeline::new(&cfg, Device::Cpu);
         let norm = p.standardise(&images);
         // Padded row 3 is image row 1 (4 - 3); padded column 0 is image column 4.
-        assert!(reflect.get(0).get(0).get(3).narrow(0, 4, 32).equal(&norm.get(0).get(0).get(1)));
+        assert!(
+            reflect
+                .get(0)
+                .get(0)
+                .get(3)
+                .narrow(0, 4, 32)
+                .equal(&norm.get(0).get(0).get(1))
+        );
         assert_eq!(
             reflect.double_value(&[0, 1, 10, 0]),
             norm.double_value(&[0, 1, 6, 4])
@@ -1205,7 +1216,9 @@ mod tests {
     #[test]
     fn lr_in_momentum_steps_like_page() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let p = vs.root().var_copy("p", &Tensor::from_slice(&[1.0f64, -2.0]));
+        let p = vs
+            .root()
+            .var_copy("p", &Tensor::from_slice(&[1.0f64, -2.0]));
         let (_, mut cfg) = tiny();
         cfg.lr_in_momentum = true;
         cfg.weight_decay = 0.1;
@@ -1240,7 +1253,10 @@ mod tests {
         cfg.drop_last = true;
         let dropped = run_with(&d, &cfg, Seeds::single(3));
         let hits = dropped.history[0].train_accuracy * 192.0;
-        assert!((hits - hits.round()).abs() < 1e-9, "{hits}: hits among 192 images");
+        assert!(
+            (hits - hits.round()).abs() < 1e-9,
+            "{hits}: hits among 192 images"
+        );
         assert_ne!(bits(&whole), bits(&dropped));
     }
 
