@@ -16,14 +16,7 @@ cd "$(dirname "$0")/.."
 seeds=${1:-12}
 width=${2:-0.25}
 epochs=${3:-}
-source scripts/env.sh
-cargo build --release --bins -q
-bin=target/release
-python=${SEEDSWEEP_PYTHON:-python3}
-export PYTHONPATH="$(dirname "$LIBTORCH")${PYTHONPATH:+:$PYTHONPATH}"
-work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+source bench/torch_env.sh
 
 "$bin/worker" make-dataset digits --source "$(scripts/digits.sh)" --out "$work/data/digits"
 "$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/addr" \

@@ -15,14 +15,7 @@ cd "$(dirname "$0")/.."
 reps=${1:-3}
 epochs=${2:-3}
 threads=${3:-2}
-source scripts/env.sh
-cargo build --release --bins -q
-bin=target/release
-python=${SEEDSWEEP_PYTHON:-python3}
-export PYTHONPATH="$(dirname "$LIBTORCH")${PYTHONPATH:+:$PYTHONPATH}"
-work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+source bench/torch_env.sh
 
 train=2560
 "$bin/worker" make-dataset synthetic --train $train --test 1000 --out "$work/data/synthetic" 2>/dev/null

@@ -337,10 +337,10 @@ fn train_pb(t: &crate::spec::TrainSettings) -> pb::TrainConfig {
         eval_every: t.eval_every,
         checkpoint_every: t.checkpoint_every,
         holdout: t.holdout,
-        init: t.init.as_str().to_string(),
-        crop_padding_mode: t.crop_padding_mode.as_str().to_string(),
+        init: name(&t.init),
+        crop_padding_mode: name(&t.crop_padding_mode),
         cutout_at_borders: t.cutout_at_borders,
-        augment_per: t.augment_per.as_str().to_string(),
+        augment_per: name(&t.augment_per),
         drop_last: t.drop_last,
         lr_in_momentum: t.lr_in_momentum,
     }

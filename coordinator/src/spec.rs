@@ -192,34 +192,6 @@ impl Model {
     }
 }
 
-impl Init {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Init::Pytorch => "pytorch",
-            Init::Tch => "tch",
-        }
-    }
-}
-
-impl PaddingMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PaddingMode::Reflect => "reflect",
-            PaddingMode::ZerosAfterNormalisation => "zeros-after-normalisation",
-            PaddingMode::ZerosBeforeNormalisation => "zeros-before-normalisation",
-        }
-    }
-}
-
-impl AugmentPer {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AugmentPer::Image => "image",
-            AugmentPer::Batch => "batch",
-        }
-    }
-}
-
 impl Schedule {
     pub fn as_str(self) -> &'static str {
         match self {

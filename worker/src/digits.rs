@@ -15,7 +15,6 @@ use std::path::Path;
 
 /// SHA-256 of the decompressed CSV text (the same in scikit-learn 1.5 and 1.9).
 pub const CSV_SHA256: &str = "6ebb3d2fee246a4e99363262ddf8a00a3c41bee6014c373ed9d9216ba7f651b8";
-pub const IMAGES: usize = 1797;
 const PIXELS: usize = 64;
 const SCALE: usize = SIDE / 8;
 

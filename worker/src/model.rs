@@ -41,7 +41,7 @@ impl Init {
                     up: bound,
                 }
             }
-            Init::Tch => nn::ConvConfig::default().ws_init,
+            Init::Tch => nn::init::DEFAULT_KAIMING_UNIFORM,
         }
     }
 

@@ -996,30 +996,18 @@ fn unknown(setting: &str, name: &str, known: &str) -> String {
 
 /// The worker's training settings from a lease's; names this worker does not know are an error.
 fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
-    let arch = Arch::parse(&t.model).ok_or_else(|| {
-        format!(
-            "unknown model `{}` (this worker knows resnet9, resnet9-skinny)",
-            t.model
-        )
-    })?;
+    let arch = Arch::parse(&t.model)
+        .ok_or_else(|| unknown("model", &t.model, "resnet9, resnet9-skinny"))?;
     let schedule = match t.schedule.as_str() {
         "linear" => Schedule::Linear,
         "picard" => Schedule::Picard,
-        other => {
-            return Err(format!(
-                "unknown schedule `{other}` (this worker knows linear, picard)"
-            ));
-        }
+        other => return Err(unknown("schedule", other, "linear, picard")),
     };
     let precision = match t.precision.as_str() {
         "fp32" => Precision::Fp32,
         "fp16" => Precision::Fp16,
         "bf16" => Precision::Bf16,
-        other => {
-            return Err(format!(
-                "unknown precision `{other}` (this worker knows fp32, fp16, bf16)"
-            ));
-        }
+        other => return Err(unknown("precision", other, "fp32, fp16, bf16")),
     };
     // An empty name is a lease from a coordinator older than the setting: what workers did then.
     let init = match t.init.as_str() {
