@@ -16,8 +16,21 @@ that bench/train_cpu.sh and bench/gpu.sh time it against.
   partial batch dropped; the
   skinny ResNet-9 with CELU(0.1); loss CE + 2 x CE with label smoothing 0.2 (mean); torch SGD
   (lr 0.2, Nesterov 0.9, weight decay 1e-3) under LambdaLR's per-epoch multiplier.
+- airbench94: K. Jordan's legacy/airbench94.py (KellerJordan/cifar10-airbench), uncompiled: the
+  images normalised with the data's std; each image flipped at random once, then all flipped in
+  every odd epoch (from 0), padded by reflection and translated by -2..2 per image and epoch;
+  shuffled, last partial batch dropped, ceil(9.9 x steps) steps; the net: a 2x2 conv of 24
+  frozen filters from the eigenvectors of the first 5,000 images' patches (its bias trained for 3
+  epochs), GELU, three conv groups (64, 256, 256) whose 3x3 convs start as the identity in their
+  first filters and whose BatchNorms keep weight 1 (eps 1e-12, momentum 0.4), max pool 3, linear,
+  x 1/9; loss summed with label smoothing 0.2; torch SGD, Nesterov 0.85, lr 11.5 / (1024 x
+  (1 + 1/0.15)) (x 64 for BatchNorm biases), weight decay 0.0153 x batch / that, LambdaLR per
+  step (0.2 -> 1 over 23% of the steps, -> 0.07); every 5 steps the float state moves to its
+  moving average (decay 0.95^5 (step/steps)^3), ending on it; the last evaluation averages the
+  mirror and one-pixel translations (tta level 2). On CUDA it trains under fp16 autocast without
+  loss scaling (airbench casts the net to half); --compile wraps the net in torch.compile.
 
-Both use PyTorch's default initialisation, evaluate in eval mode (BatchNorm running statistics)
+All use PyTorch's default initialisation (airbench94's convs then the identity), evaluate in eval mode (BatchNorm running statistics)
 and train fp32 on a CPU; on CUDA they use autocast (fp16 or bf16) where the papers cast the
 network to half (the worker does the same). Random draws come from torch generators seeded with
 --seed, so the numbers are not the worker's bit for bit: the comparison is of distributions.
@@ -29,6 +42,7 @@ test_accuracy, images_per_second.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -39,7 +53,10 @@ import torch.nn.functional as F
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
+AIRBENCH_STD = (0.2470, 0.2435, 0.2616)
 RECIPES = {
+    "airbench94": dict(model="airbench94", epochs=10, batch_size=1024, precision="fp16",
+                       channels_last=True),
     "dawnbench": dict(model="resnet9", epochs=24, batch_size=512, precision="fp16",
                       channels_last=True),
     "paper-short": dict(model="resnet9-skinny", epochs=22, batch_size=500, precision="fp16",
@@ -101,9 +118,9 @@ def picard_resnet9(width):
         nn.AdaptiveMaxPool2d((1, 1)), nn.Flatten(), nn.Linear(c[3], 10, bias=False), Mul(0.1))
 
 
-def normalise(x, dev):
+def normalise(x, dev, std=STD):
     mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=dev).view(1, 3, 1, 1)
     return (x.float() / 255 - mean) / std
 
 
@@ -136,7 +153,28 @@ class PageSGD(torch.optim.Optimizer):
                 w.add_(dw.add_(v, alpha=g["momentum"]))
 
 
-class Dawnbench:
+class Recipe:
+    """What the recipes share: plain evaluation, the loss's reduction, no per-step hooks."""
+    summed = False
+    std = STD
+    loss_scaling = True
+
+    def before_step(self):
+        pass
+
+    def after_step(self):
+        pass
+
+    def end_epoch(self):
+        pass
+
+    def logits(self, net, x, last):
+        return net(x)
+
+
+class Dawnbench(Recipe):
+    summed = True
+
     def __init__(self, a, xtr, dev):
         self.a, self.dev = a, dev
         self.net = page_resnet9(a.width)
@@ -175,11 +213,8 @@ class Dawnbench:
         for g in self.opt.param_groups:
             g["lr"], g["weight_decay"] = lr / self.a.batch_size, 5e-4 * self.a.batch_size
 
-    def end_epoch(self):
-        pass
 
-
-class PaperShort:
+class PaperShort(Recipe):
     def __init__(self, a, xtr, dev):
         self.a, self.dev = a, dev
         self.net = picard_resnet9(a.width)
@@ -219,11 +254,141 @@ class PaperShort:
     def loss(self, logits, y):
         return F.cross_entropy(logits, y) + 2 * F.cross_entropy(logits, y, label_smoothing=0.2)
 
-    def before_step(self):
-        pass
-
     def end_epoch(self):
         self.sched.step()
+
+
+class FixedScaleBN(nn.BatchNorm2d):
+    """airbench's BatchNorm: the scale stays 1, the shift trains; airbench's momentum 0.6 is the
+    share of the running statistics kept (PyTorch's 0.4)."""
+
+    def __init__(self, c):
+        super().__init__(c, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad_(False)
+
+
+def identity_start_conv(c_in, c_out):
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    k = min(c_in, c_out)
+    with torch.no_grad():
+        conv.weight[:k].zero_()
+        conv.weight[torch.arange(k), torch.arange(k), 1, 1] = 1.0
+    return conv
+
+
+def airbench_net(width):
+    c = [max(1, int(w * width + 0.5)) for w in (64, 256, 256)]
+
+    def group(ci, co):
+        return nn.Sequential(identity_start_conv(ci, co), nn.MaxPool2d(2), FixedScaleBN(co),
+                             nn.GELU(), identity_start_conv(co, co), FixedScaleBN(co), nn.GELU())
+    whiten = nn.Conv2d(3, 24, 2, bias=True)
+    whiten.weight.requires_grad_(False)
+    with torch.no_grad():
+        whiten.bias.zero_()
+    return nn.Sequential(whiten, nn.GELU(), group(24, c[0]), group(c[0], c[1]), group(c[1], c[2]),
+                         nn.MaxPool2d(3), nn.Flatten(), nn.Linear(c[2], 10, bias=False),
+                         Mul(1 / 9))
+
+
+class Airbench94(Recipe):
+    summed = True
+    std = AIRBENCH_STD
+    loss_scaling = False
+    momentum, lr, wd, bias_scale, smoothing = 0.85, 11.5, 0.0153, 64.0, 0.2
+
+    def __init__(self, a, xtr, dev):
+        self.a, self.dev = a, dev
+        self.net = airbench_net(a.width)
+        x = normalise(xtr, dev, self.std)
+        self.set_whitening(x[:5000])
+        gen = a.generator
+        first_flip = torch.rand(x.shape[0], generator=gen) < 0.5
+        x = torch.where(first_flip.to(dev).view(-1, 1, 1, 1), x.flip(-1), x)
+        self.train = F.pad(x, (2, 2, 2, 2), mode="reflect")
+        self.steps = xtr.shape[0] // a.batch_size
+        self.total = math.ceil(self.steps * (a.epochs - 1 + 0.9))
+        self.done, self.epoch = 0, 0
+        self.r = torch.arange(32, device=dev)
+
+    def set_whitening(self, x):
+        """Two filters, v / sqrt(l + 5e-4) and its negation, per eigenvector v (eigenvalue l) of
+        the 2x2x3 patches' second moment, largest l first."""
+        p = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+        values, vectors = torch.linalg.eigh(p.T @ p / p.shape[0])
+        order = values.argsort(descending=True)
+        filters = (vectors[:, order].T / (values[order] + 5e-4).sqrt().view(-1, 1))
+        filters = filters.reshape(12, 3, 2, 2)
+        with torch.no_grad():
+            self.net[0].weight.copy_(torch.cat([filters, -filters]))
+
+    def make_optimiser(self, net):
+        kilostep = 1024 * (1 + 1 / (1 - self.momentum))
+        lr = self.lr / kilostep
+        wd = self.wd * self.a.batch_size / kilostep
+        norm = [m.bias for m in net.modules() if isinstance(m, FixedScaleBN)]
+        ids = {id(p) for p in norm}
+        rest = [p for p in net.parameters() if p.requires_grad and id(p) not in ids]
+        lr_b = lr * self.bias_scale
+        self.opt = torch.optim.SGD([dict(params=norm, lr=lr_b, weight_decay=wd / lr_b),
+                                    dict(params=rest, lr=lr, weight_decay=wd / lr)],
+                                   momentum=self.momentum, nesterov=True)
+        warm = int(self.total * 0.23)
+
+        def factor(s):
+            if s < warm:
+                return 0.2 + 0.8 * s / warm
+            f = (s - warm) / (self.total - warm)
+            return 1.0 - 0.93 * f
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
+        self.averages = {k: v.detach().clone() for k, v in net.state_dict().items()
+                         if v.is_floating_point()}
+        self.state = net.state_dict()
+
+    def batches(self, gen):
+        n, b, dev = self.train.shape[0], self.a.batch_size, self.dev
+        self.net[0].bias.requires_grad_(self.epoch < 3)
+        order = torch.randperm(n, generator=gen)
+        shifts = torch.randint(0, 5, (n, 2, 1, 1, 1), generator=gen).to(dev)
+        rows, cols = self.r.view(1, 1, 32, 1), self.r.view(1, 1, 1, 32)
+        odd = self.epoch % 2 == 1
+        for s in range(self.steps):
+            if self.done >= self.total:
+                return
+            idx = order[s * b:(s + 1) * b].to(dev)
+            x = self.train[idx]
+            x = x.gather(2, (rows + shifts[idx, 0]).expand(b, 3, 32, 36))
+            x = x.gather(3, (cols + shifts[idx, 1]).expand(b, 3, 32, 32))
+            yield (x.flip(-1) if odd else x), idx
+
+    def loss(self, logits, y):
+        return F.cross_entropy(logits, y, label_smoothing=self.smoothing, reduction="none").sum()
+
+    @torch.no_grad()
+    def average(self, decay):
+        for k, avg in self.averages.items():
+            avg.lerp_(self.state[k], 1 - decay)
+            self.state[k].copy_(avg)
+
+    def after_step(self):
+        self.sched.step()
+        self.done += 1
+        if self.done % 5 == 0:
+            self.average(0.95 ** 5 * (self.done / self.total) ** 3)
+        if self.done == self.total:
+            self.average(1.0)
+
+    def end_epoch(self):
+        self.epoch += 1
+
+    def logits(self, net, x, last):
+        if not last:
+            return net(x)
+
+        def mirror(v):
+            return 0.5 * net(v) + 0.5 * net(v.flip(-1))
+        p = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return 0.5 * mirror(x) + 0.25 * mirror(p[:, :, :32, :32]) + 0.25 * mirror(p[:, :, 2:, 2:])
 
 
 def main():
@@ -237,6 +402,7 @@ def main():
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="train a torch.compile of the net")
     a = p.parse_args()
     r = dict(RECIPES[a.recipe])
     for k in ("epochs", "batch_size", "precision"):
@@ -259,14 +425,17 @@ def main():
     xte, yte = read_split(folder, ["test_batch.bin"])
     a.batch_size = min(a.batch_size, xtr.shape[0])
     xtr, ytr, xte, yte = xtr.to(dev), ytr.to(dev), xte.to(dev), yte.to(dev)
-    test = normalise(xte, dev)
 
     torch.manual_seed(a.seed)
-    gen = torch.Generator().manual_seed(a.seed)
-    recipe = (Dawnbench if a.recipe == "dawnbench" else PaperShort)(a, xtr, dev)
+    gen = a.generator = torch.Generator().manual_seed(a.seed)
+    kind = {"dawnbench": Dawnbench, "paper-short": PaperShort, "airbench94": Airbench94}
+    recipe = kind[a.recipe](a, xtr, dev)
+    test = normalise(xte, dev, recipe.std)
     net = recipe.net.to(dev).to(memory_format=fmt)
     recipe.make_optimiser(net)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and a.precision == "fp16")
+    run = torch.compile(net) if a.compile else net
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and a.precision == "fp16"
+                                  and recipe.loss_scaling)
 
     def sync():
         if cuda:
@@ -281,15 +450,16 @@ def main():
             x = x.contiguous(memory_format=fmt)
             y = ytr[idx.to(dev)]
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                logits = net(x).float()
+                logits = run(x).float()
                 loss = recipe.loss(logits, y)
             recipe.opt.zero_grad(set_to_none=True)
             recipe.before_step()
             scaler.scale(loss).backward()
             scaler.step(recipe.opt)
             scaler.update()
+            recipe.after_step()
             b = y.shape[0]
-            mean = loss.detach() / b if isinstance(recipe, Dawnbench) else loss.detach()
+            mean = loss.detach() / b if recipe.summed else loss.detach()
             losses.append(mean * b)
             seen += b
         recipe.end_epoch()
@@ -298,7 +468,8 @@ def main():
         with torch.no_grad(), torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
             for lo in range(0, test.shape[0], 1000):
                 x = test[lo:lo + 1000].contiguous(memory_format=fmt)
-                correct += (net(x).argmax(-1) == yte[lo:lo + 1000]).sum()
+                logits = recipe.logits(run, x, epoch == a.epochs)
+                correct += (logits.argmax(-1) == yte[lo:lo + 1000]).sum()
         acc = correct.item() / test.shape[0]
         train_loss = torch.stack(losses).sum().item() / seen
         sync()

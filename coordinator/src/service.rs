@@ -343,6 +343,12 @@ fn train_pb(t: &crate::spec::TrainSettings) -> pb::TrainConfig {
         augment_per: name(&t.augment_per),
         drop_last: t.drop_last,
         lr_in_momentum: t.lr_in_momentum,
+        final_epoch_fraction: t.final_epoch_fraction,
+        bn_bias_lr_scale: t.bn_bias_lr_scale,
+        whiten_bias_epochs: t.whiten_bias_epochs,
+        lookahead: t.lookahead,
+        tta_level: t.tta_level,
+        alternating_flip: t.alternating_flip,
     }
 }
 

@@ -7,8 +7,10 @@ use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::{Read, Write};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use std::sync::Mutex;
+use tch::{Device, Kind, Tensor};
 
 pub const SIDE: usize = 32;
 pub const IMAGE_BYTES: usize = 3 * SIDE * SIDE;
@@ -70,12 +72,55 @@ pub struct Dataset {
     pub test: Split,
     /// `sha256:` of the six files' bytes, in their canonical order: results name the exact data.
     pub fingerprint: String,
+    /// What runs derive from the data once and share, by key (see [`Dataset::cached`]).
+    derived: Mutex<HashMap<String, Vec<Tensor>>>,
 }
 
-// SAFETY: a Dataset's tensors are written once, when it is loaded, and only read afterwards
-// (shallow clones, copies to a device, index_select), which libtorch allows from several threads
-// at once; tch marks Tensor Send but not Sync only because it cannot know that.
+// SAFETY: a Dataset's tensors are written once, when it is loaded or (`derived`) first made
+// under the lock, and only read afterwards (shallow clones, copies to a device, index_select),
+// which libtorch allows from several threads at once; tch marks Tensor Send but not Sync only
+// because it cannot know that.
 unsafe impl Sync for Dataset {}
+
+impl Dataset {
+    pub fn new(name: &str, train: Split, test: Split, fingerprint: String) -> Dataset {
+        Dataset {
+            name: name.to_string(),
+            train,
+            test,
+            fingerprint,
+            derived: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The tensors `make` gives for `key`, made once and shared by every later run: a warm
+    /// worker keeps its training set on the device, and whatever it computes from the data alone.
+    /// The callers must not write to them.
+    pub fn cached(&self, key: &str, make: impl FnOnce() -> Vec<Tensor>) -> Vec<Tensor> {
+        let mut derived = self.derived.lock().unwrap_or_else(|p| p.into_inner());
+        derived
+            .entry(key.to_string())
+            .or_insert_with(make)
+            .iter()
+            .map(Tensor::shallow_clone)
+            .collect()
+    }
+
+    /// The training images (uint8) and labels on `device`, uploaded once.
+    pub fn train_on(&self, device: Device) -> (Tensor, Tensor) {
+        let key = format!("train/{device:?}");
+        let [images, labels]: [Tensor; 2] = self
+            .cached(&key, || {
+                vec![
+                    self.train.images.to_device(device),
+                    self.train.labels.to_device(device),
+                ]
+            })
+            .try_into()
+            .expect("two tensors were cached");
+        (images, labels)
+    }
+}
 
 pub fn dataset_dir(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join(name).join(BATCH_DIR)
@@ -125,12 +170,12 @@ pub fn load(data_dir: &Path, name: &str) -> Result<Dataset, DataError> {
             });
         }
     }
-    Ok(Dataset {
-        name: name.to_string(),
-        train: split_from_records(&train_bytes),
-        test: split_from_records(&test_bytes),
-        fingerprint: format!("sha256:{:x}", hasher.finalize()),
-    })
+    Ok(Dataset::new(
+        name,
+        split_from_records(&train_bytes),
+        split_from_records(&test_bytes),
+        format!("sha256:{:x}", hasher.finalize()),
+    ))
 }
 
 fn read_records(path: &Path) -> Result<Vec<u8>, DataError> {

@@ -2,11 +2,13 @@
 //!
 //! - [`data`]: datasets in the CIFAR-10 binary layout, the synthetic generator, the CIFAR-10 download;
 //! - [`imagefolder`]: ImageFolder datasets (JPEG, PNG), decoded on a thread pool;
-//! - [`model`]: the ResNet-9s; [`train`]: one run's training, every random draw derived from its seeds;
+//! - [`model`]: the ResNet-9s and airbench94's network; [`train`]: one run's training, every random
+//!   draw derived from its seeds; [`airbench`]: airbench94's training;
 //! - [`checkpoint`]: save and resume a run; [`shim`]: libtorch switches tch lacks (C++);
 //! - [`finetune`]: task finetune-head, a new head on a frozen pretrained backbone;
 //! - [`runner`]: the lease / heartbeat / stream / report loop.
 
+pub mod airbench;
 pub mod checkpoint;
 pub mod data;
 pub mod digits;

@@ -10,6 +10,15 @@
 //!   maxpool; layer3 conv 256 + maxpool + residual(2 x 256); global max pool; linear 256 -> 10
 //!   without bias; output x 0.1; CELU(alpha 0.1). 2,440,256 trainable parameters at width 1.0.
 //!
+//! - [`Arch::Airbench94`], K. Jordan's airbench94 network (KellerJordan/cifar10-airbench,
+//!   legacy/airbench94.py): a 2x2 conv of 24 filters without padding whose weights are frozen and
+//!   set from the training data ([`crate::airbench`]; its bias trains), GELU; three conv groups
+//!   of 64, 256, 256 channels, each conv - maxpool - BatchNorm - GELU - conv - BatchNorm - GELU;
+//!   max pool 3; linear 256 -> 10 without bias; output x 1/9. Its BatchNorms have no weight (it
+//!   is 1 and frozen in airbench), momentum 0.4 and epsilon 1e-12; each 3x3 conv starts as
+//!   PyTorch's default with its first min(in, out) filters replaced by the identity (dirac).
+//!   1,971,352 trainable parameters at width 1.0.
+//!
 //! The variable paths (`prep/conv`, `layer1/res1/bn`, ...) are the checkpoint format.
 //!
 //! [`Init::Pytorch`] starts the weights as both papers' code does, with PyTorch's defaults:
@@ -61,6 +70,7 @@ impl Init {
 pub enum Arch {
     Resnet9,
     Resnet9Skinny,
+    Airbench94,
 }
 
 impl Arch {
@@ -68,15 +78,18 @@ impl Arch {
         match name {
             "resnet9" => Some(Arch::Resnet9),
             "resnet9-skinny" => Some(Arch::Resnet9Skinny),
+            "airbench94" => Some(Arch::Airbench94),
             _ => None,
         }
     }
 
-    /// Output channels of prep, layer1, layer2, layer3 at width 1.0.
+    /// Output channels of prep (airbench94: the whitening layer, whatever the width), layer1,
+    /// layer2, layer3 at width 1.0.
     fn channels(self) -> [i64; 4] {
         match self {
             Arch::Resnet9 => [64, 128, 256, 512],
             Arch::Resnet9Skinny => [64, 128, 256, 256],
+            Arch::Airbench94 => [WHITEN_FILTERS, 64, 256, 256],
         }
     }
 
@@ -84,6 +97,7 @@ impl Arch {
         match self {
             Arch::Resnet9 => 0.125,
             Arch::Resnet9Skinny => 0.1,
+            Arch::Airbench94 => 1.0 / 9.0,
         }
     }
 
@@ -92,9 +106,29 @@ impl Arch {
             Arch::Resnet9 => x.relu(),
             // CELU(x, a) = a * CELU(x / a, 1); libtorch's binding takes no alpha.
             Arch::Resnet9Skinny => (x / CELU_ALPHA).celu() * CELU_ALPHA,
+            Arch::Airbench94 => x.gelu("none"),
+        }
+    }
+
+    /// The per-channel mean and standard deviation that images are normalised with: Page's and
+    /// Picard's CIFAR-10 figures, or airbench's (its standard deviation is the data's).
+    pub fn normalisation(self) -> ([f32; 3], [f32; 3]) {
+        match self {
+            Arch::Resnet9 | Arch::Resnet9Skinny => {
+                ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
+            }
+            Arch::Airbench94 => ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
         }
     }
 }
+
+/// The whitening layer: two filters (w and -w) per eigenvector of 2x2x3 patches.
+pub const WHITEN_FILTERS: i64 = 2 * 3 * WHITEN_KERNEL * WHITEN_KERNEL;
+pub const WHITEN_KERNEL: i64 = 2;
+/// The path of the whitening layer's frozen weights.
+pub const WHITEN_WEIGHT: &str = "whiten.weight";
+/// The path of the whitening layer's bias, trained for the first `whiten_bias_epochs`.
+pub const WHITEN_BIAS: &str = "whiten.bias";
 
 fn channels(base: i64, width: f64) -> i64 {
     ((base as f64 * width).round() as i64).max(1)
@@ -148,17 +182,17 @@ fn layer(p: nn::Path, net: Net, c_in: i64, c_out: i64, residual: bool) -> impl M
 }
 
 /// The network as its stages, so that tests can check each stage's output shape.
-pub struct Resnet9 {
+pub struct Network {
     stages: Vec<Box<dyn ModuleT>>,
 }
 
-impl std::fmt::Debug for Resnet9 {
+impl std::fmt::Debug for Network {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Resnet9 {{ {} stages }}", self.stages.len())
+        write!(f, "Network {{ {} stages }}", self.stages.len())
     }
 }
 
-impl Resnet9 {
+impl Network {
     /// The output of every stage: prep, layer1, layer2, layer3, pool, classifier.
     pub fn stage_outputs(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
         let mut outputs: Vec<Tensor> = Vec::with_capacity(self.stages.len());
@@ -170,7 +204,7 @@ impl Resnet9 {
     }
 }
 
-impl ModuleT for Resnet9 {
+impl ModuleT for Network {
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let mut x = x.shallow_clone();
         for stage in &self.stages {
@@ -181,7 +215,23 @@ impl ModuleT for Resnet9 {
 }
 
 /// Builds `arch` under `p` for 3-channel 32x32 inputs and `classes` outputs.
-pub fn build(p: &nn::Path, arch: Arch, init: Init, width: f64, classes: i64) -> Resnet9 {
+pub fn build(p: &nn::Path, arch: Arch, init: Init, width: f64, classes: i64) -> Network {
+    match arch {
+        Arch::Resnet9 | Arch::Resnet9Skinny => resnet9(p, arch, init, width, classes),
+        Arch::Airbench94 => airbench94(p, width, classes),
+    }
+}
+
+/// A global max pool, as max_pool2d over the whole map: the same numbers as an adaptive max pool
+/// to 1x1, and unlike it, its CUDA backward has a deterministic kernel.
+fn global_max_pool() -> impl ModuleT {
+    nn::func_t(|x, _| {
+        let side = [x.size()[2], x.size()[3]];
+        x.max_pool2d(side, side, [0, 0], [1, 1], false).flat_view()
+    })
+}
+
+fn resnet9(p: &nn::Path, arch: Arch, init: Init, width: f64, classes: i64) -> Network {
     let [c0, c1, c2, c3] = arch.channels().map(|c| channels(c, width));
     let linear = nn::LinearConfig {
         bias: false,
@@ -192,17 +242,97 @@ pub fn build(p: &nn::Path, arch: Arch, init: Init, width: f64, classes: i64) -> 
     let scale = arch.output_scale();
     let prep_pools = arch == Arch::Resnet9Skinny;
     let classifier = nn::linear(p / "classifier", c3, classes, linear);
-    Resnet9 {
+    Network {
         stages: vec![
             Box::new(conv_bn(p / "prep", net, 3, c0, prep_pools)),
             Box::new(layer(p / "layer1", net, c0, c1, true)),
             Box::new(layer(p / "layer2", net, c1, c2, false)),
             Box::new(layer(p / "layer3", net, c2, c3, true)),
-            // A global max pool, as max_pool2d over the whole map: the same numbers as an adaptive
-            // max pool to 1x1, and unlike it, its CUDA backward has a deterministic kernel.
+            Box::new(global_max_pool()),
+            Box::new(nn::func_t(move |x, _| x.apply(&classifier) * scale)),
+        ],
+    }
+}
+
+/// airbench's BatchNorm: a trained bias, no weight, momentum 0.4 (its 0.6 is the share kept).
+fn batch_norm_without_weight(p: nn::Path, c: i64) -> impl ModuleT + use<> {
+    let bias = p.zeros("bias", &[c]);
+    let mean = p.zeros_no_train("running_mean", &[c]);
+    let var = p.ones_no_train("running_var", &[c]);
+    nn::func_t(move |x, train| {
+        x.batch_norm(None, Some(&bias), Some(&mean), Some(&var), train, 0.4, 1e-12, true)
+    })
+}
+
+/// A 3x3 conv as airbench starts it: PyTorch's default, then the identity in its first
+/// min(in, out) filters.
+fn dirac_conv(p: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
+    let conv = nn::conv2d(
+        p,
+        c_in,
+        c_out,
+        3,
+        nn::ConvConfig {
+            padding: 1,
+            bias: false,
+            ws_init: Init::Pytorch.weights(c_in * 9),
+            ..Default::default()
+        },
+    );
+    let k = c_in.min(c_out);
+    tch::no_grad(|| {
+        let mut head = conv.ws.narrow(0, 0, k);
+        let _ = head.zero_();
+        let _ = head
+            .select(2, 1)
+            .select(2, 1)
+            .copy_(&Tensor::eye_m(k, c_in, (conv.ws.kind(), conv.ws.device())));
+    });
+    conv
+}
+
+/// airbench's conv group: conv, max pool, BatchNorm, GELU, conv, BatchNorm, GELU.
+fn conv_group(p: nn::Path, c_in: i64, c_out: i64) -> nn::SequentialT {
+    let gelu = |x: &Tensor| Arch::Airbench94.activation(x);
+    nn::seq_t()
+        .add(dirac_conv(&p / "conv1", c_in, c_out))
+        .add_fn(|x| x.max_pool2d_default(2))
+        .add(batch_norm_without_weight(&p / "norm1", c_out))
+        .add_fn(gelu)
+        .add(dirac_conv(&p / "conv2", c_out, c_out))
+        .add(batch_norm_without_weight(&p / "norm2", c_out))
+        .add_fn(gelu)
+}
+
+fn airbench94(p: &nn::Path, width: f64, classes: i64) -> Network {
+    let [c0, c1, c2, c3] = Arch::Airbench94.channels();
+    let [c1, c2, c3] = [c1, c2, c3].map(|c| channels(c, width));
+    let k = WHITEN_KERNEL;
+    // Set from the training data before the first step; never trained.
+    let whiten = (p / "whiten").zeros_no_train("weight", &[c0, 3, k, k]);
+    let whiten_bias = (p / "whiten").zeros("bias", &[c0]);
+    let classifier = nn::linear(
+        p / "classifier",
+        c3,
+        classes,
+        nn::LinearConfig {
+            bias: false,
+            ws_init: Init::Pytorch.weights(c3),
+            ..Default::default()
+        },
+    );
+    let scale = Arch::Airbench94.output_scale();
+    Network {
+        stages: vec![
+            Box::new(nn::func_t(move |x, _| {
+                let x = x.conv2d(&whiten, Some(&whiten_bias), [1, 1], [0, 0], [1, 1], 1);
+                Arch::Airbench94.activation(&x)
+            })),
+            Box::new(conv_group(p / "block1", c0, c1)),
+            Box::new(conv_group(p / "block2", c1, c2)),
+            Box::new(conv_group(p / "block3", c2, c3)),
             Box::new(nn::func_t(|x, _| {
-                let side = [x.size()[2], x.size()[3]];
-                x.max_pool2d(side, side, [0, 0], [1, 1], false).flat_view()
+                x.max_pool2d([3, 3], [3, 3], [0, 0], [1, 1], false).flat_view()
             })),
             Box::new(nn::func_t(move |x, _| x.apply(&classifier) * scale)),
         ],

@@ -161,6 +161,7 @@ impl Job {
                     precision: Precision::Fp32,
                     deterministic: !device.is_cuda(),
                     resumed_from: 0,
+                    timing: Default::default(),
                 })
             }
         }
@@ -234,6 +235,8 @@ struct Held {
     /// Set by the heartbeat when the coordinator refused it.
     lost: Arc<AtomicBool>,
     heartbeat: tokio::task::JoinHandle<()>,
+    /// When the lease arrived, for the per-seed overhead (lease to first step).
+    leased_at: Instant,
 }
 
 impl Drop for Held {
@@ -426,6 +429,7 @@ impl Worker {
             stop,
             lost,
             heartbeat,
+            leased_at: Instant::now(),
         }
     }
 
@@ -491,6 +495,7 @@ impl Worker {
     /// Trains a held lease and reports how it ended; returns the next lease too if one was
     /// fetched while this one trained.
     async fn run_lease(self: &Arc<Self>, held: Held) -> anyhow::Result<(LeaseEnd, Option<Held>)> {
+        let slot_free = Instant::now();
         let lref = held.lref.clone();
         let lease = &held.lease;
         let factors = lease.factors.unwrap_or(pb::FactorSeeds {
@@ -711,11 +716,20 @@ impl Worker {
                 {
                     Ok(_) => {
                         shown.finished_in = Some(seconds);
+                        // The per-seed overhead: what is not training. The lease may have been
+                        // prefetched, so it counts from when training could start.
+                        let ready = held.leased_at.max(slot_free);
+                        let to_first_step = t.timing.first_step.map(|s| {
+                            (started.saturating_duration_since(ready)).as_secs_f64() + s
+                        });
+                        let after_last_step = t.timing.last_step.map(|at| at.elapsed().as_secs_f64());
                         tracing::info!(
                             seed,
                             test_accuracy,
                             seconds,
                             resumed_from = t.resumed_from,
+                            lease_to_first_step_s = to_first_step,
+                            last_step_to_result_s = after_last_step,
                             "seed finished"
                         );
                         if let Some(dir) = checkpoint_dir
@@ -997,12 +1011,18 @@ fn unknown(setting: &str, name: &str, known: &str) -> String {
 /// The worker's training settings from a lease's; names this worker does not know are an error.
 fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
     let arch = Arch::parse(&t.model)
-        .ok_or_else(|| unknown("model", &t.model, "resnet9, resnet9-skinny"))?;
+        .ok_or_else(|| unknown("model", &t.model, "resnet9, resnet9-skinny, airbench94"))?;
     let schedule = match t.schedule.as_str() {
         "linear" => Schedule::Linear,
         "picard" => Schedule::Picard,
-        other => return Err(unknown("schedule", other, "linear, picard")),
+        "airbench" => Schedule::Airbench,
+        other => return Err(unknown("schedule", other, "linear, picard, airbench")),
     };
+    if (arch == Arch::Airbench94) != (schedule == Schedule::Airbench) {
+        return Err("model airbench94 and schedule airbench go together".into());
+    }
+    // Absent (0): a coordinator older than airbench94, and the old behaviour.
+    let or_one = |v: f64| if v == 0.0 { 1.0 } else { v };
     let precision = match t.precision.as_str() {
         "fp32" => Precision::Fp32,
         "fp16" => Precision::Fp16,
@@ -1061,6 +1081,12 @@ fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
         eval_every: t.eval_every.max(1),
         checkpoint_every: t.checkpoint_every,
         holdout: t.holdout,
+        final_epoch_fraction: or_one(t.final_epoch_fraction),
+        bn_bias_lr_scale: or_one(t.bn_bias_lr_scale),
+        whiten_bias_epochs: t.whiten_bias_epochs,
+        lookahead: t.lookahead,
+        tta_level: t.tta_level,
+        alternating_flip: t.alternating_flip,
     })
 }
 

@@ -23,9 +23,6 @@ use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Reduction, Tensor};
 
-/// CIFAR-10 channel statistics (as in the reference recipes), applied to every dataset.
-const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
-const STD: [f32; 3] = [0.2023, 0.1994, 0.2010];
 const EVAL_BATCH: i64 = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +32,9 @@ pub enum Schedule {
     /// Picard's multiplier, per epoch e (from 0): 0.5 e / 3 + 0.01 for e < 4, then
     /// 0.5 (22 - e) / 19 + 0.01 down to 0.01 at epoch 22, then 0.01.
     Picard,
+    /// Jordan's airbench94, per step s of the run's S: 0.2 -> 1 over the first floor(0.23 S)
+    /// steps, then 1 -> 0.07 at the last.
+    Airbench,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +123,48 @@ pub struct TrainConfig {
     pub checkpoint_every: u32,
     /// Training images held out as the run's validation set, chosen by the split generator.
     pub holdout: u32,
+    /// The settings below are airbench94's ([`crate::airbench`]); other models leave them at
+    /// 1.0, 1.0, 0, false, 0, false.
+    /// The share of the last epoch's steps that train.
+    pub final_epoch_fraction: f64,
+    /// Learning-rate multiplier of the BatchNorm biases.
+    pub bn_bias_lr_scale: f64,
+    /// The whitening layer's bias trains in this many first epochs.
+    pub whiten_bias_epochs: u32,
+    /// Lookahead-style averaging of the weights every 5 steps.
+    pub lookahead: bool,
+    /// Test-time augmentation of the last evaluation (0 none, 1 mirror, 2 mirror and translate).
+    pub tta_level: u32,
+    /// Each image flipped at random once per run, then all of them every other epoch.
+    pub alternating_flip: bool,
+}
+
+impl TrainConfig {
+    /// The steps of each epoch, with `n` training images.
+    pub fn steps_per_epoch(&self, n: i64) -> i64 {
+        let batch = (self.batch_size as i64).min(n);
+        if self.drop_last {
+            n / batch
+        } else {
+            (n + batch - 1) / batch
+        }
+    }
+
+    /// The steps epoch `epoch` (from 1) trains: all but in the last epoch, where
+    /// `final_epoch_fraction` of them (airbench's ceil(steps x 9.9) in all, as it computes it).
+    pub fn steps_in_epoch(&self, epoch: u32, steps: i64) -> i64 {
+        if epoch < self.epochs {
+            return steps;
+        }
+        let before = (self.epochs - 1) as f64;
+        let total = (steps as f64 * (before + self.final_epoch_fraction)).ceil() as i64;
+        (total - (self.epochs - 1) as i64 * steps).clamp(1, steps)
+    }
+
+    /// The steps of the whole run.
+    pub fn total_steps(&self, steps: i64) -> i64 {
+        (self.epochs - 1) as i64 * steps + self.steps_in_epoch(self.epochs, steps)
+    }
 }
 
 /// The 64-bit generator seed of each source of randomness for one run.
@@ -187,6 +229,16 @@ pub struct Trained {
     pub deterministic: bool,
     /// The epoch a checkpoint resumed from (0: trained from scratch).
     pub resumed_from: u32,
+    pub timing: Timing,
+}
+
+/// When a run's steps began and ended, for the worker's per-seed overhead.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timing {
+    /// Seconds from the call of [`train`] to its first step.
+    pub first_step: Option<f64>,
+    /// When the last step ended (before the last evaluation).
+    pub last_step: Option<Instant>,
 }
 
 /// Which examples an evaluation got right: bit i of `bits` (least significant first within each
@@ -268,9 +320,23 @@ pub(crate) fn permutation(n: i64, rng: &mut ChaCha8Rng) -> Vec<i64> {
 /// process that builds a model (or otherwise draws from that generator) must hold it too.
 pub(crate) static INIT_LOCK: Mutex<()> = Mutex::new(());
 
-/// The learning rate during step `step` (from 0) of `steps` in epoch `epoch` (from 1).
+/// The learning rate during step `step` (from 0) of epoch `epoch` (from 1), whose epochs have
+/// `steps` steps each.
 pub fn learning_rate(cfg: &TrainConfig, epoch: u32, step: i64, steps: i64) -> f64 {
     match cfg.schedule {
+        Schedule::Airbench => {
+            let total = cfg.total_steps(steps) as f64;
+            let s = ((epoch - 1) as i64 * steps + step) as f64;
+            let warmup = (total * 0.23).floor();
+            let factor = if s < warmup {
+                let f = s / warmup;
+                0.2 * (1.0 - f) + f
+            } else {
+                let f = (s - warmup) / (total - warmup);
+                (1.0 - f) + 0.07 * f
+            };
+            cfg.lr * factor
+        }
         Schedule::Linear => {
             let t = (epoch - 1) as f64 + (step + 1) as f64 / steps as f64;
             let (peak, end) = (cfg.lr_peak_epoch, cfg.epochs as f64);
@@ -399,7 +465,7 @@ impl LossScaler {
 }
 
 /// Per-image random draws for one epoch, uploaded once.
-struct EpochDraws {
+pub(crate) struct EpochDraws {
     order: Tensor,
     crop_y: Tensor,
     crop_x: Tensor,
@@ -413,12 +479,17 @@ impl EpochDraws {
     /// it, a crop offset, a flip and a cutout corner from the augmentation generator: one set per
     /// image, or per chunk of `batch` consecutive training images (`augment_per`), in the order
     /// of the images (or chunks), not of the epoch.
-    fn draw(
+    ///
+    /// With `alternating`, image i flips when `alternating.0[i]` differs from `alternating.1`
+    /// (airbench: a random flip per image and run, and every other epoch all flipped), and no
+    /// flip is drawn.
+    pub(crate) fn draw(
         n: i64,
         batch: i64,
         cfg: &TrainConfig,
         order_rng: &mut ChaCha8Rng,
         augment_rng: &mut ChaCha8Rng,
+        alternating: Option<(&[bool], bool)>,
         device: Device,
     ) -> EpochDraws {
         let order = permutation(n, order_rng);
@@ -440,7 +511,7 @@ impl EpochDraws {
         for _ in 0..units {
             crop_y.push(augment_rng.random_range(0..=2 * pad));
             crop_x.push(augment_rng.random_range(0..=2 * pad));
-            flip.push(cfg.flip && augment_rng.random_bool(0.5));
+            flip.push(cfg.flip && alternating.is_none() && augment_rng.random_bool(0.5));
             if cut > 0 {
                 // The square's top-left corner; at the borders, a centre anywhere in the image.
                 let mut corner = || {
@@ -464,6 +535,9 @@ impl EpochDraws {
                 (cut_y, cut_x) = (spread(&cut_y), spread(&cut_x));
             }
         }
+        if let Some((base, odd)) = alternating {
+            flip = order.iter().map(|&i| base[i as usize] != odd).collect();
+        }
         let up = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         EpochDraws {
             order: up(&order),
@@ -477,7 +551,7 @@ impl EpochDraws {
 }
 
 /// The device-side pipeline: normalisation and the per-image augmentation of a batch.
-struct Pipeline {
+pub(crate) struct Pipeline {
     mean: Tensor,
     std: Tensor,
     /// 0..side as `[1, 1, side, 1]` and `[1, 1, 1, side]`.
@@ -490,16 +564,13 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn new(cfg: &TrainConfig, device: Device) -> Pipeline {
+    pub(crate) fn new(cfg: &TrainConfig, device: Device) -> Pipeline {
         let side = crate::data::SIDE as i64;
         let range = Tensor::arange(side, (Kind::Int64, device));
+        let (mean, std) = cfg.arch.normalisation();
         Pipeline {
-            mean: Tensor::from_slice(&MEAN)
-                .view([1, 3, 1, 1])
-                .to_device(device),
-            std: Tensor::from_slice(&STD)
-                .view([1, 3, 1, 1])
-                .to_device(device),
+            mean: Tensor::from_slice(&mean).view([1, 3, 1, 1]).to_device(device),
+            std: Tensor::from_slice(&std).view([1, 3, 1, 1]).to_device(device),
             rows: range.view([1, 1, side, 1]),
             cols: range.view([1, 1, 1, side]),
             pad: cfg.crop_padding as i64,
@@ -514,7 +585,7 @@ impl Pipeline {
         self.layout(self.standardise(x))
     }
 
-    fn standardise(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn standardise(&self, x: &Tensor) -> Tensor {
         (x.to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std
     }
 
@@ -572,7 +643,7 @@ impl Pipeline {
 
 /// Backpropagates, turning a libtorch error (out of memory, an operation without a deterministic
 /// kernel, ...) into a failed seed rather than a crash.
-fn backward(loss: &Tensor) -> Result<(), TrainError> {
+pub(crate) fn backward(loss: &Tensor) -> Result<(), TrainError> {
     Ok(loss.f_backward()?)
 }
 
@@ -610,45 +681,14 @@ pub fn train(
     run: &Run<'_>,
     mut on_epoch: impl FnMut(&EpochMetrics),
 ) -> Result<Trained, TrainError> {
+    if cfg.arch == Arch::Airbench94 {
+        return crate::airbench::train(data, cfg, run, on_epoch);
+    }
+    let entered = Instant::now();
+    let mut timing = Timing::default();
     let device = run.device;
-    let cuda = device.is_cuda();
-    if let Device::Cuda(index) = device {
-        // Seeds training at once (--slots) each get a stream, so that their kernels overlap.
-        if let Err(e) = shim::use_own_stream(index) {
-            tracing::debug!(problem = %e, "training on the default CUDA stream");
-        }
-    }
-    if cuda {
-        if cfg.deterministic {
-            shim::set_deterministic(true).map_err(TrainError::Device)?;
-        } else {
-            shim::favour_speed().map_err(TrainError::Device)?;
-        }
-        shim::set_autocast_bfloat16(cfg.precision == Precision::Bf16)
-            .map_err(TrainError::Device)?;
-    }
-    let precision = if cuda { cfg.precision } else { Precision::Fp32 };
-    let vs = nn::VarStore::new(device);
-    let net = {
-        let _guard = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        tch::manual_seed(run.seeds.init as i64);
-        model::build(
-            &vs.root(),
-            cfg.arch,
-            cfg.init,
-            cfg.width,
-            crate::data::CLASSES as i64,
-        )
-    };
-    if cuda && cfg.channels_last {
-        tch::no_grad(|| {
-            for (_, mut v) in vs.variables() {
-                if v.dim() == 4 {
-                    v.set_data(&shim::channels_last(&v));
-                }
-            }
-        });
-    }
+    let precision = prepare_device(cfg, device)?;
+    let (vs, net) = build_network(cfg, run.seeds, device);
     let mut sgd = Sgd::new(&vs, cfg);
     let mut scaler = (precision == Precision::Fp16).then(|| LossScaler::new(device));
     let mut order_rng = ChaCha8Rng::seed_from_u64(run.seeds.order);
@@ -674,66 +714,22 @@ pub fn train(
         history = ckpt.history;
     }
 
-    // The run's split: the split generator picks `holdout` training images as its validation
-    // set; it trains on the rest.
-    let all = data.train.len();
-    let holdout = cfg.holdout as i64;
-    if holdout >= all {
-        return Err(TrainError::Device(format!(
-            "`holdout` = {holdout} leaves no training image (the dataset has {all})"
-        )));
-    }
-    let (train_split, val_split) = if holdout > 0 {
-        let perm = permutation(all, &mut ChaCha8Rng::seed_from_u64(run.seeds.split));
-        let (val, train) = perm.split_at(holdout as usize);
-        let (mut val, mut train) = (val.to_vec(), train.to_vec());
-        val.sort_unstable();
-        train.sort_unstable();
-        let pick = |idx: &[i64]| {
-            let idx = Tensor::from_slice(idx);
-            Split {
-                images: data.train.images.index_select(0, &idx),
-                labels: data.train.labels.index_select(0, &idx),
-            }
-        };
-        (pick(&train), Some(pick(&val)))
-    } else {
-        (
-            Split {
-                images: data.train.images.shallow_clone(),
-                labels: data.train.labels.shallow_clone(),
-            },
-            None,
-        )
-    };
-
-    // The whole training set moves to the device once, as uint8.
-    let train_images = train_split.images.to_device(device);
-    let train_labels = train_split.labels.to_device(device);
+    let split = RunSplit::new(data, cfg, run.seeds, device)?;
     let pipeline = Pipeline::new(cfg, device);
-    let n = train_split.len();
+    let n = split.n();
     let batch = (cfg.batch_size as i64).min(n);
-    let steps = if cfg.drop_last {
-        n / batch
-    } else {
-        (n + batch - 1) / batch
-    };
-    // The images an epoch trains on, for its mean loss and accuracy.
-    let seen = if cfg.drop_last { steps * batch } else { n };
+    let steps = cfg.steps_per_epoch(n);
     for epoch in resumed_from + 1..=cfg.epochs {
         let started = Instant::now();
-        let draws = EpochDraws::draw(n, batch, cfg, &mut order_rng, &mut augment_rng, device);
-        let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
-        let mut correct = Tensor::zeros([], (Kind::Int64, device));
+        let draws = EpochDraws::draw(n, batch, cfg, &mut order_rng, &mut augment_rng, None, device);
+        let mut tally = Tally::new(device);
         let mut lr = 0.0;
-        for step in 0..steps {
+        for step in 0..cfg.steps_in_epoch(epoch, steps) {
             if run.stop.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
             }
-            let start = step * batch;
-            let idx = draws.order.narrow(0, start, batch.min(n - start));
-            let x = pipeline.augment(&train_images.index_select(0, &idx), &draws, start);
-            let y = train_labels.index_select(0, &idx);
+            timing.first_step.get_or_insert_with(|| entered.elapsed().as_secs_f64());
+            let (x, y) = split.batch(&pipeline, &draws, step * batch, batch);
             lr = learning_rate(cfg, epoch, step, steps);
             let (logits, loss) = shim::autocast(precision != Precision::Fp32, || {
                 let logits = net.forward_t(&x, true);
@@ -752,47 +748,11 @@ pub fn train(
                     sgd.step(lr, Some(&found_inf))?;
                 }
             }
-            tch::no_grad(|| {
-                loss_sum += loss.detach() * y.size()[0] as f64;
-                correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
-            });
+            tally.add(&logits, &loss, &y, y.size()[0] as f64);
         }
-        let train_loss = loss_sum.double_value(&[]) / seen as f64;
-        if !train_loss.is_finite() {
-            return Err(TrainError::NonFinite {
-                epoch,
-                loss: train_loss,
-            });
-        }
-        let evaluate_now = epoch == cfg.epochs || epoch % cfg.eval_every.max(1) == 0;
-        let (test_loss, test_accuracy) = if evaluate_now {
-            let (l, a, hits) = evaluate(&net, &data.test, &pipeline, precision, device);
-            if epoch == cfg.epochs {
-                test_correct = Some(pack_correct(&hits));
-            }
-            (Some(l), Some(a))
-        } else {
-            (None, None)
-        };
-        let (val_loss, val_accuracy) = match (&val_split, evaluate_now) {
-            (Some(v), true) => {
-                let (l, a, _) = evaluate(&net, v, &pipeline, precision, device);
-                (Some(l), Some(a))
-            }
-            _ => (None, None),
-        };
-        let m = EpochMetrics {
-            epoch,
-            train_loss,
-            train_accuracy: correct.int64_value(&[]) as f64 / seen as f64,
-            test_loss,
-            test_accuracy,
-            test_top5: None,
-            val_loss,
-            val_accuracy,
-            lr,
-            seconds: started.elapsed().as_secs_f64(),
-        };
+        timing.last_step = Some(Instant::now());
+        let eval = Evaluation::of_epoch(&net, data, &split, cfg, &pipeline, precision, epoch, 0);
+        let m = tally.metrics(epoch, lr, eval, &mut test_correct, started)?;
         history.push(m);
         if let Some(store) = &run.checkpoints
             && cfg.checkpoint_every > 0
@@ -817,9 +777,246 @@ pub fn train(
         history,
         test_correct,
         precision,
-        deterministic: !cuda || cfg.deterministic,
+        deterministic: !device.is_cuda() || cfg.deterministic,
         resumed_from,
+        timing,
     })
+}
+
+/// Sets up the calling thread's device for `cfg`; returns the precision it trains in.
+pub(crate) fn prepare_device(cfg: &TrainConfig, device: Device) -> Result<Precision, TrainError> {
+    let Device::Cuda(index) = device else {
+        return Ok(Precision::Fp32);
+    };
+    // Seeds training at once (--slots) each get a stream, so that their kernels overlap.
+    if let Err(e) = shim::use_own_stream(index) {
+        tracing::debug!(problem = %e, "training on the default CUDA stream");
+    }
+    if cfg.deterministic {
+        shim::set_deterministic(true).map_err(TrainError::Device)?;
+    } else {
+        shim::favour_speed().map_err(TrainError::Device)?;
+    }
+    shim::set_autocast_bfloat16(cfg.precision == Precision::Bf16).map_err(TrainError::Device)?;
+    Ok(cfg.precision)
+}
+
+/// The run's network, its weights drawn from the init generator, in the memory format it
+/// trains in.
+pub(crate) fn build_network(
+    cfg: &TrainConfig,
+    seeds: Seeds,
+    device: Device,
+) -> (nn::VarStore, model::Network) {
+    let vs = nn::VarStore::new(device);
+    let net = {
+        let _guard = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(seeds.init as i64);
+        let classes = crate::data::CLASSES as i64;
+        model::build(&vs.root(), cfg.arch, cfg.init, cfg.width, classes)
+    };
+    if device.is_cuda() && cfg.channels_last {
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                if v.dim() == 4 {
+                    v.set_data(&shim::channels_last(&v));
+                }
+            }
+        });
+    }
+    (vs, net)
+}
+
+/// The images a run trains on (on its device, as uint8) and the ones it holds out.
+pub(crate) struct RunSplit {
+    pub images: Tensor,
+    pub labels: Tensor,
+    /// The `holdout` validation images (host side), if any.
+    pub val: Option<Split>,
+}
+
+impl RunSplit {
+    /// The split generator picks `holdout` training images as the validation set; the run trains
+    /// on the rest. Without a holdout the dataset's device copy is shared by every run.
+    pub fn new(
+        data: &Dataset,
+        cfg: &TrainConfig,
+        seeds: Seeds,
+        device: Device,
+    ) -> Result<RunSplit, TrainError> {
+        let all = data.train.len();
+        let holdout = cfg.holdout as i64;
+        if holdout >= all {
+            return Err(TrainError::Device(format!(
+                "`holdout` = {holdout} leaves no training image (the dataset has {all})"
+            )));
+        }
+        if holdout == 0 {
+            let (images, labels) = data.train_on(device);
+            return Ok(RunSplit {
+                images,
+                labels,
+                val: None,
+            });
+        }
+        let perm = permutation(all, &mut ChaCha8Rng::seed_from_u64(seeds.split));
+        let (val, train) = perm.split_at(holdout as usize);
+        let (mut val, mut train) = (val.to_vec(), train.to_vec());
+        val.sort_unstable();
+        train.sort_unstable();
+        let pick = |idx: &[i64]| {
+            let idx = Tensor::from_slice(idx);
+            Split {
+                images: data.train.images.index_select(0, &idx),
+                labels: data.train.labels.index_select(0, &idx),
+            }
+        };
+        let train = pick(&train);
+        Ok(RunSplit {
+            images: train.images.to_device(device),
+            labels: train.labels.to_device(device),
+            val: Some(pick(&val)),
+        })
+    }
+
+    pub fn n(&self) -> i64 {
+        self.images.size()[0]
+    }
+
+    /// The augmented batch at positions `start..start + batch` of the epoch's order.
+    pub fn batch(
+        &self,
+        pipeline: &Pipeline,
+        draws: &EpochDraws,
+        start: i64,
+        batch: i64,
+    ) -> (Tensor, Tensor) {
+        let idx = draws.order.narrow(0, start, batch.min(self.n() - start));
+        let x = pipeline.augment(&self.images.index_select(0, &idx), draws, start);
+        (x, self.labels.index_select(0, &idx))
+    }
+}
+
+/// An epoch's running training loss and accuracy, summed on the device.
+pub(crate) struct Tally {
+    loss_sum: Tensor,
+    correct: Tensor,
+    seen: i64,
+}
+
+impl Tally {
+    pub fn new(device: Device) -> Tally {
+        Tally {
+            loss_sum: Tensor::zeros([], (Kind::Float, device)),
+            correct: Tensor::zeros([], (Kind::Int64, device)),
+            seen: 0,
+        }
+    }
+
+    /// Adds a batch whose loss is `loss` per image times `per` (the batch size for a mean).
+    pub fn add(&mut self, logits: &Tensor, loss: &Tensor, y: &Tensor, per: f64) {
+        tch::no_grad(|| {
+            self.loss_sum += loss.detach() * per;
+            self.correct += logits.argmax(-1, false).eq_tensor(y).sum(Kind::Int64);
+        });
+        self.seen += y.size()[0];
+    }
+
+    /// The epoch's metrics; the last epoch's evaluation also sets `test_correct`.
+    pub fn metrics(
+        &self,
+        epoch: u32,
+        lr: f64,
+        eval: Evaluation,
+        test_correct: &mut Option<Correct>,
+        started: Instant,
+    ) -> Result<EpochMetrics, TrainError> {
+        let train_loss = self.loss_sum.double_value(&[]) / self.seen as f64;
+        if !train_loss.is_finite() {
+            return Err(TrainError::NonFinite {
+                epoch,
+                loss: train_loss,
+            });
+        }
+        if eval.correct.is_some() {
+            *test_correct = eval.correct;
+        }
+        Ok(EpochMetrics {
+            epoch,
+            train_loss,
+            train_accuracy: self.correct.int64_value(&[]) as f64 / self.seen as f64,
+            test_loss: eval.test.map(|t| t.0),
+            test_accuracy: eval.test.map(|t| t.1),
+            test_top5: None,
+            val_loss: eval.val.map(|v| v.0),
+            val_accuracy: eval.val.map(|v| v.1),
+            lr,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// An epoch's evaluation: (loss, accuracy) on the test set and the validation images, when
+/// `eval_every` asks for one (always after the last epoch, which also records which test
+/// examples were right).
+pub(crate) struct Evaluation {
+    test: Option<(f64, f64)>,
+    val: Option<(f64, f64)>,
+    correct: Option<Correct>,
+}
+
+impl Evaluation {
+    /// `tta` is the test-time augmentation of the last epoch's evaluation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn of_epoch(
+        net: &impl ModuleT,
+        data: &Dataset,
+        split: &RunSplit,
+        cfg: &TrainConfig,
+        pipeline: &Pipeline,
+        precision: Precision,
+        epoch: u32,
+        tta: u32,
+    ) -> Evaluation {
+        let last = epoch == cfg.epochs;
+        if !last && epoch % cfg.eval_every.max(1) != 0 {
+            return Evaluation {
+                test: None,
+                val: None,
+                correct: None,
+            };
+        }
+        let tta = if last { tta } else { 0 };
+        let on = |s: &Split| evaluate(net, s, pipeline, precision, tta);
+        let (loss, accuracy, hits) = on(&data.test);
+        Evaluation {
+            test: Some((loss, accuracy)),
+            val: split.val.as_ref().map(|v| {
+                let (l, a, _) = on(v);
+                (l, a)
+            }),
+            correct: last.then(|| pack_correct(&hits)),
+        }
+    }
+}
+
+/// The logits of normalised images `x` in evaluation mode, averaged over the views of test-time
+/// augmentation level `tta`: 0 the image; 1 it and its mirror image, equally; 2 (airbench) half
+/// that, and a quarter each the same for the image shifted one pixel up-left and down-right
+/// (reflection at the borders).
+fn eval_logits(net: &impl ModuleT, x: &Tensor, tta: u32) -> Tensor {
+    let plain = |x: &Tensor| net.forward_t(x, false);
+    let mirror = |x: &Tensor| (plain(x) + plain(&x.flip([3]))) * 0.5;
+    match tta {
+        0 => plain(x),
+        1 => mirror(x),
+        _ => {
+            let side = x.size()[3];
+            let padded = x.reflection_pad2d([1, 1, 1, 1]);
+            let at = |o: i64| padded.narrow(2, o, side).narrow(3, o, side);
+            mirror(x) * 0.5 + (mirror(&at(0)) + mirror(&at(2))) * 0.25
+        }
+    }
 }
 
 /// Mean cross-entropy (no label smoothing), accuracy, and which examples were right, on a split.
@@ -828,8 +1025,9 @@ fn evaluate(
     split: &Split,
     pipeline: &Pipeline,
     precision: Precision,
-    device: Device,
+    tta: u32,
 ) -> (f64, f64, Tensor) {
+    let device = pipeline.mean.device();
     tch::no_grad(|| {
         let n = split.len();
         let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
@@ -839,7 +1037,7 @@ fn evaluate(
             let len = EVAL_BATCH.min(n - start);
             let x = pipeline.normalise(&split.images.narrow(0, start, len).to_device(device));
             let y = split.labels.narrow(0, start, len).to_device(device);
-            let logits = shim::autocast(precision != Precision::Fp32, || net.forward_t(&x, false))
+            let logits = shim::autocast(precision != Precision::Fp32, || eval_logits(net, &x, tta))
                 .to_kind(Kind::Float);
             loss_sum += logits
                 .cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)
@@ -857,7 +1055,7 @@ fn evaluate(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::data;
 
@@ -895,6 +1093,12 @@ mod tests {
             eval_every: 1,
             checkpoint_every: 0,
             holdout: 0,
+            final_epoch_fraction: 1.0,
+            bn_bias_lr_scale: 1.0,
+            whiten_bias_epochs: 0,
+            lookahead: false,
+            tta_level: 0,
+            alternating_flip: false,
         };
         (d, cfg)
     }
@@ -1160,7 +1364,8 @@ mod tests {
             norm.double_value(&[0, 1, 6, 4])
         );
         assert_eq!(after.double_value(&[0, 2, 0, 0]), 0.0);
-        let black = (0.0 - MEAN[2] as f64) / STD[2] as f64;
+        let (mean, std) = cfg.arch.normalisation();
+        let black = (0.0 - mean[2] as f64) / std[2] as f64;
         assert!((before.double_value(&[0, 2, 0, 0]) - black).abs() < 1e-6);
         // Inside the border all three agree.
         let inner = |t: &Tensor| t.narrow(2, 4, 32).narrow(3, 4, 32);
@@ -1178,7 +1383,7 @@ mod tests {
         cfg.cutout_at_borders = true;
         let (n, batch) = (200, 64);
         let rng = |s| ChaCha8Rng::seed_from_u64(s);
-        let d = EpochDraws::draw(n, batch, &cfg, &mut rng(1), &mut rng(2), Device::Cpu);
+        let d = EpochDraws::draw(n, batch, &cfg, &mut rng(1), &mut rng(2), None, Device::Cpu);
         let v = |t: &Tensor| Vec::<i64>::try_from(t).unwrap();
         let (order, cy, cx, crop) = (v(&d.order), v(&d.cut_y), v(&d.cut_x), v(&d.crop_y));
         let mut by_chunk = std::collections::HashMap::new();
@@ -1188,7 +1393,7 @@ mod tests {
         }
         assert_eq!(by_chunk.len(), 4, "200 images in chunks of 64: 4 chunks");
         let corners = (0..2000).map(|s| {
-            let d = EpochDraws::draw(8, 8, &cfg, &mut rng(s), &mut rng(s), Device::Cpu);
+            let d = EpochDraws::draw(8, 8, &cfg, &mut rng(s), &mut rng(s), None, Device::Cpu);
             v(&d.cut_y)[0]
         });
         let (lo, hi) = corners.fold((i64::MAX, i64::MIN), |(l, h), c| (l.min(c), h.max(c)));
