@@ -7,7 +7,9 @@
 # t-test, Mann-Whitney U) and prints the per-epoch mean curves. Exits 1 if any recipe differs.
 #
 #   bench/fidelity.sh [SEEDS] [WIDTH] [EPOCHS]     (defaults: 12, 0.25, each recipe's own)
-#   RECIPES="dawnbench paper-short"                which recipes (default: both)
+#   RECIPES="dawnbench paper-short airbench94"     which recipes (default: the first two)
+#   BATCH=N                                        batch_size for both sides (default: the recipe's;
+#                                                  airbench94's 1024 is one step an epoch here)
 #   KEEP=DIR                                       keep the per-seed curves in DIR
 #
 # Two processes at a time, one thread each (2 cores): the workers, then the reference runs.
@@ -35,6 +37,7 @@ seeds = "0..$seeds"
 [train]
 width = $width
 ${epochs:+epochs = $epochs}
+${BATCH:+batch_size = $BATCH}
 TOML
   started=$(date +%s)
   id=$("$bin/coordinator" sweep submit "$work/$recipe.toml" --coordinator "$url")
@@ -51,7 +54,8 @@ TOML
   started=$(date +%s)
   run_reference() {
     "$python" -W ignore::UserWarning bench/torch_reference.py --data "$work/data/digits" \
-      --recipe "$recipe" --width "$width" ${epochs:+--epochs "$epochs"} --threads 1 --seed "$1" |
+      --recipe "$recipe" --width "$width" ${epochs:+--epochs "$epochs"} ${BATCH:+--batch-size "$BATCH"} \
+      --threads 1 --seed "$1" |
       "$python" -c 'import json, sys
 for l in sys.stdin:
     e = json.loads(l)
@@ -65,7 +69,7 @@ for l in sys.stdin:
     cat "$work/ref.a" "$work/ref.b" >>"$work/$recipe.reference"
   done
   reference_s=$(( $(date +%s) - started ))
-  echo "# $recipe: $seeds seeds, width $width; worker sweep ${worker_s}s, reference ${reference_s}s (two at a time)"
+  echo "# $recipe: $seeds seeds, width $width${BATCH:+, batch $BATCH}; worker sweep ${worker_s}s, reference ${reference_s}s (two at a time)"
   "$python" bench/compare_dists.py "$work/$recipe.worker" "$work/$recipe.reference" --label "$recipe" || status=1
   if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$work/$recipe.worker" "$work/$recipe.reference" "$KEEP/"; fi
 done

@@ -4,10 +4,13 @@
 # PyTorch (bench/README.md, "GPU"); the worker finds that libtorch through LD_LIBRARY_PATH.
 #
 # On CIFAR-shaped generated data (50,000 training and 10,000 test images) it runs the
-# `dawnbench` and `paper-short` recipes for SEEDS seeds through a real coordinator and worker, then
-# bench/torch_reference.py (PyTorch eager, each recipe written from its paper's code) for as many seeds, and
-# reports seconds per seed (training and per-epoch evaluation, the model built and the data on the
-# device) and training images per second. First a determinism check: one seed twice with
+# `dawnbench`, `paper-short` and `airbench94` recipes for SEEDS seeds through a real coordinator
+# and worker, then bench/torch_reference.py (PyTorch eager, each recipe written from its paper's
+# code; for airbench94 also under torch.compile) for as many seeds, and reports seconds per seed
+# (training and per-epoch evaluation, the model built and the data on the device) and training
+# images per second, and the worker's per-seed overhead: seconds from lease (or from the slot
+# coming free, for a prefetched lease) to the first step, and from the last step to the result
+# acknowledged (medians over seeds). First a determinism check: one seed twice with
 # `deterministic = true` (2 epochs) must give identical metrics, also with a second seed training
 # beside it in another slot. Last, seeds per minute of a small network with one slot and with
 # several.
@@ -19,6 +22,7 @@
 #   PYTHON          python with torch (default: python3)
 #   RESULTS         file to append the report to as it goes (default: stdout only)
 #   PARTS           which parts to run (default: "checks recipes slots")
+#   RECIPES         which recipes the recipes part runs (default: "airbench94 dawnbench paper-short")
 #   SLOTS           slots for the slots part (default: 4)
 #   LOGS            folder to copy the worker's and coordinator's logs into at the end
 #   TRAIN_IMAGES, TEST_IMAGES, EXTRA_TRAIN, REF_ARGS   smaller data, extra [train] lines and
@@ -101,27 +105,38 @@ fi
 REF_ARGS=${REF_ARGS:-}
 if has recipes; then
 say "$(printf '%-12s %-8s %6s %12s %12s %14s %9s' recipe who seeds s/seed s/epoch train_img/s test_acc)"
-for recipe in dawnbench paper-short; do
+for recipe in ${RECIPES:-airbench94 dawnbench paper-short}; do
   id=$(submit "$recipe" "$recipe" "\"0..$seeds\"")
+  touch "$work/worker.log"
+  before=$(wc -l <"$work/worker.log")
   worker
+  tail -n +$((before + 1)) "$work/worker.log" >"$work/worker.log.$recipe"
   # Median over seeds of the seed's seconds; epoch seconds without the first (autotuning) epoch.
   per_seed=$(query "SELECT seconds FROM results WHERE sweep_id = '$id'" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
   per_epoch=$(query "SELECT seconds FROM epoch_metrics WHERE sweep_id = '$id' AND epoch > min(1, (SELECT max(epoch) - 1 FROM epoch_metrics WHERE sweep_id = '$id'))" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
   acc=$(query "SELECT avg(test_accuracy) FROM results WHERE sweep_id = '$id'")
   prec=$(query "SELECT DISTINCT precision FROM results WHERE sweep_id = '$id'")
   say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f  (%s)' "$recipe" worker "$seeds" "$per_seed" "$per_epoch" "$(div "$train" "$per_epoch")" "$acc" "$prec")"
-  : >"$work/ref.json"
-  for s in $(seq 0 $((seeds - 1))); do
-    "$python" -W ignore::UserWarning bench/torch_reference.py --data "$work/data/synthetic" --recipe "$recipe" \
-      --device "$ref_device" --seed "$s" $REF_ARGS >"$work/ref-$s.json"
-    "$python" -c 'import json, sys
+  overhead() { grep -o "$1=[0-9.e-]*" "$work/worker.log.$recipe" | cut -d= -f2 | sort -g | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : "nan")}'; }
+  say "$(printf '%-12s %-8s lease->first step %.3f s, last step->result %.3f s (medians)' "$recipe" worker "$(overhead lease_to_first_step_s)" "$(overhead last_step_to_result_s)")"
+  flavours=(pytorch)
+  [ "$recipe" = airbench94 ] && flavours+=(compiled)
+  for flavour in "${flavours[@]}"; do
+    : >"$work/ref.json"
+    extra=()
+    [ "$flavour" = compiled ] && extra=(--compile)
+    for s in $(seq 0 $((seeds - 1))); do
+      "$python" -W ignore::UserWarning bench/torch_reference.py --data "$work/data/synthetic" --recipe "$recipe" \
+        --device "$ref_device" --seed "$s" "${extra[@]}" $REF_ARGS >"$work/ref-$s.json"
+      "$python" -c 'import json, sys
 e = [json.loads(l) for l in open(sys.argv[1])]
 rest = e[1:] or e
 print(sum(x["seconds"] for x in e), sorted(x["seconds"] for x in rest)[len(rest) // 2], e[-1]["test_accuracy"])' \
-      "$work/ref-$s.json" >>"$work/ref.json"
+        "$work/ref-$s.json" >>"$work/ref.json"
+    done
+    read -r r_seed r_epoch r_acc < <(sort -g "$work/ref.json" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}')
+    say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f' "$recipe" "$flavour" "$seeds" "$r_seed" "$r_epoch" "$(div "$train" "$r_epoch")" "$r_acc")"
   done
-  read -r r_seed r_epoch r_acc < <(sort -g "$work/ref.json" | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}')
-  say "$(printf '%-12s %-8s %6s %12.2f %12.3f %14.0f %9.4f' "$recipe" pytorch "$seeds" "$r_seed" "$r_epoch" "$(div "$train" "$r_epoch")" "$r_acc")"
 done
 fi
 

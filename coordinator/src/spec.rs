@@ -638,11 +638,23 @@ impl TrainSettings {
         ];
         let not_airbench = [
             ("cutout", "0", self.cutout != 0),
-            ("smoothed_loss_weight", "0", self.smoothed_loss_weight != 0.0),
-            ("augment_per", "\"image\"", self.augment_per != AugmentPer::Image),
+            (
+                "smoothed_loss_weight",
+                "0",
+                self.smoothed_loss_weight != 0.0,
+            ),
+            (
+                "augment_per",
+                "\"image\"",
+                self.augment_per != AugmentPer::Image,
+            ),
             ("lr_in_momentum", "false", self.lr_in_momentum),
             ("init", "\"pytorch\"", self.init != Init::Pytorch),
-            ("checkpoint_every", "0 (a seed trains in seconds)", self.checkpoint_every != 0),
+            (
+                "checkpoint_every",
+                "0 (a seed trains in seconds)",
+                self.checkpoint_every != 0,
+            ),
         ];
         if !airbench {
             if let Some((key, _)) = only_airbench.iter().find(|(_, set)| *set) {
@@ -1272,6 +1284,73 @@ width = 0.25
             )
         );
         assert!(!old.drop_last && !old.lr_in_momentum && !old.cutout_at_borders);
+    }
+
+    /// airbench94 carries Jordan's settings; its own settings are refused on other models, and
+    /// the settings its training does not have are refused on it, each naming the key.
+    #[test]
+    fn airbench94_carries_its_settings_and_refuses_what_it_does_not_do() {
+        let air = |extra: &str| {
+            OK.replace(
+                "[train]",
+                &format!("recipe = \"airbench94\"\n[train]\n{extra}"),
+            )
+        };
+        let t = SweepSpec::parse(&air("")).unwrap().train;
+        assert_eq!(
+            (t.model, t.schedule),
+            (Model::Airbench94, Schedule::Airbench)
+        );
+        assert_eq!((t.lr, t.weight_decay, t.momentum), (11.5, 0.0153, 0.85));
+        assert_eq!((t.final_epoch_fraction, t.bn_bias_lr_scale), (0.9, 64.0));
+        assert_eq!(
+            (t.whiten_bias_epochs, t.tta_level, t.crop_padding),
+            (3, 2, 2)
+        );
+        assert!(t.lookahead && t.alternating_flip && t.drop_last);
+        assert_eq!((t.label_smoothing, t.cutout), (0.2, 0));
+        let long = SweepSpec::parse(&air("").replace("epochs = 2\nbatch_size = 64\n", "")).unwrap();
+        assert_eq!((long.train.epochs, long.train.batch_size), (10, 1024));
+        assert!(err(&air("cutout = 8")).contains("`train.cutout` = 0"));
+        assert!(err(&air("checkpoint_every = 1")).contains("`train.checkpoint_every`"));
+        assert!(err(&air("schedule = \"linear\"")).contains("go together"));
+        assert!(err(&air("tta_level = 3")).contains("`train.tta_level`"));
+        assert!(err(&air("final_epoch_fraction = 0")).contains("final_epoch_fraction"));
+        assert!(err(&air("flip = false")).contains("alternating_flip"));
+        for key in [
+            "lookahead = true",
+            "tta_level = 1",
+            "whiten_bias_epochs = 2",
+        ] {
+            let e = err(&OK.replace("epochs = 2", &format!("epochs = 2\n{key}")));
+            assert!(e.contains("airbench94\" only"), "{key}: {e}");
+        }
+        assert!(
+            err(&OK.replace("epochs = 2", "epochs = 2\nmodel = \"airbench94\""))
+                .contains("go together")
+        );
+        // A sweep stored before these settings reads as without them.
+        let mut stored = serde_json::to_value(SweepSpec::parse(OK).unwrap().train).unwrap();
+        for key in [
+            "final_epoch_fraction",
+            "bn_bias_lr_scale",
+            "whiten_bias_epochs",
+            "lookahead",
+            "tta_level",
+            "alternating_flip",
+        ] {
+            stored.as_object_mut().unwrap().remove(key);
+        }
+        let old: TrainSettings = serde_json::from_value(stored).unwrap();
+        assert_eq!(
+            (
+                old.final_epoch_fraction,
+                old.bn_bias_lr_scale,
+                old.tta_level
+            ),
+            (1.0, 1.0, 0)
+        );
+        assert!(old.validate().is_ok());
     }
 
     #[test]

@@ -96,7 +96,9 @@ pub fn train(
             if run.stop.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
             }
-            timing.first_step.get_or_insert_with(|| entered.elapsed().as_secs_f64());
+            timing
+                .first_step
+                .get_or_insert_with(|| entered.elapsed().as_secs_f64());
             let (x, y) = split.batch(&pipeline, &draws, step * batch, batch);
             lr = learning_rate(cfg, epoch, step, steps);
             let (logits, loss) = shim::autocast(precision != Precision::Fp32, || {
@@ -126,7 +128,8 @@ pub fn train(
         }
         timing.last_step = Some(Instant::now());
         let tta = cfg.tta_level;
-        let eval = train::Evaluation::of_epoch(&net, data, &split, cfg, &pipeline, precision, epoch, tta);
+        let eval =
+            train::Evaluation::of_epoch(&net, data, &split, cfg, &pipeline, precision, epoch, tta);
         let m = tally.metrics(epoch, lr, eval, &mut test_correct, started)?;
         history.push(m);
         on_epoch(&m);
@@ -276,7 +279,11 @@ impl Optimiser {
 
     /// One step at learning rate `lr`, in airbench's units.
     fn step(&mut self, lr: f64) -> Result<(), TrainError> {
-        for g in self.groups.iter().filter(|g| g.active && !g.params.is_empty()) {
+        for g in self
+            .groups
+            .iter()
+            .filter(|g| g.active && !g.params.is_empty())
+        {
             let step = shim::SgdStep {
                 lr: lr / self.kilostep * g.lr_scale,
                 momentum: self.momentum,
@@ -426,7 +433,10 @@ mod tests {
         let off = moment.double_value(&[0, 1]);
         assert!(off.abs() < 1e-3, "{off}");
         // The negated half.
-        let neg = (f.narrow(0, 12, 12) + f.narrow(0, 0, 12)).abs().max().double_value(&[]);
+        let neg = (f.narrow(0, 12, 12) + f.narrow(0, 0, 12))
+            .abs()
+            .max()
+            .double_value(&[]);
         assert_eq!(neg, 0.0);
     }
 
@@ -480,7 +490,11 @@ mod tests {
         let net = model::build(&vs.root(), Arch::Airbench94, Init::Pytorch, 1.0, 10);
         assert_eq!(model::parameter_count(&vs), 1_971_352);
         let x = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu));
-        let shapes: Vec<Vec<i64>> = net.stage_outputs(&x, false).iter().map(Tensor::size).collect();
+        let shapes: Vec<Vec<i64>> = net
+            .stage_outputs(&x, false)
+            .iter()
+            .map(Tensor::size)
+            .collect();
         assert_eq!(
             shapes,
             vec![
@@ -498,7 +512,14 @@ mod tests {
         assert_eq!(w.abs().sum(Kind::Double).double_value(&[]), 256.0);
         // The first conv's first 24 filters are the identity, the other 40 PyTorch's default.
         let first = vs.variables()["block1.conv1.weight"].shallow_clone();
-        assert_eq!(first.narrow(0, 0, 24).abs().sum(Kind::Double).double_value(&[]), 24.0);
+        assert_eq!(
+            first
+                .narrow(0, 0, 24)
+                .abs()
+                .sum(Kind::Double)
+                .double_value(&[]),
+            24.0
+        );
         let bound = 1.0 / (24.0f64 * 9.0).sqrt();
         let rest = first.narrow(0, 24, 40).abs().max().double_value(&[]);
         assert!(rest <= bound && rest > 0.9 * bound, "{rest}");

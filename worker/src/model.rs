@@ -260,7 +260,16 @@ fn batch_norm_without_weight(p: nn::Path, c: i64) -> impl ModuleT + use<> {
     let mean = p.zeros_no_train("running_mean", &[c]);
     let var = p.ones_no_train("running_var", &[c]);
     nn::func_t(move |x, train| {
-        x.batch_norm(None, Some(&bias), Some(&mean), Some(&var), train, 0.4, 1e-12, true)
+        x.batch_norm(
+            None,
+            Some(&bias),
+            Some(&mean),
+            Some(&var),
+            train,
+            0.4,
+            1e-12,
+            true,
+        )
     })
 }
 
@@ -283,10 +292,11 @@ fn dirac_conv(p: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
     tch::no_grad(|| {
         let mut head = conv.ws.narrow(0, 0, k);
         let _ = head.zero_();
-        let _ = head
-            .select(2, 1)
-            .select(2, 1)
-            .copy_(&Tensor::eye_m(k, c_in, (conv.ws.kind(), conv.ws.device())));
+        let _ = head.select(2, 1).select(2, 1).copy_(&Tensor::eye_m(
+            k,
+            c_in,
+            (conv.ws.kind(), conv.ws.device()),
+        ));
     });
     conv
 }
@@ -332,7 +342,8 @@ fn airbench94(p: &nn::Path, width: f64, classes: i64) -> Network {
             Box::new(conv_group(p / "block2", c1, c2)),
             Box::new(conv_group(p / "block3", c2, c3)),
             Box::new(nn::func_t(|x, _| {
-                x.max_pool2d([3, 3], [3, 3], [0, 0], [1, 1], false).flat_view()
+                x.max_pool2d([3, 3], [3, 3], [0, 0], [1, 1], false)
+                    .flat_view()
             })),
             Box::new(nn::func_t(move |x, _| x.apply(&classifier) * scale)),
         ],

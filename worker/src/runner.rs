@@ -719,10 +719,12 @@ impl Worker {
                         // The per-seed overhead: what is not training. The lease may have been
                         // prefetched, so it counts from when training could start.
                         let ready = held.leased_at.max(slot_free);
-                        let to_first_step = t.timing.first_step.map(|s| {
-                            (started.saturating_duration_since(ready)).as_secs_f64() + s
-                        });
-                        let after_last_step = t.timing.last_step.map(|at| at.elapsed().as_secs_f64());
+                        let to_first_step = t
+                            .timing
+                            .first_step
+                            .map(|s| (started.saturating_duration_since(ready)).as_secs_f64() + s);
+                        let after_last_step =
+                            t.timing.last_step.map(|at| at.elapsed().as_secs_f64());
                         tracing::info!(
                             seed,
                             test_accuracy,

@@ -569,8 +569,12 @@ impl Pipeline {
         let range = Tensor::arange(side, (Kind::Int64, device));
         let (mean, std) = cfg.arch.normalisation();
         Pipeline {
-            mean: Tensor::from_slice(&mean).view([1, 3, 1, 1]).to_device(device),
-            std: Tensor::from_slice(&std).view([1, 3, 1, 1]).to_device(device),
+            mean: Tensor::from_slice(&mean)
+                .view([1, 3, 1, 1])
+                .to_device(device),
+            std: Tensor::from_slice(&std)
+                .view([1, 3, 1, 1])
+                .to_device(device),
             rows: range.view([1, 1, side, 1]),
             cols: range.view([1, 1, 1, side]),
             pad: cfg.crop_padding as i64,
@@ -721,14 +725,24 @@ pub fn train(
     let steps = cfg.steps_per_epoch(n);
     for epoch in resumed_from + 1..=cfg.epochs {
         let started = Instant::now();
-        let draws = EpochDraws::draw(n, batch, cfg, &mut order_rng, &mut augment_rng, None, device);
+        let draws = EpochDraws::draw(
+            n,
+            batch,
+            cfg,
+            &mut order_rng,
+            &mut augment_rng,
+            None,
+            device,
+        );
         let mut tally = Tally::new(device);
         let mut lr = 0.0;
         for step in 0..cfg.steps_in_epoch(epoch, steps) {
             if run.stop.load(Ordering::Relaxed) {
                 return Err(TrainError::Cancelled);
             }
-            timing.first_step.get_or_insert_with(|| entered.elapsed().as_secs_f64());
+            timing
+                .first_step
+                .get_or_insert_with(|| entered.elapsed().as_secs_f64());
             let (x, y) = split.batch(&pipeline, &draws, step * batch, batch);
             lr = learning_rate(cfg, epoch, step, steps);
             let (logits, loss) = shim::autocast(precision != Precision::Fp32, || {
