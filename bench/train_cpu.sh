@@ -9,7 +9,8 @@
 #
 # The reference runs on the torch the worker links (the per-user libtorch cache), so both use the
 # same kernels. Widths 1.0 (the full DAWNBench ResNet-9) and 0.25 (where overheads show); set
-# WIDTHS="0.25" to run one.
+# WIDTHS="0.25" to run one. RECIPE=paper-short or airbench94 times another recipe (default
+# dawnbench), BATCH=N another batch size on both sides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 reps=${1:-3}
@@ -36,19 +37,21 @@ for width in ${WIDTHS:-1.0 0.25}; do
 name = "bench-cpu-$width-$rep"
 task = "resnet9"
 dataset = "synthetic"
-recipe = "dawnbench"
+recipe = "${RECIPE:-dawnbench}"
 seeds = [$rep]
 [train]
 epochs = $epochs
 width = $width
+${BATCH:+batch_size = $BATCH}
 TOML
     id=$("$bin/coordinator" sweep submit "$work/sweep.toml" --coordinator "$url")
     "$bin/worker" --cpu --threads "$threads" --exit-when-idle --coordinator "$url" \
       --data-dir "$work/data" 2>>"$work/worker.log"
     sqlite3 "$work/bench.db" \
       "SELECT seconds FROM epoch_metrics WHERE sweep_id = '$id' AND epoch > 1" >>"$work/worker.$width"
-    "$python" -W ignore::UserWarning bench/torch_reference.py --data "$work/data/synthetic" --recipe dawnbench \
-      --epochs "$epochs" --width "$width" --threads "$threads" --seed "$rep" 2>>"$work/torch.log" |
+    "$python" -W ignore::UserWarning bench/torch_reference.py --data "$work/data/synthetic" --recipe "${RECIPE:-dawnbench}" \
+      --epochs "$epochs" --width "$width" --threads "$threads" --seed "$rep" \
+      ${BATCH:+--batch-size "$BATCH"} 2>>"$work/torch.log" |
       "$python" -c 'import json,sys
 for l in sys.stdin:
     e = json.loads(l)

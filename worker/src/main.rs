@@ -195,7 +195,39 @@ enum DatasetKind {
     Digits,
 }
 
+/// glibc's malloc as training needs it: one arena, so that the training thread (a tokio
+/// blocking thread, which would get an arena of 64 MiB heaps of its own) reuses its freed
+/// activations from the main heap; the largest mmap threshold glibc allows (32 MiB) fixed
+/// rather than adapting; and freed memory kept rather than trimmed. Without it every step gave
+/// its activations back to the kernel and faulted them in again: about 40% more page faults and
+/// 1.18x PyTorch's time per epoch on airbench94 on 2 CPU cores (BENCHMARKS.md, "CPU training").
+/// GLIBC_TUNABLES, when set, wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_malloc() {
+    unsafe extern "C" {
+        fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+    const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+    const M_ARENA_MAX: std::ffi::c_int = -8;
+    if std::env::var_os("GLIBC_TUNABLES").is_some() {
+        return;
+    }
+    for (param, value) in [
+        (M_ARENA_MAX, 1),
+        (M_MMAP_THRESHOLD, 32 << 20),
+        (M_TRIM_THRESHOLD, std::ffi::c_int::MAX),
+    ] {
+        // SAFETY: mallopt only sets malloc's parameters; no other thread exists yet.
+        unsafe { mallopt(param, value) };
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_malloc() {}
+
 fn main() {
+    tune_malloc();
     // cuBLAS needs this before it starts for deterministic results (sweeps with
     // `deterministic = true`); it costs a few MiB of GPU memory.
     if std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
