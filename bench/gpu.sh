@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark, for a GPU host that has PyTorch but maybe no Rust toolchain: it builds nothing.
 # Give it `worker` and `coordinator` binaries built elsewhere against the libtorch of the host's
-# PyTorch (bench/README.md, "GPU"); the worker finds that libtorch through LD_LIBRARY_PATH.
+# PyTorch (BENCHMARKS.md, "Training on a GPU"); the worker finds that libtorch through LD_LIBRARY_PATH.
 #
 # On CIFAR-shaped generated data (50,000 training and 10,000 test images) it runs the
 # `dawnbench`, `paper-short` and `airbench94` recipes for SEEDS seeds through a real coordinator

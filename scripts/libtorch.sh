@@ -7,7 +7,7 @@
 #   SEEDSWEEP_PYTHON         python used to run pip (default: python3)
 #   SEEDSWEEP_TORCH_VERSION  another torch version, to build a worker for a host that has it
 #                            (default: 2.13.0, the version tch 0.26 is written for; see
-#                            bench/README.md, "GPU")
+#                            BENCHMARKS.md, "Training on a GPU")
 set -euo pipefail
 
 version=${SEEDSWEEP_TORCH_VERSION:-2.13.0}

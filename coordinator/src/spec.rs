@@ -1311,6 +1311,12 @@ width = 0.25
         assert_eq!((t.label_smoothing, t.cutout), (0.2, 0));
         let long = SweepSpec::parse(&air("").replace("epochs = 2\nbatch_size = 64\n", "")).unwrap();
         assert_eq!((long.train.epochs, long.train.batch_size), (10, 1024));
+        let example = SweepSpec::parse(include_str!("../../examples/airbench94-cifar10.toml"));
+        let example = example.unwrap().train;
+        assert_eq!(
+            (example.model, example.epochs, example.width),
+            (Model::Airbench94, 10, 1.0)
+        );
         assert!(err(&air("cutout = 8")).contains("`train.cutout` = 0"));
         assert!(err(&air("checkpoint_every = 1")).contains("`train.checkpoint_every`"));
         assert!(err(&air("schedule = \"linear\"")).contains("go together"));
