@@ -10,7 +10,9 @@
 # (training and per-epoch evaluation, the model built and the data on the device) and training
 # images per second, and the worker's per-seed overhead: seconds from lease (or from the slot
 # coming free, for a prefetched lease) to the first step, and from the last step to the result
-# acknowledged (medians over seeds). First a determinism check: one seed twice with
+# acknowledged (medians over seeds). The compiled reference's seconds per seed include
+# torch.compile's compilation (once per process, so once per seed here); compare its seconds per
+# epoch, which leave out each run's first epoch. First a determinism check: one seed twice with
 # `deterministic = true` (2 epochs) must give identical metrics, also with a second seed training
 # beside it in another slot. Last, seeds per minute of a small network with one slot and with
 # several.

@@ -321,7 +321,7 @@ impl Lookahead {
         tch::no_grad(|| {
             for (v, average) in &mut self.pairs {
                 let _ = average.lerp_(v, 1.0 - decay);
-                let _ = v.copy_(average);
+                v.copy_(average);
             }
         });
     }

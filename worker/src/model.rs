@@ -292,7 +292,7 @@ fn dirac_conv(p: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
     tch::no_grad(|| {
         let mut head = conv.ws.narrow(0, 0, k);
         let _ = head.zero_();
-        let _ = head.select(2, 1).select(2, 1).copy_(&Tensor::eye_m(
+        head.select(2, 1).select(2, 1).copy_(&Tensor::eye_m(
             k,
             c_in,
             (conv.ws.kind(), conv.ws.device()),

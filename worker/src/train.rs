@@ -993,7 +993,7 @@ impl Evaluation {
         tta: u32,
     ) -> Evaluation {
         let last = epoch == cfg.epochs;
-        if !last && epoch % cfg.eval_every.max(1) != 0 {
+        if !last && !epoch.is_multiple_of(cfg.eval_every.max(1)) {
             return Evaluation {
                 test: None,
                 val: None,
