@@ -1130,6 +1130,15 @@ width = 0.25
         SweepSpec::parse(text).unwrap_err().to_string()
     }
 
+    /// `train` as a sweep stored before `keys` existed holds it: without them.
+    fn stored_without(train: &TrainSettings, keys: &[&str]) -> TrainSettings {
+        let mut stored = serde_json::to_value(train).unwrap();
+        for key in keys {
+            stored.as_object_mut().unwrap().remove(*key);
+        }
+        serde_json::from_value(stored).unwrap()
+    }
+
     #[test]
     fn parses_a_range_and_fills_defaults() {
         let s = SweepSpec::parse(OK).unwrap();
@@ -1263,18 +1272,17 @@ width = 0.25
             "{bad}"
         );
 
-        let mut stored = serde_json::to_value(&page).unwrap();
-        for key in [
-            "init",
-            "crop_padding_mode",
-            "cutout_at_borders",
-            "augment_per",
-            "drop_last",
-            "lr_in_momentum",
-        ] {
-            stored.as_object_mut().unwrap().remove(key);
-        }
-        let old: TrainSettings = serde_json::from_value(stored).unwrap();
+        let old = stored_without(
+            &page,
+            &[
+                "init",
+                "crop_padding_mode",
+                "cutout_at_borders",
+                "augment_per",
+                "drop_last",
+                "lr_in_momentum",
+            ],
+        );
         assert_eq!(
             (old.init, old.crop_padding_mode, old.augment_per),
             (
@@ -1336,18 +1344,17 @@ width = 0.25
                 .contains("go together")
         );
         // A sweep stored before these settings reads as without them.
-        let mut stored = serde_json::to_value(SweepSpec::parse(OK).unwrap().train).unwrap();
-        for key in [
-            "final_epoch_fraction",
-            "bn_bias_lr_scale",
-            "whiten_bias_epochs",
-            "lookahead",
-            "tta_level",
-            "alternating_flip",
-        ] {
-            stored.as_object_mut().unwrap().remove(key);
-        }
-        let old: TrainSettings = serde_json::from_value(stored).unwrap();
+        let old = stored_without(
+            &SweepSpec::parse(OK).unwrap().train,
+            &[
+                "final_epoch_fraction",
+                "bn_bias_lr_scale",
+                "whiten_bias_epochs",
+                "lookahead",
+                "tta_level",
+                "alternating_flip",
+            ],
+        );
         assert_eq!(
             (
                 old.final_epoch_fraction,

@@ -29,7 +29,6 @@ use crate::train::{
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Reduction, Tensor};
@@ -93,12 +92,7 @@ pub fn train(
         let mut tally = Tally::new(device);
         let mut lr = 0.0;
         for step in 0..cfg.steps_in_epoch(epoch, steps) {
-            if run.stop.load(Ordering::Relaxed) {
-                return Err(TrainError::Cancelled);
-            }
-            timing
-                .first_step
-                .get_or_insert_with(|| entered.elapsed().as_secs_f64());
+            train::step_begins(run, &mut timing, entered)?;
             let (x, y) = split.batch(&pipeline, &draws, step * batch, batch);
             lr = learning_rate(cfg, epoch, step, steps);
             let (logits, loss) = shim::autocast(precision != Precision::Fp32, || {
@@ -222,12 +216,7 @@ const OTHERS: usize = 2;
 
 impl Optimiser {
     fn new(vs: &nn::VarStore, cfg: &TrainConfig) -> Optimiser {
-        let mut named: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let named = train::variables_by_name(vs, Tensor::requires_grad);
         let kilostep = 1024.0 * (1.0 + 1.0 / (1.0 - cfg.momentum));
         let decay = cfg.weight_decay * cfg.batch_size as f64 / kilostep;
         let group = |lr_scale: f64| {
@@ -303,11 +292,8 @@ struct Lookahead {
 
 impl Lookahead {
     fn new(vs: &nn::VarStore) -> Lookahead {
-        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let pairs = named
+        let pairs = train::variables_by_name(vs, Tensor::is_floating_point)
             .into_iter()
-            .filter(|(_, v)| v.is_floating_point())
             .map(|(_, v)| {
                 let average = tch::no_grad(|| v.detach().copy());
                 (v, average)
@@ -330,7 +316,7 @@ impl Lookahead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{self, Arch, Init};
+    use crate::model::{Arch, Init};
     use crate::train::tests::tiny;
     use crate::train::{Seeds, TrainConfig};
     use std::sync::atomic::AtomicBool;
@@ -478,50 +464,5 @@ mod tests {
         la.update(1.0);
         let still = (&w - &before).mean(Kind::Double).double_value(&[]);
         assert!((still - 0.25).abs() < 1e-6, "{still}");
-    }
-
-    /// airbench's parameter count and stage shapes at width 1.0 (checked against a PyTorch
-    /// build of the reference network: 1,972,792 parameters, of which 1,971,352 require
-    /// gradients; here the 1,152 BatchNorm weights, fixed at 1, do not exist).
-    #[test]
-    fn network_matches_the_reference() {
-        let _init = train::INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let vs = nn::VarStore::new(Device::Cpu);
-        let net = model::build(&vs.root(), Arch::Airbench94, Init::Pytorch, 1.0, 10);
-        assert_eq!(model::parameter_count(&vs), 1_971_352);
-        let x = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu));
-        let shapes: Vec<Vec<i64>> = net
-            .stage_outputs(&x, false)
-            .iter()
-            .map(Tensor::size)
-            .collect();
-        assert_eq!(
-            shapes,
-            vec![
-                vec![2, 24, 31, 31],
-                vec![2, 64, 15, 15],
-                vec![2, 256, 7, 7],
-                vec![2, 256, 3, 3],
-                vec![2, 256],
-                vec![2, 10]
-            ]
-        );
-        // Dirac: a conv group's second conv starts as the identity.
-        let w = vs.variables()["block2.conv2.weight"].shallow_clone();
-        assert_eq!(w.double_value(&[5, 5, 1, 1]), 1.0);
-        assert_eq!(w.abs().sum(Kind::Double).double_value(&[]), 256.0);
-        // The first conv's first 24 filters are the identity, the other 40 PyTorch's default.
-        let first = vs.variables()["block1.conv1.weight"].shallow_clone();
-        assert_eq!(
-            first
-                .narrow(0, 0, 24)
-                .abs()
-                .sum(Kind::Double)
-                .double_value(&[]),
-            24.0
-        );
-        let bound = 1.0 / (24.0f64 * 9.0).sqrt();
-        let rest = first.narrow(0, 24, 40).abs().max().double_value(&[]);
-        assert!(rest <= bound && rest > 0.9 * bound, "{rest}");
     }
 }

@@ -364,7 +364,8 @@ mod tests {
     use super::*;
     use tch::{Device, Kind};
 
-    fn shapes(arch: Arch, width: f64) -> (i64, Vec<Vec<i64>>) {
+    /// The network, its parameter count and each stage's output shape for two images.
+    fn built(arch: Arch, width: f64) -> (nn::VarStore, i64, Vec<Vec<i64>>) {
         // Building a model draws from libtorch's global generator: not while a seed initialises.
         let _init = crate::train::INIT_LOCK
             .lock()
@@ -373,10 +374,13 @@ mod tests {
         let net = build(&vs.root(), arch, Init::Pytorch, width, 10);
         let x = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu));
         let outs = net.stage_outputs(&x, false);
-        (
-            parameter_count(&vs),
-            outs.iter().map(Tensor::size).collect(),
-        )
+        let n = parameter_count(&vs);
+        (vs, n, outs.iter().map(Tensor::size).collect())
+    }
+
+    fn shapes(arch: Arch, width: f64) -> (i64, Vec<Vec<i64>>) {
+        let (_, n, s) = built(arch, width);
+        (n, s)
     }
 
     /// The `dawnbench` recipe's network against Page's reference.
@@ -458,6 +462,43 @@ mod tests {
                 .int64_value(&[])
                 == 1
         );
+    }
+
+    /// airbench's parameter count and stage shapes at width 1.0 (checked against a PyTorch
+    /// build of the reference network: 1,972,792 parameters, of which 1,971,352 require
+    /// gradients; here the 1,152 BatchNorm weights, fixed at 1, do not exist).
+    #[test]
+    fn airbench94_matches_the_reference() {
+        let (vs, n, shapes) = built(Arch::Airbench94, 1.0);
+        assert_eq!(n, 1_971_352);
+        assert_eq!(
+            shapes,
+            vec![
+                vec![2, 24, 31, 31],
+                vec![2, 64, 15, 15],
+                vec![2, 256, 7, 7],
+                vec![2, 256, 3, 3],
+                vec![2, 256],
+                vec![2, 10]
+            ]
+        );
+        // Dirac: a conv group's second conv starts as the identity.
+        let w = vs.variables()["block2.conv2.weight"].shallow_clone();
+        assert_eq!(w.double_value(&[5, 5, 1, 1]), 1.0);
+        assert_eq!(w.abs().sum(Kind::Double).double_value(&[]), 256.0);
+        // The first conv's first 24 filters are the identity, the other 40 PyTorch's default.
+        let first = vs.variables()["block1.conv1.weight"].shallow_clone();
+        assert_eq!(
+            first
+                .narrow(0, 0, 24)
+                .abs()
+                .sum(Kind::Double)
+                .double_value(&[]),
+            24.0
+        );
+        let bound = 1.0 / (24.0f64 * 9.0).sqrt();
+        let rest = first.narrow(0, 24, 40).abs().max().double_value(&[]);
+        assert!(rest <= bound && rest > 0.9 * bound, "{rest}");
     }
 
     #[test]

@@ -375,15 +375,42 @@ struct Sgd {
     lr_in_momentum: bool,
 }
 
+/// The variables of `vs` that `keep` selects, by name in name order: the optimisers' and
+/// Lookahead's fixed order, the same in every run.
+pub(crate) fn variables_by_name(
+    vs: &nn::VarStore,
+    keep: impl Fn(&Tensor) -> bool,
+) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| keep(t))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// Stops the run if asked to, and notes when its first step began.
+pub(crate) fn step_begins(
+    run: &Run<'_>,
+    timing: &mut Timing,
+    entered: Instant,
+) -> Result<(), TrainError> {
+    if run.stop.load(Ordering::Relaxed) {
+        return Err(TrainError::Cancelled);
+    }
+    timing
+        .first_step
+        .get_or_insert_with(|| entered.elapsed().as_secs_f64());
+    Ok(())
+}
+
 impl Sgd {
     fn new(vs: &nn::VarStore, cfg: &TrainConfig) -> Sgd {
-        let mut named: Vec<(String, Tensor)> = vs
-            .variables()
+        let params: Vec<Tensor> = variables_by_name(vs, Tensor::requires_grad)
             .into_iter()
-            .filter(|(_, t)| t.requires_grad())
+            .map(|(_, t)| t)
             .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
         let buffers = params.iter().map(Tensor::zeros_like).collect();
         Sgd {
             params,
@@ -737,12 +764,7 @@ pub fn train(
         let mut tally = Tally::new(device);
         let mut lr = 0.0;
         for step in 0..cfg.steps_in_epoch(epoch, steps) {
-            if run.stop.load(Ordering::Relaxed) {
-                return Err(TrainError::Cancelled);
-            }
-            timing
-                .first_step
-                .get_or_insert_with(|| entered.elapsed().as_secs_f64());
+            step_begins(run, &mut timing, entered)?;
             let (x, y) = split.batch(&pipeline, &draws, step * batch, batch);
             lr = learning_rate(cfg, epoch, step, steps);
             let (logits, loss) = shim::autocast(precision != Precision::Fp32, || {
