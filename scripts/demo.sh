@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-cargo build --release --bins
+cargo build --release -p seedsweep-coordinator -p seedsweep-worker --bins
 
 run=demo-run
 mkdir -p "$run"

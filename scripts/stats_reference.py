@@ -1,6 +1,6 @@
 """Reference values for seedsweep's statistics, computed independently with numpy and scipy.
 
-Writes coordinator/src/stats/reference.json: fixed data (drawn here once with a seeded numpy
+Writes core/src/stats/reference.json: fixed data (drawn here once with a seeded numpy
 generator and stored in the file) and what numpy/scipy say about it. The coordinator's unit tests
 read the file and check every statistic against it. Run again only when a definition changes:
 
@@ -16,7 +16,7 @@ import numpy as np
 from scipy import stats
 
 rng = np.random.default_rng(20261127)
-OUT = os.path.join(os.path.dirname(__file__), "..", "coordinator", "src", "stats", "reference.json")
+OUT = os.path.join(os.path.dirname(__file__), "..", "core", "src", "stats", "reference.json")
 
 
 def summary(x, seeds):

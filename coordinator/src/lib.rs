@@ -1,21 +1,17 @@
 //! seedsweep's coordinator: holds sweeps of seeds in a database and leases them to workers.
+//! What a sweep is, the lease rules and the statistics live in `seedsweep-core`; this crate is
+//! the server around them.
 //!
-//! - [`spec`] parses and validates sweep files ([`finetune`]: the `finetune-head` task's part);
 //! - [`store`] is the only code that talks SQL (SQLite and PostgreSQL);
-//! - [`service`] is the gRPC service, converting proto messages to [`domain`] types;
+//! - [`service`] is the gRPC service, converting proto messages to core's domain types;
 //! - [`server`] is the start-up seam, with [`auth`] (tokens and roles) and [`metrics`];
-//! - [`admin`] holds the command-line clients.
+//! - [`config`] serve's settings.
+//!
+//! The command-line client (`coordinator sweep ...`) is part of the binary only (`src/cli`).
 
-pub mod admin;
 pub mod auth;
 pub mod config;
-pub mod domain;
-pub mod export;
-pub mod finetune;
 pub mod metrics;
-pub mod report;
 pub mod server;
 pub mod service;
-pub mod spec;
-pub mod stats;
 pub mod store;

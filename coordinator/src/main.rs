@@ -2,7 +2,10 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use seedsweep_coordinator::config::{ServeArgs, file_arguments};
 use seedsweep_coordinator::server::Coordinator;
-use seedsweep_coordinator::{admin, store};
+use seedsweep_coordinator::store;
+
+mod cli;
+use cli::admin;
 use seedsweep_ops::LogFormat;
 use seedsweep_proto::client::{Connection, read_token};
 use std::collections::BTreeSet;

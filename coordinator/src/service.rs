@@ -2,15 +2,16 @@
 //! the store, and maps store errors to gRPC statuses in one place.
 
 use crate::auth::caller_of;
-use crate::domain::SweepState;
-use crate::domain::{
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError, redact_url};
+use seedsweep_core::domain::SweepState;
+use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, LeaseRef, Metric,
     SeedCounts, SeedResult, SweepId, SweepSummary,
 };
-use crate::metrics::Metrics;
-use crate::spec::{SeedSet, SweepSpec};
-use crate::stats;
-use crate::store::{Store, StoreError, redact_url};
+use seedsweep_core::policy::Charge;
+use seedsweep_core::spec::{SeedSet, SweepSpec};
+use seedsweep_core::stats;
 use seedsweep_proto::v1 as pb;
 use seedsweep_proto::v1::coordinator_server::Coordinator;
 use std::sync::Arc;
@@ -46,7 +47,13 @@ impl CoordinatorService {
         metric: Metric,
         ci_width: Option<f64>,
         test_examples: Option<u64>,
-    ) -> Result<(Option<stats::SweepStats>, Vec<crate::domain::Scored>), Status> {
+    ) -> Result<
+        (
+            Option<stats::SweepStats>,
+            Vec<seedsweep_core::domain::Scored>,
+        ),
+        Status,
+    > {
         let started = std::time::Instant::now();
         let ms = |since: std::time::Instant| since.elapsed().as_secs_f64() * 1e3;
         // The three reads at once (each on its own connection): the slowest sets the time.
@@ -313,7 +320,7 @@ fn summary_pb(s: &SweepSummary) -> pb::SweepSummary {
     }
 }
 
-fn train_pb(t: &crate::spec::TrainSettings) -> pb::TrainConfig {
+fn train_pb(t: &seedsweep_core::spec::TrainSettings) -> pb::TrainConfig {
     pb::TrainConfig {
         epochs: t.epochs,
         batch_size: t.batch_size,
@@ -360,7 +367,7 @@ fn name<T: serde::Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
-fn finetune_pb(f: &crate::finetune::FinetuneSpec) -> pb::FinetuneConfig {
+fn finetune_pb(f: &seedsweep_core::spec::finetune::FinetuneSpec) -> pb::FinetuneConfig {
     let b = &f.backbone;
     let t = &f.finetune;
     pb::FinetuneConfig {
@@ -386,7 +393,7 @@ fn finetune_pb(f: &crate::finetune::FinetuneSpec) -> pb::FinetuneConfig {
     }
 }
 
-fn phase_pb(p: &crate::finetune::Phase) -> pb::Phase {
+fn phase_pb(p: &seedsweep_core::spec::finetune::Phase) -> pb::Phase {
     pb::Phase {
         steps: p.steps,
         batch_size: p.batch_size,
@@ -420,7 +427,7 @@ fn aggregate_pb(a: &Aggregate) -> pb::AccuracyStats {
     }
 }
 
-fn factors_pb(f: &crate::spec::FactorSeeds) -> pb::FactorSeeds {
+fn factors_pb(f: &seedsweep_core::design::FactorSeeds) -> pb::FactorSeeds {
     pb::FactorSeeds {
         init: f.init,
         order: f.order,
@@ -516,7 +523,7 @@ impl Coordinator for CoordinatorService {
             Vec::new()
         };
         let files = tokio::task::spawn_blocking(move || {
-            crate::report::build(&crate::report::Input {
+            seedsweep_core::report::build(&seedsweep_core::report::Input {
                 sweep_id: &id.to_string(),
                 sweep_name: &name,
                 stats: &stats,
@@ -545,7 +552,7 @@ impl Coordinator for CoordinatorService {
         let r = req.get_ref();
         let (a, b) = (sweep_id(&r.sweep_a)?, sweep_id(&r.sweep_b)?);
         let metric = metric(&r.metric)?;
-        let values = |runs: Vec<crate::domain::Scored>| -> Vec<f64> {
+        let values = |runs: Vec<seedsweep_core::domain::Scored>| -> Vec<f64> {
             runs.into_iter().map(|s| s.value).collect()
         };
         let va = values(self.store.all_scores(a, metric).await.map_err(status)?);
@@ -852,7 +859,7 @@ impl Coordinator for CoordinatorService {
         let cause: String = r.cause.chars().take(4096).collect();
         let state = self
             .store
-            .fail(lease, &cause, r.counts_as_attempt)
+            .fail(lease, &cause, Charge::from_counted(r.counts_as_attempt))
             .await
             .map_err(status)?;
         tracing::warn!(sweep = %lease.sweep_id, seed = lease.seed, fence = lease.fence, worker, token = caller_of(&req), cause = %cause, counts_as_attempt = r.counts_as_attempt, state = state.as_str(), "seed attempt ended without a result");

@@ -4,11 +4,12 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use seedsweep_coordinator::domain::{
+use seedsweep_coordinator::store::{self, Clock, Store, StoreError};
+use seedsweep_core::domain::{
     ClaimOutcome, CompleteOutcome, EpochRecord, LeaseRef, SeedResult, SeedState, SweepId,
 };
-use seedsweep_coordinator::spec::SweepSpec;
-use seedsweep_coordinator::store::{self, Clock, Store, StoreError};
+use seedsweep_core::policy::Charge;
+use seedsweep_core::spec::SweepSpec;
 use seedsweep_tests::PgServer;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -195,7 +196,9 @@ async fn run_one(s: &dyn Store, clock: &Clock, rng_seed: u64, steps: usize) {
             _ => {
                 let l = pick(&mut rng, &leases);
                 let counts = rng.random_bool(0.5);
-                let r = s.fail(l, &format!("cause {step}"), counts).await;
+                let r = s
+                    .fail(l, &format!("cause {step}"), Charge::from_counted(counts))
+                    .await;
                 if m.live(l) {
                     let state = r.unwrap_or_else(|e| panic!("{ctx}: fail of live {l}: {e}"));
                     let (st, _, failures) = m.seeds.get_mut(&l.seed).unwrap();

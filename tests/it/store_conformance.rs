@@ -1,14 +1,15 @@
 //! One suite of store behaviour, run against every implementation.
 
-use seedsweep_coordinator::domain::SweepId;
-use seedsweep_coordinator::domain::SweepState;
-use seedsweep_coordinator::domain::{
+use seedsweep_coordinator::store::{self, Clock, Store, StoreError};
+use seedsweep_core::domain::SweepId;
+use seedsweep_core::domain::SweepState;
+use seedsweep_core::domain::{
     ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, Metric, SeedResult, SeedState,
 };
-use seedsweep_coordinator::spec::SeedSet;
-use seedsweep_coordinator::spec::SweepSpec;
-use seedsweep_coordinator::stats;
-use seedsweep_coordinator::store::{self, Clock, Store, StoreError};
+use seedsweep_core::policy::Charge;
+use seedsweep_core::spec::SeedSet;
+use seedsweep_core::spec::SweepSpec;
+use seedsweep_core::stats;
 use seedsweep_tests::PgServer;
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,7 +133,7 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
 
     // A failure that counts goes back to the queue with a new fence; the old lease is stale.
     assert_eq!(
-        s.fail(l2.lease, "boom", true).await.unwrap(),
+        s.fail(l2.lease, "boom", Charge::Counted).await.unwrap(),
         SeedState::Pending
     );
     assert!(matches!(
@@ -157,14 +158,16 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
             Err(StoreError::StaleLease(_))
         ));
         assert!(matches!(
-            s.fail(stale, "x", true).await,
+            s.fail(stale, "x", Charge::Counted).await,
             Err(StoreError::StaleLease(_))
         ));
     }
     s.heartbeat(l2b.lease, TTL).await.unwrap();
     // Out of attempts (max 2): failed for good.
     assert_eq!(
-        s.fail(l2b.lease, "boom again", true).await.unwrap(),
+        s.fail(l2b.lease, "boom again", Charge::Counted)
+            .await
+            .unwrap(),
         SeedState::Failed
     );
 
@@ -172,7 +175,9 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
     let l3 = claim(s, "w").await;
     assert_eq!(l3.lease.seed, 9);
     assert_eq!(
-        s.fail(l3.lease, "data missing", false).await.unwrap(),
+        s.fail(l3.lease, "data missing", Charge::Uncounted)
+            .await
+            .unwrap(),
         SeedState::Pending
     );
     let l3b = claim(s, "w").await;
@@ -268,7 +273,7 @@ async fn retries_and_control(s: Arc<dyn Store>, clock: Clock) {
         .unwrap();
     let l = claim(s, "w1").await.lease;
     assert_eq!(
-        s.fail(l, "cuda oom", true).await.unwrap(),
+        s.fail(l, "cuda oom", Charge::Counted).await.unwrap(),
         SeedState::Pending
     );
     assert!(matches!(
@@ -285,7 +290,7 @@ async fn retries_and_control(s: Arc<dyn Store>, clock: Clock) {
     assert_eq!(l.fence, 2);
     // The same cause on a second worker: failed for good, attempts left or not.
     assert_eq!(
-        s.fail(l, "cuda oom", true).await.unwrap(),
+        s.fail(l, "cuda oom", Charge::Counted).await.unwrap(),
         SeedState::Failed
     );
 
@@ -482,7 +487,7 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
     let (tail, _) = s.scores(id, Metric::TestAccuracy, last).await.unwrap();
     assert!(tail.is_empty(), "nothing after the last position");
     // The unordered full read holds the same runs.
-    let key = |r: &seedsweep_coordinator::domain::Scored| (r.seed, r.factors, r.value.to_bits());
+    let key = |r: &seedsweep_core::domain::Scored| (r.seed, r.factors, r.value.to_bits());
     let mut all: Vec<_> = s
         .all_scores(id, Metric::TestAccuracy)
         .await

@@ -10,19 +10,21 @@
 //! - Time is the database's clock (SQLite is embedded, so its clock is this host's) plus the
 //!   [`Clock`]'s offset, which is zero outside tests.
 
+mod migrations;
 mod postgres;
 mod sqlite;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-use crate::domain::{
+use async_trait::async_trait;
+use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, LeaseRef,
     Metric, Scored, SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
 };
-use crate::spec::{SeedSet, SweepSpec};
-use crate::stats::describe::EpochSpread;
-use async_trait::async_trait;
+use seedsweep_core::policy::{self, Charge, Refusal};
+use seedsweep_core::spec::{SeedSet, SweepSpec};
+use seedsweep_core::stats::describe::EpochSpread;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -52,6 +54,15 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+impl From<Refusal> for StoreError {
+    fn from(r: Refusal) -> StoreError {
+        match r {
+            Refusal::Stale(lease) => StoreError::StaleLease(lease),
+            Refusal::Conflict(msg) => StoreError::Conflict(msg),
+        }
+    }
+}
 
 impl StoreError {
     /// Whether the database is unreachable or busy for now (restarting, failing over, out of
@@ -118,7 +129,7 @@ pub trait Store: Send + Sync + 'static {
     async fn epoch_spread(&self, id: SweepId, metric: Metric) -> Result<Vec<EpochSpread>> {
         if metric.counted() {
             let rows = self.epoch_values(id, metric).await?;
-            return Ok(crate::stats::describe::epoch_spread_counted(&rows));
+            return Ok(seedsweep_core::stats::describe::epoch_spread_counted(&rows));
         }
         self.epoch_spread_scan(id, metric).await
     }
@@ -131,7 +142,7 @@ pub trait Store: Send + Sync + 'static {
             .into_iter()
             .map(|(_, e, v)| (e, v))
             .collect();
-        Ok(crate::stats::describe::epoch_spread(&points))
+        Ok(seedsweep_core::stats::describe::epoch_spread(&points))
     }
 
     /// Whether the database answers (a trivial query).
@@ -148,18 +159,11 @@ pub trait Store: Send + Sync + 'static {
     /// Records the seed's result, once. The seed's epoch metrics for epochs 1..=result.epochs must
     /// have been recorded under the same lease.
     async fn complete(&self, lease: LeaseRef, result: &SeedResult) -> Result<CompleteOutcome>;
-    /// Ends a lease without a result. `counts_as_attempt` false hands the seed back as if never
-    /// leased. Returns the seed's new state: pending, or failed when out of attempts.
-    ///
-    /// A counted failure makes the seed wait out the sweep's retry backoff, and ends it `failed`
-    /// at once when an earlier attempt on another worker failed with the same cause (training is
-    /// deterministic, so a third try would fail the same way).
-    async fn fail(
-        &self,
-        lease: LeaseRef,
-        cause: &str,
-        counts_as_attempt: bool,
-    ) -> Result<SeedState>;
+    /// Ends a lease without a result, charged to the seed or not ([`Charge`]); the rules of
+    /// [`policy::after_attempt`] decide the seed's new state (pending or failed), which is
+    /// returned. A counted failure whose cause an earlier attempt on another worker also failed
+    /// with ends the seed at once ([`policy::AttemptEnd::FailedAsBefore`]).
+    async fn fail(&self, lease: LeaseRef, cause: &str, charge: Charge) -> Result<SeedState>;
 
     /// Pauses, resumes or cancels a sweep. Cancelling ends every unfinished seed (held leases are
     /// refused at their next write) and is final.
@@ -192,9 +196,16 @@ impl Clock {
     }
 }
 
-/// A uniform draw in [0, 1) for retry jitter.
-pub(crate) fn jitter() -> f64 {
-    rand::random::<f64>()
+/// Where a seed goes when `end` ends an attempt, after `failures` counted ones, under a sweep's
+/// `max_attempts` and backoff: [`policy::after_attempt`] with a uniform draw in [0, 1) for the
+/// backoff's jitter.
+pub(crate) fn next_state(
+    end: policy::AttemptEnd,
+    failures: u32,
+    max_attempts: u32,
+    retry: policy::RetrySettings,
+) -> policy::NextState {
+    policy::after_attempt(end, failures, max_attempts, retry, rand::random::<f64>())
 }
 
 /// Opens the database a URL names and brings its schema up to date.
@@ -249,11 +260,18 @@ pub(crate) fn state_from_db(s: &str) -> Result<SeedState> {
     SeedState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown seed state `{s}`")))
 }
 
+/// A seed's counted attempts and its sweep's retry rules: what [`policy::after_attempt`] reads.
+pub(crate) struct SeedRetry {
+    pub failures: u32,
+    pub max_attempts: u32,
+    pub retry: policy::RetrySettings,
+}
+
 /// What a lease needs from a stored `sweeps.config`.
 pub(crate) struct LeaseConfig {
-    pub train: crate::spec::TrainSettings,
+    pub train: seedsweep_core::spec::TrainSettings,
     pub seed_namespace: String,
-    pub finetune: Option<crate::finetune::FinetuneSpec>,
+    pub finetune: Option<seedsweep_core::spec::finetune::FinetuneSpec>,
 }
 
 fn config_value(config: &str) -> Result<serde_json::Value> {
@@ -276,12 +294,12 @@ pub(crate) fn lease_config(config: &str) -> Result<LeaseConfig> {
 }
 
 /// The design inside a stored `sweeps.config`.
-pub(crate) fn design_from_config(config: &str) -> Result<crate::spec::Design> {
+pub(crate) fn design_from_config(config: &str) -> Result<seedsweep_core::design::Design> {
     config_field(&config_value(config)?, "design")
 }
 
 /// Each seed with its factor seeds under `design`, as the insert statements take them.
-pub(crate) fn seed_rows(seeds: &[i64], design: &crate::spec::Design) -> Vec<[i64; 5]> {
+pub(crate) fn seed_rows(seeds: &[i64], design: &seedsweep_core::design::Design) -> Vec<[i64; 5]> {
     seeds
         .iter()
         .map(|&s| {
@@ -292,13 +310,13 @@ pub(crate) fn seed_rows(seeds: &[i64], design: &crate::spec::Design) -> Vec<[i64
 }
 
 /// The factor seeds in a `seeds` or `results` row (columns init_seed ... split_seed).
-pub(crate) fn factors_from_row<'r, R>(row: &'r R) -> Result<crate::spec::FactorSeeds>
+pub(crate) fn factors_from_row<'r, R>(row: &'r R) -> Result<seedsweep_core::design::FactorSeeds>
 where
     R: sqlx::Row,
     &'static str: sqlx::ColumnIndex<R>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    Ok(crate::spec::FactorSeeds {
+    Ok(seedsweep_core::design::FactorSeeds {
         init: row.try_get("init_seed")?,
         order: row.try_get("order_seed")?,
         augment: row.try_get("augment_seed")?,
@@ -306,22 +324,32 @@ where
     })
 }
 
-/// Refuses to extend a crossed design: its runs are the combinations of its factor seeds.
-pub(crate) fn check_extendable(id: SweepId, design: &crate::spec::Design) -> Result<()> {
-    if design.is_crossed() {
-        return Err(StoreError::Conflict(format!(
-            "sweep {id} has a crossed design: its runs are every combination of its factor seeds, so it cannot be extended; submit another sweep"
-        )));
+/// How a dialect writes the statement parameter numbered `n`: the SQL built here for both stores
+/// is written with these, never rewritten afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+impl Dialect {
+    /// The placeholders `1..=N`: `$n` for PostgreSQL, `?n` for SQLite.
+    pub(crate) fn params<const N: usize>(self) -> [String; N] {
+        std::array::from_fn(|i| match self {
+            Dialect::Postgres => format!("${}", i + 1),
+            Dialect::Sqlite => format!("?{}", i + 1),
+        })
     }
-    Ok(())
 }
 
 /// Adds one result's value to a metric's running aggregate (Welford's update in SQL, so that
-/// concurrent recorders serialise on the row). `$1` sweep, `$2` metric, `$3` value, `$4` seed;
-/// SQLite takes `?` for `$`.
-pub(crate) const AGGREGATE_UPSERT: &str = "
+/// concurrent recorders serialise on the row). Parameters: sweep, metric, value, seed.
+pub(crate) fn aggregate_upsert(d: Dialect) -> String {
+    let [sweep, metric, value, seed] = d.params();
+    format!(
+        "
 INSERT INTO aggregates (sweep_id, metric, n, mean, m2, min, min_seed, max, max_seed)
-VALUES ($1, $2, 1, $3, 0, $3, $4, $3, $4)
+VALUES ({sweep}, {metric}, 1, {value}, 0, {value}, {seed}, {value}, {seed})
 ON CONFLICT (sweep_id, metric) DO UPDATE SET
   n = aggregates.n + 1,
   mean = aggregates.mean + (excluded.mean - aggregates.mean) / (aggregates.n + 1),
@@ -334,7 +362,9 @@ ON CONFLICT (sweep_id, metric) DO UPDATE SET
   max_seed = CASE WHEN excluded.max > aggregates.max
                     OR (excluded.max = aggregates.max AND excluded.max_seed < aggregates.max_seed)
              THEN excluded.max_seed ELSE aggregates.max_seed END,
-  max = CASE WHEN excluded.max > aggregates.max THEN excluded.max ELSE aggregates.max END";
+  max = CASE WHEN excluded.max > aggregates.max THEN excluded.max ELSE aggregates.max END"
+    )
+}
 
 pub(crate) const AGGREGATE_COLUMNS: &str = "metric, n, mean, m2, min, min_seed, max, max_seed";
 
@@ -353,7 +383,7 @@ where
     };
     Ok(Some(Aggregate {
         metric,
-        moments: crate::stats::Moments {
+        moments: seedsweep_core::stats::Moments {
             n: u64_from_db(row.try_get("n")?),
             mean: row.try_get("mean")?,
             m2: row.try_get("m2")?,
@@ -365,13 +395,14 @@ where
     }))
 }
 
-/// The SELECT of [`Store::scores`] for `metric`, with `seq` the recording position's expression
-/// and `$`-placeholders.
-pub(crate) fn scores_sql(metric: Metric, seq: &str) -> String {
+/// The SELECT of [`Store::scores`] for `metric`, with `seq` the recording position's expression.
+/// Parameters: sweep, the position after which to read.
+pub(crate) fn scores_sql(d: Dialect, metric: Metric, seq: &str) -> String {
     let col = metric.column();
+    let [sweep, after] = d.params();
     format!(
         "SELECT seed, init_seed, order_seed, augment_seed, split_seed, {col} AS value, {seq} AS seq
-         FROM results WHERE sweep_id = $1 AND {seq} > $2 AND {col} IS NOT NULL ORDER BY {seq}"
+         FROM results WHERE sweep_id = {sweep} AND {seq} > {after} AND {col} IS NOT NULL ORDER BY {seq}"
     )
 }
 
@@ -379,11 +410,13 @@ pub(crate) fn scores_sql(metric: Metric, seq: &str) -> String {
 pub(crate) const FINISHED_EPOCHS: &str =
     "JOIN results r ON r.sweep_id = e.sweep_id AND r.seed = e.seed AND e.epoch <= r.epochs";
 
-pub(crate) fn epoch_scores_sql(metric: Metric) -> String {
+/// Every finished seed's epoch values of `metric`. Parameter: sweep.
+pub(crate) fn epoch_scores_sql(d: Dialect, metric: Metric) -> String {
     let col = metric.column();
+    let [sweep] = d.params();
     format!(
         "SELECT e.seed, e.epoch, e.{col} AS value FROM epoch_metrics e {FINISHED_EPOCHS}
-         WHERE e.sweep_id = $1 AND e.{col} IS NOT NULL ORDER BY e.seed, e.epoch"
+         WHERE e.sweep_id = {sweep} AND e.{col} IS NOT NULL ORDER BY e.seed, e.epoch"
     )
 }
 
@@ -420,13 +453,19 @@ where
 }
 
 /// Reads `epoch_values` for one sweep (`$1`) and metric (`$2`).
-pub(crate) const EPOCH_VALUES: &str = "SELECT epoch, value, n FROM epoch_values
-     WHERE sweep_id = $1 AND metric = $2 ORDER BY epoch, value";
+pub(crate) fn epoch_values_sql(d: Dialect) -> String {
+    let [sweep, metric] = d.params();
+    format!(
+        "SELECT epoch, value, n FROM epoch_values
+     WHERE sweep_id = {sweep} AND metric = {metric} ORDER BY epoch, value"
+    )
+}
 
-/// Counts a finished seed's (`$2`, of sweep `$1`, `$3` epochs) epoch values of the counted
-/// metrics into `epoch_values`, in the result's transaction. Rows are taken in key order so
-/// that concurrent completions lock shared rows in the same order.
-pub(crate) fn epoch_values_upsert(sqlite: bool) -> String {
+/// Counts a finished seed's epoch values of the counted metrics into `epoch_values`, in the
+/// result's transaction. Parameters: sweep, seed, epochs. Rows are taken in key order so that
+/// concurrent completions lock shared rows in the same order.
+pub(crate) fn epoch_values_upsert(d: Dialect) -> String {
+    let [sweep, seed, epochs] = d.params();
     let counted: Vec<&str> = Metric::ALL
         .into_iter()
         .filter(|m| m.counted())
@@ -437,18 +476,17 @@ pub(crate) fn epoch_values_upsert(sqlite: bool) -> String {
         .map(|c| {
             format!(
                 "SELECT sweep_id, '{c}' AS metric, epoch, {c} AS value FROM epoch_metrics
-                 WHERE sweep_id = $1 AND seed = $2 AND epoch <= $3"
+                 WHERE sweep_id = {sweep} AND seed = {seed} AND epoch <= {epochs}"
             )
         })
         .collect::<Vec<_>>()
         .join(" UNION ALL ");
-    let sql = format!(
+    format!(
         "INSERT INTO epoch_values (sweep_id, metric, epoch, value, n)
          SELECT sweep_id, metric, epoch, value, 1 FROM ({select}) m
          WHERE value IS NOT NULL ORDER BY metric, epoch
          ON CONFLICT (sweep_id, metric, epoch, value) DO UPDATE SET n = epoch_values.n + 1"
-    );
-    if sqlite { sql.replace('$', "?") } else { sql }
+    )
 }
 
 pub(crate) const EPOCH_COLUMNS: &str = "seed, epoch, train_loss, train_accuracy, test_loss,

@@ -4,25 +4,25 @@
 //! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
 use super::{
-    AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, EPOCH_VALUES, FINISHED_EPOCHS,
-    FLEET_SEEDS, Result, Store, StoreError, aggregate_from_row, check_extendable,
-    design_from_config, epoch_from_row, epoch_score_from_row, epoch_scores_sql,
-    epoch_value_from_row, epoch_values_upsert, factors_from_row, jitter, lease_config, scores_sql,
-    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
+    AGGREGATE_COLUMNS, Clock, Dialect, EPOCH_COLUMNS, FINISHED_EPOCHS, FLEET_SEEDS, Result,
+    SeedRetry, Store, StoreError, aggregate_from_row, aggregate_upsert, design_from_config,
+    epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
+    epoch_values_upsert, factors_from_row, lease_config, next_state, scores_sql, seed_rows,
+    state_from_db, sweep_state_from_db, u64_from_db,
 };
-use crate::domain::{
+use async_trait::async_trait;
+use seedsweep_core::design::Design;
+use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, Lease,
     LeaseRef, Metric, Scored, SeedCounts, SeedResult, SeedState, SweepId, SweepProgress,
     SweepState, SweepSummary,
 };
-use crate::spec::{Design, RetrySettings, SeedSet, SweepSpec};
-use async_trait::async_trait;
+use seedsweep_core::policy::{self, AttemptEnd, Charge, Completion, EXPIRED_CAUSE, RetrySettings};
+use seedsweep_core::spec::{SeedSet, SweepSpec};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use std::str::FromStr;
 use std::time::Duration;
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
 /// Renders a timestamptz column as UTC ISO 8601, the format both stores report.
 macro_rules! iso {
@@ -56,7 +56,9 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;
-        MIGRATOR.run(&pool).await?;
+        super::migrations::migrator(super::migrations::POSTGRES)
+            .run(&pool)
+            .await?;
         Ok(PgStore { pool, clock })
     }
 
@@ -105,35 +107,21 @@ impl PgStore {
     }
 
     async fn lock_held(tx: &mut Transaction<'_, Postgres>, lease: LeaseRef) -> Result<()> {
-        match Self::lock_seed(tx, lease).await? {
-            (SeedState::Leased, fence) if fence == lease.fence => Ok(()),
-            _ => Err(StoreError::StaleLease(lease)),
-        }
+        let (state, fence) = Self::lock_seed(tx, lease).await?;
+        Ok(policy::check_held(lease, state, fence)?)
     }
 
-    /// Ends one lease without a result and decides where the seed goes next. The seed's row must
-    /// be locked by `tx`.
-    #[allow(clippy::too_many_arguments)]
+    /// Ends one lease without a result and moves the seed where the policy says. The seed's row
+    /// must be locked by `tx`.
     async fn end_attempt(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         lease: LeaseRef,
-        failures: u32,
-        max_attempts: u32,
-        retry: RetrySettings,
-        give_up: bool,
-        outcome: &str,
+        seed: &SeedRetry,
+        end: AttemptEnd,
         cause: &str,
     ) -> Result<SeedState> {
-        let counted = outcome != "released";
-        let failures = failures + counted as u32;
-        let state = if counted && (give_up || failures >= max_attempts) {
-            SeedState::Failed
-        } else {
-            SeedState::Pending
-        };
-        let backoff = (counted && state == SeedState::Pending)
-            .then(|| self.skew() + retry.backoff_seconds(failures, jitter()));
+        let next = next_state(end, seed.failures, seed.max_attempts, seed.retry);
         sqlx::query(
             "UPDATE seeds SET state = $3, failures = $4, worker_id = NULL, lease_expires_at = NULL,
                  not_before = now() + make_interval(secs => $5), updated_at = now()
@@ -141,9 +129,9 @@ impl PgStore {
         )
         .bind(lease.sweep_id.0)
         .bind(lease.seed)
-        .bind(state.as_str())
-        .bind(failures as i32)
-        .bind(backoff)
+        .bind(next.state.as_str())
+        .bind(next.failures as i32)
+        .bind(next.backoff_seconds.map(|b| self.skew() + b))
         .execute(&mut **tx)
         .await?;
         sqlx::query(
@@ -153,12 +141,12 @@ impl PgStore {
         .bind(lease.sweep_id.0)
         .bind(lease.seed)
         .bind(lease.fence)
-        .bind(outcome)
+        .bind(end.outcome().as_str())
         .bind(self.skew())
         .bind(cause)
         .execute(&mut **tx)
         .await?;
-        Ok(state)
+        Ok(next.state)
     }
 }
 
@@ -176,10 +164,14 @@ fn summary_from_row(row: &PgRow) -> Result<SweepSummary> {
     })
 }
 
-fn retry_from_row(row: &PgRow) -> Result<RetrySettings> {
-    Ok(RetrySettings {
-        base_seconds: row.try_get("retry_backoff_seconds")?,
-        max_seconds: row.try_get("retry_backoff_max_seconds")?,
+fn retry_from_row(row: &PgRow) -> Result<SeedRetry> {
+    Ok(SeedRetry {
+        failures: row.try_get::<i32, _>("failures")? as u32,
+        max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
+        retry: RetrySettings {
+            base_seconds: row.try_get("retry_backoff_seconds")?,
+            max_seconds: row.try_get("retry_backoff_max_seconds")?,
+        },
     })
 }
 
@@ -350,7 +342,7 @@ impl Store for PgStore {
                     array_agg(order_seed) AS ord, array_agg(augment_seed) AS augment,
                     array_agg(split_seed) AS split, array_agg(value) AS vals, max(seq) AS last
              FROM ({} ) r",
-            scores_sql(metric, "seq")
+            scores_sql(Dialect::Postgres, metric, "seq")
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id.0)
@@ -456,7 +448,7 @@ impl Store for PgStore {
         &self,
         id: SweepId,
         metric: Metric,
-    ) -> Result<Vec<crate::stats::describe::EpochSpread>> {
+    ) -> Result<Vec<seedsweep_core::stats::describe::EpochSpread>> {
         let col = metric.column();
         // Safe: the column comes from the Metric enum. percentile_cont interpolates linearly
         // between order statistics, as stats::quantile does; the three quartiles share a sort.
@@ -478,7 +470,7 @@ impl Store for PgStore {
                 if q.len() != 3 {
                     return Err(StoreError::Corrupt(format!("{} quartiles, not 3", q.len())));
                 }
-                Ok(crate::stats::describe::EpochSpread {
+                Ok(seedsweep_core::stats::describe::EpochSpread {
                     epoch: r.try_get::<i32, _>("epoch")?.max(0) as u32,
                     n: u64_from_db(r.try_get("n")?),
                     mean: r.try_get("mean")?,
@@ -494,7 +486,7 @@ impl Store for PgStore {
     }
 
     async fn epoch_values(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64, u64)>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES))
+        let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_values_sql(Dialect::Postgres)))
             .bind(id.0)
             .bind(metric.column())
             .fetch_all(&self.pool)
@@ -503,10 +495,13 @@ impl Store for PgStore {
     }
 
     async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(i64, u32, f64)>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_scores_sql(metric)))
-            .bind(id.0)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_scores_sql(
+            Dialect::Postgres,
+            metric,
+        )))
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(epoch_score_from_row).collect()
     }
 
@@ -555,20 +550,9 @@ impl Store for PgStore {
                 seed: row.try_get("seed")?,
                 fence: row.try_get("fence")?,
             };
-            let failures = row.try_get::<i32, _>("failures")? as u32;
-            let max_attempts = row.try_get::<i32, _>("max_attempts")? as u32;
-            let cause = "lease expired: no heartbeat before its deadline";
-            self.end_attempt(
-                &mut tx,
-                lease,
-                failures,
-                max_attempts,
-                retry_from_row(row)?,
-                false,
-                "expired",
-                cause,
-            )
-            .await?;
+            let seed = retry_from_row(row)?;
+            self.end_attempt(&mut tx, lease, &seed, AttemptEnd::Expired, EXPIRED_CAUSE)
+                .await?;
         }
         let claimed = sqlx::query(
             "WITH next AS (
@@ -699,14 +683,17 @@ impl Store for PgStore {
 
     async fn complete(&self, lease: LeaseRef, r: &SeedResult) -> Result<CompleteOutcome> {
         let mut tx = self.pool.begin().await?;
-        match Self::lock_seed(&mut tx, lease).await {
-            Ok((SeedState::Leased, fence)) if fence == lease.fence => {}
-            Ok((SeedState::Done, fence)) if fence == lease.fence => {
+        let (state, fence) = match Self::lock_seed(&mut tx, lease).await {
+            Ok(row) => row,
+            Err(e) => return abort(tx, e).await,
+        };
+        match policy::check_completion(lease, state, fence) {
+            Ok(Completion::Record) => {}
+            Ok(Completion::AlreadyRecorded) => {
                 tx.rollback().await?;
                 return Ok(CompleteOutcome::AlreadyRecorded);
             }
-            Ok(_) => return abort(tx, StoreError::StaleLease(lease)).await,
-            Err(e) => return abort(tx, e).await,
+            Err(refusal) => return abort(tx, refusal.into()).await,
         }
         let recorded: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM epoch_metrics WHERE sweep_id = $1 AND seed = $2 AND fence = $3
@@ -718,12 +705,9 @@ impl Store for PgStore {
         .bind(r.epochs as i32)
         .fetch_one(&mut *tx)
         .await?;
-        if recorded != r.epochs as i64 {
-            let msg = format!(
-                "{lease}: the result claims {} epochs but {recorded} epochs of metrics were recorded under this lease",
-                r.epochs
-            );
-            return abort(tx, StoreError::Conflict(msg)).await;
+        if let Err(refusal) = policy::check_epochs_recorded(lease, r.epochs, u64_from_db(recorded))
+        {
+            return abort(tx, refusal.into()).await;
         }
         sqlx::query(
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
@@ -758,9 +742,10 @@ impl Store for PgStore {
         .bind(r.test_correct.as_ref().map(|c| c.bits.clone()))
         .execute(&mut *tx)
         .await?;
+        let upsert = aggregate_upsert(Dialect::Postgres);
         for metric in Metric::ALL {
             if let Some(value) = metric.of(r) {
-                sqlx::query(AGGREGATE_UPSERT)
+                sqlx::query(sqlx::AssertSqlSafe(upsert.as_str()))
                     .bind(lease.sweep_id.0)
                     .bind(metric.column())
                     .bind(value)
@@ -769,7 +754,7 @@ impl Store for PgStore {
                     .await?;
             }
         }
-        sqlx::query(sqlx::AssertSqlSafe(epoch_values_upsert(false)))
+        sqlx::query(sqlx::AssertSqlSafe(epoch_values_upsert(Dialect::Postgres)))
             .bind(lease.sweep_id.0)
             .bind(lease.seed)
             .bind(r.epochs as i32)
@@ -797,12 +782,7 @@ impl Store for PgStore {
         Ok(CompleteOutcome::Recorded)
     }
 
-    async fn fail(
-        &self,
-        lease: LeaseRef,
-        cause: &str,
-        counts_as_attempt: bool,
-    ) -> Result<SeedState> {
+    async fn fail(&self, lease: LeaseRef, cause: &str, charge: Charge) -> Result<SeedState> {
         let mut tx = self.pool.begin().await?;
         if let Err(e) = Self::lock_held(&mut tx, lease).await {
             return abort(tx, e).await;
@@ -822,36 +802,20 @@ impl Store for PgStore {
         .bind(cause)
         .fetch_one(&mut *tx)
         .await?;
-        let outcome = if counts_as_attempt {
-            "failed"
-        } else {
-            "released"
-        };
-        let state = self
-            .end_attempt(
-                &mut tx,
-                lease,
-                row.try_get::<i32, _>("failures")? as u32,
-                row.try_get::<i32, _>("max_attempts")? as u32,
-                retry_from_row(&row)?,
-                row.try_get("repeated")?,
-                outcome,
-                cause,
-            )
-            .await?;
+        let end = charge.end(row.try_get("repeated")?);
+        let seed = retry_from_row(&row)?;
+        let state = self.end_attempt(&mut tx, lease, &seed, end, cause).await?;
         tx.commit().await?;
         Ok(state)
     }
 
     async fn set_sweep_state(&self, id: SweepId, state: SweepState) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        match lock_sweep(&mut tx, id).await? {
-            None => return abort(tx, StoreError::SweepNotFound(id)).await,
-            Some(SweepState::Cancelled) if state != SweepState::Cancelled => {
-                let msg = format!("sweep {id} is cancelled, which is final");
-                return abort(tx, StoreError::Conflict(msg)).await;
-            }
-            Some(_) => {}
+        let Some(current) = lock_sweep(&mut tx, id).await? else {
+            return abort(tx, StoreError::SweepNotFound(id)).await;
+        };
+        if let Err(refusal) = policy::check_sweep_change(id, current, state) {
+            return abort(tx, refusal.into()).await;
         }
         sqlx::query("UPDATE sweeps SET state = $2 WHERE id = $1")
             .bind(id.0)
@@ -883,21 +847,16 @@ impl Store for PgStore {
 
     async fn extend_sweep(&self, id: SweepId, seeds: &SeedSet) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
-        match lock_sweep(&mut tx, id).await? {
-            None => return abort(tx, StoreError::SweepNotFound(id)).await,
-            Some(SweepState::Cancelled) => {
-                let msg = format!("sweep {id} is cancelled: submit a new sweep instead");
-                return abort(tx, StoreError::Conflict(msg)).await;
-            }
-            Some(_) => {}
-        }
+        let Some(current) = lock_sweep(&mut tx, id).await? else {
+            return abort(tx, StoreError::SweepNotFound(id)).await;
+        };
         let config: String = sqlx::query_scalar("SELECT config::text FROM sweeps WHERE id = $1")
             .bind(id.0)
             .fetch_one(&mut *tx)
             .await?;
         let design = design_from_config(&config)?;
-        if let Err(e) = check_extendable(id, &design) {
-            return abort(tx, e).await;
+        if let Err(refusal) = policy::check_extendable(id, current, &design) {
+            return abort(tx, refusal.into()).await;
         }
         let added = insert_seeds(&mut tx, id, seeds.as_slice(), &design).await?;
         sqlx::query(

@@ -3,19 +3,21 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    AGGREGATE_COLUMNS, AGGREGATE_UPSERT, Clock, EPOCH_COLUMNS, EPOCH_VALUES, FLEET_SEEDS, Result,
-    Store, StoreError, aggregate_from_row, check_extendable, design_from_config, epoch_from_row,
-    epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_upsert,
-    factors_from_row, jitter, lease_config, scored_from_row, scores_sql, seed_rows, state_from_db,
-    sweep_state_from_db, u64_from_db,
+    AGGREGATE_COLUMNS, Clock, Dialect, EPOCH_COLUMNS, FLEET_SEEDS, Result, SeedRetry, Store,
+    StoreError, aggregate_from_row, aggregate_upsert, design_from_config, epoch_from_row,
+    epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
+    epoch_values_upsert, factors_from_row, lease_config, next_state, scored_from_row, scores_sql,
+    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
-use crate::domain::{
+use async_trait::async_trait;
+use seedsweep_core::design::Design;
+use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, Lease,
     LeaseRef, Metric, Scored, SeedCounts, SeedResult, SeedState, SweepId, SweepProgress,
     SweepState, SweepSummary,
 };
-use crate::spec::{Design, RetrySettings, SeedSet, SweepSpec};
-use async_trait::async_trait;
+use seedsweep_core::policy::{self, AttemptEnd, Charge, Completion, EXPIRED_CAUSE, RetrySettings};
+use seedsweep_core::spec::{SeedSet, SweepSpec};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -23,8 +25,6 @@ use sqlx::{Row, Sqlite, Transaction};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 use uuid::Uuid;
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
 const SUMMARY: &str = "SELECT w.id, w.name, w.task, w.dataset, w.created_at, w.state, w.priority,
         w.total_seeds,
@@ -48,7 +48,9 @@ impl SqliteStore {
             .max_connections(1)
             .connect_with(options)
             .await?;
-        MIGRATOR.run(&pool).await?;
+        super::migrations::migrator(super::migrations::SQLITE)
+            .run(&pool)
+            .await?;
         Ok(SqliteStore { pool, clock })
     }
 
@@ -93,35 +95,20 @@ impl SqliteStore {
 
     /// Fails with StaleLease unless the seed is leased under exactly this fence.
     async fn check_held(tx: &mut Transaction<'_, Sqlite>, lease: LeaseRef) -> Result<()> {
-        match Self::seed_row(tx, lease).await? {
-            (SeedState::Leased, fence) if fence == lease.fence => Ok(()),
-            _ => Err(StoreError::StaleLease(lease)),
-        }
+        let (state, fence) = Self::seed_row(tx, lease).await?;
+        Ok(policy::check_held(lease, state, fence)?)
     }
 
-    /// Ends one lease without a result and decides where the seed goes next.
-    #[allow(clippy::too_many_arguments)]
+    /// Ends one lease without a result and moves the seed where the policy says.
     async fn end_attempt(
-        &self,
         tx: &mut Transaction<'_, Sqlite>,
         now: SystemTime,
         lease: LeaseRef,
-        failures: u32,
-        max_attempts: u32,
-        retry: RetrySettings,
-        give_up: bool,
-        outcome: &str,
+        seed: &SeedRetry,
+        end: AttemptEnd,
         cause: &str,
     ) -> Result<SeedState> {
-        let counted = outcome != "released";
-        let failures = failures + counted as u32;
-        let state = if counted && (give_up || failures >= max_attempts) {
-            SeedState::Failed
-        } else {
-            SeedState::Pending
-        };
-        let not_before = (counted && state == SeedState::Pending)
-            .then(|| stamp(now, retry.backoff_seconds(failures, jitter())));
+        let next = next_state(end, seed.failures, seed.max_attempts, seed.retry);
         let sweep = lease.sweep_id.0.to_string();
         sqlx::query(
             "UPDATE seeds SET state = ?3, failures = ?4, not_before = ?5, worker_id = NULL,
@@ -130,9 +117,9 @@ impl SqliteStore {
         )
         .bind(&sweep)
         .bind(lease.seed)
-        .bind(state.as_str())
-        .bind(failures as i64)
-        .bind(not_before)
+        .bind(next.state.as_str())
+        .bind(next.failures as i64)
+        .bind(next.backoff_seconds.map(|b| stamp(now, b)))
         .bind(stamp(now, 0.0))
         .execute(&mut **tx)
         .await?;
@@ -143,12 +130,12 @@ impl SqliteStore {
         .bind(&sweep)
         .bind(lease.seed)
         .bind(lease.fence)
-        .bind(outcome)
+        .bind(end.outcome().as_str())
         .bind(stamp(now, 0.0))
         .bind(cause)
         .execute(&mut **tx)
         .await?;
-        Ok(state)
+        Ok(next.state)
     }
 }
 
@@ -192,10 +179,14 @@ fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SweepSummary> {
     })
 }
 
-fn retry_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RetrySettings> {
-    Ok(RetrySettings {
-        base_seconds: row.try_get("retry_backoff_seconds")?,
-        max_seconds: row.try_get("retry_backoff_max_seconds")?,
+fn retry_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SeedRetry> {
+    Ok(SeedRetry {
+        failures: row.try_get::<i64, _>("failures")? as u32,
+        max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
+        retry: RetrySettings {
+            base_seconds: row.try_get("retry_backoff_seconds")?,
+            max_seconds: row.try_get("retry_backoff_max_seconds")?,
+        },
     })
 }
 
@@ -343,9 +334,11 @@ impl Store for SqliteStore {
     async fn scores(&self, id: SweepId, metric: Metric, after: i64) -> Result<(Vec<Scored>, i64)> {
         self.summary(id).await?;
         // Safe: the column comes from the Metric enum, not from the caller.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(
-            scores_sql(metric, "rowid").replace('$', "?"),
-        ))
+        let rows = sqlx::query(sqlx::AssertSqlSafe(scores_sql(
+            Dialect::Sqlite,
+            metric,
+            "rowid",
+        )))
         .bind(id.0.to_string())
         .bind(after)
         .fetch_all(&self.pool)
@@ -392,7 +385,7 @@ impl Store for SqliteStore {
     }
 
     async fn epoch_values(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64, u64)>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES.replace('$', "?")))
+        let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_values_sql(Dialect::Sqlite)))
             .bind(id.0.to_string())
             .bind(metric.column())
             .fetch_all(&self.pool)
@@ -401,9 +394,10 @@ impl Store for SqliteStore {
     }
 
     async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(i64, u32, f64)>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(
-            epoch_scores_sql(metric).replace('$', "?"),
-        ))
+        let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_scores_sql(
+            Dialect::Sqlite,
+            metric,
+        )))
         .bind(id.0.to_string())
         .fetch_all(&self.pool)
         .await?;
@@ -457,19 +451,14 @@ impl Store for SqliteStore {
                 seed: row.try_get("seed")?,
                 fence: row.try_get("fence")?,
             };
-            let failures = row.try_get::<i64, _>("failures")? as u32;
-            let max_attempts = row.try_get::<i64, _>("max_attempts")? as u32;
-            let cause = "lease expired: no heartbeat before its deadline";
-            self.end_attempt(
+            let seed = retry_from_row(row)?;
+            Self::end_attempt(
                 &mut tx,
                 instant,
                 lease,
-                failures,
-                max_attempts,
-                retry_from_row(row)?,
-                false,
-                "expired",
-                cause,
+                &seed,
+                AttemptEnd::Expired,
+                EXPIRED_CAUSE,
             )
             .await?;
         }
@@ -611,14 +600,17 @@ impl Store for SqliteStore {
     async fn complete(&self, lease: LeaseRef, r: &SeedResult) -> Result<CompleteOutcome> {
         let sweep = lease.sweep_id.0.to_string();
         let mut tx = self.pool.begin().await?;
-        match Self::seed_row(&mut tx, lease).await {
-            Ok((SeedState::Leased, fence)) if fence == lease.fence => {}
-            Ok((SeedState::Done, fence)) if fence == lease.fence => {
+        let (state, fence) = match Self::seed_row(&mut tx, lease).await {
+            Ok(row) => row,
+            Err(e) => return abort(tx, e).await,
+        };
+        match policy::check_completion(lease, state, fence) {
+            Ok(Completion::Record) => {}
+            Ok(Completion::AlreadyRecorded) => {
                 tx.rollback().await?;
                 return Ok(CompleteOutcome::AlreadyRecorded);
             }
-            Ok(_) => return abort(tx, StoreError::StaleLease(lease)).await,
-            Err(e) => return abort(tx, e).await,
+            Err(refusal) => return abort(tx, refusal.into()).await,
         }
         let recorded: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM epoch_metrics WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3
@@ -630,12 +622,9 @@ impl Store for SqliteStore {
         .bind(r.epochs as i64)
         .fetch_one(&mut *tx)
         .await?;
-        if recorded != r.epochs as i64 {
-            let msg = format!(
-                "{lease}: the result claims {} epochs but {recorded} epochs of metrics were recorded under this lease",
-                r.epochs
-            );
-            return abort(tx, StoreError::Conflict(msg)).await;
+        if let Err(refusal) = policy::check_epochs_recorded(lease, r.epochs, u64_from_db(recorded))
+        {
+            return abort(tx, refusal.into()).await;
         }
         let now = self.now();
         sqlx::query(
@@ -670,7 +659,7 @@ impl Store for SqliteStore {
         .bind(r.test_correct.as_ref().map(|c| c.bits.clone()))
         .execute(&mut *tx)
         .await?;
-        let upsert = AGGREGATE_UPSERT.replace('$', "?");
+        let upsert = aggregate_upsert(Dialect::Sqlite);
         for metric in Metric::ALL {
             if let Some(value) = metric.of(r) {
                 sqlx::query(sqlx::AssertSqlSafe(upsert.as_str()))
@@ -682,7 +671,7 @@ impl Store for SqliteStore {
                     .await?;
             }
         }
-        sqlx::query(sqlx::AssertSqlSafe(epoch_values_upsert(true)))
+        sqlx::query(sqlx::AssertSqlSafe(epoch_values_upsert(Dialect::Sqlite)))
             .bind(&sweep)
             .bind(lease.seed)
             .bind(r.epochs as i32)
@@ -711,12 +700,7 @@ impl Store for SqliteStore {
         Ok(CompleteOutcome::Recorded)
     }
 
-    async fn fail(
-        &self,
-        lease: LeaseRef,
-        cause: &str,
-        counts_as_attempt: bool,
-    ) -> Result<SeedState> {
+    async fn fail(&self, lease: LeaseRef, cause: &str, charge: Charge) -> Result<SeedState> {
         let sweep = lease.sweep_id.0.to_string();
         let mut tx = self.pool.begin().await?;
         if let Err(e) = Self::check_held(&mut tx, lease).await {
@@ -737,24 +721,9 @@ impl Store for SqliteStore {
         .bind(cause)
         .fetch_one(&mut *tx)
         .await?;
-        let outcome = if counts_as_attempt {
-            "failed"
-        } else {
-            "released"
-        };
-        let state = self
-            .end_attempt(
-                &mut tx,
-                self.instant(),
-                lease,
-                row.try_get::<i64, _>("failures")? as u32,
-                row.try_get::<i64, _>("max_attempts")? as u32,
-                retry_from_row(&row)?,
-                row.try_get("repeated")?,
-                outcome,
-                cause,
-            )
-            .await?;
+        let end = charge.end(row.try_get("repeated")?);
+        let seed = retry_from_row(&row)?;
+        let state = Self::end_attempt(&mut tx, self.instant(), lease, &seed, end, cause).await?;
         tx.commit().await?;
         Ok(state)
     }
@@ -768,13 +737,9 @@ impl Store for SqliteStore {
         let Some(current) = current else {
             return abort(tx, StoreError::SweepNotFound(id)).await;
         };
-        if sweep_state_from_db(&current)? == SweepState::Cancelled && state != SweepState::Cancelled
+        if let Err(refusal) = policy::check_sweep_change(id, sweep_state_from_db(&current)?, state)
         {
-            return abort(
-                tx,
-                StoreError::Conflict(format!("sweep {id} is cancelled, which is final")),
-            )
-            .await;
+            return abort(tx, refusal.into()).await;
         }
         let now = self.now();
         sqlx::query("UPDATE sweeps SET state = ?2 WHERE id = ?1")
@@ -807,25 +772,17 @@ impl Store for SqliteStore {
 
     async fn extend_sweep(&self, id: SweepId, seeds: &SeedSet) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
-        let current: Option<String> = sqlx::query_scalar("SELECT state FROM sweeps WHERE id = ?1")
+        let row = sqlx::query("SELECT state, config FROM sweeps WHERE id = ?1")
             .bind(id.0.to_string())
             .fetch_optional(&mut *tx)
             .await?;
-        match current.as_deref().map(sweep_state_from_db).transpose()? {
-            None => return abort(tx, StoreError::SweepNotFound(id)).await,
-            Some(SweepState::Cancelled) => {
-                let msg = format!("sweep {id} is cancelled: submit a new sweep instead");
-                return abort(tx, StoreError::Conflict(msg)).await;
-            }
-            Some(_) => {}
-        }
-        let config: String = sqlx::query_scalar("SELECT config FROM sweeps WHERE id = ?1")
-            .bind(id.0.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
-        let design = design_from_config(&config)?;
-        if let Err(e) = check_extendable(id, &design) {
-            return abort(tx, e).await;
+        let Some(row) = row else {
+            return abort(tx, StoreError::SweepNotFound(id)).await;
+        };
+        let current = sweep_state_from_db(row.try_get("state")?)?;
+        let design = design_from_config(row.try_get("config")?)?;
+        if let Err(refusal) = policy::check_extendable(id, current, &design) {
+            return abort(tx, refusal.into()).await;
         }
         let added = insert_seeds(&mut tx, id, seeds.as_slice(), &design).await?;
         sqlx::query(

@@ -1,7 +1,7 @@
 //! The admin commands: gRPC clients of a running coordinator that print for people (or `--json`).
 
-use crate::spec::SweepSpec;
 use anyhow::{Context, bail};
+use seedsweep_core::spec::SweepSpec;
 use seedsweep_proto::client::Connection;
 use seedsweep_proto::v1 as pb;
 use std::path::Path;
@@ -101,7 +101,7 @@ pub async fn extend(coordinator: &Connection, id: &str, seeds: &str) -> anyhow::
     };
     if seeds.contains("..") {
         // Validate before contacting anyone, as `submit` does.
-        crate::spec::SeedSet::parse_range(seeds).map_err(|e| {
+        seedsweep_core::spec::SeedSet::parse_range(seeds).map_err(|e| {
             let why = e.to_string();
             anyhow::anyhow!(
                 "--seeds: {}",
@@ -251,7 +251,7 @@ pub async fn stats(
 }
 
 fn num(v: &serde_json::Value) -> String {
-    v.as_f64().map_or("-".into(), crate::report::f)
+    v.as_f64().map_or("-".into(), seedsweep_core::report::f)
 }
 
 fn interval(v: &serde_json::Value) -> String {
@@ -627,7 +627,7 @@ pub async fn export(
                 .map_err(rpc)?
                 .into_inner()
                 .results;
-            crate::export::results_table(id, &rows)
+            super::export::results_table(id, &rows)
         }
         "epochs" => {
             let rows = client
@@ -638,7 +638,7 @@ pub async fn export(
                 .map_err(rpc)?
                 .into_inner()
                 .rows;
-            crate::export::epochs_table(id, &rows)
+            super::export::epochs_table(id, &rows)
         }
         other => bail!("--table {other}: use results or epochs"),
     };

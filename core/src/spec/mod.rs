@@ -1,6 +1,10 @@
 //! The sweep file: parsed and validated once, at the edge, into a [`SweepSpec`] the rest of the
 //! coordinator trusts. Every rejection names the key to change.
 
+pub mod finetune;
+
+use crate::design::{Design, Factor};
+use crate::policy::RetrySettings;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::fmt;
@@ -671,106 +675,6 @@ impl TrainSettings {
     }
 }
 
-/// A source of randomness that a sweep can vary on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Factor {
-    /// The initial weights.
-    Init,
-    /// The order of the training data.
-    Order,
-    /// The augmentation draws (crops, flips, cutout).
-    Augment,
-    /// Which training images a run holds out as its validation set (`train.holdout`).
-    Split,
-}
-
-impl Factor {
-    pub const ALL: [Factor; 4] = [Factor::Init, Factor::Order, Factor::Augment, Factor::Split];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Factor::Init => "init",
-            Factor::Order => "order",
-            Factor::Augment => "augment",
-            Factor::Split => "split",
-        }
-    }
-
-    fn parse(key: &str, text: &str) -> Result<Factor, SpecError> {
-        Factor::ALL
-            .into_iter()
-            .find(|f| f.as_str() == text)
-            .ok_or_else(|| {
-                SpecError(format!(
-                    "`{key}` names `{text}`, not a seed factor: use \"init\", \"order\", \"augment\" or \"split\""
-                ))
-            })
-    }
-}
-
-/// The seed of each factor for one run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FactorSeeds {
-    pub init: i64,
-    pub order: i64,
-    pub augment: i64,
-    #[serde(default)]
-    pub split: i64,
-}
-
-/// How a sweep's runs map to factor seeds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Design {
-    /// A run's seed is the seed of each factor in `vary`; the others stay at `base_seed`.
-    Vary { vary: Vec<Factor>, base_seed: i64 },
-    /// Every combination of the listed factors' seeds (the others at `base_seed`); run `i`
-    /// (0-based) is combination `i` with the last factor changing fastest.
-    Crossed {
-        levels: Vec<(Factor, Vec<i64>)>,
-        base_seed: i64,
-    },
-}
-
-impl Design {
-    /// The factor seeds of run `seed` (no allocation: rebuilt for every result of a large
-    /// sweep when its statistics are read).
-    pub fn factors(&self, seed: i64) -> FactorSeeds {
-        let base = match self {
-            Design::Vary { base_seed, .. } | Design::Crossed { base_seed, .. } => *base_seed,
-        };
-        let mut out = FactorSeeds {
-            init: base,
-            order: base,
-            augment: base,
-            split: base,
-        };
-        let mut set = |f: Factor, v: i64| match f {
-            Factor::Init => out.init = v,
-            Factor::Order => out.order = v,
-            Factor::Augment => out.augment = v,
-            Factor::Split => out.split = v,
-        };
-        match self {
-            Design::Vary { vary, .. } => vary.iter().for_each(|f| set(*f, seed)),
-            Design::Crossed { levels, .. } => {
-                let mut rest = seed;
-                for (f, values) in levels.iter().rev() {
-                    let n = values.len() as i64;
-                    set(*f, values[(rest % n) as usize]);
-                    rest /= n;
-                }
-            }
-        }
-        out
-    }
-
-    pub fn is_crossed(&self) -> bool {
-        matches!(self, Design::Crossed { .. })
-    }
-}
-
 /// A validated sweep.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SweepSpec {
@@ -792,28 +696,7 @@ pub struct SweepSpec {
     /// gives independent draws. Empty by default.
     pub seed_namespace: String,
     /// The `finetune-head` settings (that task only).
-    pub finetune: Option<crate::finetune::FinetuneSpec>,
-}
-
-/// A failed attempt's seed waits `base * 2^(failures - 1)`, at most `max`, times a random factor in
-/// [0.5, 1.5), before it can be leased again.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetrySettings {
-    pub base_seconds: f64,
-    pub max_seconds: f64,
-}
-
-impl RetrySettings {
-    pub const DEFAULT: RetrySettings = RetrySettings {
-        base_seconds: 10.0,
-        max_seconds: 600.0,
-    };
-
-    /// The wait before the next attempt after `failures` failed attempts, with `jitter` in [0, 1).
-    pub fn backoff_seconds(&self, failures: u32, jitter: f64) -> f64 {
-        let doubled = self.base_seconds * 2f64.powi(failures.saturating_sub(1).min(60) as i32);
-        doubled.min(self.max_seconds) * (0.5 + jitter)
-    }
+    pub finetune: Option<finetune::FinetuneSpec>,
 }
 
 #[derive(Deserialize)]
@@ -879,7 +762,7 @@ impl SweepSpec {
                         "`recipe` and [train] belong to task \"resnet9\"; task \"finetune-head\" takes [backbone] and [finetune]",
                     );
                 }
-                Some(crate::finetune::FinetuneSpec::parse(
+                Some(finetune::FinetuneSpec::parse(
                     raw.backbone.clone(),
                     raw.finetune.clone(),
                 )?)
@@ -1028,7 +911,7 @@ fn design(raw: &RawSweep) -> Result<(SeedSet, Design), SpecError> {
                 None => Factor::ALL.to_vec(),
                 Some(names) => names
                     .iter()
-                    .map(|n| Factor::parse("vary", n))
+                    .map(|n| factor("vary", n))
                     .collect::<Result<Vec<_>, _>>()?,
             };
             vary.sort();
@@ -1048,7 +931,7 @@ fn design(raw: &RawSweep) -> Result<(SeedSet, Design), SpecError> {
             }
             let mut levels = Vec::new();
             for (key, value) in table {
-                let factor = Factor::parse(&format!("crossed.{key}"), key)?;
+                let factor = factor(&format!("crossed.{key}"), key)?;
                 let values = match value.clone().try_into::<RawSeeds>() {
                     Ok(RawSeeds::Range(r)) => SeedSet::parse_range(&r),
                     Ok(RawSeeds::List(l)) => SeedSet::from_list(l),
@@ -1086,6 +969,18 @@ fn design(raw: &RawSweep) -> Result<(SeedSet, Design), SpecError> {
 }
 
 /// toml's message, with the line it points at and the text there, and where the keys are documented.
+/// The factor `text` names, as the value of `key`.
+fn factor(key: &str, text: &str) -> Result<Factor, SpecError> {
+    Factor::ALL
+        .into_iter()
+        .find(|f| f.as_str() == text)
+        .ok_or_else(|| {
+            SpecError(format!(
+                "`{key}` names `{text}`, not a seed factor: use \"init\", \"order\", \"augment\" or \"split\""
+            ))
+        })
+}
+
 fn toml_message(text: &str, e: &toml::de::Error) -> String {
     let at = e
         .span()
@@ -1114,6 +1009,7 @@ impl fmt::Display for Task {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::design::FactorSeeds;
 
     const OK: &str = r#"
 name = "t"
@@ -1181,15 +1077,7 @@ width = 0.25
     }
 
     #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let r = RetrySettings {
-            base_seconds: 10.0,
-            max_seconds: 60.0,
-        };
-        assert_eq!(r.backoff_seconds(1, 0.5), 10.0);
-        assert_eq!(r.backoff_seconds(2, 0.5), 20.0);
-        assert_eq!(r.backoff_seconds(5, 0.5), 60.0);
-        assert_eq!(r.backoff_seconds(2, 0.0), 10.0);
+    fn retry_and_priority_are_checked() {
         assert!(
             err(&OK.replace("name = \"t\"", "name = \"t\"\nretry_backoff_seconds = -1"))
                 .contains("retry_backoff_seconds")
@@ -1319,7 +1207,7 @@ width = 0.25
         assert_eq!((t.label_smoothing, t.cutout), (0.2, 0));
         let long = SweepSpec::parse(&air("").replace("epochs = 2\nbatch_size = 64\n", "")).unwrap();
         assert_eq!((long.train.epochs, long.train.batch_size), (10, 1024));
-        let example = SweepSpec::parse(include_str!("../../examples/airbench94-cifar10.toml"));
+        let example = SweepSpec::parse(include_str!("../../../examples/airbench94-cifar10.toml"));
         let example = example.unwrap().train;
         assert_eq!(
             (example.model, example.epochs, example.width),

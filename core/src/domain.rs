@@ -1,7 +1,8 @@
 //! Domain types shared by the store and the service layer. Proto types never get past the
 //! service layer; SQL never gets past the store.
 
-use crate::spec::{FactorSeeds, TrainSettings};
+use crate::design::FactorSeeds;
+use crate::spec::TrainSettings;
 use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
@@ -130,7 +131,7 @@ pub struct Lease {
     pub train: TrainSettings,
     pub factors: FactorSeeds,
     pub seed_namespace: String,
-    pub finetune: Option<crate::finetune::FinetuneSpec>,
+    pub finetune: Option<crate::spec::finetune::FinetuneSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

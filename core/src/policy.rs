@@ -1,0 +1,401 @@
+//! Lease policy: what a seed becomes when an attempt ends, whether a result or a state change is
+//! accepted. Pure functions of what the store has read; each store wraps them in its own SQL and
+//! locking, so the rules are written (and tested) once.
+
+use crate::design::Design;
+use crate::domain::{LeaseRef, SeedState, SweepId, SweepState};
+
+/// A failed attempt's seed waits `base * 2^(failures - 1)`, at most `max`, times a random factor in
+/// [0.5, 1.5), before it can be leased again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetrySettings {
+    pub base_seconds: f64,
+    pub max_seconds: f64,
+}
+
+impl RetrySettings {
+    pub const DEFAULT: RetrySettings = RetrySettings {
+        base_seconds: 10.0,
+        max_seconds: 600.0,
+    };
+
+    /// The wait before the next attempt after `failures` failed attempts, with `jitter` in [0, 1).
+    pub fn backoff_seconds(&self, failures: u32, jitter: f64) -> f64 {
+        let doubled = self.base_seconds * 2f64.powi(failures.saturating_sub(1).min(60) as i32);
+        doubled.min(self.max_seconds) * (0.5 + jitter)
+    }
+}
+
+/// Whether a worker's failure report costs the seed an attempt (the wire's `counts_as_attempt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charge {
+    /// Training failed: the seed is charged an attempt.
+    Counted,
+    /// The worker hands the seed back through no fault of the seed (shutdown, host trouble).
+    Uncounted,
+}
+
+impl Charge {
+    pub fn from_counted(counted: bool) -> Charge {
+        if counted {
+            Charge::Counted
+        } else {
+            Charge::Uncounted
+        }
+    }
+
+    /// How the attempt ends, given whether an attempt on another worker already failed with the
+    /// same cause.
+    pub fn end(self, same_cause_elsewhere: bool) -> AttemptEnd {
+        match (self, same_cause_elsewhere) {
+            (Charge::Uncounted, _) => AttemptEnd::Released,
+            (Charge::Counted, false) => AttemptEnd::Failed,
+            (Charge::Counted, true) => AttemptEnd::FailedAsBefore,
+        }
+    }
+}
+
+/// How an attempt ended without a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// Handed back uncounted: the seed is pending again at once.
+    Released,
+    /// Training failed: counted; the seed retries after a backoff while it has attempts left.
+    Failed,
+    /// Training failed with a cause an earlier attempt on another worker also failed with:
+    /// counted and final, since training is deterministic and a further try fails the same way.
+    FailedAsBefore,
+    /// The lease ran out without a heartbeat: counted, like a failure.
+    Expired,
+}
+
+/// The `attempts.outcome` of an attempt, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Running,
+    Succeeded,
+    Failed,
+    Released,
+    Expired,
+    Cancelled,
+}
+
+impl AttemptOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Running => "running",
+            AttemptOutcome::Succeeded => "succeeded",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Released => "released",
+            AttemptOutcome::Expired => "expired",
+            AttemptOutcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl AttemptEnd {
+    pub fn counted(self) -> bool {
+        self != AttemptEnd::Released
+    }
+
+    pub fn outcome(self) -> AttemptOutcome {
+        match self {
+            AttemptEnd::Released => AttemptOutcome::Released,
+            AttemptEnd::Failed | AttemptEnd::FailedAsBefore => AttemptOutcome::Failed,
+            AttemptEnd::Expired => AttemptOutcome::Expired,
+        }
+    }
+}
+
+/// The cause recorded for an expired lease.
+pub const EXPIRED_CAUSE: &str = "lease expired: no heartbeat before its deadline";
+
+/// Where a seed goes when an attempt ends without a result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NextState {
+    /// Pending or failed.
+    pub state: SeedState,
+    /// Counted attempts so far, this one included.
+    pub failures: u32,
+    /// For a counted attempt whose seed is pending again: seconds before it may be leased.
+    pub backoff_seconds: Option<f64>,
+}
+
+/// What an attempt's end does to its seed, given the counted attempts before it, the sweep's
+/// `max_attempts` and backoff, and `jitter` in [0, 1).
+pub fn after_attempt(
+    end: AttemptEnd,
+    failures: u32,
+    max_attempts: u32,
+    retry: RetrySettings,
+    jitter: f64,
+) -> NextState {
+    let failures = failures + end.counted() as u32;
+    let out_of_attempts = end.counted() && failures >= max_attempts;
+    let state = if end == AttemptEnd::FailedAsBefore || out_of_attempts {
+        SeedState::Failed
+    } else {
+        SeedState::Pending
+    };
+    let backoff_seconds = (end.counted() && state == SeedState::Pending)
+        .then(|| retry.backoff_seconds(failures, jitter));
+    NextState {
+        state,
+        failures,
+        backoff_seconds,
+    }
+}
+
+/// Why the store refuses a write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// The lease named was superseded, released or finished: the caller no longer holds the seed.
+    Stale(LeaseRef),
+    /// The write is well-formed but contradicts what the store holds.
+    Conflict(String),
+}
+
+/// A write under `lease` is accepted only while the seed (now `state` under `fence`) is leased
+/// under exactly that fence.
+pub fn check_held(lease: LeaseRef, state: SeedState, fence: i64) -> Result<(), Refusal> {
+    match state {
+        SeedState::Leased if fence == lease.fence => Ok(()),
+        _ => Err(Refusal::Stale(lease)),
+    }
+}
+
+/// What to do with a result sent under `lease`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    Record,
+    /// The same lease's result is already in (a retried call): accepted, nothing written.
+    AlreadyRecorded,
+}
+
+/// Whether a result under `lease` is recorded, given the seed's `state` and `fence` now.
+pub fn check_completion(
+    lease: LeaseRef,
+    state: SeedState,
+    fence: i64,
+) -> Result<Completion, Refusal> {
+    match state {
+        SeedState::Done if fence == lease.fence => Ok(Completion::AlreadyRecorded),
+        _ => check_held(lease, state, fence).map(|()| Completion::Record),
+    }
+}
+
+/// A result claiming `claimed` epochs is accepted only when exactly epochs `1..=claimed` were
+/// recorded under its lease (`recorded` of them).
+pub fn check_epochs_recorded(lease: LeaseRef, claimed: u32, recorded: u64) -> Result<(), Refusal> {
+    if recorded == u64::from(claimed) {
+        return Ok(());
+    }
+    Err(Refusal::Conflict(format!(
+        "{lease}: the result claims {claimed} epochs but {recorded} epochs of metrics were recorded under this lease"
+    )))
+}
+
+/// Whether sweep `id` may go from `current` to `target`: cancelled is final.
+pub fn check_sweep_change(
+    id: SweepId,
+    current: SweepState,
+    target: SweepState,
+) -> Result<(), Refusal> {
+    if current == SweepState::Cancelled && target != SweepState::Cancelled {
+        return Err(Refusal::Conflict(format!(
+            "sweep {id} is cancelled, which is final"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether sweep `id`, now `current` with `design`, may take more seeds: not once cancelled,
+/// and never a crossed design, whose runs are the combinations of its factor seeds.
+pub fn check_extendable(id: SweepId, current: SweepState, design: &Design) -> Result<(), Refusal> {
+    if current == SweepState::Cancelled {
+        return Err(Refusal::Conflict(format!(
+            "sweep {id} is cancelled: submit a new sweep instead"
+        )));
+    }
+    if design.is_crossed() {
+        return Err(Refusal::Conflict(format!(
+            "sweep {id} has a crossed design: its runs are every combination of its factor seeds, so it cannot be extended; submit another sweep"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::design::Factor;
+
+    const RETRY: RetrySettings = RetrySettings {
+        base_seconds: 10.0,
+        max_seconds: 60.0,
+    };
+
+    fn lease(fence: i64) -> LeaseRef {
+        LeaseRef {
+            sweep_id: SweepId::new(),
+            seed: 7,
+            fence,
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(RETRY.backoff_seconds(1, 0.5), 10.0);
+        assert_eq!(RETRY.backoff_seconds(2, 0.5), 20.0);
+        assert_eq!(RETRY.backoff_seconds(5, 0.5), 60.0);
+        assert_eq!(RETRY.backoff_seconds(2, 0.0), 10.0);
+        assert_eq!(RETRY.backoff_seconds(2, 0.999), 20.0 * 1.499);
+        assert_eq!(RETRY.backoff_seconds(u32::MAX, 0.5), 60.0);
+    }
+
+    #[test]
+    fn a_release_costs_nothing_and_waits_for_nothing() {
+        let next = after_attempt(AttemptEnd::Released, 2, 3, RETRY, 0.5);
+        assert_eq!(
+            next,
+            NextState {
+                state: SeedState::Pending,
+                failures: 2,
+                backoff_seconds: None
+            }
+        );
+        assert_eq!(AttemptEnd::Released.outcome(), AttemptOutcome::Released);
+    }
+
+    #[test]
+    fn a_counted_end_backs_off_until_attempts_run_out() {
+        for end in [AttemptEnd::Failed, AttemptEnd::Expired] {
+            let first = after_attempt(end, 0, 3, RETRY, 0.5);
+            assert_eq!(
+                (first.state, first.failures, first.backoff_seconds),
+                (SeedState::Pending, 1, Some(10.0))
+            );
+            let second = after_attempt(end, 1, 3, RETRY, 0.5);
+            assert_eq!(
+                (second.state, second.failures, second.backoff_seconds),
+                (SeedState::Pending, 2, Some(20.0))
+            );
+            let last = after_attempt(end, 2, 3, RETRY, 0.5);
+            assert_eq!(
+                (last.state, last.failures, last.backoff_seconds),
+                (SeedState::Failed, 3, None)
+            );
+        }
+        let once = after_attempt(AttemptEnd::Failed, 0, 1, RETRY, 0.5);
+        assert_eq!(once.state, SeedState::Failed);
+        assert_eq!(AttemptEnd::Expired.outcome(), AttemptOutcome::Expired);
+    }
+
+    #[test]
+    fn a_cause_seen_on_another_worker_ends_the_seed_at_once() {
+        assert_eq!(Charge::Counted.end(true), AttemptEnd::FailedAsBefore);
+        assert_eq!(Charge::Counted.end(false), AttemptEnd::Failed);
+        assert_eq!(Charge::Uncounted.end(true), AttemptEnd::Released);
+        let next = after_attempt(AttemptEnd::FailedAsBefore, 1, 5, RETRY, 0.5);
+        assert_eq!(
+            (next.state, next.failures, next.backoff_seconds),
+            (SeedState::Failed, 2, None)
+        );
+        assert_eq!(AttemptEnd::FailedAsBefore.outcome(), AttemptOutcome::Failed);
+    }
+
+    #[test]
+    fn only_the_current_fence_of_a_leased_seed_is_held() {
+        let l = lease(4);
+        assert_eq!(check_held(l, SeedState::Leased, 4), Ok(()));
+        for (state, fence) in [
+            (SeedState::Leased, 5),
+            (SeedState::Leased, 3),
+            (SeedState::Pending, 4),
+            (SeedState::Done, 4),
+            (SeedState::Failed, 4),
+            (SeedState::Cancelled, 4),
+        ] {
+            assert_eq!(
+                check_held(l, state, fence),
+                Err(Refusal::Stale(l)),
+                "{state:?} {fence}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_completion_is_recorded_once_under_its_own_fence() {
+        let l = lease(2);
+        assert_eq!(
+            check_completion(l, SeedState::Leased, 2),
+            Ok(Completion::Record)
+        );
+        assert_eq!(
+            check_completion(l, SeedState::Done, 2),
+            Ok(Completion::AlreadyRecorded)
+        );
+        assert_eq!(
+            check_completion(l, SeedState::Done, 3),
+            Err(Refusal::Stale(l))
+        );
+        assert_eq!(
+            check_completion(l, SeedState::Leased, 3),
+            Err(Refusal::Stale(l))
+        );
+        assert_eq!(
+            check_completion(l, SeedState::Pending, 2),
+            Err(Refusal::Stale(l))
+        );
+        assert_eq!(check_epochs_recorded(l, 3, 3), Ok(()));
+        let Err(Refusal::Conflict(msg)) = check_epochs_recorded(l, 3, 2) else {
+            panic!("two of three epochs accepted")
+        };
+        assert!(msg.contains("claims 3 epochs but 2"), "{msg}");
+    }
+
+    #[test]
+    fn cancelled_is_final() {
+        let id = SweepId::new();
+        use SweepState::*;
+        for (from, to, ok) in [
+            (Active, Paused, true),
+            (Paused, Active, true),
+            (Active, Cancelled, true),
+            (Paused, Cancelled, true),
+            (Cancelled, Cancelled, true),
+            (Cancelled, Active, false),
+            (Cancelled, Paused, false),
+        ] {
+            assert_eq!(
+                check_sweep_change(id, from, to).is_ok(),
+                ok,
+                "{from:?} -> {to:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_live_sweeps_of_independent_runs_are_extended() {
+        let id = SweepId::new();
+        let vary = Design::Vary {
+            vary: Factor::ALL.to_vec(),
+            base_seed: 0,
+        };
+        let crossed = Design::Crossed {
+            levels: vec![(Factor::Init, vec![1, 2])],
+            base_seed: 0,
+        };
+        assert!(check_extendable(id, SweepState::Active, &vary).is_ok());
+        assert!(check_extendable(id, SweepState::Paused, &vary).is_ok());
+        for (state, design, says) in [
+            (SweepState::Cancelled, &vary, "cancelled"),
+            (SweepState::Active, &crossed, "crossed design"),
+        ] {
+            let Err(Refusal::Conflict(msg)) = check_extendable(id, state, design) else {
+                panic!("{state:?} extended")
+            };
+            assert!(msg.contains(says), "{msg}");
+        }
+    }
+}
