@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("seedsweep_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Default stubs (UNIMPLEMENTED) let a test double implement only the calls it plays.
+    tonic_prost_build::configure()
+        .generate_default_stubs(true)
+        .compile_fds(descriptors)?;
     Ok(())
 }

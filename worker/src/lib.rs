@@ -10,12 +10,15 @@
 
 pub mod airbench;
 pub mod checkpoint;
+mod convert;
 pub mod data;
 pub mod digits;
 pub mod finetune;
 pub mod imagefolder;
+mod lease;
 pub mod metrics;
 pub mod model;
 pub mod runner;
 pub mod shim;
+mod stream;
 pub mod train;

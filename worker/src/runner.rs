@@ -2,17 +2,16 @@
 //! the result, repeat. The worker never touches the database; it speaks only gRPC.
 
 use crate::checkpoint::CheckpointStore;
+use crate::convert::{epoch_pb, finetune_config, train_config};
 use crate::data::{self, DataError, Dataset};
 use crate::finetune::{
-    self, Backbone, BackboneConfig, BackboneError, FeatureCache, Features, FinetuneConfig, Source,
+    self, Backbone, BackboneError, FeatureCache, Features, FinetuneConfig, Source,
 };
-use crate::imagefolder::{self, OnBadImage};
+use crate::imagefolder;
+use crate::lease::{HandBacks, Held, is_lost, is_transient, with_retries};
 use crate::metrics::WorkerMetrics;
-use crate::model::{Arch, Init};
-use crate::train::{
-    self, AugmentPer, EpochMetrics, Padding, Precision, Run, Schedule, Seeds, TrainConfig,
-    TrainError, Trained,
-};
+use crate::stream::ship_metrics;
+use crate::train::{self, EpochMetrics, Precision, Run, Seeds, TrainConfig, TrainError, Trained};
 use anyhow::{Context, bail};
 use seedsweep_proto::client::{Client, Connection};
 use seedsweep_proto::v1 as pb;
@@ -24,8 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tch::Device;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status};
+use tonic::Status;
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -77,6 +75,8 @@ pub struct Worker {
     /// Backbone features computed or loaded so far, by cache key (task finetune-head).
     features: FeatureMemory,
     metrics: Arc<WorkerMetrics>,
+    /// Hands back the seeds of leases dropped unsettled (see [`Held`]).
+    handbacks: HandBacks,
 }
 
 type FeatureMemory = Arc<std::sync::Mutex<HashMap<String, Arc<Features>>>>;
@@ -226,25 +226,6 @@ enum LeaseEnd {
     ShutDown,
 }
 
-/// A lease this worker holds, heartbeated from the moment it was granted.
-struct Held {
-    lease: pb::Lease,
-    lref: pb::LeaseRef,
-    /// Set to stop training: by the heartbeat when the lease is lost, or on shutdown.
-    stop: Arc<AtomicBool>,
-    /// Set by the heartbeat when the coordinator refused it.
-    lost: Arc<AtomicBool>,
-    heartbeat: tokio::task::JoinHandle<()>,
-    /// When the lease arrived, for the per-seed overhead (lease to first step).
-    leased_at: Instant,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.heartbeat.abort();
-    }
-}
-
 /// What asking for a lease gave.
 enum Asked {
     Lease(Box<Held>),
@@ -277,8 +258,15 @@ impl Worker {
             }
         };
         tracing::info!(coordinator = %url, worker = %settings.worker_id, device = %device_label(settings.device), slots = settings.slots, "worker connected");
+        let client = settings.coordinator.client(channel)?;
+        let handbacks = HandBacks::new(
+            client.clone(),
+            settings.worker_id.clone(),
+            settings.lease_patience,
+        );
         Ok(Worker {
-            client: settings.coordinator.client(channel)?,
+            client,
+            handbacks,
             settings,
             metrics,
             datasets: tokio::sync::Mutex::new(HashMap::new()),
@@ -308,6 +296,8 @@ impl Worker {
                 first_error = Some(e);
             }
         }
+        // Seeds let go of on an error path (a prefetched lease among them) go back before exit.
+        me.handbacks.finish().await;
         first_error.map_or(Ok(()), Err)
     }
 
@@ -406,36 +396,14 @@ impl Worker {
     }
 
     fn hold(&self, lease: pb::Lease) -> Held {
-        let lref = pb::LeaseRef {
-            sweep_id: lease.sweep_id.clone(),
-            seed: lease.seed,
-            fence: lease.fence,
-        };
         tracing::info!(sweep = %lease.sweep_id, seed = lease.seed, fence = lease.fence, "leased");
-        let stop = Arc::new(AtomicBool::new(false));
-        let lost = Arc::new(AtomicBool::new(false));
-        let heartbeat = tokio::spawn(heartbeat_loop(
-            self.client.clone(),
-            lref.clone(),
-            self.settings.worker_id.clone(),
-            Duration::from_secs_f64((lease.lease_ttl_seconds as f64 / 3.0).max(1.0)),
-            stop.clone(),
-            lost.clone(),
-            self.shutdown.clone(),
-        ));
-        Held {
-            lease,
-            lref,
-            stop,
-            lost,
-            heartbeat,
-            leased_at: Instant::now(),
-        }
+        let every = Duration::from_secs_f64((lease.lease_ttl_seconds as f64 / 3.0).max(1.0));
+        self.handbacks.hold(lease, every, self.shutdown.clone())
     }
 
     /// Hands an untrained lease back (shutdown): not counted as an attempt.
     async fn hand_back(&self, held: Held) -> anyhow::Result<()> {
-        self.fail(&held.lref, "worker shut down", false).await?;
+        self.fail(&held, "worker shut down", false).await?;
         tracing::info!(seed = held.lref.seed, "handed a prefetched seed back");
         Ok(())
     }
@@ -542,11 +510,11 @@ impl Worker {
                     }),
                 Some(Err(problem)) => {
                     let cause = format!("this worker cannot train these settings: {problem}");
-                    self.fail(&lref, &cause, false).await?;
+                    self.fail(&held, &cause, false).await?;
                     bail!("{cause}; upgrade the worker");
                 }
                 None => {
-                    self.fail(&lref, "the lease carried no train settings", true)
+                    self.fail(&held, "the lease carried no train settings", true)
                         .await?;
                     return Ok((LeaseEnd::Finished, None));
                 }
@@ -558,11 +526,11 @@ impl Worker {
                     .map(|source| Job::Finetune { cfg, source }),
                 Some(Err(problem)) => {
                     let cause = format!("this worker cannot train these settings: {problem}");
-                    self.fail(&lref, &cause, false).await?;
+                    self.fail(&held, &cause, false).await?;
                     bail!("{cause}; upgrade the worker");
                 }
                 None => {
-                    self.fail(&lref, "the lease carried no finetune settings", true)
+                    self.fail(&held, "the lease carried no finetune settings", true)
                         .await?;
                     return Ok((LeaseEnd::Finished, None));
                 }
@@ -571,7 +539,7 @@ impl Worker {
                 let cause = format!(
                     "this worker cannot run task `{other}` (it runs: resnet9, finetune-head)"
                 );
-                self.fail(&lref, &cause, false).await?;
+                self.fail(&held, &cause, false).await?;
                 bail!("{cause}; upgrade the worker");
             }
         };
@@ -581,7 +549,7 @@ impl Worker {
                 // A problem of this host, not of the seed: hand it back without using an attempt,
                 // then stop, so a misconfigured host does not burn through a sweep's retries.
                 self.fail(
-                    &lref,
+                    &held,
                     &format!("worker {}: {e}", self.settings.worker_id),
                     false,
                 )
@@ -661,7 +629,7 @@ impl Worker {
         let seconds = started.elapsed().as_secs_f64();
         let streamed = stream.await.context("the metrics stream task panicked")?;
         let next = prefetch.await.context("the prefetch task panicked")?;
-        held.heartbeat.abort();
+        held.stop_heartbeat();
         let seed = lref.seed;
 
         if let Err(status) = &streamed
@@ -672,6 +640,7 @@ impl Worker {
                 reason = status.message(),
                 "lease lost while streaming metrics; dropping the seed"
             );
+            held.settle();
             return Ok((LeaseEnd::Lost, next));
         }
         let end = match trained {
@@ -715,6 +684,7 @@ impl Worker {
                 .await
                 {
                     Ok(_) => {
+                        held.settle();
                         shown.finished_in = Some(seconds);
                         // The per-seed overhead: what is not training. The lease may have been
                         // prefetched, so it counts from when training could start.
@@ -743,6 +713,7 @@ impl Worker {
                         LeaseEnd::Finished
                     }
                     Err(s) if is_lost(&s) => {
+                        held.settle();
                         tracing::warn!(seed, reason = s.message(), "result refused: lease lost");
                         LeaseEnd::Lost
                     }
@@ -753,12 +724,13 @@ impl Worker {
                 }
             }
             Err(TrainError::Cancelled) if held.lost.load(Ordering::Relaxed) => {
+                held.settle();
                 tracing::warn!(seed, "lease lost during training; dropping the seed");
                 LeaseEnd::Lost
             }
             Err(TrainError::Host(problem)) => {
                 self.fail(
-                    &lref,
+                    &held,
                     &format!("worker {}: {problem}", self.settings.worker_id),
                     false,
                 )
@@ -766,12 +738,12 @@ impl Worker {
                 bail!("{problem}");
             }
             Err(TrainError::Cancelled) => {
-                self.fail(&lref, "worker shut down", false).await?;
+                self.fail(&held, "worker shut down", false).await?;
                 tracing::info!(seed, "handed the seed back; shutting down");
                 LeaseEnd::ShutDown
             }
             Err(e) => {
-                let state = self.fail(&lref, &e.to_string(), true).await?;
+                let state = self.fail(&held, &e.to_string(), true).await?;
                 tracing::warn!(seed, error = %e, state, "seed failed");
                 LeaseEnd::Finished
             }
@@ -779,31 +751,25 @@ impl Worker {
         Ok((end, next))
     }
 
-    /// Reports a failed or abandoned attempt; returns the seed's new state.
+    /// Reports a failed or abandoned attempt (settling the lease); returns the seed's new state.
     async fn fail(
         &self,
-        lease: &pb::LeaseRef,
+        held: &Held,
         cause: &str,
         counts_as_attempt: bool,
     ) -> anyhow::Result<String> {
-        let req = pb::FailSeedRequest {
-            lease: Some(lease.clone()),
-            worker_id: self.settings.worker_id.clone(),
-            cause: cause.to_string(),
-            counts_as_attempt,
-        };
-        match with_retries(self.settings.lease_patience, || {
-            let mut c = self.client.clone();
-            let r = req.clone();
-            async move { c.fail_seed(r).await }
-        })
-        .await
+        match self
+            .handbacks
+            .end(&held.lref, cause, counts_as_attempt)
+            .await
         {
-            Ok(r) => Ok(r.into_inner().state),
-            Err(s) if is_lost(&s) => Ok("lost".to_string()),
+            Ok(state) => {
+                held.settle();
+                Ok(state)
+            }
             Err(s) => bail!(
                 "failed to report the failure of seed {}: {}",
-                lease.seed,
+                held.lref.seed,
                 s.message()
             ),
         }
@@ -847,318 +813,164 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     text.lines().take(3).collect::<Vec<_>>().join(" ")
 }
 
-/// Statuses that mean this worker no longer holds the lease.
-fn is_lost(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::FailedPrecondition | Code::Aborted | Code::NotFound
-    )
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::coordinator_server::{Coordinator, CoordinatorServer};
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use tonic::{Request, Response, Streaming};
 
-/// Errors that mean the coordinator (or its database) is unreachable for now.
-fn is_transient(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
-    )
-}
+    /// A test double of the coordinator: hands out its leases in turn, takes heartbeats and
+    /// metrics, refuses every result (INVALID_ARGUMENT, so the worker stops with an error after
+    /// training) and records every FailSeed.
+    struct RefusesResults {
+        leases: Mutex<VecDeque<pb::Lease>>,
+        failed: Arc<Mutex<Vec<pb::FailSeedRequest>>>,
+    }
 
-/// Retries a call that is safe to repeat while the coordinator is unreachable, with exponential
-/// backoff, for at most `patience` (past the lease's lifetime, retrying is pointless).
-async fn with_retries<T, F, Fut>(patience: Duration, mut call: F) -> Result<T, Status>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, Status>>,
-{
-    let deadline = Instant::now() + patience;
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match call().await {
-            Err(s) if is_transient(&s) && Instant::now() < deadline => {
-                tracing::warn!(error = s.message(), "coordinator unreachable; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            other => return other,
+    #[tonic::async_trait]
+    impl Coordinator for RefusesResults {
+        async fn lease_seed(
+            &self,
+            _: Request<pb::LeaseSeedRequest>,
+        ) -> Result<Response<pb::LeaseSeedResponse>, Status> {
+            use pb::lease_seed_response::Outcome;
+            let outcome = match self.leases.lock().unwrap().pop_front() {
+                Some(lease) => Outcome::Lease(lease),
+                None => Outcome::NoWork(pb::NoWork { outstanding: 0 }),
+            };
+            Ok(Response::new(pb::LeaseSeedResponse {
+                outcome: Some(outcome),
+            }))
+        }
+
+        async fn heartbeat(
+            &self,
+            _: Request<pb::HeartbeatRequest>,
+        ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+            Ok(Response::new(pb::HeartbeatResponse::default()))
+        }
+
+        async fn stream_epoch_metrics(
+            &self,
+            request: Request<Streaming<pb::EpochMetrics>>,
+        ) -> Result<Response<pb::StreamEpochMetricsResponse>, Status> {
+            let mut stream = request.into_inner();
+            while stream.message().await?.is_some() {}
+            Ok(Response::new(pb::StreamEpochMetricsResponse::default()))
+        }
+
+        async fn complete_seed(
+            &self,
+            _: Request<pb::CompleteSeedRequest>,
+        ) -> Result<Response<pb::CompleteSeedResponse>, Status> {
+            Err(Status::invalid_argument(
+                "the test double refuses every result",
+            ))
+        }
+
+        async fn fail_seed(
+            &self,
+            request: Request<pb::FailSeedRequest>,
+        ) -> Result<Response<pb::FailSeedResponse>, Status> {
+            self.failed.lock().unwrap().push(request.into_inner());
+            Ok(Response::new(pb::FailSeedResponse {
+                state: "pending".into(),
+            }))
         }
     }
-}
 
-type StreamCall =
-    tokio::task::JoinHandle<Result<tonic::Response<pb::StreamEpochMetricsResponse>, Status>>;
-
-/// Opens a metrics stream that first replays `sent` (re-recording an epoch is idempotent).
-fn open_stream(
-    mut client: Client,
-    sent: &[pb::EpochMetrics],
-) -> (mpsc::Sender<pb::EpochMetrics>, StreamCall) {
-    let (tx, rx) = mpsc::channel(sent.len() + 64);
-    for m in sent {
-        // Capacity was reserved above, so this cannot fail.
-        let _ = tx.try_send(m.clone());
+    fn tiny_lease(seed: i64) -> pb::Lease {
+        pb::Lease {
+            sweep_id: "00000000-0000-0000-0000-000000000001".into(),
+            seed,
+            fence: 1,
+            task: "resnet9".into(),
+            dataset: "tiny".into(),
+            train: Some(pb::TrainConfig {
+                epochs: 2,
+                batch_size: 64,
+                width: 0.125,
+                lr: 0.2,
+                lr_peak_epoch: 0.5,
+                momentum: 0.9,
+                model: "resnet9".into(),
+                schedule: "linear".into(),
+                precision: "fp32".into(),
+                deterministic: true,
+                ..Default::default()
+            }),
+            lease_ttl_seconds: 30,
+            ..Default::default()
+        }
     }
-    let call =
-        tokio::spawn(async move { client.stream_epoch_metrics(ReceiverStream::new(rx)).await });
-    (tx, call)
-}
 
-/// Forwards each epoch's metrics from the training thread over a `StreamEpochMetrics` stream. When
-/// the stream breaks (the coordinator is unreachable), the metrics are kept and replayed on a new
-/// stream, so every epoch arrives once the coordinator is back, for up to `patience` after
-/// training ends. Returns the stream's verdict: Ok, or the status that ended it.
-async fn ship_metrics(
-    client: Client,
-    mut from_training: mpsc::Receiver<pb::EpochMetrics>,
-    patience: Duration,
-) -> Result<(), Status> {
-    let mut sent: Vec<pb::EpochMetrics> = Vec::new();
-    let mut stream: Option<(mpsc::Sender<pb::EpochMetrics>, StreamCall)> = None;
-    while let Some(m) = from_training.recv().await {
-        sent.push(m.clone());
-        let delivered = match &stream {
-            Some((tx, _)) => tx.send(m).await.is_ok(),
-            None => false,
+    /// A worker that stops with an error after training one seed (its result refused), while it
+    /// holds the next seed it prefetched, hands both seeds back uncounted before it exits: the
+    /// prefetched one was never trained, and the refused one's fate was never settled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_error_hands_the_prefetched_lease_back_uncounted() {
+        let data = tempfile::tempdir().unwrap();
+        let (train, test) = data::synthetic_records(256, 128, 3);
+        data::write_dataset(&data.path().join("tiny"), &train, &test).unwrap();
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let fake = RefusesResults {
+            leases: Mutex::new([tiny_lease(1), tiny_lease(2)].into()),
+            failed: failed.clone(),
         };
-        if !delivered {
-            if let Some((_, call)) = stream.take()
-                && let Ok(Err(s)) = call.await
-            {
-                if !is_transient(&s) {
-                    return Err(s);
-                }
-                tracing::warn!(error = s.message(), "metrics stream broke; will replay it");
-            }
-            stream = Some(open_stream(client.clone(), &sent));
-        }
-    }
-    let deadline = Instant::now() + patience;
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let (tx, call) = stream
-            .take()
-            .unwrap_or_else(|| open_stream(client.clone(), &sent));
-        drop(tx);
-        match call.await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(s)) if is_transient(&s) && Instant::now() < deadline => {
-                tracing::warn!(
-                    error = s.message(),
-                    "coordinator unreachable; will replay the metrics"
-                );
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                stream = Some(open_stream(client.clone(), &sent));
-            }
-            Ok(Err(s)) => return Err(s),
-            Err(e) => return Err(Status::internal(format!("metrics stream task failed: {e}"))),
-        }
-    }
-}
-
-async fn heartbeat_loop(
-    mut client: Client,
-    lease: pb::LeaseRef,
-    worker_id: String,
-    every: Duration,
-    stop: Arc<AtomicBool>,
-    lost: Arc<AtomicBool>,
-    shutdown: Arc<AtomicBool>,
-) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = wait_for(&shutdown) => {
-                stop.store(true, Ordering::Relaxed);
-                return;
-            }
-        }
-        match client
-            .heartbeat(pb::HeartbeatRequest {
-                lease: Some(lease.clone()),
-                worker_id: worker_id.clone(),
-            })
-            .await
-        {
-            Ok(_) => {}
-            Err(s) if is_lost(&s) => {
-                tracing::warn!(
-                    seed = lease.seed,
-                    reason = s.message(),
-                    "heartbeat refused: lease lost"
-                );
-                lost.store(true, Ordering::Relaxed);
-                stop.store(true, Ordering::Relaxed);
-                return;
-            }
-            Err(s) => tracing::warn!(
-                seed = lease.seed,
-                error = s.message(),
-                "heartbeat failed; will retry"
-            ),
-        }
-    }
-}
-
-async fn wait_for(flag: &AtomicBool) {
-    while !flag.load(Ordering::Relaxed) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn unknown(setting: &str, name: &str, known: &str) -> String {
-    format!("unknown {setting} `{name}` (this worker knows {known})")
-}
-
-/// The worker's training settings from a lease's; names this worker does not know are an error.
-fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
-    let arch = Arch::parse(&t.model)
-        .ok_or_else(|| unknown("model", &t.model, "resnet9, resnet9-skinny, airbench94"))?;
-    let schedule = match t.schedule.as_str() {
-        "linear" => Schedule::Linear,
-        "picard" => Schedule::Picard,
-        "airbench" => Schedule::Airbench,
-        other => return Err(unknown("schedule", other, "linear, picard, airbench")),
-    };
-    if (arch == Arch::Airbench94) != (schedule == Schedule::Airbench) {
-        return Err("model airbench94 and schedule airbench go together".into());
-    }
-    // Absent (0): a coordinator older than airbench94, and the old behaviour.
-    let or_one = |v: f64| if v == 0.0 { 1.0 } else { v };
-    let precision = match t.precision.as_str() {
-        "fp32" => Precision::Fp32,
-        "fp16" => Precision::Fp16,
-        "bf16" => Precision::Bf16,
-        other => return Err(unknown("precision", other, "fp32, fp16, bf16")),
-    };
-    // An empty name is a lease from a coordinator older than the setting: what workers did then.
-    let init = match t.init.as_str() {
-        "pytorch" => Init::Pytorch,
-        "tch" | "" => Init::Tch,
-        other => return Err(unknown("init", other, "pytorch, tch")),
-    };
-    let padding = match t.crop_padding_mode.as_str() {
-        "reflect" => Padding::Reflect,
-        "zeros-after-normalisation" | "" => Padding::ZerosAfterNormalisation,
-        "zeros-before-normalisation" => Padding::ZerosBeforeNormalisation,
-        other => {
-            return Err(unknown(
-                "crop_padding_mode",
-                other,
-                "reflect, zeros-after-normalisation, zeros-before-normalisation",
-            ));
-        }
-    };
-    let augment_per = match t.augment_per.as_str() {
-        "image" | "" => AugmentPer::Image,
-        "batch" => AugmentPer::Batch,
-        other => return Err(unknown("augment_per", other, "image, batch")),
-    };
-    Ok(TrainConfig {
-        arch,
-        init,
-        epochs: t.epochs,
-        batch_size: t.batch_size,
-        width: t.width,
-        lr: t.lr,
-        schedule,
-        lr_peak_epoch: t.lr_peak_epoch,
-        momentum: t.momentum,
-        nesterov: t.nesterov,
-        weight_decay: t.weight_decay,
-        label_smoothing: t.label_smoothing,
-        smoothed_loss_weight: t.smoothed_loss_weight,
-        smoothed_loss_epsilon: t.smoothed_loss_epsilon,
-        crop_padding: t.crop_padding,
-        padding,
-        flip: t.flip,
-        cutout: t.cutout,
-        cutout_at_borders: t.cutout_at_borders,
-        augment_per,
-        drop_last: t.drop_last,
-        lr_in_momentum: t.lr_in_momentum,
-        precision,
-        channels_last: t.channels_last,
-        deterministic: t.deterministic,
-        eval_every: t.eval_every.max(1),
-        checkpoint_every: t.checkpoint_every,
-        holdout: t.holdout,
-        final_epoch_fraction: or_one(t.final_epoch_fraction),
-        bn_bias_lr_scale: or_one(t.bn_bias_lr_scale),
-        whiten_bias_epochs: t.whiten_bias_epochs,
-        lookahead: t.lookahead,
-        tta_level: t.tta_level,
-        alternating_flip: t.alternating_flip,
-    })
-}
-
-/// The worker's finetune settings from a lease's; names this worker does not know are an error.
-fn finetune_config(t: &pb::FinetuneConfig) -> Result<FinetuneConfig, String> {
-    let b = t.backbone.as_ref().ok_or("the lease carried no backbone")?;
-    let head = t.head.as_ref().ok_or("the lease carried no head phase")?;
-    let phase = |p: &pb::Phase| finetune::Phase {
-        steps: p.steps,
-        batch_size: p.batch_size,
-        lr: p.lr,
-        lr_end: p.lr_end,
-        weight_decay: p.weight_decay,
-        momentum: p.momentum,
-    };
-    let three = |v: &[f64], what: &str| -> Result<[f64; 3], String> {
-        v.try_into()
-            .map_err(|_| format!("backbone {what} has {} values, not 3", v.len()))
-    };
-    Ok(FinetuneConfig {
-        backbone: BackboneConfig {
-            file: b.file.clone(),
-            sha256: b.sha256.clone(),
-            format: match b.format.as_str() {
-                "torchscript" => finetune::Format::Torchscript,
-                "safetensors" => finetune::Format::Safetensors,
-                other => return Err(format!("unknown backbone format `{other}`")),
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(CoordinatorServer::new(fake))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let settings = WorkerSettings {
+            coordinator: Connection {
+                url: format!("http://{addr}"),
+                ..Default::default()
             },
-            arch: b.arch.clone(),
-            features: b.features as i64,
-            input_size: b.input_size as i64,
-            mean: three(&b.mean, "mean")?,
-            std: three(&b.std, "std")?,
-        },
-        head_init: match t.head_init.as_str() {
-            "normal" => finetune::HeadInit::Normal,
-            "default" => finetune::HeadInit::Default,
-            other => return Err(format!("unknown head_init `{other}`")),
-        },
-        head_init_std: t.head_init_std,
-        label_smoothing: t.label_smoothing,
-        optimizer: match t.optimizer.as_str() {
-            "sgd" => finetune::Optimizer::Sgd,
-            "adamw" => finetune::Optimizer::AdamW,
-            other => return Err(format!("unknown optimizer `{other}`")),
-        },
-        eval_every_steps: t.eval_every_steps.max(1),
-        bad_images: match t.bad_images.as_str() {
-            "skip" => OnBadImage::Skip,
-            "fail" => OnBadImage::Fail,
-            other => return Err(format!("unknown bad_images `{other}`")),
-        },
-        augment: t.augment,
-        head: phase(head),
-        full: t.full.as_ref().map(phase),
-    })
-}
-
-fn epoch_pb(lease: &pb::LeaseRef, m: &EpochMetrics) -> pb::EpochMetrics {
-    pb::EpochMetrics {
-        lease: Some(lease.clone()),
-        epoch: m.epoch,
-        train_loss: m.train_loss,
-        train_accuracy: m.train_accuracy,
-        test_loss: m.test_loss,
-        test_accuracy: m.test_accuracy,
-        test_top5: m.test_top5,
-        val_loss: m.val_loss,
-        val_accuracy: m.val_accuracy,
-        lr: m.lr,
-        seconds: m.seconds,
+            device: Device::Cpu,
+            data_dir: data.path().to_path_buf(),
+            cifar10_url: String::new(),
+            worker_id: "test-worker".into(),
+            exit_when_idle: true,
+            connect_timeout: Duration::from_secs(10),
+            idle_poll: Duration::from_millis(100),
+            max_seeds: None,
+            lease_patience: Duration::from_secs(5),
+            slots: 1,
+            checkpoint_dir: None,
+            model_dir: data.path().to_path_buf(),
+            feature_cache: data.path().join("features"),
+            decode_threads: 1,
+        };
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let metrics = Arc::new(WorkerMetrics::default());
+        let worker = Worker::connect(settings, shutdown, metrics).await.unwrap();
+        let err = worker
+            .run()
+            .await
+            .expect_err("a refused result stops the worker");
+        assert!(err.to_string().contains("refuses every result"), "{err:#}");
+        let failed = failed.lock().unwrap();
+        let mut seeds: Vec<(i64, bool, &str)> = failed
+            .iter()
+            .map(|f| {
+                (
+                    f.lease.as_ref().unwrap().seed,
+                    f.counts_as_attempt,
+                    f.cause.as_str(),
+                )
+            })
+            .collect();
+        seeds.sort();
+        let stopped = crate::lease::STOPPED;
+        assert_eq!(
+            seeds,
+            [(1, false, stopped), (2, false, stopped)],
+            "both seeds back, uncounted, once each"
+        );
     }
 }
