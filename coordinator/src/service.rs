@@ -571,14 +571,10 @@ impl Coordinator for CoordinatorService {
         Ok(json_document(doc))
     }
 
-    type WatchSweepStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<pb::SweepUpdate, Status>> + Send + 'static>,
-    >;
-
     async fn watch_sweep(
         &self,
         req: Request<pb::WatchSweepRequest>,
-    ) -> Result<Response<Self::WatchSweepStream>, Status> {
+    ) -> Result<Response<tonic::codegen::BoxStream<pb::SweepUpdate>>, Status> {
         let id = sweep_id(&req.get_ref().sweep_id)?;
         let metric = metric(&req.get_ref().metric)?;
         let store = self.store.clone();

@@ -111,6 +111,16 @@ impl Job {
     }
 
     /// How many metrics reports the run makes (epochs, or evaluations).
+    fn checkpoint_dir(&self) -> Option<PathBuf> {
+        match self {
+            Job::Resnet9 {
+                checkpoints: Some(c),
+                ..
+            } => Some(c.dir().to_path_buf()),
+            _ => None,
+        }
+    }
+
     fn epochs(&self) -> u32 {
         match self {
             Job::Resnet9 { cfg, .. } => cfg.epochs,
@@ -214,6 +224,55 @@ fn features_for(
     let feats = Arc::new(feats);
     memory.insert(key, feats.clone());
     Ok(feats)
+}
+
+/// Why a lease cannot be trained here, which alone decides who pays for it.
+enum Unprepared {
+    /// The lease lacks what its task needs (the sweep's fault): the attempt counts.
+    Seed(String),
+    /// This worker does not know what the lease asks for: handed back uncounted, and the worker
+    /// stops (it needs an upgrade).
+    Upgrade(String),
+    /// A problem of this host (missing data, a bad backbone file): handed back uncounted, and
+    /// the worker stops, so a misconfigured host does not burn through a sweep's retries.
+    Host(String),
+}
+
+/// One lease's training, as it came back.
+struct Ran {
+    trained: Result<Trained, TrainError>,
+    /// The metrics stream's verdict.
+    streamed: Result<(), Status>,
+    started: Instant,
+    seconds: f64,
+    /// How long to retry the report while the coordinator is unreachable.
+    patience: Duration,
+}
+
+/// What the report needs to know of a run besides its training.
+struct RunInfo {
+    fingerprint: String,
+    checkpoint_dir: Option<PathBuf>,
+    /// When the slot was free to train this seed.
+    slot_free: Instant,
+}
+
+/// The generator seeds of a lease's run, from its factor seeds (the seed itself for a lease from
+/// a coordinator that sends none).
+fn run_seeds(lease: &pb::Lease) -> Seeds {
+    let factors = lease.factors.unwrap_or(pb::FactorSeeds {
+        init: lease.seed,
+        order: lease.seed,
+        augment: lease.seed,
+        split: lease.seed,
+    });
+    Seeds::derive(
+        &lease.seed_namespace,
+        factors.init,
+        factors.order,
+        factors.augment,
+        factors.split,
+    )
 }
 
 /// How one lease ended, from the worker's side.
@@ -460,116 +519,108 @@ impl Worker {
             .map_err(|e| e.to_string())
     }
 
-    /// Trains a held lease and reports how it ended; returns the next lease too if one was
-    /// fetched while this one trained.
+    /// Trains a held lease and reports how it ended, in three phases: prepare (the settings and
+    /// the data), train (streaming each epoch; the next lease is fetched as the last epoch
+    /// starts), report. Returns the next lease too if one was fetched.
     async fn run_lease(self: &Arc<Self>, held: Held) -> anyhow::Result<(LeaseEnd, Option<Held>)> {
         let slot_free = Instant::now();
-        let lref = held.lref.clone();
-        let lease = &held.lease;
-        let factors = lease.factors.unwrap_or(pb::FactorSeeds {
-            init: lease.seed,
-            order: lease.seed,
-            augment: lease.seed,
-            split: lease.seed,
-        });
-        let seeds = Seeds::derive(
-            &lease.seed_namespace,
-            factors.init,
-            factors.order,
-            factors.augment,
-            factors.split,
-        );
-        // What to train, per task; settings this worker does not know stop it (it needs an
-        // upgrade), a host problem (missing data) hands the seed back and stops it too.
-        let prepared = match lease.task.as_str() {
-            "resnet9" => match lease.train.as_ref().map(train_config) {
-                Some(Ok(cfg)) => self
-                    .dataset(&lease.dataset)
-                    .await
-                    .map_err(|e| e.to_string())
-                    .map(|data| {
-                        let checkpoints =
-                            match (&self.settings.checkpoint_dir, cfg.checkpoint_every) {
-                                (Some(dir), every) if every > 0 => {
-                                    let key = format!("{cfg:?}|{seeds:?}|{}", data.fingerprint);
-                                    let key = format!("{:x}", sha2::Sha256::digest(key));
-                                    Some(CheckpointStore::new(
-                                        dir,
-                                        &lease.sweep_id,
-                                        lease.seed,
-                                        &key,
-                                    ))
-                                }
-                                _ => None,
-                            };
-                        Job::Resnet9 {
-                            cfg,
-                            data,
-                            checkpoints,
-                        }
-                    }),
-                Some(Err(problem)) => {
-                    let cause = format!("this worker cannot train these settings: {problem}");
-                    self.fail(&held, &cause, false).await?;
-                    bail!("{cause}; upgrade the worker");
-                }
-                None => {
-                    self.fail(&held, "the lease carried no train settings", true)
-                        .await?;
-                    return Ok((LeaseEnd::Finished, None));
-                }
-            },
-            "finetune-head" => match lease.finetune.as_ref().map(finetune_config) {
-                Some(Ok(cfg)) => self
-                    .finetune_source(&lease.dataset)
-                    .await
-                    .map(|source| Job::Finetune { cfg, source }),
-                Some(Err(problem)) => {
-                    let cause = format!("this worker cannot train these settings: {problem}");
-                    self.fail(&held, &cause, false).await?;
-                    bail!("{cause}; upgrade the worker");
-                }
-                None => {
-                    self.fail(&held, "the lease carried no finetune settings", true)
-                        .await?;
-                    return Ok((LeaseEnd::Finished, None));
-                }
-            },
-            other => {
-                let cause = format!(
-                    "this worker cannot run task `{other}` (it runs: resnet9, finetune-head)"
-                );
+        let seeds = run_seeds(&held.lease);
+        let job = match self.prepare(&held.lease, &seeds).await {
+            Ok(job) => job,
+            Err(Unprepared::Seed(cause)) => {
+                self.fail(&held, &cause, true).await?;
+                return Ok((LeaseEnd::Finished, None));
+            }
+            Err(Unprepared::Upgrade(cause)) => {
                 self.fail(&held, &cause, false).await?;
                 bail!("{cause}; upgrade the worker");
             }
-        };
-        let job = match prepared {
-            Ok(job) => job,
-            Err(e) => {
-                // A problem of this host, not of the seed: hand it back without using an attempt,
-                // then stop, so a misconfigured host does not burn through a sweep's retries.
-                self.fail(
-                    &held,
-                    &format!("worker {}: {e}", self.settings.worker_id),
-                    false,
-                )
-                .await?;
-                bail!("{e}");
+            Err(Unprepared::Host(problem)) => {
+                let cause = format!("worker {}: {problem}", self.settings.worker_id);
+                self.fail(&held, &cause, false).await?;
+                bail!("{problem}");
             }
         };
-        let fingerprint = job.fingerprint();
-        let checkpoint_dir = match &job {
-            Job::Resnet9 {
-                checkpoints: Some(c),
-                ..
-            } => Some(c.dir().to_path_buf()),
-            _ => None,
+        let run = RunInfo {
+            fingerprint: job.fingerprint(),
+            checkpoint_dir: job.checkpoint_dir(),
+            slot_free,
         };
+        let mut shown = Shown::new(&self.metrics, &held.lref);
+        let (ran, next) = self.train(&held, job, seeds).await?;
+        held.stop_heartbeat();
+        let end = self.report(&held, ran, run, &mut shown).await?;
+        Ok((end, next))
+    }
 
-        let patience = Duration::from_secs(lease.lease_ttl_seconds.max(1) as u64);
+    /// What to train for `lease`: its task's settings, converted, and the data they need.
+    async fn prepare(&self, lease: &pb::Lease, seeds: &Seeds) -> Result<Job, Unprepared> {
+        let upgrade = |problem: String| {
+            Unprepared::Upgrade(format!(
+                "this worker cannot train these settings: {problem}"
+            ))
+        };
+        match lease.task.as_str() {
+            "resnet9" => {
+                let cfg = lease.train.as_ref().ok_or_else(|| {
+                    Unprepared::Seed("the lease carried no train settings".into())
+                })?;
+                let cfg = train_config(cfg).map_err(upgrade)?;
+                let data = self
+                    .dataset(&lease.dataset)
+                    .await
+                    .map_err(|e| Unprepared::Host(e.to_string()))?;
+                let checkpoints = self.checkpoints(lease, &cfg, seeds, &data);
+                Ok(Job::Resnet9 {
+                    cfg,
+                    data,
+                    checkpoints,
+                })
+            }
+            "finetune-head" => {
+                let cfg = lease.finetune.as_ref().ok_or_else(|| {
+                    Unprepared::Seed("the lease carried no finetune settings".into())
+                })?;
+                let cfg = finetune_config(cfg).map_err(upgrade)?;
+                let source = self
+                    .finetune_source(&lease.dataset)
+                    .await
+                    .map_err(Unprepared::Host)?;
+                Ok(Job::Finetune { cfg, source })
+            }
+            other => Err(Unprepared::Upgrade(format!(
+                "this worker cannot run task `{other}` (it runs: resnet9, finetune-head)"
+            ))),
+        }
+    }
+
+    /// Where a run of `cfg` keeps its checkpoints, when this worker has `--checkpoint-dir` and the
+    /// sweep asks for them: keyed by everything that makes the run what it is.
+    fn checkpoints(
+        &self,
+        lease: &pb::Lease,
+        cfg: &TrainConfig,
+        seeds: &Seeds,
+        data: &Dataset,
+    ) -> Option<CheckpointStore> {
+        let dir = self.settings.checkpoint_dir.as_ref();
+        let dir = dir.filter(|_| cfg.checkpoint_every > 0)?;
+        let key = format!("{cfg:?}|{seeds:?}|{}", data.fingerprint);
+        let key = format!("{:x}", sha2::Sha256::digest(key));
+        Some(CheckpointStore::new(dir, &lease.sweep_id, lease.seed, &key))
+    }
+
+    /// Trains `job` on a blocking thread while its epochs stream to the coordinator; as the last
+    /// epoch starts, leases the next seed, so the slot never waits for one.
+    async fn train(
+        self: &Arc<Self>,
+        held: &Held,
+        job: Job,
+        seeds: Seeds,
+    ) -> anyhow::Result<(Ran, Option<Held>)> {
+        let patience = Duration::from_secs(held.lease.lease_ttl_seconds.max(1) as u64);
         let (tx, rx) = mpsc::channel::<pb::EpochMetrics>(1024);
         let stream = tokio::spawn(ship_metrics(self.client.clone(), rx, patience));
-        // Fetch the next lease as the last epoch starts, so the slot never waits for one.
         let (prefetch_tx, prefetch_rx) = tokio::sync::oneshot::channel::<()>();
         let me = self.clone();
         let prefetch = tokio::spawn(async move {
@@ -581,25 +632,16 @@ impl Worker {
                 _ => None,
             }
         });
-
-        let mut shown = Shown::new(&self.metrics, &lref);
         let images_per_epoch = match &job {
             Job::Resnet9 { data, .. } => Some(data.train.len().max(0) as u64),
             Job::Finetune { .. } => None,
         };
-        let metrics_t = self.metrics.clone();
+        let metrics = self.metrics.clone();
         let started = Instant::now();
         let device = self.settings.device;
-        let (stop_t, lref_t) = (held.stop.clone(), lref.clone());
+        let (stop, lref) = (held.stop.clone(), held.lref.clone());
         let epochs = job.epochs();
-        let features = FeatureSettings {
-            model_dir: self.settings.model_dir.clone(),
-            cache: FeatureCache {
-                dir: self.settings.feature_cache.clone(),
-            },
-            threads: self.settings.decode_threads,
-            memory: self.features.clone(),
-        };
+        let features = self.feature_settings();
         let trained = tokio::task::spawn_blocking(move || {
             let mut prefetch_tx = Some(prefetch_tx);
             if epochs <= 1 {
@@ -607,18 +649,18 @@ impl Worker {
             }
             let on_epoch = |m: &EpochMetrics| {
                 if let Some(images) = images_per_epoch {
-                    metrics_t.epoch(&lref_t.sweep_id, lref_t.seed, images, m.seconds);
+                    metrics.epoch(&lref.sweep_id, lref.seed, images, m.seconds);
                 }
-                if tx.blocking_send(epoch_pb(&lref_t, m)).is_err() {
+                if tx.blocking_send(epoch_pb(&lref, m)).is_err() {
                     // The coordinator closed the stream (a stale lease): stop training.
-                    stop_t.store(true, Ordering::Relaxed);
+                    stop.store(true, Ordering::Relaxed);
                 }
                 if m.epoch + 1 >= epochs {
                     prefetch_tx.take().map(|t| t.send(()));
                 }
             };
             let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                job.run(seeds, device, &stop_t, &features, on_epoch)
+                job.run(seeds, device, &stop, &features, on_epoch)
             }));
             // tch panics on libtorch errors in operations it does not let fail: the seed fails
             // with libtorch's message, and the worker goes on.
@@ -626,13 +668,39 @@ impl Worker {
         })
         .await
         .context("the training thread panicked")?;
-        let seconds = started.elapsed().as_secs_f64();
-        let streamed = stream.await.context("the metrics stream task panicked")?;
+        let ran = Ran {
+            seconds: started.elapsed().as_secs_f64(),
+            trained,
+            streamed: stream.await.context("the metrics stream task panicked")?,
+            started,
+            patience,
+        };
         let next = prefetch.await.context("the prefetch task panicked")?;
-        held.stop_heartbeat();
-        let seed = lref.seed;
+        Ok((ran, next))
+    }
 
-        if let Err(status) = &streamed
+    fn feature_settings(&self) -> FeatureSettings {
+        FeatureSettings {
+            model_dir: self.settings.model_dir.clone(),
+            cache: FeatureCache {
+                dir: self.settings.feature_cache.clone(),
+            },
+            threads: self.settings.decode_threads,
+            memory: self.features.clone(),
+        }
+    }
+
+    /// Tells the coordinator how the lease ended: its result, a failure (counted or not), or
+    /// nothing when the lease was lost.
+    async fn report(
+        &self,
+        held: &Held,
+        ran: Ran,
+        run: RunInfo,
+        shown: &mut Shown<'_>,
+    ) -> anyhow::Result<LeaseEnd> {
+        let seed = held.lref.seed;
+        if let Err(status) = &ran.streamed
             && is_lost(status)
         {
             tracing::warn!(
@@ -641,114 +709,133 @@ impl Worker {
                 "lease lost while streaming metrics; dropping the seed"
             );
             held.settle();
-            return Ok((LeaseEnd::Lost, next));
+            return Ok(LeaseEnd::Lost);
         }
-        let end = match trained {
-            Ok(t) => {
-                streamed.map_err(|s| {
-                    anyhow::anyhow!("streaming epoch metrics failed: {}", s.message())
-                })?;
-                let last = t.history.last().context("training ran no epoch")?;
-                let (Some(test_accuracy), Some(test_loss)) = (last.test_accuracy, last.test_loss)
-                else {
-                    bail!("the last epoch of seed {seed} was not evaluated");
-                };
-                let req = pb::CompleteSeedRequest {
-                    lease: Some(lref.clone()),
-                    worker_id: self.settings.worker_id.clone(),
-                    test_accuracy,
-                    test_loss,
-                    train_loss: last.train_loss,
-                    train_accuracy: last.train_accuracy,
-                    epochs: t.history.len() as u32,
-                    seconds,
-                    device: device_label(device),
-                    data_fingerprint: fingerprint.clone(),
-                    test_top5: last.test_top5,
-                    val_loss: last.val_loss,
-                    val_accuracy: last.val_accuracy,
-                    precision: t.precision.as_str().to_string(),
-                    deterministic: t.deterministic,
-                    test_examples: t.test_correct.as_ref().map_or(0, |c| c.examples),
-                    test_correct: t
-                        .test_correct
-                        .as_ref()
-                        .map(|c| c.bits.clone())
-                        .unwrap_or_default(),
-                };
-                match with_retries(patience, || {
-                    let mut c = self.client.clone();
-                    let r = req.clone();
-                    async move { c.complete_seed(r).await }
-                })
-                .await
-                {
-                    Ok(_) => {
-                        held.settle();
-                        shown.finished_in = Some(seconds);
-                        // The per-seed overhead: what is not training. The lease may have been
-                        // prefetched, so it counts from when training could start.
-                        let ready = held.leased_at.max(slot_free);
-                        let to_first_step = t
-                            .timing
-                            .first_step
-                            .map(|s| (started.saturating_duration_since(ready)).as_secs_f64() + s);
-                        let after_last_step =
-                            t.timing.last_step.map(|at| at.elapsed().as_secs_f64());
-                        tracing::info!(
-                            seed,
-                            test_accuracy,
-                            seconds,
-                            resumed_from = t.resumed_from,
-                            lease_to_first_step_s = to_first_step,
-                            last_step_to_result_s = after_last_step,
-                            "seed finished"
-                        );
-                        if let Some(dir) = checkpoint_dir
-                            && let Err(e) = std::fs::remove_dir_all(&dir)
-                            && e.kind() != std::io::ErrorKind::NotFound
-                        {
-                            tracing::warn!(path = %dir.display(), error = %e, "could not remove a checkpoint");
-                        }
-                        LeaseEnd::Finished
-                    }
-                    Err(s) if is_lost(&s) => {
-                        held.settle();
-                        tracing::warn!(seed, reason = s.message(), "result refused: lease lost");
-                        LeaseEnd::Lost
-                    }
-                    Err(s) => bail!(
-                        "failed to report the result of seed {seed}: {}",
-                        s.message()
-                    ),
-                }
-            }
+        match &ran.trained {
+            Ok(t) => self.complete(held, t, &ran, run, shown).await,
             Err(TrainError::Cancelled) if held.lost.load(Ordering::Relaxed) => {
                 held.settle();
                 tracing::warn!(seed, "lease lost during training; dropping the seed");
-                LeaseEnd::Lost
+                Ok(LeaseEnd::Lost)
             }
             Err(TrainError::Host(problem)) => {
-                self.fail(
-                    &held,
-                    &format!("worker {}: {problem}", self.settings.worker_id),
-                    false,
-                )
-                .await?;
+                let cause = format!("worker {}: {problem}", self.settings.worker_id);
+                self.fail(held, &cause, false).await?;
                 bail!("{problem}");
             }
             Err(TrainError::Cancelled) => {
-                self.fail(&held, "worker shut down", false).await?;
+                self.fail(held, "worker shut down", false).await?;
                 tracing::info!(seed, "handed the seed back; shutting down");
-                LeaseEnd::ShutDown
+                Ok(LeaseEnd::ShutDown)
             }
             Err(e) => {
-                let state = self.fail(&held, &e.to_string(), true).await?;
+                let state = self.fail(held, &e.to_string(), true).await?;
                 tracing::warn!(seed, error = %e, state, "seed failed");
-                LeaseEnd::Finished
+                Ok(LeaseEnd::Finished)
             }
+        }
+    }
+
+    /// Sends a trained seed's result, retried while the coordinator is unreachable.
+    async fn complete(
+        &self,
+        held: &Held,
+        t: &Trained,
+        ran: &Ran,
+        run: RunInfo,
+        shown: &mut Shown<'_>,
+    ) -> anyhow::Result<LeaseEnd> {
+        let seed = held.lref.seed;
+        if let Err(s) = &ran.streamed {
+            bail!("streaming epoch metrics failed: {}", s.message());
+        }
+        let req = self.result_request(held, t, ran.seconds, run.fingerprint)?;
+        let test_accuracy = req.test_accuracy;
+        let sent = with_retries(ran.patience, || {
+            let mut c = self.client.clone();
+            let r = req.clone();
+            async move { c.complete_seed(r).await }
+        })
+        .await;
+        match sent {
+            Ok(_) => {
+                held.settle();
+                shown.finished_in = Some(ran.seconds);
+                // The per-seed overhead: what is not training. The lease may have been
+                // prefetched, so it counts from when training could start.
+                let ready = held.leased_at.max(run.slot_free);
+                let to_first_step = t
+                    .timing
+                    .first_step
+                    .map(|s| (ran.started.saturating_duration_since(ready)).as_secs_f64() + s);
+                let after_last_step = t.timing.last_step.map(|at| at.elapsed().as_secs_f64());
+                tracing::info!(
+                    seed,
+                    test_accuracy,
+                    seconds = ran.seconds,
+                    resumed_from = t.resumed_from,
+                    lease_to_first_step_s = to_first_step,
+                    last_step_to_result_s = after_last_step,
+                    "seed finished"
+                );
+                if let Some(dir) = run.checkpoint_dir
+                    && let Err(e) = std::fs::remove_dir_all(&dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(path = %dir.display(), error = %e, "could not remove a checkpoint");
+                }
+                Ok(LeaseEnd::Finished)
+            }
+            Err(s) if is_lost(&s) => {
+                held.settle();
+                tracing::warn!(seed, reason = s.message(), "result refused: lease lost");
+                Ok(LeaseEnd::Lost)
+            }
+            Err(s) => bail!(
+                "failed to report the result of seed {seed}: {}",
+                s.message()
+            ),
+        }
+    }
+
+    /// The `CompleteSeed` request for a trained seed, from its last epoch.
+    fn result_request(
+        &self,
+        held: &Held,
+        t: &Trained,
+        seconds: f64,
+        fingerprint: String,
+    ) -> anyhow::Result<pb::CompleteSeedRequest> {
+        let last = t.history.last().context("training ran no epoch")?;
+        let (Some(test_accuracy), Some(test_loss)) = (last.test_accuracy, last.test_loss) else {
+            bail!(
+                "the last epoch of seed {} was not evaluated",
+                held.lref.seed
+            );
         };
-        Ok((end, next))
+        Ok(pb::CompleteSeedRequest {
+            lease: Some(held.lref.clone()),
+            worker_id: self.settings.worker_id.clone(),
+            test_accuracy,
+            test_loss,
+            train_loss: last.train_loss,
+            train_accuracy: last.train_accuracy,
+            epochs: t.history.len() as u32,
+            seconds,
+            device: device_label(self.settings.device),
+            data_fingerprint: fingerprint,
+            test_top5: last.test_top5,
+            val_loss: last.val_loss,
+            val_accuracy: last.val_accuracy,
+            precision: t.precision.as_str().to_string(),
+            deterministic: t.deterministic,
+            test_examples: t.test_correct.as_ref().map_or(0, |c| c.examples),
+            test_correct: t
+                .test_correct
+                .as_ref()
+                .map(|c| c.bits.clone())
+                .unwrap_or_default(),
+        })
     }
 
     /// Reports a failed or abandoned attempt (settling the lease); returns the seed's new state.
