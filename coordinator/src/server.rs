@@ -6,7 +6,7 @@
 use crate::auth::{AuthLayer, Tokens};
 use crate::metrics::Metrics;
 use crate::service::CoordinatorService;
-use crate::store::{self, Store, redact_url};
+use crate::store::{self, Clock, Store, redact_url};
 use anyhow::{Context, bail};
 use seedsweep_proto::v1::coordinator_server::CoordinatorServer;
 use std::future::Future;
@@ -88,10 +88,19 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub async fn build(settings: ServerSettings) -> anyhow::Result<Coordinator> {
+        Coordinator::build_with_clock(settings, Clock::database()).await
+    }
+
+    /// [`Coordinator::build`] with a store clock the caller controls (tests move it to make
+    /// leases expire and backoffs pass without sleeping).
+    pub async fn build_with_clock(
+        settings: ServerSettings,
+        clock: Clock,
+    ) -> anyhow::Result<Coordinator> {
         check_exposure(&settings)?;
         let tls = settings.tls.as_ref().map(TlsSettings::config).transpose()?;
         let url = redact_url(&settings.database_url);
-        let store = store::connect(&settings.database_url)
+        let store = store::connect_with_clock(&settings.database_url, clock)
             .await
             .with_context(|| format!("failed to open the database {url}"))?;
         let listener = TcpListener::bind(settings.listen)

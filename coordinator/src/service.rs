@@ -12,6 +12,7 @@ use seedsweep_core::domain::{
 use seedsweep_core::policy::Charge;
 use seedsweep_core::spec::{SeedSet, SweepSpec};
 use seedsweep_core::stats;
+use seedsweep_core::stats::document::{ComparisonDocument, StatsDocument};
 use seedsweep_proto::v1 as pb;
 use seedsweep_proto::v1::coordinator_server::Coordinator;
 use std::sync::Arc;
@@ -101,10 +102,10 @@ fn metric(s: &str) -> Result<Metric, Status> {
     s.parse().map_err(Status::invalid_argument)
 }
 
-fn json_document(v: serde_json::Value) -> Response<pb::StatsDocument> {
-    Response::new(pb::StatsDocument {
-        json: v.to_string(),
-    })
+/// A statistics document as the proto carries it: its JSON text.
+fn json_document(doc: &impl serde::Serialize) -> Result<Response<pb::StatsDocument>, Status> {
+    let json = serde_json::to_string(doc).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(pb::StatsDocument { json }))
 }
 
 /// What a watcher keeps between updates: the scores so far, sorted, for the median and the
@@ -160,8 +161,12 @@ async fn watch_update(
                     score: b.score,
                     z: b.z,
                     robust_z: b.robust_z,
-                    side: b.side.into(),
-                    flagged_by: b.flagged_by.iter().map(|s| s.to_string()).collect(),
+                    side: b.side.as_str().into(),
+                    flagged_by: b
+                        .flagged_by
+                        .iter()
+                        .map(|f| f.as_str().to_string())
+                        .collect(),
                 });
             }
         }
@@ -490,12 +495,7 @@ impl Coordinator for CoordinatorService {
         let ci_width = (r.ci_width > 0.0).then_some(r.ci_width);
         let test_examples = (r.test_examples > 0).then_some(r.test_examples);
         let (analysed, _) = self.analyse(id, metric, ci_width, test_examples).await?;
-        let mut doc = match analysed {
-            Some(s) => serde_json::to_value(s).map_err(|e| Status::internal(e.to_string()))?,
-            None => serde_json::json!({"metric": metric, "n": 0}),
-        };
-        doc["sweep_id"] = serde_json::json!(id.to_string());
-        Ok(json_document(doc))
+        json_document(&StatsDocument::new(id.to_string(), metric, analysed))
     }
 
     async fn get_sweep_report(
@@ -564,11 +564,12 @@ impl Coordinator for CoordinatorService {
                 vb.len()
             )));
         };
-        let mut doc = serde_json::to_value(c).map_err(|e| Status::internal(e.to_string()))?;
-        doc["metric"] = serde_json::json!(metric);
-        doc["sweep_a"] = serde_json::json!(a.to_string());
-        doc["sweep_b"] = serde_json::json!(b.to_string());
-        Ok(json_document(doc))
+        json_document(&ComparisonDocument {
+            metric,
+            sweep_a: a.to_string(),
+            sweep_b: b.to_string(),
+            comparison: c,
+        })
     }
 
     async fn watch_sweep(

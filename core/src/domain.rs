@@ -8,6 +8,30 @@ use std::fmt;
 use std::str::FromStr;
 use uuid::Uuid;
 
+/// One table of names for a closed set: `ALL`, `as_str` and `parse` from the same list, so the
+/// name a state is written with and the one it is read back from cannot drift apart.
+macro_rules! names {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+
+            pub fn parse(s: &str) -> Option<$ty> {
+                match s {
+                    $($name => Some($ty::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+pub(crate) use names;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct SweepId(pub Uuid);
 
@@ -69,28 +93,13 @@ pub enum SeedState {
     Cancelled,
 }
 
-impl SeedState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SeedState::Pending => "pending",
-            SeedState::Leased => "leased",
-            SeedState::Done => "done",
-            SeedState::Failed => "failed",
-            SeedState::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<SeedState> {
-        Some(match s {
-            "pending" => SeedState::Pending,
-            "leased" => SeedState::Leased,
-            "done" => SeedState::Done,
-            "failed" => SeedState::Failed,
-            "cancelled" => SeedState::Cancelled,
-            _ => return None,
-        })
-    }
-}
+names!(SeedState {
+    Pending => "pending",
+    Leased => "leased",
+    Done => "done",
+    Failed => "failed",
+    Cancelled => "cancelled",
+});
 
 /// Whether a sweep hands out leases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -103,24 +112,11 @@ pub enum SweepState {
     Cancelled,
 }
 
-impl SweepState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SweepState::Active => "active",
-            SweepState::Paused => "paused",
-            SweepState::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<SweepState> {
-        Some(match s {
-            "active" => SweepState::Active,
-            "paused" => SweepState::Paused,
-            "cancelled" => SweepState::Cancelled,
-            _ => return None,
-        })
-    }
-}
+names!(SweepState {
+    Active => "active",
+    Paused => "paused",
+    Cancelled => "cancelled",
+});
 
 /// A lease handed to a worker, with what it needs to train.
 #[derive(Debug, Clone, PartialEq)]
@@ -289,7 +285,7 @@ pub struct SweepProgress {
 
 /// A per-seed number the statistics can describe: a column of `results` (and, but for
 /// `seconds`' different meaning there, of `epoch_metrics`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
     TestAccuracy,
@@ -400,6 +396,25 @@ pub struct Aggregate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each closed set's names read back as what they name, and match their serde names.
+    #[test]
+    fn names_round_trip() {
+        let serde_name = |v: serde_json::Value| v.as_str().unwrap().to_string();
+        for &s in SeedState::ALL {
+            assert_eq!(SeedState::parse(s.as_str()), Some(s));
+            assert_eq!(serde_name(serde_json::to_value(s).unwrap()), s.as_str());
+        }
+        for &s in SweepState::ALL {
+            assert_eq!(SweepState::parse(s.as_str()), Some(s));
+            assert_eq!(serde_name(serde_json::to_value(s).unwrap()), s.as_str());
+        }
+        assert_eq!(SeedState::parse("leased "), None);
+        for m in Metric::ALL {
+            assert_eq!(serde_name(serde_json::to_value(m).unwrap()), m.to_string());
+            assert_eq!(m.to_string().parse::<Metric>(), Ok(m));
+        }
+    }
 
     #[test]
     fn correctness_must_agree_with_its_size_and_accuracy() {

@@ -80,18 +80,14 @@ pub enum AttemptOutcome {
     Cancelled,
 }
 
-impl AttemptOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AttemptOutcome::Running => "running",
-            AttemptOutcome::Succeeded => "succeeded",
-            AttemptOutcome::Failed => "failed",
-            AttemptOutcome::Released => "released",
-            AttemptOutcome::Expired => "expired",
-            AttemptOutcome::Cancelled => "cancelled",
-        }
-    }
-}
+crate::domain::names!(AttemptOutcome {
+    Running => "running",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Released => "released",
+    Expired => "expired",
+    Cancelled => "cancelled",
+});
 
 impl AttemptEnd {
     pub fn counted(self) -> bool {

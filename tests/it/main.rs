@@ -8,6 +8,7 @@ mod finetune;
 mod protocol_model;
 mod resilience;
 mod security;
+mod service;
 mod statistics;
 mod store_conformance;
 mod training;

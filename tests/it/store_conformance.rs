@@ -10,7 +10,6 @@ use seedsweep_core::policy::Charge;
 use seedsweep_core::spec::SeedSet;
 use seedsweep_core::spec::SweepSpec;
 use seedsweep_core::stats;
-use seedsweep_tests::PgServer;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -586,53 +585,58 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
     assert!((epochs.1 - two.iter().sum::<f64>() / two.len() as f64).abs() < 1e-12);
 }
 
-/// Every suite, each on a fresh database from `fresh` (a URL per call).
-async fn all_suites(fresh: impl Fn() -> String) {
+/// The store at `url` with a clock the scenario moves.
+async fn open(url: &str) -> (Arc<dyn Store>, Clock) {
     let clock = Clock::database();
-    let url = fresh();
-    live_aggregates(
-        store::connect_with_clock(&url, clock.clone())
-            .await
-            .unwrap(),
-        clock,
-        &url,
-    )
-    .await;
-    let clock = Clock::database();
-    suite(
-        store::connect_with_clock(&fresh(), clock.clone())
-            .await
-            .unwrap(),
-        clock,
-    )
-    .await;
-    let clock = Clock::database();
-    retries_and_control(
-        store::connect_with_clock(&fresh(), clock.clone())
-            .await
-            .unwrap(),
-        clock,
-    )
-    .await;
-    concurrent_claims(store::connect(&fresh()).await.unwrap()).await;
+    let s = store::connect_with_clock(url, clock.clone()).await.unwrap();
+    (s, clock)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_store_conforms() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = std::sync::atomic::AtomicU32::new(0);
-    all_suites(|| {
-        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        format!("sqlite://{}", dir.path().join(format!("s{i}.db")).display())
-    })
-    .await;
+async fn run_leases(url: String) {
+    let (s, clock) = open(&url).await;
+    suite(s, clock).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_store_conforms() {
-    let pg = PgServer::start().unwrap();
-    all_suites(|| pg.fresh_database().unwrap()).await;
+async fn run_retries_and_control(url: String) {
+    let (s, clock) = open(&url).await;
+    retries_and_control(s, clock).await;
 }
+
+async fn run_concurrent_claims(url: String) {
+    concurrent_claims(open(&url).await.0).await;
+}
+
+async fn run_live_aggregates(url: String) {
+    let (s, clock) = open(&url).await;
+    live_aggregates(s, clock, &url).await;
+}
+
+/// One named test per scenario and database (`store_conformance::leases::sqlite`, ...), each on a
+/// fresh database, so that one scenario's failure hides no other.
+macro_rules! conformance {
+    ($($scenario:ident => $run:ident),+ $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$run(format!("sqlite://{}", dir.path().join("s.db").display())).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                let pg = seedsweep_tests::PgServer::start().unwrap();
+                super::$run(pg.fresh_database().unwrap()).await;
+            }
+        }
+    )+};
+}
+
+conformance!(
+    leases => run_leases,
+    retries_and_control => run_retries_and_control,
+    concurrent_claims => run_concurrent_claims,
+    live_aggregates => run_live_aggregates,
+);
 
 #[tokio::test]
 async fn rejects_unknown_database_urls_without_leaking_passwords() {

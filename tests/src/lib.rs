@@ -477,3 +477,79 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// A coordinator served from the test process: built by `Coordinator::build_with_clock` exactly as
+/// `coordinator serve` builds it, on port 0 of loopback, with its own SQLite database and a store
+/// clock the test moves (leases expire and backoffs pass without sleeping).
+pub struct InProcessCoordinator {
+    pub url: String,
+    pub clock: seedsweep_coordinator::store::Clock,
+    pub database: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts an [`InProcessCoordinator`] with leases of `lease_ttl` and, when given, these worker and
+/// admin tokens.
+pub async fn spawn_coordinator(
+    lease_ttl: Duration,
+    tokens: Option<(&[String], &[String])>,
+) -> anyhow::Result<InProcessCoordinator> {
+    use seedsweep_coordinator::auth::Tokens;
+    use seedsweep_coordinator::server::{Coordinator, ServerSettings};
+    let dir = tempfile::tempdir()?;
+    let database = dir.path().join("seedsweep.db");
+    let settings = ServerSettings {
+        listen: "127.0.0.1:0".parse()?,
+        database_url: format!("sqlite://{}", database.display()),
+        lease_ttl,
+        tokens: tokens
+            .map(|(worker, admin)| Tokens::new(worker, admin))
+            .transpose()?,
+        tls: None,
+        insecure: false,
+        metrics_listen: None,
+    };
+    let clock = seedsweep_coordinator::store::Clock::database();
+    let coordinator = Coordinator::build_with_clock(settings, clock.clone()).await?;
+    let url = format!("http://{}", coordinator.local_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(coordinator.run_until(async {
+        let _ = stopped.await;
+    }));
+    Ok(InProcessCoordinator {
+        url,
+        clock,
+        database,
+        stop: Some(stop),
+        served,
+        _dir: dir,
+    })
+}
+
+impl InProcessCoordinator {
+    /// A client of this coordinator that sends `token`, if any.
+    pub async fn client(&self, token: Option<&str>) -> seedsweep_proto::client::Client {
+        let connection = seedsweep_proto::client::Connection {
+            url: self.url.clone(),
+            token: token.map(str::to_string),
+            ..Default::default()
+        };
+        connection
+            .connect()
+            .await
+            .expect("connect to the in-process coordinator")
+    }
+
+    /// Stops serving and waits for the server to end.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let served = (&mut self.served).await;
+        served
+            .expect("the server task panicked")
+            .expect("the server failed");
+    }
+}

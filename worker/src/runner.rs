@@ -998,6 +998,8 @@ mod tests {
     /// prefetched one was never trained, and the refused one's fate was never settled.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_error_hands_the_prefetched_lease_back_uncounted() {
+        // As every test that trains does (libtorch's thread count is global).
+        tch::set_num_threads(1);
         let data = tempfile::tempdir().unwrap();
         let (train, test) = data::synthetic_records(256, 128, 3);
         data::write_dataset(&data.path().join("tiny"), &train, &test).unwrap();

@@ -1,7 +1,9 @@
 //! The admin commands: gRPC clients of a running coordinator that print for people (or `--json`).
 
+use super::render;
 use anyhow::{Context, bail};
 use seedsweep_core::spec::SweepSpec;
+use seedsweep_core::stats::document::{ComparisonDocument, StatsDocument};
 use seedsweep_proto::client::Connection;
 use seedsweep_proto::v1 as pb;
 use std::path::Path;
@@ -242,167 +244,12 @@ pub async fn stats(
         .map_err(rpc)?
         .into_inner()
         .json;
-    let v: serde_json::Value =
+    let doc: StatsDocument =
         serde_json::from_str(&doc).context("the coordinator sent statistics that do not parse")?;
     if json {
-        return Ok(serde_json::to_string_pretty(&v)? + "\n");
+        return Ok(serde_json::to_string_pretty(&doc)? + "\n");
     }
-    Ok(stats_table(&v))
-}
-
-fn num(v: &serde_json::Value) -> String {
-    v.as_f64().map_or("-".into(), seedsweep_core::report::f)
-}
-
-fn interval(v: &serde_json::Value) -> String {
-    if v.is_null() {
-        return "-".into();
-    }
-    format!("[{}, {}]", num(&v["low"]), num(&v["high"]))
-}
-
-/// The table `sweep stats` prints, from the JSON document.
-pub fn stats_table(v: &serde_json::Value) -> String {
-    let metric = v["metric"].as_str().unwrap_or("?");
-    let mut out = format!(
-        "sweep {}  metric {metric}\n",
-        v["sweep_id"].as_str().unwrap_or("?")
-    );
-    if v["n"].as_u64() == Some(0) {
-        return out + "no seed has finished yet\n";
-    }
-    out += &format!(
-        "n {}  mean {}  std {}  median {}  q1 {}  q3 {}  MAD {}\nmin {} (seed {})  max {} (seed {})  gap {}\n",
-        v["n"],
-        num(&v["mean"]),
-        num(&v["std"]),
-        num(&v["median"]),
-        num(&v["q1"]),
-        num(&v["q3"]),
-        num(&v["mad"]),
-        num(&v["min"]),
-        v["worst_seed"],
-        num(&v["max"]),
-        v["best_seed"],
-        num(&v["gap"]),
-    );
-    if let Some(b) = v["binomial_std"].as_f64() {
-        out += &format!(
-            "test-set noise: binomial std {} against the observed std {}\n",
-            num(&b.into()),
-            num(&v["std"])
-        );
-    }
-    let t = &v["test_set"];
-    if !t.is_null() {
-        out += &format!(
-            "test set ({} examples, {} runs with per-example results): binomial std {}, independent-errors std {}, distribution-wise std {} (variance {}); split-half correlation {}\n",
-            t["test_examples"],
-            t["runs"],
-            num(&t["binomial_std"]),
-            num(&t["independent_errors_std"]),
-            num(&t["distribution_std"]),
-            num(&t["distribution_var"]),
-            num(&t["split_half_correlation"]),
-        );
-    }
-    let ci = &v["intervals"];
-    if !ci.is_null() {
-        out += &format!(
-            "95% intervals ({}{}): mean {}  std {}  gap {}  (t interval of the mean {})\n",
-            ci["method"].as_str().unwrap_or("?"),
-            match ci["resamples"].as_u64() {
-                Some(r) if r > 0 => format!(", {r} resamples"),
-                _ => String::new(),
-            },
-            interval(&ci["mean"]),
-            interval(&ci["std"]),
-            interval(&ci["gap"]),
-            interval(&ci["mean_t"]),
-        );
-    }
-    for p in v["seeds_for_ci_width"].as_array().into_iter().flatten() {
-        out += &format!(
-            "a 95% interval of the mean {} wide needs about {} seeds\n",
-            num(&p["ci_width"]),
-            p["seeds"]
-        );
-    }
-    let swans = v["black_swans"].as_array().cloned().unwrap_or_default();
-    if swans.is_empty() {
-        out += "black swans: none (|robust z| > 3.5 or |z| > 3)\n";
-    } else {
-        out += "black swans (|robust z| > 3.5 or |z| > 3):\n  seed           score  side        z   robust z  flagged by\n";
-        for b in &swans {
-            out += &format!(
-                "  {:<12} {:>7}  {:<4} {:>8.2} {:>10}  {}\n",
-                b["seed"].to_string(),
-                num(&b["score"]),
-                b["side"].as_str().unwrap_or("?"),
-                b["z"].as_f64().unwrap_or(0.0),
-                b["robust_z"]
-                    .as_f64()
-                    .map_or("-".into(), |r| format!("{r:.2}")),
-                b["flagged_by"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            );
-        }
-    }
-    out += "best of k seeds (expected, exact over the observed seeds):\n  k         E[max]    E[min]  E[max]-mean\n";
-    for b in v["best_of_k"].as_array().into_iter().flatten() {
-        out += &format!(
-            "  {:<7} {:>8} {:>9} {:>12}\n",
-            b["k"].to_string(),
-            num(&b["expected_max"]),
-            num(&b["expected_min"]),
-            num(&b["inflation"])
-        );
-    }
-    let epochs = v["epochs"].as_array().cloned().unwrap_or_default();
-    if !epochs.is_empty() {
-        out += "per epoch, across seeds:\n  epoch     n     mean      std      min       q1   median       q3      max\n";
-        for e in &epochs {
-            out += &format!(
-                "  {:<5} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
-                e["epoch"].to_string(),
-                e["n"].to_string(),
-                num(&e["mean"]),
-                num(&e["std"]),
-                num(&e["min"]),
-                num(&e["q1"]),
-                num(&e["median"]),
-                num(&e["q3"]),
-                num(&e["max"])
-            );
-        }
-    }
-    match v["variance_components"]["components"].as_array() {
-        Some(cs) => {
-            out += "variance by source (random-effects ANOVA):\n  source                      levels    variance  share  95% interval\n";
-            for c in cs {
-                out += &format!(
-                    "  {:<27} {:>6} {:>11} {:>5.1}%  {}\n",
-                    c["source"].as_str().unwrap_or("?"),
-                    c["levels"].to_string(),
-                    num(&c["variance"]),
-                    100.0 * c["share"].as_f64().unwrap_or(0.0),
-                    interval(&c["interval"])
-                );
-            }
-        }
-        None => {
-            out += &format!(
-                "variance by source: {}\n",
-                v["variance_components_note"].as_str().unwrap_or("-")
-            )
-        }
-    }
-    out
+    Ok(render::stats_table(&doc))
 }
 
 /// Two sweeps against each other.
@@ -424,37 +271,12 @@ pub async fn compare(
         .map_err(rpc)?
         .into_inner()
         .json;
-    let v: serde_json::Value = serde_json::from_str(&doc)
+    let doc: ComparisonDocument = serde_json::from_str(&doc)
         .context("the coordinator sent a comparison that does not parse")?;
     if json {
-        return Ok(serde_json::to_string_pretty(&v)? + "\n");
+        return Ok(serde_json::to_string_pretty(&doc)? + "\n");
     }
-    let side = |s: &serde_json::Value| {
-        format!(
-            "n {}  mean {}  std {}",
-            s["n"],
-            num(&s["mean"]),
-            num(&s["std"])
-        )
-    };
-    Ok(format!(
-        "metric {}\nA {}  {}\nB {}  {}\nmean(A) - mean(B) = {}  95% interval {}\n\
-         Welch t = {:.3} (df {:.1}), p = {}\nMann-Whitney U = {}, p = {}\n\
-         P(a random seed of A beats one of B) = {:.3}\n",
-        v["metric"].as_str().unwrap_or("?"),
-        v["sweep_a"].as_str().unwrap_or("?"),
-        side(&v["a"]),
-        v["sweep_b"].as_str().unwrap_or("?"),
-        side(&v["b"]),
-        num(&v["difference"]),
-        interval(&v["difference_ci"]),
-        v["welch_t"].as_f64().unwrap_or(f64::NAN),
-        v["welch_df"].as_f64().unwrap_or(f64::NAN),
-        num(&v["welch_p"]),
-        v["mann_whitney_u"],
-        num(&v["mann_whitney_p"]),
-        v["prob_a_beats_b"].as_f64().unwrap_or(f64::NAN),
-    ))
+    Ok(render::comparison(&doc))
 }
 
 /// Follows a sweep until it ends: a live view at a terminal, one line per update otherwise.

@@ -342,7 +342,7 @@ fn markdown(input: &Input) -> String {
             "\n95% interval of the mean: [{}, {}] ({}); of the std: [{}, {}].",
             f(i.mean.low),
             f(i.mean.high),
-            i.method,
+            i.method.as_str(),
             f(i.std.low),
             f(i.std.high)
         );
@@ -385,7 +385,7 @@ th{{background:#f2f2f2}}td:first-child,th:first-child{{text-align:left}}figure{{
         let _ = writeln!(
             h,
             "<p>95% intervals ({}): mean [{}, {}], std [{}, {}].</p>",
-            i.method,
+            i.method.as_str(),
             f(i.mean.low),
             f(i.mean.high),
             f(i.std.low),
@@ -415,10 +415,10 @@ th{{background:#f2f2f2}}td:first-child,th:first-child{{text-align:left}}figure{{
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td></tr>",
                 b.seed,
                 f(b.score),
-                b.side,
+                b.side.as_str(),
                 b.z,
                 b.robust_z.map_or("-".into(), |r| format!("{r:.2}")),
-                b.flagged_by.join(", ")
+                stats::describe::flags(&b.flagged_by).join(", ")
             );
         }
         h += "</table>\n";

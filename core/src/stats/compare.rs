@@ -2,34 +2,43 @@
 
 use super::Moments;
 use super::describe::Interval;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Side {
     pub n: u64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub mean: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub std: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Comparison {
     pub a: Side,
     pub b: Side,
     /// mean(A) - mean(B).
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub difference: f64,
     /// 95% Welch interval of the difference.
     pub difference_ci: Interval,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub welch_t: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub welch_df: f64,
     /// Two-sided.
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub welch_p: f64,
     /// Mann-Whitney U of A (ties count one half).
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub mann_whitney_u: f64,
     /// Two-sided, normal approximation with tie and continuity corrections (scipy's
     /// `method="asymptotic"`).
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub mann_whitney_p: f64,
     /// P(a random seed of A scores above a random seed of B), ties counting one half: U / (nA nB).
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub prob_a_beats_b: f64,
 }
 

@@ -7,7 +7,7 @@
 //! cell, the residual is their interaction (confounded with any other noise).
 
 use super::describe::Interval;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use statrs::distribution::{ChiSquared, ContinuousCDF};
 
 pub const FACTORS: [&str; 4] = ["init", "order", "augment", "split"];
@@ -19,27 +19,30 @@ pub struct Cell {
     pub score: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Component {
     /// A factor, factors joined by `+`, or "residual".
     pub source: String,
     pub levels: usize,
     /// The estimate; negative estimates (a source weaker than the noise) are reported as 0.
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub variance: f64,
     /// Its share of the summed components.
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub share: f64,
     pub interval: Option<Interval>,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub df: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Components {
     pub runs: usize,
     pub components: Vec<Component>,
 }
 
 /// Why components could not be computed.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NotCrossed {
     pub reason: String,
 }

@@ -2,7 +2,7 @@
 
 use super::{Moments, Summary, quantile, sorted};
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
 /// A robust z-score beyond this flags a black swan (Iglewicz and Hoaglin's 3.5).
@@ -13,18 +13,79 @@ pub const Z_LIMIT: f64 = 3.0;
 const MAD_SCALE: f64 = 0.674_489_750_196_081_7;
 
 /// A seed whose score is far from the rest.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlackSwan {
     pub seed: i64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub score: f64,
     /// (score - mean) / std.
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub z: f64,
     /// 0.6745 (score - median) / MAD; absent when the MAD is 0 (most scores equal).
     pub robust_z: Option<f64>,
-    /// "high" or "low".
-    pub side: &'static str,
-    /// Which criteria flag it: "robust" (|robust_z| > 3.5), "z" (|z| > 3).
-    pub flagged_by: Vec<&'static str>,
+    pub side: Side,
+    /// Which criteria flag it.
+    pub flagged_by: Vec<Flag>,
+}
+
+/// Which side of the centre a black swan lies on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    High,
+    Low,
+}
+
+/// A criterion that flags a black swan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flag {
+    /// |robust z| > [`ROBUST_Z_LIMIT`].
+    Robust,
+    /// |z| > [`Z_LIMIT`].
+    Z,
+}
+
+/// How a sweep's intervals were computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IntervalMethod {
+    /// Percentile bootstrap over the seeds.
+    Bootstrap,
+    /// Above [`BOOTSTRAP_MAX_N`] seeds: t interval for the mean, chi-square for the std.
+    NormalTheory,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::High => "high",
+            Side::Low => "low",
+        }
+    }
+}
+
+impl Flag {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flag::Robust => "robust",
+            Flag::Z => "z",
+        }
+    }
+}
+
+impl IntervalMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntervalMethod::Bootstrap => "bootstrap",
+            IntervalMethod::NormalTheory => "normal-theory",
+        }
+    }
+}
+
+/// `flagged_by` as the report and the proto write it: the criteria's names, comma-separated.
+pub fn flags(flagged_by: &[Flag]) -> Vec<&'static str> {
+    flagged_by.iter().map(|f| f.as_str()).collect()
 }
 
 /// The median and the median absolute deviation of sorted scores.
@@ -87,17 +148,21 @@ pub fn judge(seed: i64, score: f64, c: &Centre) -> Option<BlackSwan> {
     let robust_z = (c.mad > 0.0).then(|| MAD_SCALE * (score - c.median) / c.mad);
     let mut flagged_by = Vec::new();
     if robust_z.is_some_and(|r| r.abs() > ROBUST_Z_LIMIT) {
-        flagged_by.push("robust");
+        flagged_by.push(Flag::Robust);
     }
     if z.abs() > Z_LIMIT {
-        flagged_by.push("z");
+        flagged_by.push(Flag::Z);
     }
     (!flagged_by.is_empty()).then_some(BlackSwan {
         seed,
         score,
         z,
         robust_z,
-        side: if score >= c.median { "high" } else { "low" },
+        side: if score >= c.median {
+            Side::High
+        } else {
+            Side::Low
+        },
         flagged_by,
     })
 }
@@ -114,12 +179,15 @@ pub fn black_swans(scores: &[(i64, f64)], summary: &Summary, mad: f64) -> Vec<Bl
 }
 
 /// What a researcher who runs k seeds and reports the best (or the worst) can expect.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BestOfK {
     pub k: usize,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub expected_max: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub expected_min: f64,
     /// expected_max - mean: the inflation of a best-of-k claim.
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub inflation: f64,
 }
 
@@ -173,19 +241,21 @@ pub fn k_grid(n: usize) -> Vec<usize> {
 }
 
 /// A 95% interval.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Interval {
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub low: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub high: f64,
 }
 
 /// 95% intervals for the mean, the std and the gap.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Intervals {
-    /// "bootstrap" (percentile, `resamples` resamples of the seeds, a fixed generator so the
-    /// answer repeats) or "normal-theory" above [`BOOTSTRAP_MAX_N`] seeds (t interval for the
+    /// Bootstrap (percentile, `resamples` resamples of the seeds, a fixed generator so the
+    /// answer repeats) or normal theory above [`BOOTSTRAP_MAX_N`] seeds (t interval for the
     /// mean, chi-square for the std; no interval for the gap).
-    pub method: &'static str,
+    pub method: IntervalMethod,
     pub resamples: usize,
     pub mean: Interval,
     pub std: Interval,
@@ -214,7 +284,7 @@ pub fn intervals(scores: &[f64], summary: &Summary) -> Option<Intervals> {
         let chi = statrs::distribution::ChiSquared::new(df).ok()?;
         let var = summary.std * summary.std;
         return Some(Intervals {
-            method: "normal-theory",
+            method: IntervalMethod::NormalTheory,
             resamples: 0,
             mean: mean_t,
             std: Interval {
@@ -252,7 +322,7 @@ pub fn intervals(scores: &[f64], summary: &Summary) -> Option<Intervals> {
         }
     };
     Some(Intervals {
-        method: "bootstrap",
+        method: IntervalMethod::Bootstrap,
         resamples: RESAMPLES,
         mean: percentile(means),
         std: percentile(stds),
@@ -263,8 +333,9 @@ pub fn intervals(scores: &[f64], summary: &Summary) -> Option<Intervals> {
 
 /// How many seeds a 95% interval of the mean `width` wide needs (normal approximation with the
 /// observed std): n = (2 * 1.96 * std / width)^2.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeedsFor {
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub ci_width: f64,
     pub seeds: u64,
 }
@@ -278,16 +349,23 @@ pub fn seeds_for_width(std: f64, width: f64) -> SeedsFor {
 }
 
 /// Scores across seeds at one epoch.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochSpread {
     pub epoch: u32,
     pub n: u64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub mean: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub std: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub min: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub max: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub q1: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub median: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub q3: f64,
 }
 
@@ -407,8 +485,8 @@ mod tests {
         let swans = black_swans(&scores, &s, mad);
         // Seed 109 (0.871) is far below and 103 (0.961) far above; the farthest comes first.
         assert_eq!(swans[0].seed, 109);
-        assert_eq!(swans[0].side, "low");
-        assert!(swans.iter().any(|b| b.seed == 103 && b.side == "high"));
+        assert_eq!(swans[0].side, Side::Low);
+        assert!(swans.iter().any(|b| b.seed == 103 && b.side == Side::High));
     }
 
     #[test]

@@ -14,18 +14,27 @@
 pub mod compare;
 pub mod components;
 pub mod describe;
+pub mod document;
 pub mod noise;
 
 use crate::domain::{Metric, Scored};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+/// Reads back a number that serde_json wrote as `null` because it was NaN: the documents carry
+/// NaN where a statistic is undefined (a Welch test of single seeds, a correlation without
+/// spread), and the client reads them with the same types the server wrote.
+pub(crate) fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
 
 /// Everything `coordinator sweep stats --json` prints (README, "Statistics", documents the keys).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SweepStats {
     pub metric: Metric,
     #[serde(flatten)]
     pub summary: Summary,
     /// Median absolute deviation (unscaled).
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub mad: f64,
     pub black_swans: Vec<describe::BlackSwan>,
     pub best_of_k: Vec<describe::BestOfK>,
@@ -126,21 +135,29 @@ pub fn analyse(
 }
 
 /// The usual description of scores over seeds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub n: u64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub mean: f64,
     /// Sample standard deviation (divides by n - 1); 0 for a single seed.
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub std: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub min: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub max: f64,
     pub worst_seed: i64,
     pub best_seed: i64,
     /// Quartiles by linear interpolation (numpy's default).
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub q1: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub median: f64,
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub q3: f64,
     /// max - min: what picking the best seed over the worst buys.
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub gap: f64,
 }
 

@@ -10,26 +10,31 @@
 //! accuracy on the even-numbered examples with that on the odd-numbered ones: near zero, a
 //! lucky seed is lucky on one half only.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Bit `i` of a bitmap (little-endian within bytes): whether the run got example `i` right.
 pub fn bit(bitmap: &[u8], i: usize) -> bool {
     bitmap[i / 8] >> (i % 8) & 1 == 1
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TestSetNoise {
     pub test_examples: u64,
     /// sqrt(p(1-p)/n) at the mean accuracy.
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub binomial_std: f64,
     /// The observed std of accuracy across the runs with bitmaps.
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub observed_std: f64,
     pub runs: u64,
     /// sqrt((1/n^2) sum_i e_i (1 - e_i)).
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub independent_errors_std: f64,
     /// The unbiased distribution-wise variance estimate (may be negative from sampling noise).
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub distribution_var: f64,
     /// sqrt(max(0, distribution_var)).
+    #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub distribution_std: f64,
     /// Pearson correlation across runs of accuracy on even- and odd-numbered examples.
     pub split_half_correlation: Option<f64>,

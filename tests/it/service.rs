@@ -1,0 +1,207 @@
+//! The coordinator served from the test process (`spawn_coordinator`: `Coordinator::build`, port
+//! 0, its own database, a clock the test moves): status mapping, expiry and backoff, and the
+//! token check, through real gRPC calls and without release binaries or sleeping.
+
+use seedsweep_proto::client::Client;
+use seedsweep_proto::v1 as pb;
+use seedsweep_tests::{InProcessCoordinator, spawn_coordinator};
+use std::time::Duration;
+use tonic::Code;
+
+const TTL: Duration = Duration::from_secs(30);
+
+/// Two seeds, two attempts each, a fixed 100 s backoff.
+const SWEEP: &str = "name = \"svc\"\ntask = \"resnet9\"\ndataset = \"synthetic\"\nseeds = \"0..2\"\n\
+    max_attempts = 2\nretry_backoff_seconds = 100\nretry_backoff_max_seconds = 100\n[train]\nepochs = 2\n";
+
+async fn submit(c: &mut Client) -> String {
+    let r = c
+        .submit_sweep(pb::SubmitSweepRequest {
+            sweep_toml: SWEEP.into(),
+        })
+        .await
+        .unwrap();
+    r.into_inner().sweep_id
+}
+
+async fn lease(c: &mut Client) -> Option<pb::Lease> {
+    let r = c
+        .lease_seed(pb::LeaseSeedRequest {
+            worker_id: "w".into(),
+        })
+        .await
+        .unwrap();
+    match r.into_inner().outcome.unwrap() {
+        pb::lease_seed_response::Outcome::Lease(l) => Some(l),
+        pb::lease_seed_response::Outcome::NoWork(_) => None,
+    }
+}
+
+fn lref(l: &pb::Lease) -> Option<pb::LeaseRef> {
+    Some(pb::LeaseRef {
+        sweep_id: l.sweep_id.clone(),
+        seed: l.seed,
+        fence: l.fence,
+    })
+}
+
+fn heartbeat(lease: Option<pb::LeaseRef>) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        lease,
+        worker_id: "w".into(),
+    }
+}
+
+async fn counts(c: &mut Client, sweep: &str) -> pb::SeedCounts {
+    let r = c
+        .get_sweep_status(pb::GetSweepStatusRequest {
+            sweep_id: sweep.into(),
+        })
+        .await
+        .unwrap();
+    r.into_inner().counts.unwrap()
+}
+
+async fn started() -> (InProcessCoordinator, Client) {
+    let coordinator = spawn_coordinator(TTL, None).await.unwrap();
+    let client = coordinator.client(None).await;
+    (coordinator, client)
+}
+
+#[tokio::test]
+async fn a_stale_fence_is_failed_precondition() {
+    let (coordinator, mut c) = started().await;
+    submit(&mut c).await;
+    let first = lease(&mut c).await.unwrap();
+    let released = c
+        .fail_seed(pb::FailSeedRequest {
+            lease: lref(&first),
+            worker_id: "w".into(),
+            cause: "handed back".into(),
+            counts_as_attempt: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(released.into_inner().state, "pending");
+    let again = lease(&mut c).await.unwrap();
+    assert_eq!((again.seed, again.fence), (first.seed, first.fence + 1));
+    let stale = c.heartbeat(heartbeat(lref(&first))).await.unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
+    assert!(
+        stale.message().contains("stale lease"),
+        "{}",
+        stale.message()
+    );
+    c.heartbeat(heartbeat(lref(&again))).await.unwrap();
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_sweeps_and_seeds_are_not_found() {
+    let (coordinator, mut c) = started().await;
+    let sweep = submit(&mut c).await;
+    let nobody = "00000000-0000-0000-0000-000000000000";
+    let e = c
+        .get_sweep_status(pb::GetSweepStatusRequest {
+            sweep_id: nobody.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let no_seed = Some(pb::LeaseRef {
+        sweep_id: sweep,
+        seed: 99,
+        fence: 1,
+    });
+    let e = c.heartbeat(heartbeat(no_seed)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_are_invalid_argument() {
+    let (coordinator, mut c) = started().await;
+    let e = c
+        .get_sweep_status(pb::GetSweepStatusRequest {
+            sweep_id: "not-a-uuid".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c.heartbeat(heartbeat(None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c
+        .lease_seed(pb::LeaseSeedRequest {
+            worker_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c
+        .submit_sweep(pb::SubmitSweepRequest {
+            sweep_toml: "name = 3".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    coordinator.stop().await;
+}
+
+/// An expired lease counts as an attempt and its seed waits out the backoff; the last attempt
+/// ends the seed failed. Time moves by the store's clock only.
+#[tokio::test]
+async fn expiry_counts_and_the_backoff_is_waited_out() {
+    let (coordinator, mut c) = started().await;
+    let sweep = submit(&mut c).await;
+    let first = lease(&mut c).await.unwrap();
+    let other = lease(&mut c).await.unwrap();
+    assert_ne!(first.seed, other.seed);
+    c.heartbeat(heartbeat(lref(&other))).await.unwrap();
+    coordinator.clock.advance(TTL + Duration::from_secs(1));
+    // The claim that expires both leases finds both seeds backing off.
+    assert!(
+        lease(&mut c).await.is_none(),
+        "a seed leased inside its backoff"
+    );
+    let e = c.heartbeat(heartbeat(lref(&first))).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(counts(&mut c, &sweep).await.pending, 2);
+    // The backoff is 100 s times a jitter in [0.5, 1.5).
+    coordinator.clock.advance(Duration::from_secs(151));
+    let retried = lease(&mut c).await.unwrap();
+    assert_eq!(retried.fence, 2);
+    coordinator.clock.advance(TTL + Duration::from_secs(1));
+    lease(&mut c).await.unwrap();
+    let after = counts(&mut c, &sweep).await;
+    assert_eq!((after.failed, after.leased), (1, 1), "{after:?}");
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_are_checked_before_any_handler() {
+    let worker = vec!["w".repeat(32)];
+    let admin = vec!["a".repeat(32)];
+    let coordinator = spawn_coordinator(TTL, Some((&worker, &admin)))
+        .await
+        .unwrap();
+    let mut nobody = coordinator.client(None).await;
+    let e = nobody
+        .lease_seed(pb::LeaseSeedRequest {
+            worker_id: "w".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let mut as_worker = coordinator.client(Some(&worker[0])).await;
+    let e = as_worker
+        .submit_sweep(pb::SubmitSweepRequest {
+            sweep_toml: SWEEP.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let mut as_admin = coordinator.client(Some(&admin[0])).await;
+    submit(&mut as_admin).await;
+    assert!(lease(&mut as_worker).await.is_some());
+    coordinator.stop().await;
+}
