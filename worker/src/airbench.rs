@@ -48,7 +48,7 @@ pub fn train(
     mut on_epoch: impl FnMut(&train::EpochMetrics),
 ) -> Result<Trained, TrainError> {
     if cfg.checkpoint_every > 0 {
-        return Err(TrainError::Device(
+        return Err(TrainError::Config(
             "model airbench94 keeps no checkpoints: set `train.checkpoint_every` = 0".into(),
         ));
     }
@@ -279,7 +279,7 @@ impl Optimiser {
                 nesterov: self.nesterov,
                 weight_decay: g.weight_decay,
             };
-            shim::fused_sgd(&g.params, &g.buffers, step, None).map_err(TrainError::Device)?;
+            shim::fused_sgd(&g.params, &g.buffers, step, None).map_err(TrainError::Step)?;
         }
         Ok(())
     }

@@ -320,7 +320,14 @@ impl Source {
 
 impl From<imagefolder::FolderError> for TrainError {
     fn from(e: imagefolder::FolderError) -> TrainError {
-        TrainError::Device(e.to_string())
+        match e {
+            // An image that does not decode is the dataset's, the same on every host.
+            imagefolder::FolderError::BadImage { .. } => TrainError::Data(e.to_string()),
+            // The folder as this host has it: its layout, its reads.
+            imagefolder::FolderError::Layout { .. } | imagefolder::FolderError::Io { .. } => {
+                TrainError::Host(e.to_string())
+            }
+        }
     }
 }
 
@@ -457,7 +464,7 @@ fn run_backbone(
     in_batches(images, images, |x, _| {
         let f = backbone.features(&inputs(x, cfg, device))?;
         if f.size() != [x.size()[0], cfg.features] {
-            return Err(TrainError::Device(
+            return Err(TrainError::Config(
                 BackboneError::Shape {
                     path: PathBuf::from(&cfg.file),
                     shape: f.size(),
@@ -507,7 +514,7 @@ fn split_features(
         Ok(())
     })?;
     if feats.is_empty() {
-        return Err(TrainError::Device(format!(
+        return Err(TrainError::Data(format!(
             "no image of the {} split could be decoded",
             split_name(val)
         )));
@@ -739,7 +746,7 @@ impl<'a> Progress<'a> {
     fn evaluate(&mut self, s: Scores) -> Result<(), TrainError> {
         let epoch = self.history.len() as u32 + 1;
         let (Some(loss_sum), Some(correct)) = (self.loss_sum.take(), self.correct.take()) else {
-            return Err(TrainError::Device(format!(
+            return Err(TrainError::Data(format!(
                 "no training image could be decoded for evaluation {epoch}'s steps"
             )));
         };
@@ -861,7 +868,7 @@ fn eval_images(
             })
         })?;
     if tally.n == 0 {
-        return Err(TrainError::Device(
+        return Err(TrainError::Data(
             "no image of the validation split could be decoded".into(),
         ));
     }
@@ -897,9 +904,7 @@ fn on_images(
     let phase = progress.phase;
     let n = run.source.len(false);
     if n == 0 {
-        return Err(TrainError::Device(
-            "the training split has no images".into(),
-        ));
+        return Err(TrainError::Data("the training split has no images".into()));
     }
     let batch = (phase.batch_size as usize).min(n);
     let total = phase.steps as usize * batch;

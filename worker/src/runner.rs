@@ -11,7 +11,9 @@ use crate::imagefolder;
 use crate::lease::{HandBacks, Held, is_lost, is_transient, with_retries};
 use crate::metrics::WorkerMetrics;
 use crate::stream::ship_metrics;
-use crate::train::{self, EpochMetrics, Precision, Run, Seeds, TrainConfig, TrainError, Trained};
+use crate::train::{
+    self, Blame, EpochMetrics, Precision, Run, Seeds, TrainConfig, TrainError, Trained,
+};
 use anyhow::{Context, bail};
 use seedsweep_proto::client::{Client, Connection};
 use seedsweep_proto::v1 as pb;
@@ -189,7 +191,7 @@ fn load_backbone(
         BackboneError::Missing { .. } | BackboneError::Checksum { .. } => {
             TrainError::Host(e.to_string())
         }
-        other => TrainError::Device(other.to_string()),
+        other => TrainError::Config(other.to_string()),
     })
 }
 
@@ -713,26 +715,28 @@ impl Worker {
         }
         match &ran.trained {
             Ok(t) => self.complete(held, t, &ran, run, shown).await,
-            Err(TrainError::Cancelled) if held.lost.load(Ordering::Relaxed) => {
-                held.settle();
-                tracing::warn!(seed, "lease lost during training; dropping the seed");
-                Ok(LeaseEnd::Lost)
-            }
-            Err(TrainError::Host(problem)) => {
-                let cause = format!("worker {}: {problem}", self.settings.worker_id);
-                self.fail(held, &cause, false).await?;
-                bail!("{problem}");
-            }
-            Err(TrainError::Cancelled) => {
-                self.fail(held, "worker shut down", false).await?;
-                tracing::info!(seed, "handed the seed back; shutting down");
-                Ok(LeaseEnd::ShutDown)
-            }
-            Err(e) => {
-                let state = self.fail(held, &e.to_string(), true).await?;
-                tracing::warn!(seed, error = %e, state, "seed failed");
-                Ok(LeaseEnd::Finished)
-            }
+            Err(e) => match e.blame() {
+                None if held.lost.load(Ordering::Relaxed) => {
+                    held.settle();
+                    tracing::warn!(seed, "lease lost during training; dropping the seed");
+                    Ok(LeaseEnd::Lost)
+                }
+                None => {
+                    self.fail(held, "worker shut down", false).await?;
+                    tracing::info!(seed, "handed the seed back; shutting down");
+                    Ok(LeaseEnd::ShutDown)
+                }
+                Some(Blame::Host) => {
+                    let cause = format!("worker {}: {e}", self.settings.worker_id);
+                    self.fail(held, &cause, false).await?;
+                    bail!("{e}");
+                }
+                Some(Blame::Seed | Blame::Configuration) => {
+                    let state = self.fail(held, &e.to_string(), true).await?;
+                    tracing::warn!(seed, error = %e, state, "seed failed");
+                    Ok(LeaseEnd::Finished)
+                }
+            },
         }
     }
 

@@ -275,8 +275,20 @@ pub enum TrainError {
     Cancelled,
     #[error("libtorch error: {0}")]
     Torch(#[from] tch::TchError),
+    /// A step's kernel call through the shim failed (the fused SGD update).
+    #[error("{0}")]
+    Step(String),
+    /// The device could not be set up for the run (deterministic algorithms, autocast).
     #[error("{0}")]
     Device(String),
+    /// The sweep's settings cannot train, here or anywhere (a holdout as large as the dataset,
+    /// checkpoints of airbench94, a backbone whose features have another shape).
+    #[error("{0}")]
+    Config(String),
+    /// The dataset's contents cannot be trained on (an image that does not decode under
+    /// `bad_images = "fail"`, a split with no image).
+    #[error("{0}")]
+    Data(String),
     #[error("cannot resume from the checkpoint: {0}")]
     Checkpoint(String),
     /// libtorch raised an error inside an operation tch does not let fail (CUDA out of memory in
@@ -286,6 +298,35 @@ pub enum TrainError {
     /// A problem of this host (a missing or wrong backbone file), not of the seed.
     #[error("{0}")]
     Host(String),
+}
+
+/// Who a failed run is charged to: this alone decides whether its attempt counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The run itself (it diverged, libtorch failed inside it): the attempt counts.
+    Seed,
+    /// The sweep's settings or its data, the same on every host: the attempt counts, and the
+    /// same cause on another worker ends the seed at once.
+    Configuration,
+    /// This host (its device, its copy of the data, a backbone file): the seed is handed back
+    /// uncounted and the worker stops, so a broken host does not burn through a sweep's retries.
+    Host,
+}
+
+impl TrainError {
+    /// Who the failure is charged to; `None` for a run that was stopped, not failed.
+    pub fn blame(&self) -> Option<Blame> {
+        Some(match self {
+            TrainError::Cancelled => return None,
+            TrainError::NonFinite { .. }
+            | TrainError::Torch(_)
+            | TrainError::Step(_)
+            | TrainError::Checkpoint(_)
+            | TrainError::Panicked(_) => Blame::Seed,
+            TrainError::Config(_) | TrainError::Data(_) => Blame::Configuration,
+            TrainError::Device(_) | TrainError::Host(_) => Blame::Host,
+        })
+    }
 }
 
 /// A 64-bit seed for one source of randomness. The default namespace keeps the derivation of
@@ -446,7 +487,7 @@ impl Sgd {
             step.weight_decay *= lr;
             step.lr = 1.0;
         }
-        shim::fused_sgd(&self.params, &self.buffers, step, found_inf).map_err(TrainError::Device)
+        shim::fused_sgd(&self.params, &self.buffers, step, found_inf).map_err(TrainError::Step)
     }
 }
 
@@ -883,7 +924,7 @@ impl RunSplit {
         let all = data.train.len();
         let holdout = cfg.holdout as i64;
         if holdout >= all {
-            return Err(TrainError::Device(format!(
+            return Err(TrainError::Config(format!(
                 "`holdout` = {holdout} leaves no training image (the dataset has {all})"
             )));
         }
@@ -1093,7 +1134,7 @@ fn evaluate(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::data;
+    use crate::{data, imagefolder};
 
     pub(crate) fn tiny() -> (Dataset, TrainConfig) {
         let dir = tempfile::tempdir().unwrap();
@@ -1169,6 +1210,61 @@ pub(crate) mod tests {
         let c = pack_correct(&hits);
         assert_eq!(c.examples, 9);
         assert_eq!(c.bits, vec![0b0000_1101, 0b0000_0001]);
+    }
+
+    /// Only the host's own troubles hand a seed back uncounted; a stop is no failure at all.
+    #[test]
+    fn blame_decides_who_pays() {
+        let folder = |e| TrainError::from(e).blame();
+        let io = std::io::Error::other("disk gone");
+        let cases = [
+            (
+                TrainError::NonFinite {
+                    epoch: 2,
+                    loss: f64::NAN,
+                }
+                .blame(),
+                Some(Blame::Seed),
+            ),
+            (
+                TrainError::Panicked("oom".into()).blame(),
+                Some(Blame::Seed),
+            ),
+            (
+                TrainError::Step("fused sgd".into()).blame(),
+                Some(Blame::Seed),
+            ),
+            (
+                TrainError::Config("holdout".into()).blame(),
+                Some(Blame::Configuration),
+            ),
+            (
+                TrainError::Device("no deterministic kernels".into()).blame(),
+                Some(Blame::Host),
+            ),
+            (
+                TrainError::Host("backbone missing".into()).blame(),
+                Some(Blame::Host),
+            ),
+            (TrainError::Cancelled.blame(), None),
+            (
+                folder(imagefolder::FolderError::BadImage {
+                    path: "a.png".into(),
+                    problem: "truncated".into(),
+                }),
+                Some(Blame::Configuration),
+            ),
+            (
+                folder(imagefolder::FolderError::Io {
+                    path: "a.png".into(),
+                    source: io,
+                }),
+                Some(Blame::Host),
+            ),
+        ];
+        for (i, (got, want)) in cases.into_iter().enumerate() {
+            assert_eq!(got, want, "case {i}");
+        }
     }
 
     #[test]

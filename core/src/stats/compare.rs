@@ -72,8 +72,12 @@ pub fn compare(a: &[f64], b: &[f64]) -> Option<Comparison> {
         let t = StudentsT::new(0.0, 1.0, df).ok()?;
         let stat = difference / se;
         (stat, 2.0 * t.sf(stat.abs()), t.inverse_cdf(0.975) * se)
-    } else {
+    } else if difference == 0.0 {
+        // Both sides constant and equal: no evidence of a difference.
         (0.0, 1.0, 0.0)
+    } else {
+        // Both sides constant and apart: the difference is exact (scipy: t = ±inf, p = 0).
+        (difference.signum() * f64::INFINITY, 0.0, 0.0)
     };
 
     // Mann-Whitney U with midranks over the pooled scores.
@@ -149,5 +153,16 @@ mod tests {
             (same.welch_p, same.mann_whitney_p, same.prob_a_beats_b),
             (1.0, 1.0, 0.5)
         );
+    }
+
+    /// Two constant sides apart: the Welch test rejects equal means outright, as scipy does
+    /// (`ttest_ind(equal_var=False)`: t = inf, p = 0), instead of calling them equal.
+    #[test]
+    fn constant_sides_apart_differ_for_certain() {
+        let c = compare(&[0.9, 0.9], &[0.8, 0.8]).unwrap();
+        assert_eq!((c.welch_t, c.welch_p), (f64::INFINITY, 0.0));
+        let c = compare(&[0.8, 0.8], &[0.9, 0.9]).unwrap();
+        assert_eq!((c.welch_t, c.welch_p), (f64::NEG_INFINITY, 0.0));
+        assert!((c.difference + 0.1).abs() < 1e-12);
     }
 }
