@@ -47,15 +47,21 @@ pub struct NotCrossed {
     pub reason: String,
 }
 
+/// The chi-square interval of a variance `estimate` on `df` degrees of freedom; none where it
+/// says nothing: with a fraction of a degree of freedom (Satterthwaite's, for a source no
+/// stronger than the noise) the quantiles underflow, and an "interval" that misses its own
+/// estimate would be printed.
 fn chi_interval(df: f64, estimate: f64) -> Option<Interval> {
     if !(df > 0.0 && estimate > 0.0) {
         return None;
     }
     let chi = ChiSquared::new(df).ok()?;
-    Some(Interval {
+    let i = Interval {
         low: df * estimate / chi.inverse_cdf(0.975),
         high: df * estimate / chi.inverse_cdf(0.025),
-    })
+    };
+    (i.low.is_finite() && i.high.is_finite() && i.low <= estimate && estimate <= i.high)
+        .then_some(i)
 }
 
 /// Each run's level of factor `f`, numbered in order of first appearance (so two factors that
@@ -215,6 +221,15 @@ pub fn components(cells: &[Cell]) -> Result<Components, NotCrossed> {
 mod tests {
     use super::super::reference::{REFERENCE, close, f};
     use super::*;
+
+    /// A source far weaker than the noise gets a fraction of a degree of freedom: no interval,
+    /// rather than one that misses its own estimate.
+    #[test]
+    fn no_interval_from_a_fraction_of_a_degree_of_freedom() {
+        assert_eq!(chi_interval(1e-3, 1.8e-4), None);
+        let i = chi_interval(8.0, 2.0).unwrap();
+        assert!(i.low < 2.0 && 2.0 < i.high, "{i:?}");
+    }
 
     #[test]
     fn a_crossed_design_matches_numpy_and_scipy() {
