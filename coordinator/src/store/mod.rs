@@ -517,6 +517,39 @@ where
     ))
 }
 
+/// A `results` row, as `list_results` selects it, without its correctness bitmap.
+pub(crate) fn result_from_row<'r, R>(r: &'r R) -> Result<SeedResult>
+where
+    R: sqlx::Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(SeedResult {
+        seed: r.try_get("seed")?,
+        test_accuracy: r.try_get("test_accuracy")?,
+        test_loss: r.try_get("test_loss")?,
+        train_loss: r.try_get("train_loss")?,
+        train_accuracy: r.try_get("train_accuracy")?,
+        epochs: r.try_get::<i32, _>("epochs")?.max(0) as u32,
+        seconds: r.try_get("seconds")?,
+        worker_id: r.try_get("worker_id")?,
+        device: r.try_get("device")?,
+        data_fingerprint: r.try_get("data_fingerprint")?,
+        finished_at: r.try_get("finished_at")?,
+        precision: r.try_get("precision")?,
+        deterministic: r.try_get("deterministic")?,
+        test_top5: r.try_get("test_top5")?,
+        val_loss: r.try_get("val_loss")?,
+        val_accuracy: r.try_get("val_accuracy")?,
+        factors: Some(factors_from_row(r)?),
+        test_correct: None,
+    })
+}
+
 pub(crate) fn scored_from_row<'r, R>(row: &'r R) -> Result<Scored>
 where
     R: sqlx::Row,

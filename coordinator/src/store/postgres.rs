@@ -7,8 +7,8 @@ use super::{
     AGGREGATE_COLUMNS, Clock, Dialect, EPOCH_COLUMNS, FINISHED_EPOCHS, FLEET_SEEDS, Result,
     SeedRetry, Store, StoreError, aggregate_from_row, aggregate_upsert, design_from_config,
     epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
-    epoch_values_upsert, factors_from_row, lease_config, next_state, scores_sql, seed_rows,
-    state_from_db, sweep_state_from_db, u64_from_db,
+    epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row, scores_sql,
+    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
@@ -289,30 +289,7 @@ impl Store for PgStore {
         .bind(id.0)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(SeedResult {
-                    seed: r.try_get("seed")?,
-                    test_accuracy: r.try_get("test_accuracy")?,
-                    test_loss: r.try_get("test_loss")?,
-                    train_loss: r.try_get("train_loss")?,
-                    train_accuracy: r.try_get("train_accuracy")?,
-                    epochs: r.try_get::<i32, _>("epochs")? as u32,
-                    seconds: r.try_get("seconds")?,
-                    worker_id: r.try_get("worker_id")?,
-                    device: r.try_get("device")?,
-                    data_fingerprint: r.try_get("data_fingerprint")?,
-                    finished_at: r.try_get("finished_at")?,
-                    precision: r.try_get("precision")?,
-                    deterministic: r.try_get("deterministic")?,
-                    test_top5: r.try_get("test_top5")?,
-                    val_loss: r.try_get("val_loss")?,
-                    val_accuracy: r.try_get("val_accuracy")?,
-                    factors: Some(factors_from_row(r)?),
-                    test_correct: None,
-                })
-            })
-            .collect()
+        rows.iter().map(result_from_row).collect()
     }
 
     async fn aggregates(&self, id: SweepId) -> Result<Vec<Aggregate>> {
