@@ -4,6 +4,7 @@
 
 use crate::design::Design;
 use crate::domain::{LeaseRef, SeedState, SweepId, SweepState};
+use crate::spec::MAX_SEEDS;
 
 /// A failed attempt's seed waits `base * 2^(failures - 1)`, at most `max`, times a random factor in
 /// [0.5, 1.5), before it can be leased again.
@@ -221,6 +222,18 @@ pub fn check_extendable(id: SweepId, current: SweepState, design: &Design) -> Re
     Ok(())
 }
 
+/// A sweep extended to `total` seeds (`added` of them new) stays within [`MAX_SEEDS`]: the limit
+/// is on a sweep's total, not on each request, so repeated extensions cannot grow it without
+/// bound.
+pub fn check_sweep_size(id: SweepId, total: u64, added: u64) -> Result<(), Refusal> {
+    if total <= MAX_SEEDS {
+        return Ok(());
+    }
+    Err(Refusal::Conflict(format!(
+        "sweep {id} would hold {total} seeds with the {added} new ones; one sweep holds at most {MAX_SEEDS}: submit another sweep for the rest"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,6 +382,16 @@ mod tests {
                 "{from:?} -> {to:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_sweep_total_stays_within_the_limit() {
+        let id = SweepId::new();
+        assert!(check_sweep_size(id, MAX_SEEDS, 5).is_ok());
+        let Err(Refusal::Conflict(msg)) = check_sweep_size(id, MAX_SEEDS + 1, 5) else {
+            panic!("a sweep past the limit")
+        };
+        assert!(msg.contains("at most 10000000"), "{msg}");
     }
 
     #[test]

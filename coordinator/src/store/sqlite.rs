@@ -762,12 +762,16 @@ impl Store for SqliteStore {
             return abort(tx, refusal.into()).await;
         }
         let added = insert_seeds(&mut tx, id, seeds.as_slice(), &design).await?;
-        sqlx::query(
-            "UPDATE sweeps SET total_seeds = (SELECT count(*) FROM seeds WHERE sweep_id = ?1) WHERE id = ?1",
+        let total: i64 = sqlx::query_scalar(
+            "UPDATE sweeps SET total_seeds = (SELECT count(*) FROM seeds WHERE sweep_id = ?1) WHERE id = ?1
+             RETURNING total_seeds",
         )
         .bind(id.0.to_string())
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
+        if let Err(refusal) = policy::check_sweep_size(id, u64_from_db(total), added) {
+            return abort(tx, refusal.into()).await;
+        }
         tx.commit().await?;
         Ok(added)
     }
