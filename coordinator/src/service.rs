@@ -284,12 +284,20 @@ fn label(name: &str, s: &str) -> Result<String, Status> {
     Ok(s.to_string())
 }
 
-fn epoch_record(m: &pb::EpochMetrics) -> Result<EpochRecord, Status> {
-    if m.epoch == 0 {
-        return Err(Status::invalid_argument(
-            "epoch must be >= 1 (epochs are numbered from 1)",
-        ));
+/// An epoch number or count as the databases store it (a 32-bit signed integer): from 1 to
+/// 2^31 - 1. Past that a row would be stored that no reader could read back.
+fn epoch_number(field: &str, n: u32) -> Result<u32, Status> {
+    if n == 0 || n > i32::MAX as u32 {
+        return Err(Status::invalid_argument(format!(
+            "{field} = {n} is out of range: epochs are numbered from 1 to {}",
+            i32::MAX
+        )));
     }
+    Ok(n)
+}
+
+fn epoch_record(m: &pb::EpochMetrics) -> Result<EpochRecord, Status> {
+    epoch_number("epoch", m.epoch)?;
     // Losses may legitimately be NaN only in a failed run, which is reported with FailSeed instead.
     Ok(EpochRecord {
         epoch: m.epoch,
@@ -793,9 +801,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::CompleteSeedResponse>, Status> {
         let r = req.get_ref();
         let lease = lease_ref(r.lease.as_ref())?;
-        if r.epochs == 0 {
-            return Err(Status::invalid_argument("epochs must be >= 1"));
-        }
+        epoch_number("epochs", r.epochs)?;
         let result = SeedResult {
             seed: lease.seed,
             test_accuracy: fraction("test_accuracy", r.test_accuracy)?,

@@ -205,3 +205,40 @@ async fn tokens_are_checked_before_any_handler() {
     assert!(lease(&mut as_worker).await.is_some());
     coordinator.stop().await;
 }
+
+/// An epoch number past what the databases store (2^31, or -1 on the wire) is refused at the
+/// edge, and the sweep's epochs stay readable.
+#[tokio::test]
+async fn out_of_range_epoch_numbers_are_refused_and_reads_still_work() {
+    let (coordinator, mut c) = started().await;
+    let sweep = submit(&mut c).await;
+    let held = lease(&mut c).await.unwrap();
+    let epoch = |n: u32| pb::EpochMetrics {
+        lease: lref(&held),
+        epoch: n,
+        train_loss: 0.5,
+        train_accuracy: 0.5,
+        lr: 0.1,
+        seconds: 1.0,
+        ..Default::default()
+    };
+    for n in [1u32 << 31, u32::MAX, 0] {
+        let sent = c
+            .stream_epoch_metrics(tokio_stream::iter(vec![epoch(n)]))
+            .await
+            .unwrap_err();
+        assert_eq!(sent.code(), Code::InvalidArgument, "epoch {n}: {sent:?}");
+        assert!(sent.message().contains("epoch"), "{}", sent.message());
+    }
+    c.stream_epoch_metrics(tokio_stream::iter(vec![epoch(1)]))
+        .await
+        .unwrap();
+    let rows = c
+        .list_epoch_metrics(pb::ListEpochMetricsRequest { sweep_id: sweep })
+        .await
+        .unwrap()
+        .into_inner();
+    let epochs: Vec<u32> = rows.rows.iter().map(|r| r.epoch).collect();
+    assert_eq!(epochs, [1]);
+    coordinator.stop().await;
+}
