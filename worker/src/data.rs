@@ -319,6 +319,33 @@ pub const CIFAR10_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 /// Downloads CIFAR-10 from `url` (the official one, or a mirror), checks its MD5 and unpacks it into
 /// `DATA_DIR/cifar10`. Everything happens in a scratch folder that is renamed into place only when
 /// complete, so a failed download leaves nothing behind.
+/// How long a CIFAR-10 download may take to connect, to answer, and to send the whole archive
+/// (170 MB): a stalled mirror fails the download instead of holding the lease for ever.
+const DOWNLOAD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const DOWNLOAD_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+const DOWNLOAD_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// Moves an unpacked copy of the batches into place. Another process, on this host or another
+/// that shares the folder, may have put its complete copy there first: that copy is kept.
+fn install(unpacked: &Path, dest: &Path) -> Result<(), DataError> {
+    match fs::rename(unpacked, dest) {
+        Ok(()) => Ok(()),
+        Err(_) if is_complete(dest) => Ok(()),
+        Err(source) => Err(DataError::Io {
+            path: dest.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Whether `dir` holds every batch file.
+fn is_complete(dir: &Path) -> bool {
+    TRAIN_FILES
+        .iter()
+        .chain([&TEST_FILE])
+        .all(|f| dir.join(f).is_file())
+}
+
 pub fn download_cifar10(data_dir: &Path, url: &str) -> Result<(), DataError> {
     use md5::Md5;
     let target = data_dir.join("cifar10");
@@ -330,14 +357,26 @@ pub fn download_cifar10(data_dir: &Path, url: &str) -> Result<(), DataError> {
         path: target.clone(),
         source,
     })?;
-    let scratch = target.join(format!(".download.{}", std::process::id()));
+    // Unique across the hosts and processes that may share this folder.
+    let scratch = target.join(format!(
+        ".download.{}.{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
     fs::create_dir_all(&scratch).map_err(|source| DataError::Io {
         path: scratch.clone(),
         source,
     })?;
     let result = (|| {
         let archive = scratch.join("cifar-10-binary.tar.gz");
-        let response = ureq::get(url)
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_connect(Some(DOWNLOAD_CONNECT_TIMEOUT))
+            .timeout_recv_response(Some(DOWNLOAD_RESPONSE_TIMEOUT))
+            .timeout_recv_body(Some(DOWNLOAD_BODY_TIMEOUT))
+            .build()
+            .into();
+        let response = agent
+            .get(url)
             .call()
             .map_err(|e| fail(format!("GET {url}: {e}")))?;
         let mut body = response.into_body().into_reader();
@@ -373,9 +412,7 @@ pub fn download_cifar10(data_dir: &Path, url: &str) -> Result<(), DataError> {
         tar::Archive::new(flate2::read::GzDecoder::new(tar_gz))
             .unpack(&scratch)
             .map_err(|e| fail(format!("unpacking {}: {e}", archive.display())))?;
-        let unpacked = scratch.join(BATCH_DIR);
-        let dest = target.join(BATCH_DIR);
-        fs::rename(&unpacked, &dest).map_err(|source| DataError::Io { path: dest, source })
+        install(&scratch.join(BATCH_DIR), &target.join(BATCH_DIR))
     })();
     let _ = fs::remove_dir_all(&scratch);
     // Leave no empty dataset folder behind either.
@@ -386,6 +423,34 @@ pub fn download_cifar10(data_dir: &Path, url: &str) -> Result<(), DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn batches(dir: &Path, text: &str) {
+        fs::create_dir_all(dir).unwrap();
+        for f in TRAIN_FILES.iter().chain([&TEST_FILE]) {
+            fs::write(dir.join(f), text).unwrap();
+        }
+    }
+
+    /// Two downloads into shared storage: the first copy in place wins, the second is accepted
+    /// as done; a half copy in the way is an error, not a success.
+    #[test]
+    fn installing_a_copy_keeps_a_complete_one_already_there() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join(BATCH_DIR);
+        let (first, second) = (root.path().join("a"), root.path().join("b"));
+        batches(&first, "first");
+        batches(&second, "second");
+        install(&first, &dest).unwrap();
+        install(&second, &dest).unwrap();
+        assert_eq!(fs::read_to_string(dest.join(TEST_FILE)).unwrap(), "first");
+
+        let half = root.path().join("half");
+        fs::create_dir_all(half.join(BATCH_DIR)).unwrap();
+        fs::write(half.join(BATCH_DIR).join(TEST_FILE), "partial").unwrap();
+        let third = root.path().join("c");
+        batches(&third, "third");
+        assert!(install(&third, &half.join(BATCH_DIR)).is_err());
+    }
 
     #[test]
     fn writes_and_reads_back_the_binary_layout() {
