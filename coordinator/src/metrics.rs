@@ -25,8 +25,40 @@ pub struct Metrics {
     results: Counter,
     workers_connected: Gauge,
     /// When each worker last called; a worker is connected while this is within `window`.
-    seen: Mutex<HashMap<String, Instant>>,
+    seen: Mutex<Seen>,
     window: Duration,
+}
+
+/// The workers seen, pruned of those past the window whenever the map doubles, so that it stays
+/// within twice the workers of one window (plus [`Seen::FLOOR`]) however many ids come and go
+/// between scrapes, at an amortised constant cost per call.
+#[derive(Default)]
+struct Seen {
+    at: HashMap<String, Instant>,
+    prune_at: usize,
+}
+
+impl Seen {
+    const FLOOR: usize = 1024;
+
+    fn saw(&mut self, worker: &str, window: Duration) {
+        match self.at.get_mut(worker) {
+            Some(t) => *t = Instant::now(),
+            None => {
+                self.at.insert(worker.to_string(), Instant::now());
+            }
+        }
+        if self.at.len() >= self.prune_at.max(Self::FLOOR) {
+            self.prune(window);
+            self.prune_at = 2 * self.at.len();
+        }
+    }
+
+    /// Forgets the workers that have not called within `window`; returns how many remain.
+    fn prune(&mut self, window: Duration) -> usize {
+        self.at.retain(|_, t| t.elapsed() <= window);
+        self.at.len()
+    }
 }
 
 impl Metrics {
@@ -78,7 +110,7 @@ impl Metrics {
             claim_seconds,
             results,
             workers_connected,
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::default(),
             window,
         }
     }
@@ -98,12 +130,7 @@ impl Metrics {
     /// A worker called (lease, heartbeat, complete or fail).
     pub fn saw_worker(&self, worker: &str) {
         let mut seen = self.seen.lock().expect("metrics lock");
-        match seen.get_mut(worker) {
-            Some(t) => *t = Instant::now(),
-            None => {
-                seen.insert(worker.to_string(), Instant::now());
-            }
-        }
+        seen.saw(worker, self.window);
     }
 
     /// The page for one scrape: database counts read now, this replica's counters as they are.
@@ -124,9 +151,33 @@ impl Metrics {
         self.leases_expired.set(fleet.expired_leases as i64);
         {
             let mut seen = self.seen.lock().expect("metrics lock");
-            seen.retain(|_, t| t.elapsed() <= self.window);
-            self.workers_connected.set(seen.len() as i64);
+            let connected = seen.prune(self.window);
+            self.workers_connected.set(connected as i64);
         }
         Ok(seedsweep_ops::encode(&self.registry))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ids that come and go without a scrape leave a bounded map behind.
+    #[test]
+    fn workers_seen_stay_bounded_without_scrapes() {
+        let mut seen = Seen::default();
+        for i in 0..100_000 {
+            seen.saw(&format!("worker-{i}"), Duration::ZERO);
+            assert!(seen.at.len() <= 2 * Seen::FLOOR, "{} at {i}", seen.at.len());
+        }
+        let mut live = Seen::default();
+        for i in 0..3_000 {
+            live.saw(&format!("worker-{i}"), Duration::from_secs(3600));
+        }
+        assert_eq!(
+            live.prune(Duration::from_secs(3600)),
+            3_000,
+            "live workers are kept"
+        );
     }
 }
