@@ -286,14 +286,14 @@ fn label(name: &str, s: &str) -> Result<String, Status> {
 
 /// An epoch number or count as the databases store it (a 32-bit signed integer): from 1 to
 /// 2^31 - 1. Past that a row would be stored that no reader could read back.
-fn epoch_number(field: &str, n: u32) -> Result<u32, Status> {
+fn epoch_number(field: &str, n: u32) -> Result<(), Status> {
     if n == 0 || n > i32::MAX as u32 {
         return Err(Status::invalid_argument(format!(
             "{field} = {n} is out of range: epochs are numbered from 1 to {}",
             i32::MAX
         )));
     }
-    Ok(n)
+    Ok(())
 }
 
 fn epoch_record(m: &pb::EpochMetrics) -> Result<EpochRecord, Status> {

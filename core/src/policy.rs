@@ -118,24 +118,26 @@ pub struct NextState {
     pub backoff_seconds: Option<f64>,
 }
 
-/// What an attempt's end does to its seed, given the counted attempts before it, the sweep's
-/// `max_attempts` and backoff, and `jitter` in [0, 1).
-pub fn after_attempt(
-    end: AttemptEnd,
-    failures: u32,
-    max_attempts: u32,
-    retry: RetrySettings,
-    jitter: f64,
-) -> NextState {
-    let failures = failures + end.counted() as u32;
-    let out_of_attempts = end.counted() && failures >= max_attempts;
+/// A seed's counted attempts so far and its sweep's retry rules, as the store reads them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Attempts {
+    pub failures: u32,
+    pub max_attempts: u32,
+    pub retry: RetrySettings,
+}
+
+/// What an attempt's end does to a seed with `attempts` behind it, with `jitter` in [0, 1) for
+/// the backoff.
+pub fn after_attempt(end: AttemptEnd, attempts: &Attempts, jitter: f64) -> NextState {
+    let failures = attempts.failures + end.counted() as u32;
+    let out_of_attempts = end.counted() && failures >= attempts.max_attempts;
     let state = if end == AttemptEnd::FailedAsBefore || out_of_attempts {
         SeedState::Failed
     } else {
         SeedState::Pending
     };
     let backoff_seconds = (end.counted() && state == SeedState::Pending)
-        .then(|| retry.backoff_seconds(failures, jitter));
+        .then(|| attempts.retry.backoff_seconds(failures, jitter));
     NextState {
         state,
         failures,
@@ -244,6 +246,14 @@ mod tests {
         max_seconds: 60.0,
     };
 
+    fn attempts(failures: u32, max_attempts: u32) -> Attempts {
+        Attempts {
+            failures,
+            max_attempts,
+            retry: RETRY,
+        }
+    }
+
     fn lease(fence: i64) -> LeaseRef {
         LeaseRef {
             sweep_id: SweepId::new(),
@@ -264,7 +274,7 @@ mod tests {
 
     #[test]
     fn a_release_costs_nothing_and_waits_for_nothing() {
-        let next = after_attempt(AttemptEnd::Released, 2, 3, RETRY, 0.5);
+        let next = after_attempt(AttemptEnd::Released, &attempts(2, 3), 0.5);
         assert_eq!(
             next,
             NextState {
@@ -279,23 +289,23 @@ mod tests {
     #[test]
     fn a_counted_end_backs_off_until_attempts_run_out() {
         for end in [AttemptEnd::Failed, AttemptEnd::Expired] {
-            let first = after_attempt(end, 0, 3, RETRY, 0.5);
+            let first = after_attempt(end, &attempts(0, 3), 0.5);
             assert_eq!(
                 (first.state, first.failures, first.backoff_seconds),
                 (SeedState::Pending, 1, Some(10.0))
             );
-            let second = after_attempt(end, 1, 3, RETRY, 0.5);
+            let second = after_attempt(end, &attempts(1, 3), 0.5);
             assert_eq!(
                 (second.state, second.failures, second.backoff_seconds),
                 (SeedState::Pending, 2, Some(20.0))
             );
-            let last = after_attempt(end, 2, 3, RETRY, 0.5);
+            let last = after_attempt(end, &attempts(2, 3), 0.5);
             assert_eq!(
                 (last.state, last.failures, last.backoff_seconds),
                 (SeedState::Failed, 3, None)
             );
         }
-        let once = after_attempt(AttemptEnd::Failed, 0, 1, RETRY, 0.5);
+        let once = after_attempt(AttemptEnd::Failed, &attempts(0, 1), 0.5);
         assert_eq!(once.state, SeedState::Failed);
         assert_eq!(AttemptEnd::Expired.outcome(), AttemptOutcome::Expired);
     }
@@ -305,7 +315,7 @@ mod tests {
         assert_eq!(Charge::Counted.end(true), AttemptEnd::FailedAsBefore);
         assert_eq!(Charge::Counted.end(false), AttemptEnd::Failed);
         assert_eq!(Charge::Uncounted.end(true), AttemptEnd::Released);
-        let next = after_attempt(AttemptEnd::FailedAsBefore, 1, 5, RETRY, 0.5);
+        let next = after_attempt(AttemptEnd::FailedAsBefore, &attempts(1, 5), 0.5);
         assert_eq!(
             (next.state, next.failures, next.backoff_seconds),
             (SeedState::Failed, 2, None)

@@ -228,16 +228,14 @@ fn features_for(
     Ok(feats)
 }
 
-/// Why a lease cannot be trained here, which alone decides who pays for it.
+/// Why a lease cannot be trained here.
 enum Unprepared {
-    /// The lease lacks what its task needs (the sweep's fault): the attempt counts.
-    Seed(String),
     /// This worker does not know what the lease asks for: handed back uncounted, and the worker
     /// stops (it needs an upgrade).
     Upgrade(String),
-    /// A problem of this host (missing data, a bad backbone file): handed back uncounted, and
-    /// the worker stops, so a misconfigured host does not burn through a sweep's retries.
-    Host(String),
+    /// Charged as its [`Blame`] says: the lease lacks what its task needs (the configuration's),
+    /// or this host misses its data (the host's).
+    Blamed(Blame, String),
 }
 
 /// One lease's training, as it came back.
@@ -529,18 +527,12 @@ impl Worker {
         let seeds = run_seeds(&held.lease);
         let job = match self.prepare(&held.lease, &seeds).await {
             Ok(job) => job,
-            Err(Unprepared::Seed(cause)) => {
-                self.fail(&held, &cause, true).await?;
-                return Ok((LeaseEnd::Finished, None));
-            }
             Err(Unprepared::Upgrade(cause)) => {
                 self.fail(&held, &cause, false).await?;
                 bail!("{cause}; upgrade the worker");
             }
-            Err(Unprepared::Host(problem)) => {
-                let cause = format!("worker {}: {problem}", self.settings.worker_id);
-                self.fail(&held, &cause, false).await?;
-                bail!("{problem}");
+            Err(Unprepared::Blamed(blame, problem)) => {
+                return Ok((self.charge(&held, blame, &problem).await?, None));
             }
         };
         let run = RunInfo {
@@ -565,13 +557,16 @@ impl Worker {
         match lease.task.as_str() {
             "resnet9" => {
                 let cfg = lease.train.as_ref().ok_or_else(|| {
-                    Unprepared::Seed("the lease carried no train settings".into())
+                    Unprepared::Blamed(
+                        Blame::Configuration,
+                        "the lease carried no train settings".into(),
+                    )
                 })?;
                 let cfg = train_config(cfg).map_err(upgrade)?;
                 let data = self
                     .dataset(&lease.dataset)
                     .await
-                    .map_err(|e| Unprepared::Host(e.to_string()))?;
+                    .map_err(|e| Unprepared::Blamed(Blame::Host, e.to_string()))?;
                 let checkpoints = self.checkpoints(lease, &cfg, seeds, &data);
                 Ok(Job::Resnet9 {
                     cfg,
@@ -581,13 +576,16 @@ impl Worker {
             }
             "finetune-head" => {
                 let cfg = lease.finetune.as_ref().ok_or_else(|| {
-                    Unprepared::Seed("the lease carried no finetune settings".into())
+                    Unprepared::Blamed(
+                        Blame::Configuration,
+                        "the lease carried no finetune settings".into(),
+                    )
                 })?;
                 let cfg = finetune_config(cfg).map_err(upgrade)?;
                 let source = self
                     .finetune_source(&lease.dataset)
                     .await
-                    .map_err(Unprepared::Host)?;
+                    .map_err(|e| Unprepared::Blamed(Blame::Host, e))?;
                 Ok(Job::Finetune { cfg, source })
             }
             other => Err(Unprepared::Upgrade(format!(
@@ -726,18 +724,23 @@ impl Worker {
                     tracing::info!(seed, "handed the seed back; shutting down");
                     Ok(LeaseEnd::ShutDown)
                 }
-                Some(Blame::Host) => {
-                    let cause = format!("worker {}: {e}", self.settings.worker_id);
-                    self.fail(held, &cause, false).await?;
-                    bail!("{e}");
-                }
-                Some(Blame::Seed | Blame::Configuration) => {
-                    let state = self.fail(held, &e.to_string(), true).await?;
-                    tracing::warn!(seed, error = %e, state, "seed failed");
-                    Ok(LeaseEnd::Finished)
-                }
+                Some(blame) => self.charge(held, blame, &e.to_string()).await,
             },
         }
+    }
+
+    /// Ends a failed attempt as its blame says: the host's problem hands the seed back uncounted
+    /// and stops the worker (a broken host must not burn through a sweep's retries); the seed's
+    /// or the configuration's counts, and the worker goes on.
+    async fn charge(&self, held: &Held, blame: Blame, problem: &str) -> anyhow::Result<LeaseEnd> {
+        if blame == Blame::Host {
+            let cause = format!("worker {}: {problem}", self.settings.worker_id);
+            self.fail(held, &cause, false).await?;
+            bail!("{problem}");
+        }
+        let state = self.fail(held, problem, true).await?;
+        tracing::warn!(seed = held.lref.seed, error = problem, state, "seed failed");
+        Ok(LeaseEnd::Finished)
     }
 
     /// Sends a trained seed's result, retried while the coordinator is unreachable.

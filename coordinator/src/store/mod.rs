@@ -196,16 +196,13 @@ impl Clock {
     }
 }
 
-/// Where a seed goes when `end` ends an attempt, after `failures` counted ones, under a sweep's
-/// `max_attempts` and backoff: [`policy::after_attempt`] with a uniform draw in [0, 1) for the
-/// backoff's jitter.
+/// Where a seed goes when `end` ends an attempt: [`policy::after_attempt`] with a uniform draw
+/// in [0, 1) for the backoff's jitter.
 pub(crate) fn next_state(
     end: policy::AttemptEnd,
-    failures: u32,
-    max_attempts: u32,
-    retry: policy::RetrySettings,
+    attempts: &policy::Attempts,
 ) -> policy::NextState {
-    policy::after_attempt(end, failures, max_attempts, retry, rand::random::<f64>())
+    policy::after_attempt(end, attempts, rand::random::<f64>())
 }
 
 /// Opens the database a URL names and brings its schema up to date.
@@ -258,13 +255,6 @@ pub(crate) fn sweep_state_from_db(s: &str) -> Result<SweepState> {
 
 pub(crate) fn state_from_db(s: &str) -> Result<SeedState> {
     SeedState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown seed state `{s}`")))
-}
-
-/// A seed's counted attempts and its sweep's retry rules: what [`policy::after_attempt`] reads.
-pub(crate) struct SeedRetry {
-    pub failures: u32,
-    pub max_attempts: u32,
-    pub retry: policy::RetrySettings,
 }
 
 /// What a lease needs from a stored `sweeps.config`.

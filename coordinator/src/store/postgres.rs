@@ -4,9 +4,9 @@
 //! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
 use super::{
-    AGGREGATE_COLUMNS, Clock, Dialect, EPOCH_COLUMNS, FINISHED_EPOCHS, FLEET_SEEDS, Result,
-    SeedRetry, Store, StoreError, aggregate_from_row, aggregate_upsert, design_from_config,
-    epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
+    AGGREGATE_COLUMNS, Clock, Dialect, EPOCH_COLUMNS, FINISHED_EPOCHS, FLEET_SEEDS, Result, Store,
+    StoreError, aggregate_from_row, aggregate_upsert, design_from_config, epoch_from_row,
+    epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
     epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row, scores_sql,
     seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
@@ -17,12 +17,20 @@ use seedsweep_core::domain::{
     LeaseRef, Metric, Scored, SeedCounts, SeedResult, SeedState, SweepId, SweepProgress,
     SweepState, SweepSummary,
 };
-use seedsweep_core::policy::{self, AttemptEnd, Charge, Completion, EXPIRED_CAUSE, RetrySettings};
+use seedsweep_core::policy::{
+    self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
+};
 use seedsweep_core::spec::{SeedSet, SweepSpec};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
+
+/// The completion's upserts in this dialect, built once.
+static AGGREGATE_UPSERT: LazyLock<String> = LazyLock::new(|| aggregate_upsert(Dialect::Postgres));
+static EPOCH_VALUES_UPSERT: LazyLock<String> =
+    LazyLock::new(|| epoch_values_upsert(Dialect::Postgres));
 
 /// Renders a timestamptz column as UTC ISO 8601, the format both stores report.
 macro_rules! iso {
@@ -117,11 +125,11 @@ impl PgStore {
         &self,
         tx: &mut Transaction<'_, Postgres>,
         lease: LeaseRef,
-        seed: &SeedRetry,
+        attempts: &Attempts,
         end: AttemptEnd,
         cause: &str,
     ) -> Result<SeedState> {
-        let next = next_state(end, seed.failures, seed.max_attempts, seed.retry);
+        let next = next_state(end, attempts);
         sqlx::query(
             "UPDATE seeds SET state = $3, failures = $4, worker_id = NULL, lease_expires_at = NULL,
                  not_before = now() + make_interval(secs => $5), updated_at = now()
@@ -164,8 +172,8 @@ fn summary_from_row(row: &PgRow) -> Result<SweepSummary> {
     })
 }
 
-fn retry_from_row(row: &PgRow) -> Result<SeedRetry> {
-    Ok(SeedRetry {
+fn attempts_from_row(row: &PgRow) -> Result<Attempts> {
+    Ok(Attempts {
         failures: row.try_get::<i32, _>("failures")? as u32,
         max_attempts: row.try_get::<i32, _>("max_attempts")? as u32,
         retry: RetrySettings {
@@ -527,9 +535,15 @@ impl Store for PgStore {
                 seed: row.try_get("seed")?,
                 fence: row.try_get("fence")?,
             };
-            let seed = retry_from_row(row)?;
-            self.end_attempt(&mut tx, lease, &seed, AttemptEnd::Expired, EXPIRED_CAUSE)
-                .await?;
+            let attempts = attempts_from_row(row)?;
+            self.end_attempt(
+                &mut tx,
+                lease,
+                &attempts,
+                AttemptEnd::Expired,
+                EXPIRED_CAUSE,
+            )
+            .await?;
         }
         let claimed = sqlx::query(
             "WITH next AS (
@@ -660,17 +674,16 @@ impl Store for PgStore {
 
     async fn complete(&self, lease: LeaseRef, r: &SeedResult) -> Result<CompleteOutcome> {
         let mut tx = self.pool.begin().await?;
-        let (state, fence) = match Self::lock_seed(&mut tx, lease).await {
-            Ok(row) => row,
-            Err(e) => return abort(tx, e).await,
-        };
-        match policy::check_completion(lease, state, fence) {
+        let verdict = Self::lock_seed(&mut tx, lease)
+            .await
+            .and_then(|(state, fence)| Ok(policy::check_completion(lease, state, fence)?));
+        match verdict {
             Ok(Completion::Record) => {}
             Ok(Completion::AlreadyRecorded) => {
                 tx.rollback().await?;
                 return Ok(CompleteOutcome::AlreadyRecorded);
             }
-            Err(refusal) => return abort(tx, refusal.into()).await,
+            Err(e) => return abort(tx, e).await,
         }
         let recorded: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM epoch_metrics WHERE sweep_id = $1 AND seed = $2 AND fence = $3
@@ -719,10 +732,9 @@ impl Store for PgStore {
         .bind(r.test_correct.as_ref().map(|c| c.bits.clone()))
         .execute(&mut *tx)
         .await?;
-        let upsert = aggregate_upsert(Dialect::Postgres);
         for metric in Metric::ALL {
             if let Some(value) = metric.of(r) {
-                sqlx::query(sqlx::AssertSqlSafe(upsert.as_str()))
+                sqlx::query(sqlx::AssertSqlSafe(AGGREGATE_UPSERT.as_str()))
                     .bind(lease.sweep_id.0)
                     .bind(metric.column())
                     .bind(value)
@@ -731,7 +743,7 @@ impl Store for PgStore {
                     .await?;
             }
         }
-        sqlx::query(sqlx::AssertSqlSafe(epoch_values_upsert(Dialect::Postgres)))
+        sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES_UPSERT.as_str()))
             .bind(lease.sweep_id.0)
             .bind(lease.seed)
             .bind(r.epochs as i32)
@@ -780,8 +792,10 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         let end = charge.end(row.try_get("repeated")?);
-        let seed = retry_from_row(&row)?;
-        let state = self.end_attempt(&mut tx, lease, &seed, end, cause).await?;
+        let attempts = attempts_from_row(&row)?;
+        let state = self
+            .end_attempt(&mut tx, lease, &attempts, end, cause)
+            .await?;
         tx.commit().await?;
         Ok(state)
     }

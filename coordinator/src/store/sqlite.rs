@@ -3,11 +3,11 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    AGGREGATE_COLUMNS, Clock, Dialect, EPOCH_COLUMNS, FLEET_SEEDS, Result, SeedRetry, Store,
-    StoreError, aggregate_from_row, aggregate_upsert, design_from_config, epoch_from_row,
-    epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
-    epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row,
-    scored_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
+    AGGREGATE_COLUMNS, Clock, Dialect, EPOCH_COLUMNS, FLEET_SEEDS, Result, Store, StoreError,
+    aggregate_from_row, aggregate_upsert, design_from_config, epoch_from_row, epoch_score_from_row,
+    epoch_scores_sql, epoch_value_from_row, epoch_values_sql, epoch_values_upsert,
+    factors_from_row, lease_config, next_state, result_from_row, scored_from_row, scores_sql,
+    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
 };
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
@@ -16,15 +16,23 @@ use seedsweep_core::domain::{
     LeaseRef, Metric, Scored, SeedCounts, SeedResult, SeedState, SweepId, SweepProgress,
     SweepState, SweepSummary,
 };
-use seedsweep_core::policy::{self, AttemptEnd, Charge, Completion, EXPIRED_CAUSE, RetrySettings};
+use seedsweep_core::policy::{
+    self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
+};
 use seedsweep_core::spec::{SeedSet, SweepSpec};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 use uuid::Uuid;
+
+/// The completion's upserts in this dialect, built once.
+static AGGREGATE_UPSERT: LazyLock<String> = LazyLock::new(|| aggregate_upsert(Dialect::Sqlite));
+static EPOCH_VALUES_UPSERT: LazyLock<String> =
+    LazyLock::new(|| epoch_values_upsert(Dialect::Sqlite));
 
 const SUMMARY: &str = "SELECT w.id, w.name, w.task, w.dataset, w.created_at, w.state, w.priority,
         w.total_seeds,
@@ -104,11 +112,11 @@ impl SqliteStore {
         tx: &mut Transaction<'_, Sqlite>,
         now: SystemTime,
         lease: LeaseRef,
-        seed: &SeedRetry,
+        attempts: &Attempts,
         end: AttemptEnd,
         cause: &str,
     ) -> Result<SeedState> {
-        let next = next_state(end, seed.failures, seed.max_attempts, seed.retry);
+        let next = next_state(end, attempts);
         let sweep = lease.sweep_id.0.to_string();
         sqlx::query(
             "UPDATE seeds SET state = ?3, failures = ?4, not_before = ?5, worker_id = NULL,
@@ -179,8 +187,8 @@ fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SweepSummary> {
     })
 }
 
-fn retry_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SeedRetry> {
-    Ok(SeedRetry {
+fn attempts_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Attempts> {
+    Ok(Attempts {
         failures: row.try_get::<i64, _>("failures")? as u32,
         max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
         retry: RetrySettings {
@@ -428,12 +436,12 @@ impl Store for SqliteStore {
                 seed: row.try_get("seed")?,
                 fence: row.try_get("fence")?,
             };
-            let seed = retry_from_row(row)?;
+            let attempts = attempts_from_row(row)?;
             Self::end_attempt(
                 &mut tx,
                 instant,
                 lease,
-                &seed,
+                &attempts,
                 AttemptEnd::Expired,
                 EXPIRED_CAUSE,
             )
@@ -577,17 +585,16 @@ impl Store for SqliteStore {
     async fn complete(&self, lease: LeaseRef, r: &SeedResult) -> Result<CompleteOutcome> {
         let sweep = lease.sweep_id.0.to_string();
         let mut tx = self.pool.begin().await?;
-        let (state, fence) = match Self::seed_row(&mut tx, lease).await {
-            Ok(row) => row,
-            Err(e) => return abort(tx, e).await,
-        };
-        match policy::check_completion(lease, state, fence) {
+        let verdict = Self::seed_row(&mut tx, lease)
+            .await
+            .and_then(|(state, fence)| Ok(policy::check_completion(lease, state, fence)?));
+        match verdict {
             Ok(Completion::Record) => {}
             Ok(Completion::AlreadyRecorded) => {
                 tx.rollback().await?;
                 return Ok(CompleteOutcome::AlreadyRecorded);
             }
-            Err(refusal) => return abort(tx, refusal.into()).await,
+            Err(e) => return abort(tx, e).await,
         }
         let recorded: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM epoch_metrics WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3
@@ -636,10 +643,9 @@ impl Store for SqliteStore {
         .bind(r.test_correct.as_ref().map(|c| c.bits.clone()))
         .execute(&mut *tx)
         .await?;
-        let upsert = aggregate_upsert(Dialect::Sqlite);
         for metric in Metric::ALL {
             if let Some(value) = metric.of(r) {
-                sqlx::query(sqlx::AssertSqlSafe(upsert.as_str()))
+                sqlx::query(sqlx::AssertSqlSafe(AGGREGATE_UPSERT.as_str()))
                     .bind(&sweep)
                     .bind(metric.column())
                     .bind(value)
@@ -648,7 +654,7 @@ impl Store for SqliteStore {
                     .await?;
             }
         }
-        sqlx::query(sqlx::AssertSqlSafe(epoch_values_upsert(Dialect::Sqlite)))
+        sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES_UPSERT.as_str()))
             .bind(&sweep)
             .bind(lease.seed)
             .bind(r.epochs as i32)
@@ -699,8 +705,9 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let end = charge.end(row.try_get("repeated")?);
-        let seed = retry_from_row(&row)?;
-        let state = Self::end_attempt(&mut tx, self.instant(), lease, &seed, end, cause).await?;
+        let attempts = attempts_from_row(&row)?;
+        let state =
+            Self::end_attempt(&mut tx, self.instant(), lease, &attempts, end, cause).await?;
         tx.commit().await?;
         Ok(state)
     }
