@@ -9,12 +9,13 @@ use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, LeaseRef, Metric,
     SeedCounts, SeedResult, SweepId, SweepSummary,
 };
-use seedsweep_core::policy::Charge;
-use seedsweep_core::spec::{SeedSet, SweepSpec};
+use seedsweep_core::policy::{Charge, Reported, RunShape};
+use seedsweep_core::spec::{Precision, SeedSet, SweepSpec};
 use seedsweep_core::stats;
 use seedsweep_core::stats::document::{ComparisonDocument, StatsDocument};
 use seedsweep_proto::v1 as pb;
 use seedsweep_proto::v1::coordinator_server::Coordinator;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status, Streaming};
@@ -25,18 +26,103 @@ pub struct CoordinatorService {
     metrics: Arc<Metrics>,
     /// Told the sweep of each result this process records, to wake its watchers.
     recorded: tokio::sync::broadcast::Sender<SweepId>,
+    shapes: Shapes,
 }
 
 impl CoordinatorService {
     pub fn new(store: Arc<dyn Store>, lease_ttl: Duration, metrics: Arc<Metrics>) -> Self {
         let (recorded, _) = tokio::sync::broadcast::channel(1024);
         CoordinatorService {
+            shapes: Shapes::new(store.clone()),
             store,
             lease_ttl,
             metrics,
             recorded,
         }
     }
+}
+
+/// What each sweep's runs report ([`RunShape`]), read from the store once per sweep (a sweep's
+/// settings never change) and kept for the sweeps seen lately: at most [`Shapes::KEEP`].
+struct Shapes {
+    store: Arc<dyn Store>,
+    known: std::sync::Mutex<HashMap<SweepId, RunShape>>,
+}
+
+impl Shapes {
+    const KEEP: usize = 4096;
+
+    fn new(store: Arc<dyn Store>) -> Shapes {
+        Shapes {
+            store,
+            known: Default::default(),
+        }
+    }
+
+    async fn of(&self, id: SweepId) -> Result<RunShape, Status> {
+        if let Some(shape) = self.lock().get(&id) {
+            return Ok(*shape);
+        }
+        let shape = self.store.run_shape(id).await.map_err(status)?;
+        let mut known = self.lock();
+        if known.len() >= Self::KEEP {
+            known.clear();
+        }
+        known.insert(id, shape);
+        Ok(shape)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SweepId, RunShape>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The most results one `ListResults` reply carries (about 2 MB), and epoch rows one
+/// `ListEpochMetrics` reply carries (about 3 MB): under tonic's 4 MiB default.
+const MAX_RESULT_PAGE: u32 = 10_000;
+const MAX_EPOCH_PAGE: u32 = 50_000;
+
+/// One page of a listing: `size` rows asked for, at most `max`; 0 is a client from before
+/// paging, which wants everything in one reply.
+struct Page {
+    size: u32,
+    max: u32,
+}
+
+impl Page {
+    fn new(size: u32, max: u32) -> Page {
+        Page { size, max }
+    }
+
+    /// The rows to read: for an unpaged request one more than fits, to tell it cannot.
+    fn limit(&self) -> u32 {
+        match self.size {
+            0 => self.max + 1,
+            n => n.min(self.max),
+        }
+    }
+
+    /// Refuses an unpaged request whose rows do not fit one reply.
+    fn check<T>(&self, rows: Vec<T>, what: &str) -> Result<Vec<T>, Status> {
+        if self.size == 0 && rows.len() > self.max as usize {
+            return Err(Status::failed_precondition(format!(
+                "the sweep has more than {} {what}, too many for one reply: ask for pages (page_size, and the last page's key to continue after)",
+                self.max
+            )));
+        }
+        Ok(rows)
+    }
+
+    /// Whether the page came back full, so that more may follow.
+    fn full<T>(&self, rows: &[T]) -> bool {
+        self.size != 0 && rows.len() == self.limit() as usize
+    }
+}
+
+/// How many messages one `StreamEpochMetrics` call may carry for a run of `epochs` epochs: each
+/// epoch twice (a replay), and some room.
+fn stream_limit(epochs: u32) -> u64 {
+    2 * u64::from(epochs) + 16
 }
 
 impl CoordinatorService {
@@ -319,11 +405,19 @@ fn epoch_record(m: &pb::EpochMetrics) -> Result<EpochRecord, Status> {
     })
 }
 
+/// The optional metrics an epoch row carries.
+fn reported(e: &EpochRecord) -> Reported {
+    Reported {
+        top5: e.test_top5.is_some(),
+        validation: e.val_loss.is_some() || e.val_accuracy.is_some(),
+    }
+}
+
 fn summary_pb(s: &SweepSummary) -> pb::SweepSummary {
     pb::SweepSummary {
         sweep_id: s.id.to_string(),
         name: s.name.clone(),
-        task: s.task.clone(),
+        task: s.task.as_str().to_string(),
         dataset: s.dataset.clone(),
         created_at: s.created_at.clone(),
         total: s.total,
@@ -526,7 +620,10 @@ impl Coordinator for CoordinatorService {
             )));
         };
         let curves = if metric.per_epoch() {
-            self.store.epoch_scores(id, metric).await.map_err(status)?
+            // Past a few hundred seeds, only the sample the report draws is read.
+            let sample = seedsweep_core::report::curve_sample(&runs);
+            let scores = self.store.epoch_scores(id, metric, sample.as_deref());
+            scores.await.map_err(status)?
         } else {
             Vec::new()
         };
@@ -627,9 +724,22 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ListEpochMetricsRequest>,
     ) -> Result<Response<pb::ListEpochMetricsResponse>, Status> {
-        let id = sweep_id(&req.get_ref().sweep_id)?;
-        let rows = self.store.list_epochs(id).await.map_err(status)?;
+        let r = req.get_ref();
+        let id = sweep_id(&r.sweep_id)?;
+        let page = Page::new(r.page_size, MAX_EPOCH_PAGE);
+        let after = r.after.map(|k| (k.seed, k.epoch));
+        let rows = self.store.list_epochs(id, after, page.limit()).await;
+        let rows = page.check(rows.map_err(status)?, "epoch rows")?;
         Ok(Response::new(pb::ListEpochMetricsResponse {
+            next_after: page
+                .full(&rows)
+                .then(|| {
+                    rows.last().map(|(seed, e)| pb::EpochKey {
+                        seed: *seed,
+                        epoch: e.epoch,
+                    })
+                })
+                .flatten(),
             rows: rows
                 .into_iter()
                 .map(|(seed, e)| pb::EpochRow {
@@ -653,9 +763,19 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ListResultsRequest>,
     ) -> Result<Response<pb::ListResultsResponse>, Status> {
-        let id = sweep_id(&req.get_ref().sweep_id)?;
-        let results = self.store.list_results(id).await.map_err(status)?;
+        let r = req.get_ref();
+        let id = sweep_id(&r.sweep_id)?;
+        let page = Page::new(r.page_size, MAX_RESULT_PAGE);
+        let results = self
+            .store
+            .list_results(id, r.after_seed, page.limit())
+            .await;
+        let results = page.check(results.map_err(status)?, "results")?;
         Ok(Response::new(pb::ListResultsResponse {
+            next_after_seed: page
+                .full(&results)
+                .then(|| results.last().map(|r| r.seed))
+                .flatten(),
             results: results
                 .into_iter()
                 .map(|r| pb::SeedResult {
@@ -671,7 +791,7 @@ impl Coordinator for CoordinatorService {
                     data_fingerprint: r.data_fingerprint,
                     finished_at: r.finished_at,
                     factors: r.factors.as_ref().map(factors_pb),
-                    precision: r.precision,
+                    precision: r.precision.as_str().to_string(),
                     deterministic: r.deterministic,
                     test_top5: r.test_top5,
                     val_loss: r.val_loss,
@@ -742,7 +862,7 @@ impl Coordinator for CoordinatorService {
                     sweep_id: l.lease.sweep_id.to_string(),
                     seed: l.lease.seed,
                     fence: l.lease.fence,
-                    task: l.task,
+                    task: l.task.as_str().to_string(),
                     dataset: l.dataset,
                     train: Some(train_pb(&l.train)),
                     lease_ttl_seconds: self.lease_ttl.as_secs().max(1) as u32,
@@ -785,6 +905,17 @@ impl Coordinator for CoordinatorService {
         while let Some(m) = stream.message().await? {
             let lease = lease_ref(m.lease.as_ref())?;
             let record = epoch_record(&m)?;
+            let shape = self.shapes.of(lease.sweep_id).await?;
+            if u64::from(received) >= stream_limit(shape.epochs) {
+                return Err(Status::invalid_argument(format!(
+                    "this stream sent more than {} messages, for runs of {} epochs: open a new stream to replay",
+                    stream_limit(shape.epochs),
+                    shape.epochs
+                )));
+            }
+            shape
+                .check_epoch(record.epoch, reported(&record))
+                .map_err(Status::invalid_argument)?;
             self.store
                 .record_epoch(lease, &record)
                 .await
@@ -813,14 +944,13 @@ impl Coordinator for CoordinatorService {
             worker_id: worker_id(&r.worker_id)?.to_string(),
             device: label("device", &r.device)?,
             data_fingerprint: label("data_fingerprint", &r.data_fingerprint)?,
-            precision: match r.precision.as_str() {
-                p @ ("fp32" | "fp16" | "bf16") => p.to_string(),
-                other => {
-                    return Err(Status::invalid_argument(format!(
-                        "precision = \"{other}\": must be \"fp32\", \"fp16\" or \"bf16\""
-                    )));
-                }
-            },
+            precision: Precision::parse(&r.precision).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "precision = \"{}\": must be {}",
+                    r.precision,
+                    Precision::known()
+                ))
+            })?,
             deterministic: r.deterministic,
             test_top5: r.test_top5.map(|v| fraction("test_top5", v)).transpose()?,
             val_loss: r.val_loss.map(|v| finite("val_loss", v)).transpose()?,
@@ -839,6 +969,17 @@ impl Coordinator for CoordinatorService {
                 )
             },
         };
+        self.shapes
+            .of(lease.sweep_id)
+            .await?
+            .check_result(
+                result.epochs,
+                Reported {
+                    top5: result.test_top5.is_some(),
+                    validation: result.val_loss.is_some() || result.val_accuracy.is_some(),
+                },
+            )
+            .map_err(Status::invalid_argument)?;
         self.metrics.saw_worker(&result.worker_id);
         let outcome = self.store.complete(lease, &result).await.map_err(status)?;
         let recorded = outcome == CompleteOutcome::Recorded;
@@ -869,5 +1010,24 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::FailSeedResponse {
             state: state.as_str().to_string(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unpaged_listing_past_one_reply_is_refused_and_a_paged_one_goes_on() {
+        let unpaged = Page::new(0, 3);
+        assert_eq!(unpaged.limit(), 4);
+        assert_eq!(unpaged.check(vec![1, 2, 3], "rows").unwrap().len(), 3);
+        let e = unpaged.check(vec![1, 2, 3, 4], "rows").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("page_size"), "{}", e.message());
+        assert!(!unpaged.full(&[1, 2, 3]));
+        let paged = Page::new(10, 3);
+        assert_eq!(paged.limit(), 3, "a page larger than the most is cut to it");
+        assert!(paged.full(&[1, 2, 3]) && !paged.full(&[1, 2]));
     }
 }

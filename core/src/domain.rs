@@ -2,14 +2,16 @@
 //! service layer; SQL never gets past the store.
 
 use crate::design::FactorSeeds;
-use crate::spec::TrainSettings;
+use crate::spec::{Precision, Task, TrainSettings};
 use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
 use uuid::Uuid;
 
 /// One table of names for a closed set: `ALL`, `as_str` and `parse` from the same list, so the
-/// name a state is written with and the one it is read back from cannot drift apart.
+/// name a state is written with and the one it is read back from cannot drift apart. With
+/// `as "what"`, serde reads and writes the same names (sweep files, JSON), and an unknown name
+/// is an error that lists the known ones.
 macro_rules! names {
     ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
         impl $ty {
@@ -27,10 +29,46 @@ macro_rules! names {
                     _ => None,
                 }
             }
+
+            /// The known names, for error messages: "a, b or c".
+            pub fn known() -> String {
+                $crate::domain::either(&[$($name),+])
+            }
+        }
+    };
+    ($ty:ident as $what:literal { $($variant:ident => $name:literal),+ $(,)? }) => {
+        $crate::domain::names!($ty { $($variant => $name),+ });
+
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+                let name = String::deserialize(d)?;
+                $ty::parse(&name).ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "unknown {} `{name}`: use {}",
+                        $what,
+                        $ty::known()
+                    ))
+                })
+            }
         }
     };
 }
 pub(crate) use names;
+
+/// "a", "a or b", "a, b or c".
+pub fn either(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct SweepId(pub Uuid);
@@ -122,7 +160,7 @@ names!(SweepState {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
     pub lease: LeaseRef,
-    pub task: String,
+    pub task: Task,
     pub dataset: String,
     pub train: TrainSettings,
     pub factors: FactorSeeds,
@@ -178,7 +216,7 @@ pub struct SeedResult {
     pub device: String,
     pub data_fingerprint: String,
     /// The precision used and whether the run repeats bit for bit, as the worker reports them.
-    pub precision: String,
+    pub precision: Precision,
     pub deterministic: bool,
     /// Top-5 test accuracy (task finetune-head).
     pub test_top5: Option<f64>,
@@ -233,7 +271,7 @@ impl Correctness {
 pub struct SweepSummary {
     pub id: SweepId,
     pub name: String,
-    pub task: String,
+    pub task: Task,
     pub dataset: String,
     pub created_at: String,
     pub state: SweepState,

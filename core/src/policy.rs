@@ -4,7 +4,8 @@
 
 use crate::design::Design;
 use crate::domain::{LeaseRef, SeedState, SweepId, SweepState};
-use crate::spec::MAX_SEEDS;
+use crate::spec::finetune::FinetuneSpec;
+use crate::spec::{MAX_SEEDS, TrainSettings};
 
 /// A failed attempt's seed waits `base * 2^(failures - 1)`, at most `max`, times a random factor in
 /// [0.5, 1.5), before it can be leased again.
@@ -192,6 +193,77 @@ pub fn check_epochs_recorded(lease: LeaseRef, claimed: u32, recorded: u64) -> Re
     Err(Refusal::Conflict(format!(
         "{lease}: the result claims {claimed} epochs but {recorded} epochs of metrics were recorded under this lease"
     )))
+}
+
+/// What every run of a sweep reports: how many epoch rows (epochs, or the fine-tune's
+/// evaluations) and which optional metrics its task and settings can produce. A worker's report
+/// of any other shape is refused: an under- or over-trained run must not enter the statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunShape {
+    pub epochs: u32,
+    /// Top-5 accuracy: the fine-tune task's evaluations.
+    pub top5: bool,
+    /// Validation metrics: a ResNet-9 run with images held out (`holdout` > 0).
+    pub validation: bool,
+}
+
+/// The optional metrics a report carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reported {
+    pub top5: bool,
+    pub validation: bool,
+}
+
+impl RunShape {
+    pub fn of(train: &TrainSettings, finetune: Option<&FinetuneSpec>) -> RunShape {
+        match finetune {
+            Some(f) => RunShape {
+                epochs: f.finetune.evaluations(),
+                top5: true,
+                validation: false,
+            },
+            None => RunShape {
+                epochs: train.epochs,
+                top5: false,
+                validation: train.holdout > 0,
+            },
+        }
+    }
+
+    /// Whether an epoch row numbered `epoch` carrying `reported` fits.
+    pub fn check_epoch(&self, epoch: u32, reported: Reported) -> Result<(), String> {
+        if epoch == 0 || epoch > self.epochs {
+            return Err(format!(
+                "epoch = {epoch}: this sweep's runs report epochs 1 to {}",
+                self.epochs
+            ));
+        }
+        self.check_metrics(reported)
+    }
+
+    /// Whether a result claiming `epochs` and carrying `reported` fits.
+    pub fn check_result(&self, epochs: u32, reported: Reported) -> Result<(), String> {
+        if epochs != self.epochs {
+            return Err(format!(
+                "epochs = {epochs}: this sweep's runs train {} epochs (a run that stopped early reports FailSeed)",
+                self.epochs
+            ));
+        }
+        self.check_metrics(reported)
+    }
+
+    fn check_metrics(&self, reported: Reported) -> Result<(), String> {
+        if reported.top5 && !self.top5 {
+            return Err("test_top5 was sent, but only the finetune-head task reports it".into());
+        }
+        if reported.validation && !self.validation {
+            return Err(
+                "val_loss or val_accuracy was sent, but this sweep holds no images out (`holdout` = 0)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Whether sweep `id` may go from `current` to `target`: cancelled is final.
@@ -426,5 +498,48 @@ mod tests {
             };
             assert!(msg.contains(says), "{msg}");
         }
+    }
+
+    #[test]
+    fn a_run_reports_its_sweeps_epochs_and_only_the_metrics_its_settings_make() {
+        let spec = crate::spec::SweepSpec::parse(
+            "name = \"s\"\ntask = \"resnet9\"\ndataset = \"d\"\nseeds = \"0..2\"\n[train]\nepochs = 3\n",
+        )
+        .unwrap();
+        let shape = RunShape::of(&spec.train, None);
+        assert_eq!(shape.epochs, 3);
+        let plain = Reported {
+            top5: false,
+            validation: false,
+        };
+        assert!(shape.check_epoch(3, plain).is_ok());
+        assert!(
+            shape
+                .check_epoch(4, plain)
+                .unwrap_err()
+                .contains("epochs 1 to 3")
+        );
+        assert!(shape.check_result(3, plain).is_ok());
+        for short_or_long in [2, 4] {
+            assert!(shape.check_result(short_or_long, plain).is_err());
+        }
+        let top5 = Reported {
+            top5: true,
+            ..plain
+        };
+        assert!(
+            shape
+                .check_epoch(1, top5)
+                .unwrap_err()
+                .contains("test_top5")
+        );
+        let val = Reported {
+            validation: true,
+            ..plain
+        };
+        assert!(shape.check_result(3, val).unwrap_err().contains("holdout"));
+        let mut held_out = spec.train.clone();
+        held_out.holdout = 100;
+        assert!(RunShape::of(&held_out, None).check_result(3, val).is_ok());
     }
 }

@@ -82,7 +82,7 @@ fn result(seed: i64) -> SeedResult {
         worker_id: "w".into(),
         device: "cpu".into(),
         data_fingerprint: "sha256:00".into(),
-        precision: "fp32".into(),
+        precision: seedsweep_core::spec::Precision::Fp32,
         deterministic: true,
         test_top5: None,
         val_loss: None,

@@ -2,8 +2,8 @@
 //! that crashes and comes back. Nothing is lost and nothing is counted twice.
 
 use seedsweep_tests::{
-    CoordinatorProcess, free_port, make_synthetic, signal, sqlite_query, stderr, stdout,
-    wait_until, worker,
+    CoordinatorProcess, PgServer, free_port, make_synthetic, signal, spool_dir, sqlite_query,
+    stderr, stdout, wait_until, worker,
 };
 use std::path::Path;
 use std::process::Stdio;
@@ -202,5 +202,200 @@ fn a_coordinator_crash_loses_nothing() {
     assert_eq!(
         sqlite_query(&db, "SELECT DISTINCT outcome FROM attempts"),
         "succeeded\n"
+    );
+}
+
+/// A short lease TTL, and an outage of four of them past the end of training.
+const TTL: &[&str] = &["--lease-ttl", "2"];
+const OUTAGE: Duration = Duration::from_secs(8);
+
+/// Data large enough that an epoch takes a few seconds: the outage starts before the last one
+/// ends.
+fn slow_setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    make_synthetic(&data, 2000, 200);
+    let db = dir.path().join("s.db");
+    (dir, data, db)
+}
+
+/// How many results wait in the spool of the workers started on `data`.
+fn spooled(data: &Path) -> usize {
+    std::fs::read_dir(spool_dir(data))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "result"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until training has ended while the coordinator (or its database) is away: the result
+/// is in the spool, undelivered.
+fn wait_until_spooled(data: &Path) {
+    wait_until("the result is spooled", Duration::from_secs(120), || {
+        spooled(data) == 1
+    });
+}
+
+/// One seed, its result and its three epochs recorded once, in one attempt that succeeded.
+const ONE_CLEAN_RESULT: &str = "0|done|1|3|1|succeeded\n";
+const ONE_CLEAN_RESULT_SQL: &str = "SELECT s.seed, s.state,
+        (SELECT count(*) FROM results r WHERE r.sweep_id = s.sweep_id AND r.seed = s.seed),
+        (SELECT count(*) FROM epoch_metrics e WHERE e.sweep_id = s.sweep_id AND e.seed = s.seed),
+        (SELECT count(*) FROM attempts a WHERE a.sweep_id = s.sweep_id AND a.seed = s.seed),
+        (SELECT min(outcome) FROM attempts a WHERE a.sweep_id = s.sweep_id AND a.seed = s.seed)
+     FROM seeds s ORDER BY s.seed";
+
+/// The coordinator goes away for four lease TTLs as a seed's last epoch trains, and comes back
+/// on the same address and database: the worker keeps the result in its spool and delivers it,
+/// the lease does not expire (the grace after a restart), and the seed ends with one result,
+/// all its epochs and one attempt: nothing counted, nothing trained twice.
+#[test]
+fn a_long_coordinator_outage_as_training_ends_costs_nothing() {
+    let _heavy = crate::heavy();
+    let (dir, data, db) = slow_setup();
+    let url = format!("sqlite://{}", db.display());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let c = CoordinatorProcess::start_on(&url, &listen, TTL).unwrap();
+    submit(&c, dir.path(), "[0]", 3);
+    let a = worker(&c.url, &data)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_epochs(&db, 2);
+    c.kill();
+    wait_until_spooled(&data);
+    std::thread::sleep(OUTAGE);
+    let c = CoordinatorProcess::start_on(&url, &listen, TTL).unwrap();
+    let out = a.wait_with_output().unwrap();
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}\ncoordinator:\n{}", c.log());
+    assert!(
+        log.contains("will deliver the result when it is back"),
+        "the outage did not cover the end of training:\n{log}"
+    );
+    assert_eq!(
+        sqlite_query(&db, ONE_CLEAN_RESULT_SQL),
+        ONE_CLEAN_RESULT,
+        "{log}"
+    );
+}
+
+/// The same with PostgreSQL stopped for four TTLs instead (the coordinator stays up, answers
+/// UNAVAILABLE meanwhile, and gives its leases the grace once the database answers again).
+#[test]
+fn a_long_database_outage_as_training_ends_costs_nothing() {
+    let _heavy = crate::heavy();
+    let pg = PgServer::start().unwrap();
+    let db_url = pg.fresh_database().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    make_synthetic(&data, 2000, 200);
+    let c = CoordinatorProcess::start(&db_url, TTL).unwrap();
+    submit(&c, dir.path(), "[0]", 3);
+    let mut a = worker(&c.url, &data)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("2 epochs are recorded", Duration::from_secs(120), || {
+        pg.psql(&db_url, "SELECT count(*) FROM epoch_metrics")
+            .trim()
+            == "2"
+    });
+    if !pg.halt().unwrap() {
+        eprintln!("DATABASE_URL is not ours to stop: skipping the outage");
+        let _ = a.kill();
+        let _ = a.wait();
+        return;
+    }
+    wait_until_spooled(&data);
+    std::thread::sleep(OUTAGE);
+    pg.resume().unwrap();
+    let out = a.wait_with_output().unwrap();
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}\ncoordinator:\n{}", c.log());
+    assert_eq!(
+        pg.psql(&db_url, ONE_CLEAN_RESULT_SQL),
+        ONE_CLEAN_RESULT,
+        "{log}"
+    );
+}
+
+/// A worker killed (SIGKILL) after training and before its result reached the coordinator: the
+/// next worker started on the same spool delivers it before leasing anything.
+#[test]
+fn a_killed_workers_spooled_result_lands_when_it_restarts() {
+    let _heavy = crate::heavy();
+    let (dir, data, db) = slow_setup();
+    let url = format!("sqlite://{}", db.display());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let c = CoordinatorProcess::start_on(&url, &listen, TTL).unwrap();
+    submit(&c, dir.path(), "[0]", 3);
+    let mut a = worker(&c.url, &data).stderr(Stdio::null()).spawn().unwrap();
+    wait_for_epochs(&db, 2);
+    // Away, so the result cannot be delivered and waits in the spool.
+    c.kill();
+    wait_until_spooled(&data);
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let c = CoordinatorProcess::start_on(&url, &listen, TTL).unwrap();
+    let out = worker(&c.url, &data).output().unwrap();
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}\ncoordinator:\n{}", c.log());
+    assert!(log.contains("delivered a result from the spool"), "{log}");
+    assert_eq!(
+        sqlite_query(&db, ONE_CLEAN_RESULT_SQL),
+        ONE_CLEAN_RESULT,
+        "{log}"
+    );
+    assert_eq!(spooled(&data), 0, "the delivered result is still spooled");
+}
+
+/// SIGTERM while the worker downloads CIFAR-10 from a mirror that accepted the connection and
+/// then went silent: the worker exits within seconds and its seed is pending again, uncounted.
+#[test]
+fn a_stop_during_a_stalled_download_hands_the_seed_back() {
+    let _heavy = crate::heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let c = CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
+    let file = dir.path().join("cifar.toml");
+    std::fs::write(
+        &file,
+        "name = \"stalled\"\ntask = \"resnet9\"\ndataset = \"cifar10\"\nseeds = [0]\n",
+    )
+    .unwrap();
+    let out = c.sweep(&["submit", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A mirror that takes the connection and never answers.
+    let mirror = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://{}/cifar-10-binary.tar.gz",
+        mirror.local_addr().unwrap()
+    );
+    let a = worker(&c.url, &dir.path().join("data"))
+        .args(["--cifar10-url", &url])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (_stalled, _) = mirror.accept().unwrap();
+    let asked = std::time::Instant::now();
+    signal(&a, "TERM");
+    let out = a.wait_with_output().unwrap();
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "the worker took {:?} to stop:\n{log}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        sqlite_query(
+            &db,
+            "SELECT s.state, s.failures, a.outcome FROM seeds s JOIN attempts a USING (sweep_id, seed)"
+        ),
+        "pending|0|released\n",
+        "{log}"
     );
 }

@@ -177,6 +177,43 @@ async fn expiry_counts_and_the_backoff_is_waited_out() {
     coordinator.stop().await;
 }
 
+/// A coordinator that was down while leases ran out expires none of them for one TTL after it is
+/// back: their holders could not heartbeat meanwhile, and get that long to do so. A lease still
+/// not heartbeated after the grace expires as usual.
+#[tokio::test]
+async fn an_outage_costs_no_attempt() {
+    let (coordinator, mut c) = started().await;
+    let sweep = submit(&mut c).await;
+    let kept = lease(&mut c).await.unwrap();
+    let abandoned = lease(&mut c).await.unwrap();
+    // Down for ten TTLs: both deadlines pass while nobody can heartbeat.
+    coordinator.clock.advance(TTL * 10);
+    let coordinator = coordinator.restart().await.unwrap();
+    let mut c = coordinator.client(None).await;
+    assert!(lease(&mut c).await.is_none(), "a lease expired at once");
+    c.heartbeat(heartbeat(lref(&kept))).await.unwrap();
+    coordinator.clock.advance(TTL - Duration::from_secs(1));
+    assert!(
+        lease(&mut c).await.is_none(),
+        "a lease expired inside the grace"
+    );
+    c.heartbeat(heartbeat(lref(&kept))).await.unwrap();
+    let status = counts(&mut c, &sweep).await;
+    assert_eq!((status.leased, status.pending), (2, 0), "{status:?}");
+    // Past the grace, the lease nobody heartbeated expires; the other holds.
+    coordinator.clock.advance(Duration::from_secs(2));
+    assert!(
+        lease(&mut c).await.is_none(),
+        "the expired seed waits out its backoff"
+    );
+    let e = c.heartbeat(heartbeat(lref(&abandoned))).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    c.heartbeat(heartbeat(lref(&kept))).await.unwrap();
+    let status = counts(&mut c, &sweep).await;
+    assert_eq!((status.leased, status.pending), (1, 1), "{status:?}");
+    coordinator.stop().await;
+}
+
 #[tokio::test]
 async fn tokens_are_checked_before_any_handler() {
     let worker = vec!["w".repeat(32)];
@@ -234,11 +271,161 @@ async fn out_of_range_epoch_numbers_are_refused_and_reads_still_work() {
         .await
         .unwrap();
     let rows = c
-        .list_epoch_metrics(pb::ListEpochMetricsRequest { sweep_id: sweep })
+        .list_epoch_metrics(pb::ListEpochMetricsRequest {
+            sweep_id: sweep,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     let epochs: Vec<u32> = rows.rows.iter().map(|r| r.epoch).collect();
     assert_eq!(epochs, [1]);
+    coordinator.stop().await;
+}
+
+/// Epoch rows and results that the sweep's runs cannot produce are INVALID_ARGUMENT naming the
+/// field, and leave nothing behind: an epoch past the sweep's count, metrics its task or settings
+/// do not report, a result of the wrong length, a stream past its bound. The right ones are
+/// recorded afterwards, and every reader sees only them.
+#[tokio::test]
+async fn reports_of_the_wrong_shape_are_refused_and_leave_nothing() {
+    let (coordinator, mut c) = started().await;
+    let sweep = submit(&mut c).await;
+    let held = lease(&mut c).await.unwrap();
+    let epoch = |n: u32| pb::EpochMetrics {
+        lease: lref(&held),
+        epoch: n,
+        train_loss: 0.5,
+        train_accuracy: 0.5,
+        test_loss: Some(0.7),
+        test_accuracy: Some(0.6),
+        lr: 0.1,
+        seconds: 1.0,
+        ..Default::default()
+    };
+    let refused = [
+        (pb::EpochMetrics { ..epoch(3) }, "epoch = 3"),
+        (
+            pb::EpochMetrics {
+                test_top5: Some(0.9),
+                ..epoch(1)
+            },
+            "test_top5",
+        ),
+        (
+            pb::EpochMetrics {
+                val_accuracy: Some(0.9),
+                ..epoch(1)
+            },
+            "holdout",
+        ),
+    ];
+    for (m, field) in refused {
+        let e = c
+            .stream_epoch_metrics(tokio_stream::iter(vec![m]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(field), "{}", e.message());
+    }
+    let flood = (0..100).map(|i| epoch(1 + i % 2)).collect::<Vec<_>>();
+    let e = c
+        .stream_epoch_metrics(tokio_stream::iter(flood))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("more than"), "{}", e.message());
+    c.stream_epoch_metrics(tokio_stream::iter(vec![epoch(1), epoch(2)]))
+        .await
+        .unwrap();
+    let result = |epochs: u32| pb::CompleteSeedRequest {
+        lease: lref(&held),
+        worker_id: "w".into(),
+        test_accuracy: 0.6,
+        test_loss: 0.7,
+        train_loss: 0.5,
+        train_accuracy: 0.5,
+        epochs,
+        seconds: 2.0,
+        device: "cpu".into(),
+        data_fingerprint: "f".into(),
+        precision: "fp32".into(),
+        ..Default::default()
+    };
+    for (r, field) in [
+        (result(1), "epochs = 1"),
+        (result(3), "epochs = 3"),
+        (
+            pb::CompleteSeedRequest {
+                test_top5: Some(0.9),
+                ..result(2)
+            },
+            "test_top5",
+        ),
+    ] {
+        let e = c.complete_seed(r).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(field), "{}", e.message());
+    }
+    let status = counts(&mut c, &sweep).await;
+    assert_eq!((status.leased, status.done), (1, 0), "{status:?}");
+    assert!(
+        c.complete_seed(result(2))
+            .await
+            .unwrap()
+            .into_inner()
+            .recorded
+    );
+    let rows = c
+        .list_epoch_metrics(pb::ListEpochMetricsRequest {
+            sweep_id: sweep.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let epochs: Vec<(i64, u32)> = rows.rows.iter().map(|r| (r.seed, r.epoch)).collect();
+    assert_eq!(epochs, [(held.seed, 1), (held.seed, 2)]);
+    let results = c
+        .list_results(pb::ListResultsRequest {
+            sweep_id: sweep.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(results.results.len(), 1);
+    // Paged: a full page says where to go on; the page after the last result is empty.
+    let page = |after_seed| pb::ListResultsRequest {
+        sweep_id: sweep.clone(),
+        page_size: 1,
+        after_seed,
+    };
+    let first = c.list_results(page(None)).await.unwrap().into_inner();
+    assert_eq!(first.next_after_seed, Some(held.seed));
+    let rest = c
+        .list_results(page(first.next_after_seed))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        rest.results.is_empty() && rest.next_after_seed.is_none(),
+        "{rest:?}"
+    );
+    let epochs = c
+        .list_epoch_metrics(pb::ListEpochMetricsRequest {
+            sweep_id: sweep.clone(),
+            page_size: 1,
+            after: Some(pb::EpochKey {
+                seed: held.seed,
+                epoch: 1,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(epochs.rows.len(), 1);
+    assert_eq!(epochs.rows[0].epoch, 2);
+    assert_eq!(epochs.next_after.map(|k| k.epoch), Some(2));
     coordinator.stop().await;
 }

@@ -60,7 +60,7 @@ fn result(seed: i64, acc: f64) -> SeedResult {
         worker_id: "w".into(),
         device: "cpu".into(),
         data_fingerprint: "sha256:00".into(),
-        precision: "fp32".into(),
+        precision: seedsweep_core::spec::Precision::Fp32,
         deterministic: true,
         test_top5: None,
         val_loss: None,
@@ -170,9 +170,12 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
         SeedState::Failed
     );
 
-    // A release does not use up an attempt.
+    // A release does not use up an attempt; the next lease starts with none of the last one's
+    // epochs (a partial curve never mixes with the new lease's in what readers see).
     let l3 = claim(s, "w").await;
     assert_eq!(l3.lease.seed, 9);
+    s.record_epoch(l3.lease, &epoch(1)).await.unwrap();
+    s.record_epoch(l3.lease, &epoch(2)).await.unwrap();
     assert_eq!(
         s.fail(l3.lease, "data missing", Charge::Uncounted)
             .await
@@ -181,6 +184,11 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
     );
     let l3b = claim(s, "w").await;
     assert_eq!((l3b.lease.seed, l3b.lease.fence), (9, 2));
+    let seed_9 = s.list_epochs(a, None, 1000).await.unwrap();
+    assert!(
+        seed_9.iter().all(|(seed, _)| *seed != 9),
+        "the released lease's epochs are still listed: {seed_9:?}"
+    );
     finish(s, l3b.lease, 0.7).await;
 
     // An expired lease returns its seed at the next claim and counts as an attempt; expiry follows
@@ -218,8 +226,19 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
     assert_eq!((pa.summary.total, pa.summary.done), (3, 2));
     let pb = s.sweep_progress(b).await.unwrap();
     assert_eq!((pb.counts.done, pb.counts.failed), (1, 1));
-    let rows = s.list_results(a).await.unwrap();
+    let rows = s.list_results(a, None, 1000).await.unwrap();
     assert_eq!(rows.iter().map(|r| r.seed).collect::<Vec<_>>(), vec![2, 9]);
+    // Pages: in seed order, each after the last one's key.
+    let first = s.list_results(a, None, 1).await.unwrap();
+    let second = s.list_results(a, Some(first[0].seed), 1).await.unwrap();
+    let third = s.list_results(a, Some(second[0].seed), 1).await.unwrap();
+    assert_eq!((first[0].seed, second[0].seed, third.len()), (2, 9, 0));
+    let epochs = s.list_epochs(a, None, 1000).await.unwrap();
+    let keys =
+        |rows: &[(i64, EpochRecord)]| rows.iter().map(|(s, e)| (*s, e.epoch)).collect::<Vec<_>>();
+    assert_eq!(keys(&epochs), [(2, 1), (2, 2), (9, 1), (9, 2)]);
+    let page = s.list_epochs(a, Some((2, 2)), 2).await.unwrap();
+    assert_eq!(keys(&page), [(9, 1), (9, 2)]);
     assert!(
         rows[0].finished_at.ends_with('Z'),
         "{}",
@@ -239,7 +258,7 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
         Err(StoreError::SweepNotFound(_))
     ));
     assert!(matches!(
-        s.list_results(nobody).await,
+        s.list_results(nobody, None, 10).await,
         Err(StoreError::SweepNotFound(_))
     ));
     let ghost = LeaseRef {
@@ -501,13 +520,21 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
     // Epochs of the finished seeds (a seed that ran out of attempts keeps its partial curve in
     // epoch_metrics, outside the statistics).
     let epoch_points: Vec<(u32, f64)> = s
-        .epoch_scores(id, Metric::TestAccuracy)
+        .epoch_scores(id, Metric::TestAccuracy, None)
         .await
         .unwrap()
         .into_iter()
         .map(|(_, e, v)| (e, v))
         .collect();
     assert_eq!(epoch_points.len() as u64, 2 * p.counts.done);
+    // The curves of chosen seeds only (the report's sample).
+    let chosen = scores[0].seed;
+    let some = s
+        .epoch_scores(id, Metric::TestAccuracy, Some(&[chosen]))
+        .await
+        .unwrap();
+    assert_eq!(some.len(), 2);
+    assert!(some.iter().all(|(seed, _, _)| *seed == chosen), "{some:?}");
     let at_two = epoch_points.iter().filter(|e| e.0 == 2).count() as i64;
     // The store's per-epoch spread (from the live epoch_values counts) equals the one computed
     // here, and so does the scan it replaces (SQL on PostgreSQL).

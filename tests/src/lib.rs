@@ -87,7 +87,14 @@ pub fn free_port() -> u16 {
 /// on drop. Each call to [`PgServer::fresh_database`] creates a new empty database.
 pub struct PgServer {
     admin_url: String,
-    cluster: Option<(PathBuf, tempfile::TempDir)>,
+    cluster: Option<Cluster>,
+}
+
+/// A throwaway cluster: the server binaries, its folder, and the server's options.
+struct Cluster {
+    bindir: PathBuf,
+    dir: tempfile::TempDir,
+    options: String,
 }
 
 fn pg_bindir() -> anyhow::Result<PathBuf> {
@@ -186,13 +193,17 @@ impl PgServer {
         }
         Ok(PgServer {
             admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-            cluster: Some((bindir, dir)),
+            cluster: Some(Cluster {
+                bindir,
+                dir,
+                options: opts,
+            }),
         })
     }
 
     fn psql_path(&self) -> PathBuf {
         match &self.cluster {
-            Some((bindir, _)) => bindir.join("psql"),
+            Some(c) => c.bindir.join("psql"),
             None => PathBuf::from("psql"),
         }
     }
@@ -223,19 +234,34 @@ impl PgServer {
     /// Restarts the server (fast shutdown, then start), as an operator or a failover would. Returns
     /// false when the server is not ours to restart (DATABASE_URL).
     pub fn restart(&self) -> anyhow::Result<bool> {
-        let Some((bindir, dir)) = &self.cluster else {
+        self.ctl("restart")
+    }
+
+    /// Stops the server (fast shutdown: sessions are cut), for [`PgServer::resume`] to start
+    /// again; false when the server is not ours (DATABASE_URL).
+    pub fn halt(&self) -> anyhow::Result<bool> {
+        self.ctl("stop")
+    }
+
+    /// Starts a server [`PgServer::halt`] stopped.
+    pub fn resume(&self) -> anyhow::Result<bool> {
+        self.ctl("start")
+    }
+
+    fn ctl(&self, action: &str) -> anyhow::Result<bool> {
+        let Some(c) = &self.cluster else {
             return Ok(false);
         };
-        let out = run(pg_command(&bindir.join("pg_ctl"))
+        let out = run(pg_command(&c.bindir.join("pg_ctl"))
             .args(["-w", "-t", "60", "-m", "fast", "-l"])
-            .arg(dir.path().join("log"))
+            .arg(c.dir.path().join("log"))
             .arg("-D")
-            .arg(dir.path().join("data"))
-            .arg("restart")
+            .arg(c.dir.path().join("data"))
+            .args(["-o", &c.options, action])
             .stdin(Stdio::null()));
         if !out.status.success() {
             bail!(
-                "pg_ctl restart failed: {}",
+                "pg_ctl {action} failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
@@ -267,10 +293,10 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        if let Some((bindir, dir)) = &self.cluster {
-            let _ = run(pg_command(&bindir.join("pg_ctl"))
+        if let Some(c) = &self.cluster {
+            let _ = run(pg_command(&c.bindir.join("pg_ctl"))
                 .args(["-m", "immediate", "-D"])
-                .arg(dir.path().join("data"))
+                .arg(c.dir.path().join("data"))
                 .arg("stop"));
         }
     }
@@ -434,8 +460,16 @@ pub fn worker(coordinator: &str, data_dir: &Path) -> Command {
         coordinator,
     ])
     .arg("--data-dir")
-    .arg(data_dir);
+    .arg(data_dir)
+    // Beside the test's data, so tests never deliver each other's results.
+    .arg("--spool-dir")
+    .arg(spool_dir(data_dir));
     c
+}
+
+/// The spool folder of the workers [`worker`] starts on `data_dir`.
+pub fn spool_dir(data_dir: &Path) -> PathBuf {
+    data_dir.with_file_name("spool")
 }
 
 /// Runs one query with the sqlite3 command-line client; returns the rows as `a|b|c` lines.
@@ -485,9 +519,11 @@ pub struct InProcessCoordinator {
     pub url: String,
     pub clock: seedsweep_coordinator::store::Clock,
     pub database: PathBuf,
+    lease_ttl: Duration,
+    tokens: Option<(Vec<String>, Vec<String>)>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// Starts an [`InProcessCoordinator`] with leases of `lease_ttl` and, when given, these worker and
@@ -496,22 +532,34 @@ pub async fn spawn_coordinator(
     lease_ttl: Duration,
     tokens: Option<(&[String], &[String])>,
 ) -> anyhow::Result<InProcessCoordinator> {
-    use seedsweep_coordinator::auth::Tokens;
-    use seedsweep_coordinator::server::{Coordinator, ServerSettings};
     let dir = tempfile::tempdir()?;
     let database = dir.path().join("seedsweep.db");
+    let tokens = tokens.map(|(w, a)| (w.to_vec(), a.to_vec()));
+    let clock = seedsweep_coordinator::store::Clock::database();
+    serve_in_process(lease_ttl, tokens, database, clock, dir).await
+}
+
+async fn serve_in_process(
+    lease_ttl: Duration,
+    tokens: Option<(Vec<String>, Vec<String>)>,
+    database: PathBuf,
+    clock: seedsweep_coordinator::store::Clock,
+    dir: tempfile::TempDir,
+) -> anyhow::Result<InProcessCoordinator> {
+    use seedsweep_coordinator::auth::Tokens;
+    use seedsweep_coordinator::server::{Coordinator, ServerSettings};
     let settings = ServerSettings {
         listen: "127.0.0.1:0".parse()?,
         database_url: format!("sqlite://{}", database.display()),
         lease_ttl,
         tokens: tokens
+            .as_ref()
             .map(|(worker, admin)| Tokens::new(worker, admin))
             .transpose()?,
         tls: None,
         insecure: false,
         metrics_listen: None,
     };
-    let clock = seedsweep_coordinator::store::Clock::database();
     let coordinator = Coordinator::build_with_clock(settings, clock.clone()).await?;
     let url = format!("http://{}", coordinator.local_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -522,9 +570,11 @@ pub async fn spawn_coordinator(
         url,
         clock,
         database,
+        lease_ttl,
+        tokens,
         stop: Some(stop),
         served,
-        _dir: dir,
+        _dir: Some(dir),
     })
 }
 
@@ -544,6 +594,10 @@ impl InProcessCoordinator {
 
     /// Stops serving and waits for the server to end.
     pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    async fn halt(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -551,5 +605,17 @@ impl InProcessCoordinator {
         served
             .expect("the server task panicked")
             .expect("the server failed");
+    }
+
+    /// Stops this coordinator and starts a new one on the same database and clock, as an
+    /// upgrade or a crash and restart would (on a new port: connect again to `url`).
+    pub async fn restart(mut self) -> anyhow::Result<InProcessCoordinator> {
+        self.halt().await;
+        let dir = self
+            ._dir
+            .take()
+            .expect("a running coordinator owns its folder");
+        let (tokens, database) = (self.tokens.take(), self.database.clone());
+        serve_in_process(self.lease_ttl, tokens, database, self.clock.clone(), dir).await
     }
 }

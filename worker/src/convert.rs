@@ -1,60 +1,70 @@
 //! Conversions from the lease's proto messages to the worker's training settings. A name this
 //! worker does not know is an error that says what it knows (the worker needs an upgrade).
 
-use crate::finetune::{self, BackboneConfig, FinetuneConfig};
+use crate::finetune::{self, BackboneConfig, BackboneFormat, FinetuneConfig, HeadInit, Optimizer};
 use crate::imagefolder::OnBadImage;
 use crate::model::{Arch, Init};
 use crate::train::{AugmentPer, EpochMetrics, Padding, Precision, Schedule, TrainConfig};
+use seedsweep_core::spec::Model;
 use seedsweep_proto::v1 as pb;
 
-fn unknown(setting: &str, name: &str, known: &str) -> String {
-    format!("unknown {setting} `{name}` (this worker knows {known})")
+/// A name of a closed set, read with the sweep file's table of names (`parse`, `known`); an
+/// empty name is a lease from a coordinator older than the setting and means `absent`.
+fn named<T>(
+    setting: &str,
+    name: &str,
+    parse: fn(&str) -> Option<T>,
+    known: fn() -> String,
+    absent: Option<T>,
+) -> Result<T, String> {
+    match (parse(name), absent) {
+        (Some(v), _) => Ok(v),
+        (None, Some(v)) if name.is_empty() => Ok(v),
+        (None, _) => Err(format!(
+            "unknown {setting} `{name}` (this worker knows {})",
+            known()
+        )),
+    }
 }
 
 /// The worker's training settings from a lease's; names this worker does not know are an error.
 pub(crate) fn train_config(t: &pb::TrainConfig) -> Result<TrainConfig, String> {
-    let arch = Arch::parse(&t.model)
-        .ok_or_else(|| unknown("model", &t.model, "resnet9, resnet9-skinny, airbench94"))?;
-    let schedule = match t.schedule.as_str() {
-        "linear" => Schedule::Linear,
-        "picard" => Schedule::Picard,
-        "airbench" => Schedule::Airbench,
-        other => return Err(unknown("schedule", other, "linear, picard, airbench")),
-    };
+    let arch = Arch::from(named("model", &t.model, Model::parse, Model::known, None)?);
+    let schedule = named(
+        "schedule",
+        &t.schedule,
+        Schedule::parse,
+        Schedule::known,
+        None,
+    )?;
     if (arch == Arch::Airbench94) != (schedule == Schedule::Airbench) {
         return Err("model airbench94 and schedule airbench go together".into());
     }
     // Absent (0): a coordinator older than airbench94, and the old behaviour.
     let or_one = |v: f64| if v == 0.0 { 1.0 } else { v };
-    let precision = match t.precision.as_str() {
-        "fp32" => Precision::Fp32,
-        "fp16" => Precision::Fp16,
-        "bf16" => Precision::Bf16,
-        other => return Err(unknown("precision", other, "fp32, fp16, bf16")),
-    };
-    // An empty name is a lease from a coordinator older than the setting: what workers did then.
-    let init = match t.init.as_str() {
-        "pytorch" => Init::Pytorch,
-        "tch" | "" => Init::Tch,
-        other => return Err(unknown("init", other, "pytorch, tch")),
-    };
-    let padding = match t.crop_padding_mode.as_str() {
-        "reflect" => Padding::Reflect,
-        "zeros-after-normalisation" | "" => Padding::ZerosAfterNormalisation,
-        "zeros-before-normalisation" => Padding::ZerosBeforeNormalisation,
-        other => {
-            return Err(unknown(
-                "crop_padding_mode",
-                other,
-                "reflect, zeros-after-normalisation, zeros-before-normalisation",
-            ));
-        }
-    };
-    let augment_per = match t.augment_per.as_str() {
-        "image" | "" => AugmentPer::Image,
-        "batch" => AugmentPer::Batch,
-        other => return Err(unknown("augment_per", other, "image, batch")),
-    };
+    let precision = named(
+        "precision",
+        &t.precision,
+        Precision::parse,
+        Precision::known,
+        None,
+    )?;
+    // Absent settings below: what workers did before the setting existed.
+    let init = named("init", &t.init, Init::parse, Init::known, Some(Init::Tch))?;
+    let padding = named(
+        "crop_padding_mode",
+        &t.crop_padding_mode,
+        Padding::parse,
+        Padding::known,
+        Some(Padding::ZerosAfterNormalisation),
+    )?;
+    let augment_per = named(
+        "augment_per",
+        &t.augment_per,
+        AugmentPer::parse,
+        AugmentPer::known,
+        Some(AugmentPer::Image),
+    )?;
     Ok(TrainConfig {
         arch,
         init,
@@ -113,35 +123,43 @@ pub(crate) fn finetune_config(t: &pb::FinetuneConfig) -> Result<FinetuneConfig, 
         backbone: BackboneConfig {
             file: b.file.clone(),
             sha256: b.sha256.clone(),
-            format: match b.format.as_str() {
-                "torchscript" => finetune::Format::Torchscript,
-                "safetensors" => finetune::Format::Safetensors,
-                other => return Err(format!("unknown backbone format `{other}`")),
-            },
+            format: named(
+                "backbone format",
+                &b.format,
+                BackboneFormat::parse,
+                BackboneFormat::known,
+                None,
+            )?,
             arch: b.arch.clone(),
             features: b.features as i64,
             input_size: b.input_size as i64,
             mean: three(&b.mean, "mean")?,
             std: three(&b.std, "std")?,
         },
-        head_init: match t.head_init.as_str() {
-            "normal" => finetune::HeadInit::Normal,
-            "default" => finetune::HeadInit::Default,
-            other => return Err(format!("unknown head_init `{other}`")),
-        },
+        head_init: named(
+            "head_init",
+            &t.head_init,
+            HeadInit::parse,
+            HeadInit::known,
+            None,
+        )?,
         head_init_std: t.head_init_std,
         label_smoothing: t.label_smoothing,
-        optimizer: match t.optimizer.as_str() {
-            "sgd" => finetune::Optimizer::Sgd,
-            "adamw" => finetune::Optimizer::AdamW,
-            other => return Err(format!("unknown optimizer `{other}`")),
-        },
+        optimizer: named(
+            "optimizer",
+            &t.optimizer,
+            Optimizer::parse,
+            Optimizer::known,
+            None,
+        )?,
         eval_every_steps: t.eval_every_steps.max(1),
-        bad_images: match t.bad_images.as_str() {
-            "skip" => OnBadImage::Skip,
-            "fail" => OnBadImage::Fail,
-            other => return Err(format!("unknown bad_images `{other}`")),
-        },
+        bad_images: named(
+            "bad_images",
+            &t.bad_images,
+            OnBadImage::parse,
+            OnBadImage::known,
+            None,
+        )?,
         augment: t.augment,
         head: phase(head),
         full: t.full.as_ref().map(phase),

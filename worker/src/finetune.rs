@@ -17,6 +17,7 @@ use crate::imagefolder::{self, ImageFolder, OnBadImage, Transform};
 use crate::train::{Correct, EpochMetrics, INIT_LOCK, Seeds, TrainError};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+pub use seedsweep_core::spec::finetune::{BackboneFormat, HeadInit, Optimizer};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -26,35 +27,17 @@ use std::time::Instant;
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Torchscript,
-    Safetensors,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackboneConfig {
     pub file: String,
     pub sha256: String,
-    pub format: Format,
+    pub format: BackboneFormat,
     /// For safetensors: resnet18, resnet34 or resnet50.
     pub arch: String,
     pub features: i64,
     pub input_size: i64,
     pub mean: [f64; 3],
     pub std: [f64; 3],
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeadInit {
-    Normal,
-    Default,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Optimizer {
-    Sgd,
-    AdamW,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -164,7 +147,7 @@ impl Backbone {
         }
         let mut vs = nn::VarStore::new(device);
         let net = match cfg.format {
-            Format::Torchscript => {
+            BackboneFormat::Torchscript => {
                 let mut m =
                     tch::CModule::load_on_device(&path, device).map_err(|e| load(e.to_string()))?;
                 m.set_eval();
@@ -175,7 +158,7 @@ impl Backbone {
                 }
                 Net::Script(m)
             }
-            Format::Safetensors => {
+            BackboneFormat::Safetensors => {
                 let root = vs.root();
                 let net: Box<dyn ModuleT> = match cfg.arch.as_str() {
                     "resnet18" => Box::new(tch::vision::resnet::resnet18_no_final_layer(&root)),
@@ -502,11 +485,16 @@ fn split_features(
     val: bool,
     threads: usize,
     device: Device,
+    stop: &AtomicBool,
 ) -> Result<(Tensor, Tensor), TrainError> {
     let order: Vec<usize> = (0..source.len(val)).collect();
     let (mut feats, mut labels) = (Vec::new(), Vec::new());
     let how = eval_decoding(cfg, threads);
     source.batches(val, &order, how, &|_| 0, |(images, y)| {
+        // A feature pass can take hours: it stops at the next batch when asked to.
+        if stop.load(Ordering::Relaxed) {
+            return Err(TrainError::Cancelled);
+        }
         if y.size()[0] > 0 {
             feats.push(run_backbone(backbone, &cfg.backbone, &images, device)?);
             labels.push(y);
@@ -522,17 +510,20 @@ fn split_features(
     Ok((Tensor::cat(&feats, 0), Tensor::cat(&labels, 0)))
 }
 
-/// Computes the features of `source` with `backbone`, decoding on `threads` threads.
+/// Computes the features of `source` with `backbone`, decoding on `threads` threads; stops
+/// with [`TrainError::Cancelled`] once `stop` is set.
 pub fn compute_features(
     backbone: &Backbone,
     cfg: &FinetuneConfig,
     source: &Source,
     threads: usize,
     device: Device,
+    stop: &AtomicBool,
 ) -> Result<Features, TrainError> {
     let started = Instant::now();
-    let (train, train_labels) = split_features(backbone, cfg, source, false, threads, device)?;
-    let (val, val_labels) = split_features(backbone, cfg, source, true, threads, device)?;
+    let split = |val| split_features(backbone, cfg, source, val, threads, device, stop);
+    let (train, train_labels) = split(false)?;
+    let (val, val_labels) = split(true)?;
     tracing::info!(
         train = train.size()[0],
         val = val.size()[0],
@@ -666,7 +657,7 @@ fn optimizer(
             nesterov: false,
         }
         .build(vs, phase.lr)?,
-        Optimizer::AdamW => nn::AdamW {
+        Optimizer::Adamw => nn::AdamW {
             wd: phase.weight_decay,
             ..Default::default()
         }
@@ -1019,8 +1010,11 @@ pub fn run(
 
 /// How many evaluations a run reports.
 pub fn evaluations(cfg: &FinetuneConfig) -> u32 {
-    let every = cfg.eval_every_steps.max(1);
-    cfg.head.steps.div_ceil(every) + cfg.full.as_ref().map_or(0, |p| p.steps.div_ceil(every))
+    seedsweep_core::spec::finetune::evaluations(
+        cfg.head.steps,
+        cfg.full.as_ref().map(|p| p.steps),
+        cfg.eval_every_steps,
+    )
 }
 
 #[cfg(test)]
@@ -1049,7 +1043,7 @@ mod tests {
             backbone: BackboneConfig {
                 file: "x.pt".into(),
                 sha256: "0".repeat(64),
-                format: Format::Torchscript,
+                format: BackboneFormat::Torchscript,
                 arch: String::new(),
                 features: 8,
                 input_size: 32,
@@ -1112,7 +1106,7 @@ mod tests {
         assert!(last.test_accuracy.unwrap() > 0.9, "{last:?}");
         assert!(last.test_top5.unwrap() >= last.test_accuracy.unwrap());
         let mut adamw = cfg();
-        adamw.optimizer = Optimizer::AdamW;
+        adamw.optimizer = Optimizer::Adamw;
         adamw.head.lr = 0.05;
         let h = train_head(&feats, &adamw, 1);
         assert!(h.last().unwrap().test_accuracy.unwrap() > 0.9);
@@ -1161,7 +1155,7 @@ mod tests {
         cfg.backbone = BackboneConfig {
             file: "r18.safetensors".into(),
             sha256: file_sha256(&dir.join("r18.safetensors")).unwrap(),
-            format: Format::Safetensors,
+            format: BackboneFormat::Safetensors,
             arch: "resnet18".into(),
             features: 512,
             input_size: 32,

@@ -108,14 +108,8 @@ pub struct ImageFolder {
     pub fingerprint: String,
 }
 
-/// What to do with an image that cannot be decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnBadImage {
-    /// Report it (path and problem) and leave it out.
-    Skip,
-    /// Stop with an error naming it.
-    Fail,
-}
+/// What to do with an image that cannot be decoded (the sweep file's `on_bad_image`).
+pub use seedsweep_core::spec::finetune::BadImages as OnBadImage;
 
 /// Whether `dir` looks like an ImageFolder dataset (it has `train/`).
 pub fn is_image_folder(dir: &Path) -> bool {

@@ -201,12 +201,16 @@ async fn heartbeat_loop(
     shutdown: Arc<AtomicBool>,
 ) {
     let mut tick = tokio::time::interval(every);
+    let mut stopping = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = wait_for(&shutdown) => {
+            () = wait_for(&shutdown), if !stopping => {
+                // Stop training, but keep the lease until the seed is handed back (or its result
+                // spooled): a phase that takes a while to notice must not let it expire.
                 stop.store(true, Ordering::Relaxed);
-                return;
+                stopping = true;
+                continue;
             }
         }
         match client
@@ -236,7 +240,8 @@ async fn heartbeat_loop(
     }
 }
 
-async fn wait_for(flag: &AtomicBool) {
+/// Returns once `flag` is set (checked every 100 ms).
+pub(crate) async fn wait_for(flag: &AtomicBool) {
     while !flag.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod model;
 pub mod runner;
 pub mod shim;
+pub mod spool;
 mod stream;
 pub mod train;

@@ -99,6 +99,12 @@ struct RunArgs {
     /// Threads decoding images (default: one per core).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
     decode_threads: Option<u64>,
+    /// Local folder where finished results wait until the coordinator has recorded them (default:
+    /// ${XDG_STATE_HOME:-~/.local/state}/seedsweep/spool). Keep it on a disk that outlives the
+    /// worker process (a pod's volume, not its container layer): a restarted worker delivers
+    /// what it holds before it leases anything new.
+    #[arg(long, env = "SEEDSWEEP_SPOOL_DIR", value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
     /// Seconds to keep trying to reach the coordinator at start before giving up.
     #[arg(long, default_value_t = 30)]
     connect_timeout: u64,
@@ -434,13 +440,14 @@ fn make_digits(source: &std::path::Path, out: &std::path::Path) -> anyhow::Resul
     Ok(())
 }
 
-/// `${XDG_CACHE_HOME:-~/.cache}/seedsweep/features`, or `./feature-cache` without a home.
-fn default_feature_cache() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
+/// `${XDG_...:-~/DEFAULT}/seedsweep/LEAF` (the XDG base directories), or `./HOMELESS` without a
+/// home.
+fn per_user(xdg: &str, default: &str, leaf: &str, homeless: &str) -> PathBuf {
+    std::env::var_os(xdg)
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|c| c.join("seedsweep").join("features"))
-        .unwrap_or_else(|| PathBuf::from("feature-cache"))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(default)))
+        .map(|c| c.join("seedsweep").join(leaf))
+        .unwrap_or_else(|| PathBuf::from(homeless))
 }
 
 fn hostname() -> String {
@@ -501,7 +508,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         slots: args.slots as usize,
         checkpoint_dir: args.checkpoint_dir,
         model_dir: args.model_dir,
-        feature_cache: args.feature_cache.unwrap_or_else(default_feature_cache),
+        feature_cache: args
+            .feature_cache
+            .unwrap_or_else(|| per_user("XDG_CACHE_HOME", ".cache", "features", "feature-cache")),
+        spool_dir: args
+            .spool_dir
+            .unwrap_or_else(|| per_user("XDG_STATE_HOME", ".local/state", "spool", "spool")),
         decode_threads: args
             .decode_threads
             .map(|n| n as usize)
@@ -512,7 +524,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    runtime.block_on(async {
+    let ran = runtime.block_on(async {
         let shutdown = Arc::new(AtomicBool::new(false));
         tokio::spawn(watch_signals(shutdown.clone()));
         let metrics = Arc::new(WorkerMetrics::default());
@@ -528,7 +540,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .await?
             .run()
             .await
-    })
+    });
+    // Work abandoned at shutdown (a stalled download) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    ran
 }
 
 /// First SIGINT/SIGTERM: ask the worker to stop and hand its seed back. Second: exit at once.

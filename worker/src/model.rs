@@ -33,13 +33,16 @@ use tch::nn::{self, ModuleT};
 const CELU_ALPHA: f64 = 0.1;
 
 /// How the weights start (the sweep file's `train.init`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Init {
-    Pytorch,
-    Tch,
+pub use seedsweep_core::spec::Init;
+use seedsweep_core::spec::Model;
+
+/// What each [`Init`] means for tch's layers.
+trait InitLayers {
+    fn weights(self, fan_in: i64) -> nn::Init;
+    fn batch_norm(self) -> nn::BatchNormConfig;
 }
 
-impl Init {
+impl InitLayers for Init {
     /// The initialisation of a weight with `fan_in` inputs per output.
     fn weights(self, fan_in: i64) -> nn::Init {
         match self {
@@ -66,6 +69,7 @@ impl Init {
     }
 }
 
+/// The network (the sweep file's `train.model`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Resnet9,
@@ -73,16 +77,17 @@ pub enum Arch {
     Airbench94,
 }
 
-impl Arch {
-    pub fn parse(name: &str) -> Option<Arch> {
-        match name {
-            "resnet9" => Some(Arch::Resnet9),
-            "resnet9-skinny" => Some(Arch::Resnet9Skinny),
-            "airbench94" => Some(Arch::Airbench94),
-            _ => None,
+impl From<Model> for Arch {
+    fn from(m: Model) -> Arch {
+        match m {
+            Model::Resnet9 => Arch::Resnet9,
+            Model::Resnet9Skinny => Arch::Resnet9Skinny,
+            Model::Airbench94 => Arch::Airbench94,
         }
     }
+}
 
+impl Arch {
     /// Output channels of prep (airbench94: the whitening layer, whatever the width), layer1,
     /// layer2, layer3 at width 1.0.
     fn channels(self) -> [i64; 4] {

@@ -8,13 +8,15 @@ use crate::finetune::{
     self, Backbone, BackboneError, FeatureCache, Features, FinetuneConfig, Source,
 };
 use crate::imagefolder;
-use crate::lease::{HandBacks, Held, is_lost, is_transient, with_retries};
+use crate::lease::{HandBacks, Held, is_lost, is_transient};
 use crate::metrics::WorkerMetrics;
+use crate::spool::Spool;
 use crate::stream::ship_metrics;
 use crate::train::{
     self, Blame, EpochMetrics, Precision, Run, Seeds, TrainConfig, TrainError, Trained,
 };
 use anyhow::{Context, bail};
+use seedsweep_core::spec::Task;
 use seedsweep_proto::client::{Client, Connection};
 use seedsweep_proto::v1 as pb;
 use sha2::Digest;
@@ -56,7 +58,13 @@ pub struct WorkerSettings {
     pub feature_cache: PathBuf,
     /// Threads decoding images.
     pub decode_threads: usize,
+    /// Where finished results wait until the coordinator has them (local disk).
+    pub spool_dir: PathBuf,
 }
+
+/// The longest wait between two tries to deliver a result while the coordinator is away: short
+/// beside any lease TTL, so a result lands within the grace the coordinator gives once back.
+const DELIVERY_BACKOFF: Duration = Duration::from_secs(2);
 
 pub fn device_label(device: Device) -> String {
     match device {
@@ -79,6 +87,8 @@ pub struct Worker {
     metrics: Arc<WorkerMetrics>,
     /// Hands back the seeds of leases dropped unsettled (see [`Held`]).
     handbacks: HandBacks,
+    /// Finished results not yet recorded by the coordinator.
+    spool: Spool,
 }
 
 type FeatureMemory = Arc<std::sync::Mutex<HashMap<String, Arc<Features>>>>;
@@ -163,7 +173,7 @@ impl Job {
                 let (history, test_correct) = finetune::run(
                     &cfg,
                     &run,
-                    || features_for(&cfg, &source, device, features),
+                    || features_for(&cfg, &source, device, features, stop),
                     || load_backbone(&features.model_dir, &cfg, device),
                     on_epoch,
                 )?;
@@ -202,6 +212,7 @@ fn features_for(
     source: &Source,
     device: Device,
     settings: &FeatureSettings,
+    stop: &AtomicBool,
 ) -> Result<Arc<Features>, TrainError> {
     let key = finetune::cache_key(&cfg.backbone, source);
     let mut memory = settings.memory.lock().unwrap_or_else(|p| p.into_inner());
@@ -216,7 +227,8 @@ fn features_for(
         None => {
             tracing::info!(key = %key, "computing backbone features (once per backbone, dataset and preprocessing)");
             let backbone = load_backbone(&settings.model_dir, cfg, device)?;
-            let f = finetune::compute_features(&backbone, cfg, source, settings.threads, device)?;
+            let f =
+                finetune::compute_features(&backbone, cfg, source, settings.threads, device, stop)?;
             if let Err(e) = settings.cache.store(&key, &f) {
                 tracing::warn!(dir = %settings.cache.dir.display(), error = %e, "could not cache the features");
             }
@@ -236,6 +248,8 @@ enum Unprepared {
     /// Charged as its [`Blame`] says: the lease lacks what its task needs (the configuration's),
     /// or this host misses its data (the host's).
     Blamed(Blame, String),
+    /// Shutdown was asked for while the data was loading or downloading: handed back uncounted.
+    Stopped,
 }
 
 /// One lease's training, as it came back.
@@ -245,8 +259,6 @@ struct Ran {
     streamed: Result<(), Status>,
     started: Instant,
     seconds: f64,
-    /// How long to retry the report while the coordinator is unreachable.
-    patience: Duration,
 }
 
 /// What the report needs to know of a run besides its training.
@@ -281,8 +293,17 @@ enum LeaseEnd {
     Finished,
     /// The coordinator no longer considers this worker the holder; drop the seed and move on.
     Lost,
-    /// Shutdown was requested; the seed was handed back.
+    /// Shutdown was requested; the seed was handed back (or its result left in the spool).
     ShutDown,
+}
+
+/// How the delivery of a spooled result ended.
+enum Delivery {
+    Recorded,
+    /// The coordinator no longer counts the lease (the seed was re-leased, cancelled, ...).
+    Refused(Status),
+    /// Shutdown was requested while the coordinator was unreachable; the result stays spooled.
+    Stopped,
 }
 
 /// What asking for a lease gave.
@@ -318,6 +339,7 @@ impl Worker {
         };
         tracing::info!(coordinator = %url, worker = %settings.worker_id, device = %device_label(settings.device), slots = settings.slots, "worker connected");
         let client = settings.coordinator.client(channel)?;
+        let spool = Spool::open(&settings.spool_dir)?;
         let handbacks = HandBacks::new(
             client.clone(),
             settings.worker_id.clone(),
@@ -332,6 +354,7 @@ impl Worker {
             shutdown,
             leases: AtomicU64::new(0),
             features: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            spool,
         })
     }
 
@@ -340,6 +363,8 @@ impl Worker {
     /// seeds are handed back) and is returned.
     pub async fn run(self) -> anyhow::Result<()> {
         let me = Arc::new(self);
+        // A result trained before a crash or a long outage goes first: it may still be current.
+        me.deliver_spooled().await?;
         let mut slots = tokio::task::JoinSet::new();
         for slot in 0..me.settings.slots.max(1) {
             let w = me.clone();
@@ -534,6 +559,11 @@ impl Worker {
             Err(Unprepared::Blamed(blame, problem)) => {
                 return Ok((self.charge(&held, blame, &problem).await?, None));
             }
+            Err(Unprepared::Stopped) => {
+                self.fail(&held, "worker shut down", false).await?;
+                tracing::info!(seed = held.lref.seed, "handed the seed back; shutting down");
+                return Ok((LeaseEnd::ShutDown, None));
+            }
         };
         let run = RunInfo {
             fingerprint: job.fingerprint(),
@@ -542,7 +572,6 @@ impl Worker {
         };
         let mut shown = Shown::new(&self.metrics, &held.lref);
         let (ran, next) = self.train(&held, job, seeds).await?;
-        held.stop_heartbeat();
         let end = self.report(&held, ran, run, &mut shown).await?;
         Ok((end, next))
     }
@@ -554,8 +583,15 @@ impl Worker {
                 "this worker cannot train these settings: {problem}"
             ))
         };
-        match lease.task.as_str() {
-            "resnet9" => {
+        let task = Task::parse(&lease.task).ok_or_else(|| {
+            Unprepared::Upgrade(format!(
+                "this worker cannot run task `{}` (it runs {})",
+                lease.task,
+                Task::known()
+            ))
+        })?;
+        match task {
+            Task::Resnet9 => {
                 let cfg = lease.train.as_ref().ok_or_else(|| {
                     Unprepared::Blamed(
                         Blame::Configuration,
@@ -564,8 +600,8 @@ impl Worker {
                 })?;
                 let cfg = train_config(cfg).map_err(upgrade)?;
                 let data = self
-                    .dataset(&lease.dataset)
-                    .await
+                    .unless_stopped(self.dataset(&lease.dataset))
+                    .await?
                     .map_err(|e| Unprepared::Blamed(Blame::Host, e.to_string()))?;
                 let checkpoints = self.checkpoints(lease, &cfg, seeds, &data);
                 Ok(Job::Resnet9 {
@@ -574,7 +610,7 @@ impl Worker {
                     checkpoints,
                 })
             }
-            "finetune-head" => {
+            Task::FinetuneHead => {
                 let cfg = lease.finetune.as_ref().ok_or_else(|| {
                     Unprepared::Blamed(
                         Blame::Configuration,
@@ -583,14 +619,21 @@ impl Worker {
                 })?;
                 let cfg = finetune_config(cfg).map_err(upgrade)?;
                 let source = self
-                    .finetune_source(&lease.dataset)
-                    .await
+                    .unless_stopped(self.finetune_source(&lease.dataset))
+                    .await?
                     .map_err(|e| Unprepared::Blamed(Blame::Host, e))?;
                 Ok(Job::Finetune { cfg, source })
             }
-            other => Err(Unprepared::Upgrade(format!(
-                "this worker cannot run task `{other}` (it runs: resnet9, finetune-head)"
-            ))),
+        }
+    }
+
+    /// `work`, unless shutdown is asked for first (a download or a slow disk must not keep the
+    /// seed past the grace period: the thread doing the work is abandoned, and ends with the
+    /// process).
+    async fn unless_stopped<T>(&self, work: impl Future<Output = T>) -> Result<T, Unprepared> {
+        tokio::select! {
+            done = work => Ok(done),
+            () = crate::lease::wait_for(&self.shutdown) => Err(Unprepared::Stopped),
         }
     }
 
@@ -618,9 +661,8 @@ impl Worker {
         job: Job,
         seeds: Seeds,
     ) -> anyhow::Result<(Ran, Option<Held>)> {
-        let patience = Duration::from_secs(held.lease.lease_ttl_seconds.max(1) as u64);
         let (tx, rx) = mpsc::channel::<pb::EpochMetrics>(1024);
-        let stream = tokio::spawn(ship_metrics(self.client.clone(), rx, patience));
+        let stream = tokio::spawn(ship_metrics(self.client.clone(), rx));
         let (prefetch_tx, prefetch_rx) = tokio::sync::oneshot::channel::<()>();
         let me = self.clone();
         let prefetch = tokio::spawn(async move {
@@ -673,7 +715,6 @@ impl Worker {
             trained,
             streamed: stream.await.context("the metrics stream task panicked")?,
             started,
-            patience,
         };
         let next = prefetch.await.context("the prefetch task panicked")?;
         Ok((ran, next))
@@ -691,7 +732,7 @@ impl Worker {
     }
 
     /// Tells the coordinator how the lease ended: its result, a failure (counted or not), or
-    /// nothing when the lease was lost.
+    /// nothing when the lease was lost. The heartbeat goes on until then.
     async fn report(
         &self,
         held: &Held,
@@ -711,21 +752,23 @@ impl Worker {
             held.settle();
             return Ok(LeaseEnd::Lost);
         }
-        match &ran.trained {
-            Ok(t) => self.complete(held, t, &ran, run, shown).await,
-            Err(e) => match e.blame() {
-                None if held.lost.load(Ordering::Relaxed) => {
-                    held.settle();
-                    tracing::warn!(seed, "lease lost during training; dropping the seed");
-                    Ok(LeaseEnd::Lost)
-                }
-                None => {
-                    self.fail(held, "worker shut down", false).await?;
-                    tracing::info!(seed, "handed the seed back; shutting down");
-                    Ok(LeaseEnd::ShutDown)
-                }
-                Some(blame) => self.charge(held, blame, &e.to_string()).await,
-            },
+        let e = match &ran.trained {
+            Ok(t) => return self.complete(held, t, &ran, run, shown).await,
+            Err(e) => e,
+        };
+        held.stop_heartbeat();
+        match e.blame() {
+            None if held.lost.load(Ordering::Relaxed) => {
+                held.settle();
+                tracing::warn!(seed, "lease lost during training; dropping the seed");
+                Ok(LeaseEnd::Lost)
+            }
+            None => {
+                self.fail(held, "worker shut down", false).await?;
+                tracing::info!(seed, "handed the seed back; shutting down");
+                Ok(LeaseEnd::ShutDown)
+            }
+            Some(blame) => self.charge(held, blame, &e.to_string()).await,
         }
     }
 
@@ -743,7 +786,9 @@ impl Worker {
         Ok(LeaseEnd::Finished)
     }
 
-    /// Sends a trained seed's result, retried while the coordinator is unreachable.
+    /// Spools a trained seed's result, then delivers it for as long as the coordinator is
+    /// unreachable (the lease heartbeated meanwhile), replaying its epochs when the stream
+    /// missed any.
     async fn complete(
         &self,
         held: &Held,
@@ -753,56 +798,148 @@ impl Worker {
         shown: &mut Shown<'_>,
     ) -> anyhow::Result<LeaseEnd> {
         let seed = held.lref.seed;
+        let spooled = pb::SpooledResult {
+            coordinator: self.settings.coordinator.url.clone(),
+            epochs: t.history.iter().map(|m| epoch_pb(&held.lref, m)).collect(),
+            result: Some(self.result_request(held, t, ran.seconds, run.fingerprint)?),
+        };
+        let path = match self.spool.put(&spooled) {
+            Ok(path) => Some(path),
+            Err(e) => {
+                tracing::error!(seed, error = %e, "could not spool the result; delivering it without a copy on disk");
+                None
+            }
+        };
         if let Err(s) = &ran.streamed {
-            bail!("streaming epoch metrics failed: {}", s.message());
+            tracing::warn!(
+                seed,
+                error = s.message(),
+                "the metrics stream missed epochs; replaying them with the result"
+            );
         }
-        let req = self.result_request(held, t, ran.seconds, run.fingerprint)?;
-        let test_accuracy = req.test_accuracy;
-        let sent = with_retries(ran.patience, || {
-            let mut c = self.client.clone();
-            let r = req.clone();
-            async move { c.complete_seed(r).await }
-        })
-        .await;
-        match sent {
-            Ok(_) => {
-                held.settle();
-                shown.finished_in = Some(ran.seconds);
-                // The per-seed overhead: what is not training. The lease may have been
-                // prefetched, so it counts from when training could start.
-                let ready = held.leased_at.max(run.slot_free);
-                let to_first_step = t
-                    .timing
-                    .first_step
-                    .map(|s| (ran.started.saturating_duration_since(ready)).as_secs_f64() + s);
-                let after_last_step = t.timing.last_step.map(|at| at.elapsed().as_secs_f64());
-                tracing::info!(
-                    seed,
-                    test_accuracy,
-                    seconds = ran.seconds,
-                    resumed_from = t.resumed_from,
-                    lease_to_first_step_s = to_first_step,
-                    last_step_to_result_s = after_last_step,
-                    "seed finished"
-                );
-                if let Some(dir) = run.checkpoint_dir
-                    && let Err(e) = std::fs::remove_dir_all(&dir)
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    tracing::warn!(path = %dir.display(), error = %e, "could not remove a checkpoint");
-                }
-                Ok(LeaseEnd::Finished)
-            }
-            Err(s) if is_lost(&s) => {
-                held.settle();
-                tracing::warn!(seed, reason = s.message(), "result refused: lease lost");
-                Ok(LeaseEnd::Lost)
-            }
+        let delivered = self.deliver(&spooled, ran.streamed.is_err()).await;
+        held.stop_heartbeat();
+        let delivered = match delivered {
+            Ok(d) => d,
             Err(s) => bail!(
-                "failed to report the result of seed {seed}: {}",
+                "the coordinator refused the result of seed {seed} ({}); it stays in the spool",
                 s.message()
             ),
+        };
+        // The coordinator knows what became of the seed, or the result waits in the spool for
+        // the next start: either way the lease is not handed back.
+        held.settle();
+        let forget = |path: Option<PathBuf>| path.inspect(|p| self.spool.remove(p));
+        match delivered {
+            Delivery::Recorded => forget(path),
+            Delivery::Refused(s) => {
+                forget(path);
+                tracing::warn!(seed, reason = s.message(), "result refused: lease lost");
+                return Ok(LeaseEnd::Lost);
+            }
+            Delivery::Stopped => {
+                tracing::info!(
+                    seed,
+                    "shutting down with the result in the spool; it is delivered at the next start"
+                );
+                return Ok(LeaseEnd::ShutDown);
+            }
+        };
+        shown.finished_in = Some(ran.seconds);
+        // The per-seed overhead: what is not training. The lease may have been prefetched, so
+        // it counts from when training could start.
+        let ready = held.leased_at.max(run.slot_free);
+        let to_first_step = t
+            .timing
+            .first_step
+            .map(|s| (ran.started.saturating_duration_since(ready)).as_secs_f64() + s);
+        let after_last_step = t.timing.last_step.map(|at| at.elapsed().as_secs_f64());
+        tracing::info!(
+            seed,
+            test_accuracy = spooled.result.as_ref().map(|r| r.test_accuracy),
+            seconds = ran.seconds,
+            resumed_from = t.resumed_from,
+            lease_to_first_step_s = to_first_step,
+            last_step_to_result_s = after_last_step,
+            "seed finished"
+        );
+        if let Some(dir) = run.checkpoint_dir
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %dir.display(), error = %e, "could not remove a checkpoint");
         }
+        Ok(LeaseEnd::Finished)
+    }
+
+    /// Sends a spooled result (its epochs first when `replay`: re-recording an epoch is
+    /// idempotent), retried with a bounded backoff for as long as the coordinator is
+    /// unreachable: under the coordinator's outage rule the lease stays current meanwhile, and
+    /// only the coordinator can say it is not. Gives up only on shutdown.
+    async fn deliver(&self, spooled: &pb::SpooledResult, replay: bool) -> Result<Delivery, Status> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let mut c = self.client.clone();
+            let sent = async {
+                if replay {
+                    c.stream_epoch_metrics(tokio_stream::iter(spooled.epochs.clone()))
+                        .await?;
+                }
+                c.complete_seed(spooled.result.clone().unwrap_or_default())
+                    .await
+            };
+            match sent.await {
+                Ok(_) => return Ok(Delivery::Recorded),
+                Err(s) if is_lost(&s) => return Ok(Delivery::Refused(s)),
+                Err(s) if is_transient(&s) => {
+                    if self.shutdown.load(Ordering::Relaxed) {
+                        return Ok(Delivery::Stopped);
+                    }
+                    tracing::warn!(
+                        error = s.message(),
+                        "coordinator unreachable; will deliver the result when it is back"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(DELIVERY_BACKOFF);
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+
+    /// Delivers what the spool holds for this coordinator, one result at a time.
+    async fn deliver_spooled(&self) -> anyhow::Result<()> {
+        let url = &self.settings.coordinator.url;
+        let waiting = self.spool.pending(url).with_context(|| {
+            format!(
+                "cannot read the spool {}",
+                self.settings.spool_dir.display()
+            )
+        })?;
+        for spooled in waiting {
+            let seed = spooled
+                .result
+                .result
+                .as_ref()
+                .and_then(|r| r.lease.as_ref())
+                .map(|l| l.seed);
+            match self.deliver(&spooled.result, true).await? {
+                Delivery::Recorded => {
+                    tracing::info!(seed, "delivered a result from the spool");
+                    self.spool.remove(&spooled.path);
+                }
+                Delivery::Refused(s) => {
+                    tracing::warn!(
+                        seed,
+                        reason = s.message(),
+                        "the coordinator refused a spooled result (its lease is no longer current); dropping it"
+                    );
+                    self.spool.remove(&spooled.path);
+                }
+                Delivery::Stopped => return Ok(()),
+            }
+        }
+        Ok(())
     }
 
     /// The `CompleteSeed` request for a trained seed, from its last epoch.
@@ -1041,6 +1178,7 @@ mod tests {
             model_dir: data.path().to_path_buf(),
             feature_cache: data.path().join("features"),
             decode_threads: 1,
+            spool_dir: data.path().join("spool"),
         };
         let shutdown = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(WorkerMetrics::default());

@@ -4,7 +4,6 @@
 use crate::lease::is_transient;
 use seedsweep_proto::client::Client;
 use seedsweep_proto::v1 as pb;
-use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -29,12 +28,12 @@ fn open_stream(
 
 /// Forwards each epoch's metrics from the training thread over a `StreamEpochMetrics` stream. When
 /// the stream breaks (the coordinator is unreachable), the metrics are kept and replayed on a new
-/// stream, so every epoch arrives once the coordinator is back, for up to `patience` after
-/// training ends. Returns the stream's verdict: Ok, or the status that ended it.
+/// stream at the next epoch. Returns the stream's verdict once training ends: Ok when every epoch
+/// arrived, else the status that ended it (a transient one means epochs may be missing: the
+/// result's delivery replays them from the spool).
 pub(crate) async fn ship_metrics(
     client: Client,
     mut from_training: mpsc::Receiver<pb::EpochMetrics>,
-    patience: Duration,
 ) -> Result<(), Status> {
     let mut sent: Vec<pb::EpochMetrics> = Vec::new();
     let mut stream: Option<(mpsc::Sender<pb::EpochMetrics>, StreamCall)> = None;
@@ -56,26 +55,10 @@ pub(crate) async fn ship_metrics(
             stream = Some(open_stream(client.clone(), &sent));
         }
     }
-    let deadline = Instant::now() + patience;
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let (tx, call) = stream
-            .take()
-            .unwrap_or_else(|| open_stream(client.clone(), &sent));
-        drop(tx);
-        match call.await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(s)) if is_transient(&s) && Instant::now() < deadline => {
-                tracing::warn!(
-                    error = s.message(),
-                    "coordinator unreachable; will replay the metrics"
-                );
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                stream = Some(open_stream(client.clone(), &sent));
-            }
-            Ok(Err(s)) => return Err(s),
-            Err(e) => return Err(Status::internal(format!("metrics stream task failed: {e}"))),
-        }
+    let (tx, call) = stream.unwrap_or_else(|| open_stream(client.clone(), &sent));
+    drop(tx);
+    match call.await {
+        Ok(verdict) => verdict.map(drop),
+        Err(e) => Err(Status::internal(format!("metrics stream task failed: {e}"))),
     }
 }

@@ -25,58 +25,8 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 const EVAL_BATCH: i64 = 1000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Schedule {
-    /// Piecewise linear 0 -> `lr` at `peak_epoch` -> 0 at the last epoch, per step (Page).
-    Linear,
-    /// Picard's multiplier, per epoch e (from 0): 0.5 e / 3 + 0.01 for e < 4, then
-    /// 0.5 (22 - e) / 19 + 0.01 down to 0.01 at epoch 22, then 0.01.
-    Picard,
-    /// Jordan's airbench94, per step s of the run's S: 0.2 -> 1 over the first floor(0.23 S)
-    /// steps, then 1 -> 0.07 at the last.
-    Airbench,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    Fp32,
-    /// CUDA autocast to float16 (BatchNorm stays float32), with dynamic loss scaling.
-    Fp16,
-    /// CUDA autocast to bfloat16 (BatchNorm stays float32).
-    Bf16,
-}
-
-impl Precision {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Fp16 => "fp16",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
-
-/// What the random crop's padding holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Padding {
-    /// The image mirrored at its edges (Page: `np.pad(mode='reflect')`).
-    Reflect,
-    /// Zeros of the normalised image, i.e. the dataset's mean colour (Picard: torchvision's
-    /// `RandomCrop` on normalised tensors).
-    ZerosAfterNormalisation,
-    /// Black (torchvision's `RandomCrop(32, padding=4)` before `Normalize`).
-    ZerosBeforeNormalisation,
-}
-
-/// How many images share one set of augmentation draws.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AugmentPer {
-    /// Each image its own crop, flip and cutout (Page).
-    Image,
-    /// One crop, flip and cutout for each chunk of `batch_size` consecutive training images, as
-    /// torchvision's transforms do when applied to a batch tensor (Picard).
-    Batch,
-}
+// The closed sets of a lease's settings, with their one table of names, are the sweep file's.
+pub use seedsweep_core::spec::{AugmentPer, PaddingMode as Padding, Precision, Schedule};
 
 /// How to train; mirrors the sweep file's `[train]` table after its recipe is applied.
 #[derive(Debug, Clone, PartialEq)]

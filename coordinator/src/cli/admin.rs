@@ -4,7 +4,7 @@ use super::render;
 use anyhow::{Context, bail};
 use seedsweep_core::spec::SweepSpec;
 use seedsweep_core::stats::document::{ComparisonDocument, StatsDocument};
-use seedsweep_proto::client::Connection;
+use seedsweep_proto::client::{Client, Connection};
 use seedsweep_proto::v1 as pb;
 use std::path::Path;
 use std::time::Duration;
@@ -168,16 +168,56 @@ pub async fn list(coordinator: &Connection, json: bool) -> anyhow::Result<String
     Ok(out)
 }
 
+/// Rows asked for per page of a listing (the server's most are 10,000 results, 50,000 epochs).
+const PAGE: u32 = 5_000;
+
+/// Every result of sweep `id`, a page at a time.
+async fn all_results(client: &mut Client, id: &str) -> anyhow::Result<Vec<pb::SeedResult>> {
+    let mut rows = Vec::new();
+    let mut after_seed = None;
+    loop {
+        let page = client
+            .list_results(pb::ListResultsRequest {
+                sweep_id: id.to_string(),
+                page_size: PAGE,
+                after_seed,
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        rows.extend(page.results);
+        match page.next_after_seed {
+            Some(seed) => after_seed = Some(seed),
+            None => return Ok(rows),
+        }
+    }
+}
+
+/// Every epoch row of sweep `id`, a page at a time.
+async fn all_epochs(client: &mut Client, id: &str) -> anyhow::Result<Vec<pb::EpochRow>> {
+    let mut rows = Vec::new();
+    let mut after = None;
+    loop {
+        let page = client
+            .list_epoch_metrics(pb::ListEpochMetricsRequest {
+                sweep_id: id.to_string(),
+                page_size: PAGE * 10,
+                after,
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        rows.extend(page.rows);
+        match page.next_after {
+            Some(key) => after = Some(key),
+            None => return Ok(rows),
+        }
+    }
+}
+
 pub async fn results(coordinator: &Connection, id: &str, json: bool) -> anyhow::Result<String> {
     let mut client = coordinator.connect().await?;
-    let rows = client
-        .list_results(pb::ListResultsRequest {
-            sweep_id: id.to_string(),
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner()
-        .results;
+    let rows = all_results(&mut client, id).await?;
     if json {
         let v: Vec<_> = rows
             .iter()
@@ -440,28 +480,8 @@ pub async fn export(
         .await?
         .max_decoding_message_size(1 << 30);
     let table = match table {
-        "results" => {
-            let rows = client
-                .list_results(pb::ListResultsRequest {
-                    sweep_id: id.to_string(),
-                })
-                .await
-                .map_err(rpc)?
-                .into_inner()
-                .results;
-            super::export::results_table(id, &rows)
-        }
-        "epochs" => {
-            let rows = client
-                .list_epoch_metrics(pb::ListEpochMetricsRequest {
-                    sweep_id: id.to_string(),
-                })
-                .await
-                .map_err(rpc)?
-                .into_inner()
-                .rows;
-            super::export::epochs_table(id, &rows)
-        }
+        "results" => super::export::results_table(id, &all_results(&mut client, id).await?),
+        "epochs" => super::export::epochs_table(id, &all_epochs(&mut client, id).await?),
         other => bail!("--table {other}: use results or epochs"),
     };
     let bytes = match format {

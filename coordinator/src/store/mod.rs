@@ -3,7 +3,8 @@
 //!
 //! Lease protocol, the same in both implementations:
 //! - `claim` first expires leases whose `lease_expires_at` has passed by the *database* clock
-//!   (each counts as a failed attempt), then leases the oldest sweep's lowest pending seed,
+//!   (each counts as a failed attempt; not until the store has had its database without a break
+//!   for one lease TTL, so that an outage costs no attempt: [`Availability`]), then leases the oldest sweep's lowest pending seed,
 //!   incrementing its `fence`.
 //! - Every later write names `(sweep_id, seed, fence)` and changes nothing unless the seed is still
 //!   `leased` under that fence ([`StoreError::StaleLease`]).
@@ -23,7 +24,7 @@ use seedsweep_core::domain::{
     Metric, Scored, SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
 };
 use seedsweep_core::policy::{self, Charge, Refusal};
-use seedsweep_core::spec::{SeedSet, SweepSpec};
+use seedsweep_core::spec::{Precision, SeedSet, SweepSpec, Task};
 use seedsweep_core::stats::describe::EpochSpread;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -69,30 +70,86 @@ impl StoreError {
     /// connections, a serialisation conflict): the caller may retry the same request. The one place
     /// that reads database error codes.
     pub fn is_transient(&self) -> bool {
-        let StoreError::Database(e) = self else {
-            return false;
-        };
-        match e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Protocol(_) => true,
-            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                // 08: connection exception; 57P: operator intervention (shutdown, restart);
+        self.is_unreachable()
+            || self.code().is_some_and(|code| {
                 // 53: insufficient resources; 40001 / 40P01: serialisation failure / deadlock.
                 // SQLite: 5 / 6 (SQLITE_BUSY / SQLITE_LOCKED).
-                code.starts_with("08")
-                    || code.starts_with("57P")
-                    || code.starts_with("53")
+                code.starts_with("53")
                     || code == "40001"
                     || code == "40P01"
                     || code == "5"
                     || code == "6"
-            }),
-            _ => false,
+            })
+    }
+
+    /// Whether the database could not be reached at all (down, restarting, failing over, no
+    /// connection to be had): what [`Availability`] counts as an outage.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Database(
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Protocol(_),
+            ) => true,
+            // 08: connection exception; 57P: operator intervention (shutdown, restart).
+            _ => self
+                .code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
         }
+    }
+
+    fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match self {
+            StoreError::Database(sqlx::Error::Database(db)) => db.code(),
+            _ => None,
+        }
+    }
+}
+
+/// Whether this coordinator may judge leases by their deadlines: only once it has had its
+/// database without a break for one lease TTL. A worker cannot heartbeat while the coordinator
+/// or its database is away, so a deadline that passed during an outage says nothing about the
+/// worker; for one TTL after the coordinator starts, or after its database answers again, no
+/// lease expires, and every worker still holding one has that long to heartbeat it. The rule
+/// (README, "Outages") is per coordinator process: a replica that never lost the database
+/// expires leases as usual, and one that did waits out its own grace.
+#[derive(Debug)]
+pub(crate) struct Availability {
+    clock: Clock,
+    /// Since when the database has answered (None while it does not).
+    since: std::sync::Mutex<Option<ClockMark>>,
+}
+
+impl Availability {
+    /// The database answered just now (the store connected).
+    pub(crate) fn new(clock: Clock) -> Availability {
+        let since = std::sync::Mutex::new(Some(clock.mark()));
+        Availability { clock, since }
+    }
+
+    /// Notes what a call to the database found: an outage starts at an unreachable database and
+    /// ends at the first answer after it.
+    pub(crate) fn observe<T>(&self, result: Result<T>) -> Result<T> {
+        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        let unreachable = result.as_ref().err().filter(|e| e.is_unreachable());
+        match (unreachable, since.is_some()) {
+            (Some(e), true) => {
+                tracing::warn!(error = %e, "database unreachable: no lease expires until it has answered for one lease TTL");
+                *since = None;
+            }
+            (None, false) => *since = Some(self.clock.mark()),
+            _ => {}
+        }
+        result
+    }
+
+    /// Whether leases whose deadline has passed may expire now.
+    pub(crate) fn may_expire(&self, ttl: Duration) -> bool {
+        let since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        since.is_some_and(|mark| self.clock.since(mark) >= ttl)
     }
 }
 
@@ -101,8 +158,24 @@ pub trait Store: Send + Sync + 'static {
     /// Creates the sweep and all of its seeds (pending) in one transaction.
     async fn create_sweep(&self, id: SweepId, spec: &SweepSpec) -> Result<()>;
     async fn list_sweeps(&self) -> Result<Vec<SweepSummary>>;
+    /// The sweep's resolved settings as stored (`sweeps.config`, JSON).
+    async fn sweep_config(&self, id: SweepId) -> Result<String>;
+    /// What each run of the sweep reports (epochs, optional metrics), from its settings.
+    async fn run_shape(&self, id: SweepId) -> Result<policy::RunShape> {
+        let config = lease_config(&self.sweep_config(id).await?)?;
+        Ok(policy::RunShape::of(
+            &config.train,
+            config.finetune.as_ref(),
+        ))
+    }
     async fn sweep_progress(&self, id: SweepId) -> Result<SweepProgress>;
-    async fn list_results(&self, id: SweepId) -> Result<Vec<SeedResult>>;
+    /// Up to `limit` results after seed `after` (from the first when None), in seed order.
+    async fn list_results(
+        &self,
+        id: SweepId,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<SeedResult>>;
     /// The live aggregate of each metric the sweep's results have (the `aggregates` table).
     async fn aggregates(&self, id: SweepId) -> Result<Vec<Aggregate>>;
     /// The finished seeds' values of `metric` (results without it left out), in the order they
@@ -114,13 +187,26 @@ pub trait Store: Send + Sync + 'static {
         Ok(self.scores(id, metric, 0).await?.0)
     }
     /// Every epoch row of the sweep, by seed and epoch.
-    async fn list_epochs(&self, id: SweepId) -> Result<Vec<(i64, EpochRecord)>>;
+    /// Up to `limit` epoch rows after `(seed, epoch)` `after` (from the first when None), in
+    /// (seed, epoch) order.
+    async fn list_epochs(
+        &self,
+        id: SweepId,
+        after: Option<(i64, u32)>,
+        limit: u32,
+    ) -> Result<Vec<(i64, EpochRecord)>>;
     /// The per-example correctness bitmaps of the sweep's results that have one, by seed.
     async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>>;
     /// `(seed, epoch, value)` of `metric` for every epoch of every finished seed that has it,
     /// by seed and epoch (a seed that ran out of attempts keeps its partial curve in
     /// `epoch_metrics`, but is not a finished seed).
-    async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(i64, u32, f64)>>;
+    /// Of these seeds only, when `seeds` names them.
+    async fn epoch_scores(
+        &self,
+        id: SweepId,
+        metric: Metric,
+        seeds: Option<&[i64]>,
+    ) -> Result<Vec<(i64, u32, f64)>>;
     /// `(epoch, value, count)` of a [`Metric::counted`] metric over the finished seeds, by epoch
     /// and value (the `epoch_values` table).
     async fn epoch_values(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64, u64)>>;
@@ -137,7 +223,7 @@ pub trait Store: Send + Sync + 'static {
     /// computes it where the rows are.
     async fn epoch_spread_scan(&self, id: SweepId, metric: Metric) -> Result<Vec<EpochSpread>> {
         let points: Vec<(u32, f64)> = self
-            .epoch_scores(id, metric)
+            .epoch_scores(id, metric, None)
             .await?
             .into_iter()
             .map(|(_, e, v)| (e, v))
@@ -150,11 +236,13 @@ pub trait Store: Send + Sync + 'static {
     /// Seed counts per state of the sweeps not cancelled, and leases expired so far.
     async fn fleet_counts(&self) -> Result<FleetCounts>;
 
-    /// Expires overdue leases, then leases one seed to `worker_id` for `ttl`.
+    /// Expires overdue leases (once the store has had its database for one `ttl`: see
+    /// [`Availability`]), then leases one seed to `worker_id` for `ttl`.
     async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome>;
     /// Extends a held lease to `ttl` from now.
     async fn heartbeat(&self, lease: LeaseRef, ttl: Duration) -> Result<()>;
-    /// Records (or, for a newer lease of the same seed, replaces) one epoch's metrics.
+    /// Records (or, re-sent by the same lease, replaces) one epoch's metrics. A claim deletes the
+    /// rows of the seed's earlier leases, so readers never see two leases' epochs mixed.
     async fn record_epoch(&self, lease: LeaseRef, epoch: &EpochRecord) -> Result<()>;
     /// Records the seed's result, once. The seed's epoch metrics for epochs 1..=result.epochs must
     /// have been recorded under the same lease.
@@ -194,6 +282,27 @@ impl Clock {
     pub fn offset_seconds(&self) -> f64 {
         self.offset_ms.load(Ordering::SeqCst) as f64 / 1000.0
     }
+
+    /// Now, to measure time from with [`Clock::since`].
+    pub(crate) fn mark(&self) -> ClockMark {
+        ClockMark {
+            at: std::time::Instant::now(),
+            offset_ms: self.offset_ms.load(Ordering::SeqCst),
+        }
+    }
+
+    /// How long ago `mark` was on this clock (monotonic time plus what the offset moved).
+    pub(crate) fn since(&self, mark: ClockMark) -> Duration {
+        let moved = self.offset_ms.load(Ordering::SeqCst) - mark.offset_ms;
+        mark.at.elapsed() + Duration::from_millis(moved.max(0) as u64)
+    }
+}
+
+/// An instant on a [`Clock`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClockMark {
+    at: std::time::Instant,
+    offset_ms: i64,
 }
 
 /// Where a seed goes when `end` ends an attempt: [`policy::after_attempt`] with a uniform draw
@@ -249,12 +358,22 @@ pub(crate) const FLEET_SEEDS: &str = "SELECT w.id AS sweep_id, w.name, s.state, 
      GROUP BY w.id, w.name, s.state
      ORDER BY w.id, s.state";
 
+/// A closed set's name read back from the database; one this build does not know means a
+/// corrupt row (or a database written by a newer coordinator).
+pub(crate) fn name_from_db<T>(what: &str, s: &str, parse: fn(&str) -> Option<T>) -> Result<T> {
+    parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown {what} `{s}`")))
+}
+
 pub(crate) fn sweep_state_from_db(s: &str) -> Result<SweepState> {
-    SweepState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown sweep state `{s}`")))
+    name_from_db("sweep state", s, SweepState::parse)
 }
 
 pub(crate) fn state_from_db(s: &str) -> Result<SeedState> {
-    SeedState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown seed state `{s}`")))
+    name_from_db("seed state", s, SeedState::parse)
+}
+
+pub(crate) fn task_from_db(s: &str) -> Result<Task> {
+    name_from_db("task", s, Task::parse)
 }
 
 /// What a lease needs from a stored `sweeps.config`.
@@ -401,12 +520,18 @@ pub(crate) const FINISHED_EPOCHS: &str =
     "JOIN results r ON r.sweep_id = e.sweep_id AND r.seed = e.seed AND e.epoch <= r.epochs";
 
 /// Every finished seed's epoch values of `metric`. Parameter: sweep.
-pub(crate) fn epoch_scores_sql(d: Dialect, metric: Metric) -> String {
+pub(crate) fn epoch_scores_sql(d: Dialect, metric: Metric, only_some: bool) -> String {
     let col = metric.column();
-    let [sweep] = d.params();
+    let [sweep, seeds] = d.params();
+    // The second parameter: the seeds wanted, as a JSON array (SQLite) or a bigint[].
+    let which = match (only_some, d) {
+        (false, _) => String::new(),
+        (true, Dialect::Sqlite) => format!("AND e.seed IN (SELECT value FROM json_each({seeds}))"),
+        (true, Dialect::Postgres) => format!("AND e.seed = ANY({seeds})"),
+    };
     format!(
         "SELECT e.seed, e.epoch, e.{col} AS value FROM epoch_metrics e {FINISHED_EPOCHS}
-         WHERE e.sweep_id = {sweep} AND e.{col} IS NOT NULL ORDER BY e.seed, e.epoch"
+         WHERE e.sweep_id = {sweep} AND e.{col} IS NOT NULL {which} ORDER BY e.seed, e.epoch"
     )
 }
 
@@ -530,7 +655,11 @@ where
         device: r.try_get("device")?,
         data_fingerprint: r.try_get("data_fingerprint")?,
         finished_at: r.try_get("finished_at")?,
-        precision: r.try_get("precision")?,
+        precision: name_from_db(
+            "precision",
+            &r.try_get::<String, _>("precision")?,
+            Precision::parse,
+        )?,
         deterministic: r.try_get("deterministic")?,
         test_top5: r.try_get("test_top5")?,
         val_loss: r.try_get("val_loss")?,
@@ -565,7 +694,32 @@ pub(crate) fn u64_from_db(v: i64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn no_lease_expires_until_the_database_has_answered_for_one_ttl() {
+        let clock = Clock::database();
+        let available = Availability::new(clock.clone());
+        assert!(!available.may_expire(TTL), "just connected");
+        clock.advance(TTL);
+        assert!(available.may_expire(TTL));
+        // Busy is not away: a serialisation conflict does not start an outage.
+        let busy: Result<()> = Err(StoreError::Conflict("busy".into()));
+        assert!(available.observe(busy).is_err());
+        assert!(available.may_expire(TTL));
+        // Away for ten TTLs, then back: the grace counts from the first answer.
+        let away: Result<()> = Err(StoreError::Database(sqlx::Error::PoolTimedOut));
+        assert!(available.observe(away).is_err());
+        clock.advance(TTL * 10);
+        assert!(!available.may_expire(TTL), "the outage counted as service");
+        available.observe(Ok(())).unwrap();
+        clock.advance(TTL - Duration::from_secs(1));
+        assert!(!available.may_expire(TTL), "inside the grace");
+        clock.advance(Duration::from_secs(1));
+        assert!(available.may_expire(TTL));
+    }
 
     #[test]
     fn redacts_passwords_only() {

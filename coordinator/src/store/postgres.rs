@@ -4,11 +4,11 @@
 //! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
 use super::{
-    AGGREGATE_COLUMNS, Clock, Dialect, EPOCH_COLUMNS, FINISHED_EPOCHS, FLEET_SEEDS, Result, Store,
-    StoreError, aggregate_from_row, aggregate_upsert, design_from_config, epoch_from_row,
-    epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
+    AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, FINISHED_EPOCHS, FLEET_SEEDS,
+    Result, Store, StoreError, aggregate_from_row, aggregate_upsert, design_from_config,
+    epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
     epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row, scores_sql,
-    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
+    seed_rows, state_from_db, sweep_state_from_db, task_from_db, u64_from_db,
 };
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
@@ -54,6 +54,7 @@ const SUMMARY: &str = concat!(
 pub struct PgStore {
     pool: PgPool,
     clock: Clock,
+    available: Availability,
 }
 
 impl PgStore {
@@ -67,7 +68,11 @@ impl PgStore {
         super::migrations::migrator(super::migrations::POSTGRES)
             .run(&pool)
             .await?;
-        Ok(PgStore { pool, clock })
+        Ok(PgStore {
+            pool,
+            available: Availability::new(clock.clone()),
+            clock,
+        })
     }
 
     /// The clock offset in seconds, bound wherever a statement says `now() + make_interval(...)`.
@@ -156,13 +161,150 @@ impl PgStore {
         .await?;
         Ok(next.state)
     }
+
+    /// [`Store::claim`], expiring overdue leases first when `expire`.
+    async fn claim_one(
+        &self,
+        worker_id: &str,
+        ttl: Duration,
+        expire: bool,
+    ) -> Result<ClaimOutcome> {
+        let mut tx = self.pool.begin().await?;
+        // Overdue leases, locked so that concurrent claims expire each one once.
+        if expire {
+            self.expire_overdue(&mut tx).await?;
+        }
+        let claimed = sqlx::query(
+            "WITH next AS (
+                 SELECT c.sweep_id, c.seed
+                 FROM (SELECT id FROM sweeps WHERE state = 'active' ORDER BY priority DESC, seq) w
+                 CROSS JOIN LATERAL (
+                     SELECT sweep_id, seed FROM seeds
+                     WHERE sweep_id = w.id AND state = 'pending'
+                       AND (not_before IS NULL OR not_before <= now() + make_interval(secs => $3))
+                     ORDER BY seed LIMIT 1 FOR UPDATE SKIP LOCKED) c
+                 LIMIT 1)
+             UPDATE seeds s SET state = 'leased', fence = s.fence + 1, worker_id = $1,
+                 lease_expires_at = now() + make_interval(secs => $2 + $3), not_before = NULL,
+                 updated_at = now()
+             FROM next
+             WHERE s.sweep_id = next.sweep_id AND s.seed = next.seed
+             RETURNING s.sweep_id, s.seed, s.fence, s.init_seed, s.order_seed, s.augment_seed,
+                       s.split_seed",
+        )
+        .bind(worker_id)
+        .bind(ttl.as_secs_f64())
+        .bind(self.skew())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = claimed else {
+            let outstanding: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
+                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active'",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(ClaimOutcome::Empty {
+                outstanding: u64_from_db(outstanding),
+            });
+        };
+        let lease = LeaseRef {
+            sweep_id: SweepId(row.try_get("sweep_id")?),
+            seed: row.try_get("seed")?,
+            fence: row.try_get("fence")?,
+        };
+        sqlx::query(
+            "INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at)
+             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
+        )
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(worker_id)
+        .bind(self.skew())
+        .execute(&mut *tx)
+        .await?;
+        // The new lease starts with no epoch rows: an earlier lease's partial curve never mixes
+        // with this one's in what readers see.
+        sqlx::query("DELETE FROM epoch_metrics WHERE sweep_id = $1 AND seed = $2 AND fence < $3")
+            .bind(lease.sweep_id.0)
+            .bind(lease.seed)
+            .bind(lease.fence)
+            .execute(&mut *tx)
+            .await?;
+        let sweep =
+            sqlx::query("SELECT task, dataset, config::text AS config FROM sweeps WHERE id = $1")
+                .bind(lease.sweep_id.0)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        let config = lease_config(&sweep.try_get::<String, _>("config")?)?;
+        Ok(ClaimOutcome::Leased(Box::new(Lease {
+            lease,
+            task: task_from_db(sweep.try_get("task")?)?,
+            dataset: sweep.try_get("dataset")?,
+            train: config.train,
+            factors: factors_from_row(&row)?,
+            seed_namespace: config.seed_namespace,
+            finetune: config.finetune,
+        })))
+    }
+
+    /// Ends the leases whose deadline has passed as expired attempts.
+    async fn expire_overdue(&self, tx: &mut Transaction<'_, Postgres>) -> Result<()> {
+        let expired = sqlx::query(
+            "SELECT s.sweep_id, s.seed, s.fence, s.failures, w.max_attempts,
+                    w.retry_backoff_seconds, w.retry_backoff_max_seconds
+             FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
+             WHERE s.state = 'leased' AND s.lease_expires_at < now() + make_interval(secs => $1)
+             FOR UPDATE OF s SKIP LOCKED",
+        )
+        .bind(self.skew())
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in &expired {
+            let lease = LeaseRef {
+                sweep_id: SweepId(row.try_get("sweep_id")?),
+                seed: row.try_get("seed")?,
+                fence: row.try_get("fence")?,
+            };
+            let attempts = attempts_from_row(row)?;
+            self.end_attempt(tx, lease, &attempts, AttemptEnd::Expired, EXPIRED_CAUSE)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// [`Store::heartbeat`].
+    async fn extend(&self, lease: LeaseRef, ttl: Duration) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE seeds SET lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
+             WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND state = 'leased'",
+        )
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(self.skew() + ttl.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        let e = Self::lock_seed(&mut tx, lease)
+            .await
+            .err()
+            .unwrap_or(StoreError::StaleLease(lease));
+        abort(tx, e).await
+    }
 }
 
 fn summary_from_row(row: &PgRow) -> Result<SweepSummary> {
     Ok(SweepSummary {
         id: SweepId(row.try_get("id")?),
         name: row.try_get("name")?,
-        task: row.try_get("task")?,
+        task: task_from_db(row.try_get("task")?)?,
         dataset: row.try_get("dataset")?,
         created_at: row.try_get("created_at")?,
         state: sweep_state_from_db(row.try_get("state")?)?,
@@ -258,6 +400,14 @@ impl Store for PgStore {
         rows.iter().map(summary_from_row).collect()
     }
 
+    async fn sweep_config(&self, id: SweepId) -> Result<String> {
+        sqlx::query_scalar("SELECT config::text FROM sweeps WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::SweepNotFound(id))
+    }
+
     async fn sweep_progress(&self, id: SweepId) -> Result<SweepProgress> {
         let summary = self.summary(id).await?;
         let mut counts = SeedCounts::default();
@@ -285,16 +435,24 @@ impl Store for PgStore {
         })
     }
 
-    async fn list_results(&self, id: SweepId) -> Result<Vec<SeedResult>> {
+    async fn list_results(
+        &self,
+        id: SweepId,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<SeedResult>> {
         self.summary(id).await?;
         let rows = sqlx::query(concat!(
             "SELECT seed, test_accuracy, test_loss, train_loss, train_accuracy, epochs, seconds, worker_id,
                     device, data_fingerprint, precision, deterministic, test_top5, val_loss,
                     val_accuracy, init_seed, order_seed, augment_seed, split_seed, ",
             iso!("finished_at"),
-            " AS finished_at FROM results WHERE sweep_id = $1 ORDER BY seed"
+            " AS finished_at FROM results WHERE sweep_id = $1 AND ($2::bigint IS NULL OR seed > $2)
+             ORDER BY seed LIMIT $3"
         ))
         .bind(id.0)
+        .bind(after)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(result_from_row).collect()
@@ -360,12 +518,7 @@ impl Store for PgStore {
     /// of its seed under the sweep's design (how they were made at submission), so they are
     /// rebuilt here rather than read, and nothing past the value column of each row is decoded.
     async fn all_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<Scored>> {
-        let config: Option<String> =
-            sqlx::query_scalar("SELECT config::text FROM sweeps WHERE id = $1")
-                .bind(id.0)
-                .fetch_optional(&self.pool)
-                .await?;
-        let design = design_from_config(&config.ok_or(StoreError::SweepNotFound(id))?)?;
+        let design = design_from_config(&self.sweep_config(id).await?)?;
         let col = metric.column();
         // Safe: the column comes from the Metric enum, not from the caller.
         let sql = format!(
@@ -396,13 +549,23 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn list_epochs(&self, id: SweepId) -> Result<Vec<(i64, EpochRecord)>> {
+    async fn list_epochs(
+        &self,
+        id: SweepId,
+        after: Option<(i64, u32)>,
+        limit: u32,
+    ) -> Result<Vec<(i64, EpochRecord)>> {
         self.summary(id).await?;
         // Safe: constant text.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {EPOCH_COLUMNS} FROM epoch_metrics WHERE sweep_id = $1 ORDER BY seed, epoch"
+            "SELECT {EPOCH_COLUMNS} FROM epoch_metrics WHERE sweep_id = $1
+               AND ($2::bigint IS NULL OR (seed, epoch) > ($2, $3))
+             ORDER BY seed, epoch LIMIT $4"
         )))
         .bind(id.0)
+        .bind(after.map(|a| a.0))
+        .bind(after.map_or(0, |a| a.1 as i32))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(epoch_from_row).collect()
@@ -479,20 +642,25 @@ impl Store for PgStore {
         rows.iter().map(epoch_value_from_row).collect()
     }
 
-    async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(i64, u32, f64)>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_scores_sql(
-            Dialect::Postgres,
-            metric,
-        )))
-        .bind(id.0)
-        .fetch_all(&self.pool)
-        .await?;
+    async fn epoch_scores(
+        &self,
+        id: SweepId,
+        metric: Metric,
+        seeds: Option<&[i64]>,
+    ) -> Result<Vec<(i64, u32, f64)>> {
+        let sql = epoch_scores_sql(Dialect::Postgres, metric, seeds.is_some());
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.0);
+        if let Some(seeds) = seeds {
+            query = query.bind(seeds);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(epoch_score_from_row).collect()
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        let answered = sqlx::query("SELECT 1").execute(&self.pool).await;
+        self.available
+            .observe(answered.map(drop).map_err(StoreError::from))
     }
 
     async fn fleet_counts(&self) -> Result<FleetCounts> {
@@ -517,123 +685,14 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome> {
-        let mut tx = self.pool.begin().await?;
-        // Overdue leases, locked so that concurrent claims expire each one once.
-        let expired = sqlx::query(
-            "SELECT s.sweep_id, s.seed, s.fence, s.failures, w.max_attempts,
-                    w.retry_backoff_seconds, w.retry_backoff_max_seconds
-             FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
-             WHERE s.state = 'leased' AND s.lease_expires_at < now() + make_interval(secs => $1)
-             FOR UPDATE OF s SKIP LOCKED",
-        )
-        .bind(self.skew())
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &expired {
-            let lease = LeaseRef {
-                sweep_id: SweepId(row.try_get("sweep_id")?),
-                seed: row.try_get("seed")?,
-                fence: row.try_get("fence")?,
-            };
-            let attempts = attempts_from_row(row)?;
-            self.end_attempt(
-                &mut tx,
-                lease,
-                &attempts,
-                AttemptEnd::Expired,
-                EXPIRED_CAUSE,
-            )
-            .await?;
-        }
-        let claimed = sqlx::query(
-            "WITH next AS (
-                 SELECT c.sweep_id, c.seed
-                 FROM (SELECT id FROM sweeps WHERE state = 'active' ORDER BY priority DESC, seq) w
-                 CROSS JOIN LATERAL (
-                     SELECT sweep_id, seed FROM seeds
-                     WHERE sweep_id = w.id AND state = 'pending'
-                       AND (not_before IS NULL OR not_before <= now() + make_interval(secs => $3))
-                     ORDER BY seed LIMIT 1 FOR UPDATE SKIP LOCKED) c
-                 LIMIT 1)
-             UPDATE seeds s SET state = 'leased', fence = s.fence + 1, worker_id = $1,
-                 lease_expires_at = now() + make_interval(secs => $2 + $3), not_before = NULL,
-                 updated_at = now()
-             FROM next
-             WHERE s.sweep_id = next.sweep_id AND s.seed = next.seed
-             RETURNING s.sweep_id, s.seed, s.fence, s.init_seed, s.order_seed, s.augment_seed,
-                       s.split_seed",
-        )
-        .bind(worker_id)
-        .bind(ttl.as_secs_f64())
-        .bind(self.skew())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = claimed else {
-            let outstanding: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
-                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active'",
-            )
-            .fetch_one(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            return Ok(ClaimOutcome::Empty {
-                outstanding: u64_from_db(outstanding),
-            });
-        };
-        let lease = LeaseRef {
-            sweep_id: SweepId(row.try_get("sweep_id")?),
-            seed: row.try_get("seed")?,
-            fence: row.try_get("fence")?,
-        };
-        sqlx::query(
-            "INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at)
-             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
-        )
-        .bind(lease.sweep_id.0)
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(worker_id)
-        .bind(self.skew())
-        .execute(&mut *tx)
-        .await?;
-        let sweep =
-            sqlx::query("SELECT task, dataset, config::text AS config FROM sweeps WHERE id = $1")
-                .bind(lease.sweep_id.0)
-                .fetch_one(&mut *tx)
-                .await?;
-        tx.commit().await?;
-        let config = lease_config(&sweep.try_get::<String, _>("config")?)?;
-        Ok(ClaimOutcome::Leased(Box::new(Lease {
-            lease,
-            task: sweep.try_get("task")?,
-            dataset: sweep.try_get("dataset")?,
-            train: config.train,
-            factors: factors_from_row(&row)?,
-            seed_namespace: config.seed_namespace,
-            finetune: config.finetune,
-        })))
+        let expire = self.available.may_expire(ttl);
+        self.available
+            .observe(self.claim_one(worker_id, ttl, expire).await)
     }
 
     async fn heartbeat(&self, lease: LeaseRef, ttl: Duration) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE seeds SET lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
-             WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND state = 'leased'",
-        )
-        .bind(lease.sweep_id.0)
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(self.skew() + ttl.as_secs_f64())
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() == 1 {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        let e = Self::lock_seed(&mut tx, lease)
-            .await
-            .err()
-            .unwrap_or(StoreError::StaleLease(lease));
-        abort(tx, e).await
+        // Holders' heartbeats are the calls that notice an outage first.
+        self.available.observe(self.extend(lease, ttl).await)
     }
 
     async fn record_epoch(&self, lease: LeaseRef, e: &EpochRecord) -> Result<()> {
@@ -723,7 +782,7 @@ impl Store for PgStore {
         .bind(&r.device)
         .bind(&r.data_fingerprint)
         .bind(self.skew())
-        .bind(&r.precision)
+        .bind(r.precision.as_str())
         .bind(r.deterministic)
         .bind(r.test_top5)
         .bind(r.val_loss)

@@ -3,11 +3,12 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    AGGREGATE_COLUMNS, Clock, Dialect, EPOCH_COLUMNS, FLEET_SEEDS, Result, Store, StoreError,
-    aggregate_from_row, aggregate_upsert, design_from_config, epoch_from_row, epoch_score_from_row,
-    epoch_scores_sql, epoch_value_from_row, epoch_values_sql, epoch_values_upsert,
-    factors_from_row, lease_config, next_state, result_from_row, scored_from_row, scores_sql,
-    seed_rows, state_from_db, sweep_state_from_db, u64_from_db,
+    AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, FLEET_SEEDS, Result, Store,
+    StoreError, aggregate_from_row, aggregate_upsert, design_from_config, epoch_from_row,
+    epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
+    epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row,
+    scored_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db, task_from_db,
+    u64_from_db,
 };
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
@@ -42,6 +43,7 @@ const SUMMARY: &str = "SELECT w.id, w.name, w.task, w.dataset, w.created_at, w.s
 pub struct SqliteStore {
     pool: SqlitePool,
     clock: Clock,
+    available: Availability,
 }
 
 impl SqliteStore {
@@ -59,7 +61,11 @@ impl SqliteStore {
         super::migrations::migrator(super::migrations::SQLITE)
             .run(&pool)
             .await?;
-        Ok(SqliteStore { pool, clock })
+        Ok(SqliteStore {
+            pool,
+            available: Availability::new(clock.clone()),
+            clock,
+        })
     }
 
     /// The store's current time: this host's clock plus the clock offset.
@@ -145,6 +151,162 @@ impl SqliteStore {
         .await?;
         Ok(next.state)
     }
+
+    /// [`Store::claim`], expiring overdue leases first when `expire`.
+    async fn claim_one(
+        &self,
+        worker_id: &str,
+        ttl: Duration,
+        expire: bool,
+    ) -> Result<ClaimOutcome> {
+        let mut tx = self.pool.begin().await?;
+        // One instant for the whole claim, as PostgreSQL's now() is one per transaction: a seed
+        // whose lease expires in this claim can be leased by it.
+        let instant = self.instant();
+        let now = stamp(instant, 0.0);
+        if expire {
+            Self::expire_overdue(&mut tx, instant, &now).await?;
+        }
+        // Active sweeps in service order, then the first one's lowest claimable seed: index
+        // searches only. (Written as one statement with EXISTS, SQLite's planner scanned the
+        // seeds table, ~30 ms per claim per 100,000 seeds.)
+        let sweeps: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM sweeps WHERE state = 'active' ORDER BY priority DESC, seq",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut claimed = None;
+        for sweep in &sweeps {
+            claimed = sqlx::query(
+                "UPDATE seeds SET state = 'leased', fence = fence + 1, worker_id = ?1,
+                     lease_expires_at = ?2, not_before = NULL, updated_at = ?3
+                 WHERE rowid = (
+                     SELECT rowid FROM seeds INDEXED BY seeds_pending
+                     WHERE sweep_id = ?4 AND state = 'pending'
+                       AND (not_before IS NULL OR not_before <= ?3)
+                     ORDER BY seed LIMIT 1)
+                 RETURNING sweep_id, seed, fence, init_seed, order_seed, augment_seed, split_seed",
+            )
+            .bind(worker_id)
+            .bind(stamp(instant, ttl.as_secs_f64()))
+            .bind(&now)
+            .bind(sweep)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if claimed.is_some() {
+                break;
+            }
+        }
+        let Some(row) = claimed else {
+            let outstanding: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
+                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active'",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(ClaimOutcome::Empty {
+                outstanding: u64_from_db(outstanding),
+            });
+        };
+        let lease = LeaseRef {
+            sweep_id: parse_id(row.try_get("sweep_id")?)?,
+            seed: row.try_get("seed")?,
+            fence: row.try_get("fence")?,
+        };
+        sqlx::query(
+            "INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(lease.sweep_id.0.to_string())
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(worker_id)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        // The new lease starts with no epoch rows: an earlier lease's partial curve never mixes
+        // with this one's in what readers see.
+        sqlx::query("DELETE FROM epoch_metrics WHERE sweep_id = ?1 AND seed = ?2 AND fence < ?3")
+            .bind(lease.sweep_id.0.to_string())
+            .bind(lease.seed)
+            .bind(lease.fence)
+            .execute(&mut *tx)
+            .await?;
+        let sweep = sqlx::query("SELECT task, dataset, config FROM sweeps WHERE id = ?1")
+            .bind(lease.sweep_id.0.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let config = lease_config(&sweep.try_get::<String, _>("config")?)?;
+        Ok(ClaimOutcome::Leased(Box::new(Lease {
+            lease,
+            task: task_from_db(sweep.try_get("task")?)?,
+            dataset: sweep.try_get("dataset")?,
+            train: config.train,
+            factors: factors_from_row(&row)?,
+            seed_namespace: config.seed_namespace,
+            finetune: config.finetune,
+        })))
+    }
+
+    /// Ends the leases whose deadline has passed by `now` as expired attempts.
+    async fn expire_overdue(
+        tx: &mut Transaction<'_, Sqlite>,
+        instant: SystemTime,
+        now: &str,
+    ) -> Result<()> {
+        let expired = sqlx::query(
+            "SELECT s.sweep_id, s.seed, s.fence, s.failures, w.max_attempts,
+                    w.retry_backoff_seconds, w.retry_backoff_max_seconds
+             FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
+             WHERE s.state = 'leased' AND s.lease_expires_at < ?1",
+        )
+        .bind(now)
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in &expired {
+            let lease = LeaseRef {
+                sweep_id: parse_id(row.try_get("sweep_id")?)?,
+                seed: row.try_get("seed")?,
+                fence: row.try_get("fence")?,
+            };
+            let attempts = attempts_from_row(row)?;
+            Self::end_attempt(
+                tx,
+                instant,
+                lease,
+                &attempts,
+                AttemptEnd::Expired,
+                EXPIRED_CAUSE,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// [`Store::heartbeat`].
+    async fn extend(&self, lease: LeaseRef, ttl: Duration) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE seeds SET lease_expires_at = ?4, updated_at = ?5
+             WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3 AND state = 'leased'",
+        )
+        .bind(lease.sweep_id.0.to_string())
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(self.at(ttl.as_secs_f64()))
+        .bind(self.now())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        let e = Self::seed_row(&mut tx, lease)
+            .await
+            .err()
+            .unwrap_or(StoreError::StaleLease(lease));
+        abort(tx, e).await
+    }
 }
 
 /// `t` plus `later` seconds as stored: UTC ISO 8601 with milliseconds, which sorts in time order.
@@ -177,7 +339,7 @@ fn summary_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<SweepSummary> {
     Ok(SweepSummary {
         id: parse_id(row.try_get("id")?)?,
         name: row.try_get("name")?,
-        task: row.try_get("task")?,
+        task: task_from_db(row.try_get("task")?)?,
         dataset: row.try_get("dataset")?,
         created_at: row.try_get("created_at")?,
         state: sweep_state_from_db(row.try_get("state")?)?,
@@ -258,6 +420,14 @@ impl Store for SqliteStore {
         rows.iter().map(summary_from_row).collect()
     }
 
+    async fn sweep_config(&self, id: SweepId) -> Result<String> {
+        sqlx::query_scalar("SELECT config FROM sweeps WHERE id = ?1")
+            .bind(id.0.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::SweepNotFound(id))
+    }
+
     async fn sweep_progress(&self, id: SweepId) -> Result<SweepProgress> {
         let summary = self.summary(id).await?;
         let mut counts = SeedCounts::default();
@@ -285,15 +455,23 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn list_results(&self, id: SweepId) -> Result<Vec<SeedResult>> {
+    async fn list_results(
+        &self,
+        id: SweepId,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<SeedResult>> {
         self.summary(id).await?;
         let rows = sqlx::query(
             "SELECT seed, test_accuracy, test_loss, train_loss, train_accuracy, epochs, seconds, worker_id,
                     device, data_fingerprint, finished_at, precision, deterministic, test_top5,
                     val_loss, val_accuracy, init_seed, order_seed, augment_seed, split_seed
-             FROM results WHERE sweep_id = ?1 ORDER BY seed",
+             FROM results WHERE sweep_id = ?1 AND (?2 IS NULL OR seed > ?2)
+             ORDER BY seed LIMIT ?3",
         )
         .bind(id.0.to_string())
+        .bind(after)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(result_from_row).collect()
@@ -336,13 +514,23 @@ impl Store for SqliteStore {
         Ok((scored, last))
     }
 
-    async fn list_epochs(&self, id: SweepId) -> Result<Vec<(i64, EpochRecord)>> {
+    async fn list_epochs(
+        &self,
+        id: SweepId,
+        after: Option<(i64, u32)>,
+        limit: u32,
+    ) -> Result<Vec<(i64, EpochRecord)>> {
         self.summary(id).await?;
         // Safe: constant text.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {EPOCH_COLUMNS} FROM epoch_metrics WHERE sweep_id = ?1 ORDER BY seed, epoch"
+            "SELECT {EPOCH_COLUMNS} FROM epoch_metrics WHERE sweep_id = ?1
+               AND (?2 IS NULL OR (seed, epoch) > (?2, ?3))
+             ORDER BY seed, epoch LIMIT ?4"
         )))
         .bind(id.0.to_string())
+        .bind(after.map(|a| a.0))
+        .bind(after.map_or(0, |a| i64::from(a.1)))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(epoch_from_row).collect()
@@ -378,20 +566,25 @@ impl Store for SqliteStore {
         rows.iter().map(epoch_value_from_row).collect()
     }
 
-    async fn epoch_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<(i64, u32, f64)>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_scores_sql(
-            Dialect::Sqlite,
-            metric,
-        )))
-        .bind(id.0.to_string())
-        .fetch_all(&self.pool)
-        .await?;
+    async fn epoch_scores(
+        &self,
+        id: SweepId,
+        metric: Metric,
+        seeds: Option<&[i64]>,
+    ) -> Result<Vec<(i64, u32, f64)>> {
+        let sql = epoch_scores_sql(Dialect::Sqlite, metric, seeds.is_some());
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.0.to_string());
+        if let Some(seeds) = seeds {
+            query = query.bind(serde_json::to_string(seeds).unwrap_or_default());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(epoch_score_from_row).collect()
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        let answered = sqlx::query("SELECT 1").execute(&self.pool).await;
+        self.available
+            .observe(answered.map(drop).map_err(StoreError::from))
     }
 
     async fn fleet_counts(&self) -> Result<FleetCounts> {
@@ -416,132 +609,14 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome> {
-        let mut tx = self.pool.begin().await?;
-        // One instant for the whole claim, as PostgreSQL's now() is one per transaction: a seed
-        // whose lease expires in this claim can be leased by it.
-        let instant = self.instant();
-        let now = stamp(instant, 0.0);
-        let expired = sqlx::query(
-            "SELECT s.sweep_id, s.seed, s.fence, s.failures, w.max_attempts,
-                    w.retry_backoff_seconds, w.retry_backoff_max_seconds
-             FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
-             WHERE s.state = 'leased' AND s.lease_expires_at < ?1",
-        )
-        .bind(&now)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &expired {
-            let lease = LeaseRef {
-                sweep_id: parse_id(row.try_get("sweep_id")?)?,
-                seed: row.try_get("seed")?,
-                fence: row.try_get("fence")?,
-            };
-            let attempts = attempts_from_row(row)?;
-            Self::end_attempt(
-                &mut tx,
-                instant,
-                lease,
-                &attempts,
-                AttemptEnd::Expired,
-                EXPIRED_CAUSE,
-            )
-            .await?;
-        }
-        // Active sweeps in service order, then the first one's lowest claimable seed: index
-        // searches only. (Written as one statement with EXISTS, SQLite's planner scanned the
-        // seeds table, ~30 ms per claim per 100,000 seeds.)
-        let sweeps: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM sweeps WHERE state = 'active' ORDER BY priority DESC, seq",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut claimed = None;
-        for sweep in &sweeps {
-            claimed = sqlx::query(
-                "UPDATE seeds SET state = 'leased', fence = fence + 1, worker_id = ?1,
-                     lease_expires_at = ?2, not_before = NULL, updated_at = ?3
-                 WHERE rowid = (
-                     SELECT rowid FROM seeds INDEXED BY seeds_pending
-                     WHERE sweep_id = ?4 AND state = 'pending'
-                       AND (not_before IS NULL OR not_before <= ?3)
-                     ORDER BY seed LIMIT 1)
-                 RETURNING sweep_id, seed, fence, init_seed, order_seed, augment_seed, split_seed",
-            )
-            .bind(worker_id)
-            .bind(stamp(instant, ttl.as_secs_f64()))
-            .bind(&now)
-            .bind(sweep)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if claimed.is_some() {
-                break;
-            }
-        }
-        let Some(row) = claimed else {
-            let outstanding: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
-                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active'",
-            )
-            .fetch_one(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            return Ok(ClaimOutcome::Empty {
-                outstanding: u64_from_db(outstanding),
-            });
-        };
-        let lease = LeaseRef {
-            sweep_id: parse_id(row.try_get("sweep_id")?)?,
-            seed: row.try_get("seed")?,
-            fence: row.try_get("fence")?,
-        };
-        sqlx::query(
-            "INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .bind(lease.sweep_id.0.to_string())
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(worker_id)
-        .bind(&now)
-        .execute(&mut *tx)
-        .await?;
-        let sweep = sqlx::query("SELECT task, dataset, config FROM sweeps WHERE id = ?1")
-            .bind(lease.sweep_id.0.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        let config = lease_config(&sweep.try_get::<String, _>("config")?)?;
-        Ok(ClaimOutcome::Leased(Box::new(Lease {
-            lease,
-            task: sweep.try_get("task")?,
-            dataset: sweep.try_get("dataset")?,
-            train: config.train,
-            factors: factors_from_row(&row)?,
-            seed_namespace: config.seed_namespace,
-            finetune: config.finetune,
-        })))
+        let expire = self.available.may_expire(ttl);
+        self.available
+            .observe(self.claim_one(worker_id, ttl, expire).await)
     }
 
     async fn heartbeat(&self, lease: LeaseRef, ttl: Duration) -> Result<()> {
-        let done = sqlx::query(
-            "UPDATE seeds SET lease_expires_at = ?4, updated_at = ?5
-             WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3 AND state = 'leased'",
-        )
-        .bind(lease.sweep_id.0.to_string())
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(self.at(ttl.as_secs_f64()))
-        .bind(self.now())
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() == 1 {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        let e = Self::seed_row(&mut tx, lease)
-            .await
-            .err()
-            .unwrap_or(StoreError::StaleLease(lease));
-        abort(tx, e).await
+        // Holders' heartbeats are the calls that notice an outage first.
+        self.available.observe(self.extend(lease, ttl).await)
     }
 
     async fn record_epoch(&self, lease: LeaseRef, e: &EpochRecord) -> Result<()> {
@@ -634,7 +709,7 @@ impl Store for SqliteStore {
         .bind(&r.device)
         .bind(&r.data_fingerprint)
         .bind(&now)
-        .bind(&r.precision)
+        .bind(r.precision.as_str())
         .bind(r.deterministic)
         .bind(r.test_top5)
         .bind(r.val_loss)

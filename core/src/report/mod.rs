@@ -152,7 +152,28 @@ fn histogram(input: &Input) -> String {
     p.svg()
 }
 
-/// Every seed's curve over epochs, the min-max band and the mean.
+/// The most seed curves a report draws; past it, a sample ([`curve_sample`]).
+pub const MAX_CURVES: usize = 300;
+
+/// The seeds whose curves a report draws: None (every seed) up to [`MAX_CURVES`] runs, else
+/// that many spread evenly over the runs ranked by score, the worst and the best among them, so
+/// that the sample shows the whole distribution and its black swans.
+pub fn curve_sample(runs: &[Scored]) -> Option<Vec<i64>> {
+    if runs.len() <= MAX_CURVES {
+        return None;
+    }
+    let mut ranked: Vec<&Scored> = runs.iter().collect();
+    ranked.sort_by(|a, b| a.value.total_cmp(&b.value).then(a.seed.cmp(&b.seed)));
+    let last = ranked.len() - 1;
+    Some(
+        (0..MAX_CURVES)
+            .map(|i| ranked[i * last / (MAX_CURVES - 1)].seed)
+            .collect(),
+    )
+}
+
+/// The seeds' curves over epochs (a sample past [`MAX_CURVES`]), the interquartile and min-max
+/// bands and the mean.
 fn curves(input: &Input) -> Option<String> {
     let e = &input.stats.epochs;
     if e.is_empty() {
@@ -164,7 +185,7 @@ fn curves(input: &Input) -> Option<String> {
     let last = e.last().map_or(1, |x| x.epoch) as f64;
     let first = e.first().map_or(1, |x| x.epoch) as f64;
     let mut p = Plot::new(
-        &format!("{}: {metric} per epoch, every seed", input.sweep_name),
+        &format!("{}: {metric} per epoch", input.sweep_name),
         "epoch",
         &metric,
         padded(first, last, 0.02),
@@ -181,6 +202,9 @@ fn curves(input: &Input) -> Option<String> {
     let lower: Vec<(f64, f64)> = e.iter().map(|x| (x.epoch as f64, x.min)).collect();
     let upper: Vec<(f64, f64)> = e.iter().map(|x| (x.epoch as f64, x.max)).collect();
     p.band(&lower, &upper, BLUE, 0.15);
+    let q1: Vec<(f64, f64)> = e.iter().map(|x| (x.epoch as f64, x.q1)).collect();
+    let q3: Vec<(f64, f64)> = e.iter().map(|x| (x.epoch as f64, x.q3)).collect();
+    p.band(&q1, &q3, BLUE, 0.3);
     let mut by_seed: BTreeMap<i64, Vec<(f64, f64)>> = BTreeMap::new();
     for (seed, epoch, v) in input.curves {
         by_seed.entry(*seed).or_default().push((*epoch as f64, *v));
@@ -192,8 +216,20 @@ fn curves(input: &Input) -> Option<String> {
     let mean: Vec<(f64, f64)> = e.iter().map(|x| (x.epoch as f64, x.mean)).collect();
     p.line(&mean, BLUE, 2.5, 1.0);
     p.legend(BLUE, "mean across seeds");
+    p.legend("#a3bcdc", "interquartile band");
     p.legend("#c6d7ec", "min-max band");
-    p.legend(GREY, &format!("each of {} seeds", by_seed.len()));
+    let seeds = input.stats.summary.n;
+    if (by_seed.len() as u64) < seeds {
+        p.legend(
+            GREY,
+            &format!(
+                "a sample of {} of {seeds} seeds, spread over the scores",
+                by_seed.len()
+            ),
+        );
+    } else {
+        p.legend(GREY, &format!("each of {} seeds", by_seed.len()));
+    }
     Some(p.svg())
 }
 
@@ -475,7 +511,7 @@ pub fn build(input: &Input) -> anyhow::Result<Vec<File>> {
     if let Some(svg) = curves(input) {
         figures.push((
             "curves",
-            "Every seed's per-epoch curve, the mean and the min-max band.",
+            "The seeds' per-epoch curves (past 300 seeds, a sample of 300 spread over the scores, the best and the worst included), the mean, the interquartile and the min-max bands.",
             svg,
         ));
     }
@@ -550,6 +586,33 @@ mod tests {
             curves: &curves,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn past_the_limit_the_curves_are_a_sample_spread_over_the_scores() {
+        let runs = |n: i64| -> Vec<Scored> {
+            (0..n)
+                .map(|s| Scored {
+                    seed: s,
+                    factors: [s; 4],
+                    // Scores in a scrambled order of the seeds.
+                    value: ((s * 7919) % n) as f64,
+                })
+                .collect()
+        };
+        assert_eq!(curve_sample(&runs(MAX_CURVES as i64)), None);
+        let many = runs(100_000);
+        let sample = curve_sample(&many).unwrap();
+        assert_eq!(sample.len(), MAX_CURVES);
+        let score = |seed: i64| many[seed as usize].value;
+        assert_eq!(score(sample[0]), 0.0, "the worst");
+        assert_eq!(score(*sample.last().unwrap()), 99_999.0, "the best");
+        let median = score(sample[MAX_CURVES / 2]);
+        assert!((median - 50_000.0).abs() < 500.0, "{median}");
+        let mut distinct = sample.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), MAX_CURVES);
     }
 
     #[test]

@@ -3,18 +3,23 @@
 //! `[finetune]` (how the new classifier head is trained). Validated here, once, like the rest of
 //! the file.
 
+use crate::domain::names;
 use crate::spec::{SpecError, invalid};
 use serde::{Deserialize, Serialize};
 
 /// How the backbone file is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackboneFormat {
     /// A TorchScript module (`torch.jit.trace` / `torch.jit.script`) mapping images to features.
     Torchscript,
     /// Weights (a torchvision state dict) for an architecture the worker builds: `arch`.
     Safetensors,
 }
+
+names!(BackboneFormat as "backbone format" {
+    Torchscript => "torchscript",
+    Safetensors => "safetensors",
+});
 
 /// Architectures the worker builds for safetensors weights, with their feature widths.
 pub const ARCHS: [(&str, u32); 3] = [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)];
@@ -44,8 +49,7 @@ pub struct Backbone {
     pub std: [f64; 3],
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadInit {
     /// Weights from N(0, head_init_std^2), bias zero (the paper's ViT recipe).
     Normal,
@@ -53,21 +57,34 @@ pub enum HeadInit {
     Default,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+names!(HeadInit as "head_init" {
+    Normal => "normal",
+    Default => "default",
+});
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Optimizer {
     Sgd,
     Adamw,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+names!(Optimizer as "optimizer" {
+    Sgd => "sgd",
+    Adamw => "adamw",
+});
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BadImages {
     /// Report each unreadable image by path and leave it out.
     Skip,
     /// Fail the seed, naming the image.
     Fail,
 }
+
+names!(BadImages as "on_bad_image" {
+    Skip => "skip",
+    Fail => "fail",
+});
 
 /// One phase: its own steps, batch size and cosine learning-rate schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +128,25 @@ pub struct Finetune {
     /// Phase 2 (optional): the whole network.
     #[serde(default)]
     pub full: Option<Phase>,
+}
+
+impl Finetune {
+    /// How many evaluations a run reports (its "epochs"): one every `eval_every_steps` steps of
+    /// each phase, the last step of a phase included.
+    pub fn evaluations(&self) -> u32 {
+        evaluations(
+            self.head.steps,
+            self.full.as_ref().map(|p| p.steps),
+            self.eval_every_steps,
+        )
+    }
+}
+
+/// How many evaluations a run of `head_steps` (and `full_steps` of phase 2) reports when it
+/// evaluates every `every` steps and at the end of each phase.
+pub fn evaluations(head_steps: u32, full_steps: Option<u32>, every: u32) -> u32 {
+    let every = every.max(1);
+    head_steps.div_ceil(every) + full_steps.map_or(0, |s| s.div_ceil(every))
 }
 
 mod defaults {

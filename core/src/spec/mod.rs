@@ -4,6 +4,7 @@
 pub mod finetune;
 
 use crate::design::{Design, Factor};
+use crate::domain::names;
 use crate::policy::RetrySettings;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -29,8 +30,7 @@ pub(crate) fn invalid<T>(msg: impl Into<String>) -> Result<T, SpecError> {
 }
 
 /// What a worker trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
     /// A ResNet-9 from scratch on a CIFAR-layout dataset, under `recipe` and `[train]`.
     Resnet9,
@@ -38,14 +38,10 @@ pub enum Task {
     FinetuneHead,
 }
 
-impl Task {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Task::Resnet9 => "resnet9",
-            Task::FinetuneHead => "finetune-head",
-        }
-    }
-}
+names!(Task as "task" {
+    Resnet9 => "resnet9",
+    FinetuneHead => "finetune-head",
+});
 
 /// The seeds of a sweep: a half-open range `start..end` or an explicit list, in submission order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,8 +119,7 @@ impl SeedSet {
 }
 
 /// The network a run trains (see the worker's `model` module).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Model {
     /// Page's DAWNBench ResNet-9, 6,573,120 parameters.
     Resnet9,
@@ -138,9 +133,14 @@ pub enum Model {
     Airbench94,
 }
 
+names!(Model as "model" {
+    Resnet9 => "resnet9",
+    Resnet9Skinny => "resnet9-skinny",
+    Airbench94 => "airbench94",
+});
+
 /// The learning-rate schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Schedule {
     /// Per step, linear from 0 to `lr` at `lr_peak_epoch`, then linear to 0 at the last epoch.
     Linear,
@@ -152,9 +152,14 @@ pub enum Schedule {
     Airbench,
 }
 
+names!(Schedule as "schedule" {
+    Linear => "linear",
+    Picard => "picard",
+    Airbench => "airbench",
+});
+
 /// How the weights start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Init {
     /// PyTorch's defaults, as both papers' code: convolutions and the linear layer uniform in
     /// +-1/sqrt(fan_in), BatchNorm weight 1 and bias 0.
@@ -164,9 +169,13 @@ pub enum Init {
     Tch,
 }
 
+names!(Init as "init" {
+    Pytorch => "pytorch",
+    Tch => "tch",
+});
+
 /// What the random crop's padding holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PaddingMode {
     /// The image mirrored at its edges (Page).
     Reflect,
@@ -176,9 +185,14 @@ pub enum PaddingMode {
     ZerosBeforeNormalisation,
 }
 
+names!(PaddingMode as "padding" {
+    Reflect => "reflect",
+    ZerosAfterNormalisation => "zeros-after-normalisation",
+    ZerosBeforeNormalisation => "zeros-before-normalisation",
+});
+
 /// How many images share one set of augmentation draws.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AugmentPer {
     /// Each image its own crop, flip and cutout (Page).
     Image,
@@ -187,44 +201,24 @@ pub enum AugmentPer {
     Batch,
 }
 
+names!(AugmentPer as "augment_per" {
+    Image => "image",
+    Batch => "batch",
+});
+
 /// Arithmetic on CUDA devices; a CPU always trains in fp32 (results record what was used).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     Fp32,
     Fp16,
     Bf16,
 }
 
-impl Model {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Model::Resnet9 => "resnet9",
-            Model::Resnet9Skinny => "resnet9-skinny",
-            Model::Airbench94 => "airbench94",
-        }
-    }
-}
-
-impl Schedule {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Schedule::Linear => "linear",
-            Schedule::Picard => "picard",
-            Schedule::Airbench => "airbench",
-        }
-    }
-}
-
-impl Precision {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Fp16 => "fp16",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
+names!(Precision as "precision" {
+    Fp32 => "fp32",
+    Fp16 => "fp16",
+    Bf16 => "bf16",
+});
 
 /// The named recipes a sweep file selects with `recipe = "..."`; its `[train]` table overrides
 /// any of their settings. Settings a recipe does not name take the defaults of
@@ -738,36 +732,7 @@ impl SweepSpec {
         if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
             return invalid("`name` must be 1 to 200 printable characters");
         }
-        let task = match raw.task.as_str() {
-            "resnet9" => Task::Resnet9,
-            "finetune-head" => Task::FinetuneHead,
-            other => {
-                return invalid(format!(
-                    "`task` = \"{other}\" is not a known task: use \"resnet9\" or \"finetune-head\""
-                ));
-            }
-        };
-        let finetune = match task {
-            Task::Resnet9 => {
-                if raw.backbone.is_some() || raw.finetune.is_some() {
-                    return invalid(
-                        "[backbone] and [finetune] belong to task \"finetune-head\"; task \"resnet9\" takes `recipe` and [train]",
-                    );
-                }
-                None
-            }
-            Task::FinetuneHead => {
-                if !raw.train.is_empty() || raw.recipe.is_some() {
-                    return invalid(
-                        "`recipe` and [train] belong to task \"resnet9\"; task \"finetune-head\" takes [backbone] and [finetune]",
-                    );
-                }
-                Some(finetune::FinetuneSpec::parse(
-                    raw.backbone.clone(),
-                    raw.finetune.clone(),
-                )?)
-            }
-        };
+        let (task, finetune) = task(&raw)?;
         let dataset = raw.dataset.clone();
         if dataset.is_empty()
             || dataset.len() > 64
@@ -790,57 +755,14 @@ impl SweepSpec {
                 "`max_attempts` = {max_attempts}: give between 1 and 100"
             ));
         }
-        let retry = RetrySettings {
-            base_seconds: raw
-                .retry_backoff_seconds
-                .unwrap_or(RetrySettings::DEFAULT.base_seconds),
-            max_seconds: raw
-                .retry_backoff_max_seconds
-                .unwrap_or(RetrySettings::DEFAULT.max_seconds),
-        };
-        for (key, v) in [
-            ("retry_backoff_seconds", retry.base_seconds),
-            ("retry_backoff_max_seconds", retry.max_seconds),
-        ] {
-            if !(0.0..=86_400.0).contains(&v) {
-                return invalid(format!("`{key}` = {v}: give seconds between 0 and 86400"));
-            }
-        }
-        if retry.max_seconds < retry.base_seconds {
-            return invalid(format!(
-                "`retry_backoff_max_seconds` = {} is below `retry_backoff_seconds` = {}",
-                retry.max_seconds, retry.base_seconds
-            ));
-        }
+        let retry = retry(&raw)?;
         if !(-1000..=1000).contains(&raw.priority) {
             return invalid(format!(
                 "`priority` = {}: give between -1000 and 1000",
                 raw.priority
             ));
         }
-        let recipe_name = raw.recipe.clone().unwrap_or_else(|| "dawnbench".into());
-        let Some(mut table) = recipe(&recipe_name) else {
-            return invalid(format!(
-                "`recipe` = \"{recipe_name}\" is not a known recipe: use one of {}",
-                RECIPES.map(|r| format!("\"{r}\"")).join(", ")
-            ));
-        };
-        let preset = table.clone();
-        table.extend(raw.train.clone());
-        let mut train: TrainSettings = table.try_into().map_err(|e: toml::de::Error| {
-            // Name the key: the recipe's own settings are valid, so try the file's one at a time.
-            let culprit = raw.train.iter().find(|(k, v)| {
-                let mut one = preset.clone();
-                one.insert((*k).clone(), (*v).clone());
-                one.try_into::<TrainSettings>().is_err()
-            });
-            match culprit {
-                Some((key, _)) => SpecError(format!("`train.{key}`: {}", e.message().trim_end())),
-                None => SpecError(format!("in [train]: {}", e.message().trim_end())),
-            }
-        })?;
-        train.validate()?;
-        train.lr_peak_epoch = Some(train.peak_epoch());
+        let (recipe_name, train) = train(&raw)?;
         Ok(SweepSpec {
             name,
             task,
@@ -885,6 +807,94 @@ impl SweepSpec {
             serde_json::json!(s)
         }
     }
+}
+
+/// The sweep's task and the tables that belong to it (and only to it).
+fn task(raw: &RawSweep) -> Result<(Task, Option<finetune::FinetuneSpec>), SpecError> {
+    let task = Task::parse(&raw.task).ok_or_else(|| {
+        SpecError(format!(
+            "`task` = \"{}\" is not a known task: use {}",
+            raw.task,
+            Task::known()
+        ))
+    })?;
+    let finetune = match task {
+        Task::Resnet9 => {
+            if raw.backbone.is_some() || raw.finetune.is_some() {
+                return invalid(
+                    "[backbone] and [finetune] belong to task \"finetune-head\"; task \"resnet9\" takes `recipe` and [train]",
+                );
+            }
+            None
+        }
+        Task::FinetuneHead => {
+            if !raw.train.is_empty() || raw.recipe.is_some() {
+                return invalid(
+                    "`recipe` and [train] belong to task \"resnet9\"; task \"finetune-head\" takes [backbone] and [finetune]",
+                );
+            }
+            Some(finetune::FinetuneSpec::parse(
+                raw.backbone.clone(),
+                raw.finetune.clone(),
+            )?)
+        }
+    };
+    Ok((task, finetune))
+}
+
+/// The retry backoff of failed seeds.
+fn retry(raw: &RawSweep) -> Result<RetrySettings, SpecError> {
+    let retry = RetrySettings {
+        base_seconds: raw
+            .retry_backoff_seconds
+            .unwrap_or(RetrySettings::DEFAULT.base_seconds),
+        max_seconds: raw
+            .retry_backoff_max_seconds
+            .unwrap_or(RetrySettings::DEFAULT.max_seconds),
+    };
+    for (key, v) in [
+        ("retry_backoff_seconds", retry.base_seconds),
+        ("retry_backoff_max_seconds", retry.max_seconds),
+    ] {
+        if !(0.0..=86_400.0).contains(&v) {
+            return invalid(format!("`{key}` = {v}: give seconds between 0 and 86400"));
+        }
+    }
+    if retry.max_seconds < retry.base_seconds {
+        return invalid(format!(
+            "`retry_backoff_max_seconds` = {} is below `retry_backoff_seconds` = {}",
+            retry.max_seconds, retry.base_seconds
+        ));
+    }
+    Ok(retry)
+}
+
+/// The recipe's name and its settings with the file's `[train]` over them, validated.
+fn train(raw: &RawSweep) -> Result<(String, TrainSettings), SpecError> {
+    let recipe_name = raw.recipe.clone().unwrap_or_else(|| "dawnbench".into());
+    let Some(mut table) = recipe(&recipe_name) else {
+        return invalid(format!(
+            "`recipe` = \"{recipe_name}\" is not a known recipe: use one of {}",
+            RECIPES.map(|r| format!("\"{r}\"")).join(", ")
+        ));
+    };
+    let preset = table.clone();
+    table.extend(raw.train.clone());
+    let mut train: TrainSettings = table.try_into().map_err(|e: toml::de::Error| {
+        // Name the key: the recipe's own settings are valid, so try the file's one at a time.
+        let culprit = raw.train.iter().find(|(k, v)| {
+            let mut one = preset.clone();
+            one.insert((*k).clone(), (*v).clone());
+            one.try_into::<TrainSettings>().is_err()
+        });
+        match culprit {
+            Some((key, _)) => SpecError(format!("`train.{key}`: {}", e.message().trim_end())),
+            None => SpecError(format!("in [train]: {}", e.message().trim_end())),
+        }
+    })?;
+    train.validate()?;
+    train.lr_peak_epoch = Some(train.peak_epoch());
+    Ok((recipe_name, train))
 }
 
 /// The runs and their design: `seeds` with `vary` (default: every factor), or `[crossed]`.
