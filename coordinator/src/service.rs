@@ -9,7 +9,7 @@ use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, LeaseRef, Metric,
     SeedCounts, SeedResult, SweepId, SweepSummary,
 };
-use seedsweep_core::policy::{Charge, Reported, RunShape};
+use seedsweep_core::policy::{self, Charge, Reported, RunShape};
 use seedsweep_core::spec::{Precision, SeedSet, SweepSpec};
 use seedsweep_core::stats;
 use seedsweep_core::stats::document::{ComparisonDocument, StatsDocument};
@@ -979,6 +979,9 @@ impl Coordinator for CoordinatorService {
                     validation: result.val_loss.is_some() || result.val_accuracy.is_some(),
                 },
             )
+            .map_err(Status::invalid_argument)?;
+        let last = self.store.epoch_of(lease, result.epochs).await;
+        policy::check_final_metrics(&result, last.map_err(status)?.as_ref())
             .map_err(Status::invalid_argument)?;
         self.metrics.saw_worker(&result.worker_id);
         let outcome = self.store.complete(lease, &result).await.map_err(status)?;

@@ -3,7 +3,7 @@
 //! locking, so the rules are written (and tested) once.
 
 use crate::design::Design;
-use crate::domain::{LeaseRef, SeedState, SweepId, SweepState};
+use crate::domain::{EpochRecord, LeaseRef, SeedResult, SeedState, SweepId, SweepState};
 use crate::spec::finetune::FinetuneSpec;
 use crate::spec::{MAX_SEEDS, TrainSettings};
 
@@ -263,6 +263,49 @@ impl RunShape {
             );
         }
         Ok(())
+    }
+}
+
+/// A result's final metrics are those of its last epoch (a worker reports its last
+/// evaluation), as recorded under its lease: a result that says otherwise is refused, naming the
+/// field. Without the last epoch's row there is nothing to compare (the completion is refused
+/// for its missing epochs).
+pub fn check_final_metrics(result: &SeedResult, last: Option<&EpochRecord>) -> Result<(), String> {
+    let Some(last) = last else {
+        return Ok(());
+    };
+    let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
+    let same_opt = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => same(a, b),
+        (a, b) => a.is_none() && b.is_none(),
+    };
+    let fields = [
+        (
+            "test_accuracy",
+            same_opt(Some(result.test_accuracy), last.test_accuracy),
+        ),
+        (
+            "test_loss",
+            same_opt(Some(result.test_loss), last.test_loss),
+        ),
+        ("train_loss", same(result.train_loss, last.train_loss)),
+        (
+            "train_accuracy",
+            same(result.train_accuracy, last.train_accuracy),
+        ),
+        ("test_top5", same_opt(result.test_top5, last.test_top5)),
+        ("val_loss", same_opt(result.val_loss, last.val_loss)),
+        (
+            "val_accuracy",
+            same_opt(result.val_accuracy, last.val_accuracy),
+        ),
+    ];
+    match fields.iter().find(|(_, agrees)| !agrees) {
+        None => Ok(()),
+        Some((field, _)) => Err(format!(
+            "{field} differs from epoch {}'s, the last one recorded under this lease: a result is its last epoch's evaluation",
+            last.epoch
+        )),
     }
 }
 

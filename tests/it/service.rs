@@ -285,7 +285,8 @@ async fn out_of_range_epoch_numbers_are_refused_and_reads_still_work() {
 
 /// Epoch rows and results that the sweep's runs cannot produce are INVALID_ARGUMENT naming the
 /// field, and leave nothing behind: an epoch past the sweep's count, metrics its task or settings
-/// do not report, a result of the wrong length, a stream past its bound. The right ones are
+/// do not report, a result of the wrong length or whose final accuracy is not its last epoch's,
+/// a stream past its bound. The right ones are
 /// recorded afterwards, and every reader sees only them.
 #[tokio::test]
 async fn reports_of_the_wrong_shape_are_refused_and_leave_nothing() {
@@ -361,6 +362,13 @@ async fn reports_of_the_wrong_shape_are_refused_and_leave_nothing() {
                 ..result(2)
             },
             "test_top5",
+        ),
+        (
+            pb::CompleteSeedRequest {
+                test_accuracy: 0.61,
+                ..result(2)
+            },
+            "test_accuracy differs from epoch 2",
         ),
     ] {
         let e = c.complete_seed(r).await.unwrap_err();

@@ -244,6 +244,8 @@ pub trait Store: Send + Sync + 'static {
     /// Records (or, re-sent by the same lease, replaces) one epoch's metrics. A claim deletes the
     /// rows of the seed's earlier leases, so readers never see two leases' epochs mixed.
     async fn record_epoch(&self, lease: LeaseRef, epoch: &EpochRecord) -> Result<()>;
+    /// Epoch `epoch`'s row as recorded under `lease`, if it was.
+    async fn epoch_of(&self, lease: LeaseRef, epoch: u32) -> Result<Option<EpochRecord>>;
     /// Records the seed's result, once. The seed's epoch metrics for epochs 1..=result.epochs must
     /// have been recorded under the same lease.
     async fn complete(&self, lease: LeaseRef, result: &SeedResult) -> Result<CompleteOutcome>;

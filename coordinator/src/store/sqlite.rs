@@ -657,6 +657,23 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn epoch_of(&self, lease: LeaseRef, epoch: u32) -> Result<Option<EpochRecord>> {
+        // Safe: constant text.
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EPOCH_COLUMNS} FROM epoch_metrics
+             WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3 AND epoch = ?4"
+        )))
+        .bind(lease.sweep_id.0.to_string())
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(epoch as i32)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref()
+            .map(|r| epoch_from_row(r).map(|(_, e)| e))
+            .transpose()
+    }
+
     async fn complete(&self, lease: LeaseRef, r: &SeedResult) -> Result<CompleteOutcome> {
         let sweep = lease.sweep_id.0.to_string();
         let mut tx = self.pool.begin().await?;
