@@ -352,9 +352,7 @@ mod tests {
     }
 
     fn run(d: &Dataset, cfg: &TrainConfig, seed: i64) -> Trained {
-        // libtorch's thread count is global and sums split across threads in another order:
-        // every test that trains fixes it at one, so that no test's run sees another count.
-        tch::set_num_threads(1);
+        let _alone = crate::testing::alone();
         let stop = AtomicBool::new(false);
         let run = Run {
             seeds: Seeds::single(seed),

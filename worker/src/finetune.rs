@@ -1093,7 +1093,7 @@ mod tests {
 
     #[test]
     fn a_head_learns_reproducibly_and_seeds_differ() {
-        tch::set_num_threads(1);
+        let _alone = crate::testing::alone();
         let feats = toy_features(120, 8, 6);
         let run = |seed| train_head(&feats, &cfg(), seed);
         let (a, b, c) = (run(1), run(1), run(2));
@@ -1182,7 +1182,7 @@ mod tests {
 
     #[test]
     fn augmented_two_phase_runs_repeat_bit_for_bit_and_follow_each_seed() {
-        tch::set_num_threads(1);
+        let _alone = crate::testing::alone();
         let dir = tempfile::tempdir().unwrap();
         let (cfg, source) = two_phase_setup(dir.path());
         let stop = AtomicBool::new(false);

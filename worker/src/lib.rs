@@ -23,3 +23,21 @@ pub mod shim;
 pub mod spool;
 mod stream;
 pub mod train;
+
+/// What the unit tests that train share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::{Mutex, MutexGuard};
+
+    static TRAINING: Mutex<()> = Mutex::new(());
+
+    /// Trains alone in this test process, on one libtorch thread. libtorch's thread settings are
+    /// global and its reductions sum in another order under another count, so a test that
+    /// compares runs bit for bit must not overlap another test's training (one did, about one
+    /// full run in three, with only the thread count fixed).
+    pub fn alone() -> MutexGuard<'static, ()> {
+        let guard = TRAINING.lock().unwrap_or_else(|p| p.into_inner());
+        tch::set_num_threads(1);
+        guard
+    }
+}

@@ -1141,9 +1141,12 @@ mod tests {
     /// holds the next seed it prefetched, hands both seeds back uncounted before it exits: the
     /// prefetched one was never trained, and the refused one's fate was never settled.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[expect(
+        clippy::await_holding_lock,
+        reason = "held for the whole test on purpose; no task of this test takes it"
+    )]
     async fn an_error_hands_the_prefetched_lease_back_uncounted() {
-        // As every test that trains does (libtorch's thread count is global).
-        tch::set_num_threads(1);
+        let _alone = crate::testing::alone();
         let data = tempfile::tempdir().unwrap();
         let (train, test) = data::synthetic_records(256, 128, 3);
         data::write_dataset(&data.path().join("tiny"), &train, &test).unwrap();

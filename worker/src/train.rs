@@ -1219,7 +1219,7 @@ pub(crate) mod tests {
 
     #[test]
     fn same_seed_is_bitwise_identical_and_seeds_differ() {
-        tch::set_num_threads(1);
+        let _alone = crate::testing::alone();
         let (d, cfg) = tiny();
         let (a, b, c) = (
             run_with(&d, &cfg, Seeds::single(7)),
@@ -1246,7 +1246,7 @@ pub(crate) mod tests {
     /// loss of an untrained net is), and changing any factor changes the run.
     #[test]
     fn factors_are_independent() {
-        tch::set_num_threads(1);
+        let _alone = crate::testing::alone();
         let (d, mut cfg) = tiny();
         cfg.epochs = 1;
         let base = Seeds::derive("", 1, 1, 1, 1);
@@ -1287,7 +1287,7 @@ pub(crate) mod tests {
     /// ends with the same numbers as an uninterrupted run; a corrupt checkpoint is ignored.
     #[test]
     fn resuming_from_a_checkpoint_gives_the_same_numbers() {
-        tch::set_num_threads(1);
+        let _alone = crate::testing::alone();
         let (d, mut cfg) = tiny();
         cfg.epochs = 3;
         cfg.checkpoint_every = 1;
@@ -1376,7 +1376,7 @@ pub(crate) mod tests {
 
     #[test]
     fn eval_every_skips_evaluations_but_not_the_last() {
-        tch::set_num_threads(1);
+        let _alone = crate::testing::alone();
         let (d, mut cfg) = tiny();
         cfg.epochs = 3;
         cfg.eval_every = 2;
@@ -1532,7 +1532,7 @@ pub(crate) mod tests {
     /// and its accuracy is over those.
     #[test]
     fn drop_last_trains_whole_batches_only() {
-        tch::set_num_threads(1);
+        let _alone = crate::testing::alone();
         let (d, mut cfg) = tiny();
         cfg.epochs = 1;
         cfg.batch_size = 96;
