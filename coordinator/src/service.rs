@@ -145,7 +145,7 @@ impl CoordinatorService {
         let ms = |since: std::time::Instant| since.elapsed().as_secs_f64() * 1e3;
         // The three reads at once (each on its own connection): the slowest sets the time.
         let store = &self.store;
-        let ((runs, scores_ms), (epochs, epochs_ms), (correctness, bitmaps_ms)) = tokio::join!(
+        let ((runs, scores_ms), (epochs, epochs_ms), (test_sets, test_sets_ms)) = tokio::join!(
             timed(store.all_scores(id, metric)),
             timed(async {
                 if metric.per_epoch() {
@@ -156,23 +156,23 @@ impl CoordinatorService {
             }),
             timed(async {
                 if metric == Metric::TestAccuracy {
-                    store.correctness(id).await
+                    store.test_sets(id).await
                 } else {
                     Ok(Vec::new())
                 }
             }),
         );
         let runs = runs.map_err(status)?;
-        let (epochs, correctness) = (epochs.map_err(status)?, correctness.map_err(status)?);
+        let (epochs, test_sets) = (epochs.map_err(status)?, test_sets.map_err(status)?);
         // CPU work: off the async threads.
         let at = std::time::Instant::now();
         let out = tokio::task::spawn_blocking(move || {
-            let s = stats::analyse(metric, &runs, epochs, ci_width, test_examples, &correctness);
+            let s = stats::analyse(metric, &runs, epochs, ci_width, test_examples, &test_sets);
             (s, runs)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
-        tracing::info!(sweep = %id, %metric, seeds = out.1.len(), scores_ms, epochs_ms, bitmaps_ms,
+        tracing::info!(sweep = %id, %metric, seeds = out.1.len(), scores_ms, epochs_ms, test_sets_ms,
             compute_ms = ms(at), total_ms = ms(started), "statistics computed");
         Ok(out)
     }

@@ -232,6 +232,11 @@ pub struct SeedResult {
     pub test_correct: Option<Correctness>,
 }
 
+/// The most test examples a correctness bitmap may cover: ImageNet's validation set is 50,000; the
+/// bound keeps a sweep's per-example error counts (4 bytes an example, rewritten with each
+/// result) and their exact sums in range.
+pub const MAX_TEST_EXAMPLES: u32 = 500_000;
+
 /// A run's per-example correctness on the test set: bit i of `bits` (least significant first
 /// within each byte) for example i.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,6 +250,11 @@ impl Correctness {
     pub fn new(examples: u32, bits: Vec<u8>, accuracy: f64) -> Result<Correctness, String> {
         if examples == 0 {
             return Err("test_correct was sent without test_examples".into());
+        }
+        if examples > MAX_TEST_EXAMPLES {
+            return Err(format!(
+                "test_examples is {examples}; per-example correctness is kept for at most {MAX_TEST_EXAMPLES} test examples: send none for a larger test set"
+            ));
         }
         let want = (examples as usize).div_ceil(8);
         if bits.len() != want {

@@ -1,6 +1,7 @@
 //! One suite of store behaviour, run against every implementation.
 
 use seedsweep_coordinator::store::{self, Clock, Store, StoreError};
+use seedsweep_core::domain::Correctness;
 use seedsweep_core::domain::SweepId;
 use seedsweep_core::domain::SweepState;
 use seedsweep_core::domain::{
@@ -10,6 +11,7 @@ use seedsweep_core::policy::Charge;
 use seedsweep_core::spec::SeedSet;
 use seedsweep_core::spec::SweepSpec;
 use seedsweep_core::stats;
+use seedsweep_core::stats::noise::TestSetTally;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -450,7 +452,13 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
                         };
                         s.record_epoch(l, &last).await?;
                     }
-                    s.complete(l, &result(l.seed, acc)).await
+                    let hits = (acc * 1e4).round() as u32;
+                    let correct = Correctness::new(10_000, bitmap(l.seed, hits), acc).unwrap();
+                    let r = SeedResult {
+                        test_correct: Some(correct),
+                        ..result(l.seed, acc)
+                    };
+                    s.complete(l, &r).await
                 }
                 .await;
                 match r {
@@ -535,6 +543,7 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
         .unwrap();
     assert_eq!(some.len(), 2);
     assert!(some.iter().all(|(seed, _, _)| *seed == chosen), "{some:?}");
+    test_sets_are_kept(s.as_ref(), id, url, p.counts.done).await;
     let at_two = epoch_points.iter().filter(|e| e.0 == 2).count() as i64;
     // The store's per-epoch spread (from the live epoch_values counts) equals the one computed
     // here, and so does the scan it replaces (SQL on PostgreSQL).
@@ -610,6 +619,51 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
         .collect();
     assert_eq!(epochs.0, at_two);
     assert!((epochs.1 - two.iter().sum::<f64>() / two.len() as f64).abs() < 1e-12);
+}
+
+/// `hits` of 10,000 test examples marked right, which ones depending on the seed.
+fn bitmap(seed: i64, hits: u32) -> Vec<u8> {
+    let mut bits = vec![0u8; 1250];
+    for i in 0..10_000i64 {
+        // i -> (7919 i + 104729 seed) mod 10^4 is a bijection: exactly `hits` examples.
+        if (i * 7919 + seed * 104_729).rem_euclid(10_000) < i64::from(hits) {
+            bits[i as usize / 8] |= 1 << (i % 8);
+        }
+    }
+    bits
+}
+
+/// The sweep's test-set tally, kept as results were recorded, is the one its bitmaps make; and
+/// a sweep whose bitmaps predate the tallies (as migration 0004 finds them) is tallied when the
+/// store opens.
+async fn test_sets_are_kept(s: &dyn Store, id: SweepId, url: &str, done: u64) {
+    let mut want = TestSetTally::new(10_000);
+    for (_, c) in s.correctness(id).await.unwrap() {
+        want.add(&c.bits);
+    }
+    assert_eq!(want.sums.runs as u64, done);
+    assert_eq!(s.test_sets(id).await.unwrap(), vec![want.clone()]);
+    let forget = "DELETE FROM test_sets";
+    if url.starts_with("postgres") {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        sqlx::query(forget).execute(&pool).await.unwrap();
+        sqlx::query("INSERT INTO test_sets_pending VALUES ($1)")
+            .bind(id.0)
+            .execute(&pool)
+            .await
+            .unwrap();
+    } else {
+        let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+        sqlx::query(forget).execute(&pool).await.unwrap();
+        sqlx::query("INSERT INTO test_sets_pending VALUES (?1)")
+            .bind(id.0.to_string())
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.test_sets(id).await.unwrap(), vec![]);
+    let (reopened, _) = open(url).await;
+    assert_eq!(reopened.test_sets(id).await.unwrap(), vec![want]);
 }
 
 /// The store at `url` with a clock the scenario moves.

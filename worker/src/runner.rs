@@ -957,6 +957,8 @@ impl Worker {
                 held.lref.seed
             );
         };
+        let correct = (t.test_correct.as_ref())
+            .filter(|c| c.examples <= seedsweep_core::domain::MAX_TEST_EXAMPLES);
         Ok(pb::CompleteSeedRequest {
             lease: Some(held.lref.clone()),
             worker_id: self.settings.worker_id.clone(),
@@ -973,12 +975,9 @@ impl Worker {
             val_accuracy: last.val_accuracy,
             precision: t.precision.as_str().to_string(),
             deterministic: t.deterministic,
-            test_examples: t.test_correct.as_ref().map_or(0, |c| c.examples),
-            test_correct: t
-                .test_correct
-                .as_ref()
-                .map(|c| c.bits.clone())
-                .unwrap_or_default(),
+            // A test set past the coordinator's bound goes without per-example correctness.
+            test_examples: correct.map_or(0, |c| c.examples),
+            test_correct: correct.map(|c| c.bits.clone()).unwrap_or_default(),
         })
     }
 

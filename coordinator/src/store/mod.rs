@@ -26,6 +26,7 @@ use seedsweep_core::domain::{
 use seedsweep_core::policy::{self, Charge, Refusal};
 use seedsweep_core::spec::{Precision, SeedSet, SweepSpec, Task};
 use seedsweep_core::stats::describe::EpochSpread;
+use seedsweep_core::stats::noise::{HitSums, TestSetTally};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -197,6 +198,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(i64, EpochRecord)>>;
     /// The per-example correctness bitmaps of the sweep's results that have one, by seed.
     async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>>;
+    /// The sweep's test-set tallies (kept up to date as results are recorded: what the
+    /// test-set statistics read instead of every bitmap), one per test-set size its results'
+    /// bitmaps cover.
+    async fn test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>>;
     /// `(seed, epoch, value)` of `metric` for every epoch of every finished seed that has it,
     /// by seed and epoch (a seed that ran out of attempts keeps its partial curve in
     /// `epoch_metrics`, but is not a finished seed).
@@ -504,6 +509,108 @@ where
         max: row.try_get("max")?,
         max_seed: row.try_get("max_seed")?,
     }))
+}
+
+/// The columns of a `test_sets` row, in [`test_set_upsert`]'s parameter order after the sweep.
+pub(crate) const TEST_SET_COLUMNS: &str =
+    "examples, runs, hits, hits_sq, even_hits, even_sq, odd_hits, odd_sq, even_odd, wrong";
+
+/// Writes a sweep's tally for one test-set size, whole. Parameters: sweep, then
+/// [`TEST_SET_COLUMNS`]; bound by [`bind_test_set`].
+pub(crate) fn test_set_upsert(d: Dialect) -> String {
+    let p: [String; 11] = d.params();
+    let values = p.join(", ");
+    format!(
+        "INSERT INTO test_sets (sweep_id, {TEST_SET_COLUMNS}) VALUES ({values})
+         ON CONFLICT (sweep_id, examples) DO UPDATE SET runs = excluded.runs, hits = excluded.hits,
+           hits_sq = excluded.hits_sq, even_hits = excluded.even_hits, even_sq = excluded.even_sq,
+           odd_hits = excluded.odd_hits, odd_sq = excluded.odd_sq, even_odd = excluded.even_odd,
+           wrong = excluded.wrong"
+    )
+}
+
+/// Binds [`test_set_upsert`]'s parameters after the sweep's.
+pub(crate) fn bind_test_set<'q, DB>(
+    q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>,
+    t: &TestSetTally,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Vec<u8>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let s = t.sums;
+    q.bind(i64::from(t.examples))
+        .bind(s.runs)
+        .bind(s.right)
+        .bind(s.right_sq)
+        .bind(s.even)
+        .bind(s.even_sq)
+        .bind(s.odd)
+        .bind(s.odd_sq)
+        .bind(s.even_odd)
+        .bind(t.wrong_bytes())
+}
+
+pub(crate) fn test_set_from_row<'r, R>(row: &'r R) -> Result<TestSetTally>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let examples = u32::try_from(row.try_get::<i64, _>("examples")?)
+        .map_err(|_| StoreError::Corrupt("a test_sets row has a negative `examples`".into()))?;
+    let sums = HitSums {
+        runs: row.try_get("runs")?,
+        right: row.try_get("hits")?,
+        right_sq: row.try_get("hits_sq")?,
+        even: row.try_get("even_hits")?,
+        even_sq: row.try_get("even_sq")?,
+        odd: row.try_get("odd_hits")?,
+        odd_sq: row.try_get("odd_sq")?,
+        even_odd: row.try_get("even_odd")?,
+    };
+    let wrong: Vec<u8> = row.try_get("wrong")?;
+    TestSetTally::from_stored(examples, &wrong, sums).ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "the test_sets row of {examples} examples holds {} bytes of error counts",
+            wrong.len()
+        ))
+    })
+}
+
+/// `(seed, bitmap)` from a row of `seed, test_examples, test_correct`.
+pub(crate) fn bitmap_from_row<'r, R>(row: &'r R) -> Result<(i64, Correctness)>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let examples = row.try_get::<i64, _>("test_examples")?;
+    Ok((
+        row.try_get("seed")?,
+        Correctness {
+            examples: u32::try_from(examples).map_err(|_| {
+                StoreError::Corrupt(format!("a result has {examples} test examples"))
+            })?,
+            bits: row.try_get("test_correct")?,
+        },
+    ))
+}
+
+/// The tallies of a sweep's results from their bitmaps, one per test-set size (for results
+/// recorded before the store kept tallies).
+pub(crate) fn tally_bitmaps(bitmaps: impl IntoIterator<Item = Correctness>) -> Vec<TestSetTally> {
+    let mut by_size: std::collections::BTreeMap<u32, TestSetTally> = Default::default();
+    for c in bitmaps {
+        by_size
+            .entry(c.examples)
+            .or_insert_with(|| TestSetTally::new(c.examples))
+            .add(&c.bits);
+    }
+    by_size.into_values().collect()
 }
 
 /// The SELECT of [`Store::scores`] for `metric`, with `seq` the recording position's expression.

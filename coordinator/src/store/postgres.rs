@@ -5,10 +5,12 @@
 
 use super::{
     AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, FINISHED_EPOCHS, FLEET_SEEDS,
-    Result, Store, StoreError, aggregate_from_row, aggregate_upsert, design_from_config,
-    epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
-    epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row, scores_sql,
-    seed_rows, state_from_db, sweep_state_from_db, task_from_db, u64_from_db,
+    Result, Store, StoreError, TEST_SET_COLUMNS, aggregate_from_row, aggregate_upsert,
+    bind_test_set, bitmap_from_row, design_from_config, epoch_from_row, epoch_score_from_row,
+    epoch_scores_sql, epoch_value_from_row, epoch_values_sql, epoch_values_upsert,
+    factors_from_row, lease_config, next_state, result_from_row, scores_sql, seed_rows,
+    state_from_db, sweep_state_from_db, tally_bitmaps, task_from_db, test_set_from_row,
+    test_set_upsert, u64_from_db,
 };
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
@@ -21,6 +23,7 @@ use seedsweep_core::policy::{
     self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
 };
 use seedsweep_core::spec::{SeedSet, SweepSpec};
+use seedsweep_core::stats::noise::TestSetTally;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use std::str::FromStr;
@@ -31,6 +34,7 @@ use std::time::Duration;
 static AGGREGATE_UPSERT: LazyLock<String> = LazyLock::new(|| aggregate_upsert(Dialect::Postgres));
 static EPOCH_VALUES_UPSERT: LazyLock<String> =
     LazyLock::new(|| epoch_values_upsert(Dialect::Postgres));
+static TEST_SET_UPSERT: LazyLock<String> = LazyLock::new(|| test_set_upsert(Dialect::Postgres));
 
 /// Renders a timestamptz column as UTC ISO 8601, the format both stores report.
 macro_rules! iso {
@@ -68,11 +72,71 @@ impl PgStore {
         super::migrations::migrator(super::migrations::POSTGRES)
             .run(&pool)
             .await?;
-        Ok(PgStore {
+        let store = PgStore {
             pool,
             available: Availability::new(clock.clone()),
             clock,
-        })
+        };
+        store.tally_pending().await?;
+        Ok(store)
+    }
+
+    /// Tallies the sweeps that migration 0004 found with bitmaps recorded before the store kept
+    /// tallies, each in one transaction that first takes the lock its recorders take first (the
+    /// sweep's test-accuracy aggregate), so none of them is missed or counted twice.
+    async fn tally_pending(&self) -> Result<()> {
+        let pending: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT sweep_id FROM test_sets_pending")
+            .fetch_all(&self.pool)
+            .await?;
+        for id in pending {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "SELECT 1 FROM aggregates WHERE sweep_id = $1 AND metric = 'test_accuracy' FOR UPDATE",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            let bitmaps = bitmaps(&mut *tx, SweepId(id)).await?;
+            sqlx::query("DELETE FROM test_sets WHERE sweep_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            for tally in tally_bitmaps(bitmaps.into_iter().map(|(_, c)| c)) {
+                let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(id);
+                bind_test_set(upsert, &tally).execute(&mut *tx).await?;
+            }
+            sqlx::query("DELETE FROM test_sets_pending WHERE sweep_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Adds a recorded result's bitmap to its sweep's tally of that test-set size. The sweep's
+    /// recorders take its aggregate rows' locks before this, so they add one at a time and the
+    /// first one's insert is never overwritten by another's.
+    async fn add_to_test_set(
+        tx: &mut Transaction<'_, Postgres>,
+        id: SweepId,
+        c: &Correctness,
+    ) -> Result<()> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = $1 AND examples = $2 FOR UPDATE"
+        )))
+        .bind(id.0)
+        .bind(i64::from(c.examples))
+        .fetch_optional(&mut **tx)
+        .await?;
+        let mut tally = match row {
+            Some(row) => test_set_from_row(&row)?,
+            None => TestSetTally::new(c.examples),
+        };
+        tally.add(&c.bits);
+        let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(id.0);
+        bind_test_set(upsert, &tally).execute(&mut **tx).await?;
+        Ok(())
     }
 
     /// The clock offset in seconds, bound wherever a statement says `now() + make_interval(...)`.
@@ -325,6 +389,18 @@ fn attempts_from_row(row: &PgRow) -> Result<Attempts> {
     })
 }
 
+/// The per-example correctness bitmaps of a sweep's results that have one, by seed.
+async fn bitmaps<'e>(e: impl sqlx::PgExecutor<'e>, id: SweepId) -> Result<Vec<(i64, Correctness)>> {
+    let rows = sqlx::query(
+        "SELECT seed, test_examples::bigint AS test_examples, test_correct FROM results
+         WHERE sweep_id = $1 AND test_correct IS NOT NULL ORDER BY seed",
+    )
+    .bind(id.0)
+    .fetch_all(e)
+    .await?;
+    rows.iter().map(bitmap_from_row).collect()
+}
+
 /// Inserts seeds that the sweep does not have yet, with their factor seeds under `design`;
 /// returns how many were new.
 async fn insert_seeds(
@@ -572,24 +648,17 @@ impl Store for PgStore {
     }
 
     async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>> {
-        let rows = sqlx::query(
-            "SELECT seed, test_examples, test_correct FROM results
-             WHERE sweep_id = $1 AND test_correct IS NOT NULL ORDER BY seed",
-        )
+        bitmaps(&self.pool, id).await
+    }
+
+    async fn test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = $1 ORDER BY examples"
+        )))
         .bind(id.0)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("seed")?,
-                    Correctness {
-                        examples: r.try_get::<i32, _>("test_examples")?.max(0) as u32,
-                        bits: r.try_get("test_correct")?,
-                    },
-                ))
-            })
-            .collect()
+        rows.iter().map(test_set_from_row).collect()
     }
 
     async fn epoch_spread_scan(
@@ -818,6 +887,9 @@ impl Store for PgStore {
                     .execute(&mut *tx)
                     .await?;
             }
+        }
+        if let Some(c) = &r.test_correct {
+            Self::add_to_test_set(&mut tx, lease.sweep_id, c).await?;
         }
         sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES_UPSERT.as_str()))
             .bind(lease.sweep_id.0)

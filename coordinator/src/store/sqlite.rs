@@ -4,10 +4,11 @@
 
 use super::{
     AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, FLEET_SEEDS, Result, Store,
-    StoreError, aggregate_from_row, aggregate_upsert, design_from_config, epoch_from_row,
-    epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
-    epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row,
-    scored_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db, task_from_db,
+    StoreError, TEST_SET_COLUMNS, aggregate_from_row, aggregate_upsert, bind_test_set,
+    bitmap_from_row, design_from_config, epoch_from_row, epoch_score_from_row, epoch_scores_sql,
+    epoch_value_from_row, epoch_values_sql, epoch_values_upsert, factors_from_row, lease_config,
+    next_state, result_from_row, scored_from_row, scores_sql, seed_rows, state_from_db,
+    sweep_state_from_db, tally_bitmaps, task_from_db, test_set_from_row, test_set_upsert,
     u64_from_db,
 };
 use async_trait::async_trait;
@@ -21,6 +22,7 @@ use seedsweep_core::policy::{
     self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
 };
 use seedsweep_core::spec::{SeedSet, SweepSpec};
+use seedsweep_core::stats::noise::TestSetTally;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -34,6 +36,7 @@ use uuid::Uuid;
 static AGGREGATE_UPSERT: LazyLock<String> = LazyLock::new(|| aggregate_upsert(Dialect::Sqlite));
 static EPOCH_VALUES_UPSERT: LazyLock<String> =
     LazyLock::new(|| epoch_values_upsert(Dialect::Sqlite));
+static TEST_SET_UPSERT: LazyLock<String> = LazyLock::new(|| test_set_upsert(Dialect::Sqlite));
 
 const SUMMARY: &str = "SELECT w.id, w.name, w.task, w.dataset, w.created_at, w.state, w.priority,
         w.total_seeds,
@@ -61,11 +64,62 @@ impl SqliteStore {
         super::migrations::migrator(super::migrations::SQLITE)
             .run(&pool)
             .await?;
-        Ok(SqliteStore {
+        let store = SqliteStore {
             pool,
             available: Availability::new(clock.clone()),
             clock,
-        })
+        };
+        store.tally_pending().await?;
+        Ok(store)
+    }
+
+    /// Tallies the sweeps that migration 0004 found with bitmaps recorded before the store kept
+    /// tallies, each in one transaction.
+    async fn tally_pending(&self) -> Result<()> {
+        let pending: Vec<String> = sqlx::query_scalar("SELECT sweep_id FROM test_sets_pending")
+            .fetch_all(&self.pool)
+            .await?;
+        for id in pending {
+            let mut tx = self.pool.begin().await?;
+            let bitmaps = bitmaps(&mut *tx, &id).await?;
+            sqlx::query("DELETE FROM test_sets WHERE sweep_id = ?1")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            for tally in tally_bitmaps(bitmaps.into_iter().map(|(_, c)| c)) {
+                let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(&id);
+                bind_test_set(upsert, &tally).execute(&mut *tx).await?;
+            }
+            sqlx::query("DELETE FROM test_sets_pending WHERE sweep_id = ?1")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Adds a recorded result's bitmap to its sweep's tally of that test-set size.
+    async fn add_to_test_set(
+        tx: &mut Transaction<'_, Sqlite>,
+        sweep: &str,
+        c: &Correctness,
+    ) -> Result<()> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = ?1 AND examples = ?2"
+        )))
+        .bind(sweep)
+        .bind(i64::from(c.examples))
+        .fetch_optional(&mut **tx)
+        .await?;
+        let mut tally = match row {
+            Some(row) => test_set_from_row(&row)?,
+            None => TestSetTally::new(c.examples),
+        };
+        tally.add(&c.bits);
+        let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(sweep);
+        bind_test_set(upsert, &tally).execute(&mut **tx).await?;
+        Ok(())
     }
 
     /// The store's current time: this host's clock plus the clock offset.
@@ -360,6 +414,21 @@ fn attempts_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Attempts> {
     })
 }
 
+/// The per-example correctness bitmaps of a sweep's results that have one, by seed.
+async fn bitmaps<'e>(
+    e: impl sqlx::SqliteExecutor<'e>,
+    sweep: &str,
+) -> Result<Vec<(i64, Correctness)>> {
+    let rows = sqlx::query(
+        "SELECT seed, test_examples, test_correct FROM results
+         WHERE sweep_id = ?1 AND test_correct IS NOT NULL ORDER BY seed",
+    )
+    .bind(sweep)
+    .fetch_all(e)
+    .await?;
+    rows.iter().map(bitmap_from_row).collect()
+}
+
 /// Inserts seeds that the sweep does not have yet, with their factor seeds under `design`;
 /// returns how many were new.
 async fn insert_seeds(
@@ -537,24 +606,17 @@ impl Store for SqliteStore {
     }
 
     async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>> {
-        let rows = sqlx::query(
-            "SELECT seed, test_examples, test_correct FROM results
-             WHERE sweep_id = ?1 AND test_correct IS NOT NULL ORDER BY seed",
-        )
+        bitmaps(&self.pool, &id.0.to_string()).await
+    }
+
+    async fn test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = ?1 ORDER BY examples"
+        )))
         .bind(id.0.to_string())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("seed")?,
-                    Correctness {
-                        examples: r.try_get::<i64, _>("test_examples")?.max(0) as u32,
-                        bits: r.try_get("test_correct")?,
-                    },
-                ))
-            })
-            .collect()
+        rows.iter().map(test_set_from_row).collect()
     }
 
     async fn epoch_values(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64, u64)>> {
@@ -745,6 +807,9 @@ impl Store for SqliteStore {
                     .execute(&mut *tx)
                     .await?;
             }
+        }
+        if let Some(c) = &r.test_correct {
+            Self::add_to_test_set(&mut tx, &sweep, c).await?;
         }
         sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES_UPSERT.as_str()))
             .bind(&sweep)

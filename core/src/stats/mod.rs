@@ -62,7 +62,7 @@ pub fn analyse(
     epochs: Vec<describe::EpochSpread>,
     ci_width: Option<f64>,
     test_examples: Option<u64>,
-    correctness: &[(i64, crate::domain::Correctness)],
+    test_sets: &[noise::TestSetTally],
 ) -> Option<SweepStats> {
     let pairs: Vec<(i64, f64)> = runs.iter().map(|r| (r.seed, r.value)).collect();
     let values = sorted(pairs.iter().map(|p| p.1));
@@ -92,20 +92,13 @@ pub fn analyse(
         metric,
         Metric::TestAccuracy | Metric::TestTop5 | Metric::ValAccuracy | Metric::TrainAccuracy
     );
-    // The bitmaps of the commonest test-set size (one size unless workers saw different data).
+    // The tally of the commonest test-set size (one size unless workers saw different data).
     let test_set = (metric == Metric::TestAccuracy)
         .then(|| {
-            let mut sizes: std::collections::BTreeMap<u32, usize> = Default::default();
-            for (_, c) in correctness {
-                *sizes.entry(c.examples).or_default() += 1;
-            }
-            let (&n, _) = sizes.iter().max_by_key(|(_, count)| **count)?;
-            let maps: Vec<&[u8]> = correctness
+            test_sets
                 .iter()
-                .filter(|(_, c)| c.examples == n)
-                .map(|(_, c)| c.bits.as_slice())
-                .collect();
-            noise::test_set_noise(&maps, n as usize)
+                .max_by_key(|t| (t.sums.runs, t.examples))?
+                .noise()
         })
         .flatten();
     let test_examples = test_examples.or(test_set.as_ref().map(|t| t.test_examples));

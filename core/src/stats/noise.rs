@@ -45,68 +45,124 @@ pub fn binomial_std(p: f64, n: u64) -> f64 {
     (p * (1.0 - p) / n as f64).sqrt()
 }
 
-fn pearson(x: &[f64], y: &[f64]) -> Option<f64> {
-    let (mx, my) = (
-        x.iter().sum::<f64>() / x.len() as f64,
-        y.iter().sum::<f64>() / y.len() as f64,
-    );
-    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
-    for (a, b) in x.iter().zip(y) {
-        sxy += (a - mx) * (b - my);
-        sxx += (a - mx).powi(2);
-        syy += (b - my).powi(2);
-    }
-    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
+/// What the test-set statistics need of every run over the same `examples` test examples, kept
+/// up to date one run at a time: each example's error count, and exact integer sums of each run's
+/// hits over all examples and over the even- and odd-numbered ones (for the split-half
+/// correlation). Adding a run costs O(examples) whatever the number of runs, and the statistics
+/// are read from the tally in O(examples), so the store keeps one per sweep and test-set size
+/// instead of reading every bitmap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestSetTally {
+    pub examples: u32,
+    /// How many runs each example was wrong in.
+    pub wrong: Vec<u32>,
+    pub sums: HitSums,
 }
 
-/// From the bitmaps of runs over the same `n` test examples; `None` below two runs. Bitmaps of
-/// another length are the caller's to refuse.
-pub fn test_set_noise(bitmaps: &[&[u8]], n: usize) -> Option<TestSetNoise> {
-    let runs = bitmaps.len();
-    if runs < 2 || n < 2 {
-        return None;
+/// Sums over runs of each run's hits: `right` over all examples, `even` and `odd` over the even-
+/// and odd-numbered ones. Integers, so a tally is the same whatever the order runs arrive in;
+/// within range for [`crate::domain::MAX_TEST_EXAMPLES`] examples and 10^7 runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HitSums {
+    pub runs: i64,
+    pub right: i64,
+    pub right_sq: i64,
+    pub even: i64,
+    pub even_sq: i64,
+    pub odd: i64,
+    pub odd_sq: i64,
+    pub even_odd: i64,
+}
+
+impl TestSetTally {
+    pub fn new(examples: u32) -> TestSetTally {
+        TestSetTally {
+            examples,
+            wrong: vec![0; examples as usize],
+            sums: HitSums::default(),
+        }
     }
-    let nf = n as f64;
-    let mut wrong = vec![0u32; n];
-    let (mut acc, mut even, mut odd) = (Vec::new(), Vec::new(), Vec::new());
-    for bm in bitmaps {
-        let (mut right, mut right_even, mut right_odd) = (0u64, 0u64, 0u64);
-        for (i, w) in wrong.iter_mut().enumerate() {
-            if bit(bm, i) {
-                right += 1;
-                if i % 2 == 0 {
-                    right_even += 1
-                } else {
-                    right_odd += 1
-                }
-            } else {
-                *w += 1;
+
+    /// Adds one run's bitmap, which must cover `examples` examples (checked when it arrived:
+    /// [`crate::domain::Correctness::new`]).
+    pub fn add(&mut self, bitmap: &[u8]) {
+        let (mut even, mut odd) = (0i64, 0i64);
+        for (i, w) in self.wrong.iter_mut().enumerate() {
+            match (bit(bitmap, i), i % 2 == 0) {
+                (true, true) => even += 1,
+                (true, false) => odd += 1,
+                (false, _) => *w += 1,
             }
         }
-        acc.push(right as f64 / nf);
-        even.push(right_even as f64 / n.div_ceil(2) as f64);
-        odd.push(right_odd as f64 / (n / 2) as f64);
+        let right = even + odd;
+        let s = &mut self.sums;
+        s.runs += 1;
+        s.right += right;
+        s.right_sq += right * right;
+        s.even += even;
+        s.even_sq += even * even;
+        s.odd += odd;
+        s.odd_sq += odd * odd;
+        s.even_odd += even * odd;
     }
-    let r = runs as f64;
-    let e: Vec<f64> = wrong.iter().map(|&w| w as f64 / r).collect();
-    let independent = e.iter().map(|e| e * (1.0 - e)).sum::<f64>() / (nf * nf);
-    // Sample variance over runs of each example's 0/1 error.
-    let per_example: f64 = e.iter().map(|e| e * (1.0 - e) * r / (r - 1.0)).sum();
-    let mut moments = super::Moments::default();
-    acc.iter().for_each(|&a| moments.push(a));
-    let var_err = moments.std().powi(2);
-    let distribution_var = nf / (nf - 1.0) * (var_err - per_example / (nf * nf));
-    let mean_acc = acc.iter().sum::<f64>() / r;
-    Some(TestSetNoise {
-        test_examples: n as u64,
-        binomial_std: binomial_std(mean_acc, n as u64),
-        observed_std: var_err.sqrt(),
-        runs: runs as u64,
-        independent_errors_std: independent.sqrt(),
-        distribution_var,
-        distribution_std: distribution_var.max(0.0).sqrt(),
-        split_half_correlation: pearson(&even, &odd),
-    })
+
+    /// The error counts as stored: little-endian `u32`s, one per example.
+    pub fn wrong_bytes(&self) -> Vec<u8> {
+        self.wrong.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// A tally read back from storage; `None` when the error counts do not cover `examples`.
+    pub fn from_stored(examples: u32, wrong: &[u8], sums: HitSums) -> Option<TestSetTally> {
+        (wrong.len() == examples as usize * 4).then(|| TestSetTally {
+            examples,
+            wrong: wrong
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            sums,
+        })
+    }
+
+    /// The statistics; `None` below two runs or two examples.
+    pub fn noise(&self) -> Option<TestSetNoise> {
+        let s = &self.sums;
+        let n = self.examples as usize;
+        if s.runs < 2 || n < 2 {
+            return None;
+        }
+        let (nf, r) = (n as f64, s.runs as f64);
+        let e = |w: &u32| *w as f64 / r;
+        let independent = self.wrong.iter().map(|w| e(w) * (1.0 - e(w))).sum::<f64>() / (nf * nf);
+        // Sample variance over runs of each example's 0/1 error.
+        let per_example = independent * nf * nf * r / (r - 1.0);
+        // r * sum(x^2) - sum(x)^2, exactly: r (r - 1) times the sample variance of the hits.
+        let spread =
+            |sq: i64, sum: i64| i128::from(s.runs) * i128::from(sq) - i128::from(sum).pow(2);
+        let var_err = spread(s.right_sq, s.right) as f64 / (r * (r - 1.0) * nf * nf);
+        let distribution_var = nf / (nf - 1.0) * (var_err - per_example / (nf * nf));
+        let mean_acc = s.right as f64 / (r * nf);
+        let (sxx, syy) = (spread(s.even_sq, s.even), spread(s.odd_sq, s.odd));
+        let sxy =
+            i128::from(s.runs) * i128::from(s.even_odd) - i128::from(s.even) * i128::from(s.odd);
+        Some(TestSetNoise {
+            test_examples: n as u64,
+            binomial_std: binomial_std(mean_acc, n as u64),
+            observed_std: var_err.sqrt(),
+            runs: s.runs as u64,
+            independent_errors_std: independent.sqrt(),
+            distribution_var,
+            distribution_std: distribution_var.max(0.0).sqrt(),
+            split_half_correlation: (sxx > 0 && syy > 0)
+                .then(|| sxy as f64 / ((sxx as f64) * (syy as f64)).sqrt()),
+        })
+    }
+}
+
+/// From the bitmaps of runs over the same `n` test examples; `None` below two runs.
+pub fn test_set_noise(bitmaps: &[&[u8]], n: u32) -> Option<TestSetNoise> {
+    let mut tally = TestSetTally::new(n);
+    bitmaps.iter().for_each(|b| tally.add(b));
+    tally.noise()
 }
 
 #[cfg(test)]
@@ -131,7 +187,7 @@ mod tests {
             })
             .collect();
         let refs: Vec<&[u8]> = maps.iter().map(|m| m.as_slice()).collect();
-        let got = test_set_noise(&refs, n).unwrap();
+        let got = test_set_noise(&refs, n as u32).unwrap();
         close(got.binomial_std, f(&r["binomial_std"]), 1e-12, "binomial");
         close(got.observed_std, f(&r["observed_std"]), 1e-12, "observed");
         close(
@@ -152,6 +208,14 @@ mod tests {
             1e-9,
             "split half",
         );
-        assert!(test_set_noise(&refs[..1], n).is_none());
+        assert!(test_set_noise(&refs[..1], n as u32).is_none());
+        // Stored and read back, a tally is the same.
+        let mut tally = TestSetTally::new(n as u32);
+        refs.iter().for_each(|b| tally.add(b));
+        let back = TestSetTally::from_stored(n as u32, &tally.wrong_bytes(), tally.sums).unwrap();
+        assert_eq!(back, tally);
+        assert!(
+            TestSetTally::from_stored(n as u32 + 1, &tally.wrong_bytes(), tally.sums).is_none()
+        );
     }
 }
