@@ -1,6 +1,9 @@
 //! A load generator, not a worker: `--workers` simulated workers, each looping lease, heartbeat,
-//! `--epochs` epoch reports over a stream, complete, against a real coordinator. Prints one JSON
-//! line: lease cycles per second and claim-latency percentiles.
+//! `--epochs` epoch reports over a stream, complete, against a real coordinator. It sends what
+//! real workers send: a correctness bitmap of 10,000 test examples with each result (as for
+//! CIFAR-10), final metrics equal to the last epoch's, worker ids and fingerprints as long as
+//! real ones. Prints one JSON line: lease cycles per second and claim- and heartbeat-latency
+//! percentiles.
 //!
 //! By default the loop is closed with no pause (each simulated worker claims again the moment it
 //! completes): that measures the most cycles per second the coordinator can serve. With
@@ -37,6 +40,34 @@ struct Args {
     /// Mean simulated training time per lease, in milliseconds (0: a closed loop at full speed).
     #[arg(long, default_value_t = 0)]
     think_ms: u64,
+    /// While "training", heartbeat this often, in milliseconds, as real workers do every few
+    /// seconds (0: one heartbeat per lease).
+    #[arg(long, default_value_t = 0)]
+    heartbeat_ms: u64,
+}
+
+/// Test examples per result, as CIFAR-10's test set.
+const TEST_EXAMPLES: u32 = 10_000;
+
+/// A result's test hits and which examples they are, depending on the seed: about 93% right.
+fn correctness(seed: i64) -> (u32, Vec<u8>) {
+    let hits = 9_250 + (seed.wrapping_mul(7_919).rem_euclid(100)) as u32;
+    let mut bits = vec![0u8; TEST_EXAMPLES as usize / 8];
+    for i in 0..i64::from(TEST_EXAMPLES) {
+        if (i * 7_919 + seed.wrapping_mul(104_729)).rem_euclid(i64::from(TEST_EXAMPLES))
+            < i64::from(hits)
+        {
+            bits[i as usize / 8] |= 1 << (i % 8);
+        }
+    }
+    (hits, bits)
+}
+
+/// Latencies of one simulated worker's calls.
+#[derive(Default)]
+struct Latencies {
+    claims: Vec<Duration>,
+    heartbeats: Vec<Duration>,
 }
 
 async fn client(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
@@ -47,14 +78,14 @@ async fn client(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
     Ok(CoordinatorClient::new(channel))
 }
 
-/// One simulated worker: returns the claim latencies of its completed cycles.
-async fn simulate(
-    url: String,
-    n: usize,
-    epochs: u32,
-    think: Duration,
-    until: Instant,
-) -> anyhow::Result<Vec<Duration>> {
+/// One simulated worker: returns the latencies of its completed cycles' claims and of every
+/// heartbeat.
+async fn simulate(url: String, n: usize, args: Pace, until: Instant) -> anyhow::Result<Latencies> {
+    let Pace {
+        epochs,
+        think,
+        heartbeat,
+    } = args;
     let mut c = client(&url).await?;
     // A tiny per-worker generator (xorshift) spreads the think times, so the workers drift apart
     // instead of arriving in lockstep.
@@ -69,8 +100,13 @@ async fn simulate(
         // Start at a random point of a cycle, as a fleet that has been running a while does.
         tokio::time::sleep(think.mul_f64(uniform())).await;
     }
-    let worker_id = format!("loadgen-{n}");
-    let mut claims = Vec::new();
+    let worker_id = format!(
+        "gpu-node-{:04}.cluster.example.org/gpu{}-pid{}",
+        n / 8,
+        n % 8,
+        40_000 + n
+    );
+    let mut seen = Latencies::default();
     while Instant::now() < until {
         let started = Instant::now();
         let reply = c
@@ -88,49 +124,79 @@ async fn simulate(
             seed: l.seed,
             fence: l.fence,
         };
-        c.heartbeat(pb::HeartbeatRequest {
+        let beat = pb::HeartbeatRequest {
             lease: Some(lease.clone()),
             worker_id: worker_id.clone(),
-        })
-        .await?;
+        };
+        let at = Instant::now();
+        c.heartbeat(beat.clone()).await?;
+        seen.heartbeats.push(at.elapsed());
         if !think.is_zero() {
-            tokio::time::sleep(think.mul_f64(0.5 + uniform())).await;
+            let done = Instant::now() + think.mul_f64(0.5 + uniform());
+            while let Some(left) = done.checked_duration_since(Instant::now()) {
+                if heartbeat.is_zero() || left < heartbeat {
+                    tokio::time::sleep(left).await;
+                    break;
+                }
+                tokio::time::sleep(heartbeat).await;
+                let at = Instant::now();
+                c.heartbeat(beat.clone()).await?;
+                seen.heartbeats.push(at.elapsed());
+            }
         }
+        let (hits, bits) = correctness(lease.seed);
+        let accuracy = f64::from(hits) / f64::from(TEST_EXAMPLES);
+        let at_epoch = |epoch: u32| accuracy - 0.01 * f64::from(epochs - epoch);
         let metrics: Vec<_> = (1..=epochs)
             .map(|epoch| pb::EpochMetrics {
                 lease: Some(lease.clone()),
                 epoch,
-                train_loss: 1.0,
-                train_accuracy: 0.5,
-                test_loss: Some(1.0),
-                test_accuracy: Some(0.5),
+                train_loss: 1.0 / f64::from(epoch),
+                train_accuracy: 0.5 + 0.4 * f64::from(epoch) / f64::from(epochs),
+                test_loss: Some(0.3 + 0.1 * f64::from(epochs - epoch)),
+                test_accuracy: Some(at_epoch(epoch)),
                 test_top5: None,
                 val_loss: None,
                 val_accuracy: None,
-                lr: 0.1,
-                seconds: 1.0,
+                lr: 0.4 * (1.0 - f64::from(epoch) / f64::from(epochs)),
+                seconds: 2.5,
             })
             .collect();
+        // The final metrics are the last epoch's, as the coordinator checks.
+        let last = metrics
+            .last()
+            .context("--epochs must be at least 1")?
+            .clone();
         c.stream_epoch_metrics(tokio_stream::iter(metrics)).await?;
         c.complete_seed(pb::CompleteSeedRequest {
             lease: Some(lease),
             worker_id: worker_id.clone(),
-            test_accuracy: 0.5,
-            test_loss: 1.0,
-            train_loss: 1.0,
-            train_accuracy: 0.5,
+            test_accuracy: accuracy,
+            test_loss: last.test_loss.unwrap_or_default(),
+            train_loss: last.train_loss,
+            train_accuracy: last.train_accuracy,
             epochs,
-            seconds: 1.0,
-            device: "loadgen".into(),
-            data_fingerprint: "loadgen".into(),
+            seconds: 2.5 * f64::from(epochs),
+            device: "cuda:0 (NVIDIA H100 80GB HBM3, compute capability 9.0)".into(),
+            data_fingerprint: format!("sha256:{}", "3f".repeat(32)),
             precision: "fp32".into(),
             deterministic: true,
+            test_examples: TEST_EXAMPLES,
+            test_correct: bits,
             ..Default::default()
         })
         .await?;
-        claims.push(claim);
+        seen.claims.push(claim);
     }
-    Ok(claims)
+    Ok(seen)
+}
+
+/// How each simulated worker paces its cycle.
+#[derive(Clone, Copy)]
+struct Pace {
+    epochs: u32,
+    think: Duration,
+    heartbeat: Duration,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -146,30 +212,30 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut c = client(&args.coordinator).await?;
     let sweep = format!(
-        "name = \"loadgen\"\ntask = \"resnet9\"\ndataset = \"loadgen\"\nseeds = \"0..{}\"\n[train]\nepochs = {}\n",
+        "name = \"loadgen: resnet9 on cifar10, seed-variance study at fleet scale\"\ntask = \"resnet9\"\ndataset = \"loadgen\"\nseeds = \"0..{}\"\n[train]\nepochs = {}\n",
         args.seeds, args.epochs
     );
     c.submit_sweep(pb::SubmitSweepRequest { sweep_toml: sweep })
         .await?;
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(args.seconds);
+    let pace = Pace {
+        epochs: args.epochs,
+        think: Duration::from_millis(args.think_ms),
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+    };
     let tasks: Vec<_> = (0..args.workers)
-        .map(|n| {
-            tokio::spawn(simulate(
-                args.coordinator.clone(),
-                n,
-                args.epochs,
-                Duration::from_millis(args.think_ms),
-                until,
-            ))
-        })
+        .map(|n| tokio::spawn(simulate(args.coordinator.clone(), n, pace, until)))
         .collect();
-    let mut claims = Vec::new();
+    let (mut claims, mut beats) = (Vec::new(), Vec::new());
     for t in tasks {
-        claims.extend(t.await??);
+        let seen = t.await??;
+        claims.extend(seen.claims);
+        beats.extend(seen.heartbeats);
     }
     let elapsed = started.elapsed().as_secs_f64();
     claims.sort();
+    beats.sort();
     println!(
         "{}",
         serde_json::json!({
@@ -180,6 +246,10 @@ async fn main() -> anyhow::Result<()> {
             "cycles_per_second": claims.len() as f64 / elapsed,
             "claim_p50_ms": percentile(&claims, 0.5),
             "claim_p99_ms": percentile(&claims, 0.99),
+            "heartbeats": beats.len(),
+            "heartbeat_p50_ms": percentile(&beats, 0.5),
+            "heartbeat_p99_ms": percentile(&beats, 0.99),
+            "heartbeat_max_ms": percentile(&beats, 1.0),
         })
     );
     Ok(())

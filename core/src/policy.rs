@@ -323,14 +323,20 @@ pub fn check_sweep_change(
     Ok(())
 }
 
-/// Whether sweep `id`, now `current` with `design`, may take more seeds: not once cancelled,
-/// and never a crossed design, whose runs are the combinations of its factor seeds.
-pub fn check_extendable(id: SweepId, current: SweepState, design: &Design) -> Result<(), Refusal> {
+/// Whether sweep `id`, now `current`, may still take seeds: not once cancelled.
+pub fn check_open(id: SweepId, current: SweepState) -> Result<(), Refusal> {
     if current == SweepState::Cancelled {
         return Err(Refusal::Conflict(format!(
             "sweep {id} is cancelled: submit a new sweep instead"
         )));
     }
+    Ok(())
+}
+
+/// Whether sweep `id`, now `current` with `design`, may take more seeds: not once cancelled,
+/// and never a crossed design, whose runs are the combinations of its factor seeds.
+pub fn check_extendable(id: SweepId, current: SweepState, design: &Design) -> Result<(), Refusal> {
+    check_open(id, current)?;
     if design.is_crossed() {
         return Err(Refusal::Conflict(format!(
             "sweep {id} has a crossed design: its runs are every combination of its factor seeds, so it cannot be extended; submit another sweep"
@@ -339,15 +345,15 @@ pub fn check_extendable(id: SweepId, current: SweepState, design: &Design) -> Re
     Ok(())
 }
 
-/// A sweep extended to `total` seeds (`added` of them new) stays within [`MAX_SEEDS`]: the limit
-/// is on a sweep's total, not on each request, so repeated extensions cannot grow it without
-/// bound.
-pub fn check_sweep_size(id: SweepId, total: u64, added: u64) -> Result<(), Refusal> {
-    if total <= MAX_SEEDS {
+/// A sweep that holds `total` seeds may take `more`: the limit is [`MAX_SEEDS`] on a sweep's
+/// total, not on each request, so repeated extensions cannot grow it without bound. Seeds named
+/// again count too (checked before anything is written).
+pub fn check_sweep_size(id: SweepId, total: u64, more: u64) -> Result<(), Refusal> {
+    if total.saturating_add(more) <= MAX_SEEDS {
         return Ok(());
     }
     Err(Refusal::Conflict(format!(
-        "sweep {id} would hold {total} seeds with the {added} new ones; one sweep holds at most {MAX_SEEDS}: submit another sweep for the rest"
+        "sweep {id} holds {total} seeds and {more} more were named (seeds it already has count too); one sweep holds at most {MAX_SEEDS}: submit another sweep for the rest"
     )))
 }
 
@@ -512,8 +518,9 @@ mod tests {
     #[test]
     fn a_sweep_total_stays_within_the_limit() {
         let id = SweepId::new();
-        assert!(check_sweep_size(id, MAX_SEEDS, 5).is_ok());
-        let Err(Refusal::Conflict(msg)) = check_sweep_size(id, MAX_SEEDS + 1, 5) else {
+        assert!(check_sweep_size(id, MAX_SEEDS - 5, 5).is_ok());
+        assert!(check_sweep_size(id, MAX_SEEDS, 0).is_ok());
+        let Err(Refusal::Conflict(msg)) = check_sweep_size(id, MAX_SEEDS - 4, 5) else {
             panic!("a sweep past the limit")
         };
         assert!(msg.contains("at most 10000000"), "{msg}");

@@ -621,6 +621,69 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
     assert!((epochs.1 - two.iter().sum::<f64>() / two.len() as f64).abs() < 1e-12);
 }
 
+/// Big sweeps load in batches: a load in progress is hidden from claims and listings, a whole
+/// sweep is all there once created, extensions count into the total and are refused up front
+/// past the limit, and the next submission deletes a load abandoned long ago.
+async fn loading(s: Arc<dyn Store>, clock: Clock) {
+    let s = s.as_ref();
+    let n = store::LOAD_BATCH * 2 + 7;
+    let big = spec(&format!("\"0..{n}\""), 1);
+    let stuck = SweepId::new();
+    s.begin_sweep(stuck, &big, &big.seeds.as_slice()[..10])
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.claim("w", TTL).await.unwrap(),
+        ClaimOutcome::Empty { outstanding: 0 }
+    ));
+    assert!(s.list_sweeps().await.unwrap().is_empty());
+    let one = SeedSet::parse_range("0..1").unwrap();
+    assert!(matches!(
+        s.extend_sweep(stuck, &one).await,
+        Err(StoreError::SweepNotFound(_))
+    ));
+
+    let id = SweepId::new();
+    s.create_sweep(id, &big).await.unwrap();
+    let listed = s.list_sweeps().await.unwrap();
+    assert_eq!(
+        (listed.len(), listed[0].id, listed[0].total),
+        (1, id, n as u64)
+    );
+    assert_eq!(s.sweep_progress(id).await.unwrap().counts.pending, n as u64);
+    assert_eq!(claim(s, "w").await.lease.seed, 0);
+
+    // An extension overlapping the sweep adds only what is new, batch by batch.
+    let more = SeedSet::parse_range(&format!("{}..{}", n - 5, n + store::LOAD_BATCH + 3)).unwrap();
+    assert_eq!(
+        s.extend_sweep(id, &more).await.unwrap(),
+        store::LOAD_BATCH as u64 + 3
+    );
+    let total = (n + store::LOAD_BATCH + 3) as u64;
+    assert_eq!(s.list_sweeps().await.unwrap()[0].total, total);
+    let past = SeedSet::parse_range(&format!("0..{}", seedsweep_core::spec::MAX_SEEDS)).unwrap();
+    let Err(StoreError::Conflict(msg)) = s.extend_sweep(id, &past).await else {
+        panic!("an extension past the limit")
+    };
+    assert!(msg.contains("at most 10000000"), "{msg}");
+    assert_eq!(s.list_sweeps().await.unwrap()[0].total, total);
+
+    // The stuck load is deleted by a submission once it has been still for ten minutes.
+    s.create_sweep(SweepId::new(), &spec("[1]", 1))
+        .await
+        .unwrap();
+    assert!(s.sweep_config(stuck).await.is_ok());
+    clock.advance(Duration::from_secs(601));
+    s.create_sweep(SweepId::new(), &spec("[1]", 1))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.sweep_config(stuck).await,
+        Err(StoreError::SweepNotFound(_))
+    ));
+    assert_eq!(s.list_sweeps().await.unwrap().len(), 3);
+}
+
 /// `hits` of 10,000 test examples marked right, which ones depending on the seed.
 fn bitmap(seed: i64, hits: u32) -> Vec<u8> {
     let mut bits = vec![0u8; 1250];
@@ -683,6 +746,11 @@ async fn run_retries_and_control(url: String) {
     retries_and_control(s, clock).await;
 }
 
+async fn run_loading(url: String) {
+    let (s, clock) = open(&url).await;
+    loading(s, clock).await;
+}
+
 async fn run_concurrent_claims(url: String) {
     concurrent_claims(open(&url).await.0).await;
 }
@@ -717,6 +785,7 @@ conformance!(
     retries_and_control => run_retries_and_control,
     concurrent_claims => run_concurrent_claims,
     live_aggregates => run_live_aggregates,
+    loading => run_loading,
 );
 
 #[tokio::test]

@@ -19,6 +19,7 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
+use seedsweep_core::design::Design;
 use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, LeaseRef,
     Metric, Scored, SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
@@ -156,8 +157,46 @@ impl Availability {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Creates the sweep and all of its seeds (pending) in one transaction.
-    async fn create_sweep(&self, id: SweepId, spec: &SweepSpec) -> Result<()>;
+    /// Creates the sweep and its seeds (pending), [`LOAD_BATCH`] seeds a transaction so that a
+    /// big submission never holds the database for long. The sweep is hidden from claims and
+    /// listings until its last seed is in; a load that fails part-way is deleted.
+    async fn create_sweep(&self, id: SweepId, spec: &SweepSpec) -> Result<()> {
+        let seeds = spec.seeds.as_slice();
+        let (first, rest) = seeds.split_at(seeds.len().min(LOAD_BATCH));
+        self.begin_sweep(id, spec, first).await?;
+        let loaded = async {
+            for batch in rest.chunks(LOAD_BATCH) {
+                self.load_seeds(id, &spec.design, batch, false).await?;
+            }
+            self.end_loading(id).await
+        };
+        if let Err(e) = loaded.await {
+            if let Err(cleanup) = self.discard_load(id).await {
+                tracing::warn!(sweep = %id, error = %cleanup, "could not delete a sweep whose seeds did not all load; the next submission deletes it");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+    /// Inserts a sweep, hidden while loading, with the first batch of its seeds; first deletes
+    /// loads abandoned [`ABANDONED_LOAD`] ago.
+    async fn begin_sweep(&self, id: SweepId, spec: &SweepSpec, first: &[i64]) -> Result<()>;
+    /// Inserts one batch of a sweep's seeds (those it does not have yet) in one transaction;
+    /// `grow`: count them into `total_seeds` (an extension), refusing past [`MAX_SEEDS`] or
+    /// when the sweep is cancelled. Returns how many were new.
+    ///
+    /// [`MAX_SEEDS`]: seedsweep_core::spec::MAX_SEEDS
+    async fn load_seeds(
+        &self,
+        id: SweepId,
+        design: &Design,
+        seeds: &[i64],
+        grow: bool,
+    ) -> Result<u64>;
+    /// Shows a loaded sweep to claims and listings.
+    async fn end_loading(&self, id: SweepId) -> Result<()>;
+    /// Deletes a sweep that is still loading.
+    async fn discard_load(&self, id: SweepId) -> Result<()>;
     async fn list_sweeps(&self) -> Result<Vec<SweepSummary>>;
     /// The sweep's resolved settings as stored (`sweeps.config`, JSON).
     async fn sweep_config(&self, id: SweepId) -> Result<String>;
@@ -263,9 +302,32 @@ pub trait Store: Send + Sync + 'static {
     /// Pauses, resumes or cancels a sweep. Cancelling ends every unfinished seed (held leases are
     /// refused at their next write) and is final.
     async fn set_sweep_state(&self, id: SweepId, state: SweepState) -> Result<()>;
-    /// Adds seeds to a sweep; seeds it already has are left as they are. Returns how many were added.
-    async fn extend_sweep(&self, id: SweepId, seeds: &SeedSet) -> Result<u64>;
+    /// Adds seeds to a sweep; seeds it already has are left as they are. Returns how many were
+    /// added. [`LOAD_BATCH`] seeds a transaction, each counted into the sweep's total as it
+    /// commits: an extension that fails part-way keeps the batches that went in, and repeating
+    /// it adds the rest. Refused up front when the sweep's seeds and those named could exceed
+    /// [`MAX_SEEDS`](seedsweep_core::spec::MAX_SEEDS).
+    async fn extend_sweep(&self, id: SweepId, seeds: &SeedSet) -> Result<u64> {
+        let (design, total) = self.extendable(id).await?;
+        let named = seeds.as_slice();
+        policy::check_sweep_size(id, total, named.len() as u64)?;
+        let mut added = 0;
+        for batch in named.chunks(LOAD_BATCH) {
+            added += self.load_seeds(id, &design, batch, true).await?;
+        }
+        Ok(added)
+    }
+    /// The design and seed count of a sweep that may take more seeds
+    /// ([`policy::check_extendable`]).
+    async fn extendable(&self, id: SweepId) -> Result<(Design, u64)>;
 }
+
+/// Seeds inserted per transaction when a sweep is created or extended: a few tens of
+/// milliseconds of the database at a time, so leases and heartbeats go on meanwhile.
+pub const LOAD_BATCH: usize = 5_000;
+
+/// A sweep still loading whose last batch is this old was abandoned (its coordinator died).
+pub(crate) const ABANDONED_LOAD: Duration = Duration::from_secs(600);
 
 /// The store's notion of "now": the database clock plus an offset that tests advance to make
 /// leases expire and backoffs pass without sleeping. Clones share the offset.
@@ -361,7 +423,7 @@ pub fn redact_url(url: &str) -> String {
 /// [`Store::fleet_counts`]' seed counts, the same in both dialects.
 pub(crate) const FLEET_SEEDS: &str = "SELECT w.id AS sweep_id, w.name, s.state, count(*) AS n
      FROM sweeps w JOIN seeds s ON s.sweep_id = w.id
-     WHERE w.state <> 'cancelled'
+     WHERE w.state <> 'cancelled' AND w.loading_at IS NULL
      GROUP BY w.id, w.name, s.state
      ORDER BY w.id, s.state";
 
@@ -600,17 +662,23 @@ where
     ))
 }
 
-/// The tallies of a sweep's results from their bitmaps, one per test-set size (for results
-/// recorded before the store kept tallies).
-pub(crate) fn tally_bitmaps(bitmaps: impl IntoIterator<Item = Correctness>) -> Vec<TestSetTally> {
-    let mut by_size: std::collections::BTreeMap<u32, TestSetTally> = Default::default();
-    for c in bitmaps {
-        by_size
+/// A sweep's test-set tallies built from its results' bitmaps one at a time, one per
+/// test-set size (for results recorded before the store kept tallies: memory bounded by the
+/// tallies, however many bitmaps stream past).
+#[derive(Default)]
+pub(crate) struct Tallies(std::collections::BTreeMap<u32, TestSetTally>);
+
+impl Tallies {
+    pub(crate) fn add(&mut self, c: &Correctness) {
+        self.0
             .entry(c.examples)
             .or_insert_with(|| TestSetTally::new(c.examples))
             .add(&c.bits);
     }
-    by_size.into_values().collect()
+
+    pub(crate) fn into_vec(self) -> Vec<TestSetTally> {
+        self.0.into_values().collect()
+    }
 }
 
 /// The SELECT of [`Store::scores`] for `metric`, with `seq` the recording position's expression.

@@ -4,12 +4,12 @@
 //! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
 use super::{
-    AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, FINISHED_EPOCHS, FLEET_SEEDS,
-    Result, Store, StoreError, TEST_SET_COLUMNS, aggregate_from_row, aggregate_upsert,
-    bind_test_set, bitmap_from_row, design_from_config, epoch_from_row, epoch_score_from_row,
-    epoch_scores_sql, epoch_value_from_row, epoch_values_sql, epoch_values_upsert,
-    factors_from_row, lease_config, next_state, result_from_row, scores_sql, seed_rows,
-    state_from_db, sweep_state_from_db, tally_bitmaps, task_from_db, test_set_from_row,
+    ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS,
+    FINISHED_EPOCHS, FLEET_SEEDS, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies,
+    aggregate_from_row, aggregate_upsert, bind_test_set, bitmap_from_row, design_from_config,
+    epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
+    epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row, scores_sql,
+    seed_rows, state_from_db, sweep_state_from_db, task_from_db, test_set_from_row,
     test_set_upsert, u64_from_db,
 };
 use async_trait::async_trait;
@@ -22,13 +22,14 @@ use seedsweep_core::domain::{
 use seedsweep_core::policy::{
     self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
 };
-use seedsweep_core::spec::{SeedSet, SweepSpec};
+use seedsweep_core::spec::SweepSpec;
 use seedsweep_core::stats::noise::TestSetTally;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use std::str::FromStr;
 use std::sync::LazyLock;
 use std::time::Duration;
+use tokio_stream::StreamExt;
 
 /// The completion's upserts in this dialect, built once.
 static AGGREGATE_UPSERT: LazyLock<String> = LazyLock::new(|| aggregate_upsert(Dialect::Postgres));
@@ -52,7 +53,7 @@ const SUMMARY: &str = concat!(
     iso!("w.created_at"),
     " AS created_at, w.state, w.priority, w.total_seeds,
         (SELECT count(*) FROM seeds s WHERE s.sweep_id = w.id AND s.state = 'done') AS done
-     FROM sweeps w"
+     FROM sweeps w WHERE w.loading_at IS NULL"
 );
 
 pub struct PgStore {
@@ -96,12 +97,22 @@ impl PgStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-            let bitmaps = bitmaps(&mut *tx, SweepId(id)).await?;
             sqlx::query("DELETE FROM test_sets WHERE sweep_id = $1")
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
-            for tally in tally_bitmaps(bitmaps.into_iter().map(|(_, c)| c)) {
+            let mut tallies = Tallies::default();
+            let mut rows = sqlx::query(
+                "SELECT seed, test_examples::bigint AS test_examples, test_correct FROM results
+                 WHERE sweep_id = $1 AND test_correct IS NOT NULL",
+            )
+            .bind(id)
+            .fetch(&mut *tx);
+            while let Some(row) = rows.next().await {
+                tallies.add(&bitmap_from_row(&row?)?.1);
+            }
+            drop(rows);
+            for tally in tallies.into_vec() {
                 let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(id);
                 bind_test_set(upsert, &tally).execute(&mut *tx).await?;
             }
@@ -145,7 +156,7 @@ impl PgStore {
     }
 
     async fn summary(&self, id: SweepId) -> Result<SweepSummary> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SUMMARY} WHERE w.id = $1")))
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SUMMARY} AND w.id = $1")))
             .bind(id.0)
             .fetch_optional(&self.pool)
             .await?
@@ -241,7 +252,8 @@ impl PgStore {
         let claimed = sqlx::query(
             "WITH next AS (
                  SELECT c.sweep_id, c.seed
-                 FROM (SELECT id FROM sweeps WHERE state = 'active' ORDER BY priority DESC, seq) w
+                 FROM (SELECT id FROM sweeps WHERE state = 'active' AND loading_at IS NULL
+                       ORDER BY priority DESC, seq) w
                  CROSS JOIN LATERAL (
                      SELECT sweep_id, seed FROM seeds
                      WHERE sweep_id = w.id AND state = 'pending'
@@ -264,7 +276,7 @@ impl PgStore {
         let Some(row) = claimed else {
             let outstanding: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
-                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active'",
+                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active' AND w.loading_at IS NULL",
             )
             .fetch_one(&mut *tx)
             .await?;
@@ -443,12 +455,18 @@ async fn lock_sweep(tx: &mut Transaction<'_, Postgres>, id: SweepId) -> Result<O
 
 #[async_trait]
 impl Store for PgStore {
-    async fn create_sweep(&self, id: SweepId, spec: &SweepSpec) -> Result<()> {
+    async fn begin_sweep(&self, id: SweepId, spec: &SweepSpec, first: &[i64]) -> Result<()> {
+        sqlx::query("DELETE FROM sweeps WHERE loading_at < now() + make_interval(secs => $1)")
+            .bind(self.skew() - ABANDONED_LOAD.as_secs_f64())
+            .execute(&self.pool)
+            .await?;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO sweeps (id, name, task, dataset, config, max_attempts, total_seeds,
-                                 retry_backoff_seconds, retry_backoff_max_seconds, priority)
-             VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10)",
+                                 retry_backoff_seconds, retry_backoff_max_seconds, priority,
+                                 loading_at)
+             VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10,
+                     now() + make_interval(secs => $11))",
         )
         .bind(id.0)
         .bind(&spec.name)
@@ -460,13 +478,83 @@ impl Store for PgStore {
         .bind(spec.retry.base_seconds)
         .bind(spec.retry.max_seconds)
         .bind(spec.priority)
+        .bind(self.skew())
         .execute(&mut *tx)
         .await?;
-        insert_seeds(&mut tx, id, spec.seeds.as_slice(), &spec.design).await?;
+        insert_seeds(&mut tx, id, first, &spec.design).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn load_seeds(
+        &self,
+        id: SweepId,
+        design: &Design,
+        seeds: &[i64],
+        grow: bool,
+    ) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT state, total_seeds FROM sweeps WHERE id = $1 FOR UPDATE")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return abort(tx, StoreError::SweepNotFound(id)).await;
+        };
+        let total = u64_from_db(row.try_get("total_seeds")?);
+        let checked =
+            policy::check_open(id, sweep_state_from_db(row.try_get("state")?)?).and_then(|()| {
+                policy::check_sweep_size(id, total, if grow { seeds.len() as u64 } else { 0 })
+            });
+        if let Err(refusal) = checked {
+            return abort(tx, refusal.into()).await;
+        }
+        let added = insert_seeds(&mut tx, id, seeds, design).await?;
+        sqlx::query(
+            "UPDATE sweeps SET total_seeds = total_seeds + $2,
+                 loading_at = CASE WHEN loading_at IS NULL THEN NULL
+                                   ELSE now() + make_interval(secs => $3) END
+             WHERE id = $1",
+        )
+        .bind(id.0)
+        .bind(if grow { added as i64 } else { 0 })
+        .bind(self.skew())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(added)
+    }
+
+    async fn end_loading(&self, id: SweepId) -> Result<()> {
+        sqlx::query("UPDATE sweeps SET loading_at = NULL WHERE id = $1")
+            .bind(id.0)
+            .execute(&self.pool)
+            .await?;
         // Fresh statistics, so the claim's plan does not wait for autovacuum to notice a big sweep.
         sqlx::query("ANALYZE seeds").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn discard_load(&self, id: SweepId) -> Result<()> {
+        sqlx::query("DELETE FROM sweeps WHERE id = $1 AND loading_at IS NOT NULL")
+            .bind(id.0)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn extendable(&self, id: SweepId) -> Result<(Design, u64)> {
+        let row = sqlx::query(
+            "SELECT state, config::text AS config, total_seeds FROM sweeps
+             WHERE id = $1 AND loading_at IS NULL",
+        )
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::SweepNotFound(id))?;
+        let design = design_from_config(row.try_get("config")?)?;
+        policy::check_extendable(id, sweep_state_from_db(row.try_get("state")?)?, &design)?;
+        Ok((design, u64_from_db(row.try_get("total_seeds")?)))
     }
 
     async fn list_sweeps(&self) -> Result<Vec<SweepSummary>> {
@@ -982,34 +1070,6 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(())
-    }
-
-    async fn extend_sweep(&self, id: SweepId, seeds: &SeedSet) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        let Some(current) = lock_sweep(&mut tx, id).await? else {
-            return abort(tx, StoreError::SweepNotFound(id)).await;
-        };
-        let config: String = sqlx::query_scalar("SELECT config::text FROM sweeps WHERE id = $1")
-            .bind(id.0)
-            .fetch_one(&mut *tx)
-            .await?;
-        let design = design_from_config(&config)?;
-        if let Err(refusal) = policy::check_extendable(id, current, &design) {
-            return abort(tx, refusal.into()).await;
-        }
-        let added = insert_seeds(&mut tx, id, seeds.as_slice(), &design).await?;
-        let total: i64 = sqlx::query_scalar(
-            "UPDATE sweeps SET total_seeds = (SELECT count(*) FROM seeds WHERE sweep_id = $1) WHERE id = $1
-             RETURNING total_seeds",
-        )
-        .bind(id.0)
-        .fetch_one(&mut *tx)
-        .await?;
-        if let Err(refusal) = policy::check_sweep_size(id, u64_from_db(total), added) {
-            return abort(tx, refusal.into()).await;
-        }
-        tx.commit().await?;
-        Ok(added)
     }
 }
 

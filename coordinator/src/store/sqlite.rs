@@ -3,13 +3,13 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, FLEET_SEEDS, Result, Store,
-    StoreError, TEST_SET_COLUMNS, aggregate_from_row, aggregate_upsert, bind_test_set,
-    bitmap_from_row, design_from_config, epoch_from_row, epoch_score_from_row, epoch_scores_sql,
-    epoch_value_from_row, epoch_values_sql, epoch_values_upsert, factors_from_row, lease_config,
-    next_state, result_from_row, scored_from_row, scores_sql, seed_rows, state_from_db,
-    sweep_state_from_db, tally_bitmaps, task_from_db, test_set_from_row, test_set_upsert,
-    u64_from_db,
+    ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, FLEET_SEEDS,
+    Result, Store, StoreError, TEST_SET_COLUMNS, Tallies, aggregate_from_row, aggregate_upsert,
+    bind_test_set, bitmap_from_row, design_from_config, epoch_from_row, epoch_score_from_row,
+    epoch_scores_sql, epoch_value_from_row, epoch_values_sql, epoch_values_upsert,
+    factors_from_row, lease_config, next_state, result_from_row, scored_from_row, scores_sql,
+    seed_rows, state_from_db, sweep_state_from_db, task_from_db, test_set_from_row,
+    test_set_upsert, u64_from_db,
 };
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
@@ -21,7 +21,7 @@ use seedsweep_core::domain::{
 use seedsweep_core::policy::{
     self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
 };
-use seedsweep_core::spec::{SeedSet, SweepSpec};
+use seedsweep_core::spec::SweepSpec;
 use seedsweep_core::stats::noise::TestSetTally;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -30,6 +30,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use std::str::FromStr;
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
+use tokio_stream::StreamExt;
 use uuid::Uuid;
 
 /// The completion's upserts in this dialect, built once.
@@ -41,7 +42,7 @@ static TEST_SET_UPSERT: LazyLock<String> = LazyLock::new(|| test_set_upsert(Dial
 const SUMMARY: &str = "SELECT w.id, w.name, w.task, w.dataset, w.created_at, w.state, w.priority,
         w.total_seeds,
         (SELECT count(*) FROM seeds s WHERE s.sweep_id = w.id AND s.state = 'done') AS done
-    FROM sweeps w";
+    FROM sweeps w WHERE w.loading_at IS NULL";
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -81,12 +82,22 @@ impl SqliteStore {
             .await?;
         for id in pending {
             let mut tx = self.pool.begin().await?;
-            let bitmaps = bitmaps(&mut *tx, &id).await?;
             sqlx::query("DELETE FROM test_sets WHERE sweep_id = ?1")
                 .bind(&id)
                 .execute(&mut *tx)
                 .await?;
-            for tally in tally_bitmaps(bitmaps.into_iter().map(|(_, c)| c)) {
+            let mut tallies = Tallies::default();
+            let mut rows = sqlx::query(
+                "SELECT seed, test_examples, test_correct FROM results
+                 WHERE sweep_id = ?1 AND test_correct IS NOT NULL",
+            )
+            .bind(&id)
+            .fetch(&mut *tx);
+            while let Some(row) = rows.next().await {
+                tallies.add(&bitmap_from_row(&row?)?.1);
+            }
+            drop(rows);
+            for tally in tallies.into_vec() {
                 let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(&id);
                 bind_test_set(upsert, &tally).execute(&mut *tx).await?;
             }
@@ -137,7 +148,7 @@ impl SqliteStore {
     }
 
     async fn summary(&self, id: SweepId) -> Result<SweepSummary> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SUMMARY} WHERE w.id = ?1")))
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SUMMARY} AND w.id = ?1")))
             .bind(id.0.to_string())
             .fetch_optional(&self.pool)
             .await?
@@ -225,7 +236,8 @@ impl SqliteStore {
         // searches only. (Written as one statement with EXISTS, SQLite's planner scanned the
         // seeds table, ~30 ms per claim per 100,000 seeds.)
         let sweeps: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM sweeps WHERE state = 'active' ORDER BY priority DESC, seq",
+            "SELECT id FROM sweeps WHERE state = 'active' AND loading_at IS NULL
+             ORDER BY priority DESC, seq",
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -254,7 +266,7 @@ impl SqliteStore {
         let Some(row) = claimed else {
             let outstanding: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
-                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active'",
+                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active' AND w.loading_at IS NULL",
             )
             .fetch_one(&mut *tx)
             .await?;
@@ -457,13 +469,18 @@ async fn insert_seeds(
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn create_sweep(&self, id: SweepId, spec: &SweepSpec) -> Result<()> {
+    async fn begin_sweep(&self, id: SweepId, spec: &SweepSpec, first: &[i64]) -> Result<()> {
+        sqlx::query("DELETE FROM sweeps WHERE loading_at < ?1")
+            .bind(stamp(self.instant() - ABANDONED_LOAD, 0.0))
+            .execute(&self.pool)
+            .await?;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO sweeps (id, seq, name, task, dataset, config, max_attempts, total_seeds,
-                                 retry_backoff_seconds, retry_backoff_max_seconds, priority)
+                                 retry_backoff_seconds, retry_backoff_max_seconds, priority,
+                                 loading_at)
              VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM sweeps), ?2, ?3, ?4, ?5, ?6, ?7,
-                     ?8, ?9, ?10)",
+                     ?8, ?9, ?10, ?11)",
         )
         .bind(id.0.to_string())
         .bind(&spec.name)
@@ -475,11 +492,78 @@ impl Store for SqliteStore {
         .bind(spec.retry.base_seconds)
         .bind(spec.retry.max_seconds)
         .bind(spec.priority as i64)
+        .bind(self.now())
         .execute(&mut *tx)
         .await?;
-        insert_seeds(&mut tx, id, spec.seeds.as_slice(), &spec.design).await?;
+        insert_seeds(&mut tx, id, first, &spec.design).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn load_seeds(
+        &self,
+        id: SweepId,
+        design: &Design,
+        seeds: &[i64],
+        grow: bool,
+    ) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT state, total_seeds FROM sweeps WHERE id = ?1")
+            .bind(id.0.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return abort(tx, StoreError::SweepNotFound(id)).await;
+        };
+        let total = u64_from_db(row.try_get("total_seeds")?);
+        let more = if grow { seeds.len() as u64 } else { 0 };
+        let checked = policy::check_open(id, sweep_state_from_db(row.try_get("state")?)?)
+            .and_then(|()| policy::check_sweep_size(id, total, more));
+        if let Err(refusal) = checked {
+            return abort(tx, refusal.into()).await;
+        }
+        let added = insert_seeds(&mut tx, id, seeds, design).await?;
+        sqlx::query(
+            "UPDATE sweeps SET total_seeds = total_seeds + ?2,
+                 loading_at = CASE WHEN loading_at IS NULL THEN NULL ELSE ?3 END
+             WHERE id = ?1",
+        )
+        .bind(id.0.to_string())
+        .bind(if grow { added as i64 } else { 0 })
+        .bind(self.now())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(added)
+    }
+
+    async fn end_loading(&self, id: SweepId) -> Result<()> {
+        sqlx::query("UPDATE sweeps SET loading_at = NULL WHERE id = ?1")
+            .bind(id.0.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn discard_load(&self, id: SweepId) -> Result<()> {
+        sqlx::query("DELETE FROM sweeps WHERE id = ?1 AND loading_at IS NOT NULL")
+            .bind(id.0.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn extendable(&self, id: SweepId) -> Result<(Design, u64)> {
+        let row = sqlx::query(
+            "SELECT state, config, total_seeds FROM sweeps WHERE id = ?1 AND loading_at IS NULL",
+        )
+        .bind(id.0.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::SweepNotFound(id))?;
+        let design = design_from_config(row.try_get("config")?)?;
+        policy::check_extendable(id, sweep_state_from_db(row.try_get("state")?)?, &design)?;
+        Ok((design, u64_from_db(row.try_get("total_seeds")?)))
     }
 
     async fn list_sweeps(&self) -> Result<Vec<SweepSummary>> {
@@ -909,35 +993,6 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
-    }
-
-    async fn extend_sweep(&self, id: SweepId, seeds: &SeedSet) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT state, config FROM sweeps WHERE id = ?1")
-            .bind(id.0.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else {
-            return abort(tx, StoreError::SweepNotFound(id)).await;
-        };
-        let current = sweep_state_from_db(row.try_get("state")?)?;
-        let design = design_from_config(row.try_get("config")?)?;
-        if let Err(refusal) = policy::check_extendable(id, current, &design) {
-            return abort(tx, refusal.into()).await;
-        }
-        let added = insert_seeds(&mut tx, id, seeds.as_slice(), &design).await?;
-        let total: i64 = sqlx::query_scalar(
-            "UPDATE sweeps SET total_seeds = (SELECT count(*) FROM seeds WHERE sweep_id = ?1) WHERE id = ?1
-             RETURNING total_seeds",
-        )
-        .bind(id.0.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
-        if let Err(refusal) = policy::check_sweep_size(id, u64_from_db(total), added) {
-            return abort(tx, refusal.into()).await;
-        }
-        tx.commit().await?;
-        Ok(added)
     }
 }
 
