@@ -350,7 +350,7 @@ async fn run(
                 }
             };
             print!("{out}");
-            if !out.ends_with('\n') {
+            if !out.is_empty() && !out.ends_with('\n') {
                 println!();
             }
         }

@@ -171,96 +171,145 @@ pub async fn list(coordinator: &Connection, json: bool) -> anyhow::Result<String
 /// Rows asked for per page of a listing (the server's most are 10,000 results, 50,000 epochs).
 const PAGE: u32 = 5_000;
 
-/// Every result of sweep `id`, a page at a time.
-async fn all_results(client: &mut Client, id: &str) -> anyhow::Result<Vec<pb::SeedResult>> {
-    let mut rows = Vec::new();
-    let mut after_seed = None;
-    loop {
-        let page = client
-            .list_results(pb::ListResultsRequest {
-                sweep_id: id.to_string(),
-                page_size: PAGE,
-                after_seed,
-            })
-            .await
-            .map_err(rpc)?
-            .into_inner();
-        rows.extend(page.results);
-        match page.next_after_seed {
-            Some(seed) => after_seed = Some(seed),
-            None => return Ok(rows),
-        }
-    }
-}
-
-/// Every epoch row of sweep `id`, a page at a time.
-async fn all_epochs(client: &mut Client, id: &str) -> anyhow::Result<Vec<pb::EpochRow>> {
-    let mut rows = Vec::new();
+/// Calls `each` with every page of a listing, in order: `fetch(after)` reads the page after a
+/// key (the first page when None) and returns its rows with the next page's key, if any. Only
+/// one page is in memory at a time.
+async fn for_each_page<K, T, Fut>(
+    mut fetch: impl FnMut(Option<K>) -> Fut,
+    mut each: impl FnMut(Vec<T>) -> anyhow::Result<()>,
+) -> anyhow::Result<()>
+where
+    Fut: std::future::Future<Output = anyhow::Result<(Vec<T>, Option<K>)>>,
+{
     let mut after = None;
     loop {
-        let page = client
-            .list_epoch_metrics(pb::ListEpochMetricsRequest {
-                sweep_id: id.to_string(),
-                page_size: PAGE * 10,
-                after,
-            })
-            .await
-            .map_err(rpc)?
-            .into_inner();
-        rows.extend(page.rows);
-        match page.next_after {
+        let (rows, next) = fetch(after).await?;
+        each(rows)?;
+        match next {
             Some(key) => after = Some(key),
-            None => return Ok(rows),
+            None => return Ok(()),
         }
     }
 }
 
+/// Every result of sweep `id`, in seed order, a page at a time.
+async fn result_pages(
+    client: &Client,
+    id: &str,
+    each: impl FnMut(Vec<pb::SeedResult>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let fetch = |after_seed| {
+        let (mut client, sweep_id) = (client.clone(), id.to_string());
+        async move {
+            let req = pb::ListResultsRequest {
+                sweep_id,
+                page_size: PAGE,
+                after_seed,
+            };
+            let page = client.list_results(req).await.map_err(rpc)?.into_inner();
+            Ok((page.results, page.next_after_seed))
+        }
+    };
+    for_each_page(fetch, each).await
+}
+
+/// Every epoch row of sweep `id`, by seed and epoch, a page at a time.
+async fn epoch_pages(
+    client: &Client,
+    id: &str,
+    each: impl FnMut(Vec<pb::EpochRow>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let fetch = |after| {
+        let (mut client, sweep_id) = (client.clone(), id.to_string());
+        async move {
+            let req = pb::ListEpochMetricsRequest {
+                sweep_id,
+                page_size: PAGE * 10,
+                after,
+            };
+            let page = client
+                .list_epoch_metrics(req)
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            Ok((page.rows, page.next_after))
+        }
+    };
+    for_each_page(fetch, each).await
+}
+
+/// Prints a sweep's results to stdout a page at a time (a table, or a JSON array of objects).
 pub async fn results(coordinator: &Connection, id: &str, json: bool) -> anyhow::Result<String> {
-    let mut client = coordinator.connect().await?;
-    let rows = all_results(&mut client, id).await?;
+    use std::io::Write;
+    let client = coordinator.connect().await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut first = true;
     if json {
-        let v: Vec<_> = rows
-            .iter()
-            .map(|r| serde_json::json!({"seed": r.seed, "test_accuracy": r.test_accuracy, "test_loss": r.test_loss,
-                "train_loss": r.train_loss, "train_accuracy": r.train_accuracy, "epochs": r.epochs,
-                "seconds": r.seconds, "worker_id": r.worker_id, "device": r.device,
-                "data_fingerprint": r.data_fingerprint, "finished_at": r.finished_at,
-                "precision": r.precision, "deterministic": r.deterministic,
-                "init_seed": r.factors.map(|f| f.init), "order_seed": r.factors.map(|f| f.order),
-                "augment_seed": r.factors.map(|f| f.augment), "split_seed": r.factors.map(|f| f.split),
-                "test_top5": r.test_top5, "val_loss": r.val_loss, "val_accuracy": r.val_accuracy}))
-            .collect();
-        return Ok(serde_json::to_string_pretty(&v)?);
+        out.write_all(b"[")?;
+    } else {
+        out.write_all(result_line(None).as_bytes())?;
     }
-    let mut out = format!(
-        "{:>8}  {:>9}  {:>9}  {:>10}  {:>6}  {:>8}  {:>20}  {}\n",
-        "SEED",
-        "TEST_ACC",
-        "TEST_LOSS",
-        "TRAIN_LOSS",
-        "EPOCHS",
-        "SECONDS",
-        "INIT/ORDER/AUGMENT",
-        "WORKER"
-    );
-    for r in rows {
-        let factors = r
-            .factors
-            .map(|f| format!("{}/{}/{}", f.init, f.order, f.augment))
-            .unwrap_or_default();
-        out += &format!(
-            "{:>8}  {:>9.4}  {:>9.4}  {:>10.4}  {:>6}  {:>8.1}  {:>20}  {}\n",
-            r.seed,
-            r.test_accuracy,
-            r.test_loss,
-            r.train_loss,
-            r.epochs,
-            r.seconds,
-            factors,
-            r.worker_id
+    result_pages(&client, id, |rows| {
+        for r in &rows {
+            if json {
+                let sep = if first { "\n  " } else { ",\n  " };
+                write!(out, "{sep}{}", result_json(r))?;
+            } else {
+                out.write_all(result_line(Some(r)).as_bytes())?;
+            }
+            first = false;
+        }
+        Ok(())
+    })
+    .await?;
+    if json {
+        out.write_all(if first { b"]\n" } else { b"\n]\n" })?;
+    }
+    out.flush()?;
+    Ok(String::new())
+}
+
+fn result_json(r: &pb::SeedResult) -> serde_json::Value {
+    serde_json::json!({"seed": r.seed, "test_accuracy": r.test_accuracy, "test_loss": r.test_loss,
+        "train_loss": r.train_loss, "train_accuracy": r.train_accuracy, "epochs": r.epochs,
+        "seconds": r.seconds, "worker_id": r.worker_id, "device": r.device,
+        "data_fingerprint": r.data_fingerprint, "finished_at": r.finished_at,
+        "precision": r.precision, "deterministic": r.deterministic,
+        "init_seed": r.factors.map(|f| f.init), "order_seed": r.factors.map(|f| f.order),
+        "augment_seed": r.factors.map(|f| f.augment), "split_seed": r.factors.map(|f| f.split),
+        "test_top5": r.test_top5, "val_loss": r.val_loss, "val_accuracy": r.val_accuracy})
+}
+
+/// One line of the results table: its header for None.
+fn result_line(r: Option<&pb::SeedResult>) -> String {
+    let Some(r) = r else {
+        return format!(
+            "{:>8}  {:>9}  {:>9}  {:>10}  {:>6}  {:>8}  {:>20}  {}\n",
+            "SEED",
+            "TEST_ACC",
+            "TEST_LOSS",
+            "TRAIN_LOSS",
+            "EPOCHS",
+            "SECONDS",
+            "INIT/ORDER/AUGMENT",
+            "WORKER"
         );
-    }
-    Ok(out)
+    };
+    let factors = r
+        .factors
+        .map(|f| format!("{}/{}/{}", f.init, f.order, f.augment))
+        .unwrap_or_default();
+    format!(
+        "{:>8}  {:>9.4}  {:>9.4}  {:>10.4}  {:>6}  {:>8.1}  {:>20}  {}\n",
+        r.seed,
+        r.test_accuracy,
+        r.test_loss,
+        r.train_loss,
+        r.epochs,
+        r.seconds,
+        factors,
+        r.worker_id
+    )
 }
 
 /// Statistics of a sweep's metric, as a table or as the JSON document.
@@ -466,8 +515,8 @@ pub async fn report(
     Ok(format!("wrote {}\n", written.join("\n      ")))
 }
 
-/// Writes a sweep's results (or epoch metrics) as CSV or Parquet to `out`, through a temporary
-/// file beside it, so that a failed export leaves nothing half-written.
+/// Writes a sweep's results (or epoch metrics) as CSV or Parquet to `out` a page at a time,
+/// through a temporary file beside it, so that a failed export leaves nothing half-written.
 pub async fn export(
     coordinator: &Connection,
     id: &str,
@@ -475,31 +524,39 @@ pub async fn export(
     format: &str,
     out: &Path,
 ) -> anyhow::Result<String> {
-    let mut client = coordinator
-        .connect()
-        .await?
-        .max_decoding_message_size(1 << 30);
-    let table = match table {
-        "results" => super::export::results_table(id, &all_results(&mut client, id).await?),
-        "epochs" => super::export::epochs_table(id, &all_epochs(&mut client, id).await?),
+    use super::export::{Sink, epochs_table, results_table};
+    let format: super::export::Format = format.parse()?;
+    let results = match table {
+        "results" => true,
+        "epochs" => false,
         other => bail!("--table {other}: use results or epochs"),
-    };
-    let bytes = match format {
-        "csv" => table.csv().into_bytes(),
-        "parquet" => table.parquet()?,
-        other => bail!("--format {other}: use csv or parquet"),
     };
     let name = out
         .file_name()
         .with_context(|| format!("--out {}: give a file name", out.display()))?;
+    let client = coordinator.connect().await?;
     let tmp = out.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    std::fs::write(&tmp, &bytes)
-        .and_then(|_| std::fs::rename(&tmp, out))
-        .with_context(|| format!("cannot write {}", out.display()))?;
-    Ok(format!(
-        "wrote {} ({} rows of {})\n",
-        out.display(),
-        table.rows(),
-        table.name
-    ))
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let written = async {
+        let file = std::io::BufWriter::new(file);
+        let (rows, name) = if results {
+            let mut sink = Sink::new(format, file, &results_table(id, &[]))?;
+            result_pages(&client, id, |page| sink.write(&results_table(id, &page))).await?;
+            (sink.finish()?, "results")
+        } else {
+            let mut sink = Sink::new(format, file, &epochs_table(id, &[]))?;
+            epoch_pages(&client, id, |page| sink.write(&epochs_table(id, &page))).await?;
+            (sink.finish()?, "epoch_metrics")
+        };
+        let ((file, rows), name) = (rows, name);
+        file.into_inner()?.sync_all()?;
+        std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+        anyhow::Ok(format!("wrote {} ({rows} rows of {name})\n", out.display()))
+    }
+    .await;
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }

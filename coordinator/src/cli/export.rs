@@ -72,14 +72,19 @@ impl Table {
         self.columns.first().map_or(0, |c| c.1.len())
     }
 
+    /// The whole table as CSV, header included.
+    #[cfg(test)]
     pub fn csv(&self) -> String {
-        let mut out = self
-            .columns
-            .iter()
-            .map(|c| c.0)
-            .collect::<Vec<_>>()
-            .join(",");
-        out.push('\n');
+        self.csv_header() + &self.csv_rows()
+    }
+
+    fn csv_header(&self) -> String {
+        let names: Vec<&str> = self.columns.iter().map(|c| c.0).collect();
+        names.join(",") + "\n"
+    }
+
+    fn csv_rows(&self) -> String {
+        let mut out = String::new();
         for i in 0..self.rows() {
             let row: Vec<String> = self.columns.iter().map(|c| c.1.csv(i)).collect();
             out += &row.join(",");
@@ -88,7 +93,15 @@ impl Table {
         out
     }
 
+    /// The whole table as a Parquet file.
+    #[cfg(test)]
     pub fn parquet(&self) -> anyhow::Result<Vec<u8>> {
+        let mut sink = Sink::new(Format::Parquet, Vec::new(), self)?;
+        sink.write(self)?;
+        Ok(sink.finish()?.0)
+    }
+
+    fn parquet_schema(&self) -> anyhow::Result<parquet::schema::types::Type> {
         let fields: Vec<String> = self
             .columns
             .iter()
@@ -97,46 +110,114 @@ impl Table {
                 _ => format!("{} {name};", c.parquet_type()),
             })
             .collect();
-        let schema = parquet::schema::parser::parse_message_type(&format!(
+        Ok(parquet::schema::parser::parse_message_type(&format!(
             "message {} {{ {} }}",
             self.name,
             fields.join(" ")
-        ))?;
-        let props = Arc::new(WriterProperties::builder().build());
-        let mut writer = SerializedFileWriter::new(Vec::new(), Arc::new(schema), props)?;
-        let mut group = writer.next_row_group()?;
-        for (_, column) in &self.columns {
-            let mut out = group
-                .next_column()?
-                .ok_or_else(|| anyhow::anyhow!("the schema has fewer columns than the table"))?;
-            match column {
-                Column::Int(v) => {
-                    out.typed::<Int64Type>().write_batch(v, None, None)?;
-                }
-                Column::Float(v) => {
-                    out.typed::<DoubleType>().write_batch(v, None, None)?;
-                }
-                Column::MaybeFloat(v) => {
-                    let present: Vec<f64> = v.iter().flatten().copied().collect();
-                    let levels: Vec<i16> = v.iter().map(|x| x.is_some() as i16).collect();
-                    out.typed::<DoubleType>()
-                        .write_batch(&present, Some(&levels), None)?;
-                }
-                Column::Text(v) => {
-                    let bytes: Vec<ByteArray> =
-                        v.iter().map(|s| ByteArray::from(s.as_str())).collect();
-                    out.typed::<ByteArrayType>()
-                        .write_batch(&bytes, None, None)?;
-                }
-                Column::Bool(v) => {
-                    out.typed::<BoolType>().write_batch(v, None, None)?;
-                }
-            }
-            out.close()?;
-        }
-        group.close()?;
-        Ok(writer.into_inner()?)
+        ))?)
     }
+}
+
+/// An export's file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Csv,
+    Parquet,
+}
+
+impl std::str::FromStr for Format {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Format> {
+        match s {
+            "csv" => Ok(Format::Csv),
+            "parquet" => Ok(Format::Parquet),
+            other => anyhow::bail!("--format {other}: use csv or parquet"),
+        }
+    }
+}
+
+/// Writes a table one page at a time, so an export of any size holds one page in memory: CSV
+/// rows after one header, or one Parquet row group per page.
+pub enum Sink<W: std::io::Write + Send> {
+    Csv(W, usize),
+    Parquet(SerializedFileWriter<W>, usize),
+}
+
+impl<W: std::io::Write + Send> Sink<W> {
+    /// A sink with the columns of `shape` (a page, possibly empty).
+    pub fn new(format: Format, mut out: W, shape: &Table) -> anyhow::Result<Sink<W>> {
+        Ok(match format {
+            Format::Csv => {
+                out.write_all(shape.csv_header().as_bytes())?;
+                Sink::Csv(out, 0)
+            }
+            Format::Parquet => {
+                let props = Arc::new(WriterProperties::builder().build());
+                let schema = Arc::new(shape.parquet_schema()?);
+                Sink::Parquet(SerializedFileWriter::new(out, schema, props)?, 0)
+            }
+        })
+    }
+
+    pub fn write(&mut self, page: &Table) -> anyhow::Result<()> {
+        match self {
+            Sink::Csv(out, rows) => {
+                out.write_all(page.csv_rows().as_bytes())?;
+                *rows += page.rows();
+            }
+            Sink::Parquet(_, _) if page.rows() == 0 => {}
+            Sink::Parquet(writer, rows) => {
+                write_row_group(writer, page)?;
+                *rows += page.rows();
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the file; returns the writer and the rows written.
+    pub fn finish(self) -> anyhow::Result<(W, usize)> {
+        match self {
+            Sink::Csv(out, rows) => Ok((out, rows)),
+            Sink::Parquet(writer, rows) => Ok((writer.into_inner()?, rows)),
+        }
+    }
+}
+
+fn write_row_group<W: std::io::Write + Send>(
+    writer: &mut SerializedFileWriter<W>,
+    page: &Table,
+) -> anyhow::Result<()> {
+    let mut group = writer.next_row_group()?;
+    for (_, column) in &page.columns {
+        let mut out = group
+            .next_column()?
+            .ok_or_else(|| anyhow::anyhow!("the schema has fewer columns than the table"))?;
+        match column {
+            Column::Int(v) => {
+                out.typed::<Int64Type>().write_batch(v, None, None)?;
+            }
+            Column::Float(v) => {
+                out.typed::<DoubleType>().write_batch(v, None, None)?;
+            }
+            Column::MaybeFloat(v) => {
+                let present: Vec<f64> = v.iter().flatten().copied().collect();
+                let levels: Vec<i16> = v.iter().map(|x| x.is_some() as i16).collect();
+                out.typed::<DoubleType>()
+                    .write_batch(&present, Some(&levels), None)?;
+            }
+            Column::Text(v) => {
+                let bytes: Vec<ByteArray> = v.iter().map(|s| ByteArray::from(s.as_str())).collect();
+                out.typed::<ByteArrayType>()
+                    .write_batch(&bytes, None, None)?;
+            }
+            Column::Bool(v) => {
+                out.typed::<BoolType>().write_batch(v, None, None)?;
+            }
+        }
+        out.close()?;
+    }
+    group.close()?;
+    Ok(())
 }
 
 /// The `results` columns of a sweep's results.
@@ -243,6 +324,29 @@ mod tests {
             table().csv(),
             "seed,acc,top5,who,ok\n1,0.1,,\"a,b\",true\n2,0.9375,0.5,\"say \"\"hi\"\"\",false\n"
         );
+    }
+
+    /// Pages written one after another make one file, as the whole table would.
+    #[test]
+    fn pages_make_one_file() {
+        let mut csv = Sink::new(Format::Csv, Vec::new(), &table()).unwrap();
+        csv.write(&table()).unwrap();
+        csv.write(&table()).unwrap();
+        let (bytes, rows) = csv.finish().unwrap();
+        assert_eq!(rows, 4);
+        let text = String::from_utf8(bytes).unwrap();
+        assert_eq!(text, table().csv() + &table().csv_rows());
+        let mut pq = Sink::new(Format::Parquet, Vec::new(), &table()).unwrap();
+        pq.write(&table()).unwrap();
+        pq.write(&table()).unwrap();
+        let (bytes, rows) = pq.finish().unwrap();
+        assert_eq!(rows, 4);
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &bytes).unwrap();
+        let reader = SerializedFileReader::new(std::fs::File::open(file.path()).unwrap()).unwrap();
+        assert_eq!(reader.metadata().file_metadata().num_rows(), 4);
+        assert_eq!(reader.metadata().num_row_groups(), 2);
     }
 
     #[test]

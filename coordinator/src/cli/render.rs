@@ -216,7 +216,8 @@ pub fn comparison(doc: &ComparisonDocument) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use seedsweep_core::domain::{Correctness, Metric, Scored};
+    use seedsweep_core::domain::{Metric, Scored};
+    use seedsweep_core::stats::noise::TestSetTally;
     use seedsweep_core::stats::describe::EpochSpread;
 
     fn runs(values: &[f64], factors: impl Fn(i64) -> [i64; 4]) -> Vec<Scored> {
@@ -252,11 +253,9 @@ mod tests {
         let mut docs = Vec::new();
         let values = [0.91, 0.93, 0.92, 0.5, 0.925, 0.915, 0.93, 0.92, 0.918];
         let crossed = |s: i64| [s % 3, s / 3, 0, 0];
-        let bits = |s: i64| Correctness {
-            examples: 16,
-            bits: vec![0xff ^ (s as u8), 0xf0 | (s as u8)],
-        };
-        let maps: Vec<(i64, Correctness)> = (0..9).map(|s| (s, bits(s))).collect();
+        let mut tally = TestSetTally::new(16);
+        (0..9u8).for_each(|s| tally.add(&[0xff ^ s, 0xf0 | s]));
+        let maps = vec![tally];
         let epochs = vec![spread(1, 9), spread(2, 9)];
         for (metric, runs, epochs, ci, examples, maps) in [
             (
