@@ -12,8 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     // Default stubs (UNIMPLEMENTED) let a test double implement only the calls it plays.
+    // A malformed message is the sender's fault: INVALID_ARGUMENT (crate::codec), not INTERNAL.
     tonic_prost_build::configure()
         .generate_default_stubs(true)
+        .codec_path("crate::codec::Codec")
         .compile_fds(descriptors)?;
     Ok(())
 }

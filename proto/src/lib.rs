@@ -12,3 +12,4 @@ pub mod v1 {
 }
 
 pub mod client;
+pub mod codec;

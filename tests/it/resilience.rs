@@ -399,3 +399,84 @@ fn a_stop_during_a_stalled_download_hands_the_seed_back() {
         "{log}"
     );
 }
+
+/// SIGTERM during the fine-tune task's feature pass (a ResNet-18 at 224 x 224 over 900 images,
+/// tens of seconds on CPU): the worker exits within seconds and its seed is pending again,
+/// uncounted.
+#[test]
+fn a_stop_during_the_feature_pass_hands_the_seed_back() {
+    use std::io::BufRead;
+    let _heavy = crate::heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, models) = (dir.path().join("data"), dir.path().join("models"));
+    for (split, n) in [("train", 120u32), ("val", 30)] {
+        for c in 0..6u32 {
+            let class = data.join("folder").join(split).join(format!("class{c}"));
+            std::fs::create_dir_all(&class).unwrap();
+            for i in 0..n {
+                let img = image::RgbImage::from_fn(64, 64, |x, y| {
+                    image::Rgb([(x * c) as u8, (y * i) as u8, ((x + y + i) * 3) as u8])
+                });
+                img.save(class.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+    let made = seedsweep_tests::run(
+        std::process::Command::new(seedsweep_tests::bin("worker"))
+            .args(["make-backbone", "resnet18", "--input-size", "224", "--out"])
+            .arg(models.join("r18.safetensors")),
+    );
+    assert!(made.status.success(), "{}", stderr(&made));
+    let db = dir.path().join("s.db");
+    let c = CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
+    let file = dir.path().join("ft.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"feature pass\"\ntask = \"finetune-head\"\ndataset = \"folder\"\nseeds = [0]\n{}\n\
+             [finetune.head]\nsteps = 20\nbatch_size = 8\nlr = 0.05\n",
+            stdout(&made)
+        ),
+    )
+    .unwrap();
+    let out = c.sweep(&["submit", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut a = worker(&c.url, &data)
+        .arg("--model-dir")
+        .arg(&models)
+        .arg("--feature-cache")
+        .arg(dir.path().join("cache"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = String::new();
+    let mut lines = std::io::BufReader::new(a.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log += &line;
+        log.push('\n');
+        if line.contains("computing backbone features") {
+            break;
+        }
+    }
+    assert!(log.contains("computing backbone features"), "{log}");
+    let asked = std::time::Instant::now();
+    signal(&a, "TERM");
+    log.extend(lines.map(|l| l.unwrap() + "\n"));
+    let status = a.wait().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "the worker took {:?} to stop:\n{log}",
+        asked.elapsed()
+    );
+    assert!(!log.contains("backbone features computed"), "{log}");
+    assert_eq!(
+        sqlite_query(
+            &db,
+            "SELECT s.state, s.failures, a.outcome FROM seeds s JOIN attempts a USING (sweep_id, seed)"
+        ),
+        "pending|0|released\n",
+        "{log}"
+    );
+}

@@ -144,7 +144,73 @@ async fn malformed_requests_are_invalid_argument() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // Bytes that are no protobuf message at all (a varint that never ends), from a client that
+    // sends whatever it is given.
+    let channel = tonic::transport::Endpoint::from_shared(coordinator.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = tonic::client::Grpc::new(channel);
+    raw.ready().await.unwrap();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/seedsweep.v1.Coordinator/LeaseSeed");
+    let e = raw
+        .unary(tonic::Request::new(vec![0xff; 12]), path, RawBytes)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("malformed"), "{e:?}");
     coordinator.stop().await;
+}
+
+/// A test double's codec: sends the bytes it is given as the request, whatever they are, and
+/// ignores the reply.
+#[derive(Clone, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = ();
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = ();
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<()>, tonic::Status> {
+        use prost::bytes::Buf;
+        buf.advance(buf.remaining());
+        Ok(Some(()))
+    }
 }
 
 /// An expired lease counts as an attempt and its seed waits out the backoff; the last attempt

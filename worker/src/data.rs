@@ -316,9 +316,6 @@ pub fn synthetic_records(train: usize, test: usize, seed: u64) -> (Vec<u8>, Vec<
 pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
 pub const CIFAR10_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 
-/// Downloads CIFAR-10 from `url` (the official one, or a mirror), checks its MD5 and unpacks it into
-/// `DATA_DIR/cifar10`. Everything happens in a scratch folder that is renamed into place only when
-/// complete, so a failed download leaves nothing behind.
 /// How long a CIFAR-10 download may take to connect, to answer, and to send the whole archive
 /// (170 MB): a stalled mirror fails the download instead of holding the lease for ever.
 const DOWNLOAD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -346,7 +343,30 @@ fn is_complete(dir: &Path) -> bool {
         .all(|f| dir.join(f).is_file())
 }
 
+/// Downloads CIFAR-10 from `url` (the official one, or a mirror), checks its MD5 and unpacks it into
+/// `DATA_DIR/cifar10`. Everything happens in a scratch folder that is renamed into place only when
+/// complete, so a failed download leaves nothing behind.
 pub fn download_cifar10(data_dir: &Path, url: &str) -> Result<(), DataError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DataError::Io { path, source }
+    };
+    fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    // One download at a time among the workers that share the folder (an exclusive lock on a
+    // file beside the dataset, released when the file closes, also when a worker dies); the
+    // others wait, then find the complete copy. The lock file stays: deleting it would let a
+    // waiter lock a file no later worker sees.
+    let lock_path = data_dir.join(".cifar10.download.lock");
+    let lock = fs::File::create(&lock_path).map_err(io(&lock_path))?;
+    lock.lock().map_err(io(&lock_path))?;
+    if is_complete(&data_dir.join("cifar10").join(BATCH_DIR)) {
+        return Ok(());
+    }
+    fetch_cifar10(data_dir, url)
+}
+
+/// The download itself, under [`download_cifar10`]'s lock.
+fn fetch_cifar10(data_dir: &Path, url: &str) -> Result<(), DataError> {
     use md5::Md5;
     let target = data_dir.join("cifar10");
     let fail = |reason: String| DataError::Download {
@@ -423,6 +443,25 @@ pub fn download_cifar10(data_dir: &Path, url: &str) -> Result<(), DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker that finds another downloading waits for it and takes its complete copy,
+    /// fetching nothing itself.
+    #[test]
+    fn a_second_download_waits_for_the_first_and_takes_its_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = fs::File::create(dir.path().join(".cifar10.download.lock")).unwrap();
+        lock.lock().unwrap();
+        let data_dir = dir.path().to_path_buf();
+        // Nothing listens there: fetching would fail.
+        let waiter =
+            std::thread::spawn(move || download_cifar10(&data_dir, "http://127.0.0.1:9/x"));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!waiter.is_finished(), "the second download did not wait");
+        let (train, test) = synthetic_records(10, 10, 1);
+        write_dataset(&dir.path().join("cifar10"), &train, &test).unwrap();
+        drop(lock);
+        waiter.join().unwrap().unwrap();
+    }
 
     fn batches(dir: &Path, text: &str) {
         fs::create_dir_all(dir).unwrap();

@@ -217,8 +217,8 @@ pub fn comparison(doc: &ComparisonDocument) -> String {
 mod tests {
     use super::*;
     use seedsweep_core::domain::{Metric, Scored};
-    use seedsweep_core::stats::noise::TestSetTally;
     use seedsweep_core::stats::describe::EpochSpread;
+    use seedsweep_core::stats::noise::TestSetTally;
 
     fn runs(values: &[f64], factors: impl Fn(i64) -> [i64; 4]) -> Vec<Scored> {
         let seeds = 0..values.len() as i64;
