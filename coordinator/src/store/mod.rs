@@ -525,9 +525,23 @@ impl Dialect {
 pub(crate) fn aggregate_upsert(d: Dialect) -> String {
     let [sweep, metric, value, seed] = d.params();
     format!(
-        "
-INSERT INTO aggregates (sweep_id, metric, n, mean, m2, min, min_seed, max, max_seed)
-VALUES ({sweep}, {metric}, 1, {value}, 0, {value}, {seed}, {value}, {seed})
+        "INSERT INTO aggregates (sweep_id, metric, n, mean, m2, min, min_seed, max, max_seed)
+         VALUES ({sweep}, {metric}, 1, {value}, 0, {value}, {seed}, {value}, {seed}) {AGGREGATE_MERGE}"
+    )
+}
+
+/// [`aggregate_upsert`] for every metric of one result in one statement (PostgreSQL).
+/// Parameters: sweep, metrics (`text[]`), their values (`float8[]`), seed.
+pub(crate) fn aggregate_upsert_all() -> String {
+    format!(
+        "INSERT INTO aggregates (sweep_id, metric, n, mean, m2, min, min_seed, max, max_seed)
+         SELECT $1, m, 1, v, 0, v, $4, v, $4 FROM unnest($2::text[], $3::float8[]) AS x (m, v)
+         {AGGREGATE_MERGE}"
+    )
+}
+
+/// Welford's update of an aggregate row by the one-result row `excluded`.
+const AGGREGATE_MERGE: &str = "
 ON CONFLICT (sweep_id, metric) DO UPDATE SET
   n = aggregates.n + 1,
   mean = aggregates.mean + (excluded.mean - aggregates.mean) / (aggregates.n + 1),
@@ -540,9 +554,7 @@ ON CONFLICT (sweep_id, metric) DO UPDATE SET
   max_seed = CASE WHEN excluded.max > aggregates.max
                     OR (excluded.max = aggregates.max AND excluded.max_seed < aggregates.max_seed)
              THEN excluded.max_seed ELSE aggregates.max_seed END,
-  max = CASE WHEN excluded.max > aggregates.max THEN excluded.max ELSE aggregates.max END"
-    )
-}
+  max = CASE WHEN excluded.max > aggregates.max THEN excluded.max ELSE aggregates.max END";
 
 pub(crate) const AGGREGATE_COLUMNS: &str = "metric, n, mean, m2, min, min_seed, max, max_seed";
 

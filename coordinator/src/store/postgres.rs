@@ -6,7 +6,7 @@
 use super::{
     ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS,
     FINISHED_EPOCHS, FLEET_SEEDS, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies,
-    aggregate_from_row, aggregate_upsert, bind_test_set, bitmap_from_row, design_from_config,
+    aggregate_from_row, aggregate_upsert_all, bind_test_set, bitmap_from_row, design_from_config,
     epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
     epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row, scores_sql,
     seed_rows, state_from_db, sweep_state_from_db, task_from_db, test_set_from_row,
@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio_stream::StreamExt;
 
 /// The completion's upserts in this dialect, built once.
-static AGGREGATE_UPSERT: LazyLock<String> = LazyLock::new(|| aggregate_upsert(Dialect::Postgres));
+static AGGREGATE_UPSERT: LazyLock<String> = LazyLock::new(aggregate_upsert_all);
 static EPOCH_VALUES_UPSERT: LazyLock<String> =
     LazyLock::new(|| epoch_values_upsert(Dialect::Postgres));
 static TEST_SET_UPSERT: LazyLock<String> = LazyLock::new(|| test_set_upsert(Dialect::Postgres));
@@ -249,6 +249,9 @@ impl PgStore {
         if expire {
             self.expire_overdue(&mut tx).await?;
         }
+        // One statement: the lease, its attempt row, the deletion of earlier leases' epoch rows
+        // (a new lease starts with none, so an earlier partial curve never mixes with this one's
+        // in what readers see) and the sweep's settings.
         let claimed = sqlx::query(
             "WITH next AS (
                  SELECT c.sweep_id, c.seed
@@ -259,14 +262,23 @@ impl PgStore {
                      WHERE sweep_id = w.id AND state = 'pending'
                        AND (not_before IS NULL OR not_before <= now() + make_interval(secs => $3))
                      ORDER BY seed LIMIT 1 FOR UPDATE SKIP LOCKED) c
-                 LIMIT 1)
-             UPDATE seeds s SET state = 'leased', fence = s.fence + 1, worker_id = $1,
-                 lease_expires_at = now() + make_interval(secs => $2 + $3), not_before = NULL,
-                 updated_at = now()
-             FROM next
-             WHERE s.sweep_id = next.sweep_id AND s.seed = next.seed
-             RETURNING s.sweep_id, s.seed, s.fence, s.init_seed, s.order_seed, s.augment_seed,
-                       s.split_seed",
+                 LIMIT 1),
+             claimed AS (
+                 UPDATE seeds s SET state = 'leased', fence = s.fence + 1, worker_id = $1,
+                     lease_expires_at = now() + make_interval(secs => $2 + $3), not_before = NULL,
+                     updated_at = now()
+                 FROM next
+                 WHERE s.sweep_id = next.sweep_id AND s.seed = next.seed
+                 RETURNING s.sweep_id, s.seed, s.fence, s.init_seed, s.order_seed, s.augment_seed,
+                           s.split_seed),
+             attempt AS (
+                 INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at)
+                 SELECT sweep_id, seed, fence, $1, now() + make_interval(secs => $3) FROM claimed),
+             stale AS (
+                 DELETE FROM epoch_metrics e USING claimed c
+                 WHERE e.sweep_id = c.sweep_id AND e.seed = c.seed AND e.fence < c.fence)
+             SELECT c.*, w.task, w.dataset, w.config::text AS config
+             FROM claimed c JOIN sweeps w ON w.id = c.sweep_id",
         )
         .bind(worker_id)
         .bind(ttl.as_secs_f64())
@@ -285,41 +297,17 @@ impl PgStore {
                 outstanding: u64_from_db(outstanding),
             });
         };
+        tx.commit().await?;
         let lease = LeaseRef {
             sweep_id: SweepId(row.try_get("sweep_id")?),
             seed: row.try_get("seed")?,
             fence: row.try_get("fence")?,
         };
-        sqlx::query(
-            "INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at)
-             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
-        )
-        .bind(lease.sweep_id.0)
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(worker_id)
-        .bind(self.skew())
-        .execute(&mut *tx)
-        .await?;
-        // The new lease starts with no epoch rows: an earlier lease's partial curve never mixes
-        // with this one's in what readers see.
-        sqlx::query("DELETE FROM epoch_metrics WHERE sweep_id = $1 AND seed = $2 AND fence < $3")
-            .bind(lease.sweep_id.0)
-            .bind(lease.seed)
-            .bind(lease.fence)
-            .execute(&mut *tx)
-            .await?;
-        let sweep =
-            sqlx::query("SELECT task, dataset, config::text AS config FROM sweeps WHERE id = $1")
-                .bind(lease.sweep_id.0)
-                .fetch_one(&mut *tx)
-                .await?;
-        tx.commit().await?;
-        let config = lease_config(&sweep.try_get::<String, _>("config")?)?;
+        let config = lease_config(&row.try_get::<String, _>("config")?)?;
         Ok(ClaimOutcome::Leased(Box::new(Lease {
             lease,
-            task: task_from_db(sweep.try_get("task")?)?,
-            dataset: sweep.try_get("dataset")?,
+            task: task_from_db(row.try_get("task")?)?,
+            dataset: row.try_get("dataset")?,
             train: config.train,
             factors: factors_from_row(&row)?,
             seed_namespace: config.seed_namespace,
@@ -965,17 +953,17 @@ impl Store for PgStore {
         .bind(r.test_correct.as_ref().map(|c| c.bits.clone()))
         .execute(&mut *tx)
         .await?;
-        for metric in Metric::ALL {
-            if let Some(value) = metric.of(r) {
-                sqlx::query(sqlx::AssertSqlSafe(AGGREGATE_UPSERT.as_str()))
-                    .bind(lease.sweep_id.0)
-                    .bind(metric.column())
-                    .bind(value)
-                    .bind(lease.seed)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
+        let (metrics, values): (Vec<&str>, Vec<f64>) = Metric::ALL
+            .iter()
+            .filter_map(|m| Some((m.column(), m.of(r)?)))
+            .unzip();
+        sqlx::query(sqlx::AssertSqlSafe(AGGREGATE_UPSERT.as_str()))
+            .bind(lease.sweep_id.0)
+            .bind(metrics)
+            .bind(values)
+            .bind(lease.seed)
+            .execute(&mut *tx)
+            .await?;
         if let Some(c) = &r.test_correct {
             Self::add_to_test_set(&mut tx, lease.sweep_id, c).await?;
         }
@@ -986,15 +974,10 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = now()
-             WHERE sweep_id = $1 AND seed = $2",
-        )
-        .bind(lease.sweep_id.0)
-        .bind(lease.seed)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE attempts SET outcome = 'succeeded', ended_at = now() + make_interval(secs => $4)
+            "WITH done AS (
+                 UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = now()
+                 WHERE sweep_id = $1 AND seed = $2)
+             UPDATE attempts SET outcome = 'succeeded', ended_at = now() + make_interval(secs => $4)
              WHERE sweep_id = $1 AND seed = $2 AND fence = $3",
         )
         .bind(lease.sweep_id.0)
