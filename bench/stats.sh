@@ -46,17 +46,20 @@ INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed, split_se
   FROM sweeps, generate_series(0, $2 + $3 - 1) AS s;
 INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
                      epochs, seconds, worker_id, device, data_fingerprint, init_seed, order_seed,
-                     augment_seed, split_seed, precision, deterministic, test_examples, test_correct)
-  SELECT sweep_id, seed, 1, hits / 10000.0, 0.3, 0.2, 0.95, $epochs, 60,
+                     augment_seed, split_seed, precision, deterministic)
+  SELECT sweep_id, seed, 1,
+         round(10000 * least(0.99, greatest(0, 0.93 + 0.007 * sin(seed * 12.9898) - CASE WHEN seed % 9973 = 5 THEN 0.1 ELSE 0 END))) / 10000,
+         0.3, 0.2, 0.95, $epochs, 60,
          'gpu-node-' || (seed % 125) || '.cluster.example.org/gpu' || (seed % 8),
          'cuda:0 (NVIDIA H100 80GB HBM3, compute capability 9.0)', 'sha256:' || repeat('3f', 32),
-         seed, seed, seed, seed, 'fp32', true, 10000,
-         -- The first \`hits\` of the 10,000 examples right, as real bitmaps' size and count.
+         seed, seed, seed, seed, 'fp32', true
+  FROM seeds WHERE state = 'done';
+-- The first hits of the 10,000 examples right: real bitmaps' size and count.
+INSERT INTO result_bitmaps (sweep_id, seed, test_examples, test_correct)
+  SELECT sweep_id, seed, 10000,
          decode(repeat('ff', hits / 8) || lpad(to_hex((1 << (hits % 8)) - 1), 2, '0')
                 || repeat('00', 1249 - hits / 8), 'hex')
-  FROM (SELECT sweep_id, seed,
-               round(10000 * least(0.99, greatest(0, 0.93 + 0.007 * sin(seed * 12.9898) - CASE WHEN seed % 9973 = 5 THEN 0.1 ELSE 0 END)))::int AS hits
-        FROM seeds WHERE state = 'done') AS s;
+  FROM (SELECT sweep_id, seed, round(test_accuracy * 10000)::int AS hits FROM results) AS r;
 -- The coordinator tallies the bitmaps of this sweep when it next starts (as after migration 0004).
 INSERT INTO test_sets_pending SELECT id FROM sweeps;
 INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,

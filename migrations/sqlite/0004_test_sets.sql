@@ -24,3 +24,19 @@ CREATE TABLE test_sets_pending (
     sweep_id TEXT PRIMARY KEY REFERENCES sweeps (id) ON DELETE CASCADE
 );
 INSERT INTO test_sets_pending SELECT DISTINCT sweep_id FROM results WHERE test_correct IS NOT NULL;
+
+-- Each result's correctness bitmap (1,250 bytes for CIFAR-10's 10,000 test images) in a table of
+-- its own: inline, it made every results row several times longer, and every read of a metric
+-- over the results (the statistics read one column of every finished seed) that much slower.
+CREATE TABLE result_bitmaps (
+    sweep_id     TEXT NOT NULL,
+    seed         INTEGER NOT NULL,
+    test_examples INTEGER NOT NULL CHECK (test_examples > 0),
+    test_correct BLOB NOT NULL,
+    PRIMARY KEY (sweep_id, seed),
+    FOREIGN KEY (sweep_id, seed) REFERENCES results (sweep_id, seed) ON DELETE CASCADE
+);
+INSERT INTO result_bitmaps (sweep_id, seed, test_examples, test_correct)
+SELECT sweep_id, seed, test_examples, test_correct FROM results WHERE test_correct IS NOT NULL;
+ALTER TABLE results DROP COLUMN test_correct;
+ALTER TABLE results DROP COLUMN test_examples;

@@ -93,7 +93,7 @@ fn check_tables(sql: &dyn Fn(&str) -> String, id: &str, seeds: usize) {
     }
     // Every result carries its per-example correctness, consistent with its accuracy.
     let bitmaps = sql(&format!(
-        "SELECT count(*) FROM results WHERE sweep_id = '{id}' AND test_examples = 200
+        "SELECT count(*) FROM result_bitmaps WHERE sweep_id = '{id}' AND test_examples = 200
            AND length(test_correct) = 25"
     ));
     assert_eq!(bitmaps.trim(), seeds.to_string());

@@ -103,8 +103,8 @@ impl PgStore {
                 .await?;
             let mut tallies = Tallies::default();
             let mut rows = sqlx::query(
-                "SELECT seed, test_examples::bigint AS test_examples, test_correct FROM results
-                 WHERE sweep_id = $1 AND test_correct IS NOT NULL",
+                "SELECT seed, test_examples, test_correct FROM result_bitmaps
+                 WHERE sweep_id = $1",
             )
             .bind(id)
             .fetch(&mut *tx);
@@ -125,14 +125,25 @@ impl PgStore {
         Ok(())
     }
 
-    /// Adds a recorded result's bitmap to its sweep's tally of that test-set size. The sweep's
-    /// recorders take its aggregate rows' locks before this, so they add one at a time and the
-    /// first one's insert is never overwritten by another's.
-    async fn add_to_test_set(
+    /// Stores a recorded result's bitmap and adds it to its sweep's tally of that test-set size.
+    /// The sweep's recorders take its aggregate rows' locks before this, so they add one at a
+    /// time and the first one's insert is never overwritten by another's.
+    async fn record_bitmap(
         tx: &mut Transaction<'_, Postgres>,
-        id: SweepId,
+        lease: LeaseRef,
         c: &Correctness,
     ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO result_bitmaps (sweep_id, seed, test_examples, test_correct)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(i64::from(c.examples))
+        .bind(&c.bits)
+        .execute(&mut **tx)
+        .await?;
+        let id = lease.sweep_id;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = $1 AND examples = $2 FOR UPDATE"
         )))
@@ -392,8 +403,8 @@ fn attempts_from_row(row: &PgRow) -> Result<Attempts> {
 /// The per-example correctness bitmaps of a sweep's results that have one, by seed.
 async fn bitmaps<'e>(e: impl sqlx::PgExecutor<'e>, id: SweepId) -> Result<Vec<(i64, Correctness)>> {
     let rows = sqlx::query(
-        "SELECT seed, test_examples::bigint AS test_examples, test_correct FROM results
-         WHERE sweep_id = $1 AND test_correct IS NOT NULL ORDER BY seed",
+        "SELECT seed, test_examples, test_correct FROM result_bitmaps
+         WHERE sweep_id = $1 ORDER BY seed",
     )
     .bind(id.0)
     .fetch_all(e)
@@ -924,10 +935,9 @@ impl Store for PgStore {
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
                                   epochs, seconds, worker_id, device, data_fingerprint, finished_at,
                                   precision, deterministic, test_top5, val_loss, val_accuracy,
-                                  test_examples, test_correct,
                                   init_seed, order_seed, augment_seed, split_seed)
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                    now() + make_interval(secs => $13), $14, $15, $16, $17, $18, $19, $20,
+                    now() + make_interval(secs => $13), $14, $15, $16, $17, $18,
                     init_seed, order_seed, augment_seed, split_seed
              FROM seeds WHERE sweep_id = $1 AND seed = $2",
         )
@@ -949,8 +959,6 @@ impl Store for PgStore {
         .bind(r.test_top5)
         .bind(r.val_loss)
         .bind(r.val_accuracy)
-        .bind(r.test_correct.as_ref().map(|c| c.examples as i32))
-        .bind(r.test_correct.as_ref().map(|c| c.bits.clone()))
         .execute(&mut *tx)
         .await?;
         let (metrics, values): (Vec<&str>, Vec<f64>) = Metric::ALL
@@ -965,7 +973,7 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
         if let Some(c) = &r.test_correct {
-            Self::add_to_test_set(&mut tx, lease.sweep_id, c).await?;
+            Self::record_bitmap(&mut tx, lease, c).await?;
         }
         sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES_UPSERT.as_str()))
             .bind(lease.sweep_id.0)

@@ -88,8 +88,8 @@ impl SqliteStore {
                 .await?;
             let mut tallies = Tallies::default();
             let mut rows = sqlx::query(
-                "SELECT seed, test_examples, test_correct FROM results
-                 WHERE sweep_id = ?1 AND test_correct IS NOT NULL",
+                "SELECT seed, test_examples, test_correct FROM result_bitmaps
+                 WHERE sweep_id = ?1",
             )
             .bind(&id)
             .fetch(&mut *tx);
@@ -110,12 +110,23 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Adds a recorded result's bitmap to its sweep's tally of that test-set size.
-    async fn add_to_test_set(
+    /// Stores a recorded result's bitmap and adds it to its sweep's tally of that test-set size.
+    async fn record_bitmap(
         tx: &mut Transaction<'_, Sqlite>,
         sweep: &str,
+        seed: i64,
         c: &Correctness,
     ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO result_bitmaps (sweep_id, seed, test_examples, test_correct)
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(sweep)
+        .bind(seed)
+        .bind(i64::from(c.examples))
+        .bind(&c.bits)
+        .execute(&mut **tx)
+        .await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = ?1 AND examples = ?2"
         )))
@@ -432,8 +443,8 @@ async fn bitmaps<'e>(
     sweep: &str,
 ) -> Result<Vec<(i64, Correctness)>> {
     let rows = sqlx::query(
-        "SELECT seed, test_examples, test_correct FROM results
-         WHERE sweep_id = ?1 AND test_correct IS NOT NULL ORDER BY seed",
+        "SELECT seed, test_examples, test_correct FROM result_bitmaps
+         WHERE sweep_id = ?1 ORDER BY seed",
     )
     .bind(sweep)
     .fetch_all(e)
@@ -853,10 +864,9 @@ impl Store for SqliteStore {
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
                                   epochs, seconds, worker_id, device, data_fingerprint, finished_at,
                                   precision, deterministic, test_top5, val_loss, val_accuracy,
-                                  test_examples, test_correct,
                                   init_seed, order_seed, augment_seed, split_seed)
              SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                    ?18, ?19, ?20, init_seed, order_seed, augment_seed, split_seed
+                    ?18, init_seed, order_seed, augment_seed, split_seed
              FROM seeds WHERE sweep_id = ?1 AND seed = ?2",
         )
         .bind(&sweep)
@@ -877,8 +887,6 @@ impl Store for SqliteStore {
         .bind(r.test_top5)
         .bind(r.val_loss)
         .bind(r.val_accuracy)
-        .bind(r.test_correct.as_ref().map(|c| c.examples as i64))
-        .bind(r.test_correct.as_ref().map(|c| c.bits.clone()))
         .execute(&mut *tx)
         .await?;
         for metric in Metric::ALL {
@@ -893,7 +901,7 @@ impl Store for SqliteStore {
             }
         }
         if let Some(c) = &r.test_correct {
-            Self::add_to_test_set(&mut tx, &sweep, c).await?;
+            Self::record_bitmap(&mut tx, &sweep, lease.seed, c).await?;
         }
         sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES_UPSERT.as_str()))
             .bind(&sweep)
