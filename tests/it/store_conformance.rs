@@ -797,3 +797,75 @@ async fn rejects_unknown_database_urls_without_leaking_passwords() {
         .to_string();
     assert!(e.contains("sqlite://") && !e.contains("hunter2"), "{e}");
 }
+
+/// A SQLite database written before migration 0004, holding results with bitmaps: opening it
+/// moves the bitmaps to `result_bitmaps` and tallies them.
+#[tokio::test]
+async fn bitmaps_recorded_before_the_tallies_are_moved_and_tallied() {
+    use sqlx::SqlSafeStr;
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("old.db").display());
+    let before: Vec<Migration> = ["0001_init", "0002_statistics", "0003_epoch_values"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let path = seedsweep_tests::repo_root().join(format!("migrations/sqlite/{name}.sql"));
+            let sql = std::fs::read_to_string(path).unwrap();
+            let description = name.split_once('_').unwrap().1.replace('_', " ");
+            Migration::new(
+                i as i64 + 1,
+                description.into(),
+                MigrationType::Simple,
+                sqlx::AssertSqlSafe(sql).into_sql_str(),
+                false,
+            )
+        })
+        .collect();
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    Migrator::with_migrations(before).run(&pool).await.unwrap();
+    let id = SweepId::new();
+    sqlx::query(
+        "INSERT INTO sweeps (id, seq, name, task, dataset, config, max_attempts, total_seeds)
+         VALUES (?1, 1, 'old', 'resnet9', 'synthetic', '{}', 1, 3)",
+    )
+    .bind(id.0.to_string())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut want = TestSetTally::new(10_000);
+    for seed in 0..3i64 {
+        let hits = 9_000 + 100 * seed as u32;
+        let bits = bitmap(seed, hits);
+        want.add(&bits);
+        sqlx::query(
+            "INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed, split_seed,
+                                state, fence)
+             VALUES (?1, ?2, ?2, ?2, ?2, ?2, 'done', 1)",
+        )
+        .bind(id.0.to_string())
+        .bind(seed)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss,
+                 train_accuracy, epochs, seconds, worker_id, device, data_fingerprint, init_seed,
+                 order_seed, augment_seed, split_seed, precision, deterministic, test_examples,
+                 test_correct)
+             VALUES (?1, ?2, 1, ?3, 0.3, 0.2, 0.9, 2, 1, 'w', 'cpu', 'sha256:00', ?2, ?2, ?2, ?2,
+                     'fp32', 1, 10000, ?4)",
+        )
+        .bind(id.0.to_string())
+        .bind(seed)
+        .bind(f64::from(hits) / 1e4)
+        .bind(bits)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    pool.close().await;
+    let (s, _) = open(&url).await;
+    assert_eq!(s.correctness(id).await.unwrap().len(), 3);
+    assert_eq!(s.test_sets(id).await.unwrap(), vec![want]);
+}
