@@ -17,14 +17,7 @@ secs=${3:-5}
 PG_MAX_CONNECTIONS=200 source bench/pg.sh
 psql() { "$pgbin/psql" -qAt "$@"; }
 
-serve() { # DB -> sets coord and cpid
-  rm -f "$work/$1.addr"
-  "$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/$1.addr" --database-url "$pg/$1" \
-    >/dev/null 2>>"$work/coordinator.log" &
-  cpid=$!
-  for _ in $(seq 6000); do [ -f "$work/$1.addr" ] && break; sleep 0.1; done
-  coord="http://$(cat "$work/$1.addr")"
-}
+serve() { serve_at "$pg/$1" "$1"; } # DB -> sets coord and cpid
 
 # A database holding one sweep of DONE finished seeds (scores spread around 0.93 with a few
 # black swans; accuracies are hits out of 10,000 test images, as on CIFAR-10, so they take

@@ -14,14 +14,6 @@ cd "$(dirname "$0")/.."
 workers=${1:-64}
 source bench/pg.sh
 
-serve() { # URL TAG -> sets coord and cpid
-  rm -f "$work/$2.addr"
-  "$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/$2.addr" --database-url "$1" \
-    >/dev/null 2>>"$work/coordinator.log" &
-  cpid=$!
-  for _ in $(seq 300); do [ -f "$work/$2.addr" ] && break; sleep 0.1; done
-  coord="http://$(cat "$work/$2.addr")"
-}
 fresh() { # BACKEND TAG -> prints a database URL
   if [ "$1" = sqlite ]; then echo "sqlite://$work/$2.db"; else
     "$pgbin/psql" -q "$pg/postgres" -c "CREATE DATABASE \"$2\""; echo "$pg/$2"; fi
@@ -35,7 +27,7 @@ now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 # starts with it. Prints loadgen's JSON and the action's duration in ms.
 measure() { # BACKEND ACTION SECONDS
   local tag=$1-$2-$RANDOM
-  serve "$(fresh "$1" "$tag")" "$tag"
+  serve_at "$(fresh "$1" "$tag")" "$tag"
   local big=""
   [ "$2" = extend ] && big=$(sweep submit "$work/big.toml")
   "$bin/loadgen" --coordinator "$coord" --workers "$workers" --seconds "$3" --epochs 24 \
