@@ -107,6 +107,17 @@ for db in medium large; do
   fi
   printf '%-30s %12s %12s\n' "stats n=$n (ms)" "$(printf '%s\n' "${ts[@]}" | median)" \
     "$(printf '%s\n' "${ts[@]}" | sort -g | head -1)"
+  if [ $db = large ]; then
+    # Peak memory (max RSS, MiB) of the clients reading every result and epoch row, and of the
+    # coordinator serving them.
+    rss() { /usr/bin/time -f %M -o "$work/rss" "$@" >/dev/null; echo $(( $(cat "$work/rss") / 1024 )); }
+    printf '%-30s %12s\n' "sweep results n=$n (MiB)" "$(rss "$bin/coordinator" sweep --coordinator "$coord" results "$id")"
+    for table in results epochs; do
+      printf '%-30s %12s\n' "export $table n=$n (MiB)" \
+        "$(rss "$bin/coordinator" sweep --coordinator "$coord" export "$id" --table $table --format parquet --out "$work/x.parquet")"
+    done
+    printf '%-30s %12s\n' "coordinator peak (MiB)" "$(( $(awk '/VmHWM/ {print $2}' /proc/$cpid/status) / 1024 ))"
+  fi
   kill $cpid; wait $cpid 2>/dev/null || true
 done
 
