@@ -171,6 +171,10 @@ pub async fn list(coordinator: &Connection, json: bool) -> anyhow::Result<String
 /// Rows asked for per page of a listing (the server's most are 10,000 results, 50,000 epochs).
 const PAGE: u32 = 5_000;
 
+/// The largest listing page a client accepts: a page of 50,000 epoch rows is about 5 MB, past
+/// gRPC's default 4 MiB.
+const PAGE_BYTES: usize = 64 << 20;
+
 /// Calls `each` with every page of a listing, in order: `fetch(after)` reads the page after a
 /// key (the first page when None) and returns its rows with the next page's key, if any. Only
 /// one page is in memory at a time.
@@ -199,7 +203,8 @@ async fn result_pages(
     each: impl FnMut(Vec<pb::SeedResult>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let fetch = |after_seed| {
-        let (mut client, sweep_id) = (client.clone(), id.to_string());
+        let mut client = client.clone().max_decoding_message_size(PAGE_BYTES);
+        let sweep_id = id.to_string();
         async move {
             let req = pb::ListResultsRequest {
                 sweep_id,
@@ -220,7 +225,8 @@ async fn epoch_pages(
     each: impl FnMut(Vec<pb::EpochRow>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let fetch = |after| {
-        let (mut client, sweep_id) = (client.clone(), id.to_string());
+        let mut client = client.clone().max_decoding_message_size(PAGE_BYTES);
+        let sweep_id = id.to_string();
         async move {
             let req = pb::ListEpochMetricsRequest {
                 sweep_id,
