@@ -385,19 +385,7 @@ fn a_stop_during_a_stalled_download_hands_the_seed_back() {
     let out = a.wait_with_output().unwrap();
     let log = stderr(&out);
     assert!(out.status.success(), "{log}");
-    assert!(
-        asked.elapsed() < Duration::from_secs(10),
-        "the worker took {:?} to stop:\n{log}",
-        asked.elapsed()
-    );
-    assert_eq!(
-        sqlite_query(
-            &db,
-            "SELECT s.state, s.failures, a.outcome FROM seeds s JOIN attempts a USING (sweep_id, seed)"
-        ),
-        "pending|0|released\n",
-        "{log}"
-    );
+    assert_handed_back(&db, asked, &log);
 }
 
 /// SIGTERM during the fine-tune task's feature pass (a ResNet-18 at 224 x 224 over 900 images,
@@ -465,15 +453,21 @@ fn a_stop_during_the_feature_pass_hands_the_seed_back() {
     log.extend(lines.map(|l| l.unwrap() + "\n"));
     let status = a.wait().unwrap();
     assert!(status.success(), "{log}");
+    assert!(!log.contains("backbone features computed"), "{log}");
+    assert_handed_back(&db, asked, &log);
+}
+
+/// The worker asked to stop at `asked` stopped within seconds, its seed pending again and its
+/// attempt released, uncounted.
+fn assert_handed_back(db: &Path, asked: std::time::Instant, log: &str) {
     assert!(
         asked.elapsed() < Duration::from_secs(10),
         "the worker took {:?} to stop:\n{log}",
         asked.elapsed()
     );
-    assert!(!log.contains("backbone features computed"), "{log}");
     assert_eq!(
         sqlite_query(
-            &db,
+            db,
             "SELECT s.state, s.failures, a.outcome FROM seeds s JOIN attempts a USING (sweep_id, seed)"
         ),
         "pending|0|released\n",

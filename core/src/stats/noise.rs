@@ -12,11 +12,6 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Bit `i` of a bitmap (little-endian within bytes): whether the run got example `i` right.
-pub fn bit(bitmap: &[u8], i: usize) -> bool {
-    bitmap[i / 8] >> (i % 8) & 1 == 1
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TestSetNoise {
     pub test_examples: u64,
