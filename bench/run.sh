@@ -3,29 +3,31 @@
 # and PostgreSQL (a fresh database and coordinator per measurement), and pgbench running the bare claim + fenced completion SQL against the same
 # schema, side by side in one run. Each configuration runs REPS times; the table shows medians.
 #
-#   bench/run.sh [SECONDS_PER_RUN] [REPS]      (defaults: 5 and 3; the paced rows need >= 5 s)
+#   bench/run.sh [SECONDS_PER_RUN] [REPS] [FLEET_SECONDS]    (defaults: 5, 3 and 60; the paced
+#                                                             rows need >= 5 s)
+#
+# The last rows are a simulated fleet of 1,000 GPUs at about 3 s per seed with 24 epoch rows each
+# (heartbeats every 5 s), sustained for FLEET_SECONDS (0 skips them).
 #
 # Needs PostgreSQL's server binaries and pgbench; run as root it runs them as the postgres user.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
 reps=${2:-3}
+fleet_secs=${3:-60}
 source bench/pg.sh
 "$pgbin/psql" -q "$pg/postgres" -c "CREATE DATABASE bare"
 
 # One measurement: a coordinator on a fresh database, loadgen against it. Prints loadgen's JSON.
-measure() { # BACKEND WORKERS [THINK_MS]
+measure() { # BACKEND WORKERS [THINK_MS [EPOCHS HEARTBEAT_MS [SECONDS]]]
   local tag=$1-$2-$RANDOM url
   if [ "$1" = sqlite ]; then url="sqlite://$work/$tag.db"; else
     "$pgbin/psql" -q "$pg/postgres" -c "CREATE DATABASE \"$tag\""; url="$pg/$tag"; fi
-  "$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/$tag.addr" --database-url "$url" \
-    >/dev/null 2>>"$work/coordinator.log" &
-  local pid=$!
-  for _ in $(seq 300); do [ -f "$work/$tag.addr" ] && break; sleep 0.1; done
-  "$bin/loadgen" --coordinator "http://$(cat "$work/$tag.addr")" --workers "$2" --seconds "$secs" \
-    --think-ms "${3:-0}" ||
-    echo '{"cycles_per_second": 0, "claim_p50_ms": "nan", "claim_p99_ms": "nan"}'
-  kill $pid; wait $pid 2>/dev/null || true
+  serve_at "$url" "$tag"
+  "$bin/loadgen" --coordinator "$coord" --workers "$2" \
+    --seconds "${6:-$secs}" --think-ms "${3:-0}" --epochs "${4:-1}" --heartbeat-ms "${5:-0}" ||
+    echo '{"cycles_per_second": 0, "epoch_rows_per_second": 0, "claim_p50_ms": "nan", "claim_p99_ms": "nan", "heartbeat_p99_ms": "nan"}'
+  kill $cpid; wait $cpid 2>/dev/null || true
 }
 
 # The bare-SQL baseline: the same schema and claim, one sweep of plenty of seeds.
@@ -65,4 +67,23 @@ for backend in sqlite postgres; do
   done
   printf '%-10s %8s %14.0f %14.2f %14.2f\n' $backend "256/1s" \
     "$(printf '%s\n' "${rates[@]}" | median)" "$(printf '%s\n' "${p50s[@]}" | median)" "$(printf '%s\n' "${p99s[@]}" | median)"
+done
+
+# The fleet: 1,000 workers at ~3 s per seed, 24 epochs each, heartbeats every 5 s (~333
+# completions and ~8,000 epoch rows a second), for FLEET_SECONDS.
+[ "$fleet_secs" -gt 0 ] || exit 0
+printf '\n%-10s %8s %14s %14s %14s %14s %16s\n' backend workers cycles/s epoch_rows/s \
+  claim_p50_ms claim_p99_ms heartbeat_p99_ms
+for backend in sqlite postgres; do
+  rates=(); rows=(); p50s=(); p99s=(); beats=()
+  for _ in $(seq "$reps"); do
+    out=$(measure $backend 1000 3000 24 5000 "$fleet_secs")
+    rates+=("$(field cycles_per_second <<<"$out")"); rows+=("$(field epoch_rows_per_second <<<"$out")")
+    p50s+=("$(field claim_p50_ms <<<"$out")"); p99s+=("$(field claim_p99_ms <<<"$out")")
+    beats+=("$(field heartbeat_p99_ms <<<"$out")")
+  done
+  printf '%-10s %8s %14.0f %14.0f %14.2f %14.2f %16.2f\n' $backend "1000/3s" \
+    "$(printf '%s\n' "${rates[@]}" | median)" "$(printf '%s\n' "${rows[@]}" | median)" \
+    "$(printf '%s\n' "${p50s[@]}" | median)" "$(printf '%s\n' "${p99s[@]}" | median)" \
+    "$(printf '%s\n' "${beats[@]}" | median)"
 done

@@ -3,13 +3,15 @@
 //! real workers send: a correctness bitmap of 10,000 test examples with each result (as for
 //! CIFAR-10), final metrics equal to the last epoch's, worker ids and fingerprints as long as
 //! real ones. Prints one JSON line: lease cycles per second and claim- and heartbeat-latency
-//! percentiles.
+//! percentiles, of the cycles completed up to the end of the run (with `--think-ms`, from the end
+//! of the fleet's first cycle: the ramp while workers join is left out).
 //!
 //! By default the loop is closed with no pause (each simulated worker claims again the moment it
 //! completes): that measures the most cycles per second the coordinator can serve. With
-//! `--think-ms` each simulated worker "trains" for about that long (uniformly 0.5x to 1.5x)
-//! between its heartbeat and its completion, as real workers do, so the coordinator sees a fleet
-//! at a realistic load and the claim latency is the one such a fleet gets.
+//! `--think-ms` each simulated worker "trains" for about that long between its claim and its
+//! completion (each epoch takes 0.5x to 1.5x of its share, uniformly), streaming each epoch's row
+//! as it ends and heartbeating every `--heartbeat-ms`, as real workers do, so the coordinator sees
+//! a fleet at a realistic load and the claim latency is the one such a fleet gets.
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -63,11 +65,12 @@ fn correctness(seed: i64) -> (u32, Vec<u8>) {
     (hits, bits)
 }
 
-/// Latencies of one simulated worker's calls.
+/// Latencies of one simulated worker's calls, each with when the call ended.
 #[derive(Default)]
 struct Latencies {
-    claims: Vec<Duration>,
-    heartbeats: Vec<Duration>,
+    /// A completed cycle's claim latency and when the cycle completed.
+    claims: Vec<(Instant, Duration)>,
+    heartbeats: Vec<(Instant, Duration)>,
 }
 
 async fn client(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
@@ -130,44 +133,40 @@ async fn simulate(url: String, n: usize, args: Pace, until: Instant) -> anyhow::
         };
         let at = Instant::now();
         c.heartbeat(beat.clone()).await?;
-        seen.heartbeats.push(at.elapsed());
-        if !think.is_zero() {
-            let done = Instant::now() + think.mul_f64(0.5 + uniform());
-            while let Some(left) = done.checked_duration_since(Instant::now()) {
-                if heartbeat.is_zero() || left < heartbeat {
-                    tokio::time::sleep(left).await;
-                    break;
-                }
-                tokio::time::sleep(heartbeat).await;
-                let at = Instant::now();
-                c.heartbeat(beat.clone()).await?;
-                seen.heartbeats.push(at.elapsed());
-            }
-        }
+        seen.heartbeats.push((Instant::now(), at.elapsed()));
         let (hits, bits) = correctness(lease.seed);
         let accuracy = f64::from(hits) / f64::from(TEST_EXAMPLES);
-        let at_epoch = |epoch: u32| accuracy - 0.01 * f64::from(epochs - epoch);
-        let metrics: Vec<_> = (1..=epochs)
-            .map(|epoch| pb::EpochMetrics {
-                lease: Some(lease.clone()),
-                epoch,
-                train_loss: 1.0 / f64::from(epoch),
-                train_accuracy: 0.5 + 0.4 * f64::from(epoch) / f64::from(epochs),
-                test_loss: Some(0.3 + 0.1 * f64::from(epochs - epoch)),
-                test_accuracy: Some(at_epoch(epoch)),
-                test_top5: None,
-                val_loss: None,
-                val_accuracy: None,
-                lr: 0.4 * (1.0 - f64::from(epoch) / f64::from(epochs)),
-                seconds: 2.5,
-            })
-            .collect();
+        let metrics = epoch_metrics(&lease, epochs, accuracy);
         // The final metrics are the last epoch's, as the coordinator checks.
         let last = metrics
             .last()
             .context("--epochs must be at least 1")?
             .clone();
-        c.stream_epoch_metrics(tokio_stream::iter(metrics)).await?;
+        // Each epoch goes on one stream as it is "trained", as a real worker sends them.
+        let (tx, rx) = tokio::sync::mpsc::channel(epochs as usize);
+        let mut streamer = c.clone();
+        let stream = tokio::spawn(async move {
+            streamer
+                .stream_epoch_metrics(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        let mut next_beat = Instant::now() + heartbeat;
+        for m in metrics {
+            if !think.is_zero() {
+                let epoch_ends = Instant::now() + think.mul_f64(0.5 + uniform()) / epochs;
+                while !heartbeat.is_zero() && next_beat < epoch_ends {
+                    tokio::time::sleep_until(next_beat.into()).await;
+                    let at = Instant::now();
+                    c.heartbeat(beat.clone()).await?;
+                    seen.heartbeats.push((Instant::now(), at.elapsed()));
+                    next_beat += heartbeat;
+                }
+                tokio::time::sleep_until(epoch_ends.into()).await;
+            }
+            tx.send(m).await.context("the epoch stream ended early")?;
+        }
+        drop(tx);
+        stream.await??;
         c.complete_seed(pb::CompleteSeedRequest {
             lease: Some(lease),
             worker_id: worker_id.clone(),
@@ -186,9 +185,28 @@ async fn simulate(url: String, n: usize, args: Pace, until: Instant) -> anyhow::
             ..Default::default()
         })
         .await?;
-        seen.claims.push(claim);
+        seen.claims.push((Instant::now(), claim));
     }
     Ok(seen)
+}
+
+/// A simulated run's epoch rows, climbing to `accuracy` at the last.
+fn epoch_metrics(lease: &pb::LeaseRef, epochs: u32, accuracy: f64) -> Vec<pb::EpochMetrics> {
+    (1..=epochs)
+        .map(|epoch| pb::EpochMetrics {
+            lease: Some(lease.clone()),
+            epoch,
+            train_loss: 1.0 / f64::from(epoch),
+            train_accuracy: 0.5 + 0.4 * f64::from(epoch) / f64::from(epochs),
+            test_loss: Some(0.3 + 0.1 * f64::from(epochs - epoch)),
+            test_accuracy: Some(accuracy - 0.01 * f64::from(epochs - epoch)),
+            test_top5: None,
+            val_loss: None,
+            val_accuracy: None,
+            lr: 0.4 * (1.0 - f64::from(epoch) / f64::from(epochs)),
+            seconds: 2.5,
+        })
+        .collect()
 }
 
 /// How each simulated worker paces its cycle.
@@ -227,13 +245,26 @@ async fn main() -> anyhow::Result<()> {
     let tasks: Vec<_> = (0..args.workers)
         .map(|n| tokio::spawn(simulate(args.coordinator.clone(), n, pace, until)))
         .collect();
+    // Measured over the window after the first full cycle (the fleet's ramp, when the workers
+    // start at random points of a cycle) up to the end of the run (cycles still going then are
+    // left out).
+    let warm_up = if pace.think.is_zero() {
+        Duration::ZERO
+    } else {
+        (pace.think * 3 / 2).min(Duration::from_secs_f64(args.seconds / 2.0))
+    };
+    let window = (started + warm_up)..=until;
+    let in_window = |calls: Vec<(Instant, Duration)>| -> Vec<Duration> {
+        let calls = calls.into_iter().filter(|(at, _)| window.contains(at));
+        calls.map(|(_, latency)| latency).collect()
+    };
     let (mut claims, mut beats) = (Vec::new(), Vec::new());
     for t in tasks {
         let seen = t.await??;
-        claims.extend(seen.claims);
-        beats.extend(seen.heartbeats);
+        claims.extend(in_window(seen.claims));
+        beats.extend(in_window(seen.heartbeats));
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = (until - started - warm_up).as_secs_f64();
     claims.sort();
     beats.sort();
     println!(
@@ -244,6 +275,7 @@ async fn main() -> anyhow::Result<()> {
             "think_ms": args.think_ms,
             "cycles": claims.len(),
             "cycles_per_second": claims.len() as f64 / elapsed,
+            "epoch_rows_per_second": (claims.len() * args.epochs as usize) as f64 / elapsed,
             "claim_p50_ms": percentile(&claims, 0.5),
             "claim_p99_ms": percentile(&claims, 0.99),
             "heartbeats": beats.len(),

@@ -158,6 +158,7 @@ impl Coordinator {
             .build_v1alpha()
             .context("failed to build the reflection service")?;
         let watch = tokio::spawn(report_health(health.clone(), self.store.clone()));
+        let fold = tokio::spawn(fold_test_sets(self.store.clone()));
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls).context("bad TLS settings")?;
@@ -186,6 +187,7 @@ impl Coordinator {
             .await
             .context("gRPC server failed");
         watch.abort();
+        fold.abort();
         served
     }
 }
@@ -213,5 +215,25 @@ async fn report_health(health: tonic_health::server::HealthReporter, store: Arc<
             last = Some(status);
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// Folds recorded bitmaps into their sweeps' test-set tallies every 2 s, so that a completion
+/// only queues its bitmap and the statistics find little left to fold.
+async fn fold_test_sets(store: Arc<dyn Store>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let sweeps = match store.unfolded_sweeps().await {
+            Ok(sweeps) => sweeps,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not look for bitmaps to fold");
+                continue;
+            }
+        };
+        for id in sweeps {
+            if let Err(e) = store.fold_test_sets(id).await {
+                tracing::warn!(sweep = %id, error = %e, "could not fold bitmaps into the test-set tally");
+            }
+        }
     }
 }

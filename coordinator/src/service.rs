@@ -27,6 +27,7 @@ pub struct CoordinatorService {
     /// Told the sweep of each result this process records, to wake its watchers.
     recorded: tokio::sync::broadcast::Sender<SweepId>,
     shapes: Shapes,
+    epochs: EpochWriter,
 }
 
 impl CoordinatorService {
@@ -34,11 +35,67 @@ impl CoordinatorService {
         let (recorded, _) = tokio::sync::broadcast::channel(1024);
         CoordinatorService {
             shapes: Shapes::new(store.clone()),
+            epochs: EpochWriter::start(store.clone()),
             store,
             lease_ttl,
             metrics,
             recorded,
         }
+    }
+}
+
+/// The epoch rows of every stream, written together ([`Store::record_epochs`]): a row waits
+/// while the batch before it commits, then goes in with every row that arrived meanwhile, so a
+/// fleet's thousands of rows a second cost a commit per batch, not per row.
+struct EpochWriter {
+    queue: tokio::sync::mpsc::Sender<PendingEpoch>,
+}
+
+struct PendingEpoch {
+    lease: LeaseRef,
+    record: EpochRecord,
+    done: tokio::sync::oneshot::Sender<Result<(), Status>>,
+}
+
+impl EpochWriter {
+    /// The most rows a batch holds.
+    const BATCH: usize = 512;
+
+    fn start(store: Arc<dyn Store>) -> EpochWriter {
+        let (queue, mut pending) = tokio::sync::mpsc::channel::<PendingEpoch>(4 * Self::BATCH);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(Self::BATCH);
+            while pending.recv_many(&mut batch, Self::BATCH).await > 0 {
+                let rows: Vec<_> = batch.iter().map(|p| (p.lease, p.record.clone())).collect();
+                match store.record_epochs(&rows).await {
+                    Ok(verdicts) => {
+                        for (p, verdict) in batch.drain(..).zip(verdicts) {
+                            let _ = p.done.send(verdict.map_err(status));
+                        }
+                    }
+                    Err(e) => {
+                        let failed = status(e);
+                        for p in batch.drain(..) {
+                            let _ = p.done.send(Err(failed.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        EpochWriter { queue }
+    }
+
+    /// Records one epoch row with the next batch.
+    async fn record(&self, lease: LeaseRef, record: EpochRecord) -> Result<(), Status> {
+        let (done, verdict) = tokio::sync::oneshot::channel();
+        let stopped = || Status::unavailable("the coordinator is shutting down");
+        let row = PendingEpoch {
+            lease,
+            record,
+            done,
+        };
+        self.queue.send(row).await.map_err(|_| stopped())?;
+        verdict.await.map_err(|_| stopped())?
     }
 }
 
@@ -916,11 +973,9 @@ impl Coordinator for CoordinatorService {
             shape
                 .check_epoch(record.epoch, reported(&record))
                 .map_err(Status::invalid_argument)?;
-            self.store
-                .record_epoch(lease, &record)
-                .await
-                .map_err(status)?;
-            tracing::debug!(%lease, epoch = record.epoch, test_accuracy = ?record.test_accuracy, "epoch recorded");
+            let (epoch, test_accuracy) = (record.epoch, record.test_accuracy);
+            self.epochs.record(lease, record).await?;
+            tracing::debug!(%lease, epoch, test_accuracy, "epoch recorded");
             received += 1;
         }
         Ok(Response::new(pb::StreamEpochMetricsResponse { received }))

@@ -696,37 +696,96 @@ fn bitmap(seed: i64, hits: u32) -> Vec<u8> {
     bits
 }
 
-/// The sweep's test-set tally, kept as results were recorded, is the one its bitmaps make; and
-/// a sweep whose bitmaps predate the tallies (as migration 0004 finds them) is tallied when the
-/// store opens.
+/// The sweep's test-set tally, folded from the bitmaps queued as results were recorded, is the
+/// one its bitmaps make; a fold leaves nothing queued; and a sweep whose bitmaps are all queued
+/// again (as migration 0006 queues those that predate the tallies) is tallied whole.
 async fn test_sets_are_kept(s: &dyn Store, id: SweepId, url: &str, done: u64) {
     let mut want = TestSetTally::new(10_000);
     for (_, c) in s.correctness(id).await.unwrap() {
         want.add(&c.bits);
     }
     assert_eq!(want.sums.runs as u64, done);
+    assert_eq!(s.unfolded_sweeps().await.unwrap(), vec![id]);
     assert_eq!(s.test_sets(id).await.unwrap(), vec![want.clone()]);
+    assert_eq!(s.unfolded_sweeps().await.unwrap(), vec![]);
+    assert_eq!(s.fold_test_sets(id).await.unwrap(), 0);
     let forget = "DELETE FROM test_sets";
+    let queue = "INSERT INTO test_sets_unfolded SELECT sweep_id, seed FROM result_bitmaps";
     if url.starts_with("postgres") {
         let pool = sqlx::PgPool::connect(url).await.unwrap();
         sqlx::query(forget).execute(&pool).await.unwrap();
-        sqlx::query("INSERT INTO test_sets_pending VALUES ($1)")
-            .bind(id.0)
-            .execute(&pool)
-            .await
-            .unwrap();
+        sqlx::query(queue).execute(&pool).await.unwrap();
     } else {
         let pool = sqlx::SqlitePool::connect(url).await.unwrap();
         sqlx::query(forget).execute(&pool).await.unwrap();
-        sqlx::query("INSERT INTO test_sets_pending VALUES (?1)")
-            .bind(id.0.to_string())
-            .execute(&pool)
-            .await
-            .unwrap();
+        sqlx::query(queue).execute(&pool).await.unwrap();
     }
-    assert_eq!(s.test_sets(id).await.unwrap(), vec![]);
-    let (reopened, _) = open(url).await;
-    assert_eq!(reopened.test_sets(id).await.unwrap(), vec![want]);
+    assert_eq!(s.folded_test_sets(id).await.unwrap(), vec![]);
+    assert_eq!(s.fold_test_sets(id).await.unwrap(), done);
+    assert_eq!(s.folded_test_sets(id).await.unwrap(), vec![want]);
+}
+
+/// Epoch rows of many leases written in one batch: each judged on its own (a stale lease's and an
+/// unknown seed's refused, the others written), a key sent twice keeps its last row, and a
+/// re-leased seed starts with none of the earlier lease's rows.
+async fn epoch_batches(s: Arc<dyn Store>) {
+    let s = s.as_ref();
+    let id = SweepId::new();
+    s.create_sweep(id, &spec("\"0..3\"", 3)).await.unwrap();
+    let a = claim(s, "a").await.lease;
+    let b = claim(s, "b").await.lease;
+    let stale = LeaseRef {
+        fence: b.fence + 1,
+        ..b
+    };
+    let unknown = LeaseRef { seed: 99, ..a };
+    let mut again = epoch(1);
+    again.train_loss = 0.25;
+    let rows = [
+        (a, epoch(1)),
+        (stale, epoch(1)),
+        (unknown, epoch(1)),
+        (b, epoch(1)),
+        (a, again),
+    ];
+    let verdicts = s.record_epochs(&rows).await.unwrap();
+    assert!(verdicts[0].is_ok() && verdicts[3].is_ok() && verdicts[4].is_ok());
+    assert!(matches!(verdicts[1], Err(StoreError::StaleLease(_))));
+    assert!(matches!(verdicts[2], Err(StoreError::SeedNotFound { .. })));
+    let rows = s.list_epochs(id, None, 100).await.unwrap();
+    let seeds: Vec<(i64, u32, f64)> = rows
+        .iter()
+        .map(|(seed, e)| (*seed, e.epoch, e.train_loss))
+        .collect();
+    assert_eq!(seeds, vec![(a.seed, 1, 0.25), (b.seed, 1, 1.0)]);
+    let gone = SweepId::new();
+    let verdicts = s
+        .record_epochs(&[(
+            LeaseRef {
+                sweep_id: gone,
+                ..a
+            },
+            epoch(1),
+        )])
+        .await
+        .unwrap();
+    assert!(matches!(verdicts[0], Err(StoreError::SweepNotFound(_))));
+    // The lease of `a` handed back and re-leased: its rows went with it.
+    s.fail(a, "gone", Charge::Uncounted).await.unwrap();
+    let a2 = claim(s, "c").await.lease;
+    assert_eq!(a2.seed, a.seed);
+    let left: Vec<i64> = s
+        .list_epochs(id, None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(left, vec![b.seed]);
+}
+
+async fn run_epoch_batches(url: String) {
+    epoch_batches(open(&url).await.0).await;
 }
 
 /// The store at `url` with a clock the scenario moves.
@@ -786,6 +845,7 @@ conformance!(
     concurrent_claims => run_concurrent_claims,
     live_aggregates => run_live_aggregates,
     loading => run_loading,
+    epoch_batches => run_epoch_batches,
 );
 
 #[tokio::test]

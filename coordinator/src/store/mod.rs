@@ -68,6 +68,18 @@ impl From<Refusal> for StoreError {
 }
 
 impl StoreError {
+    /// Whether the store refused this one request (it names what is not there or not held),
+    /// rather than failing.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::SweepNotFound(_)
+                | StoreError::SeedNotFound { .. }
+                | StoreError::StaleLease(_)
+                | StoreError::Conflict(_)
+        )
+    }
+
     /// Whether the database is unreachable or busy for now (restarting, failing over, out of
     /// connections, a serialisation conflict): the caller may retry the same request. The one place
     /// that reads database error codes.
@@ -237,10 +249,21 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(i64, EpochRecord)>>;
     /// The per-example correctness bitmaps of the sweep's results that have one, by seed.
     async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>>;
-    /// The sweep's test-set tallies (kept up to date as results are recorded: what the
-    /// test-set statistics read instead of every bitmap), one per test-set size its results'
-    /// bitmaps cover.
-    async fn test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>>;
+    /// The sweep's test-set tallies (what the test-set statistics read instead of every
+    /// bitmap), one per test-set size its results' bitmaps cover, with every recorded bitmap
+    /// folded in first ([`Store::fold_test_sets`]).
+    async fn test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>> {
+        self.fold_test_sets(id).await?;
+        self.folded_test_sets(id).await
+    }
+    /// The tallies as they stand, without folding.
+    async fn folded_test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>>;
+    /// Adds the bitmaps recorded since the last fold (queued in `test_sets_unfolded`) to the
+    /// sweep's tallies in one transaction, each exactly once (folds of a sweep take turns, on
+    /// every replica); returns how many.
+    async fn fold_test_sets(&self, id: SweepId) -> Result<u64>;
+    /// The sweeps with bitmaps waiting to be folded.
+    async fn unfolded_sweeps(&self) -> Result<Vec<SweepId>>;
     /// `(seed, epoch, value)` of `metric` for every epoch of every finished seed that has it,
     /// by seed and epoch (a seed that ran out of attempts keeps its partial curve in
     /// `epoch_metrics`, but is not a finished seed).
@@ -287,7 +310,15 @@ pub trait Store: Send + Sync + 'static {
     async fn heartbeat(&self, lease: LeaseRef, ttl: Duration) -> Result<()>;
     /// Records (or, re-sent by the same lease, replaces) one epoch's metrics. A claim deletes the
     /// rows of the seed's earlier leases, so readers never see two leases' epochs mixed.
-    async fn record_epoch(&self, lease: LeaseRef, epoch: &EpochRecord) -> Result<()>;
+    async fn record_epoch(&self, lease: LeaseRef, epoch: &EpochRecord) -> Result<()> {
+        let rows = [(lease, epoch.clone())];
+        self.record_epochs(&rows).await?.pop().unwrap_or(Ok(()))
+    }
+    /// Records many leases' epoch rows in one transaction (one commit for all: the epoch rows
+    /// of a whole fleet arrive faster than one commit each allows), each under the rule of
+    /// [`Store::record_epoch`]; returns each row's verdict, in order. An error of the database
+    /// itself fails them all.
+    async fn record_epochs(&self, rows: &[(LeaseRef, EpochRecord)]) -> Result<Vec<Result<()>>>;
     /// Epoch `epoch`'s row as recorded under `lease`, if it was.
     async fn epoch_of(&self, lease: LeaseRef, epoch: u32) -> Result<Option<EpochRecord>>;
     /// Records the seed's result, once. The seed's epoch metrics for epochs 1..=result.epochs must
@@ -532,10 +563,11 @@ pub(crate) fn aggregate_upsert(d: Dialect) -> String {
 
 /// [`aggregate_upsert`] for every metric of one result in one statement (PostgreSQL).
 /// Parameters: sweep, metrics (`text[]`), their values (`float8[]`), seed.
-pub(crate) fn aggregate_upsert_all() -> String {
+pub(crate) fn aggregate_upsert_all([sweep, seed, metrics, values]: [&str; 4]) -> String {
     format!(
         "INSERT INTO aggregates (sweep_id, metric, n, mean, m2, min, min_seed, max, max_seed)
-         SELECT $1, m, 1, v, 0, v, $4, v, $4 FROM unnest($2::text[], $3::float8[]) AS x (m, v)
+         SELECT {sweep}, m, 1, v, 0, v, {seed}, v, {seed}
+         FROM unnest({metrics}::text[], {values}::float8[]) AS x (m, v)
          {AGGREGATE_MERGE}"
     )
 }
@@ -674,13 +706,17 @@ where
     ))
 }
 
-/// A sweep's test-set tallies built from its results' bitmaps one at a time, one per
-/// test-set size (for results recorded before the store kept tallies: memory bounded by the
-/// tallies, however many bitmaps stream past).
+/// A sweep's test-set tallies with bitmaps added one at a time, one per test-set size (a fold:
+/// memory bounded by the tallies, however many bitmaps stream past).
 #[derive(Default)]
 pub(crate) struct Tallies(std::collections::BTreeMap<u32, TestSetTally>);
 
 impl Tallies {
+    /// The tallies a fold starts from: those stored.
+    pub(crate) fn from_stored(stored: Vec<TestSetTally>) -> Tallies {
+        Tallies(stored.into_iter().map(|t| (t.examples, t)).collect())
+    }
+
     pub(crate) fn add(&mut self, c: &Correctness) {
         self.0
             .entry(c.examples)

@@ -26,15 +26,23 @@ use seedsweep_core::spec::SweepSpec;
 use seedsweep_core::stats::noise::TestSetTally;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::LazyLock;
 use std::time::Duration;
 use tokio_stream::StreamExt;
 
 /// The completion's upserts in this dialect, built once.
-static AGGREGATE_UPSERT: LazyLock<String> = LazyLock::new(aggregate_upsert_all);
-static EPOCH_VALUES_UPSERT: LazyLock<String> =
-    LazyLock::new(|| epoch_values_upsert(Dialect::Postgres));
+/// A completion's updates of the rows every recorder of the sweep shares: each metric's
+/// aggregate and the counts of each epoch's accuracies. Parameters: sweep, seed, epochs, the
+/// metrics' names and their values.
+static TALLY_UPSERTS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH a AS ({}) {}",
+        aggregate_upsert_all(["$1", "$2", "$4", "$5"]),
+        epoch_values_upsert(Dialect::Postgres)
+    )
+});
 static TEST_SET_UPSERT: LazyLock<String> = LazyLock::new(|| test_set_upsert(Dialect::Postgres));
 
 /// Renders a timestamptz column as UTC ISO 8601, the format both stores report.
@@ -78,87 +86,7 @@ impl PgStore {
             available: Availability::new(clock.clone()),
             clock,
         };
-        store.tally_pending().await?;
         Ok(store)
-    }
-
-    /// Tallies the sweeps that migration 0004 found with bitmaps recorded before the store kept
-    /// tallies, each in one transaction that first takes the lock its recorders take first (the
-    /// sweep's test-accuracy aggregate), so none of them is missed or counted twice.
-    async fn tally_pending(&self) -> Result<()> {
-        let pending: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT sweep_id FROM test_sets_pending")
-            .fetch_all(&self.pool)
-            .await?;
-        for id in pending {
-            let mut tx = self.pool.begin().await?;
-            sqlx::query(
-                "SELECT 1 FROM aggregates WHERE sweep_id = $1 AND metric = 'test_accuracy' FOR UPDATE",
-            )
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("DELETE FROM test_sets WHERE sweep_id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            let mut tallies = Tallies::default();
-            let mut rows = sqlx::query(
-                "SELECT seed, test_examples, test_correct FROM result_bitmaps
-                 WHERE sweep_id = $1",
-            )
-            .bind(id)
-            .fetch(&mut *tx);
-            while let Some(row) = rows.next().await {
-                tallies.add(&bitmap_from_row(&row?)?.1);
-            }
-            drop(rows);
-            for tally in tallies.into_vec() {
-                let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(id);
-                bind_test_set(upsert, &tally).execute(&mut *tx).await?;
-            }
-            sqlx::query("DELETE FROM test_sets_pending WHERE sweep_id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-        }
-        Ok(())
-    }
-
-    /// Stores a recorded result's bitmap and adds it to its sweep's tally of that test-set size.
-    /// The sweep's recorders take its aggregate rows' locks before this, so they add one at a
-    /// time and the first one's insert is never overwritten by another's.
-    async fn record_bitmap(
-        tx: &mut Transaction<'_, Postgres>,
-        lease: LeaseRef,
-        c: &Correctness,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO result_bitmaps (sweep_id, seed, test_examples, test_correct)
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(lease.sweep_id.0)
-        .bind(lease.seed)
-        .bind(i64::from(c.examples))
-        .bind(&c.bits)
-        .execute(&mut **tx)
-        .await?;
-        let id = lease.sweep_id;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = $1 AND examples = $2 FOR UPDATE"
-        )))
-        .bind(id.0)
-        .bind(i64::from(c.examples))
-        .fetch_optional(&mut **tx)
-        .await?;
-        let mut tally = match row {
-            Some(row) => test_set_from_row(&row)?,
-            None => TestSetTally::new(c.examples),
-        };
-        tally.add(&c.bits);
-        let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(id.0);
-        bind_test_set(upsert, &tally).execute(&mut **tx).await?;
-        Ok(())
     }
 
     /// The clock offset in seconds, bound wherever a statement says `now() + make_interval(...)`.
@@ -738,14 +666,53 @@ impl Store for PgStore {
         bitmaps(&self.pool, id).await
     }
 
-    async fn test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = $1 ORDER BY examples"
-        )))
+    async fn folded_test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>> {
+        test_sets(&self.pool, id).await
+    }
+
+    async fn fold_test_sets(&self, id: SweepId) -> Result<u64> {
+        let queued = "SELECT EXISTS (SELECT 1 FROM test_sets_unfolded WHERE sweep_id = $1)";
+        let queued: bool = sqlx::query_scalar(queued)
+            .bind(id.0)
+            .fetch_one(&self.pool)
+            .await?;
+        if !queued {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await?;
+        // Folds of one sweep take turns (the tally is read, added to and written back).
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        let mut tallies = Tallies::from_stored(test_sets(&mut *tx, id).await?);
+        let mut folded = 0;
+        let mut rows = sqlx::query(
+            "WITH q AS (DELETE FROM test_sets_unfolded WHERE sweep_id = $1 RETURNING seed)
+             SELECT b.seed, b.test_examples, b.test_correct
+             FROM result_bitmaps b JOIN q ON b.sweep_id = $1 AND b.seed = q.seed",
+        )
         .bind(id.0)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(test_set_from_row).collect()
+        .fetch(&mut *tx);
+        while let Some(row) = rows.next().await {
+            tallies.add(&bitmap_from_row(&row?)?.1);
+            folded += 1;
+        }
+        drop(rows);
+        for tally in tallies.into_vec() {
+            let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(id.0);
+            bind_test_set(upsert, &tally).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(folded)
+    }
+
+    async fn unfolded_sweeps(&self) -> Result<Vec<SweepId>> {
+        let ids: Vec<uuid::Uuid> =
+            sqlx::query_scalar("SELECT DISTINCT sweep_id FROM test_sets_unfolded")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(ids.into_iter().map(SweepId).collect())
     }
 
     async fn epoch_spread_scan(
@@ -851,15 +818,61 @@ impl Store for PgStore {
         self.available.observe(self.extend(lease, ttl).await)
     }
 
-    async fn record_epoch(&self, lease: LeaseRef, e: &EpochRecord) -> Result<()> {
+    async fn record_epochs(&self, rows: &[(LeaseRef, EpochRecord)]) -> Result<Vec<Result<()>>> {
+        // The seeds' rows are locked in key order (no deadlock with another replica's batch),
+        // each row is judged by the policy, and the accepted ones go in one statement: the last
+        // of a key sent twice in the batch wins, as it would one statement at a time.
+        let mut keys: Vec<(uuid::Uuid, i64)> =
+            rows.iter().map(|(l, _)| (l.sweep_id.0, l.seed)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let (sweeps, seeds): (Vec<uuid::Uuid>, Vec<i64>) = keys.into_iter().unzip();
         let mut tx = self.pool.begin().await?;
-        if let Err(e) = Self::lock_held(&mut tx, lease).await {
-            return abort(tx, e).await;
+        let held: HashMap<(uuid::Uuid, i64), (SeedState, i64)> = sqlx::query(
+            "SELECT s.sweep_id, s.seed, s.state, s.fence
+             FROM seeds s JOIN unnest($1::uuid[], $2::bigint[]) AS k (sweep_id, seed)
+               ON s.sweep_id = k.sweep_id AND s.seed = k.seed
+             ORDER BY s.sweep_id, s.seed FOR UPDATE OF s",
+        )
+        .bind(&sweeps)
+        .bind(&seeds)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| {
+            let key = (r.try_get("sweep_id")?, r.try_get("seed")?);
+            Ok((
+                key,
+                (state_from_db(r.try_get("state")?)?, r.try_get("fence")?),
+            ))
+        })
+        .collect::<Result<_>>()?;
+        let mut verdicts = Vec::with_capacity(rows.len());
+        let mut accepted: HashMap<(uuid::Uuid, i64, u32), usize> = HashMap::new();
+        for (i, (lease, e)) in rows.iter().enumerate() {
+            verdicts.push(match held.get(&(lease.sweep_id.0, lease.seed)) {
+                Some(&(state, fence)) => policy::check_held(*lease, state, fence)
+                    .map_err(StoreError::from)
+                    .inspect(|()| {
+                        accepted.insert((lease.sweep_id.0, lease.seed, e.epoch), i);
+                    }),
+                // Which is missing, the sweep or the seed; a seed added since the read above
+                // is pending, not held.
+                None => match Self::lock_seed(&mut tx, *lease).await {
+                    Err(e) if e.is_refusal() => Err(e),
+                    Err(e) => return Err(e),
+                    Ok(_) => Err(StoreError::StaleLease(*lease)),
+                },
+            });
         }
-        sqlx::query(
+        let mut accepted: Vec<usize> = accepted.into_values().collect();
+        accepted.sort_unstable();
+        let mut insert = sqlx::query(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
                                         test_accuracy, lr, seconds, test_top5, val_loss, val_accuracy)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::int[], $4::bigint[], $5::float8[],
+                                  $6::float8[], $7::float8[], $8::float8[], $9::float8[], $10::float8[],
+                                  $11::float8[], $12::float8[], $13::float8[])
              ON CONFLICT (sweep_id, seed, epoch) DO UPDATE SET
                  fence = excluded.fence, train_loss = excluded.train_loss,
                  train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
@@ -867,24 +880,30 @@ impl Store for PgStore {
                  recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5,
                  val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy
              WHERE epoch_metrics.fence <= excluded.fence",
-        )
-        .bind(lease.sweep_id.0)
-        .bind(lease.seed)
-        .bind(e.epoch as i32)
-        .bind(lease.fence)
-        .bind(e.train_loss)
-        .bind(e.train_accuracy)
-        .bind(e.test_loss)
-        .bind(e.test_accuracy)
-        .bind(e.lr)
-        .bind(e.seconds)
-        .bind(e.test_top5)
-        .bind(e.val_loss)
-        .bind(e.val_accuracy)
-        .execute(&mut *tx)
-        .await?;
+        );
+        let rows: Vec<&(LeaseRef, EpochRecord)> = accepted.iter().map(|&i| &rows[i]).collect();
+        let column = |f: fn(&EpochRecord) -> Option<f64>| -> Vec<Option<f64>> {
+            rows.iter().map(|(_, e)| f(e)).collect()
+        };
+        insert = insert
+            .bind(rows.iter().map(|(l, _)| l.sweep_id.0).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(l, _)| l.seed).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, e)| e.epoch as i32).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(l, _)| l.fence).collect::<Vec<_>>())
+            .bind(column(|e| Some(e.train_loss)))
+            .bind(column(|e| Some(e.train_accuracy)))
+            .bind(column(|e| e.test_loss))
+            .bind(column(|e| e.test_accuracy))
+            .bind(column(|e| Some(e.lr)))
+            .bind(column(|e| Some(e.seconds)))
+            .bind(column(|e| e.test_top5))
+            .bind(column(|e| e.val_loss))
+            .bind(column(|e| e.val_accuracy));
+        if !rows.is_empty() {
+            insert.execute(&mut *tx).await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(verdicts)
     }
 
     async fn epoch_of(&self, lease: LeaseRef, epoch: u32) -> Result<Option<EpochRecord>> {
@@ -931,15 +950,29 @@ impl Store for PgStore {
         {
             return abort(tx, refusal.into()).await;
         }
+        // The result, its bitmap (queued for the tally), the seed and the attempt: one statement.
         sqlx::query(
-            "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
-                                  epochs, seconds, worker_id, device, data_fingerprint, finished_at,
-                                  precision, deterministic, test_top5, val_loss, val_accuracy,
-                                  init_seed, order_seed, augment_seed, split_seed)
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                    now() + make_interval(secs => $13), $14, $15, $16, $17, $18,
-                    init_seed, order_seed, augment_seed, split_seed
-             FROM seeds WHERE sweep_id = $1 AND seed = $2",
+            "WITH r AS (
+                 INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss,
+                                      train_accuracy, epochs, seconds, worker_id, device,
+                                      data_fingerprint, finished_at, precision, deterministic,
+                                      test_top5, val_loss, val_accuracy,
+                                      init_seed, order_seed, augment_seed, split_seed)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                        now() + make_interval(secs => $13), $14, $15, $16, $17, $18,
+                        init_seed, order_seed, augment_seed, split_seed
+                 FROM seeds WHERE sweep_id = $1 AND seed = $2
+                 RETURNING sweep_id, seed),
+             b AS (
+                 INSERT INTO result_bitmaps (sweep_id, seed, test_examples, test_correct)
+                 SELECT sweep_id, seed, $19, $20 FROM r WHERE $20::bytea IS NOT NULL
+                 RETURNING sweep_id, seed),
+             q AS (INSERT INTO test_sets_unfolded (sweep_id, seed) SELECT sweep_id, seed FROM b),
+             d AS (
+                 UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = now()
+                 WHERE sweep_id = $1 AND seed = $2)
+             UPDATE attempts SET outcome = 'succeeded', ended_at = now() + make_interval(secs => $13)
+             WHERE sweep_id = $1 AND seed = $2 AND fence = $3",
         )
         .bind(lease.sweep_id.0)
         .bind(lease.seed)
@@ -959,41 +992,24 @@ impl Store for PgStore {
         .bind(r.test_top5)
         .bind(r.val_loss)
         .bind(r.val_accuracy)
+        .bind(r.test_correct.as_ref().map(|c| i64::from(c.examples)))
+        .bind(r.test_correct.as_ref().map(|c| c.bits.as_slice()))
         .execute(&mut *tx)
         .await?;
+        // Last, so that the rows every recorder of the sweep updates (its aggregates and epoch
+        // counts) stay locked as briefly as can be.
         let (metrics, values): (Vec<&str>, Vec<f64>) = Metric::ALL
             .iter()
             .filter_map(|m| Some((m.column(), m.of(r)?)))
             .unzip();
-        sqlx::query(sqlx::AssertSqlSafe(AGGREGATE_UPSERT.as_str()))
-            .bind(lease.sweep_id.0)
-            .bind(metrics)
-            .bind(values)
-            .bind(lease.seed)
-            .execute(&mut *tx)
-            .await?;
-        if let Some(c) = &r.test_correct {
-            Self::record_bitmap(&mut tx, lease, c).await?;
-        }
-        sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES_UPSERT.as_str()))
+        sqlx::query(sqlx::AssertSqlSafe(TALLY_UPSERTS.as_str()))
             .bind(lease.sweep_id.0)
             .bind(lease.seed)
             .bind(r.epochs as i32)
+            .bind(metrics)
+            .bind(values)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "WITH done AS (
-                 UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = now()
-                 WHERE sweep_id = $1 AND seed = $2)
-             UPDATE attempts SET outcome = 'succeeded', ended_at = now() + make_interval(secs => $4)
-             WHERE sweep_id = $1 AND seed = $2 AND fence = $3",
-        )
-        .bind(lease.sweep_id.0)
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(self.skew())
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
         Ok(CompleteOutcome::Recorded)
     }
@@ -1069,4 +1085,15 @@ impl Store for PgStore {
 async fn abort<T>(tx: Transaction<'_, Postgres>, e: StoreError) -> Result<T> {
     tx.rollback().await?;
     Err(e)
+}
+
+/// The sweep's stored tallies, by test-set size.
+async fn test_sets<'e>(db: impl sqlx::PgExecutor<'e>, id: SweepId) -> Result<Vec<TestSetTally>> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = $1 ORDER BY examples"
+    )))
+    .bind(id.0)
+    .fetch_all(db)
+    .await?;
+    rows.iter().map(test_set_from_row).collect()
 }

@@ -70,47 +70,10 @@ impl SqliteStore {
             available: Availability::new(clock.clone()),
             clock,
         };
-        store.tally_pending().await?;
         Ok(store)
     }
 
-    /// Tallies the sweeps that migration 0004 found with bitmaps recorded before the store kept
-    /// tallies, each in one transaction.
-    async fn tally_pending(&self) -> Result<()> {
-        let pending: Vec<String> = sqlx::query_scalar("SELECT sweep_id FROM test_sets_pending")
-            .fetch_all(&self.pool)
-            .await?;
-        for id in pending {
-            let mut tx = self.pool.begin().await?;
-            sqlx::query("DELETE FROM test_sets WHERE sweep_id = ?1")
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-            let mut tallies = Tallies::default();
-            let mut rows = sqlx::query(
-                "SELECT seed, test_examples, test_correct FROM result_bitmaps
-                 WHERE sweep_id = ?1",
-            )
-            .bind(&id)
-            .fetch(&mut *tx);
-            while let Some(row) = rows.next().await {
-                tallies.add(&bitmap_from_row(&row?)?.1);
-            }
-            drop(rows);
-            for tally in tallies.into_vec() {
-                let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(&id);
-                bind_test_set(upsert, &tally).execute(&mut *tx).await?;
-            }
-            sqlx::query("DELETE FROM test_sets_pending WHERE sweep_id = ?1")
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-        }
-        Ok(())
-    }
-
-    /// Stores a recorded result's bitmap and adds it to its sweep's tally of that test-set size.
+    /// Stores a recorded result's bitmap and queues it for the sweep's tally.
     async fn record_bitmap(
         tx: &mut Transaction<'_, Sqlite>,
         sweep: &str,
@@ -127,20 +90,50 @@ impl SqliteStore {
         .bind(&c.bits)
         .execute(&mut **tx)
         .await?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = ?1 AND examples = ?2"
-        )))
-        .bind(sweep)
-        .bind(i64::from(c.examples))
-        .fetch_optional(&mut **tx)
+        sqlx::query("INSERT INTO test_sets_unfolded (sweep_id, seed) VALUES (?1, ?2)")
+            .bind(sweep)
+            .bind(seed)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes one epoch row under `lease` (whose hold was checked).
+    async fn insert_epoch(
+        tx: &mut Transaction<'_, Sqlite>,
+        lease: LeaseRef,
+        e: &EpochRecord,
+        now: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
+                                        test_accuracy, lr, seconds, recorded_at, test_top5, val_loss,
+                                        val_accuracy)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             ON CONFLICT (sweep_id, seed, epoch) DO UPDATE SET
+                 fence = excluded.fence, train_loss = excluded.train_loss,
+                 train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
+                 test_accuracy = excluded.test_accuracy, lr = excluded.lr, seconds = excluded.seconds,
+                 recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5,
+                 val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy
+             WHERE epoch_metrics.fence <= excluded.fence",
+        )
+        .bind(lease.sweep_id.0.to_string())
+        .bind(lease.seed)
+        .bind(e.epoch as i64)
+        .bind(lease.fence)
+        .bind(e.train_loss)
+        .bind(e.train_accuracy)
+        .bind(e.test_loss)
+        .bind(e.test_accuracy)
+        .bind(e.lr)
+        .bind(e.seconds)
+        .bind(now)
+        .bind(e.test_top5)
+        .bind(e.val_loss)
+        .bind(e.val_accuracy)
+        .execute(&mut **tx)
         .await?;
-        let mut tally = match row {
-            Some(row) => test_set_from_row(&row)?,
-            None => TestSetTally::new(c.examples),
-        };
-        tally.add(&c.bits);
-        let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(sweep);
-        bind_test_set(upsert, &tally).execute(&mut **tx).await?;
         Ok(())
     }
 
@@ -704,14 +697,54 @@ impl Store for SqliteStore {
         bitmaps(&self.pool, &id.0.to_string()).await
     }
 
-    async fn test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = ?1 ORDER BY examples"
-        )))
-        .bind(id.0.to_string())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(test_set_from_row).collect()
+    async fn folded_test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>> {
+        test_sets(&self.pool, &id.0.to_string()).await
+    }
+
+    async fn fold_test_sets(&self, id: SweepId) -> Result<u64> {
+        let sweep = id.0.to_string();
+        let queued = "SELECT EXISTS (SELECT 1 FROM test_sets_unfolded WHERE sweep_id = ?1)";
+        let queued: bool = sqlx::query_scalar(queued)
+            .bind(&sweep)
+            .fetch_one(&self.pool)
+            .await?;
+        if !queued {
+            return Ok(0);
+        }
+        // One connection writes: the fold's read, addition and write-back are not interleaved.
+        let mut tx = self.pool.begin().await?;
+        let mut tallies = Tallies::from_stored(test_sets(&mut *tx, &sweep).await?);
+        let mut folded = 0;
+        let mut rows = sqlx::query(
+            "SELECT b.seed, b.test_examples, b.test_correct
+             FROM test_sets_unfolded q JOIN result_bitmaps b ON b.sweep_id = q.sweep_id AND b.seed = q.seed
+             WHERE q.sweep_id = ?1",
+        )
+        .bind(&sweep)
+        .fetch(&mut *tx);
+        while let Some(row) = rows.next().await {
+            tallies.add(&bitmap_from_row(&row?)?.1);
+            folded += 1;
+        }
+        drop(rows);
+        sqlx::query("DELETE FROM test_sets_unfolded WHERE sweep_id = ?1")
+            .bind(&sweep)
+            .execute(&mut *tx)
+            .await?;
+        for tally in tallies.into_vec() {
+            let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(&sweep);
+            bind_test_set(upsert, &tally).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(folded)
+    }
+
+    async fn unfolded_sweeps(&self) -> Result<Vec<SweepId>> {
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT sweep_id FROM test_sets_unfolded")
+                .fetch_all(&self.pool)
+                .await?;
+        ids.iter().map(|id| parse_id(id)).collect()
     }
 
     async fn epoch_values(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64, u64)>> {
@@ -776,42 +809,21 @@ impl Store for SqliteStore {
         self.available.observe(self.extend(lease, ttl).await)
     }
 
-    async fn record_epoch(&self, lease: LeaseRef, e: &EpochRecord) -> Result<()> {
+    async fn record_epochs(&self, rows: &[(LeaseRef, EpochRecord)]) -> Result<Vec<Result<()>>> {
         let mut tx = self.pool.begin().await?;
-        if let Err(e) = Self::check_held(&mut tx, lease).await {
-            return abort(tx, e).await;
+        let mut verdicts = Vec::with_capacity(rows.len());
+        let now = self.now();
+        for (lease, e) in rows {
+            verdicts.push(match Self::check_held(&mut tx, *lease).await {
+                Ok(()) => Self::insert_epoch(&mut tx, *lease, e, &now)
+                    .await
+                    .map(|()| Ok(()))?,
+                Err(refused) if refused.is_refusal() => Err(refused),
+                Err(other) => return Err(other),
+            });
         }
-        sqlx::query(
-            "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
-                                        test_accuracy, lr, seconds, recorded_at, test_top5, val_loss,
-                                        val_accuracy)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-             ON CONFLICT (sweep_id, seed, epoch) DO UPDATE SET
-                 fence = excluded.fence, train_loss = excluded.train_loss,
-                 train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
-                 test_accuracy = excluded.test_accuracy, lr = excluded.lr, seconds = excluded.seconds,
-                 recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5,
-                 val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy
-             WHERE epoch_metrics.fence <= excluded.fence",
-        )
-        .bind(lease.sweep_id.0.to_string())
-        .bind(lease.seed)
-        .bind(e.epoch as i64)
-        .bind(lease.fence)
-        .bind(e.train_loss)
-        .bind(e.train_accuracy)
-        .bind(e.test_loss)
-        .bind(e.test_accuracy)
-        .bind(e.lr)
-        .bind(e.seconds)
-        .bind(self.now())
-        .bind(e.test_top5)
-        .bind(e.val_loss)
-        .bind(e.val_accuracy)
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(verdicts)
     }
 
     async fn epoch_of(&self, lease: LeaseRef, epoch: u32) -> Result<Option<EpochRecord>> {
@@ -1009,4 +1021,18 @@ impl Store for SqliteStore {
 async fn abort<T>(tx: Transaction<'_, Sqlite>, e: StoreError) -> Result<T> {
     tx.rollback().await?;
     Err(e)
+}
+
+/// The sweep's stored tallies, by test-set size.
+async fn test_sets<'e>(
+    db: impl sqlx::SqliteExecutor<'e>,
+    sweep: &str,
+) -> Result<Vec<TestSetTally>> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {TEST_SET_COLUMNS} FROM test_sets WHERE sweep_id = ?1 ORDER BY examples"
+    )))
+    .bind(sweep)
+    .fetch_all(db)
+    .await?;
+    rows.iter().map(test_set_from_row).collect()
 }
