@@ -165,9 +165,9 @@ enum SweepCommand {
     Stats {
         id: String,
         /// test_accuracy, test_loss, train_accuracy, train_loss, test_top5, val_accuracy,
-        /// val_loss or seconds.
-        #[arg(long, default_value = "test_accuracy")]
-        metric: String,
+        /// val_loss or seconds (default: the sweep's score, `command.score`, else test_accuracy).
+        #[arg(long)]
+        metric: Option<String>,
         /// Also say how many seeds a 95% interval of the mean this wide needs.
         #[arg(long, value_parser = positive)]
         ci_width: Option<f64>,
@@ -186,8 +186,9 @@ enum SweepCommand {
         /// The folder to write into (created if missing; files of the same names are replaced).
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "test_accuracy")]
-        metric: String,
+        /// The metric (default: the sweep's score, `command.score`, else test_accuracy).
+        #[arg(long)]
+        metric: Option<String>,
     },
     /// Write the sweep's results (one row per finished seed) or epoch metrics (one row per seed
     /// and epoch) to a CSV or Parquet file, with the columns of the SQL tables.
@@ -209,8 +210,9 @@ enum SweepCommand {
     Compare {
         a: String,
         b: String,
-        #[arg(long, default_value = "test_accuracy")]
-        metric: String,
+        /// The metric (default: the sweep's score, `command.score`, else test_accuracy).
+        #[arg(long)]
+        metric: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -218,8 +220,9 @@ enum SweepCommand {
     /// summary, the newest black swans (one line per update when stdout is not a terminal).
     Watch {
         id: String,
-        #[arg(long, default_value = "test_accuracy")]
-        metric: String,
+        /// The metric (default: the sweep's score, `command.score`, else test_accuracy).
+        #[arg(long)]
+        metric: Option<String>,
     },
 }
 
@@ -328,9 +331,25 @@ async fn run(
                     ci_width,
                     test_examples,
                     json,
-                } => admin::stats(coordinator, &id, &metric, ci_width, test_examples, json).await?,
+                } => {
+                    admin::stats(
+                        coordinator,
+                        &id,
+                        metric.as_deref().unwrap_or_default(),
+                        ci_width,
+                        test_examples,
+                        json,
+                    )
+                    .await?
+                }
                 SweepCommand::Report { id, out, metric } => {
-                    admin::report(coordinator, &id, &metric, &out).await?
+                    admin::report(
+                        coordinator,
+                        &id,
+                        metric.as_deref().unwrap_or_default(),
+                        &out,
+                    )
+                    .await?
                 }
                 SweepCommand::Export {
                     id,
@@ -339,10 +358,17 @@ async fn run(
                     table,
                 } => admin::export(coordinator, &id, &table, &format, &out).await?,
                 SweepCommand::Compare { a, b, metric, json } => {
-                    admin::compare(coordinator, &a, &b, &metric, json).await?
+                    admin::compare(
+                        coordinator,
+                        &a,
+                        &b,
+                        metric.as_deref().unwrap_or_default(),
+                        json,
+                    )
+                    .await?
                 }
                 SweepCommand::Watch { id, metric } => {
-                    admin::watch(coordinator, &id, &metric).await?;
+                    admin::watch(coordinator, &id, metric.as_deref().unwrap_or_default()).await?;
                     String::new()
                 }
                 SweepCommand::Results { id, json } => {

@@ -238,11 +238,15 @@ impl CoordinatorService {
 /// How often a watcher also looks for results another coordinator replica recorded.
 const WATCH_POLL: Duration = Duration::from_secs(2);
 
-fn metric(s: &str) -> Result<Metric, Status> {
-    if s.is_empty() {
-        return Ok(Metric::TestAccuracy);
+impl CoordinatorService {
+    /// The metric a reader asked for; when none, the sweep's score (`command.score`, else
+    /// test_accuracy).
+    async fn metric(&self, sweep: SweepId, asked: &str) -> Result<Metric, Status> {
+        if asked.is_empty() {
+            return Ok(self.shapes.of(sweep).await?.score);
+        }
+        asked.parse().map_err(Status::invalid_argument)
     }
-    s.parse().map_err(Status::invalid_argument)
 }
 
 /// A statistics document as the proto carries it: its JSON text.
@@ -531,6 +535,17 @@ fn name<T: serde::Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
+fn command_pb(c: seedsweep_core::spec::command::CommandSpec) -> pb::CommandConfig {
+    pb::CommandConfig {
+        argv: c.argv,
+        workdir: c.workdir.unwrap_or_default(),
+        env: c.env.into_iter().collect(),
+        time_limit_seconds: c.time_limit_seconds,
+        score: c.score,
+        epochs: c.epochs.unwrap_or(0),
+    }
+}
+
 fn finetune_pb(f: &seedsweep_core::spec::finetune::FinetuneSpec) -> pb::FinetuneConfig {
     let b = &f.backbone;
     let t = &f.finetune;
@@ -647,7 +662,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::StatsDocument>, Status> {
         let r = req.get_ref();
         let id = sweep_id(&r.sweep_id)?;
-        let metric = metric(&r.metric)?;
+        let metric = self.metric(id, &r.metric).await?;
         if !(r.ci_width.is_finite() && r.ci_width >= 0.0) {
             return Err(Status::invalid_argument("ci_width must be a number >= 0"));
         }
@@ -662,7 +677,7 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::GetSweepReportRequest>,
     ) -> Result<Response<pb::SweepReport>, Status> {
         let id = sweep_id(&req.get_ref().sweep_id)?;
-        let metric = metric(&req.get_ref().metric)?;
+        let metric = self.metric(id, &req.get_ref().metric).await?;
         let name = self
             .store
             .sweep_progress(id)
@@ -713,7 +728,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::StatsDocument>, Status> {
         let r = req.get_ref();
         let (a, b) = (sweep_id(&r.sweep_a)?, sweep_id(&r.sweep_b)?);
-        let metric = metric(&r.metric)?;
+        let metric = self.metric(a, &r.metric).await?;
         let values = |runs: Vec<seedsweep_core::domain::Scored>| -> Vec<f64> {
             runs.into_iter().map(|s| s.value).collect()
         };
@@ -739,7 +754,7 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::WatchSweepRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<pb::SweepUpdate>>, Status> {
         let id = sweep_id(&req.get_ref().sweep_id)?;
-        let metric = metric(&req.get_ref().metric)?;
+        let metric = self.metric(id, &req.get_ref().metric).await?;
         let store = self.store.clone();
         let mut woken = self.recorded.subscribe();
         let mut watched = Watched::default();
@@ -926,6 +941,7 @@ impl Coordinator for CoordinatorService {
                     factors: Some(factors_pb(&l.factors)),
                     seed_namespace: l.seed_namespace,
                     finetune: l.finetune.as_ref().map(finetune_pb),
+                    command: l.command.map(command_pb),
                 })
             }
             ClaimOutcome::Empty { outstanding } => {

@@ -166,6 +166,7 @@ pub struct Lease {
     pub factors: FactorSeeds,
     pub seed_namespace: String,
     pub finetune: Option<crate::spec::finetune::FinetuneSpec>,
+    pub command: Option<crate::spec::command::CommandSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

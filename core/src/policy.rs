@@ -3,7 +3,8 @@
 //! locking, so the rules are written (and tested) once.
 
 use crate::design::Design;
-use crate::domain::{EpochRecord, LeaseRef, SeedResult, SeedState, SweepId, SweepState};
+use crate::domain::{EpochRecord, LeaseRef, Metric, SeedResult, SeedState, SweepId, SweepState};
+use crate::spec::command::CommandSpec;
 use crate::spec::finetune::FinetuneSpec;
 use crate::spec::{MAX_SEEDS, TrainSettings};
 
@@ -200,7 +201,12 @@ pub fn check_epochs_recorded(lease: LeaseRef, claimed: u32, recorded: u64) -> Re
 /// of any other shape is refused: an under- or over-trained run must not enter the statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunShape {
+    /// The epochs a run reports: exactly these, or at most these when not `exact` (a program
+    /// of the researcher's own that decides when it is done).
     pub epochs: u32,
+    pub exact: bool,
+    /// The metric the sweep's statistics default to (`command.score`; else test_accuracy).
+    pub score: Metric,
     /// Top-5 accuracy: the fine-tune task's evaluations.
     pub top5: bool,
     /// Validation metrics: a ResNet-9 run with images held out (`holdout` > 0).
@@ -215,15 +221,30 @@ pub struct Reported {
 }
 
 impl RunShape {
-    pub fn of(train: &TrainSettings, finetune: Option<&FinetuneSpec>) -> RunShape {
-        match finetune {
-            Some(f) => RunShape {
+    pub fn of(
+        train: &TrainSettings,
+        finetune: Option<&FinetuneSpec>,
+        command: Option<&CommandSpec>,
+    ) -> RunShape {
+        match (finetune, command) {
+            (_, Some(c)) => RunShape {
+                epochs: c.epochs.unwrap_or(crate::spec::command::MAX_EPOCHS),
+                exact: c.epochs.is_some(),
+                score: c.score.parse().unwrap_or(Metric::TestAccuracy),
+                top5: true,
+                validation: true,
+            },
+            (Some(f), None) => RunShape {
                 epochs: f.finetune.evaluations(),
+                exact: true,
+                score: Metric::TestAccuracy,
                 top5: true,
                 validation: false,
             },
-            None => RunShape {
+            (None, None) => RunShape {
                 epochs: train.epochs,
+                exact: true,
+                score: Metric::TestAccuracy,
                 top5: false,
                 validation: train.holdout > 0,
             },
@@ -243,6 +264,9 @@ impl RunShape {
 
     /// Whether a result claiming `epochs` and carrying `reported` fits.
     pub fn check_result(&self, epochs: u32, reported: Reported) -> Result<(), String> {
+        if !self.exact && (1..=self.epochs).contains(&epochs) {
+            return self.check_metrics(reported);
+        }
         if epochs != self.epochs {
             return Err(format!(
                 "epochs = {epochs}: this sweep's runs train {} epochs (a run that stopped early reports FailSeed)",
@@ -556,7 +580,7 @@ mod tests {
             "name = \"s\"\ntask = \"resnet9\"\ndataset = \"d\"\nseeds = \"0..2\"\n[train]\nepochs = 3\n",
         )
         .unwrap();
-        let shape = RunShape::of(&spec.train, None);
+        let shape = RunShape::of(&spec.train, None, None);
         assert_eq!(shape.epochs, 3);
         let plain = Reported {
             top5: false,
@@ -590,6 +614,10 @@ mod tests {
         assert!(shape.check_result(3, val).unwrap_err().contains("holdout"));
         let mut held_out = spec.train.clone();
         held_out.holdout = 100;
-        assert!(RunShape::of(&held_out, None).check_result(3, val).is_ok());
+        assert!(
+            RunShape::of(&held_out, None, None)
+                .check_result(3, val)
+                .is_ok()
+        );
     }
 }

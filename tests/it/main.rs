@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod chaos;
+mod command;
 mod e2e;
 mod finetune;
 mod protocol_model;

@@ -6,10 +6,12 @@
 //!   draw derived from its seeds; [`airbench`]: airbench94's training;
 //! - [`checkpoint`]: save and resume a run; [`shim`]: libtorch switches tch lacks (C++);
 //! - [`finetune`]: task finetune-head, a new head on a frozen pretrained backbone;
+//! - [`command`]: task command, the researcher's own training program;
 //! - [`runner`]: the lease / heartbeat / stream / report loop.
 
 pub mod airbench;
 pub mod checkpoint;
+pub mod command;
 mod convert;
 pub mod data;
 pub mod digits;

@@ -105,6 +105,16 @@ struct RunArgs {
     /// what it holds before it leases anything new.
     #[arg(long, env = "SEEDSWEEP_SPOOL_DIR", value_name = "DIR")]
     spool_dir: Option<PathBuf>,
+    /// Let sweeps of task `command` run PROGRAM (repeat for more): a name found through PATH or a
+    /// path, matched against each sweep's program after both are resolved (links followed).
+    /// Running a sweep's program is running code its submitter chose: without this flag the
+    /// worker runs none, and hands such seeds back.
+    #[arg(long = "allow-command", value_name = "PROGRAM")]
+    allow_command: Vec<String>,
+    /// Folder for the output (stdout and stderr) and reports of each command run, one log file
+    /// per lease, cut at 32 MiB (default: ${XDG_STATE_HOME:-~/.local/state}/seedsweep/logs).
+    #[arg(long, env = "SEEDSWEEP_LOG_DIR", value_name = "DIR")]
+    log_dir: Option<PathBuf>,
     /// Seconds to keep trying to reach the coordinator at start before giving up.
     #[arg(long, default_value_t = 30)]
     connect_timeout: u64,
@@ -494,6 +504,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Checked before libtorch or the data are touched, so a typo fails fast.
     connection.endpoint()?;
+    let allowed_commands = args
+        .allow_command
+        .iter()
+        .map(|p| {
+            seedsweep_worker::command::resolve(p, None).with_context(|| {
+                format!(
+                    "--allow-command {p}: not an executable file here (a name on PATH, or a path)"
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let settings = WorkerSettings {
         coordinator: connection,
         device,
@@ -514,6 +535,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         spool_dir: args
             .spool_dir
             .unwrap_or_else(|| per_user("XDG_STATE_HOME", ".local/state", "spool", "spool")),
+        allowed_commands,
+        log_dir: args
+            .log_dir
+            .unwrap_or_else(|| per_user("XDG_STATE_HOME", ".local/state", "logs", "logs")),
         decode_threads: args
             .decode_threads
             .map(|n| n as usize)
@@ -560,6 +585,7 @@ async fn watch_signals(shutdown: Arc<AtomicBool>) {
         tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
         if n > 0 {
             eprintln!("second signal: exiting now");
+            seedsweep_worker::command::kill_all();
             std::process::exit(130);
         }
         tracing::info!("signal received: stopping after handing the current seed back");

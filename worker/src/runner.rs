@@ -2,6 +2,7 @@
 //! the result, repeat. The worker never touches the database; it speaks only gRPC.
 
 use crate::checkpoint::CheckpointStore;
+use crate::command;
 use crate::convert::{epoch_pb, finetune_config, train_config};
 use crate::data::{self, DataError, Dataset};
 use crate::finetune::{
@@ -60,6 +61,10 @@ pub struct WorkerSettings {
     pub decode_threads: usize,
     /// Where finished results wait until the coordinator has them (local disk).
     pub spool_dir: PathBuf,
+    /// The programs sweeps of task `command` may run here (resolved paths); none: no command.
+    pub allowed_commands: Vec<PathBuf>,
+    /// Where each command run's output goes.
+    pub log_dir: PathBuf,
 }
 
 /// The longest wait between two tries to deliver a result while the coordinator is away: short
@@ -112,6 +117,11 @@ enum Job {
         cfg: FinetuneConfig,
         source: Source,
     },
+    Command {
+        run: command::CommandRun,
+        /// Exactly this many epochs, when the sweep says.
+        epochs: Option<u32>,
+    },
 }
 
 impl Job {
@@ -119,6 +129,11 @@ impl Job {
         match self {
             Job::Resnet9 { data, .. } => data.fingerprint.clone(),
             Job::Finetune { source, .. } => source.fingerprint().to_string(),
+            // The program brings its own data: the run is known by what ran.
+            Job::Command { run, .. } => format!(
+                "command:{:x}",
+                sha2::Sha256::digest(format!("{:?}|{:?}", run.argv, run.workdir))
+            ),
         }
     }
 
@@ -129,6 +144,7 @@ impl Job {
                 checkpoints: Some(c),
                 ..
             } => Some(c.dir().to_path_buf()),
+            Job::Command { run, .. } => run.checkpoints.clone(),
             _ => None,
         }
     }
@@ -137,6 +153,8 @@ impl Job {
         match self {
             Job::Resnet9 { cfg, .. } => cfg.epochs,
             Job::Finetune { cfg, .. } => finetune::evaluations(cfg),
+            // Not known in advance: the next lease is asked for once this one ends.
+            Job::Command { epochs, .. } => epochs.unwrap_or(u32::MAX),
         }
     }
 
@@ -186,6 +204,7 @@ impl Job {
                     timing: Default::default(),
                 })
             }
+            Job::Command { run, .. } => command::run(&run, stop, on_epoch),
         }
     }
 }
@@ -624,7 +643,79 @@ impl Worker {
                     .map_err(|e| Unprepared::Blamed(Blame::Host, e))?;
                 Ok(Job::Finetune { cfg, source })
             }
+            Task::Command => self.command_job(lease),
         }
+    }
+
+    /// The run of a `command` lease: its program resolved on this host and allowed by
+    /// `--allow-command` (else it is this host's problem: the seed goes back uncounted), its
+    /// arguments and environment with the run's seeds.
+    fn command_job(&self, lease: &pb::Lease) -> Result<Job, Unprepared> {
+        let c = lease.command.as_ref().ok_or_else(|| {
+            Unprepared::Blamed(
+                Blame::Configuration,
+                "the lease carried no command settings".into(),
+            )
+        })?;
+        let factors = lease.factors.unwrap_or(pb::FactorSeeds {
+            init: lease.seed,
+            order: lease.seed,
+            augment: lease.seed,
+            split: lease.seed,
+        });
+        let value = seedsweep_core::spec::command::placeholder(
+            lease.seed,
+            [factors.init, factors.order, factors.augment, factors.split],
+        );
+        let expand = |text: &str| {
+            seedsweep_core::spec::command::expand(text, &value)
+                .map_err(|e| Unprepared::Blamed(Blame::Configuration, e))
+        };
+        let mut argv = c
+            .argv
+            .iter()
+            .map(|a| expand(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let workdir = (!c.workdir.is_empty()).then(|| PathBuf::from(&c.workdir));
+        let program = command::allowed(
+            &argv[0],
+            workdir.as_deref(),
+            &self.settings.allowed_commands,
+        )
+        .map_err(|e| Unprepared::Blamed(Blame::Host, e))?;
+        argv[0] = program.display().to_string();
+        let checkpoints = self
+            .settings
+            .checkpoint_dir
+            .as_ref()
+            .map(|d| d.join(&lease.sweep_id).join(lease.seed.to_string()));
+        let mut env = c
+            .env
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), expand(v)?)))
+            .collect::<Result<Vec<_>, Unprepared>>()?;
+        env.extend(command::seed_env(
+            lease,
+            &factors,
+            checkpoints.as_deref(),
+            self.settings.device,
+        ));
+        Ok(Job::Command {
+            run: command::CommandRun {
+                argv,
+                workdir,
+                env,
+                time_limit: (c.time_limit_seconds > 0)
+                    .then(|| Duration::from_secs(c.time_limit_seconds)),
+                log: self
+                    .settings
+                    .log_dir
+                    .join(&lease.sweep_id)
+                    .join(format!("{}-{}.log", lease.seed, lease.fence)),
+                checkpoints,
+            },
+            epochs: (c.epochs > 0).then_some(c.epochs),
+        })
     }
 
     /// `work`, unless shutdown is asked for first (a download or a slow disk must not keep the
@@ -676,7 +767,7 @@ impl Worker {
         });
         let images_per_epoch = match &job {
             Job::Resnet9 { data, .. } => Some(data.train.len().max(0) as u64),
-            Job::Finetune { .. } => None,
+            Job::Finetune { .. } | Job::Command { .. } => None,
         };
         let metrics = self.metrics.clone();
         let started = Instant::now();
@@ -1181,6 +1272,8 @@ mod tests {
             feature_cache: data.path().join("features"),
             decode_threads: 1,
             spool_dir: data.path().join("spool"),
+            allowed_commands: Vec::new(),
+            log_dir: data.path().join("logs"),
         };
         let shutdown = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(WorkerMetrics::default());

@@ -248,6 +248,9 @@ pub enum TrainError {
     /// A problem of this host (a missing or wrong backbone file), not of the seed.
     #[error("{0}")]
     Host(String),
+    /// The run's own program (task command) failed or reported what cannot be recorded.
+    #[error("{0}")]
+    Program(String),
 }
 
 /// Who a failed run is charged to: this alone decides whether its attempt counts.
@@ -272,7 +275,8 @@ impl TrainError {
             | TrainError::Torch(_)
             | TrainError::Step(_)
             | TrainError::Checkpoint(_)
-            | TrainError::Panicked(_) => Blame::Seed,
+            | TrainError::Panicked(_)
+            | TrainError::Program(_) => Blame::Seed,
             TrainError::Config(_) | TrainError::Data(_) => Blame::Configuration,
             TrainError::Device(_) | TrainError::Host(_) => Blame::Host,
         })

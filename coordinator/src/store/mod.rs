@@ -218,6 +218,7 @@ pub trait Store: Send + Sync + 'static {
         Ok(policy::RunShape::of(
             &config.train,
             config.finetune.as_ref(),
+            config.command.as_ref(),
         ))
     }
     async fn sweep_progress(&self, id: SweepId) -> Result<SweepProgress>;
@@ -481,6 +482,7 @@ pub(crate) struct LeaseConfig {
     pub train: seedsweep_core::spec::TrainSettings,
     pub seed_namespace: String,
     pub finetune: Option<seedsweep_core::spec::finetune::FinetuneSpec>,
+    pub command: Option<seedsweep_core::spec::command::CommandSpec>,
 }
 
 fn config_value(config: &str) -> Result<serde_json::Value> {
@@ -499,6 +501,7 @@ pub(crate) fn lease_config(config: &str) -> Result<LeaseConfig> {
         seed_namespace: config_field::<Option<String>>(&value, "seed_namespace")?
             .unwrap_or_default(),
         finetune: config_field(&value, "finetune")?,
+        command: config_field::<Option<_>>(&value, "command")?,
     })
 }
 

@@ -251,6 +251,7 @@ impl PgStore {
             factors: factors_from_row(&row)?,
             seed_namespace: config.seed_namespace,
             finetune: config.finetune,
+            command: config.command,
         })))
     }
 

@@ -316,6 +316,7 @@ impl SqliteStore {
             factors: factors_from_row(&row)?,
             seed_namespace: config.seed_namespace,
             finetune: config.finetune,
+            command: config.command,
         })))
     }
 

@@ -1,6 +1,7 @@
 //! The sweep file: parsed and validated once, at the edge, into a [`SweepSpec`] the rest of the
 //! coordinator trusts. Every rejection names the key to change.
 
+pub mod command;
 pub mod finetune;
 
 use crate::design::{Design, Factor};
@@ -36,11 +37,14 @@ pub enum Task {
     Resnet9,
     /// A new classifier head on a pretrained backbone, under `[backbone]` and `[finetune]`.
     FinetuneHead,
+    /// The researcher's own training program, under `[command]`.
+    Command,
 }
 
 names!(Task as "task" {
     Resnet9 => "resnet9",
     FinetuneHead => "finetune-head",
+    Command => "command",
 });
 
 /// The seeds of a sweep: a half-open range `start..end` or an explicit list, in submission order.
@@ -691,6 +695,8 @@ pub struct SweepSpec {
     pub seed_namespace: String,
     /// The `finetune-head` settings (that task only).
     pub finetune: Option<finetune::FinetuneSpec>,
+    /// The `command` settings (that task only).
+    pub command: Option<command::CommandSpec>,
 }
 
 #[derive(Deserialize)]
@@ -698,7 +704,7 @@ pub struct SweepSpec {
 struct RawSweep {
     name: String,
     task: String,
-    dataset: String,
+    dataset: Option<String>,
     seeds: Option<RawSeeds>,
     recipe: Option<String>,
     vary: Option<Vec<String>>,
@@ -715,6 +721,7 @@ struct RawSweep {
     train: toml::Table,
     backbone: Option<toml::Value>,
     finetune: Option<toml::Value>,
+    command: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -732,9 +739,16 @@ impl SweepSpec {
         if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
             return invalid("`name` must be 1 to 200 printable characters");
         }
-        let (task, finetune) = task(&raw)?;
-        let dataset = raw.dataset.clone();
-        if dataset.is_empty()
+        let (task, finetune, command) = task(&raw)?;
+        let dataset = match (&raw.dataset, task) {
+            (Some(d), _) => d.clone(),
+            // The program brings its own data.
+            (None, Task::Command) => String::new(),
+            (None, _) => {
+                return invalid("`dataset` is missing: name the dataset (e.g. \"cifar10\")");
+            }
+        };
+        if (raw.dataset.is_some() || task != Task::Command) && dataset.is_empty()
             || dataset.len() > 64
             || !dataset
                 .chars()
@@ -776,6 +790,7 @@ impl SweepSpec {
             design,
             seed_namespace: raw.seed_namespace,
             finetune,
+            command,
         })
     }
 
@@ -792,6 +807,7 @@ impl SweepSpec {
             "design": self.design,
             "seed_namespace": self.seed_namespace,
             "finetune": self.finetune,
+            "command": self.command,
             "retry_backoff_seconds": self.retry.base_seconds,
             "retry_backoff_max_seconds": self.retry.max_seconds,
             "train": self.train,
@@ -809,8 +825,15 @@ impl SweepSpec {
     }
 }
 
+/// The sweep's task's own settings (and only its own: another task's tables are refused).
+type TaskSettings = (
+    Task,
+    Option<finetune::FinetuneSpec>,
+    Option<command::CommandSpec>,
+);
+
 /// The sweep's task and the tables that belong to it (and only to it).
-fn task(raw: &RawSweep) -> Result<(Task, Option<finetune::FinetuneSpec>), SpecError> {
+fn task(raw: &RawSweep) -> Result<TaskSettings, SpecError> {
     let task = Task::parse(&raw.task).ok_or_else(|| {
         SpecError(format!(
             "`task` = \"{}\" is not a known task: use {}",
@@ -818,28 +841,43 @@ fn task(raw: &RawSweep) -> Result<(Task, Option<finetune::FinetuneSpec>), SpecEr
             Task::known()
         ))
     })?;
-    let finetune = match task {
-        Task::Resnet9 => {
-            if raw.backbone.is_some() || raw.finetune.is_some() {
-                return invalid(
-                    "[backbone] and [finetune] belong to task \"finetune-head\"; task \"resnet9\" takes `recipe` and [train]",
-                );
-            }
-            None
-        }
-        Task::FinetuneHead => {
-            if !raw.train.is_empty() || raw.recipe.is_some() {
-                return invalid(
-                    "`recipe` and [train] belong to task \"resnet9\"; task \"finetune-head\" takes [backbone] and [finetune]",
-                );
-            }
+    let tables = [
+        (
+            Task::Resnet9,
+            "`recipe` and [train]",
+            !raw.train.is_empty() || raw.recipe.is_some(),
+        ),
+        (
+            Task::FinetuneHead,
+            "[backbone] and [finetune]",
+            raw.backbone.is_some() || raw.finetune.is_some(),
+        ),
+        (Task::Command, "[command]", raw.command.is_some()),
+    ];
+    let own = tables.iter().find(|t| t.0 == task).map_or("", |t| t.1);
+    if let Some((other, what, _)) = tables.iter().find(|t| t.0 != task && t.2) {
+        return invalid(format!(
+            "{what} belong to task \"{}\"; task \"{}\" takes {own}",
+            other.as_str(),
+            task.as_str()
+        ));
+    }
+    Ok(match task {
+        Task::Resnet9 => (task, None, None),
+        Task::FinetuneHead => (
+            task,
             Some(finetune::FinetuneSpec::parse(
                 raw.backbone.clone(),
                 raw.finetune.clone(),
-            )?)
-        }
-    };
-    Ok((task, finetune))
+            )?),
+            None,
+        ),
+        Task::Command => (
+            task,
+            None,
+            Some(command::CommandSpec::parse(raw.command.clone())?),
+        ),
+    })
 }
 
 /// The retry backoff of failed seeds.

@@ -1,0 +1,267 @@
+//! The `command` task's part of a sweep file: `[command]`, a training program of the researcher's
+//! own that each worker runs once per seed (README, "Your own training program"). Validated here,
+//! once; the worker expands the placeholders with [`expand`].
+
+use crate::spec::{SpecError, invalid};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The placeholders of `argv` and `env` values, each the run's seed of that name.
+pub const PLACEHOLDERS: [&str; 5] = [
+    "seed",
+    "init_seed",
+    "order_seed",
+    "augment_seed",
+    "split_seed",
+];
+
+/// Environment variables the worker sets itself; a sweep may not set them.
+const RESERVED_ENV: [&str; 2] = ["SEEDSWEEP_", "CUDA_VISIBLE_DEVICES"];
+
+/// The most epochs a run may report.
+pub const MAX_EPOCHS: u32 = 100_000;
+
+/// The longest run a sweep may allow: 30 days.
+const MAX_TIME_LIMIT: u64 = 30 * 86_400;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    /// The program and its arguments, never a shell string; placeholders such as `{seed}` are
+    /// replaced with the run's seeds (`{{` and `}}` stand for braces).
+    pub argv: Vec<String>,
+    /// The program's working directory on the worker (default: the worker's own).
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Extra environment variables (values may hold placeholders).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// A run still going after this many seconds is killed and fails (0: no limit).
+    #[serde(default)]
+    pub time_limit_seconds: u64,
+    /// The metric the sweep's statistics, report, comparison and watch use by default (one of
+    /// the results' columns).
+    #[serde(default = "default_score")]
+    pub score: String,
+    /// When set, a run must report exactly this many epochs.
+    #[serde(default)]
+    pub epochs: Option<u32>,
+}
+
+fn default_score() -> String {
+    "test_accuracy".into()
+}
+
+impl CommandSpec {
+    pub fn parse(table: Option<toml::Value>) -> Result<CommandSpec, SpecError> {
+        let Some(table) = table else {
+            return invalid(
+                "task \"command\" needs a [command] table with `argv`, the program and its arguments; see README, \"Your own training program\"",
+            );
+        };
+        let spec: CommandSpec = table.try_into().map_err(|e: toml::de::Error| {
+            SpecError::new(format!("in [command]: {}", e.message().trim_end()))
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    fn validate(&self) -> Result<(), SpecError> {
+        match self.argv.first() {
+            None => {
+                return invalid(
+                    "`command.argv` is empty: give the program and its arguments, e.g. [\"python3\", \"train.py\", \"--seed\", \"{seed}\"]",
+                );
+            }
+            Some(p) if p.trim().is_empty() => {
+                return invalid("`command.argv[0]` is empty: name the program to run");
+            }
+            _ => {}
+        }
+        if self.argv.len() > 1_000 {
+            return invalid("`command.argv` has more than 1000 arguments");
+        }
+        for (i, arg) in self.argv.iter().enumerate() {
+            check_text(&format!("command.argv[{i}]"), arg)?;
+        }
+        if let Some(dir) = &self.workdir {
+            if dir.is_empty() {
+                return invalid(
+                    "`command.workdir` is empty: leave it out to run in the worker's own directory",
+                );
+            }
+            check_text("command.workdir", dir)?;
+        }
+        if self.env.len() > 200 {
+            return invalid("`command.env` has more than 200 variables");
+        }
+        for (key, value) in &self.env {
+            let valid = key
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid || key.len() > 128 {
+                return invalid(format!(
+                    "`command.env.{key}`: a variable's name is letters, digits and '_', not starting with a digit"
+                ));
+            }
+            if RESERVED_ENV.iter().any(|r| key.starts_with(r)) {
+                return invalid(format!(
+                    "`command.env.{key}`: the worker sets SEEDSWEEP_* and CUDA_VISIBLE_DEVICES itself"
+                ));
+            }
+            check_text(&format!("command.env.{key}"), value)?;
+        }
+        if self.time_limit_seconds > MAX_TIME_LIMIT {
+            return invalid(format!(
+                "`command.time_limit_seconds` = {}: give at most {MAX_TIME_LIMIT} (30 days), or 0 for no limit",
+                self.time_limit_seconds
+            ));
+        }
+        if let Err(e) = self.score.parse::<crate::domain::Metric>() {
+            return invalid(format!("`command.score`: {e}"));
+        }
+        if let Some(n) = self.epochs
+            && !(1..=MAX_EPOCHS).contains(&n)
+        {
+            return invalid(format!(
+                "`command.epochs` = {n}: give between 1 and {MAX_EPOCHS}, or leave it out"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A value of the program's settings: printable, not too long, its placeholders known.
+fn check_text(key: &str, text: &str) -> Result<(), SpecError> {
+    if text.len() > 4_096 || text.contains('\0') {
+        return invalid(format!(
+            "`{key}` must be at most 4096 bytes with no NUL character"
+        ));
+    }
+    expand(text, &placeholder(0, [0; 4])).map_err(|e| SpecError::new(format!("`{key}`: {e}")))?;
+    Ok(())
+}
+
+/// `text` with each `{name}` replaced by `value(name)`, and `{{`, `}}` by braces. An unknown
+/// name, or a brace that opens or closes nothing, is an error that says so.
+pub fn expand(text: &str, value: &dyn Fn(&str) -> Option<i64>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(['{', '}']) {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(after) = tail.strip_prefix("{{").or_else(|| tail.strip_prefix("}}")) {
+            out.push_str(&tail[..1]);
+            rest = after;
+            continue;
+        }
+        let close = tail
+            .find('}')
+            .filter(|_| tail.starts_with('{'))
+            .ok_or_else(|| "a lone '}': write `}}` for a brace".to_string())?;
+        let name = &tail[1..close];
+        let v = value(name).ok_or_else(|| {
+            format!(
+                "unknown placeholder `{{{name}}}`: use {} (or `{{{{` for a brace)",
+                PLACEHOLDERS.map(|p| format!("{{{p}}}")).join(", ")
+            )
+        })?;
+        out.push_str(&v.to_string());
+        rest = &tail[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The value of each placeholder for a run's seed and factor seeds.
+pub fn placeholder(seed: i64, factors: [i64; 4]) -> impl Fn(&str) -> Option<i64> {
+    move |name| {
+        let at = PLACEHOLDERS.iter().position(|p| *p == name)?;
+        Some(if at == 0 { seed } else { factors[at - 1] })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<CommandSpec, String> {
+        CommandSpec::parse(Some(toml::from_str(text).unwrap())).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn expands_placeholders_and_escapes() {
+        let v = placeholder(7, [1, 2, 3, 4]);
+        assert_eq!(
+            expand(
+                "--seed={seed} {init_seed}/{order_seed}/{augment_seed}/{split_seed}",
+                &v
+            )
+            .unwrap(),
+            "--seed=7 1/2/3/4"
+        );
+        assert_eq!(expand("{{json}} {{{seed}}}", &v).unwrap(), "{json} {7}");
+        assert!(
+            expand("{sed}", &v)
+                .unwrap_err()
+                .contains("unknown placeholder `{sed}`")
+        );
+        assert!(expand("a}b", &v).unwrap_err().contains("lone '}'"));
+        assert!(expand("{seed", &v).is_err());
+    }
+
+    #[test]
+    fn parses_and_checks_each_key() {
+        let ok = parse("argv = [\"python3\", \"train.py\", \"--seed\", \"{seed}\"]").unwrap();
+        assert_eq!(ok.score, "test_accuracy");
+        assert_eq!(ok.time_limit_seconds, 0);
+        assert!(
+            parse("argv = []")
+                .unwrap_err()
+                .contains("`command.argv` is empty")
+        );
+        assert!(
+            parse("argv = [\"x\", \"{sed}\"]")
+                .unwrap_err()
+                .contains("command.argv[1]")
+        );
+        assert!(
+            parse("argv = [\"x\"]\nenv = { SEEDSWEEP_SEED = \"1\" }")
+                .unwrap_err()
+                .contains("sets SEEDSWEEP_")
+        );
+        assert!(
+            parse("argv = [\"x\"]\nenv = { \"1A\" = \"1\" }")
+                .unwrap_err()
+                .contains("a variable's name")
+        );
+        assert!(
+            parse("argv = [\"x\"]\nscore = \"bleu\"")
+                .unwrap_err()
+                .contains("unknown metric `bleu`")
+        );
+        assert_eq!(
+            parse("argv = [\"x\"]\nscore = \"test_loss\"")
+                .unwrap()
+                .score,
+            "test_loss"
+        );
+        assert!(
+            parse("argv = [\"x\"]\ntime_limit_seconds = 99999999")
+                .unwrap_err()
+                .contains("30 days")
+        );
+        assert!(
+            parse("argv = [\"x\"]\nepochs = 0")
+                .unwrap_err()
+                .contains("command.epochs")
+        );
+        assert!(
+            parse("argv = [\"x\"]\nshell = true")
+                .unwrap_err()
+                .contains("shell")
+        );
+    }
+}

@@ -1,0 +1,304 @@
+//! Task `command`: the researcher's own training program under seedsweep's leases, through the
+//! real binaries. The example (examples/command/train.py, PyTorch) on the real digits, and small
+//! test-double programs for the failures.
+
+use seedsweep_tests::{
+    CoordinatorProcess, make_digits, repo_root, signal, sqlite_query, stderr, stdout, torch_python,
+    wait_until, worker,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The PYTHONPATH that imports the cached torch and the repository's `seedsweep` helper (the
+/// workers pass their environment to the programs they run).
+fn python_path() -> String {
+    let torch = torch_python();
+    let torch = torch
+        .get_envs()
+        .find(|(k, _)| *k == "PYTHONPATH")
+        .and_then(|(_, v)| v)
+        .expect("torch_python sets PYTHONPATH")
+        .to_owned();
+    let mut paths: Vec<PathBuf> = std::env::split_paths(&torch).collect();
+    paths.push(repo_root().join("python"));
+    std::env::join_paths(paths).unwrap().into_string().unwrap()
+}
+
+/// A CPU worker that may run python3, with the helper and torch importable.
+fn command_worker(url: &str, data: &Path) -> Command {
+    let mut w = worker(url, data);
+    w.args(["--allow-command", "python3", "--log-dir"])
+        .arg(data.with_file_name("logs"))
+        .env("PYTHONPATH", python_path());
+    w
+}
+
+fn run_workers(coordinator: &CoordinatorProcess, mut make: impl FnMut() -> Command, n: usize) {
+    let workers: Vec<_> = (0..n).map(|_| make().spawn().unwrap()).collect();
+    for w in workers {
+        let out = w.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "worker failed: {}\ncoordinator log:\n{}",
+            stderr(&out),
+            coordinator.log()
+        );
+    }
+}
+
+fn toml_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|a| format!("{a:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// The example trains a real PyTorch network on the real digits for each seed, through two
+/// workers: every seed's epochs and result land in SQL, stats and report read them, and the same
+/// seeds again give the same numbers (CPU, one thread: bit for bit).
+#[test]
+fn a_pytorch_program_sweeps_through_two_workers_and_repeats_itself() {
+    let _heavy = crate::heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    make_digits(&data);
+    let db = dir.path().join("c.db");
+    let coordinator =
+        CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
+    let script = repo_root().join("examples/command/train.py");
+    let digits = data.join("digits");
+    let argv = toml_list(&[
+        "python3",
+        script.to_str().unwrap(),
+        "--data",
+        digits.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--width",
+        "8",
+    ]);
+    let sweep = |name: &str| {
+        format!(
+            "name = \"{name}\"\ntask = \"command\"\nseeds = \"0..3\"\n[command]\nargv = {argv}\nepochs = 2\n"
+        )
+    };
+    let first = coordinator.submit(dir.path(), &sweep("own-a"));
+    let again = coordinator.submit(dir.path(), &sweep("own-b"));
+    run_workers(&coordinator, || command_worker(&coordinator.url, &data), 2);
+
+    let sql = |q: &str| sqlite_query(&db, q);
+    for id in [&first, &again] {
+        assert_eq!(
+            sql(&format!(
+                "SELECT count(*), min(epochs), max(epochs) FROM results WHERE sweep_id = '{id}'"
+            ))
+            .trim(),
+            "3|2|2"
+        );
+        assert_eq!(
+            sql(&format!("SELECT count(*) FROM epoch_metrics WHERE sweep_id = '{id}' AND test_accuracy IS NOT NULL")).trim(),
+            "6"
+        );
+        // The final evaluation's per-example correctness came through the helper.
+        assert_eq!(
+            sql(&format!(
+                "SELECT count(*), min(test_examples) FROM result_bitmaps WHERE sweep_id = '{id}'"
+            ))
+            .trim(),
+            "3|360"
+        );
+        let stats = coordinator.sweep(&["stats", id, "--json"]);
+        assert!(stats.status.success(), "{}", stderr(&stats));
+        let doc: serde_json::Value = serde_json::from_str(&stdout(&stats)).unwrap();
+        assert_eq!(doc["n"], 3, "{doc}");
+        assert!(
+            doc["mean"].as_f64().unwrap() > 0.3,
+            "the example learns the digits: {doc}"
+        );
+        let report =
+            coordinator.sweep(&["report", id, "--out", dir.path().join(id).to_str().unwrap()]);
+        assert!(report.status.success(), "{}", stderr(&report));
+    }
+    let same = sql(&format!(
+        "SELECT a.seed, a.test_accuracy = b.test_accuracy AND a.test_loss = b.test_loss
+                AND a.train_loss = b.train_loss
+         FROM results a JOIN results b ON a.seed = b.seed
+         WHERE a.sweep_id = '{first}' AND b.sweep_id = '{again}' ORDER BY a.seed"
+    ));
+    assert_eq!(
+        same.trim(),
+        "0|1\n1|1\n2|1",
+        "the same seeds gave other numbers"
+    );
+    // Each run's output went to its log under --log-dir.
+    let logs = data.with_file_name("logs").join(&first);
+    assert!(logs.join("0-1.log").exists() && logs.join("0-1.metrics.jsonl").exists());
+}
+
+/// A small test-double program: reports as the helper does, and misbehaves as `seed` asks.
+const DOUBLE: &str = r#"
+import os, sys, time, subprocess
+import seedsweep
+s = seedsweep.seeds()
+fence = int(os.environ["SEEDSWEEP_FENCE"])
+if s.seed == 1 and fence == 1:
+    print("boom: out of luck on the first try", file=sys.stderr)
+    sys.exit(3)
+if s.seed == 2:
+    with open(os.environ["SEEDSWEEP_METRICS_FILE"], "a") as f:
+        f.write("loss=0.5\n")
+    sys.exit(0)
+if s.seed == 3:
+    # Stays running, with a child of its own, until stopped.
+    subprocess.Popen(["sleep", "300"])
+    seedsweep.log_epoch(1, train_loss=1.0, train_accuracy=0.5, lr=0.1, test_loss=1.0, test_accuracy=0.5)
+    time.sleep(300)
+for e in (1, 2):
+    seedsweep.log_epoch(e, train_loss=1.0 / e, train_accuracy=0.5, lr=0.1, test_loss=0.5, test_accuracy=0.25 * e)
+seedsweep.finish(test_accuracy=0.5, correct=[True, False, True, False])
+"#;
+
+fn double_sweep(dir: &Path, seeds: &str) -> String {
+    let program = dir.join("double.py");
+    std::fs::write(&program, DOUBLE).unwrap();
+    let argv = toml_list(&["python3", program.to_str().unwrap()]);
+    format!(
+        "name = \"faults\"\ntask = \"command\"\nseeds = {seeds}\nmax_attempts = 2\nretry_backoff_seconds = 0\n\
+         [command]\nargv = {argv}\nepochs = 2\n"
+    )
+}
+
+/// A failing run is retried and its cause (exit status and stderr) recorded; a malformed report
+/// fails its attempts with the line quoted; a worker that does not allow the program hands the
+/// seed back uncounted.
+#[test]
+fn failures_are_retried_with_their_cause_and_unallowed_programs_handed_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = dir.path().join("c.db");
+    let coordinator =
+        CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
+    let sql = |q: &str| sqlite_query(&db, q);
+
+    let id = coordinator.submit(dir.path(), &double_sweep(dir.path(), "[0, 1, 2]"));
+    // Not allowed: the seed goes back uncounted, and the worker stops saying why.
+    let refused = worker(&coordinator.url, &data).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("--allow-command"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(
+        sql(&format!(
+            "SELECT outcome, count(*) FROM attempts WHERE sweep_id = '{id}' GROUP BY outcome"
+        ))
+        .trim(),
+        "released|1"
+    );
+    assert_eq!(
+        sql(&format!("SELECT count(*) FROM seeds WHERE sweep_id = '{id}' AND state = 'pending' AND failures = 0")).trim(),
+        "3"
+    );
+
+    run_workers(&coordinator, || command_worker(&coordinator.url, &data), 1);
+    let states = sql(&format!(
+        "SELECT seed, state, failures FROM seeds WHERE sweep_id = '{id}' ORDER BY seed"
+    ));
+    assert_eq!(
+        states.trim(),
+        "0|done|0\n1|done|1\n2|failed|2",
+        "{}",
+        coordinator.log()
+    );
+    let cause = |seed: i64| {
+        sql(&format!(
+            "SELECT cause FROM attempts WHERE sweep_id = '{id}' AND seed = {seed} AND outcome = 'failed' ORDER BY fence LIMIT 1"
+        ))
+    };
+    let first = cause(1);
+    assert!(
+        first.contains("exited with status 3") && first.contains("boom: out of luck"),
+        "{first}"
+    );
+    let malformed = cause(2);
+    assert!(malformed.contains("loss=0.5"), "{malformed}");
+    // The bitmap of 4 examples came through the helper.
+    assert_eq!(
+        sql(&format!(
+            "SELECT test_examples FROM result_bitmaps WHERE sweep_id = '{id}' AND seed = 0"
+        ))
+        .trim(),
+        "4"
+    );
+}
+
+/// SIGTERM to the worker while the program runs: the program's whole group is stopped, the
+/// worker exits within seconds and the seed is pending again, its attempt not counted.
+#[test]
+fn sigterm_stops_the_program_and_its_children_and_hands_the_seed_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = dir.path().join("c.db");
+    let coordinator =
+        CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
+    let sql = |q: &str| sqlite_query(&db, q);
+    let id = coordinator.submit(dir.path(), &double_sweep(dir.path(), "[3]"));
+    let mut w = command_worker(&coordinator.url, &data).spawn().unwrap();
+    wait_until(
+        "the program reported its first epoch",
+        Duration::from_secs(60),
+        || {
+            sql(&format!(
+                "SELECT count(*) FROM epoch_metrics WHERE sweep_id = '{id}'"
+            ))
+            .trim()
+                == "1"
+        },
+    );
+    let program = dir.path().join("double.py");
+    let alive = |pattern: &str| {
+        Command::new("pgrep")
+            .args(["-f", pattern])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(alive(program.to_str().unwrap()));
+    signal(&w, "TERM");
+    let stopped = Instant::now();
+    let status = w.wait().unwrap();
+    assert!(
+        status.success(),
+        "the worker exits cleanly after handing the seed back"
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert!(
+        !alive(program.to_str().unwrap()),
+        "the program outlived the worker"
+    );
+    assert!(
+        !alive("^sleep 300$"),
+        "the program's child outlived the worker"
+    );
+    assert_eq!(
+        sql(&format!(
+            "SELECT state, failures FROM seeds WHERE sweep_id = '{id}'"
+        ))
+        .trim(),
+        "pending|0"
+    );
+    assert_eq!(
+        sql(&format!(
+            "SELECT outcome FROM attempts WHERE sweep_id = '{id}'"
+        ))
+        .trim(),
+        "released"
+    );
+}
