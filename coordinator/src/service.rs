@@ -422,6 +422,16 @@ fn non_negative(name: &str, v: f64) -> Result<f64, Status> {
     }
 }
 
+/// Where a run's output is on its worker: empty (none), or up to 1024 printable characters.
+fn log_path(s: &str) -> Result<Option<&str>, Status> {
+    if s.len() > 1024 || s.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "log must be at most 1024 printable characters (the run's log file on the worker)",
+        ));
+    }
+    Ok((!s.is_empty()).then_some(s))
+}
+
 fn label(name: &str, s: &str) -> Result<String, Status> {
     if s.is_empty() || s.len() > 256 || s.chars().any(char::is_control) {
         return Err(Status::invalid_argument(format!(
@@ -1055,7 +1065,11 @@ impl Coordinator for CoordinatorService {
         policy::check_final_metrics(&result, last.map_err(status)?.as_ref())
             .map_err(Status::invalid_argument)?;
         self.metrics.saw_worker(&result.worker_id);
+        let log = log_path(&r.log)?;
         let outcome = self.store.complete(lease, &result).await.map_err(status)?;
+        if let Some(log) = log {
+            self.store.note_log(lease, log).await.map_err(status)?;
+        }
         let recorded = outcome == CompleteOutcome::Recorded;
         if recorded {
             self.metrics.result_recorded();
@@ -1075,11 +1089,15 @@ impl Coordinator for CoordinatorService {
         let worker = worker_id(&r.worker_id)?;
         self.metrics.saw_worker(worker);
         let cause: String = r.cause.chars().take(4096).collect();
+        let log = log_path(&r.log)?;
         let state = self
             .store
             .fail(lease, &cause, Charge::from_counted(r.counts_as_attempt))
             .await
             .map_err(status)?;
+        if let Some(log) = log {
+            self.store.note_log(lease, log).await.map_err(status)?;
+        }
         tracing::warn!(sweep = %lease.sweep_id, seed = lease.seed, fence = lease.fence, worker, token = caller_of(&req), cause = %cause, counts_as_attempt = r.counts_as_attempt, state = state.as_str(), "seed attempt ended without a result");
         Ok(Response::new(pb::FailSeedResponse {
             state: state.as_str().to_string(),

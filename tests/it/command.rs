@@ -223,6 +223,22 @@ fn failures_are_retried_with_their_cause_and_unallowed_programs_handed_back() {
     );
     let malformed = cause(2);
     assert!(malformed.contains("loss=0.5"), "{malformed}");
+    // Each attempt that ran names its log file, which holds the program's output.
+    let logs = sql(&format!(
+        "SELECT seed, fence, log FROM attempts WHERE sweep_id = '{id}' AND outcome <> 'released' ORDER BY seed, fence"
+    ));
+    assert_eq!(logs.lines().count(), 5, "{logs}");
+    for row in logs.lines() {
+        let f: Vec<&str> = row.split('|').collect();
+        assert!(
+            f[2].ends_with(&format!("/{id}/{}-{}.log", f[0], f[1])),
+            "{row}"
+        );
+        assert!(Path::new(f[2]).exists(), "{row}");
+    }
+    let failed_log =
+        std::fs::read_to_string(logs.lines().nth(1).unwrap().split('|').nth(2).unwrap()).unwrap();
+    assert!(failed_log.contains("boom: out of luck"), "{failed_log}");
     // The bitmap of 4 examples came through the helper.
     assert_eq!(
         sql(&format!(

@@ -79,6 +79,7 @@ async fn a_stale_fence_is_failed_precondition() {
             worker_id: "w".into(),
             cause: "handed back".into(),
             counts_as_attempt: false,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -22,6 +22,8 @@ pub(crate) struct Held {
     heartbeat: tokio::task::JoinHandle<()>,
     /// When the lease arrived, for the per-seed overhead (lease to first step).
     pub leased_at: Instant,
+    /// Where the run's output goes (task command), named in the attempt's row.
+    pub log: std::sync::OnceLock<String>,
     /// Set once the coordinator knows what became of the seed (or no longer counts this worker
     /// as its holder): dropping the lease then hands nothing back.
     settled: AtomicBool,
@@ -76,6 +78,7 @@ impl HandBacks {
             lost,
             heartbeat,
             leased_at: Instant::now(),
+            log: std::sync::OnceLock::new(),
             settled: AtomicBool::new(false),
             handbacks: self.clone(),
         }
@@ -90,12 +93,14 @@ impl HandBacks {
         lease: &pb::LeaseRef,
         cause: &str,
         counts_as_attempt: bool,
+        log: &str,
     ) -> Result<String, Status> {
         let req = pb::FailSeedRequest {
             lease: Some(lease.clone()),
             worker_id: self.worker_id.clone(),
             cause: cause.to_string(),
             counts_as_attempt,
+            log: log.to_string(),
         };
         match with_retries(self.patience, || {
             let mut c = self.client.clone();
@@ -136,8 +141,9 @@ impl Drop for Held {
             return;
         }
         let (handbacks, lref) = (self.handbacks.clone(), self.lref.clone());
+        let log = self.log.get().cloned().unwrap_or_default();
         let task = async move {
-            match handbacks.end(&lref, STOPPED, false).await {
+            match handbacks.end(&lref, STOPPED, false, &log).await {
                 Ok(state) => tracing::info!(seed = lref.seed, state, "handed the seed back"),
                 Err(s) => tracing::warn!(
                     seed = lref.seed,

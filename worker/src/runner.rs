@@ -584,6 +584,9 @@ impl Worker {
                 return Ok((LeaseEnd::ShutDown, None));
             }
         };
+        if let Job::Command { run, .. } = &job {
+            let _ = held.log.set(run.log.display().to_string());
+        }
         let run = RunInfo {
             fingerprint: job.fingerprint(),
             checkpoint_dir: job.checkpoint_dir(),
@@ -1069,6 +1072,7 @@ impl Worker {
             // A test set past the coordinator's bound goes without per-example correctness.
             test_examples: correct.map_or(0, |c| c.examples),
             test_correct: correct.map(|c| c.bits.clone()).unwrap_or_default(),
+            log: held.log.get().cloned().unwrap_or_default(),
         })
     }
 
@@ -1081,7 +1085,12 @@ impl Worker {
     ) -> anyhow::Result<String> {
         match self
             .handbacks
-            .end(&held.lref, cause, counts_as_attempt)
+            .end(
+                &held.lref,
+                cause,
+                counts_as_attempt,
+                held.log.get().map_or("", String::as_str),
+            )
             .await
         {
             Ok(state) => {

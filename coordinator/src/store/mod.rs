@@ -330,6 +330,8 @@ pub trait Store: Send + Sync + 'static {
     /// returned. A counted failure whose cause an earlier attempt on another worker also failed
     /// with ends the seed at once ([`policy::AttemptEnd::FailedAsBefore`]).
     async fn fail(&self, lease: LeaseRef, cause: &str, charge: Charge) -> Result<SeedState>;
+    /// Names where the attempt's output is on its worker (`attempts.log`).
+    async fn note_log(&self, lease: LeaseRef, log: &str) -> Result<()>;
 
     /// Pauses, resumes or cancels a sweep. Cancelling ends every unfinished seed (held leases are
     /// refused at their next write) and is final.

@@ -945,6 +945,19 @@ impl Store for SqliteStore {
         Ok(CompleteOutcome::Recorded)
     }
 
+    async fn note_log(&self, lease: LeaseRef, log: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE attempts SET log = ?4 WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3",
+        )
+        .bind(lease.sweep_id.0.to_string())
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(log)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn fail(&self, lease: LeaseRef, cause: &str, charge: Charge) -> Result<SeedState> {
         let sweep = lease.sweep_id.0.to_string();
         let mut tx = self.pool.begin().await?;
