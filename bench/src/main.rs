@@ -115,6 +115,7 @@ async fn simulate(url: String, n: usize, args: Pace, until: Instant) -> anyhow::
         let reply = c
             .lease_seed(pb::LeaseSeedRequest {
                 worker_id: worker_id.clone(),
+                ..Default::default()
             })
             .await?
             .into_inner();

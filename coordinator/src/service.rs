@@ -28,6 +28,7 @@ pub struct CoordinatorService {
     recorded: tokio::sync::broadcast::Sender<SweepId>,
     shapes: Shapes,
     epochs: EpochWriter,
+    allowed: crate::fleet::Allowed,
 }
 
 impl CoordinatorService {
@@ -36,6 +37,7 @@ impl CoordinatorService {
         CoordinatorService {
             shapes: Shapes::new(store.clone()),
             epochs: EpochWriter::start(store.clone()),
+            allowed: Default::default(),
             store,
             lease_ttl,
             metrics,
@@ -636,9 +638,22 @@ impl Coordinator for CoordinatorService {
         let id = SweepId::new();
         self.store.create_sweep(id, &spec).await.map_err(status)?;
         tracing::info!(sweep = %id, name = %spec.name, seeds = spec.seeds.len(), "sweep created");
+        let program = spec.command.as_ref().map(|c| c.argv[0].as_str());
+        let warnings = program
+            .filter(|p| !self.allowed.any_allows(p))
+            .map(|p| {
+                format!(
+                    "no worker connected to this coordinator in the last {} minutes allows `{p}`: \
+                     workers run it only when started with --allow-command {p}, and hand its seeds back otherwise",
+                    crate::fleet::RECENT.as_secs() / 60
+                )
+            })
+            .into_iter()
+            .collect();
         Ok(Response::new(pb::SubmitSweepResponse {
             sweep_id: id.to_string(),
             seeds: spec.seeds.len() as u64,
+            warnings,
         }))
     }
 
@@ -931,6 +946,17 @@ impl Coordinator for CoordinatorService {
         let worker = worker_id(&req.get_ref().worker_id)?;
         let token = caller_of(&req);
         self.metrics.saw_worker(worker);
+        let programs = &req.get_ref().allowed_commands;
+        if programs.len() > 64
+            || programs
+                .iter()
+                .any(|p| p.is_empty() || p.len() > 4096 || p.chars().any(char::is_control))
+        {
+            return Err(Status::invalid_argument(
+                "allowed_commands: at most 64 programs, each 1 to 4096 printable characters",
+            ));
+        }
+        self.allowed.saw(worker, programs);
         let started = std::time::Instant::now();
         let claimed = self.store.claim(worker, self.lease_ttl).await;
         self.metrics.claimed(

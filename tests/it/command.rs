@@ -180,7 +180,16 @@ fn failures_are_retried_with_their_cause_and_unallowed_programs_handed_back() {
         CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
     let sql = |q: &str| sqlite_query(&db, q);
 
-    let id = coordinator.submit(dir.path(), &double_sweep(dir.path(), "[0, 1, 2]"));
+    let file = dir.path().join("faults.toml");
+    std::fs::write(&file, double_sweep(dir.path(), "[0, 1, 2]")).unwrap();
+    let submitted = coordinator.sweep(&["submit", file.to_str().unwrap()]);
+    assert!(submitted.status.success(), "{}", stderr(&submitted));
+    assert!(
+        stderr(&submitted).contains("warning: no worker connected to this coordinator in the last 10 minutes allows `python3`"),
+        "{}",
+        stderr(&submitted)
+    );
+    let id = stdout(&submitted).trim().to_string();
     // Not allowed: the seed goes back uncounted, and the worker stops saying why.
     let refused = worker(&coordinator.url, &data).output().unwrap();
     assert!(!refused.status.success());
@@ -202,6 +211,9 @@ fn failures_are_retried_with_their_cause_and_unallowed_programs_handed_back() {
     );
 
     run_workers(&coordinator, || command_worker(&coordinator.url, &data), 1);
+    // A worker that allows python3 has connected since: no warning now.
+    let again = coordinator.sweep(&["submit", file.to_str().unwrap()]);
+    assert!(again.status.success() && !stderr(&again).contains("warning"), "{}", stderr(&again));
     let states = sql(&format!(
         "SELECT seed, state, failures FROM seeds WHERE sweep_id = '{id}' ORDER BY seed"
     ));

@@ -284,6 +284,7 @@ async fn health_reflection_and_metrics_are_open() {
     let leased = client
         .lease_seed(pb::LeaseSeedRequest {
             worker_id: "w1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -28,6 +28,7 @@ async fn lease(c: &mut Client) -> Option<pb::Lease> {
     let r = c
         .lease_seed(pb::LeaseSeedRequest {
             worker_id: "w".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -134,6 +135,7 @@ async fn malformed_requests_are_invalid_argument() {
     let e = c
         .lease_seed(pb::LeaseSeedRequest {
             worker_id: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -292,6 +294,7 @@ async fn tokens_are_checked_before_any_handler() {
     let e = nobody
         .lease_seed(pb::LeaseSeedRequest {
             worker_id: "w".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

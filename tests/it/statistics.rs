@@ -22,6 +22,7 @@ async fn scripted_worker(url: &str, score: impl Fn(&str, i64) -> f64) {
         let reply = c
             .lease_seed(pb::LeaseSeedRequest {
                 worker_id: "scripted".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -269,6 +270,7 @@ async fn stats_compare_and_watch_from_the_command_line() {
     let Some(pb::lease_seed_response::Outcome::Lease(l)) = client
         .lease_seed(pb::LeaseSeedRequest {
             worker_id: "bad".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

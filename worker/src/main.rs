@@ -515,6 +515,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let allowed_programs = (args.allow_command.iter().cloned())
+        .chain(allowed_commands.iter().map(|p| p.display().to_string()))
+        .collect();
     let settings = WorkerSettings {
         coordinator: connection,
         device,
@@ -536,6 +539,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .spool_dir
             .unwrap_or_else(|| per_user("XDG_STATE_HOME", ".local/state", "spool", "spool")),
         allowed_commands,
+        allowed_programs,
         log_dir: args
             .log_dir
             .unwrap_or_else(|| per_user("XDG_STATE_HOME", ".local/state", "logs", "logs")),

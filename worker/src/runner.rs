@@ -63,6 +63,8 @@ pub struct WorkerSettings {
     pub spool_dir: PathBuf,
     /// The programs sweeps of task `command` may run here (resolved paths); none: no command.
     pub allowed_commands: Vec<PathBuf>,
+    /// The same as the coordinator is told of them: each as given, then as resolved.
+    pub allowed_programs: Vec<String>,
     /// Where each command run's output goes.
     pub log_dir: PathBuf,
 }
@@ -467,6 +469,7 @@ impl Worker {
         }
         let request = pb::LeaseSeedRequest {
             worker_id: self.settings.worker_id.clone(),
+            allowed_commands: self.settings.allowed_programs.clone(),
         };
         let reply = self.client.clone().lease_seed(request).await;
         let outcome = reply.map(|r| r.into_inner().outcome);
@@ -1282,6 +1285,7 @@ mod tests {
             decode_threads: 1,
             spool_dir: data.path().join("spool"),
             allowed_commands: Vec::new(),
+            allowed_programs: Vec::new(),
             log_dir: data.path().join("logs"),
         };
         let shutdown = Arc::new(AtomicBool::new(false));

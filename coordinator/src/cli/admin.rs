@@ -24,8 +24,12 @@ pub async fn submit(coordinator: &Connection, file: &Path) -> anyhow::Result<Str
         .submit_sweep(pb::SubmitSweepRequest { sweep_toml: text })
         .await
         .map_err(rpc)
-        .with_context(|| format!("the coordinator refused {}", file.display()))?;
-    Ok(reply.into_inner().sweep_id)
+        .with_context(|| format!("the coordinator refused {}", file.display()))?
+        .into_inner();
+    for warning in &reply.warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(reply.sweep_id)
 }
 
 pub async fn status(coordinator: &Connection, id: &str, json: bool) -> anyhow::Result<String> {
