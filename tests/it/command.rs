@@ -34,17 +34,14 @@ fn command_worker(url: &str, data: &Path) -> Command {
     w
 }
 
-fn run_workers(coordinator: &CoordinatorProcess, mut make: impl FnMut() -> Command, n: usize) {
-    let workers: Vec<_> = (0..n).map(|_| make().spawn().unwrap()).collect();
-    for w in workers {
-        let out = w.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "worker failed: {}\ncoordinator log:\n{}",
-            stderr(&out),
-            coordinator.log()
-        );
-    }
+/// A coordinator on SQLite in `dir`, and the workers' data folder: (data, database, coordinator).
+fn on_sqlite(dir: &Path) -> (PathBuf, PathBuf, CoordinatorProcess) {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = dir.join("c.db");
+    let coordinator =
+        CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
+    (data, db, coordinator)
 }
 
 fn toml_list(items: &[&str]) -> String {
@@ -59,11 +56,8 @@ fn toml_list(items: &[&str]) -> String {
 fn a_pytorch_program_sweeps_through_two_workers_and_repeats_itself() {
     let _heavy = crate::heavy();
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    let (data, db, coordinator) = on_sqlite(dir.path());
     make_digits(&data);
-    let db = dir.path().join("c.db");
-    let coordinator =
-        CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
     let script = repo_root().join("examples/command/train.py");
     let digits = data.join("digits");
     let argv = toml_list(&[
@@ -83,7 +77,7 @@ fn a_pytorch_program_sweeps_through_two_workers_and_repeats_itself() {
     };
     let first = coordinator.submit(dir.path(), &sweep("own-a"));
     let again = coordinator.submit(dir.path(), &sweep("own-b"));
-    run_workers(&coordinator, || command_worker(&coordinator.url, &data), 2);
+    coordinator.run_to_end((0..2).map(|_| command_worker(&coordinator.url, &data)));
 
     let sql = |q: &str| sqlite_query(&db, q);
     for id in [&first, &again] {
@@ -173,11 +167,7 @@ fn double_sweep(dir: &Path, seeds: &str) -> String {
 #[test]
 fn failures_are_retried_with_their_cause_and_unallowed_programs_handed_back() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let db = dir.path().join("c.db");
-    let coordinator =
-        CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
+    let (data, db, coordinator) = on_sqlite(dir.path());
     let sql = |q: &str| sqlite_query(&db, q);
 
     let file = dir.path().join("faults.toml");
@@ -210,10 +200,14 @@ fn failures_are_retried_with_their_cause_and_unallowed_programs_handed_back() {
         "3"
     );
 
-    run_workers(&coordinator, || command_worker(&coordinator.url, &data), 1);
+    coordinator.run_to_end([command_worker(&coordinator.url, &data)]);
     // A worker that allows python3 has connected since: no warning now.
     let again = coordinator.sweep(&["submit", file.to_str().unwrap()]);
-    assert!(again.status.success() && !stderr(&again).contains("warning"), "{}", stderr(&again));
+    assert!(
+        again.status.success() && !stderr(&again).contains("warning"),
+        "{}",
+        stderr(&again)
+    );
     let states = sql(&format!(
         "SELECT seed, state, failures FROM seeds WHERE sweep_id = '{id}' ORDER BY seed"
     ));
@@ -266,11 +260,7 @@ fn failures_are_retried_with_their_cause_and_unallowed_programs_handed_back() {
 #[test]
 fn sigterm_stops_the_program_and_its_children_and_hands_the_seed_back() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let db = dir.path().join("c.db");
-    let coordinator =
-        CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
+    let (data, db, coordinator) = on_sqlite(dir.path());
     let sql = |q: &str| sqlite_query(&db, q);
     let id = coordinator.submit(dir.path(), &double_sweep(dir.path(), "[3]"));
     let mut w = command_worker(&coordinator.url, &data).spawn().unwrap();

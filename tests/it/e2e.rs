@@ -31,18 +31,7 @@ fn run_sweep(coordinator: &CoordinatorProcess, data: &Path, file: &Path, seeds: 
         "submit printed `{id}`, not a UUID alone"
     );
 
-    let workers: Vec<_> = (0..2)
-        .map(|_| worker(&coordinator.url, data).spawn().unwrap())
-        .collect();
-    for w in workers {
-        let out = w.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "worker failed: {}\ncoordinator log:\n{}",
-            stderr(&out),
-            coordinator.log()
-        );
-    }
+    coordinator.run_to_end((0..2).map(|_| worker(&coordinator.url, data)));
 
     let status = coordinator.sweep(&["status", &id, "--json"]);
     assert!(status.status.success(), "{}", stderr(&status));

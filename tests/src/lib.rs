@@ -377,6 +377,24 @@ impl CoordinatorProcess {
         stdout(&out).trim().to_string()
     }
 
+    /// Starts `workers` and waits for each to exit, asserting that each succeeded (with this
+    /// coordinator's log if not).
+    pub fn run_to_end(&self, workers: impl IntoIterator<Item = Command>) {
+        let running: Vec<Child> = workers
+            .into_iter()
+            .map(|mut w| w.spawn().expect("start a worker"))
+            .collect();
+        for w in running {
+            let out = w.wait_with_output().expect("wait for a worker");
+            assert!(
+                out.status.success(),
+                "worker failed: {}\ncoordinator log:\n{}",
+                stderr(&out),
+                self.log()
+            );
+        }
+    }
+
     /// Runs `coordinator sweep ARGS --coordinator URL`.
     pub fn sweep(&self, args: &[&str]) -> Output {
         run(Command::new(bin("coordinator"))

@@ -834,6 +834,15 @@ pub(crate) fn epoch_values_upsert(d: Dialect) -> String {
     )
 }
 
+/// How a re-sent epoch row replaces the recorded one: only under the same or a newer lease.
+pub(crate) const EPOCH_UPSERT: &str = "ON CONFLICT (sweep_id, seed, epoch) DO UPDATE SET
+    fence = excluded.fence, train_loss = excluded.train_loss,
+    train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
+    test_accuracy = excluded.test_accuracy, lr = excluded.lr, seconds = excluded.seconds,
+    recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5,
+    val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy
+  WHERE epoch_metrics.fence <= excluded.fence";
+
 pub(crate) const EPOCH_COLUMNS: &str = "seed, epoch, train_loss, train_accuracy, test_loss,
     test_accuracy, test_top5, val_loss, val_accuracy, lr, seconds";
 

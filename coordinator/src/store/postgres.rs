@@ -4,7 +4,7 @@
 //! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
 use super::{
-    ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS,
+    ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
     FINISHED_EPOCHS, FLEET_SEEDS, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies,
     aggregate_from_row, aggregate_upsert_all, bind_test_set, bitmap_from_row, design_from_config,
     epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
@@ -868,20 +868,15 @@ impl Store for PgStore {
         }
         let mut accepted: Vec<usize> = accepted.into_values().collect();
         accepted.sort_unstable();
-        let mut insert = sqlx::query(
+        // Safe: constant text.
+        let sql = format!(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
                                         test_accuracy, lr, seconds, test_top5, val_loss, val_accuracy)
              SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::int[], $4::bigint[], $5::float8[],
                                   $6::float8[], $7::float8[], $8::float8[], $9::float8[], $10::float8[],
-                                  $11::float8[], $12::float8[], $13::float8[])
-             ON CONFLICT (sweep_id, seed, epoch) DO UPDATE SET
-                 fence = excluded.fence, train_loss = excluded.train_loss,
-                 train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
-                 test_accuracy = excluded.test_accuracy, lr = excluded.lr, seconds = excluded.seconds,
-                 recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5,
-                 val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy
-             WHERE epoch_metrics.fence <= excluded.fence",
+                                  $11::float8[], $12::float8[], $13::float8[]) {EPOCH_UPSERT}"
         );
+        let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
         let rows: Vec<&(LeaseRef, EpochRecord)> = accepted.iter().map(|&i| &rows[i]).collect();
         let column = |f: fn(&EpochRecord) -> Option<f64>| -> Vec<Option<f64>> {
             rows.iter().map(|(_, e)| f(e)).collect()

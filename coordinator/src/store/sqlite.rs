@@ -3,13 +3,13 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, FLEET_SEEDS,
-    Result, Store, StoreError, TEST_SET_COLUMNS, Tallies, aggregate_from_row, aggregate_upsert,
-    bind_test_set, bitmap_from_row, design_from_config, epoch_from_row, epoch_score_from_row,
-    epoch_scores_sql, epoch_value_from_row, epoch_values_sql, epoch_values_upsert,
-    factors_from_row, lease_config, next_state, result_from_row, scored_from_row, scores_sql,
-    seed_rows, state_from_db, sweep_state_from_db, task_from_db, test_set_from_row,
-    test_set_upsert, u64_from_db,
+    ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
+    FLEET_SEEDS, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies, aggregate_from_row,
+    aggregate_upsert, bind_test_set, bitmap_from_row, design_from_config, epoch_from_row,
+    epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
+    epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row,
+    scored_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db, task_from_db,
+    test_set_from_row, test_set_upsert, u64_from_db,
 };
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
@@ -105,19 +105,13 @@ impl SqliteStore {
         e: &EpochRecord,
         now: &str,
     ) -> Result<()> {
-        sqlx::query(
+        // Safe: constant text.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
                                         test_accuracy, lr, seconds, recorded_at, test_top5, val_loss,
                                         val_accuracy)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-             ON CONFLICT (sweep_id, seed, epoch) DO UPDATE SET
-                 fence = excluded.fence, train_loss = excluded.train_loss,
-                 train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
-                 test_accuracy = excluded.test_accuracy, lr = excluded.lr, seconds = excluded.seconds,
-                 recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5,
-                 val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy
-             WHERE epoch_metrics.fence <= excluded.fence",
-        )
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) {EPOCH_UPSERT}"
+        )))
         .bind(lease.sweep_id.0.to_string())
         .bind(lease.seed)
         .bind(e.epoch as i64)
