@@ -128,6 +128,15 @@ fn a_pytorch_program_sweeps_through_two_workers_and_repeats_itself() {
     assert!(logs.join("0-1.log").exists() && logs.join("0-1.metrics.jsonl").exists());
 }
 
+/// Whether a process whose command line matches `pattern` is running.
+fn alive(pattern: &str) -> bool {
+    let found = Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .unwrap();
+    found.status.success()
+}
+
 /// A small test-double program: reports as the helper does, and misbehaves as `seed` asks.
 const DOUBLE: &str = r#"
 import os, sys, time, subprocess
@@ -141,6 +150,9 @@ if s.seed == 2:
     with open(os.environ["SEEDSWEEP_METRICS_FILE"], "a") as f:
         f.write("loss=0.5\n")
     sys.exit(0)
+if s.seed == 0:
+    # Left running in the background, holding the program's stdout.
+    subprocess.Popen(["sleep", "3001"])
 if s.seed == 3:
     # Stays running, with a child of its own, until stopped.
     subprocess.Popen(["sleep", "300"])
@@ -201,6 +213,11 @@ fn failures_are_retried_with_their_cause_and_unallowed_programs_handed_back() {
     );
 
     coordinator.run_to_end([command_worker(&coordinator.url, &data)]);
+    // What a program leaves running in its group is stopped when it exits.
+    assert!(
+        !alive("^sleep 3001$"),
+        "a program's leftover child outlived it"
+    );
     // A worker that allows python3 has connected since: no warning now.
     let again = coordinator.sweep(&["submit", file.to_str().unwrap()]);
     assert!(
@@ -276,14 +293,6 @@ fn sigterm_stops_the_program_and_its_children_and_hands_the_seed_back() {
         },
     );
     let program = dir.path().join("double.py");
-    let alive = |pattern: &str| {
-        Command::new("pgrep")
-            .args(["-f", pattern])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    };
     assert!(alive(program.to_str().unwrap()));
     signal(&w, "TERM");
     let stopped = Instant::now();

@@ -210,7 +210,7 @@ pub fn run(
     let pgid = child.id() as i32;
     RUNNING.lock().unwrap_or_else(|p| p.into_inner()).push(pgid);
     let outcome = supervise(job, &mut child, &metrics_path, &log, stop, &mut on_epoch);
-    // Whatever the program left behind in its group goes with it.
+    // Whatever the program left behind in its group goes with it, however the run ended.
     signal_group(pgid, libc::SIGKILL);
     RUNNING
         .lock()
@@ -301,6 +301,9 @@ fn supervise(
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    // What the program left running in its group goes now: it may hold the output pipes open,
+    // and the copiers end only when every holder is gone.
+    signal_group(child.id() as i32, libc::SIGKILL);
     for c in copiers.into_iter().flatten() {
         let _ = c.join();
     }
