@@ -349,8 +349,8 @@ fn finish(history: Vec<EpochMetrics>, last: Option<Final>) -> Result<Trained, St
     });
     for (name, value) in &final_.metrics {
         let at_last = epoch_metric(final_epoch, name);
-        if at_last.is_some_and(|v| (v - value).abs() > 1e-9 * v.abs().max(1.0)) || at_last.is_none()
-        {
+        let agrees = at_last.is_some_and(|v| (v - value).abs() <= 1e-9 * v.abs().max(1.0));
+        if !agrees {
             return Err(format!(
                 "the final {name} = {value} is not epoch {}'s ({}): report the final evaluation as the last epoch",
                 final_epoch.epoch,

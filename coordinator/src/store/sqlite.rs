@@ -810,9 +810,10 @@ impl Store for SqliteStore {
         let now = self.now();
         for (lease, e) in rows {
             verdicts.push(match Self::check_held(&mut tx, *lease).await {
-                Ok(()) => Self::insert_epoch(&mut tx, *lease, e, &now)
-                    .await
-                    .map(|()| Ok(()))?,
+                Ok(()) => {
+                    Self::insert_epoch(&mut tx, *lease, e, &now).await?;
+                    Ok(())
+                }
                 Err(refused) if refused.is_refusal() => Err(refused),
                 Err(other) => return Err(other),
             });
