@@ -108,7 +108,7 @@ struct RunArgs {
     /// Let sweeps of task `command` run PROGRAM (repeat for more): a name found through PATH or a
     /// path, matched against each sweep's program after both are resolved (links followed).
     /// Running a sweep's program is running code its submitter chose: without this flag the
-    /// worker runs none, and hands such seeds back.
+    /// worker runs none: it hands such a seed back and stops.
     #[arg(long = "allow-command", value_name = "PROGRAM")]
     allow_command: Vec<String>,
     /// Folder for the output (stdout and stderr) and reports of each command run, one log file
