@@ -13,8 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     // Default stubs (UNIMPLEMENTED) let a test double implement only the calls it plays.
     // A malformed message is the sender's fault: INVALID_ARGUMENT (crate::codec), not INTERNAL.
+    // Maps as BTreeMaps: in name order wherever they are written out.
     tonic_prost_build::configure()
         .generate_default_stubs(true)
+        .btree_map(".")
         .codec_path("crate::codec::Codec")
         .compile_fds(descriptors)?;
     Ok(())

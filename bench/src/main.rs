@@ -206,6 +206,7 @@ fn epoch_metrics(lease: &pb::LeaseRef, epochs: u32, accuracy: f64) -> Vec<pb::Ep
             val_accuracy: None,
             lr: 0.4 * (1.0 - f64::from(epoch) / f64::from(epochs)),
             seconds: 2.5,
+            custom: Default::default(),
         })
         .collect()
 }

@@ -165,7 +165,8 @@ enum SweepCommand {
     Stats {
         id: String,
         /// test_accuracy, test_loss, train_accuracy, train_loss, test_top5, val_accuracy,
-        /// val_loss or seconds (default: the sweep's score, `command.score`, else test_accuracy).
+        /// val_loss, seconds, or a custom metric of a command sweep's program (default: the
+        /// sweep's score, `command.score`, else test_accuracy).
         #[arg(long)]
         metric: Option<String>,
         /// Also say how many seeds a 95% interval of the mean this wide needs.

@@ -6,8 +6,8 @@ use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, redact_url};
 use seedsweep_core::domain::SweepState;
 use seedsweep_core::domain::{
-    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, LeaseRef, Metric,
-    SeedCounts, SeedResult, SweepId, SweepSummary,
+    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, CustomMetrics, EpochRecord, LeaseRef,
+    Metric, SeedCounts, SeedResult, SweepId, SweepSummary,
 };
 use seedsweep_core::policy::{self, Charge, Reported, RunShape};
 use seedsweep_core::spec::{Precision, SeedSet, SweepSpec};
@@ -15,7 +15,7 @@ use seedsweep_core::stats;
 use seedsweep_core::stats::document::{ComparisonDocument, StatsDocument};
 use seedsweep_proto::v1 as pb;
 use seedsweep_proto::v1::coordinator_server::Coordinator;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status, Streaming};
@@ -242,12 +242,20 @@ const WATCH_POLL: Duration = Duration::from_secs(2);
 
 impl CoordinatorService {
     /// The metric a reader asked for; when none, the sweep's score (`command.score`, else
-    /// test_accuracy).
+    /// test_accuracy). A custom metric only of a command sweep.
     async fn metric(&self, sweep: SweepId, asked: &str) -> Result<Metric, Status> {
+        let shape = self.shapes.of(sweep).await?;
         if asked.is_empty() {
-            return Ok(self.shapes.of(sweep).await?.score);
+            return Ok(shape.score);
         }
-        asked.parse().map_err(Status::invalid_argument)
+        let metric: Metric = asked.parse().map_err(Status::invalid_argument)?;
+        if metric.is_custom() && !shape.custom {
+            return Err(Status::invalid_argument(format!(
+                "sweep {sweep} has no metric `{asked}`: use one of {} (custom metrics come from task = \"command\" programs)",
+                Metric::known_names()
+            )));
+        }
+        Ok(metric)
     }
 }
 
@@ -475,15 +483,14 @@ fn epoch_record(m: &pb::EpochMetrics) -> Result<EpochRecord, Status> {
             .transpose()?,
         lr: non_negative("lr", m.lr)?,
         seconds: non_negative("seconds", m.seconds)?,
+        custom: custom(&m.custom)?,
     })
 }
 
-/// The optional metrics an epoch row carries.
-fn reported(e: &EpochRecord) -> Reported {
-    Reported {
-        top5: e.test_top5.is_some(),
-        validation: e.val_loss.is_some() || e.val_accuracy.is_some(),
-    }
+/// A report's custom metrics, checked.
+fn custom(m: &BTreeMap<String, f64>) -> Result<CustomMetrics, Status> {
+    seedsweep_core::metric::check_custom(m).map_err(Status::invalid_argument)?;
+    Ok(m.clone())
 }
 
 fn summary_pb(s: &SweepSummary) -> pb::SweepSummary {
@@ -754,6 +761,7 @@ impl Coordinator for CoordinatorService {
         let r = req.get_ref();
         let (a, b) = (sweep_id(&r.sweep_a)?, sweep_id(&r.sweep_b)?);
         let metric = self.metric(a, &r.metric).await?;
+        self.metric(b, metric.name()).await?;
         let values = |runs: Vec<seedsweep_core::domain::Scored>| -> Vec<f64> {
             runs.into_iter().map(|s| s.value).collect()
         };
@@ -851,6 +859,7 @@ impl Coordinator for CoordinatorService {
                     val_accuracy: e.val_accuracy,
                     lr: e.lr,
                     seconds: e.seconds,
+                    custom: e.custom,
                 })
                 .collect(),
         }))
@@ -893,6 +902,7 @@ impl Coordinator for CoordinatorService {
                     test_top5: r.test_top5,
                     val_loss: r.val_loss,
                     val_accuracy: r.val_accuracy,
+                    custom: r.custom,
                 })
                 .collect(),
         }))
@@ -1023,7 +1033,7 @@ impl Coordinator for CoordinatorService {
                 )));
             }
             shape
-                .check_epoch(record.epoch, reported(&record))
+                .check_epoch(record.epoch, Reported::of_epoch(&record))
                 .map_err(Status::invalid_argument)?;
             let (epoch, test_accuracy) = (record.epoch, record.test_accuracy);
             self.epochs.record(lease, record).await?;
@@ -1065,6 +1075,7 @@ impl Coordinator for CoordinatorService {
                 .val_accuracy
                 .map(|v| fraction("val_accuracy", v))
                 .transpose()?,
+            custom: custom(&r.custom)?,
             factors: None,
             finished_at: String::new(),
             test_correct: if r.test_correct.is_empty() && r.test_examples == 0 {
@@ -1076,16 +1087,10 @@ impl Coordinator for CoordinatorService {
                 )
             },
         };
-        self.shapes
-            .of(lease.sweep_id)
-            .await?
-            .check_result(
-                result.epochs,
-                Reported {
-                    top5: result.test_top5.is_some(),
-                    validation: result.val_loss.is_some() || result.val_accuracy.is_some(),
-                },
-            )
+        let shape = self.shapes.of(lease.sweep_id).await?;
+        shape
+            .check_result(result.epochs, Reported::of_result(&result))
+            .and_then(|()| shape.check_score(&result))
             .map_err(Status::invalid_argument)?;
         let last = self.store.epoch_of(lease, result.epochs).await;
         policy::check_final_metrics(&result, last.map_err(status)?.as_ref())

@@ -2,6 +2,7 @@
 //! service layer; SQL never gets past the store.
 
 use crate::design::FactorSeeds;
+pub use crate::metric::{CustomMetrics, Metric};
 use crate::spec::{Precision, Task, TrainSettings};
 use serde::Serialize;
 use std::fmt;
@@ -201,6 +202,8 @@ pub struct EpochRecord {
     pub val_accuracy: Option<f64>,
     pub lr: f64,
     pub seconds: f64,
+    /// The metrics of a command sweep's program that are not known ones.
+    pub custom: CustomMetrics,
 }
 
 /// A seed's final result.
@@ -224,6 +227,8 @@ pub struct SeedResult {
     /// On the run's held-out validation images.
     pub val_loss: Option<f64>,
     pub val_accuracy: Option<f64>,
+    /// The metrics of a command sweep's program that are not known ones.
+    pub custom: CustomMetrics,
     /// Set by the store when recorded, from the seed's row.
     pub factors: Option<FactorSeeds>,
     /// Set by the store when recorded.
@@ -332,95 +337,6 @@ pub struct SweepProgress {
     pub test_accuracy: Option<Aggregate>,
 }
 
-/// A per-seed number the statistics can describe: a column of `results` (and, but for
-/// `seconds`' different meaning there, of `epoch_metrics`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Metric {
-    TestAccuracy,
-    TestLoss,
-    TrainAccuracy,
-    TrainLoss,
-    TestTop5,
-    ValAccuracy,
-    ValLoss,
-    Seconds,
-}
-
-impl Metric {
-    pub const ALL: [Metric; 8] = [
-        Metric::TestAccuracy,
-        Metric::TestLoss,
-        Metric::TrainAccuracy,
-        Metric::TrainLoss,
-        Metric::TestTop5,
-        Metric::ValAccuracy,
-        Metric::ValLoss,
-        Metric::Seconds,
-    ];
-
-    /// The column name, also the metric's name everywhere (CLI, RPC, the `aggregates` table).
-    pub fn column(self) -> &'static str {
-        match self {
-            Metric::TestAccuracy => "test_accuracy",
-            Metric::TestLoss => "test_loss",
-            Metric::TrainAccuracy => "train_accuracy",
-            Metric::TrainLoss => "train_loss",
-            Metric::TestTop5 => "test_top5",
-            Metric::ValAccuracy => "val_accuracy",
-            Metric::ValLoss => "val_loss",
-            Metric::Seconds => "seconds",
-        }
-    }
-
-    /// Its value in a result, when the result has it.
-    pub fn of(self, r: &SeedResult) -> Option<f64> {
-        match self {
-            Metric::TestAccuracy => Some(r.test_accuracy),
-            Metric::TestLoss => Some(r.test_loss),
-            Metric::TrainAccuracy => Some(r.train_accuracy),
-            Metric::TrainLoss => Some(r.train_loss),
-            Metric::TestTop5 => r.test_top5,
-            Metric::ValAccuracy => r.val_accuracy,
-            Metric::ValLoss => r.val_loss,
-            Metric::Seconds => Some(r.seconds),
-        }
-    }
-
-    /// Whether the `epoch_values` table counts its values per epoch: the accuracies, fractions of
-    /// a fixed set of examples, so they take few distinct values.
-    pub fn counted(self) -> bool {
-        matches!(
-            self,
-            Metric::TestAccuracy | Metric::TrainAccuracy | Metric::TestTop5 | Metric::ValAccuracy
-        )
-    }
-
-    /// Whether `epoch_metrics` has it per epoch (its `seconds` is an epoch's, not a run's).
-    pub fn per_epoch(self) -> bool {
-        self != Metric::Seconds
-    }
-}
-
-impl fmt::Display for Metric {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.column())
-    }
-}
-
-impl FromStr for Metric {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Metric, String> {
-        Metric::ALL
-            .into_iter()
-            .find(|m| m.column() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Metric::ALL.iter().map(|m| m.column()).collect();
-                format!("unknown metric `{s}`: use one of {}", names.join(", "))
-            })
-    }
-}
-
 /// One finished seed as the statistics see it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scored {
@@ -459,10 +375,6 @@ mod tests {
             assert_eq!(serde_name(serde_json::to_value(s).unwrap()), s.as_str());
         }
         assert_eq!(SeedState::parse("leased "), None);
-        for m in Metric::ALL {
-            assert_eq!(serde_name(serde_json::to_value(m).unwrap()), m.to_string());
-            assert_eq!(m.to_string().parse::<Metric>(), Ok(m));
-        }
     }
 
     #[test]
@@ -485,12 +397,5 @@ mod tests {
                 .contains("marks 7 of 10")
         );
         assert!(Correctness::new(0, vec![], 0.5).is_err());
-        assert_eq!("test_loss".parse::<Metric>(), Ok(Metric::TestLoss));
-        assert!(
-            "loss"
-                .parse::<Metric>()
-                .unwrap_err()
-                .contains("test_accuracy")
-        );
     }
 }

@@ -1,5 +1,6 @@
 //! seedsweep's pure logic: what a sweep is and how its results are read, with no I/O.
 //!
+//! - [`metric`] the metrics the statistics describe, known and custom;
 //! - [`domain`] the types the coordinator's layers share (`SweepId`, `LeaseRef`, states, results);
 //! - [`spec`] parses and validates sweep files ([`spec::finetune`]: the `finetune-head` task's part);
 //! - [`design`] maps a sweep's runs to the seeds of each factor;
@@ -12,6 +13,7 @@
 
 pub mod design;
 pub mod domain;
+pub mod metric;
 pub mod policy;
 pub mod report;
 pub mod spec;

@@ -211,6 +211,8 @@ pub struct RunShape {
     pub top5: bool,
     /// Validation metrics: a ResNet-9 run with images held out (`holdout` > 0).
     pub validation: bool,
+    /// Custom metrics: a program of the researcher's own (task command).
+    pub custom: bool,
 }
 
 /// The optional metrics a report carries.
@@ -218,6 +220,25 @@ pub struct RunShape {
 pub struct Reported {
     pub top5: bool,
     pub validation: bool,
+    pub custom: bool,
+}
+
+impl Reported {
+    pub fn of_epoch(e: &EpochRecord) -> Reported {
+        Reported {
+            top5: e.test_top5.is_some(),
+            validation: e.val_loss.is_some() || e.val_accuracy.is_some(),
+            custom: !e.custom.is_empty(),
+        }
+    }
+
+    pub fn of_result(r: &SeedResult) -> Reported {
+        Reported {
+            top5: r.test_top5.is_some(),
+            validation: r.val_loss.is_some() || r.val_accuracy.is_some(),
+            custom: !r.custom.is_empty(),
+        }
+    }
 }
 
 impl RunShape {
@@ -233,6 +254,7 @@ impl RunShape {
                 score: c.score.parse().unwrap_or(Metric::TestAccuracy),
                 top5: true,
                 validation: true,
+                custom: true,
             },
             (Some(f), None) => RunShape {
                 epochs: f.finetune.evaluations(),
@@ -240,6 +262,7 @@ impl RunShape {
                 score: Metric::TestAccuracy,
                 top5: true,
                 validation: false,
+                custom: false,
             },
             (None, None) => RunShape {
                 epochs: train.epochs,
@@ -247,6 +270,7 @@ impl RunShape {
                 score: Metric::TestAccuracy,
                 top5: false,
                 validation: train.holdout > 0,
+                custom: false,
             },
         }
     }
@@ -276,7 +300,24 @@ impl RunShape {
         self.check_metrics(reported)
     }
 
+    /// Whether a result carries the sweep's score (a custom score is the program's to report).
+    pub fn check_score(&self, result: &SeedResult) -> Result<(), String> {
+        if self.score.of(result).is_none() {
+            return Err(format!(
+                "the result has no `{}`, the sweep's score: report it on the last epoch or the final line",
+                self.score
+            ));
+        }
+        Ok(())
+    }
+
     fn check_metrics(&self, reported: Reported) -> Result<(), String> {
+        if reported.custom && !self.custom {
+            return Err(
+                "custom metrics were sent, but only a task = \"command\" program reports them"
+                    .into(),
+            );
+        }
         if reported.top5 && !self.top5 {
             return Err("test_top5 was sent, but only the finetune-head task reports it".into());
         }
@@ -292,7 +333,7 @@ impl RunShape {
 
 /// A result's final metrics are those of its last epoch (a worker reports its last
 /// evaluation), as recorded under its lease: a result that says otherwise is refused, naming the
-/// field. Without the last epoch's row there is nothing to compare (the completion is refused
+/// field. A custom metric may be the result's alone (a program's evaluation at the end only). Without the last epoch's row there is nothing to compare (the completion is refused
 /// for its missing epochs).
 pub fn check_final_metrics(result: &SeedResult, last: Option<&EpochRecord>) -> Result<(), String> {
     let Some(last) = last else {
@@ -324,7 +365,15 @@ pub fn check_final_metrics(result: &SeedResult, last: Option<&EpochRecord>) -> R
             same_opt(result.val_accuracy, last.val_accuracy),
         ),
     ];
-    match fields.iter().find(|(_, agrees)| !agrees) {
+    let custom = result.custom.iter().map(|(name, &v)| {
+        let agrees = last
+            .custom
+            .get(name)
+            .is_none_or(|&at_last| same(v, at_last));
+        (name.as_str(), agrees)
+    });
+    let mut fields = fields.into_iter().chain(custom);
+    match fields.find(|(_, agrees)| !agrees) {
         None => Ok(()),
         Some((field, _)) => Err(format!(
             "{field} differs from epoch {}'s, the last one recorded under this lease: a result is its last epoch's evaluation",
@@ -585,6 +634,7 @@ mod tests {
         let plain = Reported {
             top5: false,
             validation: false,
+            custom: false,
         };
         assert!(shape.check_epoch(3, plain).is_ok());
         assert!(
@@ -612,6 +662,47 @@ mod tests {
             ..plain
         };
         assert!(shape.check_result(3, val).unwrap_err().contains("holdout"));
+        let custom = Reported {
+            custom: true,
+            ..plain
+        };
+        assert!(
+            shape
+                .check_epoch(1, custom)
+                .unwrap_err()
+                .contains("command")
+        );
+        let own = crate::spec::SweepSpec::parse(
+            "name = \"s\"\ntask = \"command\"\nseeds = \"0..2\"\n[command]\nargv = [\"x\"]\nscore = \"bleu\"\n",
+        )
+        .unwrap();
+        let shape = RunShape::of(&own.train, None, own.command.as_ref());
+        assert!(shape.check_epoch(1, custom).is_ok());
+        assert_eq!(shape.score, Metric::custom("bleu").unwrap());
+        let mut r = SeedResult {
+            seed: 0,
+            test_accuracy: 0.5,
+            test_loss: 1.0,
+            train_loss: 1.0,
+            train_accuracy: 0.5,
+            epochs: 1,
+            seconds: 1.0,
+            worker_id: "w".into(),
+            device: "cpu".into(),
+            data_fingerprint: String::new(),
+            precision: crate::spec::Precision::Fp32,
+            deterministic: true,
+            test_top5: None,
+            val_loss: None,
+            val_accuracy: None,
+            custom: Default::default(),
+            factors: None,
+            finished_at: String::new(),
+            test_correct: None,
+        };
+        assert!(shape.check_score(&r).unwrap_err().contains("no `bleu`"));
+        r.custom.insert("bleu".into(), 30.0);
+        assert!(shape.check_score(&r).is_ok());
         let mut held_out = spec.train.clone();
         held_out.holdout = 100;
         assert!(

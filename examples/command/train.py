@@ -46,15 +46,31 @@ def network(width, classes):
 
 
 def evaluate(model, x, y, batch):
+    """The test loss, accuracy, expected calibration error and per-example correctness."""
     model.eval()
-    losses, right = [], []
+    losses, right, confidence = [], [], []
     with torch.no_grad():
         for i in range(0, len(x), batch):
             out = model(x[i:i + batch])
             losses.append(F.cross_entropy(out, y[i:i + batch], reduction="sum"))
             right.append(out.argmax(1) == y[i:i + batch])
-    right = torch.cat(right)
-    return float(sum(losses)) / len(x), float(right.float().mean()), right.tolist()
+            confidence.append(out.softmax(1).max(1).values)
+    right, confidence = torch.cat(right), torch.cat(confidence)
+    return (float(sum(losses)) / len(x), float(right.float().mean()),
+            calibration_error(confidence, right), right.tolist())
+
+
+def calibration_error(confidence, right, bins=15):
+    """Expected calibration error: the gap between confidence and accuracy, averaged over 15
+    equal-width confidence bins weighted by their share of the examples (Guo et al., 2017)."""
+    which = (confidence * bins).long().clamp(max=bins - 1)
+    gap = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            gap += float(inside.float().mean()) * abs(
+                float(confidence[inside].mean()) - float(right[inside].float().mean()))
+    return gap
 
 
 def main():
@@ -104,10 +120,11 @@ def main():
             sched.step()
             loss_sum += float(loss) * len(idx)
             right += int((out.argmax(1) == yb).sum())
-        test_loss, test_accuracy, correct = evaluate(model, tx, ty, 1000)
+        test_loss, test_accuracy, test_ece, correct = evaluate(model, tx, ty, 1000)
+        # test_ece is not one of seedsweep's metrics: it is kept as a custom metric.
         seedsweep.log_epoch(epoch, train_loss=loss_sum / len(x), train_accuracy=right / len(x),
                             lr=sched.get_last_lr()[0], test_loss=test_loss,
-                            test_accuracy=test_accuracy)
+                            test_accuracy=test_accuracy, test_ece=test_ece)
     seedsweep.finish(test_accuracy=test_accuracy, test_loss=test_loss,
                      train_loss=loss_sum / len(x), train_accuracy=right / len(x),
                      correct=correct)

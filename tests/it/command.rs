@@ -50,8 +50,9 @@ fn toml_list(items: &[&str]) -> String {
 }
 
 /// The example trains a real PyTorch network on the real digits for each seed, through two
-/// workers: every seed's epochs and result land in SQL, stats and report read them, and the same
-/// seeds again give the same numbers (CPU, one thread: bit for bit).
+/// workers: every seed's epochs and result land in SQL, its custom metric (`test_ece`) too; stats
+/// and report read them, the second sweep with the custom metric as its score; and the same seeds
+/// again give the same numbers (CPU, one thread: bit for bit).
 #[test]
 fn a_pytorch_program_sweeps_through_two_workers_and_repeats_itself() {
     let _heavy = crate::heavy();
@@ -70,16 +71,21 @@ fn a_pytorch_program_sweeps_through_two_workers_and_repeats_itself() {
         "--width",
         "8",
     ]);
-    let sweep = |name: &str| {
+    let sweep = |name: &str, score: &str| {
         format!(
-            "name = \"{name}\"\ntask = \"command\"\nseeds = \"0..3\"\n[command]\nargv = {argv}\nepochs = 2\n"
+            "name = \"{name}\"\ntask = \"command\"\nseeds = \"0..3\"\n[command]\nargv = {argv}\nepochs = 2\nscore = \"{score}\"\n"
         )
     };
-    let first = coordinator.submit(dir.path(), &sweep("own-a"));
-    let again = coordinator.submit(dir.path(), &sweep("own-b"));
+    let first = coordinator.submit(dir.path(), &sweep("own-a", "test_accuracy"));
+    let again = coordinator.submit(dir.path(), &sweep("own-b", "test_ece"));
     coordinator.run_to_end((0..2).map(|_| command_worker(&coordinator.url, &data)));
 
     let sql = |q: &str| sqlite_query(&db, q);
+    let stats = |args: &[&str]| -> serde_json::Value {
+        let out = coordinator.sweep(&[&["stats"], args, &["--json"]].concat());
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
     for id in [&first, &again] {
         assert_eq!(
             sql(&format!(
@@ -92,6 +98,11 @@ fn a_pytorch_program_sweeps_through_two_workers_and_repeats_itself() {
             sql(&format!("SELECT count(*) FROM epoch_metrics WHERE sweep_id = '{id}' AND test_accuracy IS NOT NULL")).trim(),
             "6"
         );
+        // The custom metric, on every epoch row and result, queryable in SQL.
+        assert_eq!(
+            sql(&format!("SELECT count(*) FROM epoch_metrics WHERE sweep_id = '{id}' AND json_extract(custom, '$.test_ece') BETWEEN 0 AND 1")).trim(),
+            "6"
+        );
         // The final evaluation's per-example correctness came through the helper.
         assert_eq!(
             sql(&format!(
@@ -100,21 +111,61 @@ fn a_pytorch_program_sweeps_through_two_workers_and_repeats_itself() {
             .trim(),
             "3|360"
         );
-        let stats = coordinator.sweep(&["stats", id, "--json"]);
-        assert!(stats.status.success(), "{}", stderr(&stats));
-        let doc: serde_json::Value = serde_json::from_str(&stdout(&stats)).unwrap();
-        assert_eq!(doc["n"], 3, "{doc}");
-        assert!(
-            doc["mean"].as_f64().unwrap() > 0.3,
-            "the example learns the digits: {doc}"
-        );
         let report =
             coordinator.sweep(&["report", id, "--out", dir.path().join(id).to_str().unwrap()]);
         assert!(report.status.success(), "{}", stderr(&report));
     }
+    let accuracy = stats(&[&first]);
+    assert_eq!(
+        (accuracy["metric"].as_str(), accuracy["n"].as_u64()),
+        (Some("test_accuracy"), Some(3))
+    );
+    assert!(
+        accuracy["mean"].as_f64().unwrap() > 0.3,
+        "the example learns the digits: {accuracy}"
+    );
+    // The sweep whose score is the custom metric: its statistics are of it by default, and agree
+    // with SQL's; the other sweep's are of it when asked.
+    let ece = stats(&[&again]);
+    assert_eq!(
+        (ece["metric"].as_str(), ece["n"].as_u64()),
+        (Some("test_ece"), Some(3)),
+        "{ece}"
+    );
+    let in_sql: f64 = sql(&format!(
+        "SELECT avg(json_extract(custom, '$.test_ece')) FROM results WHERE sweep_id = '{again}'"
+    ))
+    .trim()
+    .parse()
+    .unwrap();
+    assert!(
+        (ece["mean"].as_f64().unwrap() - in_sql).abs() < 1e-12,
+        "{ece} against {in_sql}"
+    );
+    let asked = stats(&[&first, "--metric", "test_ece"]);
+    assert!(
+        (asked["mean"].as_f64().unwrap() - in_sql).abs() < 1e-12,
+        "{asked}"
+    );
+    let compared =
+        coordinator.sweep(&["compare", &first, &again, "--metric", "test_ece", "--json"]);
+    assert!(compared.status.success(), "{}", stderr(&compared));
+    let csv = dir.path().join("own.csv");
+    let out = coordinator.sweep(&[
+        "export",
+        &again,
+        "--format",
+        "csv",
+        "--out",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert!(csv.lines().next().unwrap().ends_with(",custom"), "{csv}");
+    assert_eq!(csv.matches("test_ece").count(), 3, "{csv}");
     let same = sql(&format!(
         "SELECT a.seed, a.test_accuracy = b.test_accuracy AND a.test_loss = b.test_loss
-                AND a.train_loss = b.train_loss
+                AND a.train_loss = b.train_loss AND a.custom = b.custom
          FROM results a JOIN results b ON a.seed = b.seed
          WHERE a.sweep_id = '{first}' AND b.sweep_id = '{again}' ORDER BY a.seed"
     ));

@@ -67,6 +67,7 @@ fn epoch(n: u32) -> EpochRecord {
         val_accuracy: None,
         lr: 0.1,
         seconds: 1.0,
+        custom: Default::default(),
     }
 }
 
@@ -87,6 +88,7 @@ fn result(seed: i64) -> SeedResult {
         test_top5: None,
         val_loss: None,
         val_accuracy: None,
+        custom: Default::default(),
         factors: None,
         finished_at: String::new(),
         test_correct: None,

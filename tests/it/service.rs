@@ -390,6 +390,27 @@ async fn reports_of_the_wrong_shape_are_refused_and_leave_nothing() {
             },
             "holdout",
         ),
+        (
+            pb::EpochMetrics {
+                custom: [("ece".to_string(), 0.1)].into(),
+                ..epoch(1)
+            },
+            "only a task = \"command\" program",
+        ),
+        (
+            pb::EpochMetrics {
+                custom: [("Bad Name".to_string(), 0.1)].into(),
+                ..epoch(1)
+            },
+            "`Bad Name` is not a metric name",
+        ),
+        (
+            pb::EpochMetrics {
+                custom: [("ece".to_string(), f64::INFINITY)].into(),
+                ..epoch(1)
+            },
+            "must be finite",
+        ),
     ];
     for (m, field) in refused {
         let e = c
@@ -439,6 +460,13 @@ async fn reports_of_the_wrong_shape_are_refused_and_leave_nothing() {
                 ..result(2)
             },
             "test_accuracy differs from epoch 2",
+        ),
+        (
+            pb::CompleteSeedRequest {
+                custom: [("ece".to_string(), 0.1)].into(),
+                ..result(2)
+            },
+            "only a task = \"command\" program",
         ),
     ] {
         let e = c.complete_seed(r).await.unwrap_err();
@@ -505,5 +533,20 @@ async fn reports_of_the_wrong_shape_are_refused_and_leave_nothing() {
     assert_eq!(epochs.rows.len(), 1);
     assert_eq!(epochs.rows[0].epoch, 2);
     assert_eq!(epochs.next_after.map(|k| k.epoch), Some(2));
+    // A custom metric is a command sweep's only.
+    let e = c
+        .get_sweep_stats(pb::GetSweepStatsRequest {
+            sweep_id: sweep.clone(),
+            metric: "ece".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("has no metric `ece`"),
+        "{}",
+        e.message()
+    );
     coordinator.stop().await;
 }

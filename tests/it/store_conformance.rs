@@ -47,6 +47,7 @@ fn epoch(n: u32) -> EpochRecord {
         val_accuracy: None,
         lr: 0.1,
         seconds: 1.0,
+        custom: Default::default(),
     }
 }
 
@@ -67,6 +68,7 @@ fn result(seed: i64, acc: f64) -> SeedResult {
         test_top5: None,
         val_loss: None,
         val_accuracy: None,
+        custom: Default::default(),
         factors: None,
         finished_at: String::new(),
         test_correct: None,
@@ -784,6 +786,78 @@ async fn epoch_batches(s: Arc<dyn Store>) {
     assert_eq!(left, vec![b.seed]);
 }
 
+/// A program's custom metrics (task command) are kept with their rows and read like columns:
+/// scores, curves, spread, aggregates; a re-sent epoch row replaces them with its own.
+async fn custom_metrics(s: Arc<dyn Store>) {
+    let s = s.as_ref();
+    let id = SweepId::new();
+    s.create_sweep(id, &spec("\"0..3\"", 3)).await.unwrap();
+    let ece = Metric::custom("ece").unwrap();
+    let with = |e: EpochRecord, pairs: &[(&str, f64)]| EpochRecord {
+        custom: pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        ..e
+    };
+    let mut expected = Vec::new();
+    for i in 0..3 {
+        let l = claim(s, "w").await.lease;
+        let v = 0.05 + 0.01 * i as f64;
+        // A first report of epoch 1 that the re-sent one replaces, custom metrics and all.
+        s.record_epoch(l, &with(epoch(1), &[("ece", 9.0), ("gone", 1.0)]))
+            .await
+            .unwrap();
+        s.record_epoch(l, &with(epoch(1), &[("ece", v + 0.1)]))
+            .await
+            .unwrap();
+        s.record_epoch(l, &with(epoch(2), &[("ece", v)]))
+            .await
+            .unwrap();
+        let mut r = result(l.seed, 0.5);
+        r.custom = [
+            ("ece".to_string(), v),
+            ("bleu".to_string(), 30.0 + i as f64),
+        ]
+        .into();
+        s.complete(l, &r).await.unwrap();
+        expected.push((l.seed, v));
+    }
+    let mut scores: Vec<(i64, f64)> = s
+        .all_scores(id, ece)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.seed, r.value))
+        .collect();
+    scores.sort_by_key(|p| p.0);
+    assert_eq!(scores, expected);
+    assert_eq!(s.scores(id, ece, 0).await.unwrap().0.len(), 3);
+    let curves = s.epoch_scores(id, ece, None).await.unwrap();
+    assert_eq!(curves.len(), 6);
+    assert!(curves.iter().all(|&(seed, e, v)| {
+        let last = expected.iter().find(|p| p.0 == seed).unwrap().1;
+        (v - if e == 2 { last } else { last + 0.1 }).abs() < 1e-12
+    }));
+    let spread = s.epoch_spread(id, ece).await.unwrap();
+    assert_eq!(spread.iter().map(|e| e.n).collect::<Vec<_>>(), vec![3, 3]);
+    assert!((spread[1].mean - 0.06).abs() < 1e-12);
+    let bleu = s.aggregates(id).await.unwrap();
+    let bleu = bleu
+        .iter()
+        .find(|a| a.metric == Metric::custom("bleu").unwrap())
+        .expect("an aggregate of the custom metric");
+    assert_eq!((bleu.moments.n, bleu.min, bleu.max), (3, 30.0, 32.0));
+    let listed = s.list_results(id, None, 10).await.unwrap();
+    assert_eq!(listed[0].custom.get("bleu"), Some(&30.0));
+    let rows = s.list_epochs(id, None, 10).await.unwrap();
+    assert_eq!(rows[0].1.custom.keys().collect::<Vec<_>>(), vec!["ece"]);
+    // A metric no result has reads as no scores, not an error.
+    let none = Metric::custom("absent").unwrap();
+    assert!(s.all_scores(id, none).await.unwrap().is_empty());
+}
+
+async fn run_custom_metrics(url: String) {
+    custom_metrics(open(&url).await.0).await;
+}
+
 async fn run_epoch_batches(url: String) {
     epoch_batches(open(&url).await.0).await;
 }
@@ -846,6 +920,7 @@ conformance!(
     live_aggregates => run_live_aggregates,
     loading => run_loading,
     epoch_batches => run_epoch_batches,
+    custom_metrics => run_custom_metrics,
 );
 
 #[tokio::test]

@@ -125,8 +125,8 @@ pub fn train(
         let eval =
             train::Evaluation::of_epoch(&net, data, &split, cfg, &pipeline, precision, epoch, tta);
         let m = tally.metrics(epoch, lr, eval, &mut test_correct, started)?;
-        history.push(m);
         on_epoch(&m);
+        history.push(m);
     }
     Ok(Trained {
         history,
@@ -135,6 +135,7 @@ pub fn train(
         deterministic: !device.is_cuda() || cfg.deterministic,
         resumed_from: 0,
         timing,
+        custom: Default::default(),
     })
 }
 

@@ -10,6 +10,7 @@
 
 use crate::train::{Correct, EpochMetrics, TrainError, Trained};
 use base64::Engine;
+use seedsweep_core::metric::CustomMetrics;
 use seedsweep_core::spec::Precision;
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
@@ -28,7 +29,7 @@ const LOG_BYTES: u64 = 32 << 20;
 const STDERR_TAIL: usize = 20;
 /// The longest metrics line read; a longer one fails the run.
 const MAX_LINE: usize = 4 << 20;
-/// The epoch metrics that have columns of their own; any other name is refused for now.
+/// The epoch metrics that have columns of their own; any other name is a custom metric.
 const EPOCH_METRICS: [&str; 9] = [
     "train_loss",
     "train_accuracy",
@@ -54,6 +55,8 @@ pub struct CommandRun {
     pub log: PathBuf,
     /// Its checkpoint folder (`SEEDSWEEP_CHECKPOINT_DIR`), kept across re-leases of the seed.
     pub checkpoints: Option<PathBuf>,
+    /// The sweep's score: the metric every result must carry.
+    pub score: String,
 }
 
 impl CommandRun {
@@ -333,22 +336,32 @@ fn supervise(
             tail()
         )));
     }
-    finish(history, last).map_err(|e| TrainError::Program(format!("{e}; {}", tail())))
+    finish(history, last, &job.score).map_err(|e| TrainError::Program(format!("{e}; {}", tail())))
 }
 
-/// The trained run from its reports: its epochs, and the final line's bitmap and settings.
-fn finish(history: Vec<EpochMetrics>, last: Option<Final>) -> Result<Trained, String> {
+/// The trained run from its reports: its epochs, and the final line's bitmap and settings. It
+/// must carry the sweep's `score`.
+fn finish(history: Vec<EpochMetrics>, last: Option<Final>, score: &str) -> Result<Trained, String> {
     let Some(final_epoch) = history.last() else {
         return Err("the program exited without reporting an epoch".into());
     };
     let final_ = last.unwrap_or(Final {
         metrics: Vec::new(),
+        custom: CustomMetrics::new(),
         correct: None,
         precision: Precision::Fp32,
         deterministic: false,
     });
-    for (name, value) in &final_.metrics {
-        let at_last = epoch_metric(final_epoch, name);
+    let custom_at_last = |name: &str| final_epoch.custom.get(name).copied();
+    let known = final_
+        .metrics
+        .iter()
+        .map(|(n, v)| (n, v, epoch_metric(final_epoch, n)));
+    let custom = final_
+        .custom
+        .iter()
+        .filter_map(|(n, v)| Some((n, v, Some(custom_at_last(n)?))));
+    for (name, value, at_last) in known.chain(custom) {
         let agrees = at_last.is_some_and(|v| (v - value).abs() <= 1e-9 * v.abs().max(1.0));
         if !agrees {
             return Err(format!(
@@ -364,8 +377,23 @@ fn finish(history: Vec<EpochMetrics>, last: Option<Final>) -> Result<Trained, St
             final_epoch.epoch
         ));
     }
+    let custom: CustomMetrics = final_
+        .custom
+        .into_iter()
+        .filter(|(name, _)| custom_at_last(name).is_none())
+        .collect();
+    let scored = score == "seconds"
+        || epoch_metric(final_epoch, score).is_some()
+        || custom_at_last(score).is_some()
+        || custom.contains_key(score);
+    if !scored {
+        return Err(format!(
+            "the program reported no `{score}`, the sweep's score: report it on the last epoch or the final line"
+        ));
+    }
     Ok(Trained {
         history,
+        custom,
         test_correct: final_.correct,
         precision: final_.precision,
         deterministic: final_.deterministic,
@@ -409,9 +437,11 @@ enum Report {
     Final(Final),
 }
 
-/// The final line: its metrics (which must be the last epoch's) and what only it carries.
+/// The final line: its metrics (which must be the last epoch's, but for custom metrics the last
+/// epoch did not report) and what only it carries.
 struct Final {
     metrics: Vec<(String, f64)>,
+    custom: CustomMetrics,
     correct: Option<Correct>,
     precision: Precision,
     deterministic: bool,
@@ -443,7 +473,7 @@ fn parse_line(line: &str, seen: u32) -> Result<Report, String> {
             "epoch {epoch} after {seen} epochs: report epochs 1, 2, 3, ... in order"
         )));
     }
-    let numbers = numbers(obj).map_err(bad)?;
+    let (numbers, custom) = numbers(obj).map_err(bad)?;
     let get = |name: &str| numbers.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
     let need = |name: &str| {
         get(name).ok_or_else(|| {
@@ -463,6 +493,7 @@ fn parse_line(line: &str, seen: u32) -> Result<Report, String> {
         val_accuracy: get("val_accuracy"),
         lr: need("lr")?,
         seconds: get("seconds").unwrap_or(f64::NAN),
+        custom,
     }))
 }
 
@@ -500,30 +531,32 @@ fn parse_final(mut obj: Map<String, Value>) -> Result<Final, String> {
         }
         _ => return Err("`correct` (base64 of the bitmap) and `examples` go together".into()),
     };
+    let (metrics, custom) = numbers(obj)?;
     Ok(Final {
-        metrics: numbers(obj)?,
+        metrics,
+        custom,
         correct,
         precision,
         deterministic,
     })
 }
 
-/// The line's remaining keys: known metric names with finite numbers.
-fn numbers(obj: Map<String, Value>) -> Result<Vec<(String, f64)>, String> {
-    obj.into_iter()
-        .map(|(name, v)| {
-            if !EPOCH_METRICS.contains(&name.as_str()) {
-                return Err(format!(
-                    "`{name}` is not a metric this worker records (use {})",
-                    EPOCH_METRICS.join(", ")
-                ));
-            }
-            match v.as_f64().filter(|x| x.is_finite()) {
-                Some(x) => Ok((name, x)),
-                None => Err(format!("`{name}` = {v}: a metric is a finite number")),
-            }
-        })
-        .collect()
+/// The line's remaining keys, finite numbers all: the known metrics, and the custom ones.
+fn numbers(obj: Map<String, Value>) -> Result<(Vec<(String, f64)>, CustomMetrics), String> {
+    let (mut known, mut custom) = (Vec::new(), CustomMetrics::new());
+    for (name, v) in obj {
+        let Some(x) = v.as_f64().filter(|x| x.is_finite()) else {
+            return Err(format!("`{name}` = {v}: a metric is a finite number"));
+        };
+        if EPOCH_METRICS.contains(&name.as_str()) {
+            known.push((name, x));
+        } else {
+            seedsweep_core::metric::check_name(&name)?;
+            custom.insert(name, x);
+        }
+    }
+    seedsweep_core::metric::check_custom(&custom)?;
+    Ok((known, custom))
 }
 
 /// The report file, read as it grows: complete lines only.
@@ -683,5 +716,43 @@ mod tests {
             .contains("finite number")
         );
         assert!(err(r#"{"final": true, "examples": 10, "correct": "/w=="}"#, 1).contains("need 2"));
+        assert!(
+            err(
+                r#"{"epoch": 1, "train_loss": 1, "train_accuracy": 0, "lr": 1, "Test-ECE": 0.1}"#,
+                0
+            )
+            .contains("`Test-ECE` is not a metric name")
+        );
+        assert!(err(r#"{"final": true, "ece": null}"#, 1).contains("finite number"));
+    }
+
+    /// Custom metrics ride on epochs and the final line; the final line's must agree with the
+    /// last epoch's where it has them, and the rest are the result's alone.
+    #[test]
+    fn custom_metrics_of_epochs_and_the_result() {
+        let line = r#"{"epoch": 1, "train_loss": 1, "train_accuracy": 0.5, "lr": 0.1, "test_accuracy": 0.5, "test_loss": 1, "ece": 0.2}"#;
+        let Ok(Report::Epoch(e)) = parse_line(line, 0) else {
+            panic!("an epoch")
+        };
+        assert_eq!(e.custom, [("ece".to_string(), 0.2)].into());
+        let final_line = |text: &str| match parse_line(text, 1) {
+            Ok(Report::Final(f)) => f,
+            _ => panic!("the final line"),
+        };
+        let bleu = || Some(final_line(r#"{"final": true, "ece": 0.2, "bleu": 31.5}"#));
+        let t = finish(vec![e.clone()], bleu(), "bleu").unwrap();
+        assert_eq!(t.custom, [("bleu".to_string(), 31.5)].into());
+        assert!(finish(vec![e.clone()], None, "ece").is_ok());
+        assert!(
+            finish(vec![e.clone()], None, "bleu")
+                .unwrap_err()
+                .contains("no `bleu`, the sweep's score")
+        );
+        let disagrees = finish(
+            vec![e],
+            Some(final_line(r#"{"final": true, "ece": 0.3}"#)),
+            "ece",
+        );
+        assert!(disagrees.unwrap_err().contains("the final ece = 0.3"));
     }
 }

@@ -179,5 +179,6 @@ pub(crate) fn epoch_pb(lease: &pb::LeaseRef, m: &EpochMetrics) -> pb::EpochMetri
         val_accuracy: m.val_accuracy,
         lr: m.lr,
         seconds: m.seconds,
+        custom: m.custom.clone(),
     }
 }

@@ -760,6 +760,7 @@ impl<'a> Progress<'a> {
             val_accuracy: None,
             lr: self.lr,
             seconds: self.started.elapsed().as_secs_f64(),
+            custom: Default::default(),
         };
         (self.on_eval)(&m);
         self.history.push(m);

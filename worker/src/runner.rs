@@ -204,6 +204,7 @@ impl Job {
                     deterministic: !device.is_cuda(),
                     resumed_from: 0,
                     timing: Default::default(),
+                    custom: Default::default(),
                 })
             }
             Job::Command { run, .. } => command::run(&run, stop, on_epoch),
@@ -719,6 +720,7 @@ impl Worker {
                     .join(&lease.sweep_id)
                     .join(format!("{}-{}.log", lease.seed, lease.fence)),
                 checkpoints,
+                score: c.score.clone(),
             },
             epochs: (c.epochs > 0).then_some(c.epochs),
         })
@@ -1076,6 +1078,12 @@ impl Worker {
             test_examples: correct.map_or(0, |c| c.examples),
             test_correct: correct.map(|c| c.bits.clone()).unwrap_or_default(),
             log: held.log.get().cloned().unwrap_or_default(),
+            custom: last
+                .custom
+                .iter()
+                .chain(&t.custom)
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
         })
     }
 

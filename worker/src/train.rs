@@ -15,6 +15,7 @@ use crate::model::{self, Arch, Init};
 use crate::shim;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use seedsweep_core::metric::CustomMetrics;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::Mutex;
@@ -145,7 +146,7 @@ impl Seeds {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: u32,
     pub train_loss: f64,
@@ -164,6 +165,9 @@ pub struct EpochMetrics {
     /// The learning rate at the epoch's last step.
     pub lr: f64,
     pub seconds: f64,
+    /// Task command: the program's metrics that are not known ones.
+    #[serde(default, skip_serializing_if = "CustomMetrics::is_empty")]
+    pub custom: CustomMetrics,
 }
 
 /// What the training produced, and how.
@@ -180,6 +184,8 @@ pub struct Trained {
     /// The epoch a checkpoint resumed from (0: trained from scratch).
     pub resumed_from: u32,
     pub timing: Timing,
+    /// Task command: custom metrics of the final result that the last epoch did not report.
+    pub custom: CustomMetrics,
 }
 
 /// When a run's steps began and ended, for the worker's per-seed overhead.
@@ -783,8 +789,7 @@ pub fn train(
         }
         timing.last_step = Some(Instant::now());
         let eval = Evaluation::of_epoch(&net, data, &split, cfg, &pipeline, precision, epoch, 0);
-        let m = tally.metrics(epoch, lr, eval, &mut test_correct, started)?;
-        history.push(m);
+        history.push(tally.metrics(epoch, lr, eval, &mut test_correct, started)?);
         if let Some(store) = &run.checkpoints
             && cfg.checkpoint_every > 0
             && epoch % cfg.checkpoint_every == 0
@@ -802,7 +807,7 @@ pub fn train(
                 tracing::warn!(epoch, error = %e, "could not save a checkpoint");
             }
         }
-        on_epoch(&m);
+        on_epoch(&history[history.len() - 1]);
     }
     Ok(Trained {
         history,
@@ -811,6 +816,7 @@ pub fn train(
         deterministic: !device.is_cuda() || cfg.deterministic,
         resumed_from,
         timing,
+        custom: Default::default(),
     })
 }
 
@@ -983,6 +989,7 @@ impl Tally {
             val_accuracy: eval.val.map(|v| v.1),
             lr,
             seconds: started.elapsed().as_secs_f64(),
+            custom: Default::default(),
         })
     }
 }

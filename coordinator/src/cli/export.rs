@@ -268,8 +268,24 @@ pub fn results_table(sweep_id: &str, rows: &[pb::SeedResult]) -> Table {
                 Column::Bool(rows.iter().map(|r| r.deterministic).collect()),
             ),
             ("finished_at", t(|r| &r.finished_at)),
+            ("custom", custom(rows.iter().map(|r| &r.custom))),
         ],
     }
+}
+
+/// The `custom` column: a command sweep's custom metrics as the JSON object SQL holds (empty
+/// when none).
+fn custom<'a>(maps: impl Iterator<Item = &'a std::collections::BTreeMap<String, f64>>) -> Column {
+    Column::Text(
+        maps.map(|m| {
+            if m.is_empty() {
+                String::new()
+            } else {
+                serde_json::to_string(m).unwrap_or_default()
+            }
+        })
+        .collect(),
+    )
 }
 
 /// The `epoch_metrics` columns of a sweep's epochs.
@@ -297,6 +313,7 @@ pub fn epochs_table(sweep_id: &str, rows: &[pb::EpochRow]) -> Table {
             ("val_accuracy", o(|r| r.val_accuracy)),
             ("lr", f(|r| r.lr)),
             ("seconds", f(|r| r.seconds)),
+            ("custom", custom(rows.iter().map(|r| &r.custom))),
         ],
     }
 }

@@ -21,8 +21,9 @@ pub use sqlite::SqliteStore;
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
 use seedsweep_core::domain::{
-    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, LeaseRef,
-    Metric, Scored, SeedResult, SeedState, SweepId, SweepProgress, SweepState, SweepSummary,
+    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, CustomMetrics, EpochRecord, FleetCounts,
+    LeaseRef, Metric, Scored, SeedResult, SeedState, SweepId, SweepProgress, SweepState,
+    SweepSummary,
 };
 use seedsweep_core::policy::{self, Charge, Refusal};
 use seedsweep_core::spec::{Precision, SeedSet, SweepSpec, Task};
@@ -554,6 +555,43 @@ impl Dialect {
             Dialect::Sqlite => format!("?{}", i + 1),
         })
     }
+
+    /// `metric`'s value in a row of `results` or `epoch_metrics` (`table`: its alias, or "").
+    /// Safe to splice into SQL: a known metric is a column from the Metric enum, a custom
+    /// metric's name was checked to be lower-case letters, digits and `_` (metric::check_name).
+    pub(crate) fn value(self, metric: Metric, table: &str) -> String {
+        let dot = if table.is_empty() { "" } else { "." };
+        match (metric.column(), self) {
+            (Some(col), _) => format!("{table}{dot}{col}"),
+            (None, Dialect::Postgres) => format!("({table}{dot}custom->>'{metric}')::float8"),
+            (None, Dialect::Sqlite) => format!("json_extract({table}{dot}custom, '$.{metric}')"),
+        }
+    }
+}
+
+/// Every metric a result has, by name: what its recording adds to the sweep's aggregates.
+pub(crate) fn result_values(r: &SeedResult) -> Vec<(&str, f64)> {
+    let known = Metric::ALL
+        .iter()
+        .filter_map(|m| Some((m.column()?, m.of(r)?)));
+    known
+        .chain(r.custom.iter().map(|(name, v)| (name.as_str(), *v)))
+        .collect()
+}
+
+/// A row's custom metrics as the `custom` column stores them: a JSON object, NULL when none.
+pub(crate) fn custom_to_db(custom: &CustomMetrics) -> Option<String> {
+    // A map of names to finite numbers always serialises.
+    (!custom.is_empty()).then(|| serde_json::to_string(custom).unwrap_or_default())
+}
+
+/// The `custom` column read back (selected as text).
+pub(crate) fn custom_from_db(text: Option<String>) -> Result<CustomMetrics> {
+    match text {
+        None => Ok(CustomMetrics::new()),
+        Some(t) => serde_json::from_str(&t)
+            .map_err(|e| StoreError::Corrupt(format!("custom metrics {t:?}: {e}"))),
+    }
 }
 
 /// Adds one result's value to a metric's running aggregate (Welford's update in SQL, so that
@@ -737,7 +775,7 @@ impl Tallies {
 /// The SELECT of [`Store::scores`] for `metric`, with `seq` the recording position's expression.
 /// Parameters: sweep, the position after which to read.
 pub(crate) fn scores_sql(d: Dialect, metric: Metric, seq: &str) -> String {
-    let col = metric.column();
+    let col = d.value(metric, "");
     let [sweep, after] = d.params();
     format!(
         "SELECT seed, init_seed, order_seed, augment_seed, split_seed, {col} AS value, {seq} AS seq
@@ -751,7 +789,7 @@ pub(crate) const FINISHED_EPOCHS: &str =
 
 /// Every finished seed's epoch values of `metric`. Parameter: sweep.
 pub(crate) fn epoch_scores_sql(d: Dialect, metric: Metric, only_some: bool) -> String {
-    let col = metric.column();
+    let col = d.value(metric, "e");
     let [sweep, seeds] = d.params();
     // The second parameter: the seeds wanted, as a JSON array (SQLite) or a bigint[].
     let which = match (only_some, d) {
@@ -760,8 +798,8 @@ pub(crate) fn epoch_scores_sql(d: Dialect, metric: Metric, only_some: bool) -> S
         (true, Dialect::Postgres) => format!("AND e.seed = ANY({seeds})"),
     };
     format!(
-        "SELECT e.seed, e.epoch, e.{col} AS value FROM epoch_metrics e {FINISHED_EPOCHS}
-         WHERE e.sweep_id = {sweep} AND e.{col} IS NOT NULL {which} ORDER BY e.seed, e.epoch"
+        "SELECT e.seed, e.epoch, {col} AS value FROM epoch_metrics e {FINISHED_EPOCHS}
+         WHERE e.sweep_id = {sweep} AND {col} IS NOT NULL {which} ORDER BY e.seed, e.epoch"
     )
 }
 
@@ -773,6 +811,7 @@ where
     i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     Ok((
         row.try_get("seed")?,
@@ -814,7 +853,7 @@ pub(crate) fn epoch_values_upsert(d: Dialect) -> String {
     let counted: Vec<&str> = Metric::ALL
         .into_iter()
         .filter(|m| m.counted())
-        .map(|m| m.column())
+        .filter_map(|m| m.column())
         .collect();
     let select = counted
         .iter()
@@ -840,11 +879,11 @@ pub(crate) const EPOCH_UPSERT: &str = "ON CONFLICT (sweep_id, seed, epoch) DO UP
     train_accuracy = excluded.train_accuracy, test_loss = excluded.test_loss,
     test_accuracy = excluded.test_accuracy, lr = excluded.lr, seconds = excluded.seconds,
     recorded_at = excluded.recorded_at, test_top5 = excluded.test_top5,
-    val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy
+    val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy, custom = excluded.custom
   WHERE epoch_metrics.fence <= excluded.fence";
 
 pub(crate) const EPOCH_COLUMNS: &str = "seed, epoch, train_loss, train_accuracy, test_loss,
-    test_accuracy, test_top5, val_loss, val_accuracy, lr, seconds";
+    test_accuracy, test_top5, val_loss, val_accuracy, lr, seconds, CAST(custom AS TEXT) AS custom";
 
 pub(crate) fn epoch_from_row<'r, R>(row: &'r R) -> Result<(i64, EpochRecord)>
 where
@@ -853,6 +892,7 @@ where
     i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     Ok((
         row.try_get("seed")?,
@@ -867,6 +907,7 @@ where
             val_accuracy: row.try_get("val_accuracy")?,
             lr: row.try_get("lr")?,
             seconds: row.try_get("seconds")?,
+            custom: custom_from_db(row.try_get("custom")?)?,
         },
     ))
 }
@@ -903,6 +944,7 @@ where
         test_top5: r.try_get("test_top5")?,
         val_loss: r.try_get("val_loss")?,
         val_accuracy: r.try_get("val_accuracy")?,
+        custom: custom_from_db(r.try_get("custom")?)?,
         factors: Some(factors_from_row(r)?),
         test_correct: None,
     })

@@ -6,11 +6,11 @@
 use super::{
     ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
     FINISHED_EPOCHS, FLEET_SEEDS, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies,
-    aggregate_from_row, aggregate_upsert_all, bind_test_set, bitmap_from_row, design_from_config,
-    epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
-    epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row, scores_sql,
-    seed_rows, state_from_db, sweep_state_from_db, task_from_db, test_set_from_row,
-    test_set_upsert, u64_from_db,
+    aggregate_from_row, aggregate_upsert_all, bind_test_set, bitmap_from_row, custom_to_db,
+    design_from_config, epoch_from_row, epoch_score_from_row, epoch_scores_sql,
+    epoch_value_from_row, epoch_values_sql, epoch_values_upsert, factors_from_row, lease_config,
+    next_state, result_from_row, result_values, scores_sql, seed_rows, state_from_db,
+    sweep_state_from_db, task_from_db, test_set_from_row, test_set_upsert, u64_from_db,
 };
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
@@ -537,7 +537,8 @@ impl Store for PgStore {
         let rows = sqlx::query(concat!(
             "SELECT seed, test_accuracy, test_loss, train_loss, train_accuracy, epochs, seconds, worker_id,
                     device, data_fingerprint, precision, deterministic, test_top5, val_loss,
-                    val_accuracy, init_seed, order_seed, augment_seed, split_seed, ",
+                    val_accuracy, init_seed, order_seed, augment_seed, split_seed,
+                    custom::text AS custom, ",
             iso!("finished_at"),
             " AS finished_at FROM results WHERE sweep_id = $1 AND ($2::bigint IS NULL OR seed > $2)
              ORDER BY seed LIMIT $3"
@@ -571,7 +572,6 @@ impl Store for PgStore {
         self.summary(id).await?;
         // One row of arrays rather than a row per result: a million results decode in a
         // fraction of the time. The subquery's order carries into array_agg.
-        // Safe: the column comes from the Metric enum, not from the caller.
         let sql = format!(
             "SELECT array_agg(seed) AS seeds, array_agg(init_seed) AS init,
                     array_agg(order_seed) AS ord, array_agg(augment_seed) AS augment,
@@ -611,8 +611,7 @@ impl Store for PgStore {
     /// rebuilt here rather than read, and nothing past the value column of each row is decoded.
     async fn all_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<Scored>> {
         let design = design_from_config(&self.sweep_config(id).await?)?;
-        let col = metric.column();
-        // Safe: the column comes from the Metric enum, not from the caller.
+        let col = Dialect::Postgres.value(metric, "");
         let sql = format!(
             "SELECT array_agg(seed) AS seeds, array_agg({col}) AS vals FROM results
              WHERE sweep_id = $1 AND {col} IS NOT NULL"
@@ -721,15 +720,15 @@ impl Store for PgStore {
         id: SweepId,
         metric: Metric,
     ) -> Result<Vec<seedsweep_core::stats::describe::EpochSpread>> {
-        let col = metric.column();
-        // Safe: the column comes from the Metric enum. percentile_cont interpolates linearly
+        let col = Dialect::Postgres.value(metric, "e");
+        // percentile_cont interpolates linearly
         // between order statistics, as stats::quantile does; the three quartiles share a sort.
         let sql = format!(
             "SELECT epoch, count(*) AS n, avg(v) AS mean, coalesce(stddev_samp(v), 0) AS std,
                     min(v) AS min, max(v) AS max,
                     percentile_cont(ARRAY[0.25, 0.5, 0.75]) WITHIN GROUP (ORDER BY v) AS q
-             FROM (SELECT e.epoch, e.{col} AS v FROM epoch_metrics e {FINISHED_EPOCHS}
-                   WHERE e.sweep_id = $1 AND e.{col} IS NOT NULL) e
+             FROM (SELECT e.epoch, {col} AS v FROM epoch_metrics e {FINISHED_EPOCHS}
+                   WHERE e.sweep_id = $1 AND {col} IS NOT NULL) e
              GROUP BY epoch ORDER BY epoch"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -760,7 +759,7 @@ impl Store for PgStore {
     async fn epoch_values(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64, u64)>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_values_sql(Dialect::Postgres)))
             .bind(id.0)
-            .bind(metric.column())
+            .bind(metric.name())
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(epoch_value_from_row).collect()
@@ -871,10 +870,11 @@ impl Store for PgStore {
         // Safe: constant text.
         let sql = format!(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
-                                        test_accuracy, lr, seconds, test_top5, val_loss, val_accuracy)
+                                        test_accuracy, lr, seconds, test_top5, val_loss, val_accuracy,
+                                        custom)
              SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::int[], $4::bigint[], $5::float8[],
                                   $6::float8[], $7::float8[], $8::float8[], $9::float8[], $10::float8[],
-                                  $11::float8[], $12::float8[], $13::float8[]) {EPOCH_UPSERT}"
+                                  $11::float8[], $12::float8[], $13::float8[], $14::jsonb[]) {EPOCH_UPSERT}"
         );
         let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
         let rows: Vec<&(LeaseRef, EpochRecord)> = accepted.iter().map(|&i| &rows[i]).collect();
@@ -894,7 +894,12 @@ impl Store for PgStore {
             .bind(column(|e| Some(e.seconds)))
             .bind(column(|e| e.test_top5))
             .bind(column(|e| e.val_loss))
-            .bind(column(|e| e.val_accuracy));
+            .bind(column(|e| e.val_accuracy))
+            .bind(
+                rows.iter()
+                    .map(|(_, e)| custom_to_db(&e.custom))
+                    .collect::<Vec<_>>(),
+            );
         if !rows.is_empty() {
             insert.execute(&mut *tx).await?;
         }
@@ -952,10 +957,10 @@ impl Store for PgStore {
                  INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss,
                                       train_accuracy, epochs, seconds, worker_id, device,
                                       data_fingerprint, finished_at, precision, deterministic,
-                                      test_top5, val_loss, val_accuracy,
+                                      test_top5, val_loss, val_accuracy, custom,
                                       init_seed, order_seed, augment_seed, split_seed)
                  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                        now() + make_interval(secs => $13), $14, $15, $16, $17, $18,
+                        now() + make_interval(secs => $13), $14, $15, $16, $17, $18, $21::jsonb,
                         init_seed, order_seed, augment_seed, split_seed
                  FROM seeds WHERE sweep_id = $1 AND seed = $2
                  RETURNING sweep_id, seed),
@@ -990,14 +995,12 @@ impl Store for PgStore {
         .bind(r.val_accuracy)
         .bind(r.test_correct.as_ref().map(|c| i64::from(c.examples)))
         .bind(r.test_correct.as_ref().map(|c| c.bits.as_slice()))
+        .bind(custom_to_db(&r.custom))
         .execute(&mut *tx)
         .await?;
         // Last, so that the rows every recorder of the sweep updates (its aggregates and epoch
         // counts) stay locked as briefly as can be.
-        let (metrics, values): (Vec<&str>, Vec<f64>) = Metric::ALL
-            .iter()
-            .filter_map(|m| Some((m.column(), m.of(r)?)))
-            .unzip();
+        let (metrics, values): (Vec<&str>, Vec<f64>) = result_values(r).into_iter().unzip();
         sqlx::query(sqlx::AssertSqlSafe(TALLY_UPSERTS.as_str()))
             .bind(lease.sweep_id.0)
             .bind(lease.seed)

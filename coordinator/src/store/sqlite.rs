@@ -5,11 +5,11 @@
 use super::{
     ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
     FLEET_SEEDS, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies, aggregate_from_row,
-    aggregate_upsert, bind_test_set, bitmap_from_row, design_from_config, epoch_from_row,
-    epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
+    aggregate_upsert, bind_test_set, bitmap_from_row, custom_to_db, design_from_config,
+    epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
     epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row,
-    scored_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db, task_from_db,
-    test_set_from_row, test_set_upsert, u64_from_db,
+    result_values, scored_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db,
+    task_from_db, test_set_from_row, test_set_upsert, u64_from_db,
 };
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
@@ -109,8 +109,8 @@ impl SqliteStore {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
                                         test_accuracy, lr, seconds, recorded_at, test_top5, val_loss,
-                                        val_accuracy)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) {EPOCH_UPSERT}"
+                                        val_accuracy, custom)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) {EPOCH_UPSERT}"
         )))
         .bind(lease.sweep_id.0.to_string())
         .bind(lease.seed)
@@ -126,6 +126,7 @@ impl SqliteStore {
         .bind(e.test_top5)
         .bind(e.val_loss)
         .bind(e.val_accuracy)
+        .bind(custom_to_db(&e.custom))
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -617,7 +618,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(
             "SELECT seed, test_accuracy, test_loss, train_loss, train_accuracy, epochs, seconds, worker_id,
                     device, data_fingerprint, finished_at, precision, deterministic, test_top5,
-                    val_loss, val_accuracy, init_seed, order_seed, augment_seed, split_seed
+                    val_loss, val_accuracy, init_seed, order_seed, augment_seed, split_seed, custom
              FROM results WHERE sweep_id = ?1 AND (?2 IS NULL OR seed > ?2)
              ORDER BY seed LIMIT ?3",
         )
@@ -648,7 +649,6 @@ impl Store for SqliteStore {
 
     async fn scores(&self, id: SweepId, metric: Metric, after: i64) -> Result<(Vec<Scored>, i64)> {
         self.summary(id).await?;
-        // Safe: the column comes from the Metric enum, not from the caller.
         let rows = sqlx::query(sqlx::AssertSqlSafe(scores_sql(
             Dialect::Sqlite,
             metric,
@@ -745,7 +745,7 @@ impl Store for SqliteStore {
     async fn epoch_values(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64, u64)>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_values_sql(Dialect::Sqlite)))
             .bind(id.0.to_string())
-            .bind(metric.column())
+            .bind(metric.name())
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(epoch_value_from_row).collect()
@@ -872,9 +872,9 @@ impl Store for SqliteStore {
             "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
                                   epochs, seconds, worker_id, device, data_fingerprint, finished_at,
                                   precision, deterministic, test_top5, val_loss, val_accuracy,
-                                  init_seed, order_seed, augment_seed, split_seed)
+                                  custom, init_seed, order_seed, augment_seed, split_seed)
              SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                    ?18, init_seed, order_seed, augment_seed, split_seed
+                    ?18, ?19, init_seed, order_seed, augment_seed, split_seed
              FROM seeds WHERE sweep_id = ?1 AND seed = ?2",
         )
         .bind(&sweep)
@@ -895,18 +895,17 @@ impl Store for SqliteStore {
         .bind(r.test_top5)
         .bind(r.val_loss)
         .bind(r.val_accuracy)
+        .bind(custom_to_db(&r.custom))
         .execute(&mut *tx)
         .await?;
-        for metric in Metric::ALL {
-            if let Some(value) = metric.of(r) {
-                sqlx::query(sqlx::AssertSqlSafe(AGGREGATE_UPSERT.as_str()))
-                    .bind(&sweep)
-                    .bind(metric.column())
-                    .bind(value)
-                    .bind(lease.seed)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+        for (metric, value) in result_values(r) {
+            sqlx::query(sqlx::AssertSqlSafe(AGGREGATE_UPSERT.as_str()))
+                .bind(&sweep)
+                .bind(metric)
+                .bind(value)
+                .bind(lease.seed)
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some(c) = &r.test_correct {
             Self::record_bitmap(&mut tx, &sweep, lease.seed, c).await?;

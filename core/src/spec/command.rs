@@ -39,8 +39,8 @@ pub struct CommandSpec {
     /// A run still going after this many seconds is killed and fails (0: no limit).
     #[serde(default)]
     pub time_limit_seconds: u64,
-    /// The metric the sweep's statistics, report, comparison and watch use by default (one of
-    /// the results' columns).
+    /// The metric the sweep's statistics, report, comparison and watch use by default: one of
+    /// the results' columns, or a custom metric the program reports (every result must have it).
     #[serde(default = "default_score")]
     pub score: String,
     /// When set, a run must report exactly this many epochs.
@@ -238,9 +238,13 @@ mod tests {
                 .contains("a variable's name")
         );
         assert!(
-            parse("argv = [\"x\"]\nscore = \"bleu\"")
+            parse("argv = [\"x\"]\nscore = \"Test Accuracy\"")
                 .unwrap_err()
-                .contains("unknown metric `bleu`")
+                .contains("unknown metric `Test Accuracy`")
+        );
+        assert_eq!(
+            parse("argv = [\"x\"]\nscore = \"bleu\"").unwrap().score,
+            "bleu"
         );
         assert_eq!(
             parse("argv = [\"x\"]\nscore = \"test_loss\"")
