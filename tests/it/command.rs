@@ -204,9 +204,9 @@ if s.seed == 2:
 if s.seed == 0:
     # Left running in the background, holding the program's stdout.
     subprocess.Popen(["sleep", "3001"])
-if s.seed == 3:
+if s.seed in (3, 4):
     # Stays running, with a child of its own, until stopped.
-    subprocess.Popen(["sleep", "300"])
+    subprocess.Popen(["sleep", str(297 + s.seed)])
     seedsweep.log_epoch(1, train_loss=1.0, train_accuracy=0.5, lr=0.1, test_loss=1.0, test_accuracy=0.5)
     time.sleep(300)
 for e in (1, 2):
@@ -378,5 +378,45 @@ fn sigterm_stops_the_program_and_its_children_and_hands_the_seed_back() {
         ))
         .trim(),
         "released"
+    );
+}
+
+/// A lost lease (here: the sweep cancelled while the program runs) stops the program's group;
+/// the worker goes on (and, with nothing left to lease, exits).
+#[test]
+fn a_lost_lease_stops_the_program_and_its_children() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, db, coordinator) = on_sqlite(dir.path());
+    let sql = |q: &str| sqlite_query(&db, q);
+    let id = coordinator.submit(dir.path(), &double_sweep(dir.path(), "[4]"));
+    let mut w = command_worker(&coordinator.url, &data).spawn().unwrap();
+    wait_until(
+        "the program reported its first epoch",
+        Duration::from_secs(60),
+        || {
+            sql(&format!(
+                "SELECT count(*) FROM epoch_metrics WHERE sweep_id = '{id}'"
+            ))
+            .trim()
+                == "1"
+        },
+    );
+    assert!(alive("^sleep 301$"));
+    let cancelled = coordinator.sweep(&["cancel", &id]);
+    assert!(cancelled.status.success(), "{}", stderr(&cancelled));
+    let status = w.wait().unwrap();
+    assert!(status.success(), "the worker goes on after a lost lease");
+    let program = dir.path().join("double.py");
+    assert!(
+        !alive(program.to_str().unwrap()),
+        "the program outlived its lease"
+    );
+    assert!(
+        !alive("^sleep 301$"),
+        "the program's child outlived its lease"
+    );
+    assert_eq!(
+        sql(&format!("SELECT state FROM seeds WHERE sweep_id = '{id}'")).trim(),
+        "cancelled"
     );
 }
