@@ -257,7 +257,7 @@ async fn stats_compare_and_watch_from_the_command_line() {
     let out = c.sweep(&["stats", &a, "--metric", "accuracy"]);
     assert!(!out.status.success());
     assert!(
-        stderr(&out).contains("unknown metric `accuracy`"),
+        stderr(&out).contains("has no metric `accuracy`: use one of test_accuracy"),
         "{}",
         stderr(&out)
     );
