@@ -158,7 +158,7 @@ impl Coordinator {
             .build_v1alpha()
             .context("failed to build the reflection service")?;
         let watch = tokio::spawn(report_health(health.clone(), self.store.clone()));
-        let fold = tokio::spawn(fold_test_sets(self.store.clone()));
+        let fold = tokio::spawn(fold_tallies(self.store.clone()));
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls).context("bad TLS settings")?;
@@ -218,21 +218,21 @@ async fn report_health(health: tonic_health::server::HealthReporter, store: Arc<
     }
 }
 
-/// Folds recorded bitmaps into their sweeps' test-set tallies every 2 s, so that a completion
-/// only queues its bitmap and the statistics find little left to fold.
-async fn fold_test_sets(store: Arc<dyn Store>) {
+/// Folds recorded results into their sweeps' tallies every 2 s (`Store::fold_tallies`), so that
+/// a completion only queues its result and a reader finds little left to fold.
+async fn fold_tallies(store: Arc<dyn Store>) {
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let sweeps = match store.unfolded_sweeps().await {
             Ok(sweeps) => sweeps,
             Err(e) => {
-                tracing::debug!(error = %e, "could not look for bitmaps to fold");
+                tracing::debug!(error = %e, "could not look for results to fold");
                 continue;
             }
         };
         for id in sweeps {
-            if let Err(e) = store.fold_test_sets(id).await {
-                tracing::warn!(sweep = %id, error = %e, "could not fold bitmaps into the test-set tally");
+            if let Err(e) = store.fold_tallies(id).await {
+                tracing::warn!(sweep = %id, error = %e, "could not fold results into the sweep's tallies");
             }
         }
     }

@@ -707,10 +707,12 @@ async fn test_sets_are_kept(s: &dyn Store, id: SweepId, url: &str, done: u64) {
         want.add(&c.bits);
     }
     assert_eq!(want.sums.runs as u64, done);
-    assert_eq!(s.unfolded_sweeps().await.unwrap(), vec![id]);
+    // Queued, unless a read of the aggregates folded it already (PostgreSQL folds all at once).
+    let queued = s.unfolded_sweeps().await.unwrap();
+    assert!(queued.is_empty() || queued == vec![id], "{queued:?}");
     assert_eq!(s.test_sets(id).await.unwrap(), vec![want.clone()]);
     assert_eq!(s.unfolded_sweeps().await.unwrap(), vec![]);
-    assert_eq!(s.fold_test_sets(id).await.unwrap(), 0);
+    assert_eq!(s.fold_tallies(id).await.unwrap(), 0);
     let forget = "DELETE FROM test_sets";
     let queue = "INSERT INTO test_sets_unfolded SELECT sweep_id, seed FROM result_bitmaps";
     if url.starts_with("postgres") {
@@ -723,7 +725,7 @@ async fn test_sets_are_kept(s: &dyn Store, id: SweepId, url: &str, done: u64) {
         sqlx::query(queue).execute(&pool).await.unwrap();
     }
     assert_eq!(s.folded_test_sets(id).await.unwrap(), vec![]);
-    assert_eq!(s.fold_test_sets(id).await.unwrap(), done);
+    assert_eq!(s.fold_tallies(id).await.unwrap(), done);
     assert_eq!(s.folded_test_sets(id).await.unwrap(), vec![want]);
 }
 

@@ -206,7 +206,9 @@ async fn heartbeat_loop(
     lost: Arc<AtomicBool>,
     shutdown: Arc<AtomicBool>,
 ) {
-    let mut tick = tokio::time::interval(every);
+    // The first beat one interval after the grant: the lease was granted for a full TTL, and a
+    // seed shorter than the interval needs none.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut stopping = false;
     loop {
         tokio::select! {

@@ -230,7 +230,8 @@ pub trait Store: Send + Sync + 'static {
         after: Option<i64>,
         limit: u32,
     ) -> Result<Vec<SeedResult>>;
-    /// The live aggregate of each metric the sweep's results have (the `aggregates` table).
+    /// The live aggregate of each metric the sweep's results have (the `aggregates` table, with
+    /// what is queued folded in first).
     async fn aggregates(&self, id: SweepId) -> Result<Vec<Aggregate>>;
     /// The finished seeds' values of `metric` (results without it left out), in the order they
     /// were recorded, only those recorded after position `after` (0: all); with the position
@@ -253,18 +254,20 @@ pub trait Store: Send + Sync + 'static {
     async fn correctness(&self, id: SweepId) -> Result<Vec<(i64, Correctness)>>;
     /// The sweep's test-set tallies (what the test-set statistics read instead of every
     /// bitmap), one per test-set size its results' bitmaps cover, with every recorded bitmap
-    /// folded in first ([`Store::fold_test_sets`]).
+    /// folded in first ([`Store::fold_tallies`]).
     async fn test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>> {
-        self.fold_test_sets(id).await?;
+        self.fold_tallies(id).await?;
         self.folded_test_sets(id).await
     }
     /// The tallies as they stand, without folding.
     async fn folded_test_sets(&self, id: SweepId) -> Result<Vec<TestSetTally>>;
-    /// Adds the bitmaps recorded since the last fold (queued in `test_sets_unfolded`) to the
-    /// sweep's tallies in one transaction, each exactly once (folds of a sweep take turns, on
-    /// every replica); returns how many.
-    async fn fold_test_sets(&self, id: SweepId) -> Result<u64>;
-    /// The sweeps with bitmaps waiting to be folded.
+    /// Adds what was recorded since the last fold to the sweep's tallies in one transaction,
+    /// each result exactly once (folds of a sweep take turns, on every replica): the bitmaps
+    /// queued in `test_sets_unfolded` to its test-set tallies and, on PostgreSQL, the results
+    /// queued in `aggregates_unfolded` to its aggregates and epoch counts (SQLite updates those
+    /// as it records each result); returns how many bitmaps.
+    async fn fold_tallies(&self, id: SweepId) -> Result<u64>;
+    /// The sweeps with bitmaps or results waiting to be folded.
     async fn unfolded_sweeps(&self) -> Result<Vec<SweepId>>;
     /// `(seed, epoch, value)` of `metric` for every epoch of every finished seed that has it,
     /// by seed and epoch (a seed that ran out of attempts keeps its partial curve in
@@ -604,24 +607,42 @@ pub(crate) fn aggregate_upsert(d: Dialect) -> String {
     )
 }
 
-/// [`aggregate_upsert`] for every metric of one result in one statement (PostgreSQL).
-/// Parameters: sweep, metrics (`text[]`), their values (`float8[]`), seed.
-pub(crate) fn aggregate_upsert_all([sweep, seed, metrics, values]: [&str; 4]) -> String {
+/// Adds the results of sweep `$1` whose seeds are in `$2` (`bigint[]`) to its aggregates, every
+/// metric they have (custom ones too) in one statement (PostgreSQL; a fold of queued results).
+pub(crate) fn aggregate_fold() -> String {
+    let known: Vec<String> = Metric::ALL
+        .iter()
+        .filter_map(|m| m.column())
+        .map(|c| format!("('{c}', r.{c})"))
+        .collect();
     format!(
-        "INSERT INTO aggregates (sweep_id, metric, n, mean, m2, min, min_seed, max, max_seed)
-         SELECT {sweep}, m, 1, v, 0, v, {seed}, v, {seed}
-         FROM unnest({metrics}::text[], {values}::float8[]) AS x (m, v)
-         {AGGREGATE_MERGE}"
+        "WITH v AS (
+             SELECT r.seed, m.metric, m.value FROM results r
+             CROSS JOIN LATERAL (VALUES {}) AS m (metric, value)
+             WHERE r.sweep_id = $1 AND r.seed = ANY($2) AND m.value IS NOT NULL
+             UNION ALL
+             SELECT r.seed, c.key, c.value::float8 FROM results r
+             CROSS JOIN LATERAL jsonb_each_text(r.custom) AS c
+             WHERE r.sweep_id = $1 AND r.seed = ANY($2))
+         INSERT INTO aggregates (sweep_id, metric, n, mean, m2, min, min_seed, max, max_seed)
+         SELECT $1, metric, count(*), avg(value), coalesce(var_pop(value), 0) * count(*),
+                min(value), (array_agg(seed ORDER BY value, seed))[1],
+                max(value), (array_agg(seed ORDER BY value DESC, seed))[1]
+         FROM v GROUP BY metric ORDER BY metric
+         {AGGREGATE_MERGE}",
+        known.join(", ")
     )
 }
 
-/// Welford's update of an aggregate row by the one-result row `excluded`.
+/// Merges the aggregate row `excluded` (one result, n = 1 and m2 = 0, or a batch) into the
+/// stored one (Chan et al.'s pairwise update of the moments; the extremes with their seeds, the
+/// smaller seed on ties).
 const AGGREGATE_MERGE: &str = "
 ON CONFLICT (sweep_id, metric) DO UPDATE SET
-  n = aggregates.n + 1,
-  mean = aggregates.mean + (excluded.mean - aggregates.mean) / (aggregates.n + 1),
-  m2 = aggregates.m2 + (excluded.mean - aggregates.mean)
-       * (excluded.mean - aggregates.mean - (excluded.mean - aggregates.mean) / (aggregates.n + 1)),
+  n = aggregates.n + excluded.n,
+  mean = aggregates.mean + (excluded.mean - aggregates.mean) * excluded.n / (aggregates.n + excluded.n),
+  m2 = aggregates.m2 + excluded.m2 + (excluded.mean - aggregates.mean) * (excluded.mean - aggregates.mean)
+       * aggregates.n * excluded.n / (aggregates.n + excluded.n),
   min_seed = CASE WHEN excluded.min < aggregates.min
                     OR (excluded.min = aggregates.min AND excluded.min_seed < aggregates.min_seed)
              THEN excluded.min_seed ELSE aggregates.min_seed END,
@@ -846,30 +867,38 @@ pub(crate) fn epoch_values_sql(d: Dialect) -> String {
 }
 
 /// Counts a finished seed's epoch values of the counted metrics into `epoch_values`, in the
-/// result's transaction. Parameters: sweep, seed, epochs. Rows are taken in key order so that
-/// concurrent completions lock shared rows in the same order.
+/// result's transaction (SQLite). Parameters: sweep, seed, epochs. Rows are taken in key order so
+/// that concurrent completions lock shared rows in the same order.
 pub(crate) fn epoch_values_upsert(d: Dialect) -> String {
     let [sweep, seed, epochs] = d.params();
-    let counted: Vec<&str> = Metric::ALL
+    epoch_values_add(&format!(
+        "FROM epoch_metrics e WHERE e.sweep_id = {sweep} AND e.seed = {seed} AND e.epoch <= {epochs}"
+    ))
+}
+
+/// Counts the epoch values of sweep `$1`'s finished seeds in `$2` (`bigint[]`) into
+/// `epoch_values` (PostgreSQL; a fold of queued results).
+pub(crate) fn epoch_values_fold() -> String {
+    epoch_values_add(&format!(
+        "FROM epoch_metrics e {FINISHED_EPOCHS} WHERE e.sweep_id = $1 AND e.seed = ANY($2)"
+    ))
+}
+
+/// Adds the counted metrics' values of the epoch rows `rows` selects (`FROM epoch_metrics e
+/// ...`) to `epoch_values`.
+fn epoch_values_add(rows: &str) -> String {
+    let select = Metric::ALL
         .into_iter()
         .filter(|m| m.counted())
         .filter_map(|m| m.column())
-        .collect();
-    let select = counted
-        .iter()
-        .map(|c| {
-            format!(
-                "SELECT sweep_id, '{c}' AS metric, epoch, {c} AS value FROM epoch_metrics
-                 WHERE sweep_id = {sweep} AND seed = {seed} AND epoch <= {epochs}"
-            )
-        })
+        .map(|c| format!("SELECT e.sweep_id, '{c}' AS metric, e.epoch, e.{c} AS value {rows}"))
         .collect::<Vec<_>>()
         .join(" UNION ALL ");
     format!(
         "INSERT INTO epoch_values (sweep_id, metric, epoch, value, n)
-         SELECT sweep_id, metric, epoch, value, 1 FROM ({select}) m
-         WHERE value IS NOT NULL ORDER BY metric, epoch
-         ON CONFLICT (sweep_id, metric, epoch, value) DO UPDATE SET n = epoch_values.n + 1"
+         SELECT sweep_id, metric, epoch, value, count(*) FROM ({select}) m
+         WHERE value IS NOT NULL GROUP BY sweep_id, metric, epoch, value ORDER BY metric, epoch, value
+         ON CONFLICT (sweep_id, metric, epoch, value) DO UPDATE SET n = epoch_values.n + excluded.n"
     )
 }
 

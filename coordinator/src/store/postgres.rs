@@ -6,11 +6,11 @@
 use super::{
     ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
     FINISHED_EPOCHS, FLEET_SEEDS, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies,
-    aggregate_from_row, aggregate_upsert_all, bind_test_set, bitmap_from_row, custom_to_db,
+    aggregate_fold, aggregate_from_row, bind_test_set, bitmap_from_row, custom_to_db,
     design_from_config, epoch_from_row, epoch_score_from_row, epoch_scores_sql,
-    epoch_value_from_row, epoch_values_sql, epoch_values_upsert, factors_from_row, lease_config,
-    next_state, result_from_row, result_values, scores_sql, seed_rows, state_from_db,
-    sweep_state_from_db, task_from_db, test_set_from_row, test_set_upsert, u64_from_db,
+    epoch_value_from_row, epoch_values_fold, epoch_values_sql, factors_from_row, lease_config,
+    next_state, result_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db,
+    task_from_db, test_set_from_row, test_set_upsert, u64_from_db,
 };
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
@@ -36,13 +36,8 @@ use tokio_stream::StreamExt;
 /// A completion's updates of the rows every recorder of the sweep shares: each metric's
 /// aggregate and the counts of each epoch's accuracies. Parameters: sweep, seed, epochs, the
 /// metrics' names and their values.
-static TALLY_UPSERTS: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH a AS ({}) {}",
-        aggregate_upsert_all(["$1", "$2", "$4", "$5"]),
-        epoch_values_upsert(Dialect::Postgres)
-    )
-});
+static AGGREGATE_FOLD: LazyLock<String> = LazyLock::new(aggregate_fold);
+static EPOCH_VALUES_FOLD: LazyLock<String> = LazyLock::new(epoch_values_fold);
 static TEST_SET_UPSERT: LazyLock<String> = LazyLock::new(|| test_set_upsert(Dialect::Postgres));
 
 /// Renders a timestamptz column as UTC ISO 8601, the format both stores report.
@@ -131,6 +126,50 @@ impl PgStore {
         } else {
             StoreError::SweepNotFound(lease.sweep_id)
         })
+    }
+
+    /// Adds the results queued since the last fold to the sweep's aggregates and epoch counts.
+    async fn fold_aggregates(tx: &mut Transaction<'_, Postgres>, id: SweepId) -> Result<()> {
+        let seeds: Vec<i64> = sqlx::query_scalar(
+            "DELETE FROM aggregates_unfolded WHERE sweep_id = $1 RETURNING seed",
+        )
+        .bind(id.0)
+        .fetch_all(&mut **tx)
+        .await?;
+        if seeds.is_empty() {
+            return Ok(());
+        }
+        for sql in [&AGGREGATE_FOLD, &EPOCH_VALUES_FOLD] {
+            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(id.0)
+                .bind(&seeds)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Adds the bitmaps queued since the last fold to the sweep's test-set tallies; how many.
+    async fn fold_test_sets(tx: &mut Transaction<'_, Postgres>, id: SweepId) -> Result<u64> {
+        let mut tallies = Tallies::from_stored(test_sets(&mut **tx, id).await?);
+        let mut folded = 0;
+        let mut rows = sqlx::query(
+            "WITH q AS (DELETE FROM test_sets_unfolded WHERE sweep_id = $1 RETURNING seed)
+             SELECT b.seed, b.test_examples, b.test_correct
+             FROM result_bitmaps b JOIN q ON b.sweep_id = $1 AND b.seed = q.seed",
+        )
+        .bind(id.0)
+        .fetch(&mut **tx);
+        while let Some(row) = rows.next().await {
+            tallies.add(&bitmap_from_row(&row?)?.1);
+            folded += 1;
+        }
+        drop(rows);
+        for tally in tallies.into_vec() {
+            let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(id.0);
+            bind_test_set(upsert, &tally).execute(&mut **tx).await?;
+        }
+        Ok(folded)
     }
 
     async fn lock_held(tx: &mut Transaction<'_, Postgres>, lease: LeaseRef) -> Result<()> {
@@ -552,6 +591,7 @@ impl Store for PgStore {
     }
 
     async fn aggregates(&self, id: SweepId) -> Result<Vec<Aggregate>> {
+        self.fold_tallies(id).await?;
         // Safe: constant text.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {AGGREGATE_COLUMNS} FROM aggregates WHERE sweep_id = $1 ORDER BY metric"
@@ -670,12 +710,14 @@ impl Store for PgStore {
         test_sets(&self.pool, id).await
     }
 
-    async fn fold_test_sets(&self, id: SweepId) -> Result<u64> {
-        let queued = "SELECT EXISTS (SELECT 1 FROM test_sets_unfolded WHERE sweep_id = $1)";
-        let queued: bool = sqlx::query_scalar(queued)
-            .bind(id.0)
-            .fetch_one(&self.pool)
-            .await?;
+    async fn fold_tallies(&self, id: SweepId) -> Result<u64> {
+        let queued: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM test_sets_unfolded WHERE sweep_id = $1)
+                 OR EXISTS (SELECT 1 FROM aggregates_unfolded WHERE sweep_id = $1)",
+        )
+        .bind(id.0)
+        .fetch_one(&self.pool)
+        .await?;
         if !queued {
             return Ok(0);
         }
@@ -685,33 +727,18 @@ impl Store for PgStore {
             .bind(id.0)
             .execute(&mut *tx)
             .await?;
-        let mut tallies = Tallies::from_stored(test_sets(&mut *tx, id).await?);
-        let mut folded = 0;
-        let mut rows = sqlx::query(
-            "WITH q AS (DELETE FROM test_sets_unfolded WHERE sweep_id = $1 RETURNING seed)
-             SELECT b.seed, b.test_examples, b.test_correct
-             FROM result_bitmaps b JOIN q ON b.sweep_id = $1 AND b.seed = q.seed",
-        )
-        .bind(id.0)
-        .fetch(&mut *tx);
-        while let Some(row) = rows.next().await {
-            tallies.add(&bitmap_from_row(&row?)?.1);
-            folded += 1;
-        }
-        drop(rows);
-        for tally in tallies.into_vec() {
-            let upsert = sqlx::query(sqlx::AssertSqlSafe(TEST_SET_UPSERT.as_str())).bind(id.0);
-            bind_test_set(upsert, &tally).execute(&mut *tx).await?;
-        }
+        Self::fold_aggregates(&mut tx, id).await?;
+        let folded = Self::fold_test_sets(&mut tx, id).await?;
         tx.commit().await?;
         Ok(folded)
     }
 
     async fn unfolded_sweeps(&self) -> Result<Vec<SweepId>> {
-        let ids: Vec<uuid::Uuid> =
-            sqlx::query_scalar("SELECT DISTINCT sweep_id FROM test_sets_unfolded")
-                .fetch_all(&self.pool)
-                .await?;
+        let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT sweep_id FROM test_sets_unfolded UNION SELECT sweep_id FROM aggregates_unfolded",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         Ok(ids.into_iter().map(SweepId).collect())
     }
 
@@ -757,6 +784,7 @@ impl Store for PgStore {
     }
 
     async fn epoch_values(&self, id: SweepId, metric: Metric) -> Result<Vec<(u32, f64, u64)>> {
+        self.fold_tallies(id).await?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(epoch_values_sql(Dialect::Postgres)))
             .bind(id.0)
             .bind(metric.name())
@@ -952,6 +980,8 @@ impl Store for PgStore {
             return abort(tx, refusal.into()).await;
         }
         // The result, its bitmap (queued for the tally), the seed and the attempt: one statement.
+        // The rows every recorder of the sweep shares (its aggregates and epoch counts) are
+        // left to the fold: the result is queued for them.
         sqlx::query(
             "WITH r AS (
                  INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss,
@@ -969,6 +999,7 @@ impl Store for PgStore {
                  SELECT sweep_id, seed, $19, $20 FROM r WHERE $20::bytea IS NOT NULL
                  RETURNING sweep_id, seed),
              q AS (INSERT INTO test_sets_unfolded (sweep_id, seed) SELECT sweep_id, seed FROM b),
+             a AS (INSERT INTO aggregates_unfolded (sweep_id, seed) SELECT sweep_id, seed FROM r),
              d AS (
                  UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = now()
                  WHERE sweep_id = $1 AND seed = $2)
@@ -998,17 +1029,6 @@ impl Store for PgStore {
         .bind(custom_to_db(&r.custom))
         .execute(&mut *tx)
         .await?;
-        // Last, so that the rows every recorder of the sweep updates (its aggregates and epoch
-        // counts) stay locked as briefly as can be.
-        let (metrics, values): (Vec<&str>, Vec<f64>) = result_values(r).into_iter().unzip();
-        sqlx::query(sqlx::AssertSqlSafe(TALLY_UPSERTS.as_str()))
-            .bind(lease.sweep_id.0)
-            .bind(lease.seed)
-            .bind(r.epochs as i32)
-            .bind(metrics)
-            .bind(values)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(CompleteOutcome::Recorded)
     }

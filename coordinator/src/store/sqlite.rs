@@ -696,7 +696,7 @@ impl Store for SqliteStore {
         test_sets(&self.pool, &id.0.to_string()).await
     }
 
-    async fn fold_test_sets(&self, id: SweepId) -> Result<u64> {
+    async fn fold_tallies(&self, id: SweepId) -> Result<u64> {
         let sweep = id.0.to_string();
         let queued = "SELECT EXISTS (SELECT 1 FROM test_sets_unfolded WHERE sweep_id = ?1)";
         let queued: bool = sqlx::query_scalar(queued)
