@@ -87,18 +87,24 @@ impl EpochWriter {
         EpochWriter { queue }
     }
 
-    /// Records one epoch row with the next batch.
-    async fn record(&self, lease: LeaseRef, record: EpochRecord) -> Result<(), Status> {
+    /// Queues one epoch row for the next batch; the verdict comes once the batch is written.
+    async fn submit(&self, lease: LeaseRef, record: EpochRecord) -> Result<Verdict, Status> {
         let (done, verdict) = tokio::sync::oneshot::channel();
-        let stopped = || Status::unavailable("the coordinator is shutting down");
         let row = PendingEpoch {
             lease,
             record,
             done,
         };
-        self.queue.send(row).await.map_err(|_| stopped())?;
-        verdict.await.map_err(|_| stopped())?
+        self.queue.send(row).await.map_err(|_| stopping())?;
+        Ok(verdict)
     }
+}
+
+/// An epoch row's verdict, to come.
+type Verdict = tokio::sync::oneshot::Receiver<Result<(), Status>>;
+
+fn stopping() -> Status {
+    Status::unavailable("the coordinator is shutting down")
 }
 
 /// What each sweep's runs report ([`RunShape`]), read from the store once per sweep (a sweep's
@@ -1021,6 +1027,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::StreamEpochMetricsResponse>, Status> {
         let mut stream = req.into_inner();
         let mut received = 0u32;
+        let mut verdicts = std::collections::VecDeque::new();
         while let Some(m) = stream.message().await? {
             let lease = lease_ref(m.lease.as_ref())?;
             let record = epoch_record(&m)?;
@@ -1035,10 +1042,19 @@ impl Coordinator for CoordinatorService {
             shape
                 .check_epoch(record.epoch, Reported::of_epoch(&record))
                 .map_err(Status::invalid_argument)?;
-            let (epoch, test_accuracy) = (record.epoch, record.test_accuracy);
-            self.epochs.record(lease, record).await?;
-            tracing::debug!(%lease, epoch, test_accuracy, "epoch recorded");
+            tracing::debug!(%lease, epoch = record.epoch, "epoch received");
+            // The rows of a stream are written in order, without waiting for each one's batch
+            // (a replay of many epochs takes one batch, not one each); a refusal already known
+            // ends the stream at once.
+            verdicts.push_back(self.epochs.submit(lease, record).await?);
+            while let Some(Ok(verdict)) = verdicts.front_mut().map(|v| v.try_recv()) {
+                verdicts.pop_front();
+                verdict?;
+            }
             received += 1;
+        }
+        for verdict in verdicts {
+            verdict.await.map_err(|_| stopping())??;
         }
         Ok(Response::new(pb::StreamEpochMetricsResponse { received }))
     }
