@@ -84,7 +84,7 @@ for backend in sqlite postgres; do
   done
   # Seeds shorter than the heartbeat interval send none (workers beat first one interval after
   # the grant): then there is no heartbeat latency to show.
-  beat=$(printf '%s\n' "${beats[@]}" | grep -v None | median)
+  beat=$(printf '%s\n' "${beats[@]}" | { grep -v None || true; } | median)
   printf '%-10s %8s %14.0f %14.0f %14.2f %14.2f %16s\n' $backend "1000/3s" \
     "$(printf '%s\n' "${rates[@]}" | median)" "$(printf '%s\n' "${rows[@]}" | median)" \
     "$(printf '%s\n' "${p50s[@]}" | median)" "$(printf '%s\n' "${p99s[@]}" | median)" \
