@@ -323,26 +323,38 @@ fn failures_are_retried_with_their_cause_and_unallowed_programs_handed_back() {
     );
 }
 
+/// A coordinator on SQLite in `dir` and one worker running the test-double program for `seed`
+/// (one that stays running), once the program has reported its first epoch: (database,
+/// coordinator, sweep id, worker).
+fn running_double(
+    dir: &Path,
+    seed: i64,
+) -> (PathBuf, CoordinatorProcess, String, std::process::Child) {
+    let (data, db, coordinator) = on_sqlite(dir);
+    let id = coordinator.submit(dir, &double_sweep(dir, &format!("[{seed}]")));
+    let w = command_worker(&coordinator.url, &data).spawn().unwrap();
+    wait_until(
+        "the program reported its first epoch",
+        Duration::from_secs(60),
+        || {
+            sqlite_query(
+                &db,
+                &format!("SELECT count(*) FROM epoch_metrics WHERE sweep_id = '{id}'"),
+            )
+            .trim()
+                == "1"
+        },
+    );
+    (db, coordinator, id, w)
+}
+
 /// SIGTERM to the worker while the program runs: the program's whole group is stopped, the
 /// worker exits within seconds and the seed is pending again, its attempt not counted.
 #[test]
 fn sigterm_stops_the_program_and_its_children_and_hands_the_seed_back() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, db, coordinator) = on_sqlite(dir.path());
+    let (db, _coordinator, id, mut w) = running_double(dir.path(), 3);
     let sql = |q: &str| sqlite_query(&db, q);
-    let id = coordinator.submit(dir.path(), &double_sweep(dir.path(), "[3]"));
-    let mut w = command_worker(&coordinator.url, &data).spawn().unwrap();
-    wait_until(
-        "the program reported its first epoch",
-        Duration::from_secs(60),
-        || {
-            sql(&format!(
-                "SELECT count(*) FROM epoch_metrics WHERE sweep_id = '{id}'"
-            ))
-            .trim()
-                == "1"
-        },
-    );
     let program = dir.path().join("double.py");
     assert!(alive(program.to_str().unwrap()));
     signal(&w, "TERM");
@@ -386,21 +398,8 @@ fn sigterm_stops_the_program_and_its_children_and_hands_the_seed_back() {
 #[test]
 fn a_lost_lease_stops_the_program_and_its_children() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, db, coordinator) = on_sqlite(dir.path());
+    let (db, coordinator, id, mut w) = running_double(dir.path(), 4);
     let sql = |q: &str| sqlite_query(&db, q);
-    let id = coordinator.submit(dir.path(), &double_sweep(dir.path(), "[4]"));
-    let mut w = command_worker(&coordinator.url, &data).spawn().unwrap();
-    wait_until(
-        "the program reported its first epoch",
-        Duration::from_secs(60),
-        || {
-            sql(&format!(
-                "SELECT count(*) FROM epoch_metrics WHERE sweep_id = '{id}'"
-            ))
-            .trim()
-                == "1"
-        },
-    );
     assert!(alive("^sleep 301$"));
     let cancelled = coordinator.sweep(&["cancel", &id]);
     assert!(cancelled.status.success(), "{}", stderr(&cancelled));
