@@ -331,6 +331,11 @@ impl RunShape {
     }
 }
 
+/// Whether a final metric `a` is its last epoch's `b` (equal but for rounding in transit).
+pub fn same_value(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(1.0)
+}
+
 /// A result's final metrics are those of its last epoch (a worker reports its last
 /// evaluation), as recorded under its lease: a result that says otherwise is refused, naming the
 /// field. A custom metric may be the result's alone (a program's evaluation at the end only). Without the last epoch's row there is nothing to compare (the completion is refused
@@ -339,7 +344,7 @@ pub fn check_final_metrics(result: &SeedResult, last: Option<&EpochRecord>) -> R
     let Some(last) = last else {
         return Ok(());
     };
-    let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
+    let same = same_value;
     let same_opt = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) => same(a, b),
         (a, b) => a.is_none() && b.is_none(),

@@ -362,7 +362,7 @@ fn finish(history: Vec<EpochMetrics>, last: Option<Final>, score: &str) -> Resul
         .iter()
         .filter_map(|(n, v)| Some((n, v, Some(custom_at_last(n)?))));
     for (name, value, at_last) in known.chain(custom) {
-        let agrees = at_last.is_some_and(|v| (v - value).abs() <= 1e-9 * v.abs().max(1.0));
+        let agrees = at_last.is_some_and(|v| seedsweep_core::policy::same_value(*value, v));
         if !agrees {
             return Err(format!(
                 "the final {name} = {value} is not epoch {}'s ({}): report the final evaluation as the last epoch",
