@@ -9,7 +9,7 @@ use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, CustomMetrics, EpochRecord, LeaseRef,
     Metric, SeedCounts, SeedResult, SweepId, SweepSummary,
 };
-use seedsweep_core::policy::{self, Charge, Reported, RunShape};
+use seedsweep_core::policy::{Charge, Reported, RunShape};
 use seedsweep_core::spec::{Precision, SeedSet, SweepSpec};
 use seedsweep_core::stats;
 use seedsweep_core::stats::document::{ComparisonDocument, StatsDocument};
@@ -362,6 +362,7 @@ fn status(e: StoreError) -> Status {
         StoreError::StaleLease(_) | StoreError::Conflict(_) => {
             Status::failed_precondition(e.to_string())
         }
+        StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
         StoreError::UnsupportedUrl(u) => {
             Status::internal(format!("unsupported database URL {}", redact_url(&u)))
         }
@@ -1107,9 +1108,6 @@ impl Coordinator for CoordinatorService {
         shape
             .check_result(result.epochs, Reported::of_result(&result))
             .and_then(|()| shape.check_score(&result))
-            .map_err(Status::invalid_argument)?;
-        let last = self.store.epoch_of(lease, result.epochs).await;
-        policy::check_final_metrics(&result, last.map_err(status)?.as_ref())
             .map_err(Status::invalid_argument)?;
         self.metrics.saw_worker(&result.worker_id);
         let log = log_path(&r.log)?;

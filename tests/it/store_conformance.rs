@@ -51,13 +51,22 @@ fn epoch(n: u32) -> EpochRecord {
     }
 }
 
+/// The last of a run's two epochs, ending at test accuracy `acc`: what [`result`] reports.
+fn last_epoch(acc: f64) -> EpochRecord {
+    EpochRecord {
+        test_accuracy: Some(acc),
+        ..epoch(2)
+    }
+}
+
+/// A two-epoch run's result, its final metrics those of [`last_epoch`].
 fn result(seed: i64, acc: f64) -> SeedResult {
     SeedResult {
         seed,
         test_accuracy: acc,
-        test_loss: 0.5,
-        train_loss: 0.4,
-        train_accuracy: 0.9,
+        test_loss: 1.0,
+        train_loss: 0.5,
+        train_accuracy: 0.5,
         epochs: 2,
         seconds: 3.0,
         worker_id: "w".into(),
@@ -84,7 +93,7 @@ async fn claim(s: &dyn Store, worker: &str) -> Lease {
 
 async fn finish(s: &dyn Store, l: LeaseRef, acc: f64) {
     s.record_epoch(l, &epoch(1)).await.unwrap();
-    s.record_epoch(l, &epoch(2)).await.unwrap();
+    s.record_epoch(l, &last_epoch(acc)).await.unwrap();
     assert_eq!(
         s.complete(l, &result(l.seed, acc)).await.unwrap(),
         CompleteOutcome::Recorded
@@ -120,7 +129,12 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
         Err(StoreError::Conflict(_))
     ));
     s.record_epoch(l1.lease, &epoch(2)).await.unwrap();
-    s.record_epoch(l1.lease, &epoch(2)).await.unwrap();
+    s.record_epoch(l1.lease, &last_epoch(0.8)).await.unwrap();
+    // A result that is not its last epoch's evaluation is refused, naming the metric.
+    match s.complete(l1.lease, &result(2, 0.7)).await {
+        Err(StoreError::Invalid(msg)) => assert!(msg.contains("test_accuracy"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
     assert_eq!(
         s.complete(l1.lease, &result(2, 0.8)).await.unwrap(),
         CompleteOutcome::Recorded
@@ -448,11 +462,7 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
                 let r = async {
                     if !again {
                         s.record_epoch(l, &epoch(1)).await?;
-                        let last = EpochRecord {
-                            test_accuracy: Some(acc),
-                            ..epoch(2)
-                        };
-                        s.record_epoch(l, &last).await?;
+                        s.record_epoch(l, &last_epoch(acc)).await?;
                     }
                     let hits = (acc * 1e4).round() as u32;
                     let correct = Correctness::new(10_000, bitmap(l.seed, hits), acc).unwrap();
@@ -810,7 +820,7 @@ async fn custom_metrics(s: Arc<dyn Store>) {
         s.record_epoch(l, &with(epoch(1), &[("ece", v + 0.1)]))
             .await
             .unwrap();
-        s.record_epoch(l, &with(epoch(2), &[("ece", v)]))
+        s.record_epoch(l, &with(last_epoch(0.5), &[("ece", v)]))
             .await
             .unwrap();
         let mut r = result(l.seed, 0.5);

@@ -45,6 +45,10 @@ pub enum StoreError {
     /// The write is well-formed but contradicts what the store holds.
     #[error("{0}")]
     Conflict(String),
+    /// The write contradicts itself as the store reads it (a result whose final metrics are not
+    /// its last epoch's): the caller must change what it sends.
+    #[error("{0}")]
+    Invalid(String),
     #[error(
         "unsupported database URL `{0}`: use sqlite://FILE (one host) or postgres://USER@HOST/DB (fleets)"
     )]
@@ -78,6 +82,7 @@ impl StoreError {
                 | StoreError::SeedNotFound { .. }
                 | StoreError::StaleLease(_)
                 | StoreError::Conflict(_)
+                | StoreError::Invalid(_)
         )
     }
 
@@ -165,6 +170,46 @@ impl Availability {
     pub(crate) fn may_expire(&self, ttl: Duration) -> bool {
         let since = self.since.lock().unwrap_or_else(|p| p.into_inner());
         since.is_some_and(|mark| self.clock.since(mark) >= ttl)
+    }
+}
+
+/// When the earliest lease deadline falls, as the last claim read it, so that a claim looks for
+/// overdue leases only once one may be. Read as "not before": a lease granted since has a later
+/// deadline (now plus the TTL), and a lease finished or heartbeated since only moves the true
+/// earliest later, so a check it prompts finds nothing. With no lease held, the earliest a new
+/// one can fall due is one TTL on. (A replica configured with a shorter TTL than this one's has
+/// its leases expired by its own claims.)
+#[derive(Debug)]
+pub(crate) struct NextDeadline {
+    clock: Clock,
+    /// When it was read, and how far ahead it was then; None until the first read.
+    at: std::sync::Mutex<Option<(ClockMark, Duration)>>,
+}
+
+impl NextDeadline {
+    pub(crate) fn new(clock: Clock) -> NextDeadline {
+        NextDeadline {
+            clock,
+            at: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Now, to pass to [`NextDeadline::read`] with what a statement begun after it read.
+    pub(crate) fn mark(&self) -> ClockMark {
+        self.clock.mark()
+    }
+
+    /// What a statement begun after `mark` read: the earliest deadline was `ahead` seconds on
+    /// (negative: overdue; None: no lease held; then one `ttl` on).
+    pub(crate) fn read(&self, mark: ClockMark, ahead: Option<f64>, ttl: Duration) {
+        let ahead = ahead.map_or(ttl, |s| Duration::from_secs_f64(s.clamp(0.0, ttl.as_secs_f64())));
+        *self.at.lock().unwrap_or_else(|p| p.into_inner()) = Some((mark, ahead));
+    }
+
+    /// Whether a lease may be overdue now.
+    pub(crate) fn due(&self) -> bool {
+        let at = self.at.lock().unwrap_or_else(|p| p.into_inner());
+        at.is_none_or(|(mark, ahead)| self.clock.since(mark) >= ahead)
     }
 }
 
@@ -324,10 +369,9 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::record_epoch`]; returns each row's verdict, in order. An error of the database
     /// itself fails them all.
     async fn record_epochs(&self, rows: &[(LeaseRef, EpochRecord)]) -> Result<Vec<Result<()>>>;
-    /// Epoch `epoch`'s row as recorded under `lease`, if it was.
-    async fn epoch_of(&self, lease: LeaseRef, epoch: u32) -> Result<Option<EpochRecord>>;
     /// Records the seed's result, once. The seed's epoch metrics for epochs 1..=result.epochs must
-    /// have been recorded under the same lease.
+    /// have been recorded under the same lease, and the result's final metrics must be the last
+    /// epoch's ([`policy::check_final_metrics`]; [`StoreError::Invalid`] when not).
     async fn complete(&self, lease: LeaseRef, result: &SeedResult) -> Result<CompleteOutcome>;
     /// Ends a lease without a result, charged to the seed or not ([`Charge`]); the rules of
     /// [`policy::after_attempt`] decide the seed's new state (pending or failed), which is
@@ -1029,6 +1073,26 @@ mod tests {
         assert!(!available.may_expire(TTL), "inside the grace");
         clock.advance(Duration::from_secs(1));
         assert!(available.may_expire(TTL));
+    }
+
+    #[test]
+    fn leases_are_looked_at_for_expiry_once_the_earliest_deadline_passes() {
+        let clock = Clock::database();
+        let next = NextDeadline::new(clock.clone());
+        assert!(next.due(), "nothing read yet");
+        next.read(next.mark(), Some(30.0), TTL);
+        assert!(!next.due());
+        clock.advance(Duration::from_secs(30));
+        assert!(next.due());
+        // No lease held: none can fall due within a TTL.
+        next.read(next.mark(), None, TTL);
+        clock.advance(TTL - Duration::from_secs(1));
+        assert!(!next.due());
+        clock.advance(Duration::from_secs(1));
+        assert!(next.due());
+        // Already overdue.
+        next.read(next.mark(), Some(-5.0), TTL);
+        assert!(next.due());
     }
 
     #[test]

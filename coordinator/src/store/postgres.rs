@@ -4,7 +4,7 @@
 //! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
 use super::{
-    ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
+    ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, NextDeadline, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
     FINISHED_EPOCHS, FLEET_SEEDS, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies,
     aggregate_fold, aggregate_from_row, bind_test_set, bitmap_from_row, custom_to_db,
     design_from_config, epoch_from_row, epoch_score_from_row, epoch_scores_sql,
@@ -63,6 +63,7 @@ pub struct PgStore {
     pool: PgPool,
     clock: Clock,
     available: Availability,
+    next_deadline: NextDeadline,
 }
 
 impl PgStore {
@@ -79,6 +80,7 @@ impl PgStore {
         let store = PgStore {
             pool,
             available: Availability::new(clock.clone()),
+            next_deadline: NextDeadline::new(clock.clone()),
             clock,
         };
         Ok(store)
@@ -215,22 +217,58 @@ impl PgStore {
         Ok(next.state)
     }
 
-    /// [`Store::claim`], expiring overdue leases first when `expire`.
+    /// [`Store::claim`], ending overdue leases first when `expire` and one may be: a claim
+    /// costs one statement.
     async fn claim_one(
         &self,
         worker_id: &str,
         ttl: Duration,
         expire: bool,
     ) -> Result<ClaimOutcome> {
-        let mut tx = self.pool.begin().await?;
-        // Overdue leases, locked so that concurrent claims expire each one once.
-        if expire {
+        if expire && self.next_deadline.due() {
+            let mut tx = self.pool.begin().await?;
             self.expire_overdue(&mut tx).await?;
+            tx.commit().await?;
         }
-        // One statement: the lease, its attempt row, the deletion of earlier leases' epoch rows
-        // (a new lease starts with none, so an earlier partial curve never mixes with this one's
-        // in what readers see) and the sweep's settings.
-        let claimed = sqlx::query(
+        let mark = self.next_deadline.mark();
+        let row = self.claim_statement(worker_id, ttl).await?;
+        self.next_deadline
+            .read(mark, row.try_get("next_deadline_in")?, ttl);
+        let Some(sweep_id) = row.try_get::<Option<uuid::Uuid>, _>("sweep_id")? else {
+            let outstanding: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
+                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active' AND w.loading_at IS NULL",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+            return Ok(ClaimOutcome::Empty {
+                outstanding: u64_from_db(outstanding),
+            });
+        };
+        let lease = LeaseRef {
+            sweep_id: SweepId(sweep_id),
+            seed: row.try_get("seed")?,
+            fence: row.try_get("fence")?,
+        };
+        let config = lease_config(&row.try_get::<String, _>("config")?)?;
+        Ok(ClaimOutcome::Leased(Box::new(Lease {
+            lease,
+            task: task_from_db(row.try_get("task")?)?,
+            dataset: row.try_get("dataset")?,
+            train: config.train,
+            factors: factors_from_row(&row)?,
+            seed_namespace: config.seed_namespace,
+            finetune: config.finetune,
+            command: config.command,
+        })))
+    }
+
+    /// One statement: the lease (NULLs when no seed is pending), its attempt row, the deletion of
+    /// earlier leases' epoch rows (a new lease starts with none, so an earlier partial curve
+    /// never mixes with this one's in what readers see), the sweep's settings, and in how many
+    /// seconds the earliest lease falls due (NULL when none is held).
+    async fn claim_statement(&self, worker_id: &str, ttl: Duration) -> Result<PgRow> {
+        let row = sqlx::query(
             "WITH next AS (
                  SELECT c.sweep_id, c.seed
                  FROM (SELECT id FROM sweeps WHERE state = 'active' AND loading_at IS NULL
@@ -255,43 +293,141 @@ impl PgStore {
              stale AS (
                  DELETE FROM epoch_metrics e USING claimed c
                  WHERE e.sweep_id = c.sweep_id AND e.seed = c.seed AND e.fence < c.fence)
-             SELECT c.*, w.task, w.dataset, w.config::text AS config
-             FROM claimed c JOIN sweeps w ON w.id = c.sweep_id",
+             SELECT c.*, w.task, w.dataset, w.config::text AS config,
+                    (SELECT EXTRACT(EPOCH FROM min(lease_expires_at)
+                                               - (now() + make_interval(secs => $3)))::float8
+                     FROM seeds WHERE state = 'leased') AS next_deadline_in
+             FROM (SELECT 1) one
+             LEFT JOIN (claimed c JOIN sweeps w ON w.id = c.sweep_id) ON true",
         )
         .bind(worker_id)
         .bind(ttl.as_secs_f64())
         .bind(self.skew())
-        .fetch_optional(&mut *tx)
+        .fetch_one(&self.pool)
         .await?;
-        let Some(row) = claimed else {
-            let outstanding: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
-                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active' AND w.loading_at IS NULL",
-            )
-            .fetch_one(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            return Ok(ClaimOutcome::Empty {
-                outstanding: u64_from_db(outstanding),
-            });
+        Ok(row)
+    }
+
+    /// Why the seed of `lease` was not found: the refusal naming what is missing, the sweep or
+    /// the seed (a seed added since it was looked for is pending, not held: a stale lease).
+    async fn missing(&self, lease: LeaseRef) -> Result<StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let found = Self::lock_seed(&mut tx, lease).await;
+        tx.rollback().await?;
+        match found {
+            Err(e) if e.is_refusal() => Ok(e),
+            Err(e) => Err(e),
+            Ok(_) => Ok(StoreError::StaleLease(lease)),
+        }
+    }
+
+    /// Judges a result under `lease` by the policy (the fence, the epochs recorded, the last
+    /// epoch's metrics), reading without locks. `None`: already recorded under this lease. Else
+    /// the version (`xmin`) of the last epoch's row judged, which the write checks.
+    async fn judge_completion(&self, lease: LeaseRef, r: &SeedResult) -> Result<Option<String>> {
+        // Safe: constant text.
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT s.state, s.fence,
+                    (SELECT count(*) FROM epoch_metrics
+                     WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND epoch BETWEEN 1 AND $4)
+                      AS recorded,
+                    l.*
+             FROM seeds s LEFT JOIN LATERAL (
+                 SELECT xmin::text AS version, {EPOCH_COLUMNS} FROM epoch_metrics
+                 WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND epoch = $4) l ON true
+             WHERE s.sweep_id = $1 AND s.seed = $2"
+        )))
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(r.epochs as i32)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Err(self.missing(lease).await?);
         };
-        tx.commit().await?;
-        let lease = LeaseRef {
-            sweep_id: SweepId(row.try_get("sweep_id")?),
-            seed: row.try_get("seed")?,
-            fence: row.try_get("fence")?,
+        let state = state_from_db(row.try_get("state")?)?;
+        match policy::check_completion(lease, state, row.try_get("fence")?)? {
+            Completion::AlreadyRecorded => return Ok(None),
+            Completion::Record => {}
+        }
+        let recorded = u64_from_db(row.try_get("recorded")?);
+        policy::check_epochs_recorded(lease, r.epochs, recorded)?;
+        let version: Option<String> = row.try_get("version")?;
+        let last = match &version {
+            Some(_) => Some(epoch_from_row(&row)?.1),
+            None => None,
         };
-        let config = lease_config(&row.try_get::<String, _>("config")?)?;
-        Ok(ClaimOutcome::Leased(Box::new(Lease {
-            lease,
-            task: task_from_db(row.try_get("task")?)?,
-            dataset: row.try_get("dataset")?,
-            train: config.train,
-            factors: factors_from_row(&row)?,
-            seed_namespace: config.seed_namespace,
-            finetune: config.finetune,
-            command: config.command,
-        })))
+        policy::check_final_metrics(r, last.as_ref()).map_err(StoreError::Invalid)?;
+        // The epochs recorded include the last one: it has a row.
+        version
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt(format!("{lease}: no row for its last epoch")))
+    }
+
+    /// Writes a judged result: the result, its bitmap (queued for the tally), the seed and the
+    /// attempt, in one statement, only while the seed is still leased under the fence and its
+    /// last epoch's row is still `last_version`. Whether it wrote. The rows every recorder of the
+    /// sweep shares (its aggregates and epoch counts) are left to the fold: the result is queued
+    /// for them.
+    async fn record_result(&self, lease: LeaseRef, r: &SeedResult, last_version: &str) -> Result<bool> {
+        let written: i64 = sqlx::query_scalar(
+            "WITH d AS (
+                 UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = now()
+                 WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND state = 'leased'
+                   AND EXISTS (SELECT 1 FROM epoch_metrics
+                               WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND epoch = $8
+                                 AND xmin::text = $22)
+                 RETURNING sweep_id, seed, init_seed, order_seed, augment_seed, split_seed),
+             r AS (
+                 INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss,
+                                      train_accuracy, epochs, seconds, worker_id, device,
+                                      data_fingerprint, finished_at, precision, deterministic,
+                                      test_top5, val_loss, val_accuracy, custom,
+                                      init_seed, order_seed, augment_seed, split_seed)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                        now() + make_interval(secs => $13), $14, $15, $16, $17, $18, $21::jsonb,
+                        init_seed, order_seed, augment_seed, split_seed
+                 FROM d
+                 RETURNING sweep_id, seed),
+             b AS (
+                 INSERT INTO result_bitmaps (sweep_id, seed, test_examples, test_correct)
+                 SELECT sweep_id, seed, $19, $20 FROM r WHERE $20::bytea IS NOT NULL
+                 RETURNING sweep_id, seed),
+             q AS (INSERT INTO test_sets_unfolded (sweep_id, seed) SELECT sweep_id, seed FROM b),
+             a AS (INSERT INTO aggregates_unfolded (sweep_id, seed) SELECT sweep_id, seed FROM r),
+             t AS (
+                 UPDATE attempts SET outcome = 'succeeded',
+                     ended_at = now() + make_interval(secs => $13)
+                 FROM d WHERE attempts.sweep_id = d.sweep_id AND attempts.seed = d.seed
+                   AND attempts.fence = $3)
+             SELECT count(*) FROM d",
+        )
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(r.test_accuracy)
+        .bind(r.test_loss)
+        .bind(r.train_loss)
+        .bind(r.train_accuracy)
+        .bind(r.epochs as i32)
+        .bind(r.seconds)
+        .bind(&r.worker_id)
+        .bind(&r.device)
+        .bind(&r.data_fingerprint)
+        .bind(self.skew())
+        .bind(r.precision.as_str())
+        .bind(r.deterministic)
+        .bind(r.test_top5)
+        .bind(r.val_loss)
+        .bind(r.val_accuracy)
+        .bind(r.test_correct.as_ref().map(|c| i64::from(c.examples)))
+        .bind(r.test_correct.as_ref().map(|c| c.bits.as_slice()))
+        .bind(custom_to_db(&r.custom))
+        .bind(last_version)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(written > 0)
     }
 
     /// Ends the leases whose deadline has passed as expired attempts.
@@ -847,190 +983,101 @@ impl Store for PgStore {
     }
 
     async fn record_epochs(&self, rows: &[(LeaseRef, EpochRecord)]) -> Result<Vec<Result<()>>> {
-        // The seeds' rows are locked in key order (no deadlock with another replica's batch),
-        // each row is judged by the policy, and the accepted ones go in one statement: the last
-        // of a key sent twice in the batch wins, as it would one statement at a time.
-        let mut keys: Vec<(uuid::Uuid, i64)> =
-            rows.iter().map(|(l, _)| (l.sweep_id.0, l.seed)).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let (sweeps, seeds): (Vec<uuid::Uuid>, Vec<i64>) = keys.into_iter().unzip();
-        let mut tx = self.pool.begin().await?;
-        let held: HashMap<(uuid::Uuid, i64), (SeedState, i64)> = sqlx::query(
-            "SELECT s.sweep_id, s.seed, s.state, s.fence
-             FROM seeds s JOIN unnest($1::uuid[], $2::bigint[]) AS k (sweep_id, seed)
-               ON s.sweep_id = k.sweep_id AND s.seed = k.seed
-             ORDER BY s.sweep_id, s.seed FOR UPDATE OF s",
-        )
-        .bind(&sweeps)
-        .bind(&seeds)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| {
-            let key = (r.try_get("sweep_id")?, r.try_get("seed")?);
-            Ok((
-                key,
-                (state_from_db(r.try_get("state")?)?, r.try_get("fence")?),
-            ))
-        })
-        .collect::<Result<_>>()?;
-        let mut verdicts = Vec::with_capacity(rows.len());
-        let mut accepted: HashMap<(uuid::Uuid, i64, u32), usize> = HashMap::new();
+        // One statement: the seeds' rows are locked in key order (no deadlock with another
+        // replica's batch), the rows sent under the fence each seed is leased under go in (the
+        // fence checked again where it is written), and the seeds' states come back for the
+        // policy's verdict on each row. The last of a row sent twice in the batch wins, as it
+        // would one statement at a time.
+        let mut last_of: HashMap<(uuid::Uuid, i64, u32, i64), usize> = HashMap::new();
         for (i, (lease, e)) in rows.iter().enumerate() {
-            verdicts.push(match held.get(&(lease.sweep_id.0, lease.seed)) {
-                Some(&(state, fence)) => policy::check_held(*lease, state, fence)
-                    .map_err(StoreError::from)
-                    .inspect(|()| {
-                        accepted.insert((lease.sweep_id.0, lease.seed, e.epoch), i);
-                    }),
-                // Which is missing, the sweep or the seed; a seed added since the read above
-                // is pending, not held.
-                None => match Self::lock_seed(&mut tx, *lease).await {
-                    Err(e) if e.is_refusal() => Err(e),
-                    Err(e) => return Err(e),
-                    Ok(_) => Err(StoreError::StaleLease(*lease)),
-                },
-            });
+            last_of.insert((lease.sweep_id.0, lease.seed, e.epoch, lease.fence), i);
         }
-        let mut accepted: Vec<usize> = accepted.into_values().collect();
-        accepted.sort_unstable();
+        let mut sent: Vec<usize> = last_of.into_values().collect();
+        sent.sort_unstable();
+        let sent: Vec<&(LeaseRef, EpochRecord)> = sent.iter().map(|&i| &rows[i]).collect();
         // Safe: constant text.
         let sql = format!(
-            "INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
-                                        test_accuracy, lr, seconds, test_top5, val_loss, val_accuracy,
-                                        custom)
-             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::int[], $4::bigint[], $5::float8[],
-                                  $6::float8[], $7::float8[], $8::float8[], $9::float8[], $10::float8[],
-                                  $11::float8[], $12::float8[], $13::float8[], $14::jsonb[]) {EPOCH_UPSERT}"
+            "WITH held AS (
+                 SELECT s.sweep_id, s.seed, s.state, s.fence FROM seeds s
+                 WHERE (s.sweep_id, s.seed) IN (SELECT * FROM unnest($1::uuid[], $2::bigint[]))
+                 ORDER BY s.sweep_id, s.seed FOR UPDATE),
+             written AS (
+                 INSERT INTO epoch_metrics (sweep_id, seed, epoch, fence, train_loss, train_accuracy,
+                                            test_loss, test_accuracy, lr, seconds, test_top5,
+                                            val_loss, val_accuracy, custom)
+                 SELECT r.* FROM unnest($1::uuid[], $2::bigint[], $3::int[], $4::bigint[],
+                                        $5::float8[], $6::float8[], $7::float8[], $8::float8[],
+                                        $9::float8[], $10::float8[], $11::float8[], $12::float8[],
+                                        $13::float8[], $14::jsonb[])
+                   AS r (sweep_id, seed, epoch, fence, train_loss, train_accuracy, test_loss,
+                         test_accuracy, lr, seconds, test_top5, val_loss, val_accuracy, custom)
+                 JOIN held h ON h.sweep_id = r.sweep_id AND h.seed = r.seed
+                   AND h.state = 'leased' AND h.fence = r.fence
+                 {EPOCH_UPSERT})
+             SELECT sweep_id, seed, state, fence FROM held"
         );
-        let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
-        let rows: Vec<&(LeaseRef, EpochRecord)> = accepted.iter().map(|&i| &rows[i]).collect();
         let column = |f: fn(&EpochRecord) -> Option<f64>| -> Vec<Option<f64>> {
-            rows.iter().map(|(_, e)| f(e)).collect()
+            sent.iter().map(|(_, e)| f(e)).collect()
         };
-        insert = insert
-            .bind(rows.iter().map(|(l, _)| l.sweep_id.0).collect::<Vec<_>>())
-            .bind(rows.iter().map(|(l, _)| l.seed).collect::<Vec<_>>())
-            .bind(rows.iter().map(|(_, e)| e.epoch as i32).collect::<Vec<_>>())
-            .bind(rows.iter().map(|(l, _)| l.fence).collect::<Vec<_>>())
-            .bind(column(|e| Some(e.train_loss)))
-            .bind(column(|e| Some(e.train_accuracy)))
-            .bind(column(|e| e.test_loss))
-            .bind(column(|e| e.test_accuracy))
-            .bind(column(|e| Some(e.lr)))
-            .bind(column(|e| Some(e.seconds)))
-            .bind(column(|e| e.test_top5))
-            .bind(column(|e| e.val_loss))
-            .bind(column(|e| e.val_accuracy))
-            .bind(
-                rows.iter()
-                    .map(|(_, e)| custom_to_db(&e.custom))
-                    .collect::<Vec<_>>(),
-            );
-        if !rows.is_empty() {
-            insert.execute(&mut *tx).await?;
+        let held: HashMap<(uuid::Uuid, i64), (SeedState, i64)> =
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(sent.iter().map(|(l, _)| l.sweep_id.0).collect::<Vec<_>>())
+                .bind(sent.iter().map(|(l, _)| l.seed).collect::<Vec<_>>())
+                .bind(sent.iter().map(|(_, e)| e.epoch as i32).collect::<Vec<_>>())
+                .bind(sent.iter().map(|(l, _)| l.fence).collect::<Vec<_>>())
+                .bind(column(|e| Some(e.train_loss)))
+                .bind(column(|e| Some(e.train_accuracy)))
+                .bind(column(|e| e.test_loss))
+                .bind(column(|e| e.test_accuracy))
+                .bind(column(|e| Some(e.lr)))
+                .bind(column(|e| Some(e.seconds)))
+                .bind(column(|e| e.test_top5))
+                .bind(column(|e| e.val_loss))
+                .bind(column(|e| e.val_accuracy))
+                .bind(
+                    sent.iter()
+                        .map(|(_, e)| custom_to_db(&e.custom))
+                        .collect::<Vec<_>>(),
+                )
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    let key = (r.try_get("sweep_id")?, r.try_get("seed")?);
+                    Ok((
+                        key,
+                        (state_from_db(r.try_get("state")?)?, r.try_get("fence")?),
+                    ))
+                })
+                .collect::<Result<_>>()?;
+        let mut verdicts = Vec::with_capacity(rows.len());
+        for (lease, _) in rows {
+            verdicts.push(match held.get(&(lease.sweep_id.0, lease.seed)) {
+                Some(&(state, fence)) => {
+                    policy::check_held(*lease, state, fence).map_err(StoreError::from)
+                }
+                // Which is missing, the sweep or the seed.
+                None => Err(self.missing(*lease).await?),
+            });
         }
-        tx.commit().await?;
         Ok(verdicts)
     }
 
-    async fn epoch_of(&self, lease: LeaseRef, epoch: u32) -> Result<Option<EpochRecord>> {
-        // Safe: constant text.
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {EPOCH_COLUMNS} FROM epoch_metrics
-             WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND epoch = $4"
-        )))
-        .bind(lease.sweep_id.0)
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(epoch as i32)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref()
-            .map(|r| epoch_from_row(r).map(|(_, e)| e))
-            .transpose()
-    }
-
     async fn complete(&self, lease: LeaseRef, r: &SeedResult) -> Result<CompleteOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let verdict = Self::lock_seed(&mut tx, lease)
-            .await
-            .and_then(|(state, fence)| Ok(policy::check_completion(lease, state, fence)?));
-        match verdict {
-            Ok(Completion::Record) => {}
-            Ok(Completion::AlreadyRecorded) => {
-                tx.rollback().await?;
+        // Two statements and no transaction held between them: the policy judges what the first
+        // reads, and the second writes only while that still holds (the seed leased under the
+        // fence, the last epoch's row the version judged), else the result is judged again.
+        for _ in 0..3 {
+            let Some(last_version) = self.judge_completion(lease, r).await? else {
                 return Ok(CompleteOutcome::AlreadyRecorded);
+            };
+            if self.record_result(lease, r, &last_version).await? {
+                return Ok(CompleteOutcome::Recorded);
             }
-            Err(e) => return abort(tx, e).await,
         }
-        let recorded: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM epoch_metrics WHERE sweep_id = $1 AND seed = $2 AND fence = $3
-               AND epoch BETWEEN 1 AND $4",
-        )
-        .bind(lease.sweep_id.0)
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(r.epochs as i32)
-        .fetch_one(&mut *tx)
-        .await?;
-        if let Err(refusal) = policy::check_epochs_recorded(lease, r.epochs, u64_from_db(recorded))
-        {
-            return abort(tx, refusal.into()).await;
-        }
-        // The result, its bitmap (queued for the tally), the seed and the attempt: one statement.
-        // The rows every recorder of the sweep shares (its aggregates and epoch counts) are
-        // left to the fold: the result is queued for them.
-        sqlx::query(
-            "WITH r AS (
-                 INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss,
-                                      train_accuracy, epochs, seconds, worker_id, device,
-                                      data_fingerprint, finished_at, precision, deterministic,
-                                      test_top5, val_loss, val_accuracy, custom,
-                                      init_seed, order_seed, augment_seed, split_seed)
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                        now() + make_interval(secs => $13), $14, $15, $16, $17, $18, $21::jsonb,
-                        init_seed, order_seed, augment_seed, split_seed
-                 FROM seeds WHERE sweep_id = $1 AND seed = $2
-                 RETURNING sweep_id, seed),
-             b AS (
-                 INSERT INTO result_bitmaps (sweep_id, seed, test_examples, test_correct)
-                 SELECT sweep_id, seed, $19, $20 FROM r WHERE $20::bytea IS NOT NULL
-                 RETURNING sweep_id, seed),
-             q AS (INSERT INTO test_sets_unfolded (sweep_id, seed) SELECT sweep_id, seed FROM b),
-             a AS (INSERT INTO aggregates_unfolded (sweep_id, seed) SELECT sweep_id, seed FROM r),
-             d AS (
-                 UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = now()
-                 WHERE sweep_id = $1 AND seed = $2)
-             UPDATE attempts SET outcome = 'succeeded', ended_at = now() + make_interval(secs => $13)
-             WHERE sweep_id = $1 AND seed = $2 AND fence = $3",
-        )
-        .bind(lease.sweep_id.0)
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(r.test_accuracy)
-        .bind(r.test_loss)
-        .bind(r.train_loss)
-        .bind(r.train_accuracy)
-        .bind(r.epochs as i32)
-        .bind(r.seconds)
-        .bind(&r.worker_id)
-        .bind(&r.device)
-        .bind(&r.data_fingerprint)
-        .bind(self.skew())
-        .bind(r.precision.as_str())
-        .bind(r.deterministic)
-        .bind(r.test_top5)
-        .bind(r.val_loss)
-        .bind(r.val_accuracy)
-        .bind(r.test_correct.as_ref().map(|c| i64::from(c.examples)))
-        .bind(r.test_correct.as_ref().map(|c| c.bits.as_slice()))
-        .bind(custom_to_db(&r.custom))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(CompleteOutcome::Recorded)
+        Err(StoreError::Conflict(format!(
+            "{lease}: the seed's epoch rows kept changing while its result was recorded; send the result again"
+        )))
     }
 
     async fn note_log(&self, lease: LeaseRef, log: &str) -> Result<()> {

@@ -822,23 +822,6 @@ impl Store for SqliteStore {
         Ok(verdicts)
     }
 
-    async fn epoch_of(&self, lease: LeaseRef, epoch: u32) -> Result<Option<EpochRecord>> {
-        // Safe: constant text.
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {EPOCH_COLUMNS} FROM epoch_metrics
-             WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3 AND epoch = ?4"
-        )))
-        .bind(lease.sweep_id.0.to_string())
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(epoch as i32)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref()
-            .map(|r| epoch_from_row(r).map(|(_, e)| e))
-            .transpose()
-    }
-
     async fn complete(&self, lease: LeaseRef, r: &SeedResult) -> Result<CompleteOutcome> {
         let sweep = lease.sweep_id.0.to_string();
         let mut tx = self.pool.begin().await?;
@@ -866,6 +849,22 @@ impl Store for SqliteStore {
         if let Err(refusal) = policy::check_epochs_recorded(lease, r.epochs, u64_from_db(recorded))
         {
             return abort(tx, refusal.into()).await;
+        }
+        // Safe: constant text.
+        let last = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EPOCH_COLUMNS} FROM epoch_metrics
+             WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3 AND epoch = ?4"
+        )))
+        .bind(&sweep)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(r.epochs as i64)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| epoch_from_row(&row).map(|(_, e)| e))
+        .transpose()?;
+        if let Err(invalid) = policy::check_final_metrics(r, last.as_ref()) {
+            return abort(tx, StoreError::Invalid(invalid)).await;
         }
         let now = self.now();
         sqlx::query(
