@@ -173,8 +173,8 @@ impl Availability {
     }
 }
 
-/// When the earliest lease deadline falls, as the last claim read it, so that a claim looks for
-/// overdue leases only once one may be. Read as "not before": a lease granted since has a later
+/// When the earliest lease deadline falls, as the last look for overdue leases read it, so that
+/// a claim looks again only once one may be overdue. Read as "not before": a lease granted since has a later
 /// deadline (now plus the TTL), and a lease finished or heartbeated since only moves the true
 /// earliest later, so a check it prompts finds nothing. With no lease held, the earliest a new
 /// one can fall due is one TTL on. (A replica configured with a shorter TTL than this one's has
@@ -202,7 +202,9 @@ impl NextDeadline {
     /// What a statement begun after `mark` read: the earliest deadline was `ahead` seconds on
     /// (negative: overdue; None: no lease held; then one `ttl` on).
     pub(crate) fn read(&self, mark: ClockMark, ahead: Option<f64>, ttl: Duration) {
-        let ahead = ahead.map_or(ttl, |s| Duration::from_secs_f64(s.clamp(0.0, ttl.as_secs_f64())));
+        let ahead = ahead.map_or(ttl, |s| {
+            Duration::from_secs_f64(s.clamp(0.0, ttl.as_secs_f64()))
+        });
         *self.at.lock().unwrap_or_else(|p| p.into_inner()) = Some((mark, ahead));
     }
 
@@ -916,28 +918,41 @@ pub(crate) fn epoch_values_sql(d: Dialect) -> String {
 pub(crate) fn epoch_values_upsert(d: Dialect) -> String {
     let [sweep, seed, epochs] = d.params();
     epoch_values_add(&format!(
-        "FROM epoch_metrics e WHERE e.sweep_id = {sweep} AND e.seed = {seed} AND e.epoch <= {epochs}"
+        "WHERE e.sweep_id = {sweep} AND e.seed = {seed} AND e.epoch <= {epochs}"
     ))
 }
 
 /// Counts the epoch values of sweep `$1`'s finished seeds in `$2` (`bigint[]`) into
-/// `epoch_values` (PostgreSQL; a fold of queued results).
+/// `epoch_values` (PostgreSQL; a fold of queued results). The seeds are picked out by their
+/// results, so a fold reads its batch's rows, however many results the sweep has.
 pub(crate) fn epoch_values_fold() -> String {
     epoch_values_add(&format!(
-        "FROM epoch_metrics e {FINISHED_EPOCHS} WHERE e.sweep_id = $1 AND e.seed = ANY($2)"
+        "{FINISHED_EPOCHS} WHERE r.sweep_id = $1 AND r.seed = ANY($2)"
     ))
 }
 
-/// Adds the counted metrics' values of the epoch rows `rows` selects (`FROM epoch_metrics e
-/// ...`) to `epoch_values`.
-fn epoch_values_add(rows: &str) -> String {
-    let select = Metric::ALL
+/// Adds the counted metrics' values of the epoch rows `e` that `pick` picks (joins and a WHERE
+/// clause after `FROM epoch_metrics e`) to `epoch_values`, reading each row once.
+fn epoch_values_add(pick: &str) -> String {
+    let counted: Vec<&str> = Metric::ALL
         .into_iter()
         .filter(|m| m.counted())
         .filter_map(|m| m.column())
-        .map(|c| format!("SELECT e.sweep_id, '{c}' AS metric, e.epoch, e.{c} AS value {rows}"))
+        .collect();
+    let names = counted
+        .iter()
+        .map(|c| format!("SELECT '{c}' AS metric"))
         .collect::<Vec<_>>()
         .join(" UNION ALL ");
+    let value = counted
+        .iter()
+        .map(|c| format!("WHEN '{c}' THEN e.{c}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let select = format!(
+        "SELECT e.sweep_id, k.metric, e.epoch, CASE k.metric {value} END AS value
+         FROM epoch_metrics e CROSS JOIN ({names}) k {pick}"
+    );
     format!(
         "INSERT INTO epoch_values (sweep_id, metric, epoch, value, n)
          SELECT sweep_id, metric, epoch, value, count(*) FROM ({select}) m

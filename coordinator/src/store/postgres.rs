@@ -4,9 +4,9 @@
 //! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
 use super::{
-    ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, NextDeadline, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
-    FINISHED_EPOCHS, FLEET_SEEDS, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies,
-    aggregate_fold, aggregate_from_row, bind_test_set, bitmap_from_row, custom_to_db,
+    ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
+    FINISHED_EPOCHS, FLEET_SEEDS, NextDeadline, Result, Store, StoreError, TEST_SET_COLUMNS,
+    Tallies, aggregate_fold, aggregate_from_row, bind_test_set, bitmap_from_row, custom_to_db,
     design_from_config, epoch_from_row, epoch_score_from_row, epoch_scores_sql,
     epoch_value_from_row, epoch_values_fold, epoch_values_sql, factors_from_row, lease_config,
     next_state, result_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db,
@@ -226,14 +226,13 @@ impl PgStore {
         expire: bool,
     ) -> Result<ClaimOutcome> {
         if expire && self.next_deadline.due() {
+            let mark = self.next_deadline.mark();
             let mut tx = self.pool.begin().await?;
-            self.expire_overdue(&mut tx).await?;
+            let ahead = self.expire_overdue(&mut tx).await?;
             tx.commit().await?;
+            self.next_deadline.read(mark, ahead, ttl);
         }
-        let mark = self.next_deadline.mark();
         let row = self.claim_statement(worker_id, ttl).await?;
-        self.next_deadline
-            .read(mark, row.try_get("next_deadline_in")?, ttl);
         let Some(sweep_id) = row.try_get::<Option<uuid::Uuid>, _>("sweep_id")? else {
             let outstanding: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
@@ -265,8 +264,7 @@ impl PgStore {
 
     /// One statement: the lease (NULLs when no seed is pending), its attempt row, the deletion of
     /// earlier leases' epoch rows (a new lease starts with none, so an earlier partial curve
-    /// never mixes with this one's in what readers see), the sweep's settings, and in how many
-    /// seconds the earliest lease falls due (NULL when none is held).
+    /// never mixes with this one's in what readers see) and the sweep's settings.
     async fn claim_statement(&self, worker_id: &str, ttl: Duration) -> Result<PgRow> {
         let row = sqlx::query(
             "WITH next AS (
@@ -293,10 +291,7 @@ impl PgStore {
              stale AS (
                  DELETE FROM epoch_metrics e USING claimed c
                  WHERE e.sweep_id = c.sweep_id AND e.seed = c.seed AND e.fence < c.fence)
-             SELECT c.*, w.task, w.dataset, w.config::text AS config,
-                    (SELECT EXTRACT(EPOCH FROM min(lease_expires_at)
-                                               - (now() + make_interval(secs => $3)))::float8
-                     FROM seeds WHERE state = 'leased') AS next_deadline_in
+             SELECT c.*, w.task, w.dataset, w.config::text AS config
              FROM (SELECT 1) one
              LEFT JOIN (claimed c JOIN sweeps w ON w.id = c.sweep_id) ON true",
         )
@@ -370,7 +365,12 @@ impl PgStore {
     /// last epoch's row is still `last_version`. Whether it wrote. The rows every recorder of the
     /// sweep shares (its aggregates and epoch counts) are left to the fold: the result is queued
     /// for them.
-    async fn record_result(&self, lease: LeaseRef, r: &SeedResult, last_version: &str) -> Result<bool> {
+    async fn record_result(
+        &self,
+        lease: LeaseRef,
+        r: &SeedResult,
+        last_version: &str,
+    ) -> Result<bool> {
         let written: i64 = sqlx::query_scalar(
             "WITH d AS (
                  UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = now()
@@ -430,8 +430,9 @@ impl PgStore {
         Ok(written > 0)
     }
 
-    /// Ends the leases whose deadline has passed as expired attempts.
-    async fn expire_overdue(&self, tx: &mut Transaction<'_, Postgres>) -> Result<()> {
+    /// Ends the leases whose deadline has passed as expired attempts; in how many seconds the
+    /// earliest of the rest falls due (None: no lease is held).
+    async fn expire_overdue(&self, tx: &mut Transaction<'_, Postgres>) -> Result<Option<f64>> {
         let expired = sqlx::query(
             "SELECT s.sweep_id, s.seed, s.fence, s.failures, w.max_attempts,
                     w.retry_backoff_seconds, w.retry_backoff_max_seconds
@@ -452,7 +453,14 @@ impl PgStore {
             self.end_attempt(tx, lease, &attempts, AttemptEnd::Expired, EXPIRED_CAUSE)
                 .await?;
         }
-        Ok(())
+        let ahead = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM min(lease_expires_at) - (now() + make_interval(secs => $1)))::float8
+             FROM seeds WHERE state = 'leased'",
+        )
+        .bind(self.skew())
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(ahead)
     }
 
     /// [`Store::heartbeat`].
