@@ -27,13 +27,13 @@ pg="postgres://postgres@127.0.0.1:$port"
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read())['$1'])"; }
 
-# Starts a coordinator on database URL in the background, its log appended to
-# $work/coordinator.log; waits (up to 10 min: a first start may migrate and tally a big
-# database) until it listens. Sets coord (its URL) and cpid.
-serve_at() { # URL TAG
+# Starts a coordinator on database URL in the background (with `serve`'s further ARGS), its log
+# appended to $work/coordinator.log; waits (up to 10 min: a first start may migrate and tally a
+# big database) until it listens. Sets coord (its URL) and cpid.
+serve_at() { # URL TAG [ARGS...]
   rm -f "$work/$2.addr"
   "$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/$2.addr" --database-url "$1" \
-    >/dev/null 2>>"$work/coordinator.log" &
+    "${@:3}" >/dev/null 2>>"$work/coordinator.log" &
   cpid=$!
   for _ in $(seq 6000); do [ -f "$work/$2.addr" ] && break; sleep 0.1; done
   coord="http://$(cat "$work/$2.addr")"

@@ -30,5 +30,14 @@ command -v sqlite3 >/dev/null || {
   fi
 }
 
+command -v chromedriver >/dev/null || {
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Chromium and chromedriver (the dashboard's browser test) ..." >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >&2
+  else
+    echo "error: the dashboard's browser test drives Chromium: install chromium and chromium-driver (Debian's packages)" >&2; exit 1
+  fi
+}
+
 cargo build --release --workspace --bins
 cargo test --release --workspace "$@"

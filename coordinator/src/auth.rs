@@ -1,5 +1,7 @@
-//! Who may call what. Bearer tokens carry one of two roles: `worker` (lease, heartbeat, epoch
-//! metrics, complete, fail) and `admin` (everything, including submitting and reading sweeps).
+//! Who may call what. Bearer tokens carry one of three roles: `worker` (lease, heartbeat, epoch
+//! metrics, complete, fail), `viewer` (reading sweeps: status, results, statistics, reports,
+//! watching; the dashboard's read-only role) and `admin` (everything, including submitting,
+//! pausing and cancelling sweeps).
 //! The check runs as a tower layer in front of every gRPC service, before any handler, so a
 //! refused call learns nothing about sweeps. The health and reflection services stay open:
 //! cluster probes and generic clients call them without credentials.
@@ -15,6 +17,7 @@ use tonic::Status;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Worker,
+    Viewer,
     Admin,
 }
 
@@ -22,6 +25,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Worker => "worker",
+            Role::Viewer => "viewer",
             Role::Admin => "admin",
         }
     }
@@ -41,11 +45,22 @@ pub fn required_role(path: &str) -> Option<Role> {
         "CompleteSeed",
         "FailSeed",
     ];
+    const READ: [&str; 8] = [
+        "GetSweepStatus",
+        "ListSweeps",
+        "ListResults",
+        "ListEpochMetrics",
+        "GetSweepStats",
+        "GetSweepReport",
+        "CompareSweeps",
+        "WatchSweep",
+    ];
     if OPEN.iter().any(|p| path.starts_with(p)) {
         return None;
     }
     match path.strip_prefix("/seedsweep.v1.Coordinator/") {
         Some(method) if WORKER.contains(&method) => Some(Role::Worker),
+        Some(method) if READ.contains(&method) => Some(Role::Viewer),
         _ => Some(Role::Admin),
     }
 }
@@ -101,6 +116,28 @@ impl Tokens {
         Ok(Tokens { known })
     }
 
+    /// Adds read-only viewer tokens (the dashboard's, and readers' over gRPC), each different
+    /// from every other token.
+    pub fn with_viewers(mut self, viewer: &[String]) -> anyhow::Result<Tokens> {
+        for t in viewer {
+            seedsweep_proto::client::check_token(t)?;
+            let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+            if self.known.iter().any(|(d, _)| *d == digest) {
+                bail!(
+                    "a viewer token is also given for another role: each role's tokens must differ"
+                );
+            }
+            let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+            let token = format!("viewer:{hex}");
+            let caller = Caller {
+                role: Role::Viewer,
+                token,
+            };
+            self.known.push((digest, caller));
+        }
+        Ok(self)
+    }
+
     /// The caller a presented `authorization` header value names.
     pub fn identify(&self, header: Option<&str>) -> Result<&Caller, Status> {
         // The scheme's name is case-insensitive (RFC 7235).
@@ -131,9 +168,19 @@ impl Tokens {
             return Ok(None);
         };
         let caller = self.identify(header)?;
-        if needed == Role::Admin && caller.role != Role::Admin {
+        let allowed = match needed {
+            Role::Admin => caller.role == Role::Admin,
+            Role::Viewer => caller.role != Role::Worker,
+            Role::Worker => caller.role != Role::Viewer,
+        };
+        if !allowed {
+            let wanted = match needed {
+                Role::Viewer => "a viewer or admin token",
+                Role::Worker => "a worker or admin token",
+                Role::Admin => "an admin token",
+            };
             return Err(Status::permission_denied(format!(
-                "a {} token may not call {path}: it needs an admin token",
+                "a {} token may not call {path}: it needs {wanted}",
                 caller.role.as_str()
             )));
         }
@@ -272,6 +319,34 @@ mod tests {
         assert_eq!(
             t.authorize("/grpc.health.v1.Health/Check", None).unwrap(),
             None
+        );
+    }
+
+    #[test]
+    fn viewers_read_and_nothing_else() {
+        let t = tokens()
+            .with_viewers(&["viewer-token-0123456789".into()])
+            .unwrap();
+        let viewer = Some("Bearer viewer-token-0123456789");
+        let path = |m: &str| format!("/seedsweep.v1.Coordinator/{m}");
+        for read in ["GetSweepStats", "ListResults", "WatchSweep"] {
+            let v = t.authorize(&path(read), viewer).unwrap().unwrap();
+            assert_eq!(v.role, Role::Viewer);
+            assert!(
+                t.authorize(&path(read), Some("Bearer worker-token-0123456789"))
+                    .is_err(),
+                "workers do not read sweeps"
+            );
+        }
+        for other in ["SetSweepState", "SubmitSweep", "LeaseSeed", "CompleteSeed"] {
+            let refused = t.authorize(&path(other), viewer).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{other}");
+        }
+        assert!(
+            tokens()
+                .with_viewers(&["admin-token-0123456789".into()])
+                .is_err(),
+            "a viewer token that is also an admin's"
         );
     }
 

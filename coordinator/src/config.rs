@@ -1,8 +1,8 @@
 //! `coordinator serve`'s settings and where each comes from. Precedence, highest first:
 //! command-line flags, `SEEDSWEEP_…` environment variables, the configuration file (`--config`,
 //! TOML, keys named as the flags), built-in defaults. Tokens are never flags: they come from
-//! files (`--worker-token-file`, `--admin-token-file`) or the variables `SEEDSWEEP_WORKER_TOKEN`
-//! and `SEEDSWEEP_ADMIN_TOKEN`. `coordinator config` prints the result with secrets masked.
+//! files (`--worker-token-file`, `--admin-token-file`, `--viewer-token-file`) or the variables
+//! `SEEDSWEEP_WORKER_TOKEN`, `SEEDSWEEP_ADMIN_TOKEN` and `SEEDSWEEP_VIEWER_TOKEN`. `coordinator config` prints the result with secrets masked.
 
 use crate::auth::Tokens;
 use crate::server::{ServerSettings, TlsSettings};
@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// File of admin tokens, one per line. Or set SEEDSWEEP_ADMIN_TOKEN.
     #[arg(long, env = "SEEDSWEEP_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// File of viewer tokens, one per line: read-only (the dashboard, and reading sweeps over
+    /// gRPC); needs worker and admin tokens too. Or set SEEDSWEEP_VIEWER_TOKEN.
+    #[arg(long, env = "SEEDSWEEP_VIEWER_TOKEN_FILE", value_name = "FILE")]
+    pub viewer_token_file: Option<PathBuf>,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(
         long,
@@ -75,20 +79,27 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics over HTTP at this address (path /metrics), e.g. 0.0.0.0:9090.
     #[arg(long, env = "SEEDSWEEP_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the web dashboard at this address, e.g. 127.0.0.1:8080 (off by default). Without
+    /// tokens only loopback; with tokens, browsers sign in with an admin or viewer token. Plain
+    /// HTTP: under --tls-cert only loopback (put a TLS proxy in front).
+    #[arg(long, env = "SEEDSWEEP_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// The settings the file may set (the flags' ids; `config` and `addr-file` are left out).
-const FILE_KEYS: [&str; 10] = [
+const FILE_KEYS: [&str; 12] = [
     "listen",
     "database_url",
     "lease_ttl",
     "worker_token_file",
     "admin_token_file",
+    "viewer_token_file",
     "tls_cert",
     "tls_key",
     "tls_client_ca",
     "insecure",
     "metrics_listen",
+    "http_listen",
 ];
 
 /// Extra arguments standing for the configuration file's settings, for the settings neither a
@@ -147,10 +158,18 @@ impl ServeArgs {
     pub fn tokens(&self) -> anyhow::Result<Option<Tokens>> {
         let worker = read_tokens(self.worker_token_file.as_deref(), "SEEDSWEEP_WORKER_TOKEN")?;
         let admin = read_tokens(self.admin_token_file.as_deref(), "SEEDSWEEP_ADMIN_TOKEN")?;
+        let viewer = read_tokens(self.viewer_token_file.as_deref(), "SEEDSWEEP_VIEWER_TOKEN")?;
         if worker.is_empty() && admin.is_empty() {
+            if !viewer.is_empty() {
+                bail!(
+                    "viewer tokens need worker and admin tokens too (without any, the coordinator serves loopback only and nobody signs in)"
+                );
+            }
             return Ok(None);
         }
-        Tokens::new(&worker, &admin).map(Some)
+        Tokens::new(&worker, &admin)?
+            .with_viewers(&viewer)
+            .map(Some)
     }
 
     pub fn settings(&self) -> anyhow::Result<ServerSettings> {
@@ -169,6 +188,7 @@ impl ServeArgs {
             },
             insecure: self.insecure,
             metrics_listen: self.metrics_listen,
+            http_listen: self.http_listen,
         })
     }
 
@@ -198,6 +218,7 @@ impl ServeArgs {
             ("lease_ttl", Some(self.lease_ttl.to_string())),
             ("worker_token_file", path(&self.worker_token_file)),
             ("admin_token_file", path(&self.admin_token_file)),
+            ("viewer_token_file", path(&self.viewer_token_file)),
             ("tls_cert", path(&self.tls_cert)),
             ("tls_key", path(&self.tls_key)),
             ("tls_client_ca", path(&self.tls_client_ca)),
@@ -205,6 +226,10 @@ impl ServeArgs {
             (
                 "metrics_listen",
                 self.metrics_listen.map(|a| quote(&a.to_string())),
+            ),
+            (
+                "http_listen",
+                self.http_listen.map(|a| quote(&a.to_string())),
             ),
         ];
         let mut out = String::new();

@@ -32,6 +32,8 @@ pub struct ServerSettings {
     pub insecure: bool,
     /// Where to serve Prometheus metrics (`None`: not at all).
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the web dashboard (`None`: not at all).
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// The server's certificate and key (PEM), and optionally the CA whose client certificates it
@@ -78,10 +80,11 @@ pub fn check_exposure(settings: &ServerSettings) -> anyhow::Result<()> {
 /// A coordinator that has connected to its database and bound its port(s), ready to serve.
 pub struct Coordinator {
     listener: TcpListener,
-    service: CoordinatorService,
+    service: Arc<CoordinatorService>,
     store: Arc<dyn Store>,
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    dashboard_addr: Option<SocketAddr>,
     tls: Option<ServerTlsConfig>,
     tokens: Option<Arc<Tokens>>,
 }
@@ -98,6 +101,14 @@ impl Coordinator {
         clock: Clock,
     ) -> anyhow::Result<Coordinator> {
         check_exposure(&settings)?;
+        if let Some(at) = settings.http_listen {
+            crate::dashboard::check_exposure(
+                at,
+                settings.tokens.is_some(),
+                settings.tls.is_some(),
+                settings.insecure,
+            )?;
+        }
         let tls = settings.tls.as_ref().map(TlsSettings::config).transpose()?;
         let url = redact_url(&settings.database_url);
         let store = store::connect_with_clock(&settings.database_url, clock)
@@ -124,12 +135,25 @@ impl Coordinator {
         tracing::info!(%addr, database = %url, tls = tls.is_some(),
             client_certificates = settings.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
             auth = if settings.tokens.is_some() { "tokens" } else { "none" }, "coordinator listening");
+        let service = Arc::new(CoordinatorService::new(
+            store.clone(),
+            settings.lease_ttl,
+            metrics,
+        ));
+        let dashboard_addr = match settings.http_listen {
+            Some(at) => {
+                let tokens = settings.tokens.clone();
+                Some(crate::dashboard::serve(at, service.clone(), tokens).await?)
+            }
+            None => None,
+        };
         Ok(Coordinator {
             listener,
-            service: CoordinatorService::new(store.clone(), settings.lease_ttl, metrics),
+            service,
             store,
             addr,
             metrics_addr,
+            dashboard_addr,
             tls,
             tokens: settings.tokens.map(Arc::new),
         })
@@ -141,6 +165,10 @@ impl Coordinator {
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    pub fn dashboard_addr(&self) -> Option<SocketAddr> {
+        self.dashboard_addr
     }
 
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
@@ -168,7 +196,7 @@ impl Coordinator {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            .add_service(CoordinatorServer::new(self.service))
+            .add_service(CoordinatorServer::from_arc(self.service))
             // Without TCP_NODELAY, a reply written in several small pieces waits out the
             // client's delayed ACK (40 ms on Linux) under Nagle's algorithm.
             .serve_with_incoming_shutdown(

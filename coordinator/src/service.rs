@@ -20,6 +20,26 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status, Streaming};
 
+/// What a sweep's report is drawn from: [`seedsweep_core::report::Input`], owned.
+pub(crate) struct ReportData {
+    pub name: String,
+    pub stats: stats::SweepStats,
+    pub runs: Vec<seedsweep_core::domain::Scored>,
+    pub curves: Vec<(i64, u32, f64)>,
+}
+
+impl ReportData {
+    pub fn input<'a>(&'a self, sweep_id: &'a str) -> seedsweep_core::report::Input<'a> {
+        seedsweep_core::report::Input {
+            sweep_id,
+            sweep_name: &self.name,
+            stats: &self.stats,
+            runs: &self.runs,
+            curves: &self.curves,
+        }
+    }
+}
+
 pub struct CoordinatorService {
     store: Arc<dyn Store>,
     lease_ttl: Duration,
@@ -247,9 +267,48 @@ impl CoordinatorService {
 const WATCH_POLL: Duration = Duration::from_secs(2);
 
 impl CoordinatorService {
+    /// Told the sweep of each result this process records from now on.
+    pub(crate) fn recorded_results(&self) -> tokio::sync::broadcast::Receiver<SweepId> {
+        self.recorded.subscribe()
+    }
+
+    /// What a report of the sweep's `metric` is drawn from (`GetSweepReport`, the dashboard);
+    /// None before its first result.
+    pub(crate) async fn report_data(
+        &self,
+        id: SweepId,
+        metric: Metric,
+    ) -> Result<Option<ReportData>, Status> {
+        let name = self
+            .store
+            .sweep_progress(id)
+            .await
+            .map_err(status)?
+            .summary
+            .name;
+        let (analysed, runs) = self.analyse(id, metric, None, None).await?;
+        let Some(stats) = analysed else {
+            return Ok(None);
+        };
+        let curves = if metric.per_epoch() {
+            // Past a few hundred seeds, only the sample the report draws is read.
+            let sample = seedsweep_core::report::curve_sample(&runs);
+            let scores = self.store.epoch_scores(id, metric, sample.as_deref());
+            scores.await.map_err(status)?
+        } else {
+            Vec::new()
+        };
+        Ok(Some(ReportData {
+            name,
+            stats,
+            runs,
+            curves,
+        }))
+    }
+
     /// The metric a reader asked for; when none, the sweep's score (`command.score`, else
     /// test_accuracy). A custom metric only of a command sweep.
-    async fn metric(&self, sweep: SweepId, asked: &str) -> Result<Metric, Status> {
+    pub(crate) async fn metric(&self, sweep: SweepId, asked: &str) -> Result<Metric, Status> {
         let shape = self.shapes.of(sweep).await?;
         if asked.is_empty() {
             return Ok(shape.score);
@@ -717,35 +776,13 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::SweepReport>, Status> {
         let id = sweep_id(&req.get_ref().sweep_id)?;
         let metric = self.metric(id, &req.get_ref().metric).await?;
-        let name = self
-            .store
-            .sweep_progress(id)
-            .await
-            .map_err(status)?
-            .summary
-            .name;
-        let (analysed, runs) = self.analyse(id, metric, None, None).await?;
-        let Some(stats) = analysed else {
+        let Some(data) = self.report_data(id, metric).await? else {
             return Err(Status::failed_precondition(format!(
                 "sweep {id} has no result with `{metric}` yet: nothing to report"
             )));
         };
-        let curves = if metric.per_epoch() {
-            // Past a few hundred seeds, only the sample the report draws is read.
-            let sample = seedsweep_core::report::curve_sample(&runs);
-            let scores = self.store.epoch_scores(id, metric, sample.as_deref());
-            scores.await.map_err(status)?
-        } else {
-            Vec::new()
-        };
         let files = tokio::task::spawn_blocking(move || {
-            seedsweep_core::report::build(&seedsweep_core::report::Input {
-                sweep_id: &id.to_string(),
-                sweep_name: &name,
-                stats: &stats,
-                runs: &runs,
-                curves: &curves,
-            })
+            seedsweep_core::report::build(&data.input(&id.to_string()))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?

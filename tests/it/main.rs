@@ -1,9 +1,11 @@
 //! One test binary for all integration tests (faster to link): the store conformance suite run
-//! against SQLite and PostgreSQL, end-to-end sweeps through the real binaries, and bad input.
+//! against SQLite and PostgreSQL, end-to-end sweeps through the real binaries, bad input, and
+//! the dashboard in a real browser.
 
 mod bad_input;
 mod chaos;
 mod command;
+mod dashboard;
 mod e2e;
 mod finetune;
 mod protocol_model;

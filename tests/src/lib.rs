@@ -577,6 +577,7 @@ async fn serve_in_process(
         tls: None,
         insecure: false,
         metrics_listen: None,
+        http_listen: None,
     };
     let coordinator = Coordinator::build_with_clock(settings, clock.clone()).await?;
     let url = format!("http://{}", coordinator.local_addr());

@@ -9,7 +9,8 @@ mod plot;
 
 use crate::domain::Scored;
 use crate::stats::{self, SweepStats};
-use plot::{Plot, escape, padded};
+pub use plot::escape;
+use plot::{Plot, padded};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -34,10 +35,10 @@ pub struct Input<'a> {
     pub curves: &'a [(i64, u32, f64)],
 }
 
-const BLUE: &str = "#1f5fa8";
-const RED: &str = "#c0392b";
+const BLUE: &str = "#0072b2";
+const RED: &str = "#d55e00";
 const GREY: &str = "#555555";
-const GREEN: &str = "#2e8b57";
+const GREEN: &str = "#009e73";
 
 /// How the report's SVGs are read for rasterising: with the built-in font (parsed once per
 /// report, not per figure).
@@ -386,23 +387,37 @@ fn markdown(input: &Input) -> String {
     out
 }
 
+/// The report page's style, shared with the dashboard.
+pub const STYLE: &str = r#"body{font-family:"DejaVu Sans",sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}figure{margin:1.5em 0}
+svg{max-width:100%;height:auto}"#;
+
+/// The report's self-contained HTML page alone (no PNGs drawn).
+pub fn page(input: &Input) -> String {
+    html(input, &figures(input))
+}
+
 /// The self-contained page: tables and the figures inline.
-fn html(input: &Input, figures: &[(&str, &str, String)]) -> String {
+fn html(input: &Input, figures: &[Figure]) -> String {
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{name}: seed statistics</title>\n<style>{STYLE}</style>\n</head><body>\n<h1>{name}</h1>\n{body}<h2>Markdown</h2>\n<pre>{md}</pre>\n<p>Made by seedsweep (<code>coordinator sweep report</code>).</p>\n</body></html>\n",
+        name = escape(input.sweep_name),
+        body = body(input, figures, &|seed| seed.to_string()),
+        md = escape(&markdown(input)),
+    )
+}
+
+/// The report's tables and figures (HTML, no page around them), each seed named by `seed`
+/// (plain, or a link). The summary row's cells carry `data-stat` names for machines.
+pub fn body(input: &Input, figures: &[Figure], seed: &dyn Fn(i64) -> String) -> String {
     let st = input.stats;
     let s = &st.summary;
     let mut h = format!(
-        r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{name}: seed statistics</title>
-<style>body{{font-family:"DejaVu Sans",sans-serif;max-width:980px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-th{{background:#f2f2f2}}td:first-child,th:first-child{{text-align:left}}figure{{margin:1.5em 0}}</style>
-</head><body>
-<h1>{name}</h1>
-<p>Sweep <code>{id}</code>, metric <code>{metric}</code>, {n} finished seeds.</p>
+        r#"<p>Sweep <code>{id}</code>, metric <code>{metric}</code>, {n} finished seeds.</p>
 <table><tr><th>n</th><th>mean</th><th>std</th><th>median</th><th>q1</th><th>q3</th><th>min (seed)</th><th>max (seed)</th><th>max - min</th></tr>
-<tr><td>{n}</td><td>{mean}</td><td>{std}</td><td>{median}</td><td>{q1}</td><td>{q3}</td><td>{min} ({ws})</td><td>{max} ({bs})</td><td>{gap}</td></tr></table>
+<tr><td data-stat="n">{n}</td><td data-stat="mean">{mean}</td><td data-stat="std">{std}</td><td data-stat="median">{median}</td><td>{q1}</td><td>{q3}</td><td><span data-stat="min">{min}</span> ({ws})</td><td><span data-stat="max">{max}</span> ({bs})</td><td>{gap}</td></tr></table>
 "#,
-        name = escape(input.sweep_name),
         id = escape(input.sweep_id),
         metric = st.metric,
         n = s.n,
@@ -412,9 +427,9 @@ th{{background:#f2f2f2}}td:first-child,th:first-child{{text-align:left}}figure{{
         q1 = f(s.q1),
         q3 = f(s.q3),
         min = f(s.min),
-        ws = s.worst_seed,
+        ws = seed(s.worst_seed),
         max = f(s.max),
-        bs = s.best_seed,
+        bs = seed(s.best_seed),
         gap = f(s.gap),
     );
     if let Some(i) = &st.intervals {
@@ -449,7 +464,7 @@ th{{background:#f2f2f2}}td:first-child,th:first-child{{text-align:left}}figure{{
             let _ = writeln!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td></tr>",
-                b.seed,
+                seed(b.seed),
                 f(b.score),
                 b.side.as_str(),
                 b.z,
@@ -495,15 +510,15 @@ th{{background:#f2f2f2}}td:first-child,th:first-child{{text-align:left}}figure{{
         }
         h += "</table>\n";
     }
-    h += "<h2>Markdown</h2>\n<pre>";
-    h += &escape(&markdown(input));
-    h += "</pre>\n<p>Made by seedsweep (<code>coordinator sweep report</code>).</p>\n</body></html>\n";
     h
 }
 
-/// Every file of the report.
-pub fn build(input: &Input) -> anyhow::Result<Vec<File>> {
-    let mut figures: Vec<(&str, &str, String)> = vec![(
+/// One figure: its file name (without extension), its caption and its SVG.
+pub type Figure = (&'static str, &'static str, String);
+
+/// The report's figures, as SVG: what `sweep report` writes and the dashboard shows.
+pub fn figures(input: &Input) -> Vec<Figure> {
+    let mut figures: Vec<Figure> = vec![(
         "histogram",
         "Scores over seeds: histogram, density estimate, mean, min and max.",
         histogram(input),
@@ -527,6 +542,12 @@ pub fn build(input: &Input) -> anyhow::Result<Vec<File>> {
             svg,
         ));
     }
+    figures
+}
+
+/// Every file of the report.
+pub fn build(input: &Input) -> anyhow::Result<Vec<File>> {
+    let figures = figures(input);
     let mut files = Vec::new();
     let opt = svg_options();
     for (name, _, svg) in &figures {
