@@ -168,6 +168,19 @@ impl Drop for Browser {
     }
 }
 
+/// Worker processes, killed if the test ends before they do (else they would go on delivering
+/// to a coordinator that is gone).
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in &mut self.0 {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
 fn token_file(dir: &Path, name: &str, token: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, format!("{token}\n")).unwrap();
@@ -281,16 +294,18 @@ fn the_dashboard_shows_a_sweep_train_live_in_a_real_browser() {
             .contains("No seed has finished yet")
     );
     browser.js("window.notReloaded = true;");
-    let workers: Vec<Child> = (0..2)
-        .map(|_| {
-            worker(&coordinator.url, &data)
-                .env("SEEDSWEEP_WORKER_TOKEN", WORKER)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let mut workers = Workers(
+        (0..2)
+            .map(|_| {
+                worker(&coordinator.url, &data)
+                    .env("SEEDSWEEP_WORKER_TOKEN", WORKER)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
     browser.wait_for(
         "a first result on the page",
         Duration::from_secs(300),
@@ -385,7 +400,7 @@ fn the_dashboard_shows_a_sweep_train_live_in_a_real_browser() {
         303
     );
 
-    for mut w in workers {
+    for w in &mut workers.0 {
         let status = w.wait().unwrap();
         assert!(status.success(), "a worker failed: {}", coordinator.log());
     }
@@ -410,6 +425,17 @@ fn the_dashboard_shows_a_sweep_train_live_in_a_real_browser() {
         "difference: page {shown}, compare {want}"
     );
     browser.screenshot("compare");
+
+    // An admin extends a sweep from the page's form; a range that is not one is refused.
+    let extend = format!("{dashboard}/sweeps/{second}/extend");
+    let form = |range| [("csrf", admin_csrf.as_str()), ("range", range)];
+    assert_eq!(post_form(&extend, &admin_cookie, &form("6..")), 400);
+    // The viewer's session ended when it signed out.
+    let ended = post_form(&extend, &viewer, &[("csrf", &csrf), ("range", "106..108")]);
+    assert_eq!(ended, 401);
+    assert_eq!(post_form(&extend, &admin_cookie, &form("106..108")), 303);
+    browser.go(&format!("{dashboard}/"));
+    assert!(browser.text("#sweeps").unwrap().contains("6 / 8"));
 
     // Without a session, plain HTTP is sent to sign in too.
     let agent: ureq::Agent = ureq::Agent::config_builder()

@@ -987,7 +987,13 @@ impl Worker {
                 c.complete_seed(spooled.result.clone().unwrap_or_default())
                     .await
             };
-            match sent.await {
+            // A call that hangs (a coordinator that accepts and does not answer) must not keep
+            // a stopping worker: the spool keeps the result for the next start.
+            let sent = tokio::select! {
+                sent = sent => sent,
+                () = crate::lease::wait_for(&self.shutdown) => return Ok(Delivery::Stopped),
+            };
+            match sent {
                 Ok(_) => return Ok(Delivery::Recorded),
                 Err(s) if is_lost(&s) => return Ok(Delivery::Refused(s)),
                 Err(s) if is_transient(&s) => {

@@ -89,6 +89,7 @@ pub async fn serve(
         .route("/sweeps/{id}/events", get(sweep_events))
         .route("/sweeps/{id}/report", get(report_page))
         .route("/sweeps/{id}/state", post(set_state))
+        .route("/sweeps/{id}/extend", post(extend))
         .route("/sweeps/{id}/seeds/{seed}", get(seed))
         .with_state(state);
     tokio::spawn(async move {
@@ -464,30 +465,67 @@ async fn set_state(
     headers: HeaderMap,
     Form(f): Form<NewState>,
 ) -> Response {
-    let Some(visitor) = d.visitor(&headers) else {
-        return Problem(StatusCode::UNAUTHORIZED, "sign in first".into()).into_response();
-    };
-    if !Access::csrf_ok(&visitor, &f.csrf) {
-        return Problem(
-            StatusCode::FORBIDDEN,
-            "the form's CSRF token is missing or wrong: reload the page and try again".into(),
-        )
-        .into_response();
-    }
-    if !visitor.may_change_sweeps() {
-        return Problem(
-            StatusCode::FORBIDDEN,
-            "a viewer may not pause, resume or cancel sweeps: sign in with an admin token".into(),
-        )
-        .into_response();
+    if let Err(refused) = admin_form(&d, &headers, &f.csrf) {
+        return refused.into_response();
     }
     let req = pb::SetSweepStateRequest {
         sweep_id: id.clone(),
         state: f.state,
     };
-    match d.service.set_sweep_state(Request::new(req)).await {
-        Ok(_) => {
-            tracing::info!(sweep = %id, role = visitor.role.as_str(), "sweep state set from the dashboard");
+    let done = d.service.set_sweep_state(Request::new(req)).await;
+    after_change(&id, done.map(|_| ()))
+}
+
+#[derive(Deserialize)]
+struct Extension {
+    csrf: String,
+    range: String,
+}
+
+/// Add seeds to a sweep (a range, as in a sweep file): admins only, as [`set_state`].
+async fn extend(
+    State(d): Shared,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Form(f): Form<Extension>,
+) -> Response {
+    if let Err(refused) = admin_form(&d, &headers, &f.csrf) {
+        return refused.into_response();
+    }
+    let req = pb::ExtendSweepRequest {
+        sweep_id: id.clone(),
+        range: f.range.trim().to_string(),
+        list: Vec::new(),
+    };
+    let done = d.service.extend_sweep(Request::new(req)).await;
+    after_change(&id, done.map(|_| ()))
+}
+
+/// Whether a form that changes a sweep may go ahead: a signed-in admin, the session's CSRF token.
+fn admin_form(d: &Dashboard, headers: &HeaderMap, csrf: &str) -> Result<Visitor, Problem> {
+    let Some(visitor) = d.visitor(headers) else {
+        return Err(Problem(StatusCode::UNAUTHORIZED, "sign in first".into()));
+    };
+    if !Access::csrf_ok(&visitor, csrf) {
+        return Err(Problem(
+            StatusCode::FORBIDDEN,
+            "the form's CSRF token is missing or wrong: reload the page and try again".into(),
+        ));
+    }
+    if !visitor.may_change_sweeps() {
+        return Err(Problem(
+            StatusCode::FORBIDDEN,
+            "a viewer may not change sweeps: sign in with an admin token".into(),
+        ));
+    }
+    Ok(visitor)
+}
+
+/// Back to the sweep's page once a change went through; the refusal otherwise.
+fn after_change(id: &str, done: Result<(), Status>) -> Response {
+    match done {
+        Ok(()) => {
+            tracing::info!(sweep = %id, "sweep changed from the dashboard");
             Redirect::to(&format!("/sweeps/{id}")).into_response()
         }
         Err(s) => Problem::from(s).into_response(),

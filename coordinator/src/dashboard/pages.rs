@@ -173,7 +173,14 @@ pub fn sweep_page(status: &pb::SweepStatus, live: &str, visitor: &Visitor, metri
         } else {
             button("paused", "Pause")
         };
-        format!("<p>{toggle}{}</p>", button("cancelled", "Cancel"))
+        let extend = format!(
+            "<form method=\"post\" action=\"/sweeps/{id}/extend\" style=\"display:inline\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <label for=\"range\">Add seeds</label> <input id=\"range\" name=\"range\" placeholder=\"START..END\" size=\"14\"> \
+             <button>Extend</button></form>",
+            visitor.csrf
+        );
+        format!("<p>{toggle}{}{extend}</p>", button("cancelled", "Cancel"))
     } else {
         String::new()
     };
