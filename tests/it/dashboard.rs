@@ -213,14 +213,18 @@ fn submit(coordinator: &CoordinatorProcess, dir: &Path, name: &str, seeds: &str)
         .to_string()
 }
 
-/// A plain HTTP POST of a form with `cookie`: the status code.
-fn post_form(url: &str, cookie: &str, form: &[(&str, &str)]) -> u16 {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+/// An HTTP client that follows no redirect and hands back every status.
+fn plain_http() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
         .build()
-        .into();
-    let reply = agent
+        .into()
+}
+
+/// A plain HTTP POST of a form with `cookie`: the status code.
+fn post_form(url: &str, cookie: &str, form: &[(&str, &str)]) -> u16 {
+    let reply = plain_http()
         .post(url)
         .header("cookie", cookie)
         .send_form(form.iter().copied());
@@ -438,12 +442,7 @@ fn the_dashboard_shows_a_sweep_train_live_in_a_real_browser() {
     assert!(browser.text("#sweeps").unwrap().contains("6 / 8"));
 
     // Without a session, plain HTTP is sent to sign in too.
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .build()
-        .into();
-    let reply = agent
+    let reply = plain_http()
         .get(&format!("{dashboard}/sweeps/{first}"))
         .call()
         .unwrap();
