@@ -184,7 +184,7 @@ async fn every_call_checks_the_token_and_its_role() {
     );
     let as_worker = list(&[("SEEDSWEEP_ADMIN_TOKEN", WORKER_TOKEN)], &[]);
     assert!(
-        stderr(&as_worker).contains("needs an admin token"),
+        stderr(&as_worker).contains("needs a viewer or admin token"),
         "{}",
         stderr(&as_worker)
     );
