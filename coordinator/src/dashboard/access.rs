@@ -23,6 +23,8 @@ pub struct Visitor {
     pub role: Role,
     /// The token its forms must send back.
     pub csrf: String,
+    /// Through a session (tokens configured), which it may end.
+    pub signed_in: bool,
 }
 
 impl Visitor {
@@ -80,6 +82,7 @@ impl Access {
             return Some(Visitor {
                 role: Role::Admin,
                 csrf: self.open_csrf.clone(),
+                signed_in: false,
             });
         }
         let id = session_id(cookie_header?)?;
@@ -125,6 +128,7 @@ impl Access {
         let visitor = Visitor {
             role,
             csrf: secret(),
+            signed_in: true,
         };
         let expires = now + SESSION_LIFE;
         sessions.insert(id.clone(), Session { visitor, expires });

@@ -546,7 +546,14 @@ impl Rates {
     fn observe(&self, sweep: SweepId, done: u64) -> Option<f64> {
         let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if all.len() >= Self::SWEEPS && !all.contains_key(&sweep) {
-            all.clear();
+            // Forget the sweep looked at longest ago.
+            let stalest = all
+                .iter()
+                .min_by_key(|(_, s)| s.back().map(|(t, _)| *t))
+                .map(|(k, _)| *k);
+            if let Some(k) = stalest {
+                all.remove(&k);
+            }
         }
         let samples = all.entry(sweep).or_default();
         let now = Instant::now();

@@ -17,13 +17,12 @@ progress{width:12em}.muted{color:#555}.live{border-left:4px solid #0072b2;paddin
 /// A whole page: `title`, the navigation bar, `main`; `script` runs at the end.
 pub fn page(title: &str, visitor: Option<&Visitor>, main: &str, script: &str) -> String {
     let who = match visitor {
-        Some(v) if v.csrf.is_empty() => String::new(),
-        Some(v) => format!(
+        Some(v) if v.signed_in => format!(
             "<form method=\"post\" action=\"/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><span class=\"muted\">{}</span> <button>Sign out</button></form>",
             v.csrf,
             v.role.as_str()
         ),
-        None => String::new(),
+        _ => String::new(),
     };
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
