@@ -80,8 +80,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SEEDSWEEP_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
     /// Serve the web dashboard at this address, e.g. 127.0.0.1:8080 (off by default). Without
-    /// tokens only loopback; with tokens, browsers sign in with an admin or viewer token. Plain
-    /// HTTP: under --tls-cert only loopback (put a TLS proxy in front).
+    /// tokens only loopback; with tokens, browsers sign in with an admin or viewer token. HTTPS
+    /// with the --tls-cert certificate when one is given (no client certificate asked for).
     #[arg(long, env = "SEEDSWEEP_HTTP_LISTEN", value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
 }

@@ -5,13 +5,16 @@
 //! - [`store`] is the only code that talks SQL (SQLite and PostgreSQL);
 //! - [`service`] is the gRPC service, converting proto messages to core's domain types;
 //! - [`server`] is the start-up seam, with [`auth`] (tokens and roles) and [`metrics`];
-//! - [`config`] serve's settings; [`fleet`] which programs the connected workers allow.
+//! - [`config`] serve's settings; [`fleet`] which programs the connected workers allow;
+//! - [`dashboard`] the web pages; [`export`] results and epochs as CSV or Parquet (for
+//!   `sweep export` and the dashboard's downloads).
 //!
 //! The command-line client (`coordinator sweep ...`) is part of the binary only (`src/cli`).
 
 pub mod auth;
 pub mod config;
 pub mod dashboard;
+pub mod export;
 pub mod fleet;
 pub mod metrics;
 pub mod server;

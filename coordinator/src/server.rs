@@ -60,6 +60,12 @@ impl TlsSettings {
         }
         Ok(config)
     }
+
+    /// The dashboard's TLS: the same certificate and key (no client certificates: browsers sign
+    /// in with tokens).
+    fn dashboard_config(&self) -> anyhow::Result<Arc<tokio_rustls::rustls::ServerConfig>> {
+        crate::dashboard::tls::server_config(&self.cert, &self.key)
+    }
 }
 
 /// Refuses to expose an unauthenticated coordinator beyond this host unless told to.
@@ -102,12 +108,7 @@ impl Coordinator {
     ) -> anyhow::Result<Coordinator> {
         check_exposure(&settings)?;
         if let Some(at) = settings.http_listen {
-            crate::dashboard::check_exposure(
-                at,
-                settings.tokens.is_some(),
-                settings.tls.is_some(),
-                settings.insecure,
-            )?;
+            crate::dashboard::check_exposure(at, settings.tokens.is_some(), settings.insecure)?;
         }
         let tls = settings.tls.as_ref().map(TlsSettings::config).transpose()?;
         let url = redact_url(&settings.database_url);
@@ -143,7 +144,9 @@ impl Coordinator {
         let dashboard_addr = match settings.http_listen {
             Some(at) => {
                 let tokens = settings.tokens.clone();
-                Some(crate::dashboard::serve(at, service.clone(), tokens).await?)
+                let tls = settings.tls.as_ref().map(TlsSettings::dashboard_config);
+                let tls = tls.transpose()?;
+                Some(crate::dashboard::serve(at, service.clone(), tokens, tls).await?)
             }
             None => None,
         };

@@ -306,6 +306,15 @@ impl CoordinatorService {
         }))
     }
 
+    /// A seed's state and attempts (the dashboard's seed page).
+    pub(crate) async fn seed_history(
+        &self,
+        id: SweepId,
+        seed: i64,
+    ) -> Result<seedsweep_core::domain::SeedHistory, Status> {
+        self.store.seed_history(id, seed).await.map_err(status)
+    }
+
     /// The metric a reader asked for; when none, the sweep's score (`command.score`, else
     /// test_accuracy). A custom metric only of a command sweep.
     pub(crate) async fn metric(&self, sweep: SweepId, asked: &str) -> Result<Metric, Status> {

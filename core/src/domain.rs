@@ -140,6 +140,28 @@ names!(SeedState {
     Cancelled => "cancelled",
 });
 
+/// One lease of a seed and how it ended: a row of the `attempts` table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Attempt {
+    pub fence: i64,
+    pub worker_id: String,
+    /// UTC, ISO 8601.
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    /// running, succeeded, failed, released, expired or cancelled.
+    pub outcome: String,
+    pub cause: Option<String>,
+    /// Where the attempt's output is on its worker.
+    pub log: Option<String>,
+}
+
+/// A seed's state and its newest attempts, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SeedHistory {
+    pub state: SeedState,
+    pub attempts: Vec<Attempt>,
+}
+
 /// Whether a sweep hands out leases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

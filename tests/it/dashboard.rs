@@ -1,8 +1,9 @@
 //! The dashboard in a real browser: Debian's Chromium driven through chromedriver (WebDriver),
 //! against `coordinator serve --http-listen` while CPU workers train two sweeps. The page must
-//! update without a reload, show the numbers `sweep stats --json` gives, refuse visitors without
-//! a token, let a viewer read but not pause, and refuse a forged CSRF token. Screenshots of the
-//! list, sweep and comparison pages go to target/dashboard-screenshots/.
+//! update without a reload, show the numbers `sweep stats --json` gives, offer `sweep export`'s
+//! files, link a black swan to its seed's curve and attempts, refuse visitors without a token,
+//! let a viewer read but not pause, and refuse a forged CSRF token. Screenshots of the list,
+//! sweep, seed and comparison pages go to target/dashboard-screenshots/.
 
 use seedsweep_tests::{
     CoordinatorProcess, bin, free_port, make_synthetic, repo_root, run, stderr, stdout, worker,
@@ -231,6 +232,38 @@ fn post_form(url: &str, cookie: &str, form: &[(&str, &str)]) -> u16 {
     reply.unwrap().status().as_u16()
 }
 
+/// The seed that diverges in [`SWANS`].
+const DIVERGES: i64 = 7;
+
+/// A test double of a training program (standard library and the helper only): every seed ends
+/// near 0.9 but seed [`DIVERGES`], which collapses to 0.1, a black swan by either criterion.
+const SWANS: &str = r#"
+import seedsweep
+s = seedsweep.seeds()
+acc = 0.1 if s.seed == DIVERGES else 0.9 + 0.002 * (s.seed % 5)
+for e in (1, 2):
+    seedsweep.log_epoch(e, train_loss=1.0 / e, train_accuracy=acc, lr=0.1, test_loss=1.0, test_accuracy=acc)
+seedsweep.finish(test_accuracy=acc, test_loss=1.0, train_loss=0.5, train_accuracy=acc)
+"#;
+
+/// Submits a 12-seed sweep of [`SWANS`]; its id.
+fn swan_sweep(coordinator: &CoordinatorProcess, dir: &Path) -> String {
+    let program = dir.join("swans.py");
+    std::fs::write(&program, SWANS.replace("DIVERGES", &DIVERGES.to_string())).unwrap();
+    let file = dir.join("swans.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"dashboard-swans\"\ntask = \"command\"\nseeds = \"0..12\"\n[command]\nargv = [\"python3\", {:?}]\nepochs = 2\n",
+            program.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    admin(coordinator, &["submit", file.to_str().unwrap()])
+        .trim()
+        .to_string()
+}
+
 fn number(text: &str) -> f64 {
     text.trim()
         .parse()
@@ -343,14 +376,6 @@ fn the_dashboard_shows_a_sweep_train_live_in_a_real_browser() {
     }
     assert_eq!(number(&browser.text("[data-stat=n]").unwrap()), 8.0);
 
-    // A seed's link (the worst seed's, as each black swan's) opens its curve.
-    let worst = stats["worst_seed"].as_i64().unwrap();
-    browser.click(&format!("a[href='/sweeps/{first}/seeds/{worst}']"));
-    browser.wait_for("the seed's page", Duration::from_secs(10), |b| {
-        b.text("h1").is_some_and(|h| h == format!("Seed {worst}"))
-    });
-    assert!(browser.text("main").unwrap().contains("Curve"));
-
     // A viewer may not pause: no button, and the request itself is refused.
     browser.go(&format!("{dashboard}/sweeps/{first}"));
     assert!(!browser.text("main").unwrap().contains("Pause"));
@@ -408,6 +433,63 @@ fn the_dashboard_shows_a_sweep_train_live_in_a_real_browser() {
         let status = w.wait().unwrap();
         assert!(status.success(), "a worker failed: {}", coordinator.log());
     }
+
+    // The page's downloads are `sweep export`'s files, byte for byte.
+    browser.go(&format!("{dashboard}/sweeps/{first}"));
+    for (table, format) in [("results", "csv"), ("epochs", "parquet")] {
+        let path = format!("/sweeps/{first}/export/{table}.{format}");
+        assert!(
+            browser.text(&format!("a[href='{path}']")).is_some(),
+            "no link to {path}"
+        );
+        let mut reply = plain_http()
+            .get(&format!("{dashboard}{path}"))
+            .header("cookie", &admin_cookie)
+            .call()
+            .unwrap();
+        assert_eq!(reply.status().as_u16(), 200, "{path}");
+        let got = reply
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()
+            .unwrap();
+        let file = dir.path().join(format!("exported.{format}"));
+        let args = [
+            "export", &first, "--table", table, "--format", format, "--out",
+        ];
+        admin(
+            &coordinator,
+            &[&args[..], &[file.to_str().unwrap()]].concat(),
+        );
+        assert_eq!(got, std::fs::read(&file).unwrap(), "{path}");
+    }
+
+    // A black swan's link opens its seed's curve and attempts.
+    let swans = swan_sweep(&coordinator, dir.path());
+    let out = run(worker(&coordinator.url, &data)
+        .args(["--allow-command", "python3", "--log-dir"])
+        .arg(dir.path().join("logs"))
+        .env("PYTHONPATH", repo_root().join("python"))
+        .env("SEEDSWEEP_WORKER_TOKEN", WORKER));
+    assert!(out.status.success(), "{}", stderr(&out));
+    browser.go(&format!("{dashboard}/sweeps/{swans}"));
+    let swan = format!("#black-swans a[href='/sweeps/{swans}/seeds/{DIVERGES}']");
+    assert!(
+        browser.text(&swan).is_some(),
+        "no black swan {DIVERGES}: {:?}",
+        browser.text("#live")
+    );
+    browser.click(&swan);
+    browser.wait_for("the black swan's page", Duration::from_secs(10), |b| {
+        b.text("h1")
+            .is_some_and(|h| h == format!("Seed {DIVERGES}"))
+    });
+    assert!(browser.text("main").unwrap().contains("Curve"));
+    assert_eq!(browser.text("#seed-state").as_deref(), Some("done"));
+    let attempts = browser.text("#attempts").expect("the attempts table");
+    assert!(attempts.contains("succeeded"), "{attempts}");
+    browser.screenshot("seed");
 
     // The list and the comparison.
     browser.go(&format!("{dashboard}/"));

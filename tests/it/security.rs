@@ -1,10 +1,11 @@
 //! Who may drive a coordinator: every RPC x {no, wrong, worker, admin} token; TLS end to end with
-//! certificates made here (server and client), a real sweep trained through it; the loopback
-//! rule; and the open services beside them (health, reflection, metrics).
+//! certificates made here (server and client), a real sweep trained through it, the dashboard
+//! under the same TLS; the loopback rule; and the open services beside them (health,
+//! reflection, metrics).
 
 use seedsweep_proto::v1 as pb;
 use seedsweep_tests::{
-    CoordinatorProcess, bin, make_synthetic, run, sqlite_query, stderr, stdout, worker,
+    CoordinatorProcess, bin, free_port, make_synthetic, run, sqlite_query, stderr, stdout, worker,
 };
 use std::path::Path;
 use std::process::Command;
@@ -447,6 +448,11 @@ fn a_sweep_runs_over_tls_with_client_certificates_and_tokens() {
         "--tls-client-ca".into(),
         p(&pki.ca),
     ]);
+    let dashboard_port = free_port();
+    flags.extend([
+        "--http-listen".into(),
+        format!("127.0.0.1:{dashboard_port}"),
+    ]);
     let db = dir.path().join("db");
     let c = start(&db, "127.0.0.1:0", &flags);
     // The certificate names localhost, so the clients must too.
@@ -515,4 +521,59 @@ fn a_sweep_runs_over_tls_with_client_certificates_and_tokens() {
     assert_eq!(rows.trim(), "2");
     // Lease events name the worker's token by its fingerprint.
     assert!(c.log().contains("token=\"worker:"), "{}", c.log());
+
+    dashboard_under_tls(dashboard_port, &pki.ca);
+}
+
+/// The dashboard serves the coordinator's certificate: a browser that trusts the CA signs in
+/// and gets a `Secure` cookie and the sweep list; plain HTTP and a client that does not trust
+/// the CA get nothing.
+fn dashboard_under_tls(port: u16, ca: &Path) {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig};
+    let ca = Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+    let tls = TlsConfig::builder()
+        .root_certs(RootCerts::new_with_certs(&[ca]))
+        .build();
+    let browser: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(tls)
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into();
+    let base = format!("https://localhost:{port}");
+    let mut login = browser.get(&format!("{base}/login")).call().unwrap();
+    assert_eq!(login.status().as_u16(), 200);
+    assert!(
+        login
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+            .contains("Sign in")
+    );
+    let signed = browser
+        .post(&format!("{base}/login"))
+        .send_form([("token", ADMIN_TOKEN)])
+        .unwrap();
+    assert_eq!(signed.status().as_u16(), 303);
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap();
+    let mut list = browser
+        .get(&format!("{base}/"))
+        .header("cookie", session)
+        .call()
+        .unwrap();
+    assert_eq!(list.status().as_u16(), 200);
+    assert!(list.body_mut().read_to_string().unwrap().contains(">tls<"));
+
+    let plain = ureq::get(&format!("http://127.0.0.1:{port}/login")).call();
+    assert!(plain.is_err(), "plain HTTP reached the TLS dashboard");
+    let untrusting = ureq::get(&format!("{base}/login")).call();
+    assert!(
+        untrusting.is_err(),
+        "a client without the CA accepted the certificate"
+    );
 }

@@ -329,6 +329,42 @@ async fn retries_and_control(s: Arc<dyn Store>, clock: Clock) {
         s.fail(l, "cuda oom", Charge::Counted).await.unwrap(),
         SeedState::Failed
     );
+    // The seed's history: both attempts, oldest first, with their workers and causes.
+    let h = s.seed_history(a, 1).await.unwrap();
+    assert_eq!(h.state, SeedState::Failed);
+    let seen: Vec<_> = h
+        .attempts
+        .iter()
+        .map(|t| {
+            (
+                t.fence,
+                t.worker_id.as_str(),
+                t.outcome.as_str(),
+                t.cause.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "w1", "failed", Some("cuda oom")),
+            (2, "w2", "failed", Some("cuda oom"))
+        ]
+    );
+    assert!(h.attempts.iter().all(|t| {
+        t.started_at.ends_with('Z')
+            && t.ended_at
+                .as_ref()
+                .is_some_and(|e| e.ends_with('Z') && *e >= t.started_at)
+    }));
+    assert!(matches!(
+        s.seed_history(a, 2).await,
+        Err(StoreError::SeedNotFound { .. })
+    ));
+    assert!(matches!(
+        s.seed_history(SweepId::new(), 1).await,
+        Err(StoreError::SweepNotFound(_))
+    ));
 
     // Priority orders sweeps; pause stops leases, resume restarts them.
     let low = SweepId::new();

@@ -2,6 +2,7 @@
 
 use super::render;
 use anyhow::{Context, bail};
+use seedsweep_coordinator::export::{EPOCH_PAGES, PAGE, for_each_page};
 use seedsweep_core::spec::SweepSpec;
 use seedsweep_core::stats::document::{ComparisonDocument, StatsDocument};
 use seedsweep_proto::client::{Client, Connection};
@@ -172,39 +173,15 @@ pub async fn list(coordinator: &Connection, json: bool) -> anyhow::Result<String
     Ok(out)
 }
 
-/// Rows asked for per page of a listing (the server's most are 10,000 results, 50,000 epochs).
-const PAGE: u32 = 5_000;
-
 /// The largest listing page a client accepts: a page of 50,000 epoch rows is about 5 MB, past
 /// gRPC's default 4 MiB.
 const PAGE_BYTES: usize = 64 << 20;
-
-/// Calls `each` with every page of a listing, in order: `fetch(after)` reads the page after a
-/// key (the first page when None) and returns its rows with the next page's key, if any. Only
-/// one page is in memory at a time.
-async fn for_each_page<K, T, Fut>(
-    mut fetch: impl FnMut(Option<K>) -> Fut,
-    mut each: impl FnMut(Vec<T>) -> anyhow::Result<()>,
-) -> anyhow::Result<()>
-where
-    Fut: std::future::Future<Output = anyhow::Result<(Vec<T>, Option<K>)>>,
-{
-    let mut after = None;
-    loop {
-        let (rows, next) = fetch(after).await?;
-        each(rows)?;
-        match next {
-            Some(key) => after = Some(key),
-            None => return Ok(()),
-        }
-    }
-}
 
 /// Every result of sweep `id`, in seed order, a page at a time.
 async fn result_pages(
     client: &Client,
     id: &str,
-    each: impl FnMut(Vec<pb::SeedResult>) -> anyhow::Result<()>,
+    mut each: impl FnMut(Vec<pb::SeedResult>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let fetch = |after_seed| {
         let mut client = client.clone().max_decoding_message_size(PAGE_BYTES);
@@ -219,14 +196,14 @@ async fn result_pages(
             Ok((page.results, page.next_after_seed))
         }
     };
-    for_each_page(fetch, each).await
+    for_each_page(fetch, |rows| std::future::ready(each(rows))).await
 }
 
 /// Every epoch row of sweep `id`, by seed and epoch, a page at a time.
 async fn epoch_pages(
     client: &Client,
     id: &str,
-    each: impl FnMut(Vec<pb::EpochRow>) -> anyhow::Result<()>,
+    mut each: impl FnMut(Vec<pb::EpochRow>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let fetch = |after| {
         let mut client = client.clone().max_decoding_message_size(PAGE_BYTES);
@@ -234,7 +211,7 @@ async fn epoch_pages(
         async move {
             let req = pb::ListEpochMetricsRequest {
                 sweep_id,
-                page_size: PAGE * 10,
+                page_size: PAGE * EPOCH_PAGES,
                 after,
             };
             let page = client
@@ -245,7 +222,7 @@ async fn epoch_pages(
             Ok((page.rows, page.next_after))
         }
     };
-    for_each_page(fetch, each).await
+    for_each_page(fetch, |rows| std::future::ready(each(rows))).await
 }
 
 /// Prints a sweep's results to stdout a page at a time (a table, or a JSON array of objects).
@@ -534,8 +511,8 @@ pub async fn export(
     format: &str,
     out: &Path,
 ) -> anyhow::Result<String> {
-    use super::export::{Sink, epochs_table, results_table};
-    let format: super::export::Format = format.parse()?;
+    use seedsweep_coordinator::export::{Format, Sink, epochs_table, results_table};
+    let format: Format = format.parse()?;
     let results = match table {
         "results" => true,
         "epochs" => false,

@@ -1,7 +1,6 @@
 //! The command-line client: `sweep ...` and `make-tokens`' siblings that talk to a running
 //! coordinator over gRPC. Part of the `coordinator` binary only, so the server library does not
-//! link what only the client uses (Parquet among it).
+//! link what only the client uses.
 
 pub mod admin;
-pub mod export;
 pub mod render;

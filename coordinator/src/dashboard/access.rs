@@ -1,6 +1,7 @@
 //! Who may use the dashboard. With tokens configured, a browser signs in once with an admin or
 //! viewer token and gets a session cookie (HttpOnly, SameSite=Strict; Secure when the page was
-//! reached over HTTPS, as a TLS-terminating proxy says with `X-Forwarded-Proto`); the token is
+//! served under TLS or reached through a TLS-terminating proxy that says `X-Forwarded-Proto:
+//! https`); the token is
 //! never put in a URL or a log. Without tokens the dashboard serves loopback only, every
 //! visitor an admin. Every form that changes a sweep carries a CSRF token: the session's, or
 //! without tokens this process's, which a page of another origin cannot read.

@@ -4,7 +4,9 @@
 //! signal as `WatchSweep`). No JavaScript beyond a few lines per page, no build chain.
 
 mod access;
+mod download;
 mod pages;
+pub mod tls;
 
 use crate::auth::Tokens;
 use crate::service::CoordinatorService;
@@ -33,42 +35,32 @@ use tonic::{Code, Request, Status};
 const LIVE_MIN: Duration = Duration::from_secs(2);
 const LIVE_MAX: Duration = Duration::from_secs(15);
 
-/// Where the dashboard may listen: loopback, or anywhere with tokens (sign-in) when the gRPC
-/// side is not under TLS (the dashboard does not serve TLS itself: put it behind a proxy that
-/// does, on loopback).
-pub fn check_exposure(
-    addr: SocketAddr,
-    tokens: bool,
-    tls: bool,
-    insecure: bool,
-) -> anyhow::Result<()> {
-    if addr.ip().is_loopback() {
+/// Where the dashboard may listen: loopback, or anywhere with tokens (visitors sign in). It
+/// serves under the gRPC side's TLS when that is configured ([`tls`]).
+pub fn check_exposure(addr: SocketAddr, tokens: bool, insecure: bool) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() || tokens || insecure {
         return Ok(());
     }
-    if tls {
-        bail!(
-            "refusing --http-listen {addr}: the coordinator serves gRPC under TLS but the dashboard serves plain HTTP; listen on 127.0.0.1 and put a TLS-terminating proxy in front of it"
-        );
-    }
-    if !tokens && !insecure {
-        bail!(
-            "refusing --http-listen {addr} without tokens: anyone who can reach it could read and cancel sweeps. Give admin and worker tokens (and --viewer-token-file for read-only users), or listen on 127.0.0.1"
-        );
-    }
-    Ok(())
+    bail!(
+        "refusing --http-listen {addr} without tokens: anyone who can reach it could read and cancel sweeps. Give admin and worker tokens (and --viewer-token-file for read-only users), or listen on 127.0.0.1"
+    )
 }
 
 struct Dashboard {
     service: Arc<CoordinatorService>,
     access: Access,
     rates: Rates,
+    /// Served under TLS: session cookies are `Secure`.
+    tls: bool,
 }
 
-/// Binds `addr` and serves the dashboard in the background; the bound address.
+/// Binds `addr` and serves the dashboard in the background, under TLS when `tls` is given;
+/// the bound address.
 pub async fn serve(
     addr: SocketAddr,
     service: Arc<CoordinatorService>,
     tokens: Option<Tokens>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
@@ -78,6 +70,7 @@ pub async fn serve(
         service,
         access: Access::new(tokens),
         rates: Rates::default(),
+        tls: tls.is_some(),
     });
     let app = axum::Router::new()
         .route("/", get(front))
@@ -88,17 +81,30 @@ pub async fn serve(
         .route("/sweeps/{id}", get(sweep))
         .route("/sweeps/{id}/events", get(sweep_events))
         .route("/sweeps/{id}/report", get(report_page))
+        .route("/sweeps/{id}/export/{file}", get(download::download))
         .route("/sweeps/{id}/state", post(set_state))
         .route("/sweeps/{id}/extend", post(extend))
         .route("/sweeps/{id}/seeds/{seed}", get(seed))
         .with_state(state);
+    let https = tls.is_some();
+    match tls {
+        Some(config) => spawn_serving(tls::TlsListener::new(listener, config)?, app),
+        None => spawn_serving(listener, app),
+    }
+    tracing::info!(%bound, tls = https, "dashboard listening");
+    Ok(bound)
+}
+
+fn spawn_serving<L>(listener: L, app: axum::Router)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the dashboard stopped");
         }
     });
-    tracing::info!(%bound, "dashboard listening");
-    Ok(bound)
 }
 
 type Shared = State<Arc<Dashboard>>;
@@ -346,6 +352,10 @@ async fn seed(
     };
     let page = async {
         let status = d.status(&id).await?;
+        let sweep: SweepId = id
+            .parse()
+            .map_err(|e: String| Problem(StatusCode::NOT_FOUND, e))?;
+        let history = d.service.seed_history(sweep, seed).await?;
         let results = d.service.list_results(Request::new(pb::ListResultsRequest {
             sweep_id: id.clone(),
             page_size: 1,
@@ -366,7 +376,13 @@ async fn seed(
         let mut epochs = epochs.await?.into_inner().rows;
         epochs.retain(|e| e.seed == seed);
         let sweep = status.sweep.unwrap_or_default();
-        Ok::<_, Problem>(pages::seed_page(&sweep, seed, result, &epochs, &visitor))
+        let seen = pages::SeedSeen {
+            seed,
+            history: &history,
+            result,
+            epochs: &epochs,
+        };
+        Ok::<_, Problem>(pages::seed_page(&sweep, &seen, &visitor))
     };
     match page.await {
         Ok(html) => Html(html).into_response(),
@@ -423,9 +439,10 @@ struct SignIn {
 async fn sign_in(State(d): Shared, headers: HeaderMap, Form(f): Form<SignIn>) -> Response {
     match d.access.sign_in(&f.token) {
         Ok(id) => {
-            let secure = headers
-                .get("x-forwarded-proto")
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+            let secure = d.tls
+                || headers
+                    .get("x-forwarded-proto")
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
             let cookie = access::session_cookie(&id, secure);
             ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
         }

@@ -4,6 +4,7 @@
 
 use super::access::Visitor;
 use crate::service::ReportData;
+use seedsweep_core::domain::{Attempt, SeedHistory};
 use seedsweep_core::report::{self, escape, f};
 use seedsweep_core::stats::compare::Comparison;
 use seedsweep_proto::v1 as pb;
@@ -185,7 +186,9 @@ pub fn sweep_page(status: &pb::SweepStatus, live: &str, visitor: &Visitor, metri
     };
     let main = format!(
         "<h1>{name}</h1><p class=\"muted\">Sweep <code>{id}</code>, task {task}, dataset {dataset}, created {created}. \
-         <a href=\"/sweeps/{id}/report\">Report</a> · export: <code>coordinator sweep export {id} --format csv</code> or <code>--format parquet</code></p>\
+         <a href=\"/sweeps/{id}/report\">Report</a> · results as <a href=\"/sweeps/{id}/export/results.csv\" download>CSV</a> or \
+         <a href=\"/sweeps/{id}/export/results.parquet\" download>Parquet</a> · epochs as \
+         <a href=\"/sweeps/{id}/export/epochs.csv\" download>CSV</a> or <a href=\"/sweeps/{id}/export/epochs.parquet\" download>Parquet</a></p>\
          {controls}<section id=\"live\" class=\"live\" aria-live=\"polite\">{live}</section>",
         name = escape(&s.name),
         task = escape(&s.task),
@@ -202,35 +205,36 @@ pub fn sweep_page(status: &pb::SweepStatus, live: &str, visitor: &Visitor, metri
 }
 
 /// One seed: its result and its curve.
-pub fn seed_page(
-    sweep: &pb::SweepSummary,
-    seed: i64,
-    result: Option<&pb::SeedResult>,
-    epochs: &[pb::EpochRow],
-    visitor: &Visitor,
-) -> String {
+/// What the seed page shows of one seed.
+pub struct SeedSeen<'a> {
+    pub seed: i64,
+    pub history: &'a SeedHistory,
+    pub result: Option<&'a pb::SeedResult>,
+    pub epochs: &'a [pb::EpochRow],
+}
+
+pub fn seed_page(sweep: &pb::SweepSummary, seen: &SeedSeen, visitor: &Visitor) -> String {
+    let (seed, epochs) = (seen.seed, seen.epochs);
     let mut h = format!(
-        "<h1>Seed {seed}</h1><p>Of sweep <a href=\"/sweeps/{id}\">{name}</a>.</p>",
+        "<h1>Seed {seed}</h1><p>Of sweep <a href=\"/sweeps/{id}\">{name}</a>; <span id=\"seed-state\">{state}</span>.</p>",
         id = escape(&sweep.sweep_id),
-        name = escape(&sweep.name)
+        name = escape(&sweep.name),
+        state = seen.history.state.as_str(),
     );
-    match result {
-        Some(r) => {
-            let _ = write!(
-                h,
-                "<table><tr><th>test accuracy</th><th>test loss</th><th>train loss</th><th>epochs</th><th>seconds</th><th>worker</th><th>device</th><th>finished</th></tr>\
-                 <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
-                f(r.test_accuracy),
-                f(r.test_loss),
-                f(r.train_loss),
-                r.epochs,
-                r.seconds,
-                escape(&r.worker_id),
-                escape(&r.device),
-                time(&r.finished_at)
-            );
-        }
-        None => h += "<p>No result yet: the seed is pending, training or failed.</p>",
+    if let Some(r) = seen.result {
+        let _ = write!(
+            h,
+            "<table><tr><th>test accuracy</th><th>test loss</th><th>train loss</th><th>epochs</th><th>seconds</th><th>worker</th><th>device</th><th>finished</th></tr>\
+             <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
+            f(r.test_accuracy),
+            f(r.test_loss),
+            f(r.train_loss),
+            r.epochs,
+            r.seconds,
+            escape(&r.worker_id),
+            escape(&r.device),
+            time(&r.finished_at)
+        );
     }
     if !epochs.is_empty() {
         h += "<h2>Curve</h2><table><tr><th>epoch</th><th>train loss</th><th>train accuracy</th><th>test loss</th><th>test accuracy</th><th>lr</th></tr>";
@@ -249,7 +253,39 @@ pub fn seed_page(
         }
         h += "</table>";
     }
+    h += &attempts(&seen.history.attempts);
     page(&format!("seed {seed}"), Some(visitor), &h, LOCAL_TIMES)
+}
+
+/// A seed's attempts: one row per lease, with how it ended and why.
+fn attempts(attempts: &[Attempt]) -> String {
+    if attempts.is_empty() {
+        return "<h2>Attempts</h2><p>None yet: the seed has not been leased.</p>".into();
+    }
+    let shown = if attempts.len() as i64 >= crate::store::HISTORY {
+        format!(" (the newest {})", attempts.len())
+    } else {
+        String::new()
+    };
+    let mut h = format!(
+        "<h2>Attempts</h2><p class=\"muted\">One per lease{shown}, numbered by its fence; the log is on the worker.</p>\
+         <table id=\"attempts\"><tr><th>fence</th><th>worker</th><th>started</th><th>ended</th><th>outcome</th><th>cause</th><th>log</th></tr>"
+    );
+    let opt = |v: &Option<String>| v.as_deref().map_or("-".into(), escape);
+    for a in attempts {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            a.fence,
+            escape(&a.worker_id),
+            time(&a.started_at),
+            a.ended_at.as_deref().map_or("-".into(), time),
+            escape(&a.outcome),
+            opt(&a.cause),
+            opt(&a.log)
+        );
+    }
+    h + "</table>"
 }
 
 /// The comparison form, with the result when two sweeps were given.

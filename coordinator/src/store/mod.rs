@@ -21,9 +21,9 @@ pub use sqlite::SqliteStore;
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
 use seedsweep_core::domain::{
-    Aggregate, ClaimOutcome, CompleteOutcome, Correctness, CustomMetrics, EpochRecord, FleetCounts,
-    LeaseRef, Metric, Scored, SeedResult, SeedState, SweepId, SweepProgress, SweepState,
-    SweepSummary,
+    Aggregate, Attempt, ClaimOutcome, CompleteOutcome, Correctness, CustomMetrics, EpochRecord,
+    FleetCounts, LeaseRef, Metric, Scored, SeedHistory, SeedResult, SeedState, SweepId,
+    SweepProgress, SweepState, SweepSummary,
 };
 use seedsweep_core::policy::{self, Charge, Refusal};
 use seedsweep_core::spec::{Precision, SeedSet, SweepSpec, Task};
@@ -277,6 +277,8 @@ pub trait Store: Send + Sync + 'static {
         after: Option<i64>,
         limit: u32,
     ) -> Result<Vec<SeedResult>>;
+    /// A seed's state and its newest [`HISTORY`] attempts, oldest first.
+    async fn seed_history(&self, id: SweepId, seed: i64) -> Result<SeedHistory>;
     /// The live aggregate of each metric the sweep's results have (the `aggregates` table, with
     /// what is queued folded in first).
     async fn aggregates(&self, id: SweepId) -> Result<Vec<Aggregate>>;
@@ -510,6 +512,52 @@ pub(crate) const FLEET_SEEDS: &str = "SELECT w.id AS sweep_id, w.name, s.state, 
      WHERE w.state <> 'cancelled' AND w.loading_at IS NULL
      GROUP BY w.id, w.name, s.state
      ORDER BY w.id, s.state";
+
+/// The most attempts [`Store::seed_history`] reads: the newest (a seed handed back at every
+/// preemption may have many).
+pub const HISTORY: i64 = 100;
+
+/// An `attempts` row as both dialects read it: fence, worker_id, started_at, ended_at (ISO
+/// text), outcome, cause, log.
+pub(crate) type AttemptRow = (
+    i64,
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+/// [`Store::seed_history`] from the seed's state (None: no such seed) and its attempts, newest
+/// first as read.
+pub(crate) fn seed_history(
+    id: SweepId,
+    seed: i64,
+    state: Option<String>,
+    mut rows: Vec<AttemptRow>,
+) -> Result<SeedHistory> {
+    let state = state.ok_or(StoreError::SeedNotFound { sweep_id: id, seed })?;
+    rows.reverse();
+    let attempts = rows
+        .into_iter()
+        .map(
+            |(fence, worker_id, started_at, ended_at, outcome, cause, log)| Attempt {
+                fence,
+                worker_id,
+                started_at,
+                ended_at,
+                outcome,
+                cause,
+                log,
+            },
+        )
+        .collect();
+    Ok(SeedHistory {
+        state: state_from_db(&state)?,
+        attempts,
+    })
+}
 
 /// A closed set's name read back from the database; one this build does not know means a
 /// corrupt row (or a database written by a newer coordinator).

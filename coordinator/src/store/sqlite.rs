@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use seedsweep_core::design::Design;
 use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, Lease,
-    LeaseRef, Metric, Scored, SeedCounts, SeedResult, SeedState, SweepId, SweepProgress,
-    SweepState, SweepSummary,
+    LeaseRef, Metric, Scored, SeedCounts, SeedHistory, SeedResult, SeedState, SweepId,
+    SweepProgress, SweepState, SweepSummary,
 };
 use seedsweep_core::policy::{
     self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
@@ -628,6 +628,25 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(result_from_row).collect()
+    }
+
+    async fn seed_history(&self, id: SweepId, seed: i64) -> Result<SeedHistory> {
+        self.summary(id).await?;
+        let state = sqlx::query_scalar("SELECT state FROM seeds WHERE sweep_id = ?1 AND seed = ?2")
+            .bind(id.0.to_string())
+            .bind(seed)
+            .fetch_optional(&self.pool)
+            .await?;
+        let rows = sqlx::query_as(
+            "SELECT fence, worker_id, started_at, ended_at, outcome, cause, log FROM attempts
+             WHERE sweep_id = ?1 AND seed = ?2 ORDER BY fence DESC LIMIT ?3",
+        )
+        .bind(id.0.to_string())
+        .bind(seed)
+        .bind(super::HISTORY)
+        .fetch_all(&self.pool)
+        .await?;
+        super::seed_history(id, seed, state, rows)
     }
 
     async fn aggregates(&self, id: SweepId) -> Result<Vec<Aggregate>> {

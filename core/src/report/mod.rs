@@ -459,7 +459,7 @@ pub fn body(input: &Input, figures: &[Figure], seed: &dyn Fn(i64) -> String) -> 
     if st.black_swans.is_empty() {
         h += "<p>None: no seed has |robust z| &gt; 3.5 or |z| &gt; 3.</p>\n";
     } else {
-        h += "<table><tr><th>seed</th><th>score</th><th>side</th><th>z</th><th>robust z</th><th>flagged by</th></tr>\n";
+        h += "<table id=\"black-swans\"><tr><th>seed</th><th>score</th><th>side</th><th>z</th><th>robust z</th><th>flagged by</th></tr>\n";
         for b in &st.black_swans {
             let _ = writeln!(
                 h,

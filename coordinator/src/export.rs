@@ -1,12 +1,40 @@
-//! `coordinator sweep export`: a sweep's results or epoch metrics as CSV or Parquet, from one
-//! column model so that both formats hold the same columns under the same names as the SQL
-//! tables.
+//! A sweep's results or epoch metrics as CSV or Parquet (`coordinator sweep export` and the
+//! dashboard's downloads), from one column model so that both formats hold the same columns
+//! under the same names as the SQL tables.
 
 use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, Int64Type};
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use seedsweep_proto::v1 as pb;
 use std::sync::Arc;
+
+/// Rows asked for per page of a results listing; an epoch listing asks for [`EPOCH_PAGES`]
+/// times as many. (The server's most are 10,000 results and 50,000 epoch rows.)
+pub const PAGE: u32 = 5_000;
+pub const EPOCH_PAGES: u32 = 10;
+
+/// Calls `each` with every page of a listing, in order: `fetch(after)` reads the page after a
+/// key (the first page when None) and returns its rows with the next page's key, if any; the
+/// future `each` returns is awaited before the next page is read, so only one page is in memory
+/// at a time.
+pub async fn for_each_page<K, T, Fut, Done>(
+    mut fetch: impl FnMut(Option<K>) -> Fut,
+    mut each: impl FnMut(Vec<T>) -> Done,
+) -> anyhow::Result<()>
+where
+    Fut: std::future::Future<Output = anyhow::Result<(Vec<T>, Option<K>)>>,
+    Done: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut after = None;
+    loop {
+        let (rows, next) = fetch(after).await?;
+        each(rows).await?;
+        match next {
+            Some(key) => after = Some(key),
+            None => return Ok(()),
+        }
+    }
+}
 
 /// One column's values.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,6 +208,21 @@ impl<W: std::io::Write + Send> Sink<W> {
             Sink::Csv(out, rows) => Ok((out, rows)),
             Sink::Parquet(writer, rows) => Ok((writer.into_inner()?, rows)),
         }
+    }
+}
+
+impl Sink<Vec<u8>> {
+    /// The bytes written so far that no earlier call took, leaving the sink empty: a download
+    /// sends each page's bytes as they are made. (Parquet keeps a few KiB buffered until
+    /// [`Sink::finish`].)
+    pub fn take_written(&mut self) -> anyhow::Result<Vec<u8>> {
+        Ok(match self {
+            Sink::Csv(out, _) => std::mem::take(out),
+            Sink::Parquet(writer, _) => {
+                writer.flush()?;
+                std::mem::take(writer.inner_mut())
+            }
+        })
     }
 }
 
@@ -364,6 +407,27 @@ mod tests {
         let reader = SerializedFileReader::new(std::fs::File::open(file.path()).unwrap()).unwrap();
         assert_eq!(reader.metadata().file_metadata().num_rows(), 4);
         assert_eq!(reader.metadata().num_row_groups(), 2);
+    }
+
+    /// Bytes taken page by page make the same file as the whole table written at once.
+    #[test]
+    fn taken_pieces_make_the_same_file() {
+        for format in [Format::Csv, Format::Parquet] {
+            let mut whole = Sink::new(format, Vec::new(), &table()).unwrap();
+            let mut pieces = Sink::new(format, Vec::new(), &table()).unwrap();
+            let mut taken = Vec::new();
+            for _ in 0..3 {
+                whole.write(&table()).unwrap();
+                pieces.write(&table()).unwrap();
+                taken.extend(pieces.take_written().unwrap());
+            }
+            assert!(
+                !taken.is_empty(),
+                "{format:?}: nothing was sent before the end"
+            );
+            taken.extend(pieces.finish().unwrap().0);
+            assert_eq!(taken, whole.finish().unwrap().0, "{format:?}");
+        }
     }
 
     #[test]
