@@ -306,6 +306,17 @@ impl CoordinatorService {
         }))
     }
 
+    /// The live aggregate of a sweep's score (its default metric: [`Self::metric`]); None before
+    /// its first result.
+    pub(crate) async fn score_aggregate(
+        &self,
+        id: SweepId,
+    ) -> Result<Option<seedsweep_core::domain::Aggregate>, Status> {
+        let metric = self.metric(id, "").await?;
+        let all = self.store.aggregates(id).await.map_err(status)?;
+        Ok(all.into_iter().find(|a| a.metric == metric))
+    }
+
     /// A seed's state and attempts (the dashboard's seed page).
     pub(crate) async fn seed_history(
         &self,

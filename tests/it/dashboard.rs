@@ -145,6 +145,11 @@ impl Browser {
         )
     }
 
+    fn resize(&self, width: u32, height: u32) {
+        let size = json!({ "width": width, "height": height });
+        self.call("POST", &self.at("/window/rect"), size);
+    }
+
     fn screenshot(&self, name: &str) -> PathBuf {
         use base64::Engine;
         let png = self.call("GET", &self.at("/screenshot"), json!({}));
@@ -497,7 +502,27 @@ fn the_dashboard_shows_a_sweep_train_live_in_a_real_browser() {
         b.text("#sweeps")
             .is_some_and(|t| t.contains("8 / 8") && t.contains("6 / 6"))
     });
+    // Each sweep's live summary: the first's mean and std as `sweep stats` gives them.
+    let summary = format!(
+        "{:.4} ± {:.4}",
+        stats["mean"].as_f64().unwrap(),
+        stats["std"].as_f64().unwrap()
+    );
+    let list = browser.text("#sweeps").unwrap();
+    assert!(list.contains(&summary), "{summary} not in {list}");
     browser.screenshot("list");
+
+    // At a phone's width the page does not scroll sideways (wide tables scroll in place).
+    browser.resize(390, 844);
+    browser.go(&format!("{dashboard}/sweeps/{first}"));
+    let overflow = browser.js("return document.documentElement.scrollWidth - window.innerWidth;");
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "the page is {overflow} px too wide"
+    );
+    browser.screenshot("sweep-phone");
+    browser.resize(1280, 1100);
+
     browser.go(&format!("{dashboard}/compare?a={first}&b={second}"));
     let compared: Value = serde_json::from_str(&admin(
         &coordinator,

@@ -35,6 +35,9 @@ use tonic::{Code, Request, Status};
 const LIVE_MIN: Duration = Duration::from_secs(2);
 const LIVE_MAX: Duration = Duration::from_secs(15);
 
+/// How many sweeps of the list, the newest, show their score's summary.
+const SCORED: usize = 100;
+
 /// Where the dashboard may listen: loopback, or anywhere with tokens (visitors sign in). It
 /// serves under the gRPC side's TLS when that is configured ([`tls`]).
 pub fn check_exposure(addr: SocketAddr, tokens: bool, insecure: bool) -> anyhow::Result<()> {
@@ -152,6 +155,21 @@ impl Dashboard {
         Ok(r.await?.into_inner().sweeps)
     }
 
+    /// The front page's live part: the sweeps, the newest [`SCORED`] with their score's live
+    /// aggregate.
+    async fn sweep_list(&self) -> Result<String, Problem> {
+        let sweeps = self.sweeps().await?;
+        let mut rows = Vec::with_capacity(sweeps.len());
+        for (i, s) in sweeps.into_iter().rev().enumerate() {
+            let score = match s.sweep_id.parse::<SweepId>() {
+                Ok(id) if i < SCORED => self.service.score_aggregate(id).await?,
+                _ => None,
+            };
+            rows.push((s, score));
+        }
+        Ok(pages::sweep_table(&rows))
+    }
+
     async fn status(&self, id: &str) -> Result<pb::SweepStatus, Problem> {
         let req = pb::GetSweepStatusRequest {
             sweep_id: id.to_string(),
@@ -186,11 +204,10 @@ async fn front(State(d): Shared, headers: HeaderMap) -> Response {
     let Some(visitor) = d.visitor(&headers) else {
         return to_sign_in();
     };
-    match d.sweeps().await {
-        Ok(sweeps) => {
+    match d.sweep_list().await {
+        Ok(table) => {
             let main = format!(
-                "<h1>Sweeps</h1><section id=\"sweeps\" aria-live=\"polite\">{}</section>",
-                pages::sweep_table(&sweeps)
+                "<h1>Sweeps</h1><section id=\"sweeps\" aria-live=\"polite\">{table}</section>"
             );
             let script = pages::live_script("/events", "sweeps", "sweeps");
             Html(pages::page("Sweeps", Some(&visitor), &main, &script)).into_response()
@@ -205,9 +222,7 @@ async fn front_events(State(d): Shared, headers: HeaderMap) -> Response {
     if d.visitor(&headers).is_none() {
         return to_sign_in();
     }
-    let render = move |d: Arc<Dashboard>| async move {
-        d.sweeps().await.map(|s| pages::sweep_table(&s)).ok()
-    };
+    let render = move |d: Arc<Dashboard>| async move { d.sweep_list().await.ok() };
     live_events(d, None, "sweeps", render)
 }
 

@@ -4,7 +4,7 @@
 
 use super::access::Visitor;
 use crate::service::ReportData;
-use seedsweep_core::domain::{Attempt, SeedHistory};
+use seedsweep_core::domain::{Aggregate, Attempt, SeedHistory};
 use seedsweep_core::report::{self, escape, f};
 use seedsweep_core::stats::compare::Comparison;
 use seedsweep_proto::v1 as pb;
@@ -66,21 +66,23 @@ pub fn live_script(url: &str, event: &str, id: &str) -> String {
     )
 }
 
-/// The table of sweeps: the front page's live part.
-pub fn sweep_table(sweeps: &[pb::SweepSummary]) -> String {
+/// The table of sweeps, newest first, each with its score's live aggregate when known: the
+/// front page's live part.
+pub fn sweep_table(sweeps: &[(pb::SweepSummary, Option<Aggregate>)]) -> String {
     if sweeps.is_empty() {
         return "<p>No sweeps yet: submit one with <code>coordinator sweep submit FILE</code>.</p>"
             .into();
     }
     let mut h = String::from(
-        "<table><caption>Sweeps, newest first</caption><tr><th>name</th><th>task</th><th>state</th><th>progress</th><th>finished</th><th>created</th></tr>\n",
+        "<table><caption>Sweeps, newest first</caption><tr><th>name</th><th>task</th><th>state</th><th>progress</th><th>finished</th><th>score: mean ± std (min, max)</th><th>created</th></tr>\n",
     );
-    for s in sweeps.iter().rev() {
+    for (s, score) in sweeps {
         let _ = writeln!(
             h,
             "<tr><td><a href=\"/sweeps/{id}\">{name}</a></td><td>{task}</td><td>{state}</td>\
              <td><progress max=\"{total}\" value=\"{done}\" aria-label=\"seeds finished\"></progress></td>\
-             <td data-sweep=\"{id}\">{done} / {total}</td><td>{created}</td></tr>",
+             <td data-sweep=\"{id}\">{done} / {total}</td><td>{score}</td><td>{created}</td></tr>",
+            score = score.as_ref().map_or("-".into(), score_text),
             id = escape(&s.sweep_id),
             name = escape(&s.name),
             task = escape(&s.task),
@@ -91,6 +93,18 @@ pub fn sweep_table(sweeps: &[pb::SweepSummary]) -> String {
         );
     }
     h + "</table>"
+}
+
+/// `metric mean ± std (min, max)`.
+fn score_text(a: &Aggregate) -> String {
+    format!(
+        "<span class=\"muted\">{}</span> {} ± {} ({}, {})",
+        escape(a.metric.name()),
+        f(a.moments.mean),
+        f(a.moments.std()),
+        f(a.min),
+        f(a.max)
+    )
 }
 
 /// Progress, rate and ETA of a sweep.
