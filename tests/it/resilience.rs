@@ -113,7 +113,7 @@ fn a_second_signal_exits_at_once() {
     wait_for_epochs(&db, 1);
     c.signal("STOP");
     signal(&a, "TERM");
-    // The hand-back cannot get through: the worker keeps trying (for up to a minute).
+    // The hand-back cannot get through: the worker keeps trying (for up to 20 s).
     std::thread::sleep(Duration::from_secs(2));
     let still_running = a.try_wait().unwrap().is_none();
     signal(&a, "TERM");
@@ -202,6 +202,60 @@ fn a_coordinator_crash_loses_nothing() {
     assert_eq!(
         sqlite_query(&db, "SELECT DISTINCT outcome FROM attempts"),
         "succeeded\n"
+    );
+}
+
+/// SIGTERM while the coordinator is gone: a worker waiting out a backoff exits at once, and one
+/// training a seed stops and tries to hand it back for a bounded time, then exits by itself
+/// (status 0, the seed left to expire) inside the 30 s Kubernetes and Slurm give by default.
+#[test]
+fn stopped_workers_exit_by_themselves_when_the_coordinator_is_gone() {
+    let _heavy = crate::heavy();
+    let (dir, data, db) = setup();
+    let c = CoordinatorProcess::start(&format!("sqlite://{}", db.display()), &[]).unwrap();
+    submit(&c, dir.path(), "[0]", 30);
+    let training = worker(&c.url, &data)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_epochs(&db, 1);
+    // Nothing to lease but a seed outstanding: this one polls, once connected.
+    let idle_log = dir.path().join("idle.log");
+    let idle = worker(&c.url, &data)
+        .stderr(std::fs::File::create(&idle_log).unwrap())
+        .spawn()
+        .unwrap();
+    let idle_said = || std::fs::read_to_string(&idle_log).unwrap();
+    wait_until("the idle worker connects", Duration::from_secs(60), || {
+        idle_said().contains("worker connected")
+    });
+    c.kill();
+    // Long enough for the idle worker's backoff to reach 8 s.
+    std::thread::sleep(Duration::from_secs(8));
+    signal(&idle, "TERM");
+    signal(&training, "TERM");
+    let asked = std::time::Instant::now();
+    let idle = idle.wait_with_output().unwrap();
+    let idle_took = asked.elapsed();
+    assert!(idle_said().contains("retrying"), "{}", idle_said());
+    let training = training.wait_with_output().unwrap();
+    let training_took = asked.elapsed();
+    assert!(idle.status.success(), "{}", idle_said());
+    assert!(
+        idle_took < Duration::from_secs(3),
+        "the idle worker took {idle_took:?}: {}",
+        idle_said()
+    );
+    assert!(training.status.success(), "{}", stderr(&training));
+    assert!(
+        training_took < Duration::from_secs(28),
+        "the training worker took {training_took:?}: {}",
+        stderr(&training)
+    );
+    assert!(
+        stderr(&training).contains("could not hand the seed back"),
+        "{}",
+        stderr(&training)
     );
 }
 

@@ -37,24 +37,37 @@ pub(crate) struct HandBacks {
     client: Client,
     worker_id: String,
     patience: Duration,
+    /// Set on shutdown: hand-backs are then retried for [`STOPPING_PATIENCE`] at most.
+    shutdown: Arc<AtomicBool>,
     tasks: Arc<Mutex<JoinSet<()>>>,
 }
 
 /// The cause recorded for a seed handed back by the guard.
 pub(crate) const STOPPED: &str = "worker stopped before finishing this seed";
 
+/// How long a stopping worker keeps trying to hand a seed back to a coordinator it cannot
+/// reach: less than the 30 s that Kubernetes and Slurm give a process between SIGTERM and
+/// SIGKILL by default, so that it exits on its own. The seed's lease then expires.
+pub(crate) const STOPPING_PATIENCE: Duration = Duration::from_secs(20);
+
 impl HandBacks {
-    pub fn new(client: Client, worker_id: String, patience: Duration) -> HandBacks {
+    pub fn new(
+        client: Client,
+        worker_id: String,
+        patience: Duration,
+        shutdown: Arc<AtomicBool>,
+    ) -> HandBacks {
         HandBacks {
             client,
             worker_id,
             patience,
+            shutdown,
             tasks: Arc::default(),
         }
     }
 
     /// Starts heartbeating `lease` every `every` and holds it until shutdown or a refusal.
-    pub fn hold(&self, lease: pb::Lease, every: Duration, shutdown: Arc<AtomicBool>) -> Held {
+    pub fn hold(&self, lease: pb::Lease, every: Duration) -> Held {
         let lref = pb::LeaseRef {
             sweep_id: lease.sweep_id.clone(),
             seed: lease.seed,
@@ -69,7 +82,7 @@ impl HandBacks {
             every,
             stop.clone(),
             lost.clone(),
-            shutdown,
+            self.shutdown.clone(),
         ));
         Held {
             lease,
@@ -86,8 +99,9 @@ impl HandBacks {
 
     /// Ends the lease without a result: `counts_as_attempt` charges the seed an attempt (its
     /// training failed), else it is handed back as if never leased. Retried while the coordinator
-    /// is unreachable, for up to the patience; returns the seed's new state, or "lost" when the
-    /// coordinator no longer counts this worker as its holder.
+    /// is unreachable, for up to the patience ([`STOPPING_PATIENCE`] once the worker is
+    /// stopping); returns the seed's new state, or "lost" when the coordinator no longer counts
+    /// this worker as its holder.
     pub async fn end(
         &self,
         lease: &pb::LeaseRef,
@@ -102,7 +116,12 @@ impl HandBacks {
             counts_as_attempt,
             log: log.to_string(),
         };
-        match with_retries(self.patience, || {
+        let patience = if self.shutdown.load(Ordering::Relaxed) {
+            self.patience.min(STOPPING_PATIENCE)
+        } else {
+            self.patience
+        };
+        match with_retries(patience, || {
             let mut c = self.client.clone();
             let r = req.clone();
             async move { c.fail_seed(r).await }
@@ -252,5 +271,14 @@ async fn heartbeat_loop(
 pub(crate) async fn wait_for(flag: &AtomicBool) {
     while !flag.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sleeps for `d`, or until `flag` is set if that comes first (a stopping worker does not wait
+/// out a backoff).
+pub(crate) async fn sleep_unless(flag: &AtomicBool, d: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(d) => {}
+        () = wait_for(flag) => {}
     }
 }

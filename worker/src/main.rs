@@ -565,10 +565,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             })
             .await?;
         }
-        Worker::connect(settings, shutdown, metrics)
-            .await?
-            .run()
-            .await
+        match Worker::connect(settings, shutdown, metrics).await? {
+            Some(worker) => worker.run().await,
+            None => {
+                tracing::info!("stopped before the coordinator answered");
+                Ok(())
+            }
+        }
     });
     // Work abandoned at shutdown (a stalled download) must not hold the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));

@@ -9,7 +9,7 @@ use crate::finetune::{
     self, Backbone, BackboneError, FeatureCache, Features, FinetuneConfig, Source,
 };
 use crate::imagefolder;
-use crate::lease::{HandBacks, Held, is_lost, is_transient};
+use crate::lease::{HandBacks, Held, is_lost, is_transient, sleep_unless};
 use crate::metrics::WorkerMetrics;
 use crate::spool::Spool;
 use crate::stream::ship_metrics;
@@ -339,11 +339,13 @@ enum Asked {
 }
 
 impl Worker {
+    /// Connects to the coordinator, retrying until `--connect-timeout`; None when shutdown
+    /// was asked for first.
     pub async fn connect(
         settings: WorkerSettings,
         shutdown: Arc<AtomicBool>,
         metrics: Arc<WorkerMetrics>,
-    ) -> anyhow::Result<Worker> {
+    ) -> anyhow::Result<Option<Worker>> {
         let url = &settings.coordinator.url;
         let endpoint = settings.coordinator.endpoint()?;
         let deadline = Instant::now() + settings.connect_timeout;
@@ -356,7 +358,8 @@ impl Worker {
                         settings.connect_timeout
                     )
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Err(_) if shutdown.load(Ordering::Relaxed) => return Ok(None),
+                Err(_) => sleep_unless(&shutdown, Duration::from_millis(500)).await,
             }
         };
         tracing::info!(coordinator = %url, worker = %settings.worker_id, device = %device_label(settings.device), slots = settings.slots, "worker connected");
@@ -366,8 +369,9 @@ impl Worker {
             client.clone(),
             settings.worker_id.clone(),
             settings.lease_patience,
+            shutdown.clone(),
         );
-        Ok(Worker {
+        Ok(Some(Worker {
             client,
             handbacks,
             settings,
@@ -377,7 +381,7 @@ impl Worker {
             leases: AtomicU64::new(0),
             features: Arc::new(std::sync::Mutex::new(HashMap::new())),
             spool,
-        })
+        }))
     }
 
     /// Runs `--slots` lease loops until there is no more work (with `--exit-when-idle`), the
@@ -414,7 +418,7 @@ impl Worker {
         loop {
             if self.shutdown.load(Ordering::Relaxed) {
                 if let Some(held) = next.take() {
-                    self.hand_back(held).await?;
+                    self.hand_back(&held, "prefetched").await;
                 }
                 return Ok(());
             }
@@ -435,13 +439,13 @@ impl Worker {
                             return Ok(());
                         }
                         tracing::debug!(outstanding, "nothing to lease yet");
-                        tokio::time::sleep(self.settings.idle_poll).await;
+                        sleep_unless(&self.shutdown, self.settings.idle_poll).await;
                         continue;
                     }
                     Err(s) if is_transient(&s) => {
                         // The coordinator is down or restarting: wait for it, as long as it takes.
                         tracing::warn!(error = s.message(), "coordinator unreachable; retrying");
-                        tokio::time::sleep(delay).await;
+                        sleep_unless(&self.shutdown, delay).await;
                         delay = (delay * 2).min(Duration::from_secs(30));
                         continue;
                     }
@@ -453,7 +457,7 @@ impl Worker {
             next = prefetched;
             if end == LeaseEnd::ShutDown {
                 if let Some(held) = next.take() {
-                    self.hand_back(held).await?;
+                    self.hand_back(&held, "prefetched").await;
                 }
                 return Ok(());
             }
@@ -505,14 +509,22 @@ impl Worker {
     fn hold(&self, lease: pb::Lease) -> Held {
         tracing::info!(sweep = %lease.sweep_id, seed = lease.seed, fence = lease.fence, "leased");
         let every = Duration::from_secs_f64((lease.lease_ttl_seconds as f64 / 3.0).max(1.0));
-        self.handbacks.hold(lease, every, self.shutdown.clone())
+        self.handbacks.hold(lease, every)
     }
 
-    /// Hands an untrained lease back (shutdown): not counted as an attempt.
-    async fn hand_back(&self, held: Held) -> anyhow::Result<()> {
-        self.fail(&held, "worker shut down", false).await?;
-        tracing::info!(seed = held.lref.seed, "handed a prefetched seed back");
-        Ok(())
+    /// Hands a seed back on shutdown, not counted as an attempt. A coordinator that does not
+    /// answer within [`crate::lease::STOPPING_PATIENCE`] is no error: the worker is stopping either way, and
+    /// the seed's lease expires.
+    async fn hand_back(&self, held: &Held, which: &str) {
+        let seed = held.lref.seed;
+        match self.fail(held, "worker shut down", false).await {
+            Ok(state) => tracing::info!(seed, which, state, "handed the seed back; shutting down"),
+            Err(e) => {
+                // Not again from the guard: the hand-back had its time.
+                held.settle();
+                tracing::warn!(seed, which, error = %e, "could not hand the seed back; its lease will expire");
+            }
+        }
     }
 
     /// Dataset `name`, loading (or, for cifar10, downloading) it if needed.
@@ -583,8 +595,7 @@ impl Worker {
                 return Ok((self.charge(&held, blame, &problem).await?, None));
             }
             Err(Unprepared::Stopped) => {
-                self.fail(&held, "worker shut down", false).await?;
-                tracing::info!(seed = held.lref.seed, "handed the seed back; shutting down");
+                self.hand_back(&held, "current").await;
                 return Ok((LeaseEnd::ShutDown, None));
             }
         };
@@ -863,8 +874,7 @@ impl Worker {
                 Ok(LeaseEnd::Lost)
             }
             None => {
-                self.fail(held, "worker shut down", false).await?;
-                tracing::info!(seed, "handed the seed back; shutting down");
+                self.hand_back(held, "current").await;
                 Ok(LeaseEnd::ShutDown)
             }
             Some(blame) => self.charge(held, blame, &e.to_string()).await,
@@ -1004,7 +1014,7 @@ impl Worker {
                         error = s.message(),
                         "coordinator unreachable; will deliver the result when it is back"
                     );
-                    tokio::time::sleep(delay).await;
+                    sleep_unless(&self.shutdown, delay).await;
                     delay = (delay * 2).min(DELIVERY_BACKOFF);
                 }
                 Err(s) => return Err(s),
@@ -1304,7 +1314,10 @@ mod tests {
         };
         let shutdown = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(WorkerMetrics::default());
-        let worker = Worker::connect(settings, shutdown, metrics).await.unwrap();
+        let worker = Worker::connect(settings, shutdown, metrics)
+            .await
+            .unwrap()
+            .expect("connected");
         let err = worker
             .run()
             .await
