@@ -3,6 +3,8 @@
 # any background jobs, on exit. Sets bin, pgbin, work, pg (the server's URL, no database) and
 # as_pg, median, field and serve_at.
 #   PG_MAX_CONNECTIONS   default 400
+#   PG_OPTIONS           further server options, e.g. for profiling:
+#                        "-c shared_preload_libraries=pg_stat_statements
 source scripts/env.sh
 cargo build --release --bins -q
 bin=target/release
@@ -20,7 +22,7 @@ cleanup() {
 trap cleanup EXIT
 as_pg "$pgbin/initdb" -A trust -U postgres -D "$work/pg" >/dev/null
 as_pg "$pgbin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w \
-  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=${PG_MAX_CONNECTIONS:-400}" \
+  -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c max_connections=${PG_MAX_CONNECTIONS:-400} ${PG_OPTIONS:-}" \
   start >/dev/null
 pg="postgres://postgres@127.0.0.1:$port"
 
