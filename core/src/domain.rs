@@ -141,22 +141,21 @@ names!(SeedState {
 });
 
 /// One lease of a seed and how it ended: a row of the `attempts` table.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Attempt {
     pub fence: i64,
     pub worker_id: String,
     /// UTC, ISO 8601.
     pub started_at: String,
     pub ended_at: Option<String>,
-    /// running, succeeded, failed, released, expired or cancelled.
-    pub outcome: String,
+    pub outcome: crate::policy::AttemptOutcome,
     pub cause: Option<String>,
     /// Where the attempt's output is on its worker.
     pub log: Option<String>,
 }
 
 /// A seed's state and its newest attempts, oldest first.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SeedHistory {
     pub state: SeedState,
     pub attempts: Vec<Attempt>,

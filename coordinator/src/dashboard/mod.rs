@@ -117,6 +117,12 @@ fn to_sign_in() -> Response {
     Redirect::to("/login").into_response()
 }
 
+/// The sweep a path names; a 404 when it names none.
+fn sweep_id(id: &str) -> Result<SweepId, Problem> {
+    id.parse()
+        .map_err(|e: String| Problem(StatusCode::NOT_FOUND, e))
+}
+
 /// A refusal or failure, as a page with its status.
 struct Problem(StatusCode, String);
 
@@ -183,9 +189,7 @@ impl Dashboard {
 
     /// A sweep's live part for `metric` ("": its score).
     async fn sweep_live(&self, id: &str, metric: &str) -> Result<String, Problem> {
-        let sweep: SweepId = id
-            .parse()
-            .map_err(|e: String| Problem(StatusCode::NOT_FOUND, e))?;
+        let sweep = sweep_id(id)?;
         let status = self.status(id).await?;
         let metric = self.service.metric(sweep, metric).await?;
         let data = self.service.report_data(sweep, metric).await?;
@@ -236,8 +240,9 @@ async fn sweep_events(
     if d.visitor(&headers).is_none() {
         return to_sign_in();
     }
-    let Ok(sweep) = id.parse::<SweepId>() else {
-        return Problem(StatusCode::NOT_FOUND, format!("no sweep {id}")).into_response();
+    let sweep = match sweep_id(&id) {
+        Ok(sweep) => sweep,
+        Err(p) => return p.into_response(),
     };
     let metric = q.metric.unwrap_or_default();
     let render = move |d: Arc<Dashboard>| {
@@ -333,9 +338,7 @@ async fn report_page(
         return to_sign_in();
     }
     let page = async {
-        let sweep: SweepId = id
-            .parse()
-            .map_err(|e: String| Problem(StatusCode::NOT_FOUND, e))?;
+        let sweep = sweep_id(&id)?;
         let metric = d
             .service
             .metric(sweep, &q.metric.unwrap_or_default())
@@ -366,10 +369,8 @@ async fn seed(
         return to_sign_in();
     };
     let page = async {
+        let sweep = sweep_id(&id)?;
         let status = d.status(&id).await?;
-        let sweep: SweepId = id
-            .parse()
-            .map_err(|e: String| Problem(StatusCode::NOT_FOUND, e))?;
         let history = d.service.seed_history(sweep, seed).await?;
         let results = d.service.list_results(Request::new(pb::ListResultsRequest {
             sweep_id: id.clone(),

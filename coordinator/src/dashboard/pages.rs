@@ -294,7 +294,7 @@ fn attempts(attempts: &[Attempt]) -> String {
             escape(&a.worker_id),
             time(&a.started_at),
             a.ended_at.as_deref().map_or("-".into(), time),
-            escape(&a.outcome),
+            a.outcome.as_str(),
             opt(&a.cause),
             opt(&a.log)
         );

@@ -25,7 +25,7 @@ use seedsweep_core::domain::{
     FleetCounts, LeaseRef, Metric, Scored, SeedHistory, SeedResult, SeedState, SweepId,
     SweepProgress, SweepState, SweepSummary,
 };
-use seedsweep_core::policy::{self, Charge, Refusal};
+use seedsweep_core::policy::{self, AttemptOutcome, Charge, Refusal};
 use seedsweep_core::spec::{Precision, SeedSet, SweepSpec, Task};
 use seedsweep_core::stats::describe::EpochSpread;
 use seedsweep_core::stats::noise::{HitSums, TestSetTally};
@@ -542,17 +542,19 @@ pub(crate) fn seed_history(
     let attempts = rows
         .into_iter()
         .map(
-            |(fence, worker_id, started_at, ended_at, outcome, cause, log)| Attempt {
-                fence,
-                worker_id,
-                started_at,
-                ended_at,
-                outcome,
-                cause,
-                log,
+            |(fence, worker_id, started_at, ended_at, outcome, cause, log)| {
+                Ok(Attempt {
+                    fence,
+                    worker_id,
+                    started_at,
+                    ended_at,
+                    outcome: name_from_db("attempt outcome", &outcome, AttemptOutcome::parse)?,
+                    cause,
+                    log,
+                })
             },
         )
-        .collect();
+        .collect::<Result<_>>()?;
     Ok(SeedHistory {
         state: state_from_db(&state)?,
         attempts,
