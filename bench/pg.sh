@@ -1,7 +1,7 @@
 # Sourced by the benchmark scripts: builds the release binaries, starts a throwaway PostgreSQL
 # cluster on a free port (as the postgres user when run as root) and stops and removes it, with
 # any background jobs, on exit. Sets bin, pgbin, work, pg (the server's URL, no database) and
-# as_pg, median, field and serve_at.
+# as_pg, median, field, cpu_times, steal_since and serve_at.
 #   PG_MAX_CONNECTIONS   default 400
 #   PG_OPTIONS           further server options, e.g. for profiling:
 #                        "-c shared_preload_libraries=pg_stat_statements
@@ -27,6 +27,13 @@ as_pg "$pgbin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w \
 pg="postgres://postgres@127.0.0.1:$port"
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# The CPU time the hypervisor gave other guests ("steal"), in percent of this machine's CPU time
+# since a reading of cpu_times: on a shared machine, a run that lost much of it is not comparable.
+cpu_times() { awk '/^cpu / {t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9}' /proc/stat; }
+steal_since() { # "$(cpu_times)" taken before
+  local t0 s0 t1 s1; read -r t0 s0 <<<"$1"; read -r t1 s1 < <(cpu_times)
+  awk -v t=$((t1 - t0)) -v s=$((s1 - s0)) 'BEGIN {printf "%.1f", t ? 100 * s / t : 0}'
+}
 field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read())['$1'])"; }
 
 # Starts a coordinator on database URL in the background (with `serve`'s further ARGS), its log
