@@ -902,6 +902,69 @@ async fn custom_metrics(s: Arc<dyn Store>) {
     assert!(s.all_scores(id, none).await.unwrap().is_empty());
 }
 
+/// Two coordinators on one database (replicas): a result is recorded once, whichever replica
+/// wrote its epoch rows and whichever takes its completion, and what a replica remembers of the
+/// rows it wrote never stands in for what the database holds.
+async fn replicas(url: &str) {
+    let (a, _) = open(url).await;
+    let (b, _) = open(url).await;
+    let (a, b) = (a.as_ref(), b.as_ref());
+    let id = SweepId::new();
+    a.create_sweep(id, &spec("\"0..3\"", 3)).await.unwrap();
+    let both = |l: LeaseRef| [(l, epoch(1)), (l, last_epoch(0.5))];
+    // The last epoch re-sent through the other replica (a replay after a reconnect).
+    let replayed = claim(a, "w").await.lease;
+    a.record_epochs(&both(replayed)).await.unwrap();
+    b.record_epochs(&[(replayed, last_epoch(0.5))])
+        .await
+        .unwrap();
+    assert_eq!(
+        a.complete(replayed, &result(replayed.seed, 0.5))
+            .await
+            .unwrap(),
+        CompleteOutcome::Recorded
+    );
+    // The last epoch replaced through the other replica: the result is judged against the row
+    // the database holds, which its final metrics do not match.
+    let replaced = claim(a, "w").await.lease;
+    a.record_epochs(&both(replaced)).await.unwrap();
+    b.record_epochs(&[(replaced, last_epoch(0.75))])
+        .await
+        .unwrap();
+    let refused = a.complete(replaced, &result(replaced.seed, 0.5)).await;
+    assert!(
+        matches!(refused, Err(StoreError::Invalid(_))),
+        "{refused:?}"
+    );
+    // Completed through the other replica, then retried through the one that wrote the rows.
+    let elsewhere = claim(a, "w").await.lease;
+    a.record_epochs(&both(elsewhere)).await.unwrap();
+    assert_eq!(
+        b.complete(elsewhere, &result(elsewhere.seed, 0.5))
+            .await
+            .unwrap(),
+        CompleteOutcome::Recorded
+    );
+    assert_eq!(
+        a.complete(elsewhere, &result(elsewhere.seed, 0.5))
+            .await
+            .unwrap(),
+        CompleteOutcome::AlreadyRecorded
+    );
+    let recorded: Vec<i64> = a
+        .list_results(id, None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.seed)
+        .collect();
+    assert_eq!(recorded, vec![replayed.seed, elsewhere.seed]);
+}
+
+async fn run_replicas(url: String) {
+    replicas(&url).await;
+}
+
 async fn run_custom_metrics(url: String) {
     custom_metrics(open(&url).await.0).await;
 }
@@ -953,7 +1016,11 @@ async fn deleting_a_sweep_deletes_its_epoch_rows(s: Arc<dyn Store>, url: &str) {
         let after: i64 = sqlx::query_scalar(count).fetch_one(&db).await.unwrap();
         (before, after)
     };
-    assert_eq!(before - after, 4, "the deleted sweep's two seeds had two epoch rows each");
+    assert_eq!(
+        before - after,
+        4,
+        "the deleted sweep's two seeds had two epoch rows each"
+    );
     assert_eq!(s.list_epochs(kept, None, 100).await.unwrap().len(), 4);
     assert!(matches!(
         s.list_epochs(id, None, 100).await,
@@ -1020,6 +1087,7 @@ conformance!(
     loading => run_loading,
     epoch_batches => run_epoch_batches,
     custom_metrics => run_custom_metrics,
+    replicas => run_replicas,
 );
 
 #[tokio::test]

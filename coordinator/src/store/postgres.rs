@@ -64,6 +64,59 @@ pub struct PgStore {
     clock: Clock,
     available: Availability,
     next_deadline: NextDeadline,
+    last_epochs: LastEpochs,
+}
+
+/// The last epoch row this replica wrote under each lease lately, with the row version it got:
+/// a completion whose last epoch is here is judged by the policy without reading the row back,
+/// and its write goes ahead only while the database still holds that version
+/// ([`PgStore::record_result`]). Anything else (a miss, a refusal, a write that did not happen)
+/// is judged from the database as before. At most [`LastEpochs::KEEP`] leases: when full it
+/// starts over.
+#[derive(Default)]
+struct LastEpochs {
+    rows: std::sync::Mutex<Kept>,
+}
+
+/// Per lease (sweep, seed, fence): the last epoch row's version and the row.
+type Kept = HashMap<(uuid::Uuid, i64, i64), (String, EpochRecord)>;
+
+impl LastEpochs {
+    const KEEP: usize = 16_384;
+
+    fn key(lease: LeaseRef) -> (uuid::Uuid, i64, i64) {
+        (lease.sweep_id.0, lease.seed, lease.fence)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.rows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps `record`, written under `lease` as row `version`, unless a later epoch is kept (a
+    /// replayed earlier epoch leaves the last one's row as it was).
+    fn wrote(&self, lease: LeaseRef, version: String, record: &EpochRecord) {
+        let mut rows = self.lock();
+        if rows.len() >= Self::KEEP {
+            rows.clear();
+        }
+        match rows.get(&Self::key(lease)) {
+            Some((_, kept)) if kept.epoch > record.epoch => {}
+            _ => {
+                rows.insert(Self::key(lease), (version, record.clone()));
+            }
+        }
+    }
+
+    /// The version of the last epoch's row of `r` if this replica wrote it and the policy
+    /// accepts `r`'s final metrics as that row's; taken out of the cache.
+    fn judged(&self, lease: LeaseRef, r: &SeedResult) -> Option<String> {
+        let (version, last) = self.lock().remove(&Self::key(lease))?;
+        let accepted =
+            last.epoch == r.epochs && policy::check_final_metrics(r, Some(&last)).is_ok();
+        accepted.then_some(version)
+    }
 }
 
 impl PgStore {
@@ -82,6 +135,7 @@ impl PgStore {
             available: Availability::new(clock.clone()),
             next_deadline: NextDeadline::new(clock.clone()),
             clock,
+            last_epochs: LastEpochs::default(),
         };
         Ok(store)
     }
@@ -361,8 +415,9 @@ impl PgStore {
     }
 
     /// Writes a judged result: the result, its bitmap (queued for the tally), the seed and the
-    /// attempt, in one statement, only while the seed is still leased under the fence and its
-    /// last epoch's row is still `last_version`. Whether it wrote. The rows every recorder of the
+    /// attempt, in one statement, only while what the judgement rests on still holds: the seed
+    /// leased under the fence, epochs `1..=epochs` recorded under it, the last one's row still
+    /// `last_version`. Whether it wrote. The rows every recorder of the
     /// sweep shares (its aggregates and epoch counts) are left to the fold: the result is queued
     /// for them.
     async fn record_result(
@@ -378,6 +433,9 @@ impl PgStore {
                    AND EXISTS (SELECT 1 FROM epoch_metrics
                                WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND epoch = $8
                                  AND xmin::text = $22)
+                   AND (SELECT count(*) FROM epoch_metrics
+                        WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND epoch BETWEEN 1 AND $8)
+                       = $8
                  RETURNING sweep_id, seed, init_seed, order_seed, augment_seed, split_seed),
              r AS (
                  INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss,
@@ -1023,7 +1081,7 @@ impl Store for PgStore {
         for (i, (lease, e)) in rows.iter().enumerate() {
             last_of.insert((lease.sweep_id.0, lease.seed, e.epoch, lease.fence), i);
         }
-        let mut sent: Vec<usize> = last_of.into_values().collect();
+        let mut sent: Vec<usize> = last_of.values().copied().collect();
         sent.sort_unstable();
         let sent: Vec<&(LeaseRef, EpochRecord)> = sent.iter().map(|&i| &rows[i]).collect();
         // Safe: constant text.
@@ -1044,43 +1102,54 @@ impl Store for PgStore {
                          test_accuracy, lr, seconds, test_top5, val_loss, val_accuracy, custom)
                  JOIN held h ON h.sweep_id = r.sweep_id AND h.seed = r.seed
                    AND h.state = 'leased' AND h.fence = r.fence
-                 {EPOCH_UPSERT})
-             SELECT sweep_id, seed, state, fence FROM held"
+                 {EPOCH_UPSERT}
+                 RETURNING sweep_id, seed, epoch, xmin::text AS version)
+             SELECT h.sweep_id, h.seed, h.state, h.fence, w.epoch, w.version
+             FROM held h LEFT JOIN written w ON w.sweep_id = h.sweep_id AND w.seed = h.seed"
         );
         let column = |f: fn(&EpochRecord) -> Option<f64>| -> Vec<Option<f64>> {
             sent.iter().map(|(_, e)| f(e)).collect()
         };
-        let held: HashMap<(uuid::Uuid, i64), (SeedState, i64)> =
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(sent.iter().map(|(l, _)| l.sweep_id.0).collect::<Vec<_>>())
-                .bind(sent.iter().map(|(l, _)| l.seed).collect::<Vec<_>>())
-                .bind(sent.iter().map(|(_, e)| e.epoch as i32).collect::<Vec<_>>())
-                .bind(sent.iter().map(|(l, _)| l.fence).collect::<Vec<_>>())
-                .bind(column(|e| Some(e.train_loss)))
-                .bind(column(|e| Some(e.train_accuracy)))
-                .bind(column(|e| e.test_loss))
-                .bind(column(|e| e.test_accuracy))
-                .bind(column(|e| Some(e.lr)))
-                .bind(column(|e| Some(e.seconds)))
-                .bind(column(|e| e.test_top5))
-                .bind(column(|e| e.val_loss))
-                .bind(column(|e| e.val_accuracy))
-                .bind(
-                    sent.iter()
-                        .map(|(_, e)| custom_to_db(&e.custom))
-                        .collect::<Vec<_>>(),
-                )
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|r| {
-                    let key = (r.try_get("sweep_id")?, r.try_get("seed")?);
-                    Ok((
-                        key,
-                        (state_from_db(r.try_get("state")?)?, r.try_get("fence")?),
-                    ))
-                })
-                .collect::<Result<_>>()?;
+        let found = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(sent.iter().map(|(l, _)| l.sweep_id.0).collect::<Vec<_>>())
+            .bind(sent.iter().map(|(l, _)| l.seed).collect::<Vec<_>>())
+            .bind(sent.iter().map(|(_, e)| e.epoch as i32).collect::<Vec<_>>())
+            .bind(sent.iter().map(|(l, _)| l.fence).collect::<Vec<_>>())
+            .bind(column(|e| Some(e.train_loss)))
+            .bind(column(|e| Some(e.train_accuracy)))
+            .bind(column(|e| e.test_loss))
+            .bind(column(|e| e.test_accuracy))
+            .bind(column(|e| Some(e.lr)))
+            .bind(column(|e| Some(e.seconds)))
+            .bind(column(|e| e.test_top5))
+            .bind(column(|e| e.val_loss))
+            .bind(column(|e| e.val_accuracy))
+            .bind(
+                sent.iter()
+                    .map(|(_, e)| custom_to_db(&e.custom))
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&self.pool)
+            .await?;
+        let mut held: HashMap<(uuid::Uuid, i64), (SeedState, i64)> = HashMap::new();
+        for r in &found {
+            let (sweep_id, seed, fence) = (
+                r.try_get("sweep_id")?,
+                r.try_get("seed")?,
+                r.try_get("fence")?,
+            );
+            held.insert(
+                (sweep_id, seed),
+                (state_from_db(r.try_get("state")?)?, fence),
+            );
+            // A row written comes back with its version: the row sent under the seed's fence.
+            if let (Some(epoch), Some(version)) =
+                (r.try_get::<Option<i32>, _>("epoch")?, r.try_get("version")?)
+                && let Some(&i) = last_of.get(&(sweep_id, seed, epoch as u32, fence))
+            {
+                self.last_epochs.wrote(rows[i].0, version, &rows[i].1);
+            }
+        }
         let mut verdicts = Vec::with_capacity(rows.len());
         for (lease, _) in rows {
             verdicts.push(match held.get(&(lease.sweep_id.0, lease.seed)) {
@@ -1097,7 +1166,14 @@ impl Store for PgStore {
     async fn complete(&self, lease: LeaseRef, r: &SeedResult) -> Result<CompleteOutcome> {
         // Two statements and no transaction held between them: the policy judges what the first
         // reads, and the second writes only while that still holds (the seed leased under the
-        // fence, the last epoch's row the version judged), else the result is judged again.
+        // fence, the last epoch's row the version judged), else the result is judged again. When
+        // this replica wrote the last epoch's row, the policy judges that row as written and
+        // the first statement is left out.
+        if let Some(version) = self.last_epochs.judged(lease, r)
+            && self.record_result(lease, r, &version).await?
+        {
+            return Ok(CompleteOutcome::Recorded);
+        }
         for _ in 0..3 {
             let Some(last_version) = self.judge_completion(lease, r).await? else {
                 return Ok(CompleteOutcome::AlreadyRecorded);
