@@ -1,7 +1,7 @@
 # Sourced by the benchmark scripts: builds the release binaries, starts a throwaway PostgreSQL
 # cluster on a free port (as the postgres user when run as root) and stops and removes it, with
 # any background jobs, on exit. Sets bin, pgbin, work, pg (the server's URL, no database) and
-# as_pg, median, field, cpu_times, steal_since and serve_at.
+# as_pg, median, field, cpu_times, steal_since, bare_setup, bare_tps and serve_at.
 #   PG_MAX_CONNECTIONS   default 400
 #   PG_OPTIONS           further server options, e.g. for profiling:
 #                        "-c shared_preload_libraries=pg_stat_statements
@@ -35,6 +35,22 @@ steal_since() { # "$(cpu_times)" taken before
   awk -v t=$((t1 - t0)) -v s=$((s1 - s0)) 'BEGIN {printf "%.1f", t ? 100 * s / t : 0}'
 }
 field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read())['$1'])"; }
+
+# The bare-SQL baseline: database "bare" with the coordinator's schema and one sweep of
+# 3,000,000 pending seeds, for pgbench to run bench/claim.sql (the same claim and a fenced
+# completion) against. bare_tps prints pgbench's transactions per second.
+bare_setup() {
+  "$pgbin/psql" -q "$pg/postgres" -c "CREATE DATABASE bare"
+  "$bin/coordinator" migrate --database-url "$pg/bare" 2>/dev/null
+  "$pgbin/psql" -q "$pg/bare" -c "INSERT INTO sweeps (id, name, task, dataset, config, max_attempts, total_seeds)
+    VALUES (gen_random_uuid(), 'bare', 'resnet9', 'd', '{}', 3, 3000000);
+    INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed, split_seed)
+      SELECT id, s, s, s, s, s FROM sweeps, generate_series(0, 2999999) AS s;"
+}
+bare_tps() { # CLIENTS SECONDS
+  "$pgbin/pgbench" -n -f bench/claim.sql -c "$1" -j 2 -T "$2" "$pg/bare" 2>/dev/null |
+    awk '/^tps/ {print $3; exit}'
+}
 
 # Starts a coordinator on database URL in the background (with `serve`'s further ARGS), its log
 # appended to $work/coordinator.log; waits (up to 10 min: a first start may migrate and tally a

@@ -16,7 +16,7 @@ secs=${1:-5}
 reps=${2:-3}
 fleet_secs=${3:-60}
 source bench/pg.sh
-"$pgbin/psql" -q "$pg/postgres" -c "CREATE DATABASE bare"
+bare_setup
 
 # One measurement: a coordinator on a fresh database, loadgen against it. Prints loadgen's JSON.
 measure() { # BACKEND WORKERS [THINK_MS [EPOCHS HEARTBEAT_MS [SECONDS]]]
@@ -29,13 +29,6 @@ measure() { # BACKEND WORKERS [THINK_MS [EPOCHS HEARTBEAT_MS [SECONDS]]]
     echo '{"cycles_per_second": 0, "epoch_rows_per_second": 0, "claim_p50_ms": "nan", "claim_p99_ms": "nan", "heartbeat_p99_ms": "nan"}'
   kill $cpid; wait $cpid 2>/dev/null || true
 }
-
-# The bare-SQL baseline: the same schema and claim, one sweep of plenty of seeds.
-"$bin/coordinator" migrate --database-url "$pg/bare" 2>/dev/null
-"$pgbin/psql" -q "$pg/bare" -c "INSERT INTO sweeps (id, name, task, dataset, config, max_attempts, total_seeds)
-  VALUES (gen_random_uuid(), 'bare', 'resnet9', 'd', '{}', 3, 3000000);
-  INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed, split_seed)
-    SELECT id, s, s, s, s, s FROM sweeps, generate_series(0, 2999999) AS s;"
 
 printf '%-10s %8s %14s %14s %14s %8s\n' backend workers cycles/s claim_p50_ms claim_p99_ms steal_%
 for n in 1 16 256; do
@@ -51,8 +44,7 @@ for n in 1 16 256; do
   done
   tps=(); at=$(cpu_times)
   for _ in $(seq "$reps"); do
-    tps+=("$("$pgbin/pgbench" -n -f bench/claim.sql -c "$n" -j 2 -T "$secs" "$pg/bare" 2>/dev/null |
-      awk '/^tps/ {print $3; exit}')")
+    tps+=("$(bare_tps "$n" "$secs")")
   done
   printf '%-10s %8s %14.0f %14s %14s %8s\n' bare-sql "$n" "$(printf '%s\n' "${tps[@]}" | median)" - - \
     "$(steal_since "$at")"
