@@ -7,7 +7,8 @@
 #   bench/ab.sh OTHER_BIN_DIR [SECONDS] [ROUNDS] [WORKERS]    (defaults: 5, 5 and 16)
 #
 # Prints each round's closed-loop cycles/s (other, this, bare SQL) with its steal, then the
-# medians and the ratios to bare SQL. Both builds are driven by this checkout's loadgen.
+# medians and the ratios to bare SQL. Both builds are driven by this checkout's loadgen
+# (`measure` in bench/pg.sh).
 set -euo pipefail
 other=${1:?usage: bench/ab.sh OTHER_BIN_DIR [SECONDS] [ROUNDS] [WORKERS]}
 [ -x "$other/coordinator" ] || {
@@ -16,22 +17,14 @@ other=$(cd "$other" && pwd)
 cd "$(dirname "$0")/.."
 secs=${2:-5}; rounds=${3:-5}; workers=${4:-16}
 source bench/pg.sh
-this=$bin
 bare_setup
-
-rate() { # BIN_DIR: one closed-loop measurement's cycles/s
-  local tag=ab-$RANDOM
-  "$pgbin/psql" -q "$pg/postgres" -c "CREATE DATABASE \"$tag\""
-  bin=$1 serve_at "$pg/$tag" "$tag"
-  "$this/loadgen" --coordinator "$coord" --workers "$workers" --seconds "$secs" | field cycles_per_second
-  kill $cpid; wait $cpid 2>/dev/null || true
-}
 
 printf '%8s %10s %10s %10s %8s\n' round other this bare steal_%
 a=(); b=(); c=()
 for r in $(seq "$rounds"); do
   at=$(cpu_times)
-  a+=("$(rate "$other")"); b+=("$(rate "$this")"); c+=("$(bare_tps "$workers" "$secs")")
+  a+=("$(coordinator_dir=$other measure postgres "$workers" | field cycles_per_second)")
+  b+=("$(measure postgres "$workers" | field cycles_per_second)"); c+=("$(bare_tps "$workers" "$secs")")
   printf '%8s %10.0f %10.0f %10.0f %8s\n' "$r" "${a[-1]}" "${b[-1]}" "${c[-1]}" "$(steal_since "$at")"
 done
 ma=$(printf '%s\n' "${a[@]}" | median); mb=$(printf '%s\n' "${b[@]}" | median)

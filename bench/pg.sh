@@ -1,7 +1,7 @@
 # Sourced by the benchmark scripts: builds the release binaries, starts a throwaway PostgreSQL
 # cluster on a free port (as the postgres user when run as root) and stops and removes it, with
 # any background jobs, on exit. Sets bin, pgbin, work, pg (the server's URL, no database) and
-# as_pg, median, field, cpu_times, steal_since, bare_setup, bare_tps and serve_at.
+# as_pg, median, field, cpu_times, steal_since, bare_setup, bare_tps, serve_at and measure.
 #   PG_MAX_CONNECTIONS   default 400
 #   PG_OPTIONS           further server options, e.g. for profiling:
 #                        "-c shared_preload_libraries=pg_stat_statements
@@ -57,9 +57,22 @@ bare_tps() { # CLIENTS SECONDS
 # big database) until it listens. Sets coord (its URL) and cpid.
 serve_at() { # URL TAG [ARGS...]
   rm -f "$work/$2.addr"
-  "$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/$2.addr" --database-url "$1" \
+  "${coordinator_dir:-$bin}/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/$2.addr" --database-url "$1" \
     "${@:3}" >/dev/null 2>>"$work/coordinator.log" &
   cpid=$!
   for _ in $(seq 6000); do [ -f "$work/$2.addr" ] && break; sleep 0.1; done
   coord="http://$(cat "$work/$2.addr")"
+}
+
+# One measurement: a coordinator (from $coordinator_dir when set, else $bin) on a fresh database,
+# loadgen against it for SECONDS (default $secs). Prints loadgen's JSON.
+measure() { # BACKEND WORKERS [THINK_MS [EPOCHS HEARTBEAT_MS [SECONDS]]]
+  local tag=$1-$2-$RANDOM url
+  if [ "$1" = sqlite ]; then url="sqlite://$work/$tag.db"; else
+    "$pgbin/psql" -q "$pg/postgres" -c "CREATE DATABASE \"$tag\""; url="$pg/$tag"; fi
+  serve_at "$url" "$tag"
+  "$bin/loadgen" --coordinator "$coord" --workers "$2" \
+    --seconds "${6:-$secs}" --think-ms "${3:-0}" --epochs "${4:-1}" --heartbeat-ms "${5:-0}" ||
+    echo '{"cycles_per_second": 0, "epoch_rows_per_second": 0, "claim_p50_ms": "nan", "claim_p99_ms": "nan", "heartbeat_p99_ms": "nan"}'
+  kill $cpid; wait $cpid 2>/dev/null || true
 }

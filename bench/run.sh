@@ -18,18 +18,6 @@ fleet_secs=${3:-60}
 source bench/pg.sh
 bare_setup
 
-# One measurement: a coordinator on a fresh database, loadgen against it. Prints loadgen's JSON.
-measure() { # BACKEND WORKERS [THINK_MS [EPOCHS HEARTBEAT_MS [SECONDS]]]
-  local tag=$1-$2-$RANDOM url
-  if [ "$1" = sqlite ]; then url="sqlite://$work/$tag.db"; else
-    "$pgbin/psql" -q "$pg/postgres" -c "CREATE DATABASE \"$tag\""; url="$pg/$tag"; fi
-  serve_at "$url" "$tag"
-  "$bin/loadgen" --coordinator "$coord" --workers "$2" \
-    --seconds "${6:-$secs}" --think-ms "${3:-0}" --epochs "${4:-1}" --heartbeat-ms "${5:-0}" ||
-    echo '{"cycles_per_second": 0, "epoch_rows_per_second": 0, "claim_p50_ms": "nan", "claim_p99_ms": "nan", "heartbeat_p99_ms": "nan"}'
-  kill $cpid; wait $cpid 2>/dev/null || true
-}
-
 printf '%-10s %8s %14s %14s %14s %8s\n' backend workers cycles/s claim_p50_ms claim_p99_ms steal_%
 for n in 1 16 256; do
   for backend in sqlite postgres; do

@@ -101,11 +101,12 @@ impl LastEpochs {
         if rows.len() >= Self::KEEP {
             rows.clear();
         }
-        match rows.get(&Self::key(lease)) {
-            Some((_, kept)) if kept.epoch > record.epoch => {}
-            _ => {
-                rows.insert(Self::key(lease), (version, record.clone()));
-            }
+        let key = Self::key(lease);
+        if rows
+            .get(&key)
+            .is_none_or(|(_, kept)| kept.epoch <= record.epoch)
+        {
+            rows.insert(key, (version, record.clone()));
         }
     }
 
@@ -417,9 +418,8 @@ impl PgStore {
     /// Writes a judged result: the result, its bitmap (queued for the tally), the seed and the
     /// attempt, in one statement, only while what the judgement rests on still holds: the seed
     /// leased under the fence, epochs `1..=epochs` recorded under it, the last one's row still
-    /// `last_version`. Whether it wrote. The rows every recorder of the
-    /// sweep shares (its aggregates and epoch counts) are left to the fold: the result is queued
-    /// for them.
+    /// `last_version`. Whether it wrote. The rows every recorder of the sweep shares (its
+    /// aggregates and epoch counts) are left to the fold: the result is queued for them.
     async fn record_result(
         &self,
         lease: LeaseRef,
