@@ -1,7 +1,8 @@
 # Sourced by the benchmark scripts: builds the release binaries, starts a throwaway PostgreSQL
 # cluster on a free port (as the postgres user when run as root) and stops and removes it, with
 # any background jobs, on exit. Sets bin, pgbin, work, pg (the server's URL, no database) and
-# as_pg, median, field, cpu_times, steal_since, bare_setup, bare_tps, serve_at and measure.
+# as_pg, median, field, cpu_times, steal_since, bare_setup, bare_tps, settle, serve_at and
+# measure.
 #   PG_MAX_CONNECTIONS   default 400
 #   PG_OPTIONS           further server options, e.g. for profiling:
 #                        "-c shared_preload_libraries=pg_stat_statements
@@ -46,11 +47,19 @@ bare_setup() {
     VALUES (gen_random_uuid(), 'bare', 'resnet9', 'd', '{}', 3, 3000000);
     INSERT INTO seeds (sweep_id, seed, init_seed, order_seed, augment_seed, split_seed)
       SELECT id, s, s, s, s, s FROM sweeps, generate_series(0, 2999999) AS s;"
+  "$pgbin/psql" -q "$pg/bare" -c "VACUUM ANALYZE seeds"
 }
 bare_tps() { # CLIENTS SECONDS
+  settle
   "$pgbin/pgbench" -n -f bench/claim.sql -c "$1" -j 2 -T "$2" "$pg/bare" 2>/dev/null |
     awk '/^tps/ {print $3; exit}'
+  "$pgbin/psql" -q "$pg/bare" -c "VACUUM ANALYZE seeds"
 }
+
+# Before each measurement: the server writes out what earlier ones left dirty, so that no
+# measurement pays for another's checkpoint. After each, its database is dropped (or vacuumed,
+# for bare SQL's), so no autovacuum of an earlier one runs during a later one.
+settle() { "$pgbin/psql" -q "$pg/postgres" -c CHECKPOINT; }
 
 # Starts a coordinator on database URL in the background (with `serve`'s further ARGS), its log
 # appended to $work/coordinator.log; waits (up to 10 min: a first start may migrate and tally a
@@ -70,9 +79,12 @@ measure() { # BACKEND WORKERS [THINK_MS [EPOCHS HEARTBEAT_MS [SECONDS]]]
   local tag=$1-$2-$RANDOM url
   if [ "$1" = sqlite ]; then url="sqlite://$work/$tag.db"; else
     "$pgbin/psql" -q "$pg/postgres" -c "CREATE DATABASE \"$tag\""; url="$pg/$tag"; fi
+  settle
   serve_at "$url" "$tag"
   "$bin/loadgen" --coordinator "$coord" --workers "$2" \
     --seconds "${6:-$secs}" --think-ms "${3:-0}" --epochs "${4:-1}" --heartbeat-ms "${5:-0}" ||
     echo '{"cycles_per_second": 0, "epoch_rows_per_second": 0, "claim_p50_ms": "nan", "claim_p99_ms": "nan", "heartbeat_p99_ms": "nan"}'
   kill $cpid; wait $cpid 2>/dev/null || true
+  if [ "$1" = sqlite ]; then rm -f "$work/$tag".db*; else
+    "$pgbin/psql" -q "$pg/postgres" -c "DROP DATABASE \"$tag\" WITH (FORCE)"; fi
 }
