@@ -37,6 +37,11 @@ steal_since() { # "$(cpu_times)" taken before
 }
 field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read())['$1'])"; }
 
+# Before each measurement: the server writes out what earlier ones left dirty, so that no
+# measurement pays for another's checkpoint. After each, its database is dropped (or vacuumed,
+# for bare SQL's), so no autovacuum of an earlier one runs during a later one.
+settle() { "$pgbin/psql" -q "$pg/postgres" -c CHECKPOINT; }
+
 # The bare-SQL baseline: database "bare" with the coordinator's schema and one sweep of
 # 3,000,000 pending seeds, for pgbench to run bench/claim.sql (the same claim and a fenced
 # completion) against. bare_tps prints pgbench's transactions per second.
@@ -55,11 +60,6 @@ bare_tps() { # CLIENTS SECONDS
     awk '/^tps/ {print $3; exit}'
   "$pgbin/psql" -q "$pg/bare" -c "VACUUM ANALYZE seeds"
 }
-
-# Before each measurement: the server writes out what earlier ones left dirty, so that no
-# measurement pays for another's checkpoint. After each, its database is dropped (or vacuumed,
-# for bare SQL's), so no autovacuum of an earlier one runs during a later one.
-settle() { "$pgbin/psql" -q "$pg/postgres" -c CHECKPOINT; }
 
 # Starts a coordinator on database URL in the background (with `serve`'s further ARGS), its log
 # appended to $work/coordinator.log; waits (up to 10 min: a first start may migrate and tally a
