@@ -25,7 +25,7 @@ use seedsweep_core::policy::{
 use seedsweep_core::spec::SweepSpec;
 use seedsweep_core::stats::noise::TestSetTally;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Executor, Postgres, Row, Transaction};
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::LazyLock;
@@ -135,7 +135,14 @@ impl PgStore {
         let epochs = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_lazy_with(options.options([("plan_cache_mode", "force_generic_plan")]));
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("SET plan_cache_mode = force_generic_plan")
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_lazy_with(options);
         super::migrations::migrator(super::migrations::POSTGRES)
             .run(&pool)
             .await?;
