@@ -59,6 +59,9 @@ const SUMMARY: &str = concat!(
      FROM sweeps w WHERE w.loading_at IS NULL"
 );
 
+/// How long a statement waits for a connection of either pool before it is an outage.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct PgStore {
     pool: PgPool,
     /// The connection [`Store::record_epochs`] writes on (the service's one epoch writer),
@@ -129,12 +132,12 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url)?.application_name("seedsweep-coordinator");
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
             .await?;
         let epochs = PgPoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     conn.execute("SET plan_cache_mode = force_generic_plan")
