@@ -972,60 +972,117 @@ async fn run_custom_metrics(url: String) {
 async fn run_epoch_batches(url: String) {
     let s = open(&url).await.0;
     epoch_batches(s.clone()).await;
-    deleting_a_sweep_deletes_its_epoch_rows(s, &url).await;
+    deleting_a_sweep_deletes_its_rows(s, &url).await;
 }
 
-/// A sweep deleted with SQL (as a user cleaning up does) takes its seeds' epoch rows with it:
-/// by a foreign key on SQLite, by a trigger on PostgreSQL (migration 0011).
-async fn deleting_a_sweep_deletes_its_epoch_rows(s: Arc<dyn Store>, url: &str) {
+/// The tables holding rows of a seed: a deleted sweep leaves none in any of them. (SQLite has
+/// no `aggregates_unfolded`: it updates the aggregates as it records each result.)
+const SEED_TABLES: [&str; 6] = [
+    "epoch_metrics",
+    "attempts",
+    "results",
+    "result_bitmaps",
+    "test_sets_unfolded",
+    "aggregates_unfolded",
+];
+
+/// A sweep deleted with SQL (as a user cleaning up does) takes its seeds' rows with it (attempts,
+/// epoch rows, results, bitmaps, fold queues): by foreign keys on SQLite, by a trigger on
+/// PostgreSQL (migrations 0011 and 0012). Another sweep's rows stay.
+async fn deleting_a_sweep_deletes_its_rows(s: Arc<dyn Store>, url: &str) {
     let id = SweepId::new();
     s.create_sweep(id, &spec("\"0..2\"", 3)).await.unwrap();
     let kept = SweepId::new();
     s.create_sweep(kept, &spec("\"0..2\"", 3)).await.unwrap();
     let mut rows = Vec::new();
+    let mut leases = Vec::new();
     // The scenario before left a seed pending in an older sweep: it may come first.
     for worker in ["a", "b", "c", "d", "e"] {
         let lease = claim(s.as_ref(), worker).await.lease;
         if [id, kept].contains(&lease.sweep_id) {
-            rows.extend([(lease, epoch(1)), (lease, epoch(2))]);
+            rows.extend([(lease, epoch(1)), (lease, last_epoch(0.5))]);
+            leases.push(lease);
         }
     }
     assert_eq!(rows.len(), 8);
     for verdict in s.record_epochs(&rows).await.unwrap() {
         verdict.unwrap();
     }
-    let count = "SELECT count(*) FROM epoch_metrics";
-    let (before, after) = if url.starts_with("postgres") {
-        let db = sqlx::PgPool::connect(url).await.unwrap();
-        let before: i64 = sqlx::query_scalar(count).fetch_one(&db).await.unwrap();
-        sqlx::query("DELETE FROM sweeps WHERE id = $1")
-            .bind(id.0)
-            .execute(&db)
-            .await
-            .unwrap();
-        let after: i64 = sqlx::query_scalar(count).fetch_one(&db).await.unwrap();
-        (before, after)
-    } else {
-        let db = sqlx::SqlitePool::connect(url).await.unwrap();
-        let before: i64 = sqlx::query_scalar(count).fetch_one(&db).await.unwrap();
-        sqlx::query("DELETE FROM sweeps WHERE id = ?1")
-            .bind(id.0.to_string())
-            .execute(&db)
-            .await
-            .unwrap();
-        let after: i64 = sqlx::query_scalar(count).fetch_one(&db).await.unwrap();
-        (before, after)
-    };
-    assert_eq!(
-        before - after,
-        4,
-        "the deleted sweep's two seeds had two epoch rows each"
+    // One seed of each sweep finishes, with its bitmap; the other is still leased.
+    for sweep in [id, kept] {
+        let lease = *leases.iter().find(|l| l.sweep_id == sweep).unwrap();
+        let r = SeedResult {
+            test_correct: Some(Correctness {
+                examples: 10_000,
+                bits: bitmap(lease.seed, 5_000),
+            }),
+            ..result(lease.seed, 0.5)
+        };
+        assert_eq!(
+            s.complete(lease, &r).await.unwrap(),
+            CompleteOutcome::Recorded
+        );
+    }
+    let before = rows_of(url, id).await;
+    // The fold queues may have been folded already.
+    assert!(before[..4].iter().all(|&n| n > 0), "{before:?}");
+    let kept_before = rows_of(url, kept).await;
+    delete_sweep(url, id).await;
+    let after = rows_of(url, id).await;
+    assert!(
+        after.iter().all(|&n| n == 0),
+        "rows of {SEED_TABLES:?} left: {after:?}"
     );
+    assert_eq!(rows_of(url, kept).await, kept_before);
     assert_eq!(s.list_epochs(kept, None, 100).await.unwrap().len(), 4);
     assert!(matches!(
         s.list_epochs(id, None, 100).await,
         Err(StoreError::SweepNotFound(_))
     ));
+}
+
+/// How many rows of sweep `id` each of [`SEED_TABLES`] holds, read with SQL.
+async fn rows_of(url: &str, id: SweepId) -> Vec<i64> {
+    let mut counts = Vec::new();
+    let postgres = url.starts_with("postgres");
+    for table in SEED_TABLES {
+        if table == "aggregates_unfolded" && !postgres {
+            continue;
+        }
+        let sql = format!("SELECT count(*) FROM {table} WHERE sweep_id = $1");
+        counts.push(if postgres {
+            let db = sqlx::PgPool::connect(url).await.unwrap();
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(id.0)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        } else {
+            let db = sqlx::SqlitePool::connect(url).await.unwrap();
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(id.0.to_string())
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        });
+    }
+    counts
+}
+
+/// Deletes sweep `id` with SQL, as a user would.
+async fn delete_sweep(url: &str, id: SweepId) {
+    let sql = "DELETE FROM sweeps WHERE id = $1";
+    if url.starts_with("postgres") {
+        let db = sqlx::PgPool::connect(url).await.unwrap();
+        sqlx::query(sql).bind(id.0).execute(&db).await.unwrap();
+    } else {
+        let db = sqlx::SqlitePool::connect(url).await.unwrap();
+        sqlx::query(sql)
+            .bind(id.0.to_string())
+            .execute(&db)
+            .await
+            .unwrap();
+    }
 }
 
 /// The store at `url` with a clock the scenario moves.
@@ -1089,6 +1146,31 @@ conformance!(
     custom_metrics => run_custom_metrics,
     replicas => run_replicas,
 );
+
+/// Connections the PostgreSQL store keeps between statements, cut by the server while idle (an
+/// administrator's `pg_terminate_backend`, `idle_session_timeout`, a failover), are replaced
+/// without failing a statement: one idle for a while is pinged before it is lent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_connections_cut_while_idle_are_replaced() {
+    let pg = seedsweep_tests::PgServer::start().unwrap();
+    let url = pg.fresh_database().unwrap();
+    let s = open(&url).await.0;
+    s.create_sweep(SweepId::new(), &spec("\"0..2\"", 3))
+        .await
+        .unwrap();
+    let first = claim(s.as_ref(), "a").await.lease;
+    finish(s.as_ref(), first, 0.5).await;
+    let cut = pg.psql(
+        &url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = 'seedsweep-coordinator'",
+    );
+    assert!(cut.trim().parse::<u32>().unwrap() >= 2, "cut {cut}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = claim(s.as_ref(), "b").await.lease;
+    s.heartbeat(second, TTL).await.unwrap();
+    finish(s.as_ref(), second, 0.6).await;
+}
 
 #[tokio::test]
 async fn rejects_unknown_database_urls_without_leaking_passwords() {

@@ -3,6 +3,8 @@
 //! write locks the seed's row first, so it cannot interleave with a re-lease. Time is the
 //! database's `now()` plus the clock's offset (bound as `$n` seconds in each statement).
 
+mod connections;
+
 use super::{
     ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
     FINISHED_EPOCHS, FLEET_SEEDS, NextDeadline, Result, Store, StoreError, TEST_SET_COLUMNS,
@@ -13,6 +15,7 @@ use super::{
     task_from_db, test_set_from_row, test_set_upsert, u64_from_db,
 };
 use async_trait::async_trait;
+use connections::Connections;
 use seedsweep_core::design::Design;
 use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, Lease,
@@ -25,7 +28,7 @@ use seedsweep_core::policy::{
 use seedsweep_core::spec::SweepSpec;
 use seedsweep_core::stats::noise::TestSetTally;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Executor, Postgres, Row, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::LazyLock;
@@ -64,10 +67,12 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct PgStore {
     pool: PgPool,
-    /// The connection [`Store::record_epochs`] writes on (the service's one epoch writer),
-    /// set to plan its statement once, generically: left to choose, PostgreSQL plans a batch of
-    /// a few rows afresh each time (about 0.4 ms, more than the batch takes to run).
-    epochs: PgPool,
+    /// The lease cycle's statements: claim, heartbeat, completion.
+    cycle: Connections,
+    /// Where [`Store::record_epochs`] writes (the service's one epoch writer), planning its
+    /// statement once, generically: left to choose, PostgreSQL plans a batch of a few rows afresh
+    /// each time (about 0.4 ms, more than the batch takes to run).
+    epochs: Connections,
     clock: Clock,
     available: Availability,
     next_deadline: NextDeadline,
@@ -135,22 +140,19 @@ impl PgStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
             .await?;
-        let epochs = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute("SET plan_cache_mode = force_generic_plan")
-                        .await?;
-                    Ok(())
-                })
-            })
-            .connect_lazy_with(options);
+        let cycle = Connections::new(options.clone(), 16, "", ACQUIRE_TIMEOUT);
+        let epochs = Connections::new(
+            options,
+            1,
+            "SET plan_cache_mode = force_generic_plan",
+            ACQUIRE_TIMEOUT,
+        );
         super::migrations::migrator(super::migrations::POSTGRES)
             .run(&pool)
             .await?;
         let store = PgStore {
             pool,
+            cycle,
             epochs,
             available: Availability::new(clock.clone()),
             next_deadline: NextDeadline::new(clock.clone()),
@@ -340,6 +342,7 @@ impl PgStore {
     /// earlier leases' epoch rows (a new lease starts with none, so an earlier partial curve
     /// never mixes with this one's in what readers see) and the sweep's settings.
     async fn claim_statement(&self, worker_id: &str, ttl: Duration) -> Result<PgRow> {
+        let mut conn = self.cycle.take().await?;
         let row = sqlx::query(
             "WITH next AS (
                  SELECT c.sweep_id, c.seed
@@ -372,8 +375,9 @@ impl PgStore {
         .bind(worker_id)
         .bind(ttl.as_secs_f64())
         .bind(self.skew())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await?;
+        conn.done();
         Ok(row)
     }
 
@@ -394,6 +398,7 @@ impl PgStore {
     /// epoch's metrics), reading without locks. `None`: already recorded under this lease. Else
     /// the version (`xmin`) of the last epoch's row judged, which the write checks.
     async fn judge_completion(&self, lease: LeaseRef, r: &SeedResult) -> Result<Option<String>> {
+        let mut conn = self.cycle.take().await?;
         // Safe: constant text.
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT s.state, s.fence,
@@ -410,8 +415,9 @@ impl PgStore {
         .bind(lease.seed)
         .bind(lease.fence)
         .bind(r.epochs as i32)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
+        conn.done();
         let Some(row) = row else {
             return Err(self.missing(lease).await?);
         };
@@ -445,6 +451,7 @@ impl PgStore {
         r: &SeedResult,
         last_version: &str,
     ) -> Result<bool> {
+        let mut conn = self.cycle.take().await?;
         let written: i64 = sqlx::query_scalar(
             "WITH d AS (
                  UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = now()
@@ -502,8 +509,9 @@ impl PgStore {
         .bind(r.test_correct.as_ref().map(|c| c.bits.as_slice()))
         .bind(custom_to_db(&r.custom))
         .bind(last_version)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await?;
+        conn.done();
         Ok(written > 0)
     }
 
@@ -542,6 +550,7 @@ impl PgStore {
 
     /// [`Store::heartbeat`].
     async fn extend(&self, lease: LeaseRef, ttl: Duration) -> Result<()> {
+        let mut conn = self.cycle.take().await?;
         let done = sqlx::query(
             "UPDATE seeds SET lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
              WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND state = 'leased'",
@@ -550,8 +559,9 @@ impl PgStore {
         .bind(lease.seed)
         .bind(lease.fence)
         .bind(self.skew() + ttl.as_secs_f64())
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
+        conn.done();
         if done.rows_affected() == 1 {
             return Ok(());
         }
@@ -1129,6 +1139,7 @@ impl Store for PgStore {
         let column = |f: fn(&EpochRecord) -> Option<f64>| -> Vec<Option<f64>> {
             sent.iter().map(|(_, e)| f(e)).collect()
         };
+        let mut conn = self.epochs.take().await?;
         let found = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(sent.iter().map(|(l, _)| l.sweep_id.0).collect::<Vec<_>>())
             .bind(sent.iter().map(|(l, _)| l.seed).collect::<Vec<_>>())
@@ -1148,8 +1159,9 @@ impl Store for PgStore {
                     .map(|(_, e)| custom_to_db(&e.custom))
                     .collect::<Vec<_>>(),
             )
-            .fetch_all(&self.epochs)
+            .fetch_all(&mut *conn)
             .await?;
+        conn.done();
         let mut held: HashMap<(uuid::Uuid, i64), (SeedState, i64)> = HashMap::new();
         for r in &found {
             let (sweep_id, seed, fence) = (
