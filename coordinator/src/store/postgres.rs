@@ -62,7 +62,8 @@ const SUMMARY: &str = concat!(
      FROM sweeps w WHERE w.loading_at IS NULL"
 );
 
-/// How long a statement waits for a connection of either pool before it is an outage.
+/// How long a statement waits for a connection (the pool's, or one of [`Connections`]) before it
+/// is an outage.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct PgStore {

@@ -4,7 +4,9 @@
 //! (in the 16-worker closed loop the cycle ran 20% faster without them; BENCHMARKS.md, the
 //! twelfth run). Here a connection in use a moment ago is trusted as it is; one idle longer is
 //! pinged first, as a pool would, so a connection the server or a firewall dropped while idle
-//! is replaced rather than failing a statement.
+//! is replaced rather than failing a statement. One cut within a second of its last use (the
+//! server restarting under load) fails the statement it is lent for, which the caller sees as
+//! the outage it is, and is closed.
 
 use super::super::{Result, StoreError};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
