@@ -1,8 +1,8 @@
 //! Connections for the lease cycle's statements, kept between statements rather than taken
 //! from sqlx's pool. The pool pings a connection as it hands it out and again as it takes it
 //! back: three round trips for one statement, each waiting its turn for a CPU on a busy host
-//! (in the 16-worker closed loop the cycle ran 20% faster without them; BENCHMARKS.md, the
-//! twelfth run). Here a connection in use a moment ago is trusted as it is; one idle longer is
+//! (without them, and with migration 0012, the 16-worker closed loop went from 0.40x to 0.51x
+//! of bare SQL; BENCHMARKS.md, the twelfth run). Here a connection in use a moment ago is trusted as it is; one idle longer is
 //! pinged first, as a pool would, so a connection the server or a firewall dropped while idle
 //! is replaced rather than failing a statement. One cut within a second of its last use (the
 //! server restarting under load) fails the statement it is lent for, which the caller sees as
