@@ -1043,30 +1043,26 @@ async fn deleting_a_sweep_deletes_its_rows(s: Arc<dyn Store>, url: &str) {
 
 /// How many rows of sweep `id` each of [`SEED_TABLES`] holds, read with SQL.
 async fn rows_of(url: &str, id: SweepId) -> Vec<i64> {
-    let mut counts = Vec::new();
     let postgres = url.starts_with("postgres");
-    for table in SEED_TABLES {
-        if table == "aggregates_unfolded" && !postgres {
-            continue;
+    let counts = SEED_TABLES
+        .iter()
+        .filter(|&&table| postgres || table != "aggregates_unfolded")
+        .map(|table| format!("SELECT count(*) FROM {table} WHERE sweep_id = $1"));
+    let mut rows = Vec::new();
+    if postgres {
+        let db = sqlx::PgPool::connect(url).await.unwrap();
+        for sql in counts {
+            let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(id.0);
+            rows.push(query.fetch_one(&db).await.unwrap());
         }
-        let sql = format!("SELECT count(*) FROM {table} WHERE sweep_id = $1");
-        counts.push(if postgres {
-            let db = sqlx::PgPool::connect(url).await.unwrap();
-            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .bind(id.0)
-                .fetch_one(&db)
-                .await
-                .unwrap()
-        } else {
-            let db = sqlx::SqlitePool::connect(url).await.unwrap();
-            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .bind(id.0.to_string())
-                .fetch_one(&db)
-                .await
-                .unwrap()
-        });
+    } else {
+        let db = sqlx::SqlitePool::connect(url).await.unwrap();
+        for sql in counts {
+            let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(id.0.to_string());
+            rows.push(query.fetch_one(&db).await.unwrap());
+        }
     }
-    counts
+    rows
 }
 
 /// Deletes sweep `id` with SQL, as a user would.

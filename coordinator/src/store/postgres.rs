@@ -141,13 +141,8 @@ impl PgStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
             .await?;
-        let cycle = Connections::new(options.clone(), 16, "", ACQUIRE_TIMEOUT);
-        let epochs = Connections::new(
-            options,
-            1,
-            "SET plan_cache_mode = force_generic_plan",
-            ACQUIRE_TIMEOUT,
-        );
+        let cycle = Connections::new(options.clone(), 16, None);
+        let epochs = Connections::new(options, 1, Some("SET plan_cache_mode = force_generic_plan"));
         super::migrations::migrator(super::migrations::POSTGRES)
             .run(&pool)
             .await?;

@@ -9,6 +9,7 @@
 //! the outage it is, and is closed.
 
 use super::super::{Result, StoreError};
+use super::ACQUIRE_TIMEOUT;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Executor};
 use std::time::{Duration, Instant};
@@ -17,12 +18,10 @@ use std::time::{Duration, Instant};
 pub(super) struct Connections {
     options: PgConnectOptions,
     /// Run on each new connection.
-    setup: &'static str,
+    setup: Option<&'static str>,
     /// Idle connections and since when, the most recently used last.
     held: std::sync::Mutex<Vec<(PgConnection, Instant)>>,
     lent: tokio::sync::Semaphore,
-    /// How long [`Connections::take`] waits for a connection before it is an outage.
-    patience: Duration,
 }
 
 /// A connection of [`Connections`], lent out. [`Lent::done`] gives it back for the next
@@ -40,26 +39,24 @@ impl Connections {
     /// Idle for longer than this, a connection is closed.
     const IDLE: Duration = Duration::from_secs(600);
 
-    /// `setup` runs on each new connection (empty: nothing).
+    /// `setup` runs on each new connection.
     pub(super) fn new(
         options: PgConnectOptions,
         most: usize,
-        setup: &'static str,
-        patience: Duration,
+        setup: Option<&'static str>,
     ) -> Connections {
         Connections {
             options,
             setup,
             held: Default::default(),
             lent: tokio::sync::Semaphore::new(most),
-            patience,
         }
     }
 
     /// A connection kept (pinged first if idle a while), or a new one; an outage
-    /// (`PoolTimedOut`, as sqlx's pool says) if none is to be had within the patience.
+    /// (`PoolTimedOut`, as sqlx's pool says) if none is to be had within [`ACQUIRE_TIMEOUT`].
     pub(super) async fn take(&self) -> Result<Lent<'_>> {
-        tokio::time::timeout(self.patience, self.lend())
+        tokio::time::timeout(ACQUIRE_TIMEOUT, self.lend())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
             .map_err(StoreError::from)
@@ -77,8 +74,8 @@ impl Connections {
             }
         }
         let mut conn = PgConnection::connect_with(&self.options).await?;
-        if !self.setup.is_empty() {
-            conn.execute(self.setup).await?;
+        if let Some(setup) = self.setup {
+            conn.execute(setup).await?;
         }
         Ok(self.lend_out(conn, permit))
     }
