@@ -37,7 +37,7 @@ for rep in $(seq "$reps"); do
     "$n" "$program" >"$work/sweep.toml"
   "$bin/coordinator" sweep --coordinator "$coord" submit "$work/sweep.toml" >/dev/null
   start=$(now)
-  "$bin/worker" --cpu --threads 1 --exit-when-idle --coordinator "$coord" --allow-command python3 \
+  "$bin/worker" --cpu --threads 1 --exit-when-idle --coordinator "$coord" --allow-command python3 --pass-env PYTHONPATH \
     --data-dir "$work/data" --spool-dir "$work/spool$rep" --log-dir "$work/logs$rep" 2>>"$work/worker.log"
   swept+=("$(( ($(now) - start) / 1000000 ))")
   done_seeds=$(sqlite3 "$db" "SELECT count(*) FROM results")

@@ -64,6 +64,41 @@ impl CoordinatorService {
             recorded,
         }
     }
+
+    /// A warning when no worker connected lately would run a command sweep: none allows its
+    /// program, or none that does allows a guarded variable its `env` sets.
+    fn unrunnable(&self, c: &seedsweep_core::spec::command::CommandSpec) -> Option<String> {
+        let p = c.argv[0].as_str();
+        let minutes = crate::fleet::RECENT.as_secs() / 60;
+        if !self.allowed.any_allows(p) {
+            return Some(format!(
+                "no worker connected to this coordinator in the last {minutes} minutes allows `{p}`: \
+                 workers run it only when started with --allow-command {p}, and hand its seeds back otherwise"
+            ));
+        }
+        let guarded: Vec<&str> = (c.env.keys())
+            .map(String::as_str)
+            .filter(|k| seedsweep_core::spec::command::guarded_env(k))
+            .collect();
+        let v = self.allowed.env_refused(p, &guarded)?;
+        Some(format!(
+            "the sweep sets {v}, which changes what a program loads or runs first: no worker connected to this \
+             coordinator in the last {minutes} minutes that allows `{p}` lets a sweep set it (--allow-env {v}); \
+             workers hand its seeds back otherwise"
+        ))
+    }
+}
+
+/// A worker's list of what it allows (`field`): at most 64 `what`, each 1 to `longest`
+/// printable characters.
+fn check_names(field: &str, what: &str, names: &[String], longest: usize) -> Result<(), Status> {
+    let bad = |n: &String| n.is_empty() || n.len() > longest || n.chars().any(char::is_control);
+    if names.len() > 64 || names.iter().any(bad) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: at most 64 {what}, each 1 to {longest} printable characters"
+        )));
+    }
+    Ok(())
 }
 
 /// The epoch rows of every stream, written together ([`Store::record_epochs`]): a row waits
@@ -731,16 +766,10 @@ impl Coordinator for CoordinatorService {
         let id = SweepId::new();
         self.store.create_sweep(id, &spec).await.map_err(status)?;
         tracing::info!(sweep = %id, name = %spec.name, seeds = spec.seeds.len(), "sweep created");
-        let program = spec.command.as_ref().map(|c| c.argv[0].as_str());
-        let warnings = program
-            .filter(|p| !self.allowed.any_allows(p))
-            .map(|p| {
-                format!(
-                    "no worker connected to this coordinator in the last {} minutes allows `{p}`: \
-                     workers run it only when started with --allow-command {p}, and hand its seeds back otherwise",
-                    crate::fleet::RECENT.as_secs() / 60
-                )
-            })
+        let warnings = spec
+            .command
+            .as_ref()
+            .and_then(|c| self.unrunnable(c))
             .into_iter()
             .collect();
         Ok(Response::new(pb::SubmitSweepResponse {
@@ -1021,16 +1050,10 @@ impl Coordinator for CoordinatorService {
         let token = caller_of(&req);
         self.metrics.saw_worker(worker);
         let programs = &req.get_ref().allowed_commands;
-        if programs.len() > 64
-            || programs
-                .iter()
-                .any(|p| p.is_empty() || p.len() > 4096 || p.chars().any(char::is_control))
-        {
-            return Err(Status::invalid_argument(
-                "allowed_commands: at most 64 programs, each 1 to 4096 printable characters",
-            ));
-        }
-        self.allowed.saw(worker, programs);
+        check_names("allowed_commands", "programs", programs, 4096)?;
+        let env = &req.get_ref().allowed_env;
+        check_names("allowed_env", "variable names", env, 128)?;
+        self.allowed.saw(worker, programs, env);
         let started = std::time::Instant::now();
         let claimed = self.store.claim(worker, self.lease_ttl).await;
         self.metrics.claimed(

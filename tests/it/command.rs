@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// The PYTHONPATH that imports the cached torch and the repository's `seedsweep` helper (the
-/// workers pass their environment to the programs they run).
+/// The PYTHONPATH that imports the cached torch and the repository's `seedsweep` helper (passed
+/// on to the programs by `--pass-env PYTHONPATH`).
 fn python_path() -> String {
     let torch = torch_python();
     let torch = torch
@@ -28,9 +28,15 @@ fn python_path() -> String {
 /// A CPU worker that may run python3, with the helper and torch importable.
 fn command_worker(url: &str, data: &Path) -> Command {
     let mut w = worker(url, data);
-    w.args(["--allow-command", "python3", "--log-dir"])
-        .arg(data.with_file_name("logs"))
-        .env("PYTHONPATH", python_path());
+    w.args([
+        "--allow-command",
+        "python3",
+        "--pass-env",
+        "PYTHONPATH",
+        "--log-dir",
+    ])
+    .arg(data.with_file_name("logs"))
+    .env("PYTHONPATH", python_path());
     w
 }
 

@@ -473,7 +473,13 @@ fn the_dashboard_shows_a_sweep_train_live_in_a_real_browser() {
     // A black swan's link opens its seed's curve and attempts.
     let swans = swan_sweep(&coordinator, dir.path());
     let out = run(worker(&coordinator.url, &data)
-        .args(["--allow-command", "python3", "--log-dir"])
+        .args([
+            "--allow-command",
+            "python3",
+            "--pass-env",
+            "PYTHONPATH",
+            "--log-dir",
+        ])
         .arg(dir.path().join("logs"))
         .env("PYTHONPATH", repo_root().join("python"))
         .env("SEEDSWEEP_WORKER_TOKEN", WORKER));

@@ -8,6 +8,7 @@ mod command;
 mod dashboard;
 mod e2e;
 mod finetune;
+mod hostile;
 mod protocol_model;
 mod resilience;
 mod security;

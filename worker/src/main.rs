@@ -111,6 +111,18 @@ struct RunArgs {
     /// worker runs none: it hands such a seed back and stops.
     #[arg(long = "allow-command", value_name = "PROGRAM")]
     allow_command: Vec<String>,
+    /// Pass the worker's variable NAME on to the programs it runs (repeat for more; e.g.
+    /// PYTHONPATH, HF_HOME). A program starts from a clean environment: PATH, HOME, USER,
+    /// LOGNAME, SHELL, LANG, LANGUAGE, TZ, TMPDIR, LC_*, CUDA_* and NVIDIA_* from the worker's,
+    /// the sweep's `env`, and the run's SEEDSWEEP_* variables; never the worker's own SEEDSWEEP_*
+    /// settings (its token among them).
+    #[arg(long = "pass-env", value_name = "NAME")]
+    pass_env: Vec<String>,
+    /// Let a sweep's `env` set NAME, a variable that changes what a program loads or runs first
+    /// (LD_*, BASH_ENV, PYTHON*, NODE_OPTIONS, PATH, ...: README, "How a run is supervised");
+    /// repeat for more. Without it the worker hands such a seed back and stops.
+    #[arg(long = "allow-env", value_name = "NAME")]
+    allow_env: Vec<String>,
     /// Folder for the output (stdout and stderr) and reports of each command run, one log file
     /// per lease, cut at 32 MiB (default: ${XDG_STATE_HOME:-~/.local/state}/seedsweep/logs).
     #[arg(long, env = "SEEDSWEEP_LOG_DIR", value_name = "DIR")]
@@ -515,6 +527,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let env_policy = seedsweep_worker::command::env::EnvPolicy::new(args.pass_env, args.allow_env)
+        .map_err(anyhow::Error::msg)?;
+    if !allowed_commands.is_empty() {
+        let containment = seedsweep_worker::command::contain::init();
+        tracing::info!(%containment, "programs run contained");
+    }
     let allowed_programs = (args.allow_command.iter().cloned())
         .chain(allowed_commands.iter().map(|p| p.display().to_string()))
         .collect();
@@ -543,6 +561,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         log_dir: args
             .log_dir
             .unwrap_or_else(|| per_user("XDG_STATE_HOME", ".local/state", "logs", "logs")),
+        env_policy,
         decode_threads: args
             .decode_threads
             .map(|n| n as usize)
@@ -575,6 +594,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     // Work abandoned at shutdown (a stalled download) must not hold the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
+    seedsweep_worker::command::contain::finish();
     ran
 }
 

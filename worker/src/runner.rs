@@ -67,6 +67,33 @@ pub struct WorkerSettings {
     pub allowed_programs: Vec<String>,
     /// Where each command run's output goes.
     pub log_dir: PathBuf,
+    /// What of its environment a program gets, and which guarded variables a sweep may set.
+    pub env_policy: command::env::EnvPolicy,
+}
+
+/// Checks the lease's names that become paths on this host (its sweep id, dataset and backbone
+/// file) as the coordinator checked the sweep file: a lease is trusted no more than a file.
+fn check_lease_names(lease: &pb::Lease) -> Result<(), String> {
+    let canonical = lease
+        .sweep_id
+        .parse::<seedsweep_core::domain::SweepId>()
+        .is_ok_and(|id| id.to_string() == lease.sweep_id);
+    if !canonical {
+        return Err(format!(
+            "the lease's sweep id `{}` is not a sweep id (a UUID)",
+            lease.sweep_id.escape_default()
+        ));
+    }
+    if !lease.dataset.is_empty() {
+        seedsweep_core::spec::check_dataset_name(&lease.dataset)
+            .map_err(|e| format!("the lease's {e}"))?;
+    }
+    let backbone = lease.finetune.as_ref().and_then(|f| f.backbone.as_ref());
+    if let Some(b) = backbone {
+        seedsweep_core::spec::finetune::check_backbone_file(&b.file)
+            .map_err(|e| format!("the lease's {e}"))?;
+    }
+    Ok(())
 }
 
 /// The longest wait between two tries to deliver a result while the coordinator is away: short
@@ -475,6 +502,7 @@ impl Worker {
         let request = pb::LeaseSeedRequest {
             worker_id: self.settings.worker_id.clone(),
             allowed_commands: self.settings.allowed_programs.clone(),
+            allowed_env: self.settings.env_policy.allow.clone(),
         };
         let reply = self.client.clone().lease_seed(request).await;
         let outcome = reply.map(|r| r.into_inner().outcome);
@@ -620,6 +648,7 @@ impl Worker {
                 "this worker cannot train these settings: {problem}"
             ))
         };
+        check_lease_names(lease).map_err(|e| Unprepared::Blamed(Blame::Configuration, e))?;
         let task = Task::parse(&lease.task).ok_or_else(|| {
             Unprepared::Upgrade(format!(
                 "this worker cannot run task `{}` (it runs {})",
@@ -707,17 +736,22 @@ impl Worker {
             .checkpoint_dir
             .as_ref()
             .map(|d| d.join(&lease.sweep_id).join(lease.seed.to_string()));
-        let mut env = c
+        let sweep_env = c
             .env
             .iter()
             .map(|(k, v)| Ok((k.clone(), expand(v)?)))
             .collect::<Result<Vec<_>, Unprepared>>()?;
-        env.extend(command::seed_env(
+        let run_env = command::seed_env(
             lease,
             &factors,
             checkpoints.as_deref(),
             self.settings.device,
-        ));
+        );
+        // A guarded variable this worker does not allow is its own limit, as a program it
+        // does not allow: the seed goes back uncounted for a worker that allows it.
+        let env = (self.settings.env_policy)
+            .build(std::env::vars(), &sweep_env, &run_env)
+            .map_err(|e| Unprepared::Blamed(Blame::Host, e))?;
         Ok(Job::Command {
             run: command::CommandRun {
                 argv,
@@ -1311,6 +1345,7 @@ mod tests {
             allowed_commands: Vec::new(),
             allowed_programs: Vec::new(),
             log_dir: data.path().join("logs"),
+            env_policy: Default::default(),
         };
         let shutdown = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(WorkerMetrics::default());

@@ -18,6 +18,92 @@ pub const PLACEHOLDERS: [&str; 5] = [
 /// Environment variables the worker sets itself; a sweep may not set them.
 const RESERVED_ENV: [&str; 2] = ["SEEDSWEEP_", "CUDA_VISIBLE_DEVICES"];
 
+/// Variables that change what a program loads or runs before its own code, or which program
+/// a name finds: a sweep's `env` may set one only on workers that allow it (`--allow-env NAME`),
+/// else `--allow-command` could be bypassed (README, "How a run is supervised"). Names ending
+/// in `*` are prefixes.
+pub const GUARDED_ENV: [&str; 40] = [
+    // The dynamic loader and libc.
+    "LD_*",
+    "GLIBC_TUNABLES",
+    "GCONV_PATH",
+    "LOCPATH",
+    "NLSPATH",
+    "HOSTALIASES",
+    "RES_OPTIONS",
+    "MALLOC_*",
+    // Which program a name finds, and where per-user start-up files are read from.
+    "PATH",
+    "HOME",
+    "XDG_CONFIG_HOME",
+    // Shells.
+    "BASH_ENV",
+    "ENV",
+    "BASH_FUNC_*",
+    "SHELLOPTS",
+    "BASHOPTS",
+    "PS4",
+    "PROMPT_COMMAND",
+    "IFS",
+    "CDPATH",
+    // Python.
+    "PYTHON*",
+    // Node.js.
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "NODE_REPL_EXTERNAL_MODULE",
+    // Perl.
+    "PERL5OPT",
+    "PERL5LIB",
+    "PERLLIB",
+    "PERL5DB",
+    "PERL_MB_OPT",
+    // Ruby.
+    "RUBYOPT",
+    "RUBYLIB",
+    // The JVM.
+    "JAVA_TOOL_OPTIONS",
+    "_JAVA_OPTIONS",
+    "JDK_JAVA_OPTIONS",
+    "CLASSPATH",
+    // Lua, R, Julia.
+    "LUA_INIT*",
+    "LUA_PATH*",
+    "R_PROFILE*",
+    "R_ENVIRON*",
+    "JULIA_*",
+];
+
+/// Whether a sweep's `env` may set `name` only where a worker allows it (`GUARDED_ENV`).
+pub fn guarded_env(name: &str) -> bool {
+    GUARDED_ENV.iter().any(|g| match g.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == *g,
+    })
+}
+
+/// Whether `name` is a variable a sweep's `env` may name at all: letters, digits and '_', not
+/// starting with a digit, at most 128 bytes, and none the worker sets itself. Checked at
+/// submission and again by the worker (the lease's fields are no more trusted than a file's).
+pub fn check_env_name(name: &str) -> Result<(), String> {
+    let valid = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid || name.len() > 128 {
+        return Err(format!(
+            "`command.env.{name}`: a variable's name is letters, digits and '_', not starting with a digit, at most 128 bytes"
+        ));
+    }
+    if RESERVED_ENV.iter().any(|r| name.starts_with(r)) {
+        return Err(format!(
+            "`command.env.{name}`: the worker sets SEEDSWEEP_* and CUDA_VISIBLE_DEVICES itself"
+        ));
+    }
+    Ok(())
+}
+
 /// The most epochs a run may report.
 pub const MAX_EPOCHS: u32 = 100_000;
 
@@ -96,21 +182,7 @@ impl CommandSpec {
             return invalid("`command.env` has more than 200 variables");
         }
         for (key, value) in &self.env {
-            let valid = key
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid || key.len() > 128 {
-                return invalid(format!(
-                    "`command.env.{key}`: a variable's name is letters, digits and '_', not starting with a digit"
-                ));
-            }
-            if RESERVED_ENV.iter().any(|r| key.starts_with(r)) {
-                return invalid(format!(
-                    "`command.env.{key}`: the worker sets SEEDSWEEP_* and CUDA_VISIBLE_DEVICES itself"
-                ));
-            }
+            check_env_name(key).map_err(SpecError::new)?;
             check_text(&format!("command.env.{key}"), value)?;
         }
         if self.time_limit_seconds > MAX_TIME_LIMIT {
@@ -210,6 +282,34 @@ mod tests {
         );
         assert!(expand("a}b", &v).unwrap_err().contains("lone '}'"));
         assert!(expand("{seed", &v).is_err());
+    }
+
+    #[test]
+    fn guards_the_variables_that_change_what_runs_first() {
+        for name in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "BASH_ENV",
+            "ENV",
+            "PYTHONSTARTUP",
+            "PYTHONPATH",
+            "NODE_OPTIONS",
+            "PERL5OPT",
+            "RUBYOPT",
+            "PATH",
+            "JAVA_TOOL_OPTIONS",
+        ] {
+            assert!(guarded_env(name), "{name}");
+        }
+        for name in [
+            "DATA_DIR",
+            "OMP_NUM_THREADS",
+            "ENVIRONMENT",
+            "LANG",
+            "XLD_PRELOAD",
+        ] {
+            assert!(!guarded_env(name), "{name}");
+        }
     }
 
     #[test]

@@ -209,18 +209,25 @@ impl FinetuneSpec {
     }
 }
 
+/// Whether `f` may name a backbone file: a path relative to the workers' `--model-dir`, with no
+/// `..`, empty or control characters. The worker checks a lease's file again before it opens it.
+pub fn check_backbone_file(f: &str) -> Result<(), String> {
+    if f.is_empty()
+        || f.starts_with('/')
+        || f.split('/').any(|part| part == ".." || part.is_empty())
+        || f.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "`backbone.file` = \"{f}\": give a path relative to the workers' --model-dir, without `..`"
+        ));
+    }
+    Ok(())
+}
+
 impl Backbone {
     fn validate(&mut self) -> Result<(), SpecError> {
+        check_backbone_file(&self.file).map_err(SpecError::new)?;
         let f = &self.file;
-        if f.is_empty()
-            || f.starts_with('/')
-            || f.split('/').any(|part| part == ".." || part.is_empty())
-            || f.chars().any(char::is_control)
-        {
-            return invalid(format!(
-                "`backbone.file` = \"{f}\": give a path relative to the workers' --model-dir, without `..`"
-            ));
-        }
         let hex = self.sha256.to_ascii_lowercase();
         if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
             return invalid(format!(

@@ -30,6 +30,24 @@ pub(crate) fn invalid<T>(msg: impl Into<String>) -> Result<T, SpecError> {
     Err(SpecError(msg.into()))
 }
 
+/// Whether `name` may name a dataset: 1 to 64 letters, digits, '-' or '_', not starting with
+/// '-' (a folder under the workers' `--data-dir`, so never a path). The worker checks a lease's
+/// name again before it becomes a path.
+pub fn check_dataset_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !name.starts_with('-');
+    if !valid {
+        return Err(format!(
+            "`dataset` = \"{name}\": a dataset name is 1 to 64 letters, digits, '-' or '_' (e.g. \"cifar10\" or \"synthetic\")"
+        ));
+    }
+    Ok(())
+}
+
 /// What a worker trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
@@ -748,16 +766,8 @@ impl SweepSpec {
                 return invalid("`dataset` is missing: name the dataset (e.g. \"cifar10\")");
             }
         };
-        if (raw.dataset.is_some() || task != Task::Command) && dataset.is_empty()
-            || dataset.len() > 64
-            || !dataset
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            || dataset.starts_with('-')
-        {
-            return invalid(format!(
-                "`dataset` = \"{dataset}\": a dataset name is 1 to 64 letters, digits, '-' or '_' (e.g. \"cifar10\" or \"synthetic\")"
-            ));
+        if raw.dataset.is_some() || task != Task::Command {
+            check_dataset_name(&dataset).map_err(SpecError::new)?;
         }
         let (seeds, design) = design(&raw)?;
         if raw.seed_namespace.len() > 200 || raw.seed_namespace.chars().any(char::is_control) {

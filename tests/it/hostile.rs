@@ -1,0 +1,380 @@
+//! Hostile programs: each case a real program, run by a real worker through a real coordinator
+//! with worker and admin tokens, doing what a stranger's program may do. None of it may leak a
+//! secret, get past `--allow-command`, stop or wedge the worker, or flood its memory or disk.
+
+use seedsweep_tests::{CoordinatorProcess, bin, sqlite_query, stderr, stdout, worker};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const WORKER_TOKEN: &str = "hostile-worker-token-0123456789abcdef";
+const ADMIN_TOKEN: &str = "hostile-admin-token-0123456789abcdef";
+
+/// A coordinator on SQLite with worker and admin tokens, and what its workers need.
+struct Fleet {
+    dir: tempfile::TempDir,
+    db: PathBuf,
+    data: PathBuf,
+    coordinator: CoordinatorProcess,
+}
+
+impl Fleet {
+    fn start() -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, a) = (
+            dir.path().join("worker.token"),
+            dir.path().join("admin.token"),
+        );
+        std::fs::write(&w, WORKER_TOKEN).unwrap();
+        std::fs::write(&a, ADMIN_TOKEN).unwrap();
+        let db = dir.path().join("c.db");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let coordinator = CoordinatorProcess::start(
+            &format!("sqlite://{}", db.display()),
+            &[
+                "--worker-token-file",
+                w.to_str().unwrap(),
+                "--admin-token-file",
+                a.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+        Fleet {
+            dir,
+            db,
+            data,
+            coordinator,
+        }
+    }
+
+    /// Writes an executable script named `name`; its path.
+    fn program(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// `coordinator sweep ARGS` with the admin token from the environment.
+    fn sweep(&self, args: &[&str]) -> Output {
+        Command::new(bin("coordinator"))
+            .arg("sweep")
+            .args(args)
+            .args(["--coordinator", &self.coordinator.url])
+            .env("SEEDSWEEP_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap()
+    }
+
+    /// Submits a command sweep of `program` over `seeds` with `extra` lines in [command]; the
+    /// sweep id and what `submit` said on stderr.
+    fn submit(&self, program: &Path, seeds: &str, attempts: u32, extra: &str) -> (String, String) {
+        let text = format!(
+            "name = \"hostile\"\ntask = \"command\"\nseeds = {seeds}\nmax_attempts = {attempts}\n\
+             retry_backoff_seconds = 0\n[command]\nargv = [{:?}]\n{extra}\n",
+            program.to_str().unwrap()
+        );
+        let file = self
+            .dir
+            .path()
+            .join(format!("{}.toml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&file, text).unwrap();
+        let out = self.sweep(&["submit", file.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        (stdout(&out).trim().to_string(), stderr(&out))
+    }
+
+    /// A CPU worker that may run `program`, with its token given as the README allows (the
+    /// variable SEEDSWEEP_WORKER_TOKEN), exiting once idle.
+    fn worker(&self, program: &Path, extra: &[&str]) -> Command {
+        let mut w = worker(&self.coordinator.url, &self.data);
+        w.arg("--allow-command")
+            .arg(program)
+            .arg("--log-dir")
+            .arg(self.logs())
+            .args(extra)
+            .env("SEEDSWEEP_WORKER_TOKEN", WORKER_TOKEN);
+        w
+    }
+
+    fn logs(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    fn sql(&self, q: &str) -> String {
+        sqlite_query(&self.db, q).trim().to_string()
+    }
+
+    /// Each seed's state, in order, comma-separated.
+    fn states(&self, id: &str) -> String {
+        self.sql(&format!(
+            "SELECT group_concat(state) FROM (SELECT state FROM seeds WHERE sweep_id = '{id}' ORDER BY seed)"
+        ))
+    }
+
+    /// Runs a worker to its end within `limit`; its output. A worker still running then is
+    /// killed and the test fails: it was wedged.
+    fn run_worker(&self, mut w: Command, limit: Duration) -> Output {
+        let child = w
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let started = Instant::now();
+        let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+        while !waiter.is_finished() {
+            if started.elapsed() > limit {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                let out = waiter.join().unwrap();
+                panic!(
+                    "the worker was still running after {limit:?}: wedged\n{}\ncoordinator:\n{}",
+                    stderr(&out),
+                    self.coordinator.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        waiter.join().unwrap()
+    }
+}
+
+/// Whether a process whose command line matches `pattern` is running.
+fn alive(pattern: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Bash that reports epoch 1 and its result, as the protocol asks.
+const REPORT: &str = r#"printf '{"epoch": 1, "train_loss": 1, "train_accuracy": 0.5, "lr": 0.1, "test_loss": 1, "test_accuracy": 0.5}\n' >> "$SEEDSWEEP_METRICS_FILE""#;
+
+/// A program that prints its environment's secrets and fails: neither the failure's recorded
+/// cause nor its log holds the worker's token, or any other of the worker's own settings.
+#[test]
+fn a_program_that_prints_its_environment_learns_no_secret() {
+    let fleet = Fleet::start();
+    let program = fleet.program(
+        "leak.sh",
+        "#!/bin/bash\nenv | grep -e SEEDSWEEP -e SECRET >&2\nexit 1\n",
+    );
+    let (id, _) = fleet.submit(&program, "[0]", 1, "");
+    let spool = fleet.dir.path().join("spool-secret");
+    let mut w = fleet.worker(&program, &[]);
+    w.env("SEEDSWEEP_SPOOL_DIR", &spool)
+        .env("AWS_SECRET_ACCESS_KEY", "not-for-programs");
+    let out = fleet.run_worker(w, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cause = fleet.sql(&format!(
+        "SELECT cause FROM attempts WHERE sweep_id = '{id}' AND outcome = 'failed'"
+    ));
+    // The environment was printed: the run's own variables are in the cause...
+    assert!(cause.contains("SEEDSWEEP_SEED=0"), "{cause}");
+    // ...and nothing of the worker's.
+    for secret in [
+        WORKER_TOKEN,
+        "SEEDSWEEP_WORKER_TOKEN",
+        "not-for-programs",
+        "SEEDSWEEP_SPOOL_DIR",
+    ] {
+        assert!(
+            !cause.contains(secret),
+            "{secret} leaked into the cause:\n{cause}"
+        );
+    }
+    let log = fleet.sql(&format!("SELECT log FROM attempts WHERE sweep_id = '{id}'"));
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(
+        log.contains("SEEDSWEEP_SEED=0") && !log.contains(WORKER_TOKEN),
+        "{log}"
+    );
+}
+
+/// `--allow-command` allows a bash script; a sweep setting BASH_ENV to another file would make
+/// bash run that file first. Refused: the seed goes back uncounted and the worker stops saying
+/// which flag allows it, the file never runs, and `submit` warned. A worker that allows the
+/// variable runs it.
+#[test]
+fn a_sweeps_env_cannot_get_past_allow_command() {
+    let fleet = Fleet::start();
+    let marker = fleet.dir.path().join("evil-ran");
+    let evil = fleet.program("evil.sh", &format!("touch {}\n", marker.display()));
+    let train = fleet.program("train.sh", &format!("#!/bin/bash\n{REPORT}\n"));
+    let (id, warned) = fleet.submit(
+        &train,
+        "[0]",
+        2,
+        &format!("env = {{ BASH_ENV = {:?} }}", evil.to_str().unwrap()),
+    );
+    let refused = fleet.run_worker(fleet.worker(&train, &[]), Duration::from_secs(60));
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("--allow-env BASH_ENV"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!marker.exists(), "BASH_ENV's file ran");
+    assert_eq!(
+        fleet.sql(&format!(
+            "SELECT state, failures FROM seeds WHERE sweep_id = '{id}'"
+        )),
+        "pending|0"
+    );
+    // The warning at submission: no worker had connected yet. Now one that runs train.sh has,
+    // without --allow-env: the warning names the variable.
+    assert!(warned.contains("allows"), "{warned}");
+    let (_, again) = fleet.submit(
+        &train,
+        "[0]",
+        2,
+        &format!("env = {{ BASH_ENV = {:?} }}", evil.to_str().unwrap()),
+    );
+    assert!(again.contains("--allow-env BASH_ENV"), "{again}");
+    let allowed = fleet.run_worker(
+        fleet.worker(&train, &["--allow-env", "BASH_ENV"]),
+        Duration::from_secs(60),
+    );
+    assert!(allowed.status.success(), "{}", stderr(&allowed));
+    assert!(
+        marker.exists(),
+        "a worker that allows BASH_ENV passes it on"
+    );
+}
+
+/// One invalid UTF-8 byte in the reports, and a report line past 1 MiB: each a counted failure
+/// of the program, its first bytes quoted; the worker goes on and ends each seed `failed`
+/// rather than exiting and handing the seed to the next worker.
+#[test]
+fn bad_report_bytes_fail_the_seed_not_the_worker() {
+    let fleet = Fleet::start();
+    let program = fleet.program(
+        "bytes.sh",
+        "#!/bin/bash\n\
+         if [ \"$SEEDSWEEP_SEED\" = 0 ]; then printf '{\"epoch\": 1, \"note\\xff\": 1}\\n' >> \"$SEEDSWEEP_METRICS_FILE\"\n\
+         else head -c 2000000 /dev/zero | tr '\\0' 'x' >> \"$SEEDSWEEP_METRICS_FILE\"; echo >> \"$SEEDSWEEP_METRICS_FILE\"; fi\n",
+    );
+    let (id, _) = fleet.submit(&program, "[0, 1]", 2, "");
+    let out = fleet.run_worker(fleet.worker(&program, &[]), Duration::from_secs(120));
+    assert!(out.status.success(), "the worker stopped: {}", stderr(&out));
+    assert_eq!(
+        fleet.sql(&format!(
+            "SELECT seed, state, failures FROM seeds WHERE sweep_id = '{id}' ORDER BY seed"
+        )),
+        "0|failed|2\n1|failed|2"
+    );
+    let cause = |seed: i64| {
+        fleet.sql(&format!(
+            "SELECT cause FROM attempts WHERE sweep_id = '{id}' AND seed = {seed} LIMIT 1"
+        ))
+    };
+    let utf8 = cause(0);
+    assert!(
+        utf8.contains("not UTF-8") && utf8.contains(r#"{"epoch": 1, "note\xff"#),
+        "{utf8}"
+    );
+    let long = cause(1);
+    assert!(
+        long.contains("longer than 1048576 bytes") && long.contains("xxxx"),
+        "{long}"
+    );
+    assert!(
+        long.len() < 2000,
+        "the cause quotes the line's start, not the line"
+    );
+}
+
+/// A program whose child starts a new session and keeps stdout open (as tools that start
+/// daemons do), and one that double-forks out of its process group: each run ends when its
+/// program exits, its result is recorded, the worker takes the next seed, and nothing the
+/// programs started outlives them.
+#[test]
+fn a_program_that_leaves_a_daemon_does_not_wedge_its_worker() {
+    let fleet = Fleet::start();
+    let program = fleet.program(
+        "daemon.sh",
+        &format!(
+            "#!/bin/bash\n\
+             if [ \"$SEEDSWEEP_SEED\" = 0 ]; then setsid sleep 4001 & else ( setsid sleep 4002 >/dev/null 2>&1 < /dev/null & ) ; fi\n\
+             {REPORT}\nexit 0\n"
+        ),
+    );
+    let (id, _) = fleet.submit(&program, "[0, 1]", 1, "");
+    let out = fleet.run_worker(fleet.worker(&program, &[]), Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fleet.states(&id), "done,done");
+    assert!(
+        !alive("^sleep 4001$"),
+        "the session leader's daemon outlived its run"
+    );
+    assert!(
+        !alive("^sleep 4002$"),
+        "the double-forked daemon outlived its run"
+    );
+}
+
+/// 300 MiB of progress bars (`\r`, no newline), and 300 MiB on one endless line: the worker's
+/// memory stays bounded, and the run's log within its 32 MiB on disk.
+#[test]
+fn a_flood_of_output_is_bounded_in_memory_and_on_disk() {
+    let _heavy = crate::heavy();
+    let fleet = Fleet::start();
+    let program = fleet.program(
+        "flood.sh",
+        &format!(
+            "#!/bin/bash\n\
+             if [ \"$SEEDSWEEP_SEED\" = 0 ]; then yes \"$(printf 'step %.0s' {{1..9}})$(printf '\\r')\" | head -c 314572800\n\
+             else head -c 314572800 /dev/zero | tr '\\0' 'x'; fi\n\
+             {REPORT}\n"
+        ),
+    );
+    let (id, _) = fleet.submit(&program, "[0, 1]", 1, "");
+    let child = fleet
+        .worker(&program, &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    let started = Instant::now();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    while !waiter.is_finished() && started.elapsed() < Duration::from_secs(240) {
+        // Anonymous memory: what the worker allocates (its mapped libraries, libtorch's
+        // 300 MiB among them, come and go with the page cache).
+        if let Some(anon) = std::fs::read_to_string(&status).ok().and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("RssAnon:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        }) {
+            peak_kib = peak_kib.max(anon);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = waiter.join().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fleet.states(&id), "done,done");
+    // A CPU worker with libtorch loaded holds about 190 MiB of anonymous memory, flood or
+    // none; the floods, were they kept, would add 300 MiB or more.
+    assert!(
+        peak_kib < 256 << 10,
+        "the worker's anonymous memory peaked at {} MiB",
+        peak_kib >> 10
+    );
+    for seed in [0, 1] {
+        let log = PathBuf::from(fleet.sql(&format!(
+            "SELECT log FROM attempts WHERE sweep_id = '{id}' AND seed = {seed}"
+        )));
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let mut older = log.clone().into_os_string();
+        older.push(".1");
+        let total = size(&log) + size(Path::new(&older));
+        assert!(total <= 32 << 20, "seed {seed}'s log takes {total} bytes");
+        assert!(total > 0);
+    }
+}

@@ -1,0 +1,419 @@
+//! Containment: every process a run starts ends with the run, whatever it did to escape (a new
+//! session, a new process group, a double fork). Two mechanisms, chosen once at start
+//! ([`init`], logged):
+//!
+//! - **cgroup**: where this process may create cgroup v2 groups below its own (root, or a
+//!   delegated subtree) and the kernel has `cgroup.kill`, each run gets a group of its own,
+//!   entered before the program's first instruction; ending the run kills the group.
+//! - **subreaper**: otherwise. The worker is a child subreaper (`PR_SET_CHILD_SUBREAPER`), so
+//!   what a run orphans is re-parented to it rather than to init; a run's processes are found by
+//!   their ancestry and by the run's id in their environment, stopped, then killed.
+//!
+//! Either way the worker reaps what it inherits.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How a worker contains its runs.
+#[derive(Debug)]
+pub enum Mechanism {
+    /// Each run in a cgroup v2 group under this folder (the worker's own group's child).
+    Cgroup(PathBuf),
+    /// Each run found by ancestry and environment, the worker their subreaper.
+    Subreaper,
+}
+
+static MECHANISM: OnceLock<Mechanism> = OnceLock::new();
+
+/// The variable that carries a run's id into its processes' environments (found there again
+/// when the subreaper looks for what the run left).
+pub const RUN_ID_VAR: &str = "SEEDSWEEP_RUN_ID";
+
+/// Makes this process a subreaper and chooses the mechanism, once; returns it.
+pub fn init() -> &'static Mechanism {
+    MECHANISM.get_or_init(|| {
+        // SAFETY: prctl with an integer argument; no memory is involved.
+        let subreaper = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == 0;
+        if !subreaper {
+            tracing::warn!(
+                "cannot become a child subreaper: processes a program orphans escape to init"
+            );
+        }
+        match cgroup_base() {
+            Ok(base) => Mechanism::Cgroup(base),
+            Err(why) => {
+                tracing::debug!(%why, "no cgroup v2 group for runs");
+                Mechanism::Subreaper
+            }
+        }
+    })
+}
+
+impl std::fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mechanism::Cgroup(dir) => write!(f, "cgroup v2 ({})", dir.display()),
+            Mechanism::Subreaper => write!(f, "subreaper"),
+        }
+    }
+}
+
+/// A folder for this worker's run groups below its own cgroup v2 group, made now, if the host
+/// lets this process make one and the kernel can kill a group.
+fn cgroup_base() -> Result<PathBuf, String> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let mount = mounts
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split(' ').next() == Some("cgroup2")).then(|| left.split(' ').nth(4))?
+        })
+        .ok_or("no cgroup2 file system is mounted")?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("this process is in no cgroup v2 group")?;
+    let group = Path::new(mount).join(own.trim_start_matches('/'));
+    if !group.join("cgroup.kill").exists() {
+        return Err(format!(
+            "{} has no cgroup.kill (Linux 5.14 or later)",
+            group.display()
+        ));
+    }
+    let base = group.join(format!("seedsweep-worker-{}", std::process::id()));
+    std::fs::create_dir(&base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+    Ok(base)
+}
+
+/// Removes the worker's folder of run groups (at exit; empty by then).
+pub fn finish() {
+    if let Some(Mechanism::Cgroup(base)) = MECHANISM.get() {
+        let _ = std::fs::remove_dir(base);
+    }
+}
+
+/// The main processes of the runs going now: the reaper leaves them to their `Child`.
+static MAINS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+fn mains() -> std::sync::MutexGuard<'static, Vec<i32>> {
+    MAINS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One run's processes.
+pub struct Contained {
+    id: String,
+    main: i32,
+    group: Option<PathBuf>,
+    /// Processes seen in the run's tree (pid and start time, so a reused pid is not taken).
+    seen: HashSet<(i32, u64)>,
+}
+
+/// Prepares `cmd` to start contained: its own process group, the run's id in its environment
+/// and, under cgroup, a fresh group that the child enters before it runs the program.
+pub fn prepare(cmd: &mut std::process::Command) -> std::io::Result<Prepared> {
+    let id = format!("{:032x}", rand::random::<u128>());
+    cmd.env(RUN_ID_VAR, &id).process_group(0);
+    let group = match init() {
+        Mechanism::Cgroup(base) => {
+            let dir = base.join(format!("run-{id}"));
+            std::fs::create_dir(&dir)?;
+            let procs = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))?;
+            // SAFETY: between fork and exec the child only calls write(2) on an open file.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut f = &procs;
+                    f.write_all(b"0")
+                });
+            }
+            Some(dir)
+        }
+        Mechanism::Subreaper => None,
+    };
+    Ok(Prepared { id, group })
+}
+
+/// A run ready to start: what [`Prepared::started`] needs of it.
+pub struct Prepared {
+    id: String,
+    group: Option<PathBuf>,
+}
+
+impl Prepared {
+    /// The run's main process started as `pid`.
+    pub fn started(self, pid: u32) -> Contained {
+        mains().push(pid as i32);
+        Contained {
+            id: self.id,
+            main: pid as i32,
+            group: self.group,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// The program did not start: its group goes.
+    pub fn abandon(self) {
+        if let Some(dir) = self.group {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+impl Contained {
+    /// Notes the run's processes now (subreaper: so that what the main process orphans later
+    /// is still known as the run's). Cheap enough to call every half second.
+    pub fn watch(&mut self) {
+        if self.group.is_none() {
+            let table = ProcTable::read();
+            self.seen.extend(table.tree(&[self.main]));
+        }
+    }
+
+    /// Sends `signal` to every process of the run but the main one (which has its `Child`).
+    pub fn signal_all(&mut self, signal: i32) {
+        for pid in self.members() {
+            signal_pid(pid, signal);
+        }
+        // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
+        unsafe {
+            libc::kill(-self.main, signal);
+        }
+    }
+
+    /// The run's processes now, its main process included while it lives.
+    fn members(&mut self) -> Vec<i32> {
+        match &self.group {
+            Some(dir) => std::fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect(),
+            None => {
+                let table = ProcTable::read();
+                let mut roots: Vec<i32> = vec![self.main];
+                roots.extend(self.seen.iter().map(|(p, _)| *p));
+                let mut found = table.tree(&roots);
+                found.extend(table.marked(&self.id));
+                if mains().len() <= 1 {
+                    // No other run goes on: any orphan the worker inherited is this run's.
+                    found.extend(table.orphans());
+                }
+                self.seen.extend(found.iter().copied());
+                found
+                    .into_iter()
+                    .filter(|p| table.alive(*p))
+                    .map(|(p, _)| p)
+                    .collect()
+            }
+        }
+    }
+
+    /// Ends every process of the run (the main one included) and reaps what the worker
+    /// inherited; at most a few seconds, whatever the processes do.
+    pub fn kill_all(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        if let Some(dir) = &self.group {
+            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        } else {
+            // Stopped first, so that none forks a new one between the look and the kill.
+            while Instant::now() < deadline {
+                let before = self.seen.len();
+                self.signal_all(libc::SIGSTOP);
+                if self.seen.len() == before {
+                    break;
+                }
+            }
+        }
+        self.signal_all(libc::SIGKILL);
+        while Instant::now() < deadline {
+            reap_orphans();
+            if self.emptied() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether no process of the run lives on (its main one aside, which its `Child` waits for).
+    fn emptied(&mut self) -> bool {
+        match &self.group {
+            Some(dir) => std::fs::read_to_string(dir.join("cgroup.events"))
+                .map_or(true, |events| events.lines().any(|l| l == "populated 0")),
+            None => self.members().iter().all(|p| *p == self.main),
+        }
+    }
+}
+
+impl Drop for Contained {
+    fn drop(&mut self) {
+        self.kill_all();
+        mains().retain(|p| *p != self.main);
+        if let Some(dir) = &self.group {
+            let _ = std::fs::remove_dir(dir);
+        }
+        reap_orphans();
+    }
+}
+
+/// Every run's processes (a second signal: the worker exits now).
+pub fn kill_every_run() {
+    match MECHANISM.get() {
+        Some(Mechanism::Cgroup(base)) => {
+            for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
+                let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
+            }
+        }
+        _ => {
+            let table = ProcTable::read();
+            let roots = mains().clone();
+            for (pid, _) in table.tree(&roots).into_iter().chain(table.orphans()) {
+                signal_pid(pid, libc::SIGKILL);
+            }
+        }
+    }
+    for pid in mains().iter() {
+        signal_pid(*pid, libc::SIGKILL);
+    }
+}
+
+fn signal_pid(pid: i32, signal: i32) {
+    if pid > 1 {
+        // SAFETY: kill(2) on one process; no memory is involved.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// Waits for the worker's children that have ended and are no run's main process: the
+/// processes a run orphaned, inherited by the subreaper.
+fn reap_orphans() {
+    let me = std::process::id() as i32;
+    let mains = mains().clone();
+    for p in ProcTable::read().procs {
+        if p.ppid == me && p.zombie && !mains.contains(&p.pid) {
+            // SAFETY: waitpid(2) on one ended child, without blocking.
+            unsafe {
+                libc::waitpid(p.pid, std::ptr::null_mut(), libc::WNOHANG);
+            }
+        }
+    }
+}
+
+/// One process of `/proc`.
+struct Proc {
+    pid: i32,
+    ppid: i32,
+    start: u64,
+    zombie: bool,
+}
+
+/// A look at every process of the host.
+struct ProcTable {
+    procs: Vec<Proc>,
+}
+
+impl ProcTable {
+    fn read() -> ProcTable {
+        let procs = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter_map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                parse_stat(pid, &stat)
+            })
+            .collect();
+        ProcTable { procs }
+    }
+
+    /// `roots`' living descendants, and the roots themselves while they live.
+    fn tree(&self, roots: &[i32]) -> Vec<(i32, u64)> {
+        let mut found: Vec<(i32, u64)> = Vec::new();
+        let mut frontier: Vec<i32> = roots.to_vec();
+        let mut known: HashSet<i32> = HashSet::new();
+        while let Some(parent) = frontier.pop() {
+            if !known.insert(parent) {
+                continue;
+            }
+            for p in &self.procs {
+                if p.pid == parent && !p.zombie {
+                    found.push((p.pid, p.start));
+                }
+                if p.ppid == parent {
+                    frontier.push(p.pid);
+                }
+            }
+        }
+        found
+    }
+
+    /// Living processes whose environment carries the run's id.
+    fn marked(&self, id: &str) -> Vec<(i32, u64)> {
+        let needle = format!("{RUN_ID_VAR}={id}");
+        self.procs
+            .iter()
+            .filter(|p| !p.zombie)
+            .filter(|p| {
+                std::fs::read(format!("/proc/{}/environ", p.pid))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == needle.as_bytes()))
+            })
+            .map(|p| (p.pid, p.start))
+            .collect()
+    }
+
+    /// Living children of the worker that are no run's main process.
+    fn orphans(&self) -> Vec<(i32, u64)> {
+        let me = std::process::id() as i32;
+        let mains = mains().clone();
+        self.procs
+            .iter()
+            .filter(|p| p.ppid == me && !p.zombie && !mains.contains(&p.pid))
+            .map(|p| (p.pid, p.start))
+            .collect()
+    }
+
+    fn alive(&self, (pid, start): (i32, u64)) -> bool {
+        self.procs
+            .iter()
+            .any(|p| p.pid == pid && p.start == start && !p.zombie)
+    }
+}
+
+/// `/proc/PID/stat`: the parent, the start time and whether the process has ended. The command
+/// name (field 2) may hold spaces and parentheses: the fields after it follow its last `)`.
+fn parse_stat(pid: i32, stat: &str) -> Option<Proc> {
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    Some(Proc {
+        pid,
+        zombie: matches!(fields.first()?.chars().next()?, 'Z' | 'X'),
+        ppid: fields.get(1)?.parse().ok()?,
+        start: fields.get(19)?.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_stat_line_whose_name_holds_parentheses() {
+        let line =
+            "4242 (a) b (c)) S 17 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        let p = parse_stat(4242, line).unwrap();
+        assert_eq!(
+            (p.pid, p.ppid, p.start, p.zombie),
+            (4242, 17, 987654, false)
+        );
+        let z = parse_stat(7, "7 (x) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0").unwrap();
+        assert!(z.zombie);
+    }
+}
