@@ -293,30 +293,56 @@ fn bad_report_bytes_fail_the_seed_not_the_worker() {
 /// A program whose child starts a new session and keeps stdout open (as tools that start
 /// daemons do), and one that double-forks out of its process group: each run ends when its
 /// program exits, its result is recorded, the worker takes the next seed, and nothing the
-/// programs started outlives them.
-#[test]
-fn a_program_that_leaves_a_daemon_does_not_wedge_its_worker() {
+/// programs started outlives them. Under `containment`; the worker's log.
+fn daemons_end_with_their_run(containment: &str) -> Result<String, String> {
     let fleet = Fleet::start();
+    let tag = if containment == "cgroup" { 1 } else { 2 };
     let program = fleet.program(
         "daemon.sh",
         &format!(
             "#!/bin/bash\n\
-             if [ \"$SEEDSWEEP_SEED\" = 0 ]; then setsid sleep 4001 & else ( setsid sleep 4002 >/dev/null 2>&1 < /dev/null & ) ; fi\n\
+             if [ \"$SEEDSWEEP_SEED\" = 0 ]; then setsid sleep 40{tag}1 & else ( setsid sleep 40{tag}2 >/dev/null 2>&1 < /dev/null & ) ; fi\n\
              {REPORT}\nexit 0\n"
         ),
     );
     let (id, _) = fleet.submit(&program, "[0, 1]", 1, "");
-    let out = fleet.run_worker(fleet.worker(&program, &[]), Duration::from_secs(60));
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = fleet.run_worker(
+        fleet.worker(&program, &["--containment", containment]),
+        Duration::from_secs(60),
+    );
+    if !out.status.success() {
+        return Err(stderr(&out));
+    }
     assert_eq!(fleet.states(&id), "done,done");
     assert!(
-        !alive("^sleep 4001$"),
+        !alive(&format!("^sleep 40{tag}1$")),
         "the session leader's daemon outlived its run"
     );
     assert!(
-        !alive("^sleep 4002$"),
+        !alive(&format!("^sleep 40{tag}2$")),
         "the double-forked daemon outlived its run"
     );
+    Ok(stderr(&out))
+}
+
+#[test]
+fn a_program_that_leaves_a_daemon_does_not_wedge_its_worker_under_the_subreaper() {
+    let log = daemons_end_with_their_run("subreaper").unwrap();
+    assert!(log.contains("containment=subreaper"), "{log}");
+}
+
+/// The same in a cgroup v2 group per run, where the host lets the worker make one (root, or a
+/// delegated subtree, and Linux 5.14); elsewhere the worker refuses `--containment cgroup` at
+/// start, saying why, and this test says it was skipped.
+#[test]
+fn a_program_that_leaves_a_daemon_does_not_wedge_its_worker_in_a_cgroup() {
+    match daemons_end_with_their_run("cgroup") {
+        Ok(log) => assert!(log.contains("containment=cgroup v2"), "{log}"),
+        Err(log) if log.contains("--containment cgroup: ") => {
+            eprintln!("skipped: this host gives the worker no cgroup v2 group: {log}")
+        }
+        Err(log) => panic!("{log}"),
+    }
 }
 
 /// 300 MiB of progress bars (`\r`, no newline), and 300 MiB on one endless line: the worker's

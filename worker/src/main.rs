@@ -123,6 +123,17 @@ struct RunArgs {
     /// repeat for more. Without it the worker hands such a seed back and stops.
     #[arg(long = "allow-env", value_name = "NAME")]
     allow_env: Vec<String>,
+    /// How every process a program starts is ended with its run: `cgroup` (a cgroup v2 group
+    /// per run, killed whole; needs a cgroup v2 hierarchy this worker may create groups in, and
+    /// Linux 5.14), `subreaper` (the worker adopts what a program orphans and finds a run's
+    /// processes by ancestry and environment), or `auto`: cgroup where the host allows it.
+    #[arg(
+        long,
+        value_enum,
+        env = "SEEDSWEEP_CONTAINMENT",
+        default_value = "auto"
+    )]
+    containment: seedsweep_worker::command::contain::Choice,
     /// Folder for the output (stdout and stderr) and reports of each command run, one log file
     /// per lease, cut at 32 MiB (default: ${XDG_STATE_HOME:-~/.local/state}/seedsweep/logs).
     #[arg(long, env = "SEEDSWEEP_LOG_DIR", value_name = "DIR")]
@@ -530,7 +541,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let env_policy = seedsweep_worker::command::env::EnvPolicy::new(args.pass_env, args.allow_env)
         .map_err(anyhow::Error::msg)?;
     if !allowed_commands.is_empty() {
-        let containment = seedsweep_worker::command::contain::init();
+        let containment = seedsweep_worker::command::contain::init(args.containment)
+            .map_err(anyhow::Error::msg)?;
         tracing::info!(%containment, "programs run contained");
     }
     let allowed_programs = (args.allow_command.iter().cloned())

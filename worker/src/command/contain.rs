@@ -1,6 +1,6 @@
 //! Containment: every process a run starts ends with the run, whatever it did to escape (a new
 //! session, a new process group, a double fork). Two mechanisms, chosen once at start
-//! ([`init`], logged):
+//! ([`init`], `--containment`, logged):
 //!
 //! - **cgroup**: where this process may create cgroup v2 groups below its own (root, or a
 //!   delegated subtree) and the kernel has `cgroup.kill`, each run gets a group of its own,
@@ -33,24 +33,48 @@ static MECHANISM: OnceLock<Mechanism> = OnceLock::new();
 /// when the subreaper looks for what the run left).
 pub const RUN_ID_VAR: &str = "SEEDSWEEP_RUN_ID";
 
-/// Makes this process a subreaper and chooses the mechanism, once; returns it.
-pub fn init() -> &'static Mechanism {
-    MECHANISM.get_or_init(|| {
-        // SAFETY: prctl with an integer argument; no memory is involved.
-        let subreaper = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == 0;
-        if !subreaper {
-            tracing::warn!(
-                "cannot become a child subreaper: processes a program orphans escape to init"
-            );
-        }
-        match cgroup_base() {
-            Ok(base) => Mechanism::Cgroup(base),
-            Err(why) => {
+/// Which mechanism a worker asks for (`--containment`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Choice {
+    /// cgroup v2 where the host allows it, else subreaper.
+    Auto,
+    /// cgroup v2, or the worker does not start.
+    Cgroup,
+    /// subreaper, even where cgroup v2 would do.
+    Subreaper,
+}
+
+/// Makes this process a subreaper and chooses the mechanism, once (a later call returns the
+/// first choice's mechanism); an error when `Cgroup` was asked for and the host has none.
+pub fn init(choice: Choice) -> Result<&'static Mechanism, String> {
+    if let Some(m) = MECHANISM.get() {
+        return Ok(m);
+    }
+    // SAFETY: prctl with an integer argument; no memory is involved.
+    let subreaper = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == 0;
+    if !subreaper {
+        tracing::warn!(
+            "cannot become a child subreaper: processes a program orphans escape to init"
+        );
+    }
+    let mechanism = match choice {
+        Choice::Subreaper => Mechanism::Subreaper,
+        Choice::Auto => cgroup_base().map_or_else(
+            |why| {
                 tracing::debug!(%why, "no cgroup v2 group for runs");
                 Mechanism::Subreaper
-            }
+            },
+            Mechanism::Cgroup,
+        ),
+        Choice::Cgroup => {
+            Mechanism::Cgroup(cgroup_base().map_err(|why| format!("--containment cgroup: {why}"))?)
         }
-    })
+    };
+    Ok(MECHANISM.get_or_init(|| mechanism))
+}
+
+fn mechanism() -> &'static Mechanism {
+    init(Choice::Auto).unwrap_or(&Mechanism::Subreaper)
 }
 
 impl std::fmt::Display for Mechanism {
@@ -79,14 +103,16 @@ fn cgroup_base() -> Result<PathBuf, String> {
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or("this process is in no cgroup v2 group")?;
     let group = Path::new(mount).join(own.trim_start_matches('/'));
-    if !group.join("cgroup.kill").exists() {
-        return Err(format!(
-            "{} has no cgroup.kill (Linux 5.14 or later)",
-            group.display()
-        ));
-    }
     let base = group.join(format!("seedsweep-worker-{}", std::process::id()));
     std::fs::create_dir(&base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+    // The root group has no cgroup.kill of its own: the group made below it tells.
+    if !base.join("cgroup.kill").exists() {
+        let _ = std::fs::remove_dir(&base);
+        return Err(format!(
+            "{} has no cgroup.kill (Linux 5.14 or later)",
+            base.display()
+        ));
+    }
     Ok(base)
 }
 
@@ -118,7 +144,7 @@ pub struct Contained {
 pub fn prepare(cmd: &mut std::process::Command) -> std::io::Result<Prepared> {
     let id = format!("{:032x}", rand::random::<u128>());
     cmd.env(RUN_ID_VAR, &id).process_group(0);
-    let group = match init() {
+    let group = match mechanism() {
         Mechanism::Cgroup(base) => {
             let dir = base.join(format!("run-{id}"));
             std::fs::create_dir(&dir)?;
