@@ -3,8 +3,11 @@
 # reported through the helper, and a 10,000-example bitmap) run N times alone, one after the
 # other, against a sweep of the same N seeds run by one CPU worker (its start included) through
 # a coordinator on SQLite. Alternated REPS times; prints the medians and the overhead per run.
+# With BASELINE set to another build's binaries folder (for example a worktree of an earlier
+# commit, built with cargo build --release --bins), each repetition runs the sweep with those
+# too, so that the two builds' overheads are measured side by side.
 #
-#   bench/command.sh [N] [REPS]      (defaults: 20 and 3)
+#   [BASELINE=DIR] bench/command.sh [N] [REPS]      (defaults: 20 and 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-20}
@@ -19,7 +22,31 @@ program="$PWD/bench/command_program.py"
 now() { date +%s%N; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-alone=(); swept=()
+# One sweep of the N seeds through the coordinator and worker in $1; its wall time (ms) in
+# $elapsed.
+sweep() {
+  local b=$1 tag=$2 db="$work/c$2.db" cpid coord start pass=()
+  "$b/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/addr$tag" \
+    --database-url "sqlite://$db" 2>>"$work/coordinator.log" &
+  cpid=$!
+  for _ in $(seq 300); do [ -s "$work/addr$tag" ] && break; sleep 0.1; done
+  coord="http://$(cat "$work/addr$tag")"
+  printf 'name = "overhead"\ntask = "command"\nseeds = "0..%s"\n[command]\nargv = ["python3", "%s"]\nepochs = 24\n' \
+    "$n" "$program" >"$work/sweep.toml"
+  "$b/coordinator" sweep --coordinator "$coord" submit "$work/sweep.toml" >/dev/null 2>&1
+  # A worker that builds its programs' environment is told to pass PYTHONPATH on; an older one
+  # passes its whole environment.
+  if "$b/worker" --help | grep -q -- --pass-env; then pass=(--pass-env PYTHONPATH); fi
+  start=$(now)
+  "$b/worker" --cpu --threads 1 --exit-when-idle --coordinator "$coord" --allow-command python3 "${pass[@]}" \
+    --data-dir "$work/data" --spool-dir "$work/spool$tag" --log-dir "$work/logs$tag" 2>>"$work/worker.log"
+  elapsed=$(( ($(now) - start) / 1000000 ))
+  done_seeds=$(sqlite3 "$db" "SELECT count(*) FROM results")
+  [ "$done_seeds" = "$n" ] || { echo "only $done_seeds of $n seeds finished ($b)" >&2; exit 1; }
+  kill $cpid; wait $cpid 2>/dev/null || true
+}
+
+alone=(); swept=(); base=()
 for rep in $(seq "$reps"); do
   start=$(now)
   for seed in $(seq 0 $((n - 1))); do
@@ -27,22 +54,8 @@ for rep in $(seq "$reps"); do
   done
   alone+=("$(( ($(now) - start) / 1000000 ))")
 
-  db="$work/c$rep.db"
-  "$bin/coordinator" serve --listen 127.0.0.1:0 --addr-file "$work/addr$rep" \
-    --database-url "sqlite://$db" 2>>"$work/coordinator.log" &
-  cpid=$!
-  for _ in $(seq 300); do [ -s "$work/addr$rep" ] && break; sleep 0.1; done
-  coord="http://$(cat "$work/addr$rep")"
-  printf 'name = "overhead"\ntask = "command"\nseeds = "0..%s"\n[command]\nargv = ["python3", "%s"]\nepochs = 24\n' \
-    "$n" "$program" >"$work/sweep.toml"
-  "$bin/coordinator" sweep --coordinator "$coord" submit "$work/sweep.toml" >/dev/null
-  start=$(now)
-  "$bin/worker" --cpu --threads 1 --exit-when-idle --coordinator "$coord" --allow-command python3 --pass-env PYTHONPATH \
-    --data-dir "$work/data" --spool-dir "$work/spool$rep" --log-dir "$work/logs$rep" 2>>"$work/worker.log"
-  swept+=("$(( ($(now) - start) / 1000000 ))")
-  done_seeds=$(sqlite3 "$db" "SELECT count(*) FROM results")
-  [ "$done_seeds" = "$n" ] || { echo "only $done_seeds of $n seeds finished" >&2; exit 1; }
-  kill $cpid; wait $cpid 2>/dev/null || true
+  sweep "$bin" "$rep"; swept+=("$elapsed")
+  if [ -n "${BASELINE:-}" ]; then sweep "$BASELINE" "b$rep"; base+=("$elapsed"); fi
 done
 a=$(printf '%s\n' "${alone[@]}" | median)
 s=$(printf '%s\n' "${swept[@]}" | median)
@@ -51,3 +64,9 @@ printf '%-34s %10s\n' "alone, all runs (ms, median)" "$a"
 printf '%-34s %10s\n' "through seedsweep (ms, median)" "$s"
 printf '%-34s %10.3f\n' "overhead per run (s)" "$(echo "($s - $a) / $n / 1000" | bc -l)"
 echo "alone: ${alone[*]}; through seedsweep: ${swept[*]}" >&2
+if [ -n "${BASELINE:-}" ]; then
+  b=$(printf '%s\n' "${base[@]}" | median)
+  printf '%-34s %10s\n' "baseline build (ms, median)" "$b"
+  printf '%-34s %10.3f\n' "baseline overhead per run (s)" "$(echo "($b - $a) / $n / 1000" | bc -l)"
+  echo "baseline: ${base[*]}" >&2
+fi

@@ -129,6 +129,7 @@ async fn simulate(url: String, n: usize, args: Pace, until: Instant) -> anyhow::
             sweep_id: l.sweep_id,
             seed: l.seed,
             fence: l.fence,
+            key: l.key,
         };
         let beat = pb::HeartbeatRequest {
             lease: Some(lease.clone()),

@@ -6,6 +6,7 @@
 //! - [`service`] is the gRPC service, converting proto messages to core's domain types;
 //! - [`server`] is the start-up seam, with [`auth`] (tokens and roles) and [`metrics`];
 //! - [`config`] serve's settings; [`fleet`] which programs the connected workers allow;
+//!   [`lease_keys`] the check that a write under a lease comes from the worker granted it;
 //! - [`dashboard`] the web pages; [`export`] results and epochs as CSV or Parquet (for
 //!   `sweep export` and the dashboard's downloads).
 //!
@@ -16,6 +17,7 @@ pub mod config;
 pub mod dashboard;
 pub mod export;
 pub mod fleet;
+pub mod lease_keys;
 pub mod metrics;
 pub mod server;
 pub mod service;

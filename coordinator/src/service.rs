@@ -49,6 +49,7 @@ pub struct CoordinatorService {
     shapes: Shapes,
     epochs: EpochWriter,
     allowed: crate::fleet::Allowed,
+    keys: crate::lease_keys::LeaseKeys,
 }
 
 impl CoordinatorService {
@@ -58,11 +59,20 @@ impl CoordinatorService {
             shapes: Shapes::new(store.clone()),
             epochs: EpochWriter::start(store.clone()),
             allowed: Default::default(),
+            keys: Default::default(),
             store,
             lease_ttl,
             metrics,
             recorded,
         }
+    }
+
+    /// The lease a write names, if the caller presents its key ([`crate::lease_keys`]).
+    async fn held(&self, lease: Option<&pb::LeaseRef>) -> Result<LeaseRef, Status> {
+        let named = lease_ref(lease)?;
+        let key = lease.map_or(&[][..], |l| &l.key[..]);
+        self.keys.check(self.store.as_ref(), named, key).await?;
+        Ok(named)
     }
 
     /// A warning when no worker connected lately would run a command sweep: none allows its
@@ -468,7 +478,7 @@ async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, f64) {
 }
 
 /// The one place store errors become gRPC statuses.
-fn status(e: StoreError) -> Status {
+pub(crate) fn status(e: StoreError) -> Status {
     match e {
         StoreError::SweepNotFound(_) | StoreError::SeedNotFound { .. } => {
             Status::not_found(e.to_string())
@@ -1062,6 +1072,7 @@ impl Coordinator for CoordinatorService {
         );
         let outcome = match claimed.map_err(status)? {
             ClaimOutcome::Leased(l) => {
+                self.keys.granted(l.lease, &l.key);
                 tracing::info!(sweep = %l.lease.sweep_id, seed = l.lease.seed, fence = l.lease.fence, worker, token, "seed leased");
                 pb::lease_seed_response::Outcome::Lease(pb::Lease {
                     sweep_id: l.lease.sweep_id.to_string(),
@@ -1075,6 +1086,7 @@ impl Coordinator for CoordinatorService {
                     seed_namespace: l.seed_namespace,
                     finetune: l.finetune.as_ref().map(finetune_pb),
                     command: l.command.map(command_pb),
+                    key: l.key.0.to_vec(),
                 })
             }
             ClaimOutcome::Empty { outstanding } => {
@@ -1090,7 +1102,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let lease = lease_ref(req.get_ref().lease.as_ref())?;
+        let lease = self.held(req.get_ref().lease.as_ref()).await?;
         let worker = &req.get_ref().worker_id;
         if !worker.is_empty() {
             self.metrics.saw_worker(worker_id(worker)?);
@@ -1110,7 +1122,7 @@ impl Coordinator for CoordinatorService {
         let mut received = 0u32;
         let mut verdicts = std::collections::VecDeque::new();
         while let Some(m) = stream.message().await? {
-            let lease = lease_ref(m.lease.as_ref())?;
+            let lease = self.held(m.lease.as_ref()).await?;
             let record = epoch_record(&m)?;
             let shape = self.shapes.of(lease.sweep_id).await?;
             if u64::from(received) >= stream_limit(shape.epochs) {
@@ -1145,7 +1157,7 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::CompleteSeedRequest>,
     ) -> Result<Response<pb::CompleteSeedResponse>, Status> {
         let r = req.get_ref();
-        let lease = lease_ref(r.lease.as_ref())?;
+        let lease = self.held(r.lease.as_ref()).await?;
         epoch_number("epochs", r.epochs)?;
         let result = SeedResult {
             seed: lease.seed,
@@ -1210,7 +1222,7 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::FailSeedRequest>,
     ) -> Result<Response<pb::FailSeedResponse>, Status> {
         let r = req.get_ref();
-        let lease = lease_ref(r.lease.as_ref())?;
+        let lease = self.held(r.lease.as_ref()).await?;
         let worker = worker_id(&r.worker_id)?;
         self.metrics.saw_worker(worker);
         let cause: String = r.cause.chars().take(4096).collect();

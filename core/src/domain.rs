@@ -182,6 +182,8 @@ names!(SweepState {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
     pub lease: LeaseRef,
+    /// The lease's key: only the worker granted the lease receives it.
+    pub key: LeaseKey,
     pub task: Task,
     pub dataset: String,
     pub train: TrainSettings,
@@ -189,6 +191,24 @@ pub struct Lease {
     pub seed_namespace: String,
     pub finetune: Option<crate::spec::finetune::FinetuneSpec>,
     pub command: Option<crate::spec::command::CommandSpec>,
+}
+
+/// The secret of one lease: 128 random bits that only the worker granted the lease receives and
+/// that every write under it presents. The store keeps only its SHA-256; the coordinator
+/// compares hashes in constant time.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct LeaseKey(pub [u8; 16]);
+
+impl LeaseKey {
+    pub fn random() -> LeaseKey {
+        LeaseKey(rand::random())
+    }
+}
+
+impl fmt::Debug for LeaseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LeaseKey(..)")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -404,3 +404,73 @@ fn a_flood_of_output_is_bounded_in_memory_and_on_disk() {
         assert!(total > 0);
     }
 }
+
+/// A holder of the worker token forges the result of a seed another worker is training: the
+/// lease named with its fence guessed (1), a better score under worker id "forger". Refused
+/// for want of the lease's key; the honest worker's result is the seed's.
+#[test]
+fn a_forged_result_under_another_workers_lease_is_refused() {
+    use seedsweep_proto::v1 as pb;
+    let fleet = Fleet::start();
+    let program = fleet.program("slow.sh", &format!("#!/bin/bash\nsleep 3\n{REPORT}\n"));
+    let (id, _) = fleet.submit(&program, "[0]", 1, "");
+    let mut honest = fleet.worker(&program, &[]);
+    let honest = honest.spawn().unwrap();
+    seedsweep_tests::wait_until("the seed is leased", Duration::from_secs(30), || {
+        fleet.states(&id) == "leased"
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let refusals = runtime.block_on(async {
+        let connection = seedsweep_proto::client::Connection {
+            url: fleet.coordinator.url.clone(),
+            token: Some(WORKER_TOKEN.into()),
+            ..Default::default()
+        };
+        let mut c = connection.connect().await.unwrap();
+        let lease = Some(pb::LeaseRef {
+            sweep_id: id.clone(),
+            seed: 0,
+            fence: 1,
+            key: vec![0; 16],
+        });
+        let epoch = pb::EpochMetrics {
+            lease: lease.clone(),
+            epoch: 1,
+            train_loss: 0.01,
+            train_accuracy: 0.999,
+            test_loss: Some(0.01),
+            test_accuracy: Some(0.999),
+            lr: 0.1,
+            seconds: 1.0,
+            ..Default::default()
+        };
+        let streamed = c.stream_epoch_metrics(tokio_stream::iter([epoch])).await;
+        let completed = c
+            .complete_seed(pb::CompleteSeedRequest {
+                lease,
+                worker_id: "forger".into(),
+                test_accuracy: 0.999,
+                test_loss: 0.01,
+                train_loss: 0.01,
+                train_accuracy: 0.999,
+                epochs: 1,
+                seconds: 1.0,
+                device: "cpu".into(),
+                data_fingerprint: "none".into(),
+                precision: "fp32".into(),
+                ..Default::default()
+            })
+            .await;
+        [streamed.unwrap_err(), completed.unwrap_err()]
+    });
+    for e in refusals {
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("lease key does not match"), "{e:?}");
+    }
+    let out = honest.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result = fleet.sql(&format!(
+        "SELECT worker_id <> 'forger', test_accuracy FROM results WHERE sweep_id = '{id}'"
+    ));
+    assert_eq!(result, "1|0.5");
+}

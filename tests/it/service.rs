@@ -43,6 +43,7 @@ fn lref(l: &pb::Lease) -> Option<pb::LeaseRef> {
         sweep_id: l.sweep_id.clone(),
         seed: l.seed,
         fence: l.fence,
+        key: l.key.clone(),
     })
 }
 
@@ -98,6 +99,61 @@ async fn a_stale_fence_is_failed_precondition() {
     coordinator.stop().await;
 }
 
+/// Anyone with a worker token can name a lease (its fence is a small number); only the worker
+/// granted it has its key. Every write with a missing, wrong or cut key is refused and changes
+/// nothing; the holder's go through.
+#[tokio::test]
+async fn writes_without_the_lease_key_are_refused() {
+    let (coordinator, mut c) = started().await;
+    let sweep = submit(&mut c).await;
+    let held = lease(&mut c).await.unwrap();
+    assert_eq!(held.key.len(), 16);
+    for key in [vec![], vec![0u8; 16], held.key[..15].to_vec()] {
+        let forged = Some(pb::LeaseRef {
+            key,
+            ..lref(&held).unwrap()
+        });
+        let refused = [
+            c.heartbeat(heartbeat(forged.clone())).await.unwrap_err(),
+            c.stream_epoch_metrics(tokio_stream::iter([pb::EpochMetrics {
+                lease: forged.clone(),
+                epoch: 1,
+                test_accuracy: Some(0.999),
+                test_loss: Some(0.01),
+                ..Default::default()
+            }]))
+            .await
+            .unwrap_err(),
+            c.complete_seed(pb::CompleteSeedRequest {
+                lease: forged.clone(),
+                worker_id: "forger".into(),
+                test_accuracy: 0.999,
+                epochs: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+            c.fail_seed(pb::FailSeedRequest {
+                lease: forged.clone(),
+                worker_id: "forger".into(),
+                cause: "forged".into(),
+                counts_as_attempt: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        ];
+        for e in refused {
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+            assert!(e.message().contains("lease key does not match"), "{e:?}");
+        }
+    }
+    let now = counts(&mut c, &sweep).await;
+    assert_eq!((now.leased, now.done, now.failed), (1, 0, 0), "{now:?}");
+    c.heartbeat(heartbeat(lref(&held))).await.unwrap();
+    coordinator.stop().await;
+}
+
 #[tokio::test]
 async fn unknown_sweeps_and_seeds_are_not_found() {
     let (coordinator, mut c) = started().await;
@@ -114,6 +170,7 @@ async fn unknown_sweeps_and_seeds_are_not_found() {
         sweep_id: sweep,
         seed: 99,
         fence: 1,
+        ..Default::default()
     });
     let e = c.heartbeat(heartbeat(no_seed)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");

@@ -34,6 +34,7 @@ async fn scripted_worker(url: &str, score: impl Fn(&str, i64) -> f64) {
             sweep_id: l.sweep_id.clone(),
             seed: l.seed,
             fence: l.fence,
+            key: l.key.clone(),
         };
         let acc = score(&l.sweep_id, l.seed);
         let epochs: Vec<pb::EpochMetrics> = (1..=2)
@@ -285,6 +286,7 @@ async fn stats_compare_and_watch_from_the_command_line() {
                 sweep_id: l.sweep_id,
                 seed: l.seed,
                 fence: l.fence,
+                key: l.key,
             }),
             worker_id: "bad".into(),
             test_accuracy: 0.9,

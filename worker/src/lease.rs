@@ -68,10 +68,12 @@ impl HandBacks {
 
     /// Starts heartbeating `lease` every `every` and holds it until shutdown or a refusal.
     pub fn hold(&self, lease: pb::Lease, every: Duration) -> Held {
+        // The key goes with every write under the lease, the spooled result's included.
         let lref = pb::LeaseRef {
             sweep_id: lease.sweep_id.clone(),
             seed: lease.seed,
             fence: lease.fence,
+            key: lease.key.clone(),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(AtomicBool::new(false));

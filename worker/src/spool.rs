@@ -54,6 +54,7 @@ impl Spool {
     /// Keeps `result` until [`Spool::remove`]: on disk, synced, under a name that says which
     /// lease it is. A second put of the same lease replaces the first.
     pub fn put(&self, result: &pb::SpooledResult) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
         let lease = result
             .result
             .as_ref()
@@ -65,7 +66,12 @@ impl Spool {
             .dir
             .join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
         let written = (|| {
-            let mut f = std::fs::File::create(&scratch)?;
+            // Made new, never through a link someone left where it goes.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&scratch)?;
             f.write_all(&encode(result))?;
             f.sync_all()?;
             std::fs::rename(&scratch, &path)?;
@@ -153,6 +159,8 @@ mod tests {
             sweep_id: "5d1b3b0e-8d0c-4a62-9d4c-3f4b8b7d9a10".into(),
             seed,
             fence: 3,
+            // The lease's key goes with the result: delivered after a restart, it is presented.
+            key: vec![7; 16],
         };
         pb::SpooledResult {
             coordinator: "http://head:50051".into(),

@@ -384,6 +384,8 @@ pub trait Store: Send + Sync + 'static {
     async fn fail(&self, lease: LeaseRef, cause: &str, charge: Charge) -> Result<SeedState>;
     /// Names where the attempt's output is on its worker (`attempts.log`).
     async fn note_log(&self, lease: LeaseRef, log: &str) -> Result<()>;
+    /// The SHA-256 of `lease`'s key, as its claim stored it in its attempt row.
+    async fn lease_key_hash(&self, lease: LeaseRef) -> Result<KeyHash>;
 
     /// Pauses, resumes or cancels a sweep. Cancelling ends every unfinished seed (held leases are
     /// refused at their next write) and is final.
@@ -679,6 +681,38 @@ pub(crate) fn result_values(r: &SeedResult) -> Vec<(&str, f64)> {
 }
 
 /// A row's custom metrics as the `custom` column stores them: a JSON object, NULL when none.
+/// What the store holds of a lease's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyHash {
+    /// No lease of that fence was ever granted.
+    NoLease,
+    /// Granted before leases had keys (migration 0009 on SQLite, 0013 on PostgreSQL): its writes
+    /// are checked by the fence alone.
+    Unkeyed,
+    Hash([u8; 32]),
+}
+
+impl KeyHash {
+    pub(crate) fn from_db(row: Option<Option<Vec<u8>>>) -> Result<KeyHash> {
+        match row {
+            None => Ok(KeyHash::NoLease),
+            Some(None) => Ok(KeyHash::Unkeyed),
+            Some(Some(bytes)) => bytes.try_into().map(KeyHash::Hash).map_err(|b: Vec<u8>| {
+                StoreError::Corrupt(format!(
+                    "attempts.lease_key_hash holds {} bytes, not 32",
+                    b.len()
+                ))
+            }),
+        }
+    }
+}
+
+/// The SHA-256 of a lease's key: what the store keeps of it.
+pub fn key_hash(key: &seedsweep_core::domain::LeaseKey) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.0).into()
+}
+
 pub(crate) fn custom_to_db(custom: &CustomMetrics) -> Option<String> {
     // A map of names to finite numbers always serialises.
     (!custom.is_empty()).then(|| serde_json::to_string(custom).unwrap_or_default())

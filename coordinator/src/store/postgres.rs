@@ -7,19 +7,19 @@ mod connections;
 
 use super::{
     ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
-    FINISHED_EPOCHS, FLEET_SEEDS, NextDeadline, Result, Store, StoreError, TEST_SET_COLUMNS,
-    Tallies, aggregate_fold, aggregate_from_row, bind_test_set, bitmap_from_row, custom_to_db,
-    design_from_config, epoch_from_row, epoch_score_from_row, epoch_scores_sql,
-    epoch_value_from_row, epoch_values_fold, epoch_values_sql, factors_from_row, lease_config,
-    next_state, result_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db,
-    task_from_db, test_set_from_row, test_set_upsert, u64_from_db,
+    FINISHED_EPOCHS, FLEET_SEEDS, KeyHash, NextDeadline, Result, Store, StoreError,
+    TEST_SET_COLUMNS, Tallies, aggregate_fold, aggregate_from_row, bind_test_set, bitmap_from_row,
+    custom_to_db, design_from_config, epoch_from_row, epoch_score_from_row, epoch_scores_sql,
+    epoch_value_from_row, epoch_values_fold, epoch_values_sql, factors_from_row, key_hash,
+    lease_config, next_state, result_from_row, scores_sql, seed_rows, state_from_db,
+    sweep_state_from_db, task_from_db, test_set_from_row, test_set_upsert, u64_from_db,
 };
 use async_trait::async_trait;
 use connections::Connections;
 use seedsweep_core::design::Design;
 use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, Lease,
-    LeaseRef, Metric, Scored, SeedCounts, SeedHistory, SeedResult, SeedState, SweepId,
+    LeaseKey, LeaseRef, Metric, Scored, SeedCounts, SeedHistory, SeedResult, SeedState, SweepId,
     SweepProgress, SweepState, SweepSummary,
 };
 use seedsweep_core::policy::{
@@ -304,7 +304,8 @@ impl PgStore {
             tx.commit().await?;
             self.next_deadline.read(mark, ahead, ttl);
         }
-        let row = self.claim_statement(worker_id, ttl).await?;
+        let key = LeaseKey::random();
+        let row = self.claim_statement(worker_id, ttl, &key).await?;
         let Some(sweep_id) = row.try_get::<Option<uuid::Uuid>, _>("sweep_id")? else {
             let outstanding: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
@@ -324,6 +325,7 @@ impl PgStore {
         let config = lease_config(&row.try_get::<String, _>("config")?)?;
         Ok(ClaimOutcome::Leased(Box::new(Lease {
             lease,
+            key,
             task: task_from_db(row.try_get("task")?)?,
             dataset: row.try_get("dataset")?,
             train: config.train,
@@ -337,7 +339,12 @@ impl PgStore {
     /// One statement: the lease (NULLs when no seed is pending), its attempt row, the deletion of
     /// earlier leases' epoch rows (a new lease starts with none, so an earlier partial curve
     /// never mixes with this one's in what readers see) and the sweep's settings.
-    async fn claim_statement(&self, worker_id: &str, ttl: Duration) -> Result<PgRow> {
+    async fn claim_statement(
+        &self,
+        worker_id: &str,
+        ttl: Duration,
+        key: &LeaseKey,
+    ) -> Result<PgRow> {
         let mut conn = self.cycle.take().await?;
         let row = sqlx::query(
             "WITH next AS (
@@ -359,8 +366,9 @@ impl PgStore {
                  RETURNING s.sweep_id, s.seed, s.fence, s.init_seed, s.order_seed, s.augment_seed,
                            s.split_seed),
              attempt AS (
-                 INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at)
-                 SELECT sweep_id, seed, fence, $1, now() + make_interval(secs => $3) FROM claimed),
+                 INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at, lease_key_hash)
+                 SELECT sweep_id, seed, fence, $1, now() + make_interval(secs => $3), $4
+                 FROM claimed),
              stale AS (
                  DELETE FROM epoch_metrics e USING claimed c
                  WHERE e.sweep_id = c.sweep_id AND e.seed = c.seed AND e.fence < c.fence)
@@ -371,6 +379,7 @@ impl PgStore {
         .bind(worker_id)
         .bind(ttl.as_secs_f64())
         .bind(self.skew())
+        .bind(key_hash(key).to_vec())
         .fetch_one(&mut *conn)
         .await?;
         conn.done();
@@ -1212,6 +1221,18 @@ impl Store for PgStore {
         Err(StoreError::Conflict(format!(
             "{lease}: the seed's epoch rows kept changing while its result was recorded; send the result again"
         )))
+    }
+
+    async fn lease_key_hash(&self, lease: LeaseRef) -> Result<KeyHash> {
+        let row: Option<Option<Vec<u8>>> = sqlx::query_scalar(
+            "SELECT lease_key_hash FROM attempts WHERE sweep_id = $1 AND seed = $2 AND fence = $3",
+        )
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .fetch_optional(&self.pool)
+        .await?;
+        KeyHash::from_db(row)
     }
 
     async fn note_log(&self, lease: LeaseRef, log: &str) -> Result<()> {

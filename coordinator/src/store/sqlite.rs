@@ -4,10 +4,10 @@
 
 use super::{
     ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
-    FLEET_SEEDS, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies, aggregate_from_row,
+    FLEET_SEEDS, KeyHash, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies, aggregate_from_row,
     aggregate_upsert, bind_test_set, bitmap_from_row, custom_to_db, design_from_config,
     epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
-    epoch_values_upsert, factors_from_row, lease_config, next_state, result_from_row,
+    epoch_values_upsert, factors_from_row, key_hash, lease_config, next_state, result_from_row,
     result_values, scored_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db,
     task_from_db, test_set_from_row, test_set_upsert, u64_from_db,
 };
@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use seedsweep_core::design::Design;
 use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, EpochRecord, FleetCounts, Lease,
-    LeaseRef, Metric, Scored, SeedCounts, SeedHistory, SeedResult, SeedState, SweepId,
+    LeaseKey, LeaseRef, Metric, Scored, SeedCounts, SeedHistory, SeedResult, SeedState, SweepId,
     SweepProgress, SweepState, SweepSummary,
 };
 use seedsweep_core::policy::{
@@ -279,14 +279,17 @@ impl SqliteStore {
             seed: row.try_get("seed")?,
             fence: row.try_get("fence")?,
         };
+        let key = LeaseKey::random();
         sqlx::query(
-            "INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO attempts (sweep_id, seed, fence, worker_id, started_at, lease_key_hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )
         .bind(lease.sweep_id.0.to_string())
         .bind(lease.seed)
         .bind(lease.fence)
         .bind(worker_id)
         .bind(&now)
+        .bind(key_hash(&key).to_vec())
         .execute(&mut *tx)
         .await?;
         // The new lease starts with no epoch rows: an earlier lease's partial curve never mixes
@@ -305,6 +308,7 @@ impl SqliteStore {
         let config = lease_config(&sweep.try_get::<String, _>("config")?)?;
         Ok(ClaimOutcome::Leased(Box::new(Lease {
             lease,
+            key,
             task: task_from_db(sweep.try_get("task")?)?,
             dataset: sweep.try_get("dataset")?,
             train: config.train,
@@ -955,6 +959,18 @@ impl Store for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(CompleteOutcome::Recorded)
+    }
+
+    async fn lease_key_hash(&self, lease: LeaseRef) -> Result<KeyHash> {
+        let row: Option<Option<Vec<u8>>> = sqlx::query_scalar(
+            "SELECT lease_key_hash FROM attempts WHERE sweep_id = ?1 AND seed = ?2 AND fence = ?3",
+        )
+        .bind(lease.sweep_id.0.to_string())
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .fetch_optional(&self.pool)
+        .await?;
+        KeyHash::from_db(row)
     }
 
     async fn note_log(&self, lease: LeaseRef, log: &str) -> Result<()> {
