@@ -293,10 +293,15 @@ fn bad_report_bytes_fail_the_seed_not_the_worker() {
 /// A program whose child starts a new session and keeps stdout open (as tools that start
 /// daemons do), and one that double-forks out of its process group: each run ends when its
 /// program exits, its result is recorded, the worker takes the next seed, and nothing the
-/// programs started outlives them. Under `containment`; the worker's log.
-fn daemons_end_with_their_run(containment: &str) -> Result<String, String> {
+/// programs started outlives them. Under `containment` (none: the worker's default); the
+/// worker's log.
+fn daemons_end_with_their_run(containment: Option<&str>) -> Result<String, String> {
     let fleet = Fleet::start();
-    let tag = if containment == "cgroup" { 1 } else { 2 };
+    let tag = match containment {
+        Some("cgroup") => 1,
+        Some(_) => 2,
+        None => 3,
+    };
     let program = fleet.program(
         "daemon.sh",
         &format!(
@@ -306,8 +311,9 @@ fn daemons_end_with_their_run(containment: &str) -> Result<String, String> {
         ),
     );
     let (id, _) = fleet.submit(&program, "[0, 1]", 1, "");
+    let flags = containment.map(|c| ["--containment", c]);
     let out = fleet.run_worker(
-        fleet.worker(&program, &["--containment", containment]),
+        fleet.worker(&program, flags.as_ref().map_or(&[][..], |f| &f[..])),
         Duration::from_secs(60),
     );
     if !out.status.success() {
@@ -326,8 +332,14 @@ fn daemons_end_with_their_run(containment: &str) -> Result<String, String> {
 }
 
 #[test]
+fn a_program_that_leaves_a_daemon_does_not_wedge_its_worker() {
+    let log = daemons_end_with_their_run(None).unwrap();
+    assert!(log.contains("programs run contained"), "{log}");
+}
+
+#[test]
 fn a_program_that_leaves_a_daemon_does_not_wedge_its_worker_under_the_subreaper() {
-    let log = daemons_end_with_their_run("subreaper").unwrap();
+    let log = daemons_end_with_their_run(Some("subreaper")).unwrap();
     assert!(log.contains("containment=subreaper"), "{log}");
 }
 
@@ -336,7 +348,7 @@ fn a_program_that_leaves_a_daemon_does_not_wedge_its_worker_under_the_subreaper(
 /// start, saying why, and this test says it was skipped.
 #[test]
 fn a_program_that_leaves_a_daemon_does_not_wedge_its_worker_in_a_cgroup() {
-    match daemons_end_with_their_run("cgroup") {
+    match daemons_end_with_their_run(Some("cgroup")) {
         Ok(log) => assert!(log.contains("containment=cgroup v2"), "{log}"),
         Err(log) if log.contains("--containment cgroup: ") => {
             eprintln!("skipped: this host gives the worker no cgroup v2 group: {log}")

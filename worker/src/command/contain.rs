@@ -165,29 +165,39 @@ pub fn prepare(cmd: &mut std::process::Command) -> std::io::Result<Prepared> {
     Ok(Prepared { id, group })
 }
 
-/// A run ready to start: what [`Prepared::started`] needs of it.
+/// A run ready to start.
 pub struct Prepared {
     id: String,
     group: Option<PathBuf>,
 }
 
 impl Prepared {
-    /// The run's main process started as `pid`.
-    pub fn started(self, pid: u32) -> Contained {
-        mains().push(pid as i32);
-        Contained {
+    /// Starts `cmd` (prepared by [`prepare`]) as the run's main process. The reaper does not
+    /// see it until it is known as one: it stays its `Child`'s to wait for.
+    pub fn spawn(
+        self,
+        cmd: &mut std::process::Command,
+    ) -> std::io::Result<(std::process::Child, Contained)> {
+        let mut mains = mains();
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                drop(mains);
+                if let Some(dir) = self.group {
+                    let _ = std::fs::remove_dir(dir);
+                }
+                return Err(e);
+            }
+        };
+        let main = child.id() as i32;
+        mains.push(main);
+        let contained = Contained {
             id: self.id,
-            main: pid as i32,
+            main,
             group: self.group,
             seen: HashSet::new(),
-        }
-    }
-
-    /// The program did not start: its group goes.
-    pub fn abandon(self) {
-        if let Some(dir) = self.group {
-            let _ = std::fs::remove_dir(dir);
-        }
+        };
+        Ok((child, contained))
     }
 }
 

@@ -181,17 +181,9 @@ pub fn run(
         cmd.current_dir(dir);
     }
     let prepared = contain::prepare(&mut cmd).map_err(|e| host("cannot contain the run", e))?;
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            prepared.abandon();
-            return Err(TrainError::Config(format!(
-                "cannot start `{}`: {e}",
-                job.argv[0]
-            )));
-        }
-    };
-    let mut contained = prepared.started(child.id());
+    let (mut child, mut contained) = prepared
+        .spawn(&mut cmd)
+        .map_err(|e| TrainError::Config(format!("cannot start `{}`: {e}", job.argv[0])))?;
     let outcome = supervise(
         job,
         &mut child,
