@@ -119,7 +119,7 @@ struct RunArgs {
     #[arg(long = "pass-env", value_name = "NAME")]
     pass_env: Vec<String>,
     /// Let a sweep's `env` set NAME, a variable that changes what a program loads or runs first
-    /// (LD_*, BASH_ENV, PYTHON*, NODE_OPTIONS, PATH, ...: README, "How a run is supervised");
+    /// (LD_*, BASH_ENV, PYTHONPATH, NODE_OPTIONS, PATH, ...: README, "How a run is supervised");
     /// repeat for more. Without it the worker hands such a seed back and stops.
     #[arg(long = "allow-env", value_name = "NAME")]
     allow_env: Vec<String>,

@@ -22,7 +22,7 @@ const RESERVED_ENV: [&str; 2] = ["SEEDSWEEP_", "CUDA_VISIBLE_DEVICES"];
 /// a name finds: a sweep's `env` may set one only on workers that allow it (`--allow-env NAME`),
 /// else `--allow-command` could be bypassed (README, "How a run is supervised"). Names ending
 /// in `*` are prefixes.
-pub const GUARDED_ENV: [&str; 40] = [
+pub const GUARDED_ENV: [&str; 50] = [
     // The dynamic loader and libc.
     "LD_*",
     "GLIBC_TUNABLES",
@@ -31,7 +31,6 @@ pub const GUARDED_ENV: [&str; 40] = [
     "NLSPATH",
     "HOSTALIASES",
     "RES_OPTIONS",
-    "MALLOC_*",
     // Which program a name finds, and where per-user start-up files are read from.
     "PATH",
     "HOME",
@@ -46,8 +45,17 @@ pub const GUARDED_ENV: [&str; 40] = [
     "PROMPT_COMMAND",
     "IFS",
     "CDPATH",
-    // Python.
-    "PYTHON*",
+    // Python (not PYTHONHASHSEED, PYTHONUNBUFFERED and their kind, which load nothing).
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONSTARTUP",
+    "PYTHONINSPECT",
+    "PYTHONUSERBASE",
+    "PYTHONPLATLIBDIR",
+    "PYTHONWARNINGS",
+    "PYTHONBREAKPOINT",
+    "PYTHONEXECUTABLE",
+    "PYTHONPYCACHEPREFIX",
     // Node.js.
     "NODE_OPTIONS",
     "NODE_PATH",
@@ -71,7 +79,9 @@ pub const GUARDED_ENV: [&str; 40] = [
     "LUA_PATH*",
     "R_PROFILE*",
     "R_ENVIRON*",
-    "JULIA_*",
+    "JULIA_LOAD_PATH",
+    "JULIA_DEPOT_PATH",
+    "JULIA_PROJECT",
 ];
 
 /// Whether a sweep's `env` may set `name` only where a worker allows it (`GUARDED_ENV`).

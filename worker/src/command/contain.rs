@@ -4,7 +4,8 @@
 //!
 //! - **cgroup**: where this process may create cgroup v2 groups below its own (root, or a
 //!   delegated subtree) and the kernel has `cgroup.kill`, each run gets a group of its own,
-//!   entered before the program's first instruction; ending the run kills the group.
+//!   which the worker moves the program into as it starts; ending the run kills the group, and
+//!   what the program started in the moment before the move is found as the subreaper finds it.
 //! - **subreaper**: otherwise. The worker is a child subreaper (`PR_SET_CHILD_SUBREAPER`), so
 //!   what a run orphans is re-parented to it rather than to init; a run's processes are found by
 //!   their ancestry and by the run's id in their environment, stopped, then killed.
@@ -12,7 +13,6 @@
 //! Either way the worker reaps what it inherits.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -116,9 +116,12 @@ fn cgroup_base() -> Result<PathBuf, String> {
     Ok(base)
 }
 
-/// Removes the worker's folder of run groups (at exit; empty by then).
+/// Removes the worker's run groups and their folder (at exit; empty by then).
 pub fn finish() {
     if let Some(Mechanism::Cgroup(base)) = MECHANISM.get() {
+        for dir in free_groups().drain(..) {
+            let _ = std::fs::remove_dir(dir);
+        }
         let _ = std::fs::remove_dir(base);
     }
 }
@@ -137,6 +140,8 @@ pub struct Contained {
     group: Option<PathBuf>,
     /// Processes seen in the run's tree (pid and start time, so a reused pid is not taken).
     seen: HashSet<(i32, u64)>,
+    /// Every process of the run is gone.
+    ended: bool,
 }
 
 /// Prepares `cmd` to start contained: its own process group, the run's id in its environment
@@ -146,18 +151,15 @@ pub fn prepare(cmd: &mut std::process::Command) -> std::io::Result<Prepared> {
     cmd.env(RUN_ID_VAR, &id).process_group(0);
     let group = match mechanism() {
         Mechanism::Cgroup(base) => {
-            let dir = base.join(format!("run-{id}"));
-            std::fs::create_dir(&dir)?;
-            let procs = std::fs::OpenOptions::new()
-                .write(true)
-                .open(dir.join("cgroup.procs"))?;
-            // SAFETY: between fork and exec the child only calls write(2) on an open file.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let mut f = &procs;
-                    f.write_all(b"0")
-                });
-            }
+            let reused = free_groups().pop();
+            let dir = match reused {
+                Some(dir) => dir,
+                None => {
+                    let dir = base.join(format!("run-{id}"));
+                    std::fs::create_dir(&dir)?;
+                    dir
+                }
+            };
             Some(dir)
         }
         Mechanism::Subreaper => None,
@@ -190,28 +192,41 @@ impl Prepared {
             }
         };
         let main = child.id() as i32;
+        // Moved into its group at once, by the worker: a hook run in the child before exec
+        // would make the start a fork of the whole worker (30 ms a run here) rather than a
+        // vfork. What it starts in the moment before is found as the subreaper finds it.
+        if let Some(dir) = &self.group
+            && let Err(e) = std::fs::write(dir.join("cgroup.procs"), main.to_string())
+        {
+            drop(mains);
+            signal_pid(main, libc::SIGKILL);
+            let mut child = child;
+            let _ = child.wait();
+            let _ = std::fs::remove_dir(dir);
+            return Err(e);
+        }
         mains.push(main);
         let contained = Contained {
             id: self.id,
             main,
             group: self.group,
             seen: HashSet::new(),
+            ended: false,
         };
         Ok((child, contained))
     }
 }
 
 impl Contained {
-    /// Notes the run's processes now (subreaper: so that what the main process orphans later
-    /// is still known as the run's). Cheap enough to call every half second.
+    /// Notes the run's processes now, so that what the main process orphans later is still
+    /// known as the run's (under cgroup too: what it started before it was moved into its
+    /// group). Cheap enough to call every half second.
     pub fn watch(&mut self) {
-        if self.group.is_none() {
-            let table = ProcTable::read();
-            self.seen.extend(table.tree(&[self.main]));
-        }
+        let table = ProcTable::read();
+        self.seen.extend(table.tree(&[self.main]));
     }
 
-    /// Sends `signal` to every process of the run but the main one (which has its `Child`).
+    /// Sends `signal` to every process of the run.
     pub fn signal_all(&mut self, signal: i32) {
         for pid in self.members() {
             signal_pid(pid, signal);
@@ -222,79 +237,104 @@ impl Contained {
         }
     }
 
-    /// The run's processes now, its main process included while it lives.
+    /// The run's processes now, its main process included while it lives: those in its group,
+    /// and those found as the subreaper finds them.
     fn members(&mut self) -> Vec<i32> {
-        match &self.group {
-            Some(dir) => std::fs::read_to_string(dir.join("cgroup.procs"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect(),
-            None => {
-                let table = ProcTable::read();
-                let mut roots: Vec<i32> = vec![self.main];
-                roots.extend(self.seen.iter().map(|(p, _)| *p));
-                let mut found = table.tree(&roots);
-                found.extend(table.marked(&self.id));
-                if mains().len() <= 1 {
-                    // No other run goes on: any orphan the worker inherited is this run's.
-                    found.extend(table.orphans());
-                }
-                self.seen.extend(found.iter().copied());
-                found
-                    .into_iter()
-                    .filter(|p| table.alive(*p))
-                    .map(|(p, _)| p)
-                    .collect()
-            }
+        let mut found = self.found();
+        if let Some(dir) = &self.group {
+            let grouped = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            found.extend(grouped.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
         }
+        found
+    }
+
+    /// The run's processes found by ancestry, by the run's id in their environment, and (while
+    /// no other run goes on) as the worker's orphans.
+    fn found(&mut self) -> Vec<i32> {
+        let table = ProcTable::read();
+        let mut roots: Vec<i32> = vec![self.main];
+        roots.extend(self.seen.iter().map(|(p, _)| *p));
+        let mut found = table.tree(&roots);
+        found.extend(table.marked(&self.id));
+        if mains().len() <= 1 {
+            found.extend(table.orphans());
+        }
+        self.seen.extend(found.iter().copied());
+        found
+            .into_iter()
+            .filter(|p| table.alive(*p))
+            .map(|(p, _)| p)
+            .collect()
     }
 
     /// Ends every process of the run (the main one included) and reaps what the worker
     /// inherited; at most a few seconds, whatever the processes do.
     pub fn kill_all(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(5);
+        // The common end: the program left nothing behind.
+        if self.emptied() {
+            self.ended = true;
+            reap_orphans();
+            return;
+        }
         if let Some(dir) = &self.group {
             let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-        } else {
-            // Stopped first, so that none forks a new one between the look and the kill.
-            while Instant::now() < deadline {
-                let before = self.seen.len();
-                self.signal_all(libc::SIGSTOP);
-                if self.seen.len() == before {
-                    break;
-                }
+        }
+        // Stopped first, so that none forks a new one between the look and the kill.
+        while Instant::now() < deadline {
+            let before = self.seen.len();
+            self.signal_all(libc::SIGSTOP);
+            if self.seen.len() == before {
+                break;
             }
         }
         self.signal_all(libc::SIGKILL);
+        let mut pause = Duration::from_millis(1);
         while Instant::now() < deadline {
             reap_orphans();
             if self.emptied() {
+                self.ended = true;
                 break;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
     /// Whether no process of the run lives on (its main one aside, which its `Child` waits for).
     fn emptied(&mut self) -> bool {
-        match &self.group {
-            Some(dir) => std::fs::read_to_string(dir.join("cgroup.events"))
-                .map_or(true, |events| events.lines().any(|l| l == "populated 0")),
-            None => self.members().iter().all(|p| *p == self.main),
-        }
+        let grouped = self.group.as_ref().is_some_and(|dir| {
+            std::fs::read_to_string(dir.join("cgroup.events"))
+                .is_ok_and(|events| events.lines().any(|l| l == "populated 1"))
+        });
+        !grouped && self.found().iter().all(|p| *p == self.main)
     }
 }
 
 impl Drop for Contained {
     fn drop(&mut self) {
-        self.kill_all();
+        if !self.ended {
+            self.kill_all();
+        }
         mains().retain(|p| *p != self.main);
-        if let Some(dir) = &self.group {
-            let _ = std::fs::remove_dir(dir);
+        if let Some(dir) = self.group.take() {
+            // An emptied group serves the next run (making and removing one costs more than
+            // the rest of containment).
+            if self.ended {
+                free_groups().push(dir);
+            } else {
+                let _ = std::fs::remove_dir(dir);
+            }
         }
         reap_orphans();
     }
+}
+
+/// Run groups emptied by their runs, ready for the next.
+static FREE_GROUPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn free_groups() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    FREE_GROUPS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Every run's processes (a second signal: the worker exits now).

@@ -213,13 +213,17 @@ fn supervise(
 ) -> Result<Trained, TrainError> {
     let tail = output::Tail::default();
     let drained = Arc::new(AtomicBool::new(false));
+    let (done, copied) = std::sync::mpsc::channel();
+    let copy = |out, tail| output::copy(out, log.clone(), tail, drained.clone(), done.clone());
     let copiers = [
         child
             .stdout
             .take()
-            .map(|o| output::copy(o, log.clone(), None, drained.clone())),
-        (child.stderr.take())
-            .map(|o| output::copy(o, log.clone(), Some(tail.clone()), drained.clone())),
+            .map(|o| copy(Box::new(o) as output::Pipe, None)),
+        child
+            .stderr
+            .take()
+            .map(|o| copy(Box::new(o) as output::Pipe, Some(tail.clone()))),
     ];
     let mut reports = Reports::new(metrics_path)
         .map_err(|e| TrainError::Host(format!("cannot read {}: {e}", metrics_path.display())))?;
@@ -259,8 +263,11 @@ fn supervise(
     // must not hold the run.
     contained.kill_all();
     let drain_until = Instant::now() + DRAIN;
-    while copiers.iter().flatten().any(|c| !c.is_finished()) && Instant::now() < drain_until {
-        std::thread::sleep(Duration::from_millis(10));
+    for _ in copiers.iter().flatten() {
+        let left = drain_until.saturating_duration_since(Instant::now());
+        if copied.recv_timeout(left).is_err() {
+            break;
+        }
     }
     drained.store(true, Ordering::Relaxed);
     for c in copiers.into_iter().flatten() {

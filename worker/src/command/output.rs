@@ -176,13 +176,22 @@ impl Tail {
     }
 }
 
+/// One of the program's outputs.
+pub type Pipe = Box<dyn ReadFd>;
+
+/// What a pipe is to [`copy`]: readable, and pollable by its descriptor.
+pub trait ReadFd: Read + AsRawFd + Send + 'static {}
+impl<T: Read + AsRawFd + Send + 'static> ReadFd for T {}
+
 /// Copies one of the program's outputs into the log, a line at a time, keeping the last lines
-/// in `tail` when given. Ends at the end of the stream, or soon after `stop` is set.
+/// in `tail` when given. Ends at the end of the stream, or soon after `stop` is set, and says
+/// so on `done`.
 pub fn copy(
-    out: impl Read + AsRawFd + Send + 'static,
+    out: Pipe,
     log: Arc<Mutex<Log>>,
     tail: Option<Tail>,
     stop: Arc<AtomicBool>,
+    done: std::sync::mpsc::Sender<()>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut out = out;
@@ -199,7 +208,7 @@ pub fn copy(
             }
         };
         let mut buf = vec![0u8; CHUNK];
-        while readable(&out, &stop) {
+        while readable(&*out, &stop) {
             match out.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -212,11 +221,12 @@ pub fn copy(
         }
         lines.finish(&mut emit);
         log.lock().unwrap_or_else(|p| p.into_inner()).flush();
+        let _ = done.send(());
     })
 }
 
 /// Waits until `fd` has something to read (or has closed); false once `stop` is set.
-fn readable(fd: &impl AsRawFd, stop: &AtomicBool) -> bool {
+fn readable(fd: &(impl AsRawFd + ?Sized), stop: &AtomicBool) -> bool {
     loop {
         if stop.load(Ordering::Relaxed) {
             return false;
