@@ -145,7 +145,8 @@ pub struct Contained {
 }
 
 /// Prepares `cmd` to start contained: its own process group, the run's id in its environment
-/// and, under cgroup, a fresh group that the child enters before it runs the program.
+/// and, under cgroup, a group of its own (made, or an emptied one reused) that
+/// [`Prepared::spawn`] moves it into.
 pub fn prepare(cmd: &mut std::process::Command) -> std::io::Result<Prepared> {
     let id = format!("{:032x}", rand::random::<u128>());
     cmd.env(RUN_ID_VAR, &id).process_group(0);
