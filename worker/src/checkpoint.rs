@@ -204,10 +204,16 @@ impl Loaded {
     }
 }
 
-/// A temporary name beside `path`, for writing it whole before renaming it into place.
+/// A temporary name beside `path`, for writing it whole before renaming it into place: random,
+/// so that nothing can have planted a link where it is written (the folder may be shared with
+/// the programs of task command).
 fn temporary(path: &Path) -> PathBuf {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+    path.with_file_name(format!(
+        ".{name}.tmp.{}.{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ))
 }
 
 /// Writes `named` tensors to `data` (safetensors) and their SHA-256 to `sum`, each to a temporary
@@ -218,13 +224,18 @@ pub(crate) fn write_checked(
     sum: &Path,
     named: &[(String, Tensor)],
 ) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = temporary(data);
     Tensor::write_safetensors(named, &tmp)?;
     std::fs::File::open(&tmp)?.sync_all()?;
     let bytes = std::fs::read(&tmp)?;
     std::fs::rename(&tmp, data)?;
     let sum_tmp = temporary(sum);
-    let mut f = std::fs::File::create(&sum_tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&sum_tmp)?;
     writeln!(f, "{:x}", Sha256::digest(&bytes))?;
     f.sync_all()?;
     std::fs::rename(&sum_tmp, sum)?;
