@@ -51,27 +51,27 @@ impl Allowed {
     /// Whether a worker seen lately allows `program` (the same name or path, or the same file
     /// name: the coordinator cannot resolve paths on the workers' hosts).
     pub fn any_allows(&self, program: &str) -> bool {
-        let name = Path::new(program).file_name();
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.values().any(|leave| {
-            leave.at.elapsed() < RECENT
-                && (leave.programs.iter()).any(|p| p == program || Path::new(p).file_name() == name)
-        })
+        seen.values().any(|leave| leave.runs(program))
     }
 
     /// Whether a worker seen lately that allows `program` also allows a sweep to set each of
     /// `env` (guarded variables); the first that none allows.
     pub fn env_refused<'a>(&self, program: &str, env: &[&'a str]) -> Option<&'a str> {
-        let name = Path::new(program).file_name();
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let runs = |leave: &&Leave| {
-            leave.at.elapsed() < RECENT
-                && (leave.programs.iter()).any(|p| p == program || Path::new(p).file_name() == name)
-        };
-        let allowers: Vec<&Leave> = seen.values().filter(runs).collect();
+        let allowers: Vec<&Leave> = seen.values().filter(|l| l.runs(program)).collect();
         env.iter()
             .find(|v| !allowers.iter().any(|l| l.env.iter().any(|e| e == *v)))
             .copied()
+    }
+}
+
+impl Leave {
+    /// Seen lately, and allowing `program` by name, path or file name.
+    fn runs(&self, program: &str) -> bool {
+        let name = Path::new(program).file_name();
+        self.at.elapsed() < RECENT
+            && (self.programs.iter()).any(|p| p == program || Path::new(p).file_name() == name)
     }
 }
 

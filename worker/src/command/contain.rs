@@ -207,11 +207,12 @@ impl Prepared {
             return Err(e);
         }
         mains.push(main);
+        let seen = ProcTable::read().tree(&[main]).into_iter().collect();
         let contained = Contained {
             id: self.id,
             main,
             group: self.group,
-            seen: HashSet::new(),
+            seen,
             ended: false,
         };
         Ok((child, contained))
@@ -223,8 +224,7 @@ impl Contained {
     /// known as the run's (under cgroup too: what it started before it was moved into its
     /// group). Cheap enough to call every half second.
     pub fn watch(&mut self) {
-        let table = ProcTable::read();
-        self.seen.extend(table.tree(&[self.main]));
+        self.found();
     }
 
     /// Sends `signal` to every process of the run.
@@ -253,8 +253,12 @@ impl Contained {
     /// no other run goes on) as the worker's orphans.
     fn found(&mut self) -> Vec<i32> {
         let table = ProcTable::read();
-        let mut roots: Vec<i32> = vec![self.main];
-        roots.extend(self.seen.iter().map(|(p, _)| *p));
+        // Only processes seen before and still the same (pid and start time): a pid the system
+        // gave to another process since is not the run's.
+        let roots: Vec<i32> = (self.seen.iter())
+            .filter(|s| table.alive(**s))
+            .map(|(p, _)| *p)
+            .collect();
         let mut found = table.tree(&roots);
         found.extend(table.marked(&self.id));
         if mains().len() <= 1 {
@@ -327,7 +331,6 @@ impl Drop for Contained {
                 let _ = std::fs::remove_dir(dir);
             }
         }
-        reap_orphans();
     }
 }
 
@@ -338,24 +341,18 @@ fn free_groups() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     FREE_GROUPS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Every run's processes (a second signal: the worker exits now).
+/// Every run's processes (a second signal: the worker exits now): each group killed whole,
+/// and, under either mechanism, the runs' trees and the worker's orphans.
 pub fn kill_every_run() {
-    match MECHANISM.get() {
-        Some(Mechanism::Cgroup(base)) => {
-            for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
-                let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
-            }
-        }
-        _ => {
-            let table = ProcTable::read();
-            let roots = mains().clone();
-            for (pid, _) in table.tree(&roots).into_iter().chain(table.orphans()) {
-                signal_pid(pid, libc::SIGKILL);
-            }
+    if let Some(Mechanism::Cgroup(base)) = MECHANISM.get() {
+        for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
+            let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
         }
     }
-    for pid in mains().iter() {
-        signal_pid(*pid, libc::SIGKILL);
+    let table = ProcTable::read();
+    let roots = mains().clone();
+    for (pid, _) in table.tree(&roots).into_iter().chain(table.orphans()) {
+        signal_pid(pid, libc::SIGKILL);
     }
 }
 
