@@ -171,8 +171,8 @@ async fn simulate(url: String, n: usize, args: Pace, until: Instant) -> anyhow::
         c.complete_seed(pb::CompleteSeedRequest {
             lease: Some(lease),
             worker_id: worker_id.clone(),
-            test_accuracy: accuracy,
-            test_loss: last.test_loss.unwrap_or_default(),
+            test_accuracy: Some(accuracy),
+            test_loss: last.test_loss,
             train_loss: last.train_loss,
             train_accuracy: last.train_accuracy,
             epochs,
@@ -197,14 +197,14 @@ fn epoch_metrics(lease: &pb::LeaseRef, epochs: u32, accuracy: f64) -> Vec<pb::Ep
         .map(|epoch| pb::EpochMetrics {
             lease: Some(lease.clone()),
             epoch,
-            train_loss: 1.0 / f64::from(epoch),
-            train_accuracy: 0.5 + 0.4 * f64::from(epoch) / f64::from(epochs),
+            train_loss: Some(1.0 / f64::from(epoch)),
+            train_accuracy: Some(0.5 + 0.4 * f64::from(epoch) / f64::from(epochs)),
             test_loss: Some(0.3 + 0.1 * f64::from(epochs - epoch)),
             test_accuracy: Some(accuracy - 0.01 * f64::from(epochs - epoch)),
             test_top5: None,
             val_loss: None,
             val_accuracy: None,
-            lr: 0.4 * (1.0 - f64::from(epoch) / f64::from(epochs)),
+            lr: Some(0.4 * (1.0 - f64::from(epoch) / f64::from(epochs))),
             seconds: 2.5,
             custom: Default::default(),
         })

@@ -5,6 +5,7 @@ use crate::auth::caller_of;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, redact_url};
 use seedsweep_core::domain::SweepState;
+use seedsweep_core::metric::Direction;
 use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, CustomMetrics, EpochRecord, LeaseRef,
     Metric, SeedCounts, SeedResult, SweepId, SweepSummary,
@@ -294,10 +295,19 @@ impl CoordinatorService {
         );
         let runs = runs.map_err(status)?;
         let (epochs, test_sets) = (epochs.map_err(status)?, test_sets.map_err(status)?);
+        let direction = self.shapes.of(id).await?.direction_of(metric);
         // CPU work: off the async threads.
         let at = std::time::Instant::now();
         let out = tokio::task::spawn_blocking(move || {
-            let s = stats::analyse(metric, &runs, epochs, ci_width, test_examples, &test_sets);
+            let s = stats::analyse(
+                metric,
+                direction,
+                &runs,
+                epochs,
+                ci_width,
+                test_examples,
+                &test_sets,
+            );
             (s, runs)
         })
         .await
@@ -407,7 +417,7 @@ struct Watched {
 async fn watch_update(
     store: &dyn Store,
     id: SweepId,
-    metric: Metric,
+    (metric, direction): (Metric, Direction),
     w: &mut Watched,
 ) -> Result<pb::SweepUpdate, StoreError> {
     let (new, last) = store.scores(id, metric, w.after).await?;
@@ -423,15 +433,7 @@ async fn watch_update(
         }
     }
     let progress = store.sweep_progress(id).await?;
-    // The progress already carries test accuracy's aggregate; other metrics are one more read.
-    let aggregate = match metric {
-        Metric::TestAccuracy => progress.test_accuracy,
-        _ => store
-            .aggregates(id)
-            .await?
-            .into_iter()
-            .find(|a| a.metric == metric),
-    };
+    let aggregate = progress.aggregate(metric).cloned();
     let (median, mad) = stats::describe::median_mad(&w.sorted);
     let mut swans = Vec::new();
     if let Some(a) = &aggregate {
@@ -442,8 +444,9 @@ async fn watch_update(
             mad,
         };
         for r in &new {
-            if let Some(b) = stats::describe::judge(r.seed, r.value, &centre) {
+            if let Some(b) = stats::describe::judge(r.seed, r.value, &centre, direction) {
                 swans.push(pb::BlackSwan {
+                    lucky: b.lucky,
                     seed: b.seed,
                     score: b.score,
                     z: b.z,
@@ -463,10 +466,11 @@ async fn watch_update(
         sweep: Some(summary_pb(&progress.summary)),
         counts: Some(counts_pb(&c)),
         metric: metric.to_string(),
-        summary: aggregate.as_ref().map(aggregate_pb),
+        summary: aggregate.map(|a| aggregate_pb(&a, direction)),
         new_black_swans: swans,
         median: if w.sorted.is_empty() { 0.0 } else { median },
         finished: c.pending == 0 && c.leased == 0,
+        direction: direction.as_str().into(),
     })
 }
 
@@ -594,25 +598,28 @@ fn epoch_number(field: &str, n: u32) -> Result<(), Status> {
     Ok(())
 }
 
+/// An optional metric, checked by `check` when present.
+fn checked(
+    field: &str,
+    value: Option<f64>,
+    check: fn(&str, f64) -> Result<f64, Status>,
+) -> Result<Option<f64>, Status> {
+    value.map(|v| check(field, v)).transpose()
+}
+
 fn epoch_record(m: &pb::EpochMetrics) -> Result<EpochRecord, Status> {
     epoch_number("epoch", m.epoch)?;
     // Losses may legitimately be NaN only in a failed run, which is reported with FailSeed instead.
     Ok(EpochRecord {
         epoch: m.epoch,
-        train_loss: finite("train_loss", m.train_loss)?,
-        train_accuracy: fraction("train_accuracy", m.train_accuracy)?,
-        test_loss: m.test_loss.map(|v| finite("test_loss", v)).transpose()?,
-        test_accuracy: m
-            .test_accuracy
-            .map(|v| fraction("test_accuracy", v))
-            .transpose()?,
-        test_top5: m.test_top5.map(|v| fraction("test_top5", v)).transpose()?,
-        val_loss: m.val_loss.map(|v| finite("val_loss", v)).transpose()?,
-        val_accuracy: m
-            .val_accuracy
-            .map(|v| fraction("val_accuracy", v))
-            .transpose()?,
-        lr: non_negative("lr", m.lr)?,
+        train_loss: checked("train_loss", m.train_loss, finite)?,
+        train_accuracy: checked("train_accuracy", m.train_accuracy, fraction)?,
+        test_loss: checked("test_loss", m.test_loss, finite)?,
+        test_accuracy: checked("test_accuracy", m.test_accuracy, fraction)?,
+        test_top5: checked("test_top5", m.test_top5, fraction)?,
+        val_loss: checked("val_loss", m.val_loss, finite)?,
+        val_accuracy: checked("val_accuracy", m.val_accuracy, fraction)?,
+        lr: checked("lr", m.lr, non_negative)?,
         seconds: non_negative("seconds", m.seconds)?,
         custom: custom(&m.custom)?,
     })
@@ -743,16 +750,20 @@ fn counts_pb(c: &SeedCounts) -> pb::SeedCounts {
     }
 }
 
-/// A live aggregate as the status messages carry it.
-fn aggregate_pb(a: &Aggregate) -> pb::AccuracyStats {
+/// A live aggregate of a metric that improves in `direction`, as the status messages carry it.
+fn aggregate_pb(a: &Aggregate, direction: Direction) -> pb::AccuracyStats {
+    let (worst_seed, best_seed) = match direction {
+        Direction::Max => (a.min_seed, a.max_seed),
+        Direction::Min => (a.max_seed, a.min_seed),
+    };
     pb::AccuracyStats {
         n: a.moments.n,
         mean: a.moments.mean,
         std: a.moments.std(),
         min: a.min,
         max: a.max,
-        worst_seed: a.min_seed,
-        best_seed: a.max_seed,
+        worst_seed,
+        best_seed,
     }
 }
 
@@ -795,11 +806,19 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::SweepStatus>, Status> {
         let id = sweep_id(&req.get_ref().sweep_id)?;
         let p = self.store.sweep_progress(id).await.map_err(status)?;
-        let test_accuracy = p.test_accuracy.as_ref().map(aggregate_pb);
+        let shape = self.shapes.of(id).await?;
+        let test_accuracy = p
+            .aggregate(Metric::TestAccuracy)
+            .map(|a| aggregate_pb(a, Direction::Max));
         Ok(Response::new(pb::SweepStatus {
             sweep: Some(summary_pb(&p.summary)),
             counts: Some(counts_pb(&p.counts)),
             test_accuracy,
+            score: shape.score.to_string(),
+            score_direction: shape.direction.as_str().into(),
+            score_stats: p
+                .aggregate(shape.score)
+                .map(|a| aggregate_pb(a, shape.direction)),
         }))
     }
 
@@ -865,12 +884,21 @@ impl Coordinator for CoordinatorService {
         let (a, b) = (sweep_id(&r.sweep_a)?, sweep_id(&r.sweep_b)?);
         let metric = self.metric(a, &r.metric).await?;
         self.metric(b, metric.name()).await?;
+        let direction = self.shapes.of(a).await?.direction_of(metric);
+        let direction_b = self.shapes.of(b).await?.direction_of(metric);
+        if direction != direction_b {
+            return Err(Status::failed_precondition(format!(
+                "`{metric}` improves towards its {} in {a} but its {} in {b} (`command.score_direction`): compare sweeps that agree on which way is better",
+                direction.as_str(),
+                direction_b.as_str()
+            )));
+        }
         let values = |runs: Vec<seedsweep_core::domain::Scored>| -> Vec<f64> {
             runs.into_iter().map(|s| s.value).collect()
         };
         let va = values(self.store.all_scores(a, metric).await.map_err(status)?);
         let vb = values(self.store.all_scores(b, metric).await.map_err(status)?);
-        let Some(c) = stats::compare::compare(&va, &vb) else {
+        let Some(c) = stats::compare::compare(&va, &vb, direction) else {
             return Err(Status::failed_precondition(format!(
                 "a comparison needs at least 2 results of `{metric}` in each sweep: {a} has {}, {b} has {}",
                 va.len(),
@@ -891,6 +919,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<tonic::codegen::BoxStream<pb::SweepUpdate>>, Status> {
         let id = sweep_id(&req.get_ref().sweep_id)?;
         let metric = self.metric(id, &req.get_ref().metric).await?;
+        let metric = (metric, self.shapes.of(id).await?.direction_of(metric));
         let store = self.store.clone();
         let mut woken = self.recorded.subscribe();
         let mut watched = Watched::default();
@@ -1161,10 +1190,10 @@ impl Coordinator for CoordinatorService {
         epoch_number("epochs", r.epochs)?;
         let result = SeedResult {
             seed: lease.seed,
-            test_accuracy: fraction("test_accuracy", r.test_accuracy)?,
-            test_loss: finite("test_loss", r.test_loss)?,
-            train_loss: finite("train_loss", r.train_loss)?,
-            train_accuracy: fraction("train_accuracy", r.train_accuracy)?,
+            test_accuracy: checked("test_accuracy", r.test_accuracy, fraction)?,
+            test_loss: checked("test_loss", r.test_loss, finite)?,
+            train_loss: checked("train_loss", r.train_loss, finite)?,
+            train_accuracy: checked("train_accuracy", r.train_accuracy, fraction)?,
             epochs: r.epochs,
             seconds: non_negative("seconds", r.seconds)?,
             worker_id: worker_id(&r.worker_id)?.to_string(),
@@ -1178,20 +1207,22 @@ impl Coordinator for CoordinatorService {
                 ))
             })?,
             deterministic: r.deterministic,
-            test_top5: r.test_top5.map(|v| fraction("test_top5", v)).transpose()?,
-            val_loss: r.val_loss.map(|v| finite("val_loss", v)).transpose()?,
-            val_accuracy: r
-                .val_accuracy
-                .map(|v| fraction("val_accuracy", v))
-                .transpose()?,
+            test_top5: checked("test_top5", r.test_top5, fraction)?,
+            val_loss: checked("val_loss", r.val_loss, finite)?,
+            val_accuracy: checked("val_accuracy", r.val_accuracy, fraction)?,
             custom: custom(&r.custom)?,
             factors: None,
             finished_at: String::new(),
             test_correct: if r.test_correct.is_empty() && r.test_examples == 0 {
                 None
             } else {
+                let accuracy = r.test_accuracy.ok_or_else(|| {
+                    Status::invalid_argument(
+                        "test_correct was sent without test_accuracy, which its count of ones must agree with",
+                    )
+                })?;
                 Some(
-                    Correctness::new(r.test_examples, r.test_correct.clone(), r.test_accuracy)
+                    Correctness::new(r.test_examples, r.test_correct.clone(), accuracy)
                         .map_err(Status::invalid_argument)?,
                 )
             },

@@ -231,8 +231,10 @@ pub enum CompleteOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochRecord {
     pub epoch: u32,
-    pub train_loss: f64,
-    pub train_accuracy: f64,
+    /// Absent when the run does not report them (a program of the researcher's own need
+    /// report only its score).
+    pub train_loss: Option<f64>,
+    pub train_accuracy: Option<f64>,
     /// Absent for an epoch without an evaluation.
     pub test_loss: Option<f64>,
     pub test_accuracy: Option<f64>,
@@ -241,7 +243,7 @@ pub struct EpochRecord {
     /// On the run's held-out validation images.
     pub val_loss: Option<f64>,
     pub val_accuracy: Option<f64>,
-    pub lr: f64,
+    pub lr: Option<f64>,
     pub seconds: f64,
     /// The metrics of a command sweep's program that are not known ones.
     pub custom: CustomMetrics,
@@ -251,10 +253,12 @@ pub struct EpochRecord {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SeedResult {
     pub seed: i64,
-    pub test_accuracy: f64,
-    pub test_loss: f64,
-    pub train_loss: f64,
-    pub train_accuracy: f64,
+    /// The known metrics a run reported (the built-in tasks report these four; a program of
+    /// the researcher's own need report only its sweep's score).
+    pub test_accuracy: Option<f64>,
+    pub test_loss: Option<f64>,
+    pub train_loss: Option<f64>,
+    pub train_accuracy: Option<f64>,
     pub epochs: u32,
     pub seconds: f64,
     pub worker_id: String,
@@ -374,8 +378,15 @@ impl SeedCounts {
 pub struct SweepProgress {
     pub summary: SweepSummary,
     pub counts: SeedCounts,
-    /// The live aggregate of the final test accuracy; `None` before the first result.
-    pub test_accuracy: Option<Aggregate>,
+    /// The live aggregate of each metric the results have (none before the first result).
+    pub aggregates: Vec<Aggregate>,
+}
+
+impl SweepProgress {
+    /// The live aggregate of `metric`; `None` before a result has it.
+    pub fn aggregate(&self, metric: Metric) -> Option<&Aggregate> {
+        self.aggregates.iter().find(|a| a.metric == metric)
+    }
 }
 
 /// One finished seed as the statistics see it.

@@ -129,10 +129,10 @@ impl Metric {
     /// Its value in a result, when the result has it.
     pub fn of(self, r: &SeedResult) -> Option<f64> {
         match self {
-            Metric::TestAccuracy => Some(r.test_accuracy),
-            Metric::TestLoss => Some(r.test_loss),
-            Metric::TrainAccuracy => Some(r.train_accuracy),
-            Metric::TrainLoss => Some(r.train_loss),
+            Metric::TestAccuracy => r.test_accuracy,
+            Metric::TestLoss => r.test_loss,
+            Metric::TrainAccuracy => r.train_accuracy,
+            Metric::TrainLoss => r.train_loss,
             Metric::TestTop5 => r.test_top5,
             Metric::ValAccuracy => r.val_accuracy,
             Metric::ValLoss => r.val_loss,
@@ -153,6 +153,43 @@ impl Metric {
     /// Whether epoch rows have it (`seconds` there is an epoch's, not a run's).
     pub fn per_epoch(self) -> bool {
         self != Metric::Seconds
+    }
+}
+
+/// Which way a metric improves: what "best" and "worst" mean for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Direction {
+    /// Higher is better (an accuracy, a reward, BLEU).
+    #[default]
+    Max,
+    /// Lower is better (a loss, perplexity, an error rate, seconds).
+    Min,
+}
+
+crate::domain::names!(Direction as "score direction" {
+    Max => "max",
+    Min => "min",
+});
+
+impl Direction {
+    /// Which way a metric that is not its sweep's score improves: down for the losses and
+    /// seconds, up for the accuracies and for a custom metric (a custom metric that improves
+    /// downwards is best made the score, with `score_direction = "min"`).
+    pub fn natural(metric: Metric) -> Direction {
+        match metric {
+            Metric::TestLoss | Metric::TrainLoss | Metric::ValLoss | Metric::Seconds => {
+                Direction::Min
+            }
+            _ => Direction::Max,
+        }
+    }
+
+    /// The side of the centre a lucky seed lies on.
+    pub fn better_side(self) -> crate::stats::describe::Side {
+        match self {
+            Direction::Max => crate::stats::describe::Side::High,
+            Direction::Min => crate::stats::describe::Side::Low,
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 use crate::design::Design;
 use crate::domain::{EpochRecord, LeaseRef, Metric, SeedResult, SeedState, SweepId, SweepState};
+use crate::metric::Direction;
 use crate::spec::command::CommandSpec;
 use crate::spec::finetune::FinetuneSpec;
 use crate::spec::{MAX_SEEDS, TrainSettings};
@@ -207,6 +208,8 @@ pub struct RunShape {
     pub exact: bool,
     /// The metric the sweep's statistics default to (`command.score`; else test_accuracy).
     pub score: Metric,
+    /// Which way the score improves (`command.score_direction`; up for test_accuracy).
+    pub direction: Direction,
     /// Top-5 accuracy: the fine-tune task's evaluations.
     pub top5: bool,
     /// Validation metrics: a ResNet-9 run with images held out (`holdout` > 0).
@@ -215,9 +218,13 @@ pub struct RunShape {
     pub custom: bool,
 }
 
-/// The optional metrics a report carries.
+/// Which of the metrics a built-in task always reports, and which optional ones, a report
+/// carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reported {
+    /// Every metric the built-in tasks always report: train_loss, train_accuracy and lr on each
+    /// epoch; train_loss, train_accuracy, test_loss and test_accuracy on a result.
+    pub basics: bool,
     pub top5: bool,
     pub validation: bool,
     pub custom: bool,
@@ -226,6 +233,7 @@ pub struct Reported {
 impl Reported {
     pub fn of_epoch(e: &EpochRecord) -> Reported {
         Reported {
+            basics: e.train_loss.is_some() && e.train_accuracy.is_some() && e.lr.is_some(),
             top5: e.test_top5.is_some(),
             validation: e.val_loss.is_some() || e.val_accuracy.is_some(),
             custom: !e.custom.is_empty(),
@@ -233,7 +241,9 @@ impl Reported {
     }
 
     pub fn of_result(r: &SeedResult) -> Reported {
+        let basics = [r.train_loss, r.train_accuracy, r.test_loss, r.test_accuracy];
         Reported {
+            basics: basics.iter().all(Option::is_some),
             top5: r.test_top5.is_some(),
             validation: r.val_loss.is_some() || r.val_accuracy.is_some(),
             custom: !r.custom.is_empty(),
@@ -252,6 +262,7 @@ impl RunShape {
                 epochs: c.epochs.unwrap_or(crate::spec::command::MAX_EPOCHS),
                 exact: c.epochs.is_some(),
                 score: c.score.parse().unwrap_or(Metric::TestAccuracy),
+                direction: c.direction(),
                 top5: true,
                 validation: true,
                 custom: true,
@@ -260,6 +271,7 @@ impl RunShape {
                 epochs: f.finetune.evaluations(),
                 exact: true,
                 score: Metric::TestAccuracy,
+                direction: Direction::Max,
                 top5: true,
                 validation: false,
                 custom: false,
@@ -268,10 +280,21 @@ impl RunShape {
                 epochs: train.epochs,
                 exact: true,
                 score: Metric::TestAccuracy,
+                direction: Direction::Max,
                 top5: false,
                 validation: train.holdout > 0,
                 custom: false,
             },
+        }
+    }
+
+    /// Which way `metric` improves in this sweep: the score's direction for the score, the
+    /// metric's natural one for any other ([`Direction::natural`]).
+    pub fn direction_of(&self, metric: Metric) -> Direction {
+        if metric == self.score {
+            self.direction
+        } else {
+            Direction::natural(metric)
         }
     }
 
@@ -312,6 +335,13 @@ impl RunShape {
     }
 
     fn check_metrics(&self, reported: Reported) -> Result<(), String> {
+        // A built-in task always measures these: a report without them is not its worker's.
+        if !reported.basics && !self.custom {
+            return Err(
+                "train_loss, train_accuracy and lr (a result: and test_loss, test_accuracy) are missing: the built-in tasks report them all; only a task = \"command\" program may leave them out"
+                    .into(),
+            );
+        }
         if reported.custom && !self.custom {
             return Err(
                 "custom metrics were sent, but only a task = \"command\" program reports them"
@@ -350,25 +380,13 @@ pub fn check_final_metrics(result: &SeedResult, last: Option<&EpochRecord>) -> R
         (a, b) => a.is_none() && b.is_none(),
     };
     let fields = [
-        (
-            "test_accuracy",
-            same_opt(Some(result.test_accuracy), last.test_accuracy),
-        ),
-        (
-            "test_loss",
-            same_opt(Some(result.test_loss), last.test_loss),
-        ),
-        ("train_loss", same(result.train_loss, last.train_loss)),
-        (
-            "train_accuracy",
-            same(result.train_accuracy, last.train_accuracy),
-        ),
+        ("test_accuracy", same_opt(result.test_accuracy, last.test_accuracy)),
+        ("test_loss", same_opt(result.test_loss, last.test_loss)),
+        ("train_loss", same_opt(result.train_loss, last.train_loss)),
+        ("train_accuracy", same_opt(result.train_accuracy, last.train_accuracy)),
         ("test_top5", same_opt(result.test_top5, last.test_top5)),
         ("val_loss", same_opt(result.val_loss, last.val_loss)),
-        (
-            "val_accuracy",
-            same_opt(result.val_accuracy, last.val_accuracy),
-        ),
+        ("val_accuracy", same_opt(result.val_accuracy, last.val_accuracy)),
     ];
     let custom = result.custom.iter().map(|(name, &v)| {
         let agrees = last
@@ -637,11 +655,17 @@ mod tests {
         let shape = RunShape::of(&spec.train, None, None);
         assert_eq!(shape.epochs, 3);
         let plain = Reported {
+            basics: true,
             top5: false,
             validation: false,
             custom: false,
         };
         assert!(shape.check_epoch(3, plain).is_ok());
+        let bare = Reported {
+            basics: false,
+            ..plain
+        };
+        assert!(shape.check_epoch(1, bare).unwrap_err().contains("train_loss"));
         assert!(
             shape
                 .check_epoch(4, plain)
@@ -683,13 +707,15 @@ mod tests {
         .unwrap();
         let shape = RunShape::of(&own.train, None, own.command.as_ref());
         assert!(shape.check_epoch(1, custom).is_ok());
+        // A program need report only its score.
+        assert!(shape.check_epoch(1, bare).is_ok());
         assert_eq!(shape.score, Metric::custom("bleu").unwrap());
         let mut r = SeedResult {
             seed: 0,
-            test_accuracy: 0.5,
-            test_loss: 1.0,
-            train_loss: 1.0,
-            train_accuracy: 0.5,
+            test_accuracy: Some(0.5),
+            test_loss: Some(1.0),
+            train_loss: Some(1.0),
+            train_accuracy: Some(0.5),
             epochs: 1,
             seconds: 1.0,
             worker_id: "w".into(),

@@ -20,6 +20,11 @@ struct Fleet {
 
 impl Fleet {
     fn start() -> Fleet {
+        Fleet::start_with(&[])
+    }
+
+    /// A fleet whose coordinator also takes `extra` flags.
+    fn start_with(extra: &[&str]) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let (w, a) = (
             dir.path().join("worker.token"),
@@ -33,11 +38,15 @@ impl Fleet {
         let coordinator = CoordinatorProcess::start(
             &format!("sqlite://{}", db.display()),
             &[
-                "--worker-token-file",
-                w.to_str().unwrap(),
-                "--admin-token-file",
-                a.to_str().unwrap(),
-            ],
+                &[
+                    "--worker-token-file",
+                    w.to_str().unwrap(),
+                    "--admin-token-file",
+                    a.to_str().unwrap(),
+                ],
+                extra,
+            ]
+            .concat(),
         )
         .unwrap();
         Fleet {
@@ -66,6 +75,13 @@ impl Fleet {
             .env("SEEDSWEEP_ADMIN_TOKEN", ADMIN_TOKEN)
             .output()
             .unwrap()
+    }
+
+    /// `coordinator sweep ARGS` that must succeed: its stdout.
+    fn sweep_ok(&self, args: &[&str]) -> String {
+        let out = self.sweep(args);
+        assert!(out.status.success(), "sweep {args:?}: {}", stderr(&out));
+        stdout(&out)
     }
 
     /// Submits a command sweep of `program` over `seeds` with `extra` lines in [command]; the
@@ -448,11 +464,11 @@ fn a_forged_result_under_another_workers_lease_is_refused() {
         let epoch = pb::EpochMetrics {
             lease: lease.clone(),
             epoch: 1,
-            train_loss: 0.01,
-            train_accuracy: 0.999,
+            train_loss: Some(0.01),
+            train_accuracy: Some(0.999),
             test_loss: Some(0.01),
             test_accuracy: Some(0.999),
-            lr: 0.1,
+            lr: Some(0.1),
             seconds: 1.0,
             ..Default::default()
         };
@@ -461,10 +477,10 @@ fn a_forged_result_under_another_workers_lease_is_refused() {
             .complete_seed(pb::CompleteSeedRequest {
                 lease,
                 worker_id: "forger".into(),
-                test_accuracy: 0.999,
-                test_loss: 0.01,
-                train_loss: 0.01,
-                train_accuracy: 0.999,
+                test_accuracy: Some(0.999),
+                test_loss: Some(0.01),
+                train_loss: Some(0.01),
+                train_accuracy: Some(0.999),
                 epochs: 1,
                 seconds: 1.0,
                 device: "cpu".into(),
@@ -485,4 +501,168 @@ fn a_forged_result_under_another_workers_lease_is_refused() {
         "SELECT worker_id <> 'forger', test_accuracy FROM results WHERE sweep_id = '{id}'"
     ));
     assert_eq!(result, "1|0.5");
+}
+
+/// A page of the dashboard at `base`, signed in with the admin token.
+fn dashboard_page(base: &str, path: &str) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into();
+    let signed_in = agent
+        .post(&format!("{base}/login"))
+        .send_form([("token", ADMIN_TOKEN)])
+        .unwrap();
+    let cookie = signed_in.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let mut page = agent
+        .get(&format!("{base}{path}"))
+        .header("cookie", &cookie)
+        .call()
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 200, "{path}");
+    page.body_mut().read_to_string().unwrap()
+}
+
+/// A program that reports only a loss, its score (lower is better), and nothing else: every
+/// seed counts, nothing stands in for the metrics it lacks, and the best seed is the lowest, in
+/// `sweep stats`, `sweep report`, SQL and the dashboard.
+#[test]
+fn a_program_that_reports_only_a_loss_is_scored_lower_is_better() {
+    let port = seedsweep_tests::free_port();
+    let fleet = Fleet::start_with(&["--http-listen", &format!("127.0.0.1:{port}")]);
+    // Seed 7 is far better (lower) than the rest: a lucky black swan.
+    let program = fleet.program(
+        "loss.sh",
+        "#!/bin/bash\nif [ \"$SEEDSWEEP_SEED\" = 7 ]; then loss=0.05; else loss=1.0$((SEEDSWEEP_SEED % 5)); fi\n\
+         printf '{\"epoch\": 1}\\n{\"epoch\": 2, \"test_loss\": %s}\\n' \"$loss\" >> \"$SEEDSWEEP_METRICS_FILE\"\n",
+    );
+    let (id, _) = fleet.submit(
+        &program,
+        "\"0..12\"",
+        1,
+        "score = \"test_loss\"\nscore_direction = \"min\"\nepochs = 2",
+    );
+    let out = fleet.run_worker(fleet.worker(&program, &[]), Duration::from_secs(120));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fleet.states(&id), vec!["done"; 12].join(","));
+
+    // What was not reported is NULL, in results and epochs alike.
+    assert_eq!(
+        fleet.sql(&format!(
+            "SELECT count(*), count(test_accuracy), count(train_loss), count(train_accuracy) FROM results WHERE sweep_id = '{id}'"
+        )),
+        "12|0|0|0"
+    );
+    assert_eq!(
+        fleet.sql(&format!(
+            "SELECT count(*), count(lr), count(train_loss), count(test_loss) FROM epoch_metrics WHERE sweep_id = '{id}'"
+        )),
+        "24|0|0|12"
+    );
+    assert_eq!(
+        fleet.sql(&format!(
+            "SELECT best_seed, worst_seed, score, score_direction FROM sweep_summary WHERE sweep_id = '{id}'"
+        )),
+        "7|4|test_loss|min"
+    );
+
+    let stats: serde_json::Value =
+        serde_json::from_str(&fleet.sweep_ok(&["stats", &id, "--json"])).unwrap();
+    assert_eq!(
+        (&stats["metric"], &stats["direction"], &stats["best_seed"]),
+        (&"test_loss".into(), &"min".into(), &7.into()),
+        "{stats}"
+    );
+    let swan = &stats["black_swans"][0];
+    assert_eq!(
+        (&swan["seed"], &swan["side"], &swan["lucky"]),
+        (&7.into(), &"low".into(), &true.into())
+    );
+    let mean = stats["mean"].as_f64().unwrap();
+    let best_of_5 = stats["best_of_k"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["k"] == 5)
+        .unwrap();
+    assert!(best_of_5["expected_min"].as_f64().unwrap() < mean);
+    assert!(best_of_5["inflation"].as_f64().unwrap() > 0.0);
+    assert!(fleet.sweep_ok(&["stats", &id]).contains("test_loss (lower is better)"));
+    assert!(fleet.sweep_ok(&["status", &id]).contains("best 0.0500 (seed 7)"));
+    let results = fleet.sweep_ok(&["results", &id]);
+    assert!(!results.contains("0.0000"), "no stand-in zeros:\n{results}");
+
+    let report = fleet.dir.path().join("report");
+    fleet.sweep_ok(&["report", &id, "--out", report.to_str().unwrap()]);
+    let md = std::fs::read_to_string(report.join("summary.md")).unwrap();
+    assert!(
+        md.contains("test_loss (lower is better)") && md.contains("| 0.0500 (7) |"),
+        "{md}"
+    );
+
+    let base = format!("http://127.0.0.1:{port}");
+    let page = dashboard_page(&base, &format!("/sweeps/{id}"));
+    assert!(page.contains("(lower is better)") && page.contains("lucky"), "{page}");
+    let seed = dashboard_page(&base, &format!("/sweeps/{id}/seeds/7"));
+    assert!(
+        seed.contains("<th>test loss</th>") && !seed.contains("test accuracy"),
+        "{seed}"
+    );
+}
+
+/// A program with only metrics of its own, one of them its score: statistics, watch and export
+/// read them, and the known metrics it never reported are absent, not zero.
+#[test]
+fn a_program_with_only_custom_metrics_is_scored_by_its_own() {
+    let fleet = Fleet::start();
+    let program = fleet.program(
+        "agent.sh",
+        "#!/bin/bash\nfor e in 1 2 3; do\n  printf '{\"epoch\": %d, \"reward\": %d.5, \"episode_len\": %d}\\n' \
+         $e $((SEEDSWEEP_SEED + e)) $((100 - SEEDSWEEP_SEED)) >> \"$SEEDSWEEP_METRICS_FILE\"\ndone\n",
+    );
+    let (id, _) = fleet.submit(&program, "\"0..6\"", 1, "score = \"reward\"");
+    let out = fleet.run_worker(fleet.worker(&program, &[]), Duration::from_secs(120));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fleet.states(&id), vec!["done"; 6].join(","));
+
+    let stats: serde_json::Value =
+        serde_json::from_str(&fleet.sweep_ok(&["stats", &id, "--json"])).unwrap();
+    assert_eq!(
+        (&stats["metric"], &stats["direction"], &stats["n"], &stats["best_seed"]),
+        (&"reward".into(), &"max".into(), &6.into(), &5.into()),
+        "{stats}"
+    );
+    // Reward per epoch: epoch 3's is seed + 3.5, its mean 6.
+    let last = stats["epochs"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!((&last["epoch"], &last["mean"]), (&3.into(), &6.0.into()));
+    let other: serde_json::Value = serde_json::from_str(&fleet.sweep_ok(&[
+        "stats", &id, "--metric", "episode_len", "--json",
+    ]))
+    .unwrap();
+    assert_eq!((&other["min"], &other["max"]), (&95.0.into(), &100.0.into()));
+    // A known metric that no seed reported has no statistics: nothing stands in for it.
+    let none: serde_json::Value = serde_json::from_str(&fleet.sweep_ok(&[
+        "stats", &id, "--metric", "test_accuracy", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(none["n"], 0, "{none}");
+
+    let watched = fleet.sweep_ok(&["watch", &id]);
+    assert!(watched.contains("best 8.5000 (seed 5)"), "{watched}");
+
+    let csv = fleet.dir.path().join("results.csv");
+    fleet.sweep_ok(&[
+        "export", &id, "--format", "csv", "--out", csv.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let first = lines.next().unwrap();
+    let at = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let cells: Vec<&str> = first.splitn(header.len(), ',').collect();
+    assert_eq!(cells[at("test_accuracy")], "", "{text}");
+    assert_eq!(cells[at("train_loss")], "", "{text}");
+    assert!(first.contains("reward"), "{text}");
 }

@@ -58,14 +58,14 @@ impl Model {
 fn epoch(n: u32) -> EpochRecord {
     EpochRecord {
         epoch: n,
-        train_loss: 1.0,
-        train_accuracy: 0.5,
+        train_loss: Some(1.0),
+        train_accuracy: Some(0.5),
         test_loss: Some(1.0),
         test_accuracy: Some(0.5),
         test_top5: None,
         val_loss: None,
         val_accuracy: None,
-        lr: 0.1,
+        lr: Some(0.1),
         seconds: 1.0,
         custom: Default::default(),
     }
@@ -74,10 +74,10 @@ fn epoch(n: u32) -> EpochRecord {
 fn result(seed: i64) -> SeedResult {
     SeedResult {
         seed,
-        test_accuracy: 0.5,
-        test_loss: 1.0,
-        train_loss: 1.0,
-        train_accuracy: 0.5,
+        test_accuracy: Some(0.5),
+        test_loss: Some(1.0),
+        train_loss: Some(1.0),
+        train_accuracy: Some(0.5),
         epochs: 2,
         seconds: 1.0,
         worker_id: "w".into(),
@@ -239,7 +239,8 @@ async fn run_one(s: &dyn Store, clock: &Clock, rng_seed: u64, steps: usize) {
             "{ctx}"
         );
         assert_eq!(
-            p.test_accuracy.map_or(0, |a| a.moments.n),
+            p.aggregate(seedsweep_core::domain::Metric::TestAccuracy)
+                .map_or(0, |a| a.moments.n),
             p.counts.done,
             "{ctx}"
         );

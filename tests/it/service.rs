@@ -127,7 +127,7 @@ async fn writes_without_the_lease_key_are_refused() {
             c.complete_seed(pb::CompleteSeedRequest {
                 lease: forged.clone(),
                 worker_id: "forger".into(),
-                test_accuracy: 0.999,
+                test_accuracy: Some(0.999),
                 epochs: 1,
                 ..Default::default()
             })
@@ -380,9 +380,9 @@ async fn out_of_range_epoch_numbers_are_refused_and_reads_still_work() {
     let epoch = |n: u32| pb::EpochMetrics {
         lease: lref(&held),
         epoch: n,
-        train_loss: 0.5,
-        train_accuracy: 0.5,
-        lr: 0.1,
+        train_loss: Some(0.5),
+        train_accuracy: Some(0.5),
+        lr: Some(0.1),
         seconds: 1.0,
         ..Default::default()
     };
@@ -423,11 +423,11 @@ async fn reports_of_the_wrong_shape_are_refused_and_leave_nothing() {
     let epoch = |n: u32| pb::EpochMetrics {
         lease: lref(&held),
         epoch: n,
-        train_loss: 0.5,
-        train_accuracy: 0.5,
+        train_loss: Some(0.5),
+        train_accuracy: Some(0.5),
         test_loss: Some(0.7),
         test_accuracy: Some(0.6),
-        lr: 0.1,
+        lr: Some(0.1),
         seconds: 1.0,
         ..Default::default()
     };
@@ -490,10 +490,10 @@ async fn reports_of_the_wrong_shape_are_refused_and_leave_nothing() {
     let result = |epochs: u32| pb::CompleteSeedRequest {
         lease: lref(&held),
         worker_id: "w".into(),
-        test_accuracy: 0.6,
-        test_loss: 0.7,
-        train_loss: 0.5,
-        train_accuracy: 0.5,
+        test_accuracy: Some(0.6),
+        test_loss: Some(0.7),
+        train_loss: Some(0.5),
+        train_accuracy: Some(0.5),
         epochs,
         seconds: 2.0,
         device: "cpu".into(),
@@ -513,7 +513,7 @@ async fn reports_of_the_wrong_shape_are_refused_and_leave_nothing() {
         ),
         (
             pb::CompleteSeedRequest {
-                test_accuracy: 0.61,
+                test_accuracy: Some(0.61),
                 ..result(2)
             },
             "test_accuracy differs from epoch 2",

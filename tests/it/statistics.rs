@@ -41,11 +41,11 @@ async fn scripted_worker(url: &str, score: impl Fn(&str, i64) -> f64) {
             .map(|e| pb::EpochMetrics {
                 lease: Some(lease.clone()),
                 epoch: e,
-                train_loss: 1.0 / e as f64,
-                train_accuracy: 0.5,
+                train_loss: Some(1.0 / e as f64),
+                train_accuracy: Some(0.5),
                 test_loss: Some(1.0 - acc),
                 test_accuracy: Some(if e == 2 { acc } else { acc - 0.1 }),
-                lr: 0.1,
+                lr: Some(0.1),
                 seconds: 1.0,
                 ..Default::default()
             })
@@ -57,11 +57,11 @@ async fn scripted_worker(url: &str, score: impl Fn(&str, i64) -> f64) {
             .complete_seed(pb::CompleteSeedRequest {
                 lease: Some(lease),
                 worker_id: "scripted".into(),
-                test_accuracy: acc,
-                test_loss: 1.0 - acc,
+                test_accuracy: Some(acc),
+                test_loss: Some(1.0 - acc),
                 // The last epoch's, as a real worker reports them.
-                train_loss: 0.5,
-                train_accuracy: 0.5,
+                train_loss: Some(0.5),
+                train_accuracy: Some(0.5),
                 epochs: 2,
                 seconds: 1.0,
                 device: "cpu".into(),
@@ -289,7 +289,7 @@ async fn stats_compare_and_watch_from_the_command_line() {
                 key: l.key,
             }),
             worker_id: "bad".into(),
-            test_accuracy: 0.9,
+            test_accuracy: Some(0.9),
             epochs: 2,
             device: "cpu".into(),
             data_fingerprint: "sha256:00".into(),

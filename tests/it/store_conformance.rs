@@ -10,6 +10,7 @@ use seedsweep_core::domain::{
 use seedsweep_core::policy::Charge;
 use seedsweep_core::spec::SeedSet;
 use seedsweep_core::spec::SweepSpec;
+use seedsweep_core::metric::Direction;
 use seedsweep_core::stats;
 use seedsweep_core::stats::noise::TestSetTally;
 use std::sync::Arc;
@@ -38,14 +39,14 @@ fn spec(seeds: &str, max_attempts: u32) -> SweepSpec {
 fn epoch(n: u32) -> EpochRecord {
     EpochRecord {
         epoch: n,
-        train_loss: 1.0 / n as f64,
-        train_accuracy: 0.5,
+        train_loss: Some(1.0 / n as f64),
+        train_accuracy: Some(0.5),
         test_loss: Some(1.0),
         test_accuracy: Some(0.5),
         test_top5: None,
         val_loss: None,
         val_accuracy: None,
-        lr: 0.1,
+        lr: Some(0.1),
         seconds: 1.0,
         custom: Default::default(),
     }
@@ -63,10 +64,10 @@ fn last_epoch(acc: f64) -> EpochRecord {
 fn result(seed: i64, acc: f64) -> SeedResult {
     SeedResult {
         seed,
-        test_accuracy: acc,
-        test_loss: 1.0,
-        train_loss: 0.5,
-        train_accuracy: 0.5,
+        test_accuracy: Some(acc),
+        test_loss: Some(1.0),
+        train_loss: Some(0.5),
+        train_accuracy: Some(0.5),
         epochs: 2,
         seconds: 3.0,
         worker_id: "w".into(),
@@ -238,7 +239,7 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
         ),
         (2, 1, 0, 0)
     );
-    let acc = pa.test_accuracy.unwrap();
+    let acc = pa.aggregate(Metric::TestAccuracy).unwrap();
     assert_eq!((acc.moments.n, acc.min_seed, acc.max_seed), (2, 9, 2));
     assert!((acc.moments.mean - 0.75).abs() < 1e-12);
     assert_eq!((pa.summary.total, pa.summary.done), (3, 2));
@@ -397,7 +398,7 @@ async fn retries_and_control(s: Arc<dyn Store>, clock: Clock) {
         (5, 1, 4)
     );
     assert_eq!(
-        p.test_accuracy.map(|a| (a.moments.n, a.max)),
+        p.aggregate(Metric::TestAccuracy).map(|a| (a.moments.n, a.max)),
         Some((1, 0.5))
     );
 
@@ -525,7 +526,7 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
             .into_iter()
             .find(|a| a.metric == Metric::TestAccuracy);
         let pairs: Vec<(i64, f64)> = scores.iter().map(|r| (r.seed, r.value)).collect();
-        match (stats::summarize(&pairs), live) {
+        match (stats::summarize(&pairs, Direction::Max), live) {
             (None, None) => {}
             (Some(want), Some(got)) => {
                 assert_eq!(got.moments.n, want.n);
@@ -619,7 +620,11 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
         }
     }
     let want =
-        stats::summarize(&scores.iter().map(|r| (r.seed, r.value)).collect::<Vec<_>>()).unwrap();
+        stats::summarize(
+        &scores.iter().map(|r| (r.seed, r.value)).collect::<Vec<_>>(),
+        Direction::Max,
+    )
+    .unwrap();
 
     // The views, through plain SQL.
     let (view, epochs): ((i64, f64, f64, i64), (i64, f64)) = if url.starts_with("postgres") {
@@ -790,7 +795,7 @@ async fn epoch_batches(s: Arc<dyn Store>) {
     };
     let unknown = LeaseRef { seed: 99, ..a };
     let mut again = epoch(1);
-    again.train_loss = 0.25;
+    again.train_loss = Some(0.25);
     let rows = [
         (a, epoch(1)),
         (stale, epoch(1)),
@@ -803,11 +808,11 @@ async fn epoch_batches(s: Arc<dyn Store>) {
     assert!(matches!(verdicts[1], Err(StoreError::StaleLease(_))));
     assert!(matches!(verdicts[2], Err(StoreError::SeedNotFound { .. })));
     let rows = s.list_epochs(id, None, 100).await.unwrap();
-    let seeds: Vec<(i64, u32, f64)> = rows
+    let seeds: Vec<(i64, u32, Option<f64>)> = rows
         .iter()
         .map(|(seed, e)| (*seed, e.epoch, e.train_loss))
         .collect();
-    assert_eq!(seeds, vec![(a.seed, 1, 0.25), (b.seed, 1, 1.0)]);
+    assert_eq!(seeds, vec![(a.seed, 1, Some(0.25)), (b.seed, 1, Some(1.0))]);
     let gone = SweepId::new();
     let verdicts = s
         .record_epochs(&[(

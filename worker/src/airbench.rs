@@ -367,8 +367,8 @@ mod tests {
     fn numbers(t: &Trained) -> Vec<u64> {
         t.history
             .iter()
-            .flat_map(|m| [m.train_loss, m.train_accuracy, m.test_loss.unwrap(), m.lr])
-            .map(f64::to_bits)
+            .flat_map(|m| [m.train_loss, m.train_accuracy, m.test_loss, m.lr])
+            .map(|v| v.unwrap().to_bits())
             .collect()
     }
 
@@ -384,7 +384,7 @@ mod tests {
         assert_eq!(a.history.len(), 3);
         // 256 images in batches of 64: 4 steps an epoch, ceil(4 x 2.9) = 12 in all.
         assert_eq!((cfg.steps_per_epoch(256), cfg.total_steps(4)), (4, 12));
-        assert!(a.history.iter().all(|m| m.train_loss.is_finite()));
+        assert!(a.history.iter().all(|m| m.train_loss.unwrap().is_finite()));
     }
 
     /// The schedule of airbench's `get_lr` over its 476 steps (48 a CIFAR-10 epoch, 9.9 epochs).

@@ -751,14 +751,14 @@ impl<'a> Progress<'a> {
         }
         let m = EpochMetrics {
             epoch,
-            train_loss,
-            train_accuracy: correct.int64_value(&[]) as f64 / seen,
+            train_loss: Some(train_loss),
+            train_accuracy: Some(correct.int64_value(&[]) as f64 / seen),
             test_loss: Some(s.loss),
             test_accuracy: Some(s.top1),
             test_top5: s.top5,
             val_loss: None,
             val_accuracy: None,
-            lr: self.lr,
+            lr: Some(self.lr),
             seconds: self.started.elapsed().as_secs_f64(),
             custom: Default::default(),
         };
@@ -1100,7 +1100,7 @@ mod tests {
         let (a, b, c) = (run(1), run(1), run(2));
         assert_eq!(a.len(), 3, "an evaluation every 10 of 30 steps");
         let bits =
-            |h: &[EpochMetrics]| -> Vec<u64> { h.iter().map(|m| m.train_loss.to_bits()).collect() };
+            |h: &[EpochMetrics]| -> Vec<u64> { h.iter().map(|m| m.train_loss.unwrap().to_bits()).collect() };
         assert_eq!(bits(&a), bits(&b));
         assert_ne!(bits(&a), bits(&c));
         let last = a.last().unwrap();
@@ -1209,7 +1209,7 @@ mod tests {
                 .map(|m| {
                     (
                         m.epoch,
-                        m.train_loss.to_bits(),
+                        m.train_loss.unwrap().to_bits(),
                         m.test_loss.unwrap().to_bits(),
                     )
                 })

@@ -1100,19 +1100,13 @@ impl Worker {
         fingerprint: String,
     ) -> anyhow::Result<pb::CompleteSeedRequest> {
         let last = t.history.last().context("training ran no epoch")?;
-        let (Some(test_accuracy), Some(test_loss)) = (last.test_accuracy, last.test_loss) else {
-            bail!(
-                "the last epoch of seed {} was not evaluated",
-                held.lref.seed
-            );
-        };
         let correct = (t.test_correct.as_ref())
             .filter(|c| c.examples <= seedsweep_core::domain::MAX_TEST_EXAMPLES);
         Ok(pb::CompleteSeedRequest {
             lease: Some(held.lref.clone()),
             worker_id: self.settings.worker_id.clone(),
-            test_accuracy,
-            test_loss,
+            test_accuracy: last.test_accuracy,
+            test_loss: last.test_loss,
             train_loss: last.train_loss,
             train_accuracy: last.train_accuracy,
             epochs: t.history.len() as u32,

@@ -167,12 +167,12 @@ mod tests {
             epochs: vec![pb::EpochMetrics {
                 lease: Some(lease.clone()),
                 epoch: 1,
-                train_loss: 1.5,
+                train_loss: Some(1.5),
                 ..Default::default()
             }],
             result: Some(pb::CompleteSeedRequest {
                 lease: Some(lease),
-                test_accuracy: 0.5,
+                test_accuracy: Some(0.5),
                 epochs: 1,
                 test_correct: vec![0b1010_1010; 1250],
                 test_examples: 10_000,

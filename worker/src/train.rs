@@ -149,8 +149,9 @@ impl Seeds {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: u32,
-    pub train_loss: f64,
-    pub train_accuracy: f64,
+    /// Absent only from a program of the researcher's own that does not report them.
+    pub train_loss: Option<f64>,
+    pub train_accuracy: Option<f64>,
     /// Absent for epochs without an evaluation (see `eval_every`).
     pub test_loss: Option<f64>,
     pub test_accuracy: Option<f64>,
@@ -163,7 +164,7 @@ pub struct EpochMetrics {
     #[serde(default)]
     pub val_accuracy: Option<f64>,
     /// The learning rate at the epoch's last step.
-    pub lr: f64,
+    pub lr: Option<f64>,
     pub seconds: f64,
     /// Task command: the program's metrics that are not known ones.
     #[serde(default, skip_serializing_if = "CustomMetrics::is_empty")]
@@ -980,14 +981,14 @@ impl Tally {
         }
         Ok(EpochMetrics {
             epoch,
-            train_loss,
-            train_accuracy: self.correct.int64_value(&[]) as f64 / self.seen as f64,
+            train_loss: Some(train_loss),
+            train_accuracy: Some(self.correct.int64_value(&[]) as f64 / self.seen as f64),
             test_loss: eval.test.map(|t| t.0),
             test_accuracy: eval.test.map(|t| t.1),
             test_top5: None,
             val_loss: eval.val.map(|v| v.0),
             val_accuracy: eval.val.map(|v| v.1),
-            lr,
+            lr: Some(lr),
             seconds: started.elapsed().as_secs_f64(),
             custom: Default::default(),
         })
@@ -1157,8 +1158,8 @@ pub(crate) mod tests {
             .iter()
             .map(|m| {
                 (
-                    m.train_loss.to_bits(),
-                    m.train_accuracy.to_bits(),
+                    m.train_loss.unwrap().to_bits(),
+                    m.train_accuracy.unwrap().to_bits(),
                     m.test_loss.map(f64::to_bits),
                 )
             })
@@ -1550,7 +1551,7 @@ pub(crate) mod tests {
         let whole = run_with(&d, &cfg, Seeds::single(3));
         cfg.drop_last = true;
         let dropped = run_with(&d, &cfg, Seeds::single(3));
-        let hits = dropped.history[0].train_accuracy * 192.0;
+        let hits = dropped.history[0].train_accuracy.unwrap() * 192.0;
         assert!(
             (hits - hits.round()).abs() < 1e-9,
             "{hits}: hits among 192 images"

@@ -46,17 +46,19 @@ pub async fn status(coordinator: &Connection, id: &str, json: bool) -> anyhow::R
         bail!("the coordinator sent an incomplete status")
     };
     if json {
-        let acc = s.test_accuracy.map(|a| {
+        let stats = |a: pb::AccuracyStats| {
             serde_json::json!({"n": a.n, "mean": a.mean, "std": a.std, "min": a.min, "max": a.max,
                                 "worst_seed": a.worst_seed, "best_seed": a.best_seed})
-        });
+        };
         return Ok(serde_json::to_string_pretty(&serde_json::json!({
             "sweep_id": sweep.sweep_id, "name": sweep.name, "task": sweep.task, "dataset": sweep.dataset,
             "created_at": sweep.created_at, "total": sweep.total, "done": sweep.done,
             "state": sweep.state, "priority": sweep.priority,
             "counts": {"pending": c.pending, "leased": c.leased, "done": c.done, "failed": c.failed,
                        "cancelled": c.cancelled},
-            "test_accuracy": acc,
+            "test_accuracy": s.test_accuracy.map(stats),
+            "score": s.score, "score_direction": s.score_direction,
+            "score_stats": s.score_stats.map(stats),
         }))?);
     }
     let mut out = format!(
@@ -75,14 +77,26 @@ pub async fn status(coordinator: &Connection, id: &str, json: bool) -> anyhow::R
         c.failed,
         c.cancelled
     );
-    match s.test_accuracy {
+    let lower = if s.score_direction == "min" {
+        ", lower is better"
+    } else {
+        ""
+    };
+    match s.score_stats {
         Some(a) => {
             out += &format!(
-                "test accuracy over {} seeds: mean {:.4}  std {:.4}  min {:.4} (seed {})  max {:.4} (seed {})\n",
-                a.n, a.mean, a.std, a.min, a.worst_seed, a.max, a.best_seed
+                "score {} ({} seeds{lower}): mean {:.4}  std {:.4}  best {:.4} (seed {})  worst {:.4} (seed {})\n",
+                s.score,
+                a.n,
+                a.mean,
+                a.std,
+                if lower.is_empty() { a.max } else { a.min },
+                a.best_seed,
+                if lower.is_empty() { a.min } else { a.max },
+                a.worst_seed
             )
         }
-        None => out += "test accuracy: no seed finished yet\n",
+        None => out += &format!("score {}{lower}: no seed finished yet\n", s.score),
     }
     Ok(out)
 }
@@ -264,7 +278,8 @@ fn result_json(r: &pb::SeedResult) -> serde_json::Value {
         "precision": r.precision, "deterministic": r.deterministic,
         "init_seed": r.factors.map(|f| f.init), "order_seed": r.factors.map(|f| f.order),
         "augment_seed": r.factors.map(|f| f.augment), "split_seed": r.factors.map(|f| f.split),
-        "test_top5": r.test_top5, "val_loss": r.val_loss, "val_accuracy": r.val_accuracy})
+        "test_top5": r.test_top5, "val_loss": r.val_loss, "val_accuracy": r.val_accuracy,
+        "custom": r.custom})
 }
 
 /// One line of the results table: its header for None.
@@ -286,12 +301,13 @@ fn result_line(r: Option<&pb::SeedResult>) -> String {
         .factors
         .map(|f| format!("{}/{}/{}", f.init, f.order, f.augment))
         .unwrap_or_default();
+    let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
     format!(
-        "{:>8}  {:>9.4}  {:>9.4}  {:>10.4}  {:>6}  {:>8.1}  {:>20}  {}\n",
+        "{:>8}  {:>9}  {:>9}  {:>10}  {:>6}  {:>8.1}  {:>20}  {}\n",
         r.seed,
-        r.test_accuracy,
-        r.test_loss,
-        r.train_loss,
+        cell(r.test_accuracy),
+        cell(r.test_loss),
+        cell(r.train_loss),
         r.epochs,
         r.seconds,
         factors,
@@ -388,16 +404,22 @@ pub async fn watch(coordinator: &Connection, id: &str, metric: &str) -> anyhow::
             "-".into()
         };
         let summary = u.summary.as_ref().map_or("no result yet".to_string(), |a| {
+            let (best, worst) = if u.direction == "min" {
+                (a.min, a.max)
+            } else {
+                (a.max, a.min)
+            };
             format!(
-                "n {}  mean {:.4}  std {:.4}  median {:.4}  min {:.4} (seed {})  max {:.4} (seed {})",
-                a.n, a.mean, a.std, u.median, a.min, a.worst_seed, a.max, a.best_seed
+                "n {}  mean {:.4}  std {:.4}  median {:.4}  best {:.4} (seed {})  worst {:.4} (seed {})",
+                a.n, a.mean, a.std, u.median, best, a.best_seed, worst, a.worst_seed
             )
         });
         let swan_text = |b: &pb::BlackSwan| {
             format!(
-                "seed {} {} {:.4} (z {:.2}{})",
+                "seed {} {} ({}) {:.4} (z {:.2}{})",
                 b.seed,
                 b.side,
+                if b.lucky { "lucky" } else { "unlucky" },
                 b.score,
                 b.z,
                 b.robust_z

@@ -1,6 +1,7 @@
 //! The text `sweep stats` and `sweep compare` print, from the same typed documents the server
 //! serialises (`seedsweep_core::stats::document`).
 
+use seedsweep_core::metric::Direction;
 use seedsweep_core::report::f;
 use seedsweep_core::stats::SweepStats;
 use seedsweep_core::stats::describe::{BlackSwan, Interval, flags};
@@ -31,7 +32,11 @@ pub fn stats_table(doc: &StatsDocument) -> String {
             );
         }
     };
-    let mut out = format!("sweep {}  metric {}\n", doc.sweep_id, s.metric);
+    let lower = match s.summary.direction {
+        Direction::Max => "",
+        Direction::Min => " (lower is better)",
+    };
+    let mut out = format!("sweep {}  metric {}{lower}\n", doc.sweep_id, s.metric);
     summary(&mut out, s);
     intervals(&mut out, s);
     black_swans(&mut out, &s.black_swans);
@@ -43,6 +48,7 @@ pub fn stats_table(doc: &StatsDocument) -> String {
 
 fn summary(out: &mut String, s: &SweepStats) {
     let m = &s.summary;
+    let (min_seed, max_seed) = m.min_max_seeds();
     let _ = writeln!(
         out,
         "n {}  mean {}  std {}  median {}  q1 {}  q3 {}  MAD {}\nmin {} (seed {})  max {} (seed {})  gap {}",
@@ -54,9 +60,9 @@ fn summary(out: &mut String, s: &SweepStats) {
         num(m.q3),
         num(s.mad),
         num(m.min),
-        m.worst_seed,
+        min_seed,
         num(m.max),
-        m.best_seed,
+        max_seed,
         num(m.gap),
     );
     if let Some(b) = s.binomial_std.filter(|b| b.is_finite()) {
@@ -113,14 +119,15 @@ fn black_swans(out: &mut String, swans: &[BlackSwan]) {
         out.push_str("black swans: none (|robust z| > 3.5 or |z| > 3)\n");
         return;
     }
-    out.push_str("black swans (|robust z| > 3.5 or |z| > 3):\n  seed           score  side        z   robust z  flagged by\n");
+    out.push_str("black swans (|robust z| > 3.5 or |z| > 3):\n  seed           score  side  luck           z   robust z  flagged by\n");
     for b in swans {
         let _ = writeln!(
             out,
-            "  {:<12} {:>7}  {:<4} {:>8.2} {:>10}  {}",
+            "  {:<12} {:>7}  {:<4}  {:<7} {:>8.2} {:>10}  {}",
             b.seed.to_string(),
             num(b.score),
             b.side.as_str(),
+            if b.lucky { "lucky" } else { "unlucky" },
             if b.z.is_finite() { b.z } else { 0.0 },
             b.robust_z
                 .filter(|r| r.is_finite())
@@ -131,14 +138,15 @@ fn black_swans(out: &mut String, swans: &[BlackSwan]) {
 }
 
 fn best_of_k(out: &mut String, s: &SweepStats) {
-    out.push_str("best of k seeds (expected, exact over the observed seeds):\n  k         E[max]    E[min]  E[max]-mean\n");
+    out.push_str("best of k seeds (expected, exact over the observed seeds):\n  k        E[best]  E[worst]  |E[best]-mean|\n");
     for b in &s.best_of_k {
+        let (best, worst) = b.best_worst(s.summary.direction);
         let _ = writeln!(
             out,
-            "  {:<7} {:>8} {:>9} {:>12}",
+            "  {:<7} {:>8} {:>9} {:>15}",
             b.k.to_string(),
-            num(b.expected_max),
-            num(b.expected_min),
+            num(best),
+            num(worst),
             num(b.inflation)
         );
     }
@@ -196,7 +204,7 @@ pub fn comparison(doc: &ComparisonDocument) -> String {
     format!(
         "metric {}\nA {}  {}\nB {}  {}\nmean(A) - mean(B) = {}  95% interval {}\n\
          Welch t = {:.3} (df {:.1}), p = {}\nMann-Whitney U = {}, p = {}\n\
-         P(a random seed of A beats one of B) = {:.3}\n",
+         P(a random seed of A beats one of B) = {:.3}{}\n",
         doc.metric,
         doc.sweep_a,
         side(&c.a),
@@ -210,6 +218,10 @@ pub fn comparison(doc: &ComparisonDocument) -> String {
         serde_json::json!(c.mann_whitney_u),
         num(c.mann_whitney_p),
         c.prob_a_beats_b,
+        match c.direction {
+            Direction::Max => "",
+            Direction::Min => " (lower is better)",
+        },
     )
 }
 
@@ -291,7 +303,10 @@ mod tests {
                 vec![],
             ),
         ] {
-            let s = seedsweep_core::stats::analyse(metric, &runs, epochs, ci, examples, &maps);
+            let direction = Direction::natural(metric);
+            let s = seedsweep_core::stats::analyse(
+                metric, direction, &runs, epochs, ci, examples, &maps,
+            );
             docs.push(StatsDocument::new("sweep-1".into(), metric, s));
         }
         docs.push(StatsDocument::new("sweep-2".into(), Metric::ValLoss, None));
@@ -308,7 +323,7 @@ mod tests {
             metric: Metric::TestAccuracy,
             sweep_a: "a".into(),
             sweep_b: "b".into(),
-            comparison: seedsweep_core::stats::compare::compare(a, b).unwrap(),
+            comparison: seedsweep_core::stats::compare::compare(a, b, Direction::Max).unwrap(),
         })
         .collect()
     }

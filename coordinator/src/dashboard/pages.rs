@@ -236,39 +236,87 @@ pub fn seed_page(sweep: &pb::SweepSummary, seen: &SeedSeen, visitor: &Visitor) -
         state = seen.history.state.as_str(),
     );
     if let Some(r) = seen.result {
-        let _ = write!(
-            h,
-            "<table><tr><th>test accuracy</th><th>test loss</th><th>train loss</th><th>epochs</th><th>seconds</th><th>worker</th><th>device</th><th>finished</th></tr>\
-             <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
-            f(r.test_accuracy),
-            f(r.test_loss),
-            f(r.train_loss),
-            r.epochs,
-            r.seconds,
-            escape(&r.worker_id),
-            escape(&r.device),
-            time(&r.finished_at)
-        );
+        h += &result_table(r);
     }
     if !epochs.is_empty() {
-        h += "<h2>Curve</h2><table><tr><th>epoch</th><th>train loss</th><th>train accuracy</th><th>test loss</th><th>test accuracy</th><th>lr</th></tr>";
-        let opt = |v: Option<f64>| v.map_or("-".into(), f);
-        for e in epochs {
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                e.epoch,
-                f(e.train_loss),
-                f(e.train_accuracy),
-                opt(e.test_loss),
-                opt(e.test_accuracy),
-                f(e.lr)
-            );
-        }
-        h += "</table>";
+        h += &curve_table(epochs);
     }
     h += &attempts(&seen.history.attempts);
     page(&format!("seed {seed}"), Some(visitor), &h, LOCAL_TIMES)
+}
+
+/// A seed's result: the metrics it has (a program's own need report only its score), then how
+/// it ran.
+fn result_table(r: &pb::SeedResult) -> String {
+    let known = [
+        ("test accuracy", r.test_accuracy),
+        ("test loss", r.test_loss),
+        ("train loss", r.train_loss),
+        ("train accuracy", r.train_accuracy),
+        ("test top-5", r.test_top5),
+        ("val loss", r.val_loss),
+        ("val accuracy", r.val_accuracy),
+    ];
+    let metrics: Vec<(String, f64)> = known
+        .into_iter()
+        .filter_map(|(name, v)| Some((name.to_string(), v?)))
+        .chain(r.custom.iter().map(|(k, v)| (k.clone(), *v)))
+        .collect();
+    let mut head = String::new();
+    let mut row = String::new();
+    for (name, v) in &metrics {
+        let _ = write!(head, "<th>{}</th>", escape(name));
+        let _ = write!(row, "<td>{}</td>", f(*v));
+    }
+    format!(
+        "<table id=\"result\"><tr>{head}<th>epochs</th><th>seconds</th><th>worker</th><th>device</th><th>finished</th></tr>\
+         <tr>{row}<td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
+        r.epochs,
+        r.seconds,
+        escape(&r.worker_id),
+        escape(&r.device),
+        time(&r.finished_at)
+    )
+}
+
+/// A seed's epochs: a column for each metric some epoch reported, "-" where one did not.
+fn curve_table(epochs: &[pb::EpochRow]) -> String {
+    let known: [(&str, fn(&pb::EpochRow) -> Option<f64>); 8] = [
+        ("train loss", |e| e.train_loss),
+        ("train accuracy", |e| e.train_accuracy),
+        ("test loss", |e| e.test_loss),
+        ("test accuracy", |e| e.test_accuracy),
+        ("test top-5", |e| e.test_top5),
+        ("val loss", |e| e.val_loss),
+        ("val accuracy", |e| e.val_accuracy),
+        ("lr", |e| e.lr),
+    ];
+    let known: Vec<_> = known
+        .into_iter()
+        .filter(|(_, get)| epochs.iter().any(|e| get(e).is_some()))
+        .collect();
+    let custom: std::collections::BTreeSet<&String> =
+        epochs.iter().flat_map(|e| e.custom.keys()).collect();
+    let opt = |v: Option<f64>| v.map_or("-".into(), f);
+    let mut h = "<h2>Curve</h2><table id=\"curve\"><tr><th>epoch</th>".to_string();
+    for (name, _) in &known {
+        let _ = write!(h, "<th>{name}</th>");
+    }
+    for name in &custom {
+        let _ = write!(h, "<th>{}</th>", escape(name));
+    }
+    h += "</tr>";
+    for e in epochs {
+        let _ = write!(h, "<tr><td>{}</td>", e.epoch);
+        for (_, get) in &known {
+            let _ = write!(h, "<td>{}</td>", opt(get(e)));
+        }
+        for name in &custom {
+            let _ = write!(h, "<td>{}</td>", opt(e.custom.get(*name).copied()));
+        }
+        h += "</tr>";
+    }
+    h + "</table>"
 }
 
 /// A seed's attempts: one row per lease, with how it ended and why.

@@ -670,6 +670,12 @@ impl Dialect {
     }
 }
 
+/// A new sweep's `score` and `score_direction` columns, from its settings.
+pub(crate) fn score_columns(spec: &seedsweep_core::spec::SweepSpec) -> (String, &'static str) {
+    let shape = policy::RunShape::of(&spec.train, spec.finetune.as_ref(), spec.command.as_ref());
+    (shape.score.to_string(), shape.direction.as_str())
+}
+
 /// Every metric a result has, by name: what its recording adds to the sweep's aggregates.
 pub(crate) fn result_values(r: &SeedResult) -> Vec<(&str, f64)> {
     let known = Metric::ALL

@@ -663,13 +663,14 @@ impl Store for PgStore {
             .bind(self.skew() - ABANDONED_LOAD.as_secs_f64())
             .execute(&self.pool)
             .await?;
+        let (score, direction) = super::score_columns(spec);
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO sweeps (id, name, task, dataset, config, max_attempts, total_seeds,
                                  retry_backoff_seconds, retry_backoff_max_seconds, priority,
-                                 loading_at)
+                                 loading_at, score, score_direction)
              VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10,
-                     now() + make_interval(secs => $11))",
+                     now() + make_interval(secs => $11), $12, $13)",
         )
         .bind(id.0)
         .bind(&spec.name)
@@ -682,6 +683,8 @@ impl Store for PgStore {
         .bind(spec.retry.max_seconds)
         .bind(spec.priority)
         .bind(self.skew())
+        .bind(&score)
+        .bind(direction)
         .execute(&mut *tx)
         .await?;
         insert_seeds(&mut tx, id, first, &spec.design).await?;
@@ -790,15 +793,10 @@ impl Store for PgStore {
                 u64_from_db(row.try_get("n")?),
             );
         }
-        let test_accuracy = self
-            .aggregates(id)
-            .await?
-            .into_iter()
-            .find(|a| a.metric == Metric::TestAccuracy);
         Ok(SweepProgress {
             summary,
             counts,
-            test_accuracy,
+            aggregates: self.aggregates(id).await?,
         })
     }
 
@@ -1150,11 +1148,11 @@ impl Store for PgStore {
             .bind(sent.iter().map(|(l, _)| l.seed).collect::<Vec<_>>())
             .bind(sent.iter().map(|(_, e)| e.epoch as i32).collect::<Vec<_>>())
             .bind(sent.iter().map(|(l, _)| l.fence).collect::<Vec<_>>())
-            .bind(column(|e| Some(e.train_loss)))
-            .bind(column(|e| Some(e.train_accuracy)))
+            .bind(column(|e| e.train_loss))
+            .bind(column(|e| e.train_accuracy))
             .bind(column(|e| e.test_loss))
             .bind(column(|e| e.test_accuracy))
-            .bind(column(|e| Some(e.lr)))
+            .bind(column(|e| e.lr))
             .bind(column(|e| Some(e.seconds)))
             .bind(column(|e| e.test_top5))
             .bind(column(|e| e.val_loss))

@@ -478,13 +478,14 @@ impl Store for SqliteStore {
             .bind(stamp(self.instant() - ABANDONED_LOAD, 0.0))
             .execute(&self.pool)
             .await?;
+        let (score, direction) = super::score_columns(spec);
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO sweeps (id, seq, name, task, dataset, config, max_attempts, total_seeds,
                                  retry_backoff_seconds, retry_backoff_max_seconds, priority,
-                                 loading_at)
+                                 loading_at, score, score_direction)
              VALUES (?1, (SELECT coalesce(max(seq), 0) + 1 FROM sweeps), ?2, ?3, ?4, ?5, ?6, ?7,
-                     ?8, ?9, ?10, ?11)",
+                     ?8, ?9, ?10, ?11, ?12, ?13)",
         )
         .bind(id.0.to_string())
         .bind(&spec.name)
@@ -497,6 +498,8 @@ impl Store for SqliteStore {
         .bind(spec.retry.max_seconds)
         .bind(spec.priority as i64)
         .bind(self.now())
+        .bind(&score)
+        .bind(direction)
         .execute(&mut *tx)
         .await?;
         insert_seeds(&mut tx, id, first, &spec.design).await?;
@@ -600,15 +603,10 @@ impl Store for SqliteStore {
                 u64_from_db(row.try_get("n")?),
             );
         }
-        let test_accuracy = self
-            .aggregates(id)
-            .await?
-            .into_iter()
-            .find(|a| a.metric == Metric::TestAccuracy);
         Ok(SweepProgress {
             summary,
             counts,
-            test_accuracy,
+            aggregates: self.aggregates(id).await?,
         })
     }
 

@@ -8,6 +8,7 @@
 mod plot;
 
 use crate::domain::Scored;
+use crate::metric::Direction;
 use crate::stats::{self, SweepStats};
 pub use plot::escape;
 use plot::{Plot, padded};
@@ -138,17 +139,22 @@ fn histogram(input: &Input) -> String {
     }
     p.legend("#9ecae1", "seeds per bin");
     p.marker(s.mean, "black", false, &format!("mean {:.4}", s.mean));
+    let (min_seed, max_seed) = s.min_max_seeds();
+    let (min_colour, max_colour) = match s.direction {
+        Direction::Max => (RED, GREEN),
+        Direction::Min => (GREEN, RED),
+    };
     p.marker(
         s.min,
-        RED,
+        min_colour,
         true,
-        &format!("min {:.4} (seed {})", s.min, s.worst_seed),
+        &format!("min {:.4} (seed {min_seed})", s.min),
     );
     p.marker(
         s.max,
-        GREEN,
+        max_colour,
         true,
-        &format!("max {:.4} (seed {})", s.max, s.best_seed),
+        &format!("max {:.4} (seed {max_seed})", s.max),
     );
     p.svg()
 }
@@ -247,7 +253,7 @@ fn best_of_k(input: &Input) -> String {
     ks.dedup();
     let points: Vec<stats::describe::BestOfK> = ks
         .into_iter()
-        .map(|k| stats::describe::best_of_k(&values, k))
+        .map(|k| stats::describe::best_of_k(&values, k, s.direction))
         .collect();
     let metric = input.stats.metric.to_string();
     let mut p = Plot::new(
@@ -258,16 +264,16 @@ fn best_of_k(input: &Input) -> String {
         padded(s.min, s.max, 0.05),
     )
     .log_x();
-    let max: Vec<(f64, f64)> = points
+    let best: Vec<(f64, f64)> = points
         .iter()
-        .map(|b| (b.k as f64, b.expected_max))
+        .map(|b| (b.k as f64, b.best_worst(s.direction).0))
         .collect();
-    let min: Vec<(f64, f64)> = points
+    let worst: Vec<(f64, f64)> = points
         .iter()
-        .map(|b| (b.k as f64, b.expected_min))
+        .map(|b| (b.k as f64, b.best_worst(s.direction).1))
         .collect();
-    p.line(&max, GREEN, 2.5, 1.0);
-    p.line(&min, RED, 2.5, 1.0);
+    p.line(&best, GREEN, 2.5, 1.0);
+    p.line(&worst, RED, 2.5, 1.0);
     p.line(
         &[(1.0, s.mean), ((n as f64).max(10.0), s.mean)],
         "black",
@@ -353,22 +359,24 @@ fn markdown(input: &Input) -> String {
         st.best_of_k
             .iter()
             .find(|b| b.k == k)
-            .map_or("-".into(), |b| format!("+{}", f(b.inflation)))
+            .map_or("-".into(), |b| best_vs_mean(b, s.direction))
     };
+    let (min_seed, max_seed) = s.min_max_seeds();
     let mut out = format!(
         "| sweep | metric | seeds | mean ± std | median | min (seed) | max (seed) | max - min | best of 5 vs mean | best of 10 vs mean |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n\
-         | {} | {} | {} | {} ± {} | {} | {} ({}) | {} ({}) | {} | {} | {} |\n",
+         | {} | {}{} | {} | {} ± {} | {} | {} ({}) | {} ({}) | {} | {} | {} |\n",
         input.sweep_name,
         st.metric,
+        lower_is_better(s.direction),
         s.n,
         f(s.mean),
         f(s.std),
         f(s.median),
         f(s.min),
-        s.worst_seed,
+        min_seed,
         f(s.max),
-        s.best_seed,
+        max_seed,
         f(s.gap),
         inflation(5),
         inflation(10),
@@ -385,6 +393,22 @@ fn markdown(input: &Input) -> String {
         );
     }
     out
+}
+
+/// E[best of k] - mean, signed: "+" when higher is better, "-" when lower is.
+fn best_vs_mean(b: &stats::describe::BestOfK, direction: Direction) -> String {
+    match direction {
+        Direction::Max => format!("+{}", f(b.inflation)),
+        Direction::Min => format!("-{}", f(b.inflation)),
+    }
+}
+
+/// What a metric's name is followed by when lower is better.
+fn lower_is_better(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Max => "",
+        Direction::Min => " (lower is better)",
+    }
 }
 
 /// The report page's style, shared with the dashboard.
@@ -413,13 +437,15 @@ fn html(input: &Input, figures: &[Figure]) -> String {
 pub fn body(input: &Input, figures: &[Figure], seed: &dyn Fn(i64) -> String) -> String {
     let st = input.stats;
     let s = &st.summary;
+    let (min_seed, max_seed) = s.min_max_seeds();
     let mut h = format!(
-        r#"<p>Sweep <code>{id}</code>, metric <code>{metric}</code>, {n} finished seeds.</p>
+        r#"<p>Sweep <code>{id}</code>, metric <code>{metric}</code>{lower}, {n} finished seeds.</p>
 <table><tr><th>n</th><th>mean</th><th>std</th><th>median</th><th>q1</th><th>q3</th><th>min (seed)</th><th>max (seed)</th><th>max - min</th></tr>
 <tr><td data-stat="n">{n}</td><td data-stat="mean">{mean}</td><td data-stat="std">{std}</td><td data-stat="median">{median}</td><td>{q1}</td><td>{q3}</td><td><span data-stat="min">{min}</span> ({ws})</td><td><span data-stat="max">{max}</span> ({bs})</td><td>{gap}</td></tr></table>
 "#,
         id = escape(input.sweep_id),
         metric = st.metric,
+        lower = lower_is_better(s.direction),
         n = s.n,
         mean = f(s.mean),
         std = f(s.std),
@@ -427,9 +453,9 @@ pub fn body(input: &Input, figures: &[Figure], seed: &dyn Fn(i64) -> String) -> 
         q1 = f(s.q1),
         q3 = f(s.q3),
         min = f(s.min),
-        ws = seed(s.worst_seed),
+        ws = seed(min_seed),
         max = f(s.max),
-        bs = seed(s.best_seed),
+        bs = seed(max_seed),
         gap = f(s.gap),
     );
     if let Some(i) = &st.intervals {
@@ -459,14 +485,15 @@ pub fn body(input: &Input, figures: &[Figure], seed: &dyn Fn(i64) -> String) -> 
     if st.black_swans.is_empty() {
         h += "<p>None: no seed has |robust z| &gt; 3.5 or |z| &gt; 3.</p>\n";
     } else {
-        h += "<table id=\"black-swans\"><tr><th>seed</th><th>score</th><th>side</th><th>z</th><th>robust z</th><th>flagged by</th></tr>\n";
+        h += "<table id=\"black-swans\"><tr><th>seed</th><th>score</th><th>side</th><th>luck</th><th>z</th><th>robust z</th><th>flagged by</th></tr>\n";
         for b in &st.black_swans {
             let _ = writeln!(
                 h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{}</td><td>{}</td></tr>",
                 seed(b.seed),
                 f(b.score),
                 b.side.as_str(),
+                if b.lucky { "lucky" } else { "unlucky" },
                 b.z,
                 b.robust_z.map_or("-".into(), |r| format!("{r:.2}")),
                 stats::describe::flags(&b.flagged_by).join(", ")
@@ -483,13 +510,14 @@ pub fn body(input: &Input, figures: &[Figure], seed: &dyn Fn(i64) -> String) -> 
     }
     h += "<h2>Best of k</h2>\n<table><tr><th>k</th><th>E[best]</th><th>E[worst]</th><th>E[best] - mean</th></tr>\n";
     for b in &st.best_of_k {
+        let (best, worst) = b.best_worst(s.direction);
         let _ = writeln!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             b.k,
-            f(b.expected_max),
-            f(b.expected_min),
-            f(b.inflation)
+            f(best),
+            f(worst),
+            best_vs_mean(b, s.direction)
         );
     }
     h += "</table>\n";
@@ -592,6 +620,7 @@ mod tests {
         let points: Vec<(u32, f64)> = curves.iter().map(|c| (c.1, c.2)).collect();
         let stats = stats::analyse(
             Metric::TestAccuracy,
+            crate::metric::Direction::Max,
             &runs,
             stats::describe::epoch_spread(&points),
             None,

@@ -2,6 +2,7 @@
 //! own that each worker runs once per seed (README, "Your own training program"). Validated here,
 //! once; the worker expands the placeholders with [`expand`].
 
+use crate::metric::Direction;
 use crate::spec::{SpecError, invalid};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -139,6 +140,11 @@ pub struct CommandSpec {
     /// the results' columns, or a custom metric the program reports (every result must have it).
     #[serde(default = "default_score")]
     pub score: String,
+    /// Which way the score improves: "max" (an accuracy, a reward) or "min" (a loss,
+    /// perplexity, an error rate). Best and worst seeds, black swans' luck, best-of-k and
+    /// comparisons follow it. Absent: the score's natural direction ([`CommandSpec::direction`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_direction: Option<Direction>,
     /// When set, a run must report exactly this many epochs.
     #[serde(default)]
     pub epochs: Option<u32>,
@@ -149,6 +155,14 @@ fn default_score() -> String {
 }
 
 impl CommandSpec {
+    /// Which way the score improves: `score_direction`, else down for a known loss or seconds
+    /// and up for anything else.
+    pub fn direction(&self) -> Direction {
+        let natural = self.score.parse().map(Direction::natural);
+        self.score_direction
+            .unwrap_or(natural.unwrap_or_default())
+    }
+
     pub fn parse(table: Option<toml::Value>) -> Result<CommandSpec, SpecError> {
         let Some(table) = table else {
             return invalid(
@@ -356,11 +370,15 @@ mod tests {
             parse("argv = [\"x\"]\nscore = \"bleu\"").unwrap().score,
             "bleu"
         );
-        assert_eq!(
-            parse("argv = [\"x\"]\nscore = \"test_loss\"")
-                .unwrap()
-                .score,
-            "test_loss"
+        let loss = parse("argv = [\"x\"]\nscore = \"test_loss\"").unwrap();
+        assert_eq!((loss.score.as_str(), loss.direction()), ("test_loss", Direction::Min));
+        let perplexity = parse("argv = [\"x\"]\nscore = \"ppl\"\nscore_direction = \"min\"");
+        assert_eq!(perplexity.unwrap().direction(), Direction::Min);
+        assert_eq!(parse("argv = [\"x\"]\nscore = \"bleu\"").unwrap().direction(), Direction::Max);
+        assert!(
+            parse("argv = [\"x\"]\nscore_direction = \"lower\"")
+                .unwrap_err()
+                .contains("use max or min")
         );
         assert!(
             parse("argv = [\"x\"]\ntime_limit_seconds = 99999999")

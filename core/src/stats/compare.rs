@@ -2,6 +2,7 @@
 
 use super::Moments;
 use super::describe::Interval;
+use crate::metric::Direction;
 use serde::{Deserialize, Serialize};
 use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
 
@@ -37,9 +38,12 @@ pub struct Comparison {
     /// `method="asymptotic"`).
     #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub mann_whitney_p: f64,
-    /// P(a random seed of A scores above a random seed of B), ties counting one half: U / (nA nB).
+    /// P(a random seed of A scores better than a random seed of B), ties counting one half:
+    /// U / (nA nB) when higher is better, 1 - U / (nA nB) when lower is.
     #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub prob_a_beats_b: f64,
+    /// Which way the metric improves, which `prob_a_beats_b` follows.
+    pub direction: Direction,
 }
 
 fn side(x: &[f64]) -> (Side, f64) {
@@ -56,8 +60,9 @@ fn side(x: &[f64]) -> (Side, f64) {
     )
 }
 
-/// Compares the scores of two sweeps; `None` unless each has at least two.
-pub fn compare(a: &[f64], b: &[f64]) -> Option<Comparison> {
+/// Compares the scores of two sweeps; `None` unless each has at least two. `direction`: which
+/// way the metric improves.
+pub fn compare(a: &[f64], b: &[f64], direction: Direction) -> Option<Comparison> {
     if a.len() < 2 || b.len() < 2 {
         return None;
     }
@@ -124,7 +129,11 @@ pub fn compare(a: &[f64], b: &[f64]) -> Option<Comparison> {
         welch_p,
         mann_whitney_u: u,
         mann_whitney_p,
-        prob_a_beats_b: u / (na * nb),
+        prob_a_beats_b: match direction {
+            Direction::Max => u / (na * nb),
+            Direction::Min => 1.0 - u / (na * nb),
+        },
+        direction,
     })
 }
 
@@ -136,7 +145,7 @@ mod tests {
     #[test]
     fn matches_scipy() {
         let r = &REFERENCE["compare"];
-        let c = compare(&floats(&r["a"]), &floats(&r["b"])).unwrap();
+        let c = compare(&floats(&r["a"]), &floats(&r["b"]), Direction::Max).unwrap();
         close(c.difference, f(&r["difference"]), 1e-9, "difference");
         let ci = floats(&r["ci"]);
         close(c.difference_ci.low, ci[0], 1e-9, "ci low");
@@ -147,8 +156,8 @@ mod tests {
         close(c.mann_whitney_u, f(&r["mann_whitney_u"]), 1e-12, "U");
         close(c.mann_whitney_p, f(&r["mann_whitney_p"]), 1e-7, "U p");
         close(c.prob_a_beats_b, f(&r["prob_a_beats_b"]), 1e-12, "P(A > B)");
-        assert!(compare(&[1.0], &[1.0, 2.0]).is_none());
-        let same = compare(&[1.0, 1.0], &[1.0, 1.0]).unwrap();
+        assert!(compare(&[1.0], &[1.0, 2.0], Direction::Max).is_none());
+        let same = compare(&[1.0, 1.0], &[1.0, 1.0], Direction::Max).unwrap();
         assert_eq!(
             (same.welch_p, same.mann_whitney_p, same.prob_a_beats_b),
             (1.0, 1.0, 0.5)
@@ -159,10 +168,21 @@ mod tests {
     /// (`ttest_ind(equal_var=False)`: t = inf, p = 0), instead of calling them equal.
     #[test]
     fn constant_sides_apart_differ_for_certain() {
-        let c = compare(&[0.9, 0.9], &[0.8, 0.8]).unwrap();
+        let c = compare(&[0.9, 0.9], &[0.8, 0.8], Direction::Max).unwrap();
         assert_eq!((c.welch_t, c.welch_p), (f64::INFINITY, 0.0));
-        let c = compare(&[0.8, 0.8], &[0.9, 0.9]).unwrap();
+        let c = compare(&[0.8, 0.8], &[0.9, 0.9], Direction::Max).unwrap();
         assert_eq!((c.welch_t, c.welch_p), (f64::NEG_INFINITY, 0.0));
         assert!((c.difference + 0.1).abs() < 1e-12);
+    }
+
+    /// When lower is better, A beats B where its scores are lower: the probability mirrors.
+    #[test]
+    fn lower_is_better_mirrors_the_probability() {
+        let (a, b) = ([1.0, 2.0, 3.0], [2.0, 3.0, 4.0, 5.0]);
+        let up = compare(&a, &b, Direction::Max).unwrap();
+        let down = compare(&a, &b, Direction::Min).unwrap();
+        assert!(down.prob_a_beats_b > 0.5);
+        assert!((up.prob_a_beats_b + down.prob_a_beats_b - 1.0).abs() < 1e-12);
+        assert_eq!((up.difference, up.welch_p), (down.difference, down.welch_p));
     }
 }

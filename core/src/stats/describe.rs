@@ -1,6 +1,7 @@
 //! Black swans, best-of-k, intervals and the per-epoch spread of one sweep's scores.
 
 use super::{Moments, Summary, quantile, sorted};
+use crate::metric::Direction;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use statrs::distribution::{ContinuousCDF, StudentsT};
@@ -24,6 +25,9 @@ pub struct BlackSwan {
     /// 0.6745 (score - median) / MAD; absent when the MAD is 0 (most scores equal).
     pub robust_z: Option<f64>,
     pub side: Side,
+    /// On the score's better side (high when higher is better): a lucky seed, the kind a
+    /// state-of-the-art claim can hide behind.
+    pub lucky: bool,
     /// Which criteria flag it.
     pub flagged_by: Vec<Flag>,
 }
@@ -139,7 +143,7 @@ impl Centre {
 }
 
 /// Whether `score` is a black swan among scores centred at `c`.
-pub fn judge(seed: i64, score: f64, c: &Centre) -> Option<BlackSwan> {
+pub fn judge(seed: i64, score: f64, c: &Centre, direction: Direction) -> Option<BlackSwan> {
     let z = if c.std > 0.0 {
         (score - c.mean) / c.std
     } else {
@@ -153,26 +157,33 @@ pub fn judge(seed: i64, score: f64, c: &Centre) -> Option<BlackSwan> {
     if z.abs() > Z_LIMIT {
         flagged_by.push(Flag::Z);
     }
+    let side = if score >= c.median {
+        Side::High
+    } else {
+        Side::Low
+    };
     (!flagged_by.is_empty()).then_some(BlackSwan {
         seed,
         score,
         z,
         robust_z,
-        side: if score >= c.median {
-            Side::High
-        } else {
-            Side::Low
-        },
+        side,
+        lucky: side == direction.better_side(),
         flagged_by,
     })
 }
 
 /// Every black swan of a sweep, the farthest first.
-pub fn black_swans(scores: &[(i64, f64)], summary: &Summary, mad: f64) -> Vec<BlackSwan> {
+pub fn black_swans(
+    scores: &[(i64, f64)],
+    summary: &Summary,
+    mad: f64,
+    direction: Direction,
+) -> Vec<BlackSwan> {
     let centre = Centre::of(summary, mad);
     let mut swans: Vec<BlackSwan> = scores
         .iter()
-        .filter_map(|&(seed, x)| judge(seed, x, &centre))
+        .filter_map(|&(seed, x)| judge(seed, x, &centre, direction))
         .collect();
     swans.sort_by(|a, b| b.z.abs().total_cmp(&a.z.abs()).then(a.seed.cmp(&b.seed)));
     swans
@@ -186,15 +197,27 @@ pub struct BestOfK {
     pub expected_max: f64,
     #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub expected_min: f64,
-    /// expected_max - mean: the inflation of a best-of-k claim.
+    /// How much better than the mean the best of k seeds looks: expected_max - mean, or
+    /// mean - expected_min when lower is better. The inflation of a best-of-k claim.
     #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub inflation: f64,
+}
+
+impl BestOfK {
+    /// The expected best and worst of k seeds, for a metric that improves in `direction`.
+    pub fn best_worst(&self, direction: Direction) -> (f64, f64) {
+        match direction {
+            Direction::Max => (self.expected_max, self.expected_min),
+            Direction::Min => (self.expected_min, self.expected_max),
+        }
+    }
 }
 
 /// The expected best and worst of k seeds drawn without replacement from the observed ones,
 /// exactly: with scores sorted ascending, E[max] = sum over i >= k of x_(i) C(i-1, k-1) / C(n, k).
 /// The weights are built by their ratio from the top down, so no binomial overflows. O(n) per k.
-pub fn best_of_k(sorted: &[f64], k: usize) -> BestOfK {
+/// `direction` says which of the two is the best.
+pub fn best_of_k(sorted: &[f64], k: usize, direction: Direction) -> BestOfK {
     let n = sorted.len();
     assert!((1..=n).contains(&k), "k = {k} must be in 1..={n}");
     // w_i for the i-th smallest (1-based): w_n = k/n, w_{i-1} = w_i (i-k)/(i-1).
@@ -219,7 +242,10 @@ pub fn best_of_k(sorted: &[f64], k: usize) -> BestOfK {
         k,
         expected_max,
         expected_min,
-        inflation: expected_max - mean,
+        inflation: match direction {
+            Direction::Max => expected_max - mean,
+            Direction::Min => mean - expected_min,
+        },
     }
 }
 
@@ -459,7 +485,7 @@ mod tests {
     #[test]
     fn z_scores_and_black_swans_match_numpy() {
         let scores = sweep();
-        let s = summarize(&scores).unwrap();
+        let s = summarize(&scores, Direction::Max).unwrap();
         let (_, mad) = median_mad(&sorted(scores.iter().map(|x| x.1)));
         close(mad, f(&REFERENCE["summary"]["mad"]), 1e-9, "mad");
         // The merge equals sorting the deviations, odd and even counts alike.
@@ -475,7 +501,7 @@ mod tests {
         let zs = floats(&REFERENCE["z"]);
         let robust = floats(&REFERENCE["robust_z"]);
         for (i, &(seed, x)) in scores.iter().enumerate() {
-            let flagged = judge(seed, x, &Centre::of(&s, mad));
+            let flagged = judge(seed, x, &Centre::of(&s, mad), Direction::Max);
             let by_robust = robust[i].abs() > ROBUST_Z_LIMIT;
             let by_z = zs[i].abs() > Z_LIMIT;
             assert_eq!(flagged.is_some(), by_robust || by_z, "seed {seed}");
@@ -484,11 +510,14 @@ mod tests {
                 close(b.robust_z.unwrap(), robust[i], 1e-9, "robust z");
             }
         }
-        let swans = black_swans(&scores, &s, mad);
+        let swans = black_swans(&scores, &s, mad, Direction::Max);
         // Seed 109 (0.871) is far below and 103 (0.961) far above; the farthest comes first.
         assert_eq!(swans[0].seed, 109);
-        assert_eq!(swans[0].side, Side::Low);
-        assert!(swans.iter().any(|b| b.seed == 103 && b.side == Side::High));
+        assert_eq!((swans[0].side, swans[0].lucky), (Side::Low, false));
+        assert!(swans.iter().any(|b| b.seed == 103 && b.side == Side::High && b.lucky));
+        // When lower is better, the low seed is the lucky one.
+        let swans = black_swans(&scores, &s, mad, Direction::Min);
+        assert_eq!((swans[0].seed, swans[0].lucky), (109, true));
     }
 
     #[test]
@@ -496,11 +525,15 @@ mod tests {
         let s = sorted(sweep().into_iter().map(|x| x.1));
         for r in REFERENCE["best_of_k"].as_array().unwrap() {
             let k = r["k"].as_u64().unwrap() as usize;
-            let b = best_of_k(&s, k);
+            let b = best_of_k(&s, k, Direction::Max);
             close(b.expected_max, f(&r["expected_max"]), 1e-12, "E[max]");
             close(b.expected_min, f(&r["expected_min"]), 1e-12, "E[min]");
+            let mean = s.iter().sum::<f64>() / s.len() as f64;
+            let down = best_of_k(&s, k, Direction::Min);
+            close(down.inflation, mean - b.expected_min, 1e-12, "mean - E[min]");
+            assert!(down.inflation >= -1e-12, "the best of k is never worse than the mean");
         }
-        let one = best_of_k(&s, 1);
+        let one = best_of_k(&s, 1, Direction::Max);
         assert!(one.inflation.abs() < 1e-12, "best of 1 is the mean");
         assert_eq!(k_grid(14), vec![1, 2, 3, 5, 10, 14]);
         assert_eq!(k_grid(1), vec![1]);
@@ -509,7 +542,7 @@ mod tests {
     #[test]
     fn intervals_agree_with_scipy() {
         let scores: Vec<f64> = sweep().into_iter().map(|x| x.1).collect();
-        let s = summarize(&sweep()).unwrap();
+        let s = summarize(&sweep(), Direction::Max).unwrap();
         let ci = intervals(&scores, &s).unwrap();
         let t = floats(&REFERENCE["mean_ci_t"]);
         close(ci.mean_t.low, t[0], 1e-9, "t low");

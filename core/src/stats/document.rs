@@ -89,6 +89,7 @@ mod tests {
         let values = [0.91, 0.93, 0.92, 0.5, 0.925, 0.915, 0.93, 0.92];
         let stats = super::super::analyse(
             Metric::TestAccuracy,
+            crate::metric::Direction::Max,
             &runs(&values),
             vec![],
             Some(0.01),
@@ -119,7 +120,7 @@ mod tests {
         assert!(serde_json::from_str::<StatsDocument>(broken).is_err());
 
         // Single seeds: the Welch test is undefined (NaN), written as null and read back as NaN.
-        let c = super::super::compare::compare(&[0.9, 0.9], &[0.8, 0.8]).unwrap();
+        let c = super::super::compare::compare(&[0.9, 0.9], &[0.8, 0.8], crate::metric::Direction::Max).unwrap();
         let doc = ComparisonDocument {
             metric: Metric::TestAccuracy,
             sweep_a: "a".into(),

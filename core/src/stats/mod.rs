@@ -18,6 +18,7 @@ pub mod document;
 pub mod noise;
 
 use crate::domain::{Metric, Scored};
+use crate::metric::Direction;
 use serde::{Deserialize, Serialize};
 
 /// Reads back a number that serde_json wrote as `null` because it was NaN: the documents carry
@@ -53,11 +54,12 @@ pub struct SweepStats {
     pub variance_components_note: Option<String>,
 }
 
-/// The statistics of one sweep's metric; `None` before its first result. `epochs`: the spread
-/// at each epoch, as the store computed it. `ci_width`: also say how many seeds a 95% interval
-/// of the mean this wide needs.
+/// The statistics of one sweep's metric, which improves in `direction`; `None` before its
+/// first result. `epochs`: the spread at each epoch, as the store computed it. `ci_width`: also
+/// say how many seeds a 95% interval of the mean this wide needs.
 pub fn analyse(
     metric: Metric,
+    direction: Direction,
     runs: &[Scored],
     epochs: Vec<describe::EpochSpread>,
     ci_width: Option<f64>,
@@ -66,7 +68,7 @@ pub fn analyse(
 ) -> Option<SweepStats> {
     let pairs: Vec<(i64, f64)> = runs.iter().map(|r| (r.seed, r.value)).collect();
     let values = sorted(pairs.iter().map(|p| p.1));
-    let summary = summarize_sorted(&pairs, &values)?;
+    let summary = summarize_sorted(&pairs, &values, direction)?;
     let (_, mad) = describe::median_mad(&values);
     let intervals = describe::intervals(&values, &summary);
     let mut widths: Vec<f64> = intervals
@@ -104,10 +106,10 @@ pub fn analyse(
     let test_examples = test_examples.or(test_set.as_ref().map(|t| t.test_examples));
     Some(SweepStats {
         metric,
-        black_swans: describe::black_swans(&pairs, &summary, mad),
+        black_swans: describe::black_swans(&pairs, &summary, mad, direction),
         best_of_k: describe::k_grid(values.len())
             .into_iter()
-            .map(|k| describe::best_of_k(&values, k))
+            .map(|k| describe::best_of_k(&values, k, direction))
             .collect(),
         intervals,
         seeds_for_ci_width: widths
@@ -130,6 +132,8 @@ pub fn analyse(
 /// The usual description of scores over seeds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
+    /// Which way the metric improves ("max" or "min"): what best and worst follow.
+    pub direction: Direction,
     pub n: u64,
     #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub mean: f64,
@@ -140,6 +144,8 @@ pub struct Summary {
     pub min: f64,
     #[serde(deserialize_with = "crate::stats::nan_if_null")]
     pub max: f64,
+    /// The seeds of the worst and the best score, by the metric's direction (the max's seed is
+    /// the best when higher is better, the min's when lower is).
     pub worst_seed: i64,
     pub best_seed: i64,
     /// Quartiles by linear interpolation (numpy's default).
@@ -154,28 +160,48 @@ pub struct Summary {
     pub gap: f64,
 }
 
-/// Summarises `(seed, score)` pairs; `None` when there are none. Ties for best or worst go to the
-/// smallest seed, so the answer does not depend on the order results arrived in.
-pub fn summarize(scores: &[(i64, f64)]) -> Option<Summary> {
-    summarize_sorted(scores, &sorted(scores.iter().map(|s| s.1)))
+impl Summary {
+    /// The seeds of the min and the max.
+    pub fn min_max_seeds(&self) -> (i64, i64) {
+        match self.direction {
+            Direction::Max => (self.worst_seed, self.best_seed),
+            Direction::Min => (self.best_seed, self.worst_seed),
+        }
+    }
+}
+
+/// Summarises `(seed, score)` pairs of a metric that improves in `direction`; `None` when there
+/// are none. Ties for best or worst go to the smallest seed, so the answer does not depend on
+/// the order results arrived in.
+pub fn summarize(scores: &[(i64, f64)], direction: Direction) -> Option<Summary> {
+    summarize_sorted(scores, &sorted(scores.iter().map(|s| s.1)), direction)
 }
 
 /// [`summarize`] with the scores already sorted (`sorted`: the same values, ascending).
-pub fn summarize_sorted(scores: &[(i64, f64)], sorted: &[f64]) -> Option<Summary> {
+pub fn summarize_sorted(
+    scores: &[(i64, f64)],
+    sorted: &[f64],
+    direction: Direction,
+) -> Option<Summary> {
     let (&(first_seed, first), rest) = scores.split_first()?;
     let mut moments = Moments::default();
     moments.push(first);
-    let (mut min, mut max, mut worst_seed, mut best_seed) = (first, first, first_seed, first_seed);
+    let (mut min, mut max, mut min_seed, mut max_seed) = (first, first, first_seed, first_seed);
     for &(seed, x) in rest {
         moments.push(x);
-        if x < min || (x == min && seed < worst_seed) {
-            (min, worst_seed) = (x, seed);
+        if x < min || (x == min && seed < min_seed) {
+            (min, min_seed) = (x, seed);
         }
-        if x > max || (x == max && seed < best_seed) {
-            (max, best_seed) = (x, seed);
+        if x > max || (x == max && seed < max_seed) {
+            (max, max_seed) = (x, seed);
         }
     }
+    let (worst_seed, best_seed) = match direction {
+        Direction::Max => (min_seed, max_seed),
+        Direction::Min => (max_seed, min_seed),
+    };
     Some(Summary {
+        direction,
         n: moments.n,
         mean: moments.mean,
         std: moments.std(),
@@ -280,7 +306,7 @@ mod tests {
 
     #[test]
     fn the_summary_matches_numpy() {
-        let s = summarize(&sweep()).unwrap();
+        let s = summarize(&sweep(), Direction::Max).unwrap();
         let r = &REFERENCE["summary"];
         assert_eq!(s.n, r["n"].as_u64().unwrap());
         for (got, key) in [
@@ -301,11 +327,15 @@ mod tests {
 
     #[test]
     fn ties_go_to_the_smallest_seed_and_one_score_has_no_spread() {
-        let s = summarize(&[(3, 0.9), (1, 0.8), (2, 0.85), (7, 0.9), (0, 0.8)]).unwrap();
+        let pairs = [(3, 0.9), (1, 0.8), (2, 0.85), (7, 0.9), (0, 0.8)];
+        let s = summarize(&pairs, Direction::Max).unwrap();
         assert_eq!((s.min, s.worst_seed), (0.8, 0));
         assert_eq!((s.max, s.best_seed), (0.9, 3));
-        assert_eq!(summarize(&[]), None);
-        let s = summarize(&[(5, 0.5)]).unwrap();
+        let s = summarize(&pairs, Direction::Min).unwrap();
+        assert_eq!((s.min, s.best_seed), (0.8, 0));
+        assert_eq!((s.max, s.worst_seed), (0.9, 3));
+        assert_eq!(summarize(&[], Direction::Max), None);
+        let s = summarize(&[(5, 0.5)], Direction::Max).unwrap();
         assert_eq!(
             (s.n, s.std, s.best_seed, s.median, s.gap),
             (1, 0.0, 5, 0.5, 0.0)

@@ -62,9 +62,9 @@ pub fn finish(
             ));
         }
     }
-    if final_epoch.test_accuracy.is_none() || final_epoch.test_loss.is_none() {
+    if final_.correct.is_some() && final_epoch.test_accuracy.is_none() {
         return Err(format!(
-            "the last epoch ({}) reports no test_accuracy or test_loss: a result needs both",
+            "the final line's `correct` needs the test_accuracy it counts: report test_accuracy on the last epoch ({})",
             final_epoch.epoch
         ));
     }
@@ -95,14 +95,14 @@ pub fn finish(
 
 fn epoch_metric(m: &EpochMetrics, name: &str) -> Option<f64> {
     match name {
-        "train_loss" => Some(m.train_loss),
-        "train_accuracy" => Some(m.train_accuracy),
+        "train_loss" => m.train_loss,
+        "train_accuracy" => m.train_accuracy,
         "test_loss" => m.test_loss,
         "test_accuracy" => m.test_accuracy,
         "test_top5" => m.test_top5,
         "val_loss" => m.val_loss,
         "val_accuracy" => m.val_accuracy,
-        "lr" => Some(m.lr),
+        "lr" => m.lr,
         _ => None,
     }
 }
@@ -151,23 +151,16 @@ pub fn parse_line(line: &str, seen: u32) -> Result<Report, String> {
     }
     let (numbers, custom) = numbers(obj).map_err(bad)?;
     let get = |name: &str| numbers.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
-    let need = |name: &str| {
-        get(name).ok_or_else(|| {
-            bad(format!(
-                "`{name}` is missing: each epoch reports train_loss, train_accuracy and lr"
-            ))
-        })
-    };
     Ok(Report::Epoch(EpochMetrics {
         epoch: epoch as u32,
-        train_loss: need("train_loss")?,
-        train_accuracy: need("train_accuracy")?,
+        train_loss: get("train_loss"),
+        train_accuracy: get("train_accuracy"),
         test_loss: get("test_loss"),
         test_accuracy: get("test_accuracy"),
         test_top5: get("test_top5"),
         val_loss: get("val_loss"),
         val_accuracy: get("val_accuracy"),
-        lr: need("lr")?,
+        lr: get("lr"),
         seconds: get("seconds").unwrap_or(f64::NAN),
         custom,
     }))
@@ -393,10 +386,6 @@ mod tests {
             .contains("epoch 2 after 0 epochs")
         );
         assert!(
-            err(r#"{"epoch": 1, "train_accuracy": 0, "lr": 1}"#, 0)
-                .contains("`train_loss` is missing")
-        );
-        assert!(
             err(
                 r#"{"epoch": 1, "train_loss": "x", "train_accuracy": 0, "lr": 1}"#,
                 0
@@ -442,5 +431,26 @@ mod tests {
             "ece",
         );
         assert!(disagrees.unwrap_err().contains("the final ece = 0.3"));
+    }
+
+    /// An epoch line may carry only its number and the score; only the score is required, at
+    /// the last epoch or on the final line.
+    #[test]
+    fn only_the_score_is_required() {
+        let epoch = |line: &str, seen| match parse_line(line, seen) {
+            Ok(Report::Epoch(e)) => e,
+            _ => panic!("an epoch: {line}"),
+        };
+        let first = epoch(r#"{"epoch": 1}"#, 0);
+        assert_eq!((first.train_loss, first.train_accuracy, first.lr), (None, None, None));
+        let last = epoch(r#"{"epoch": 2, "test_loss": 2.5}"#, 1);
+        let t = finish(vec![first.clone(), last.clone()], None, "test_loss").unwrap();
+        assert_eq!(t.history[1].test_loss, Some(2.5));
+        assert_eq!(t.history[1].test_accuracy, None);
+        assert!(
+            finish(vec![first, last], None, "test_accuracy")
+                .unwrap_err()
+                .contains("no `test_accuracy`, the sweep's score")
+        );
     }
 }
