@@ -41,3 +41,4 @@ command -v chromedriver >/dev/null || {
 
 cargo build --release --workspace --bins
 cargo test --release --workspace "$@"
+scripts/test-programs-only.sh

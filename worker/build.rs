@@ -1,4 +1,4 @@
-//! Makes the `worker` binary find libtorch at run time and see GPUs.
+//! Makes the `worker` binary find libtorch at run time and see GPUs (feature `torch` only).
 //!
 //! - An rpath to the libtorch the build used, so the binary runs without LD_LIBRARY_PATH.
 //! - tch links with `--as-needed`; since no Rust code references a symbol of libtorch_cuda, the
@@ -26,6 +26,10 @@ fn compile_shim(lib: &Path) {
 }
 
 fn main() {
+    // Without the built-in training tasks there is no libtorch to find or link.
+    if std::env::var_os("CARGO_FEATURE_TORCH").is_none() {
+        return;
+    }
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
         println!(

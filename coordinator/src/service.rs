@@ -11,7 +11,7 @@ use seedsweep_core::domain::{
     Metric, SeedCounts, SeedResult, SweepId, SweepSummary,
 };
 use seedsweep_core::policy::{Charge, Reported, RunShape};
-use seedsweep_core::spec::{Precision, SeedSet, SweepSpec};
+use seedsweep_core::spec::{Precision, SeedSet, SweepSpec, Task};
 use seedsweep_core::stats;
 use seedsweep_core::stats::document::{ComparisonDocument, StatsDocument};
 use seedsweep_proto::v1 as pb;
@@ -1093,8 +1093,17 @@ impl Coordinator for CoordinatorService {
         let env = &req.get_ref().allowed_env;
         check_names("allowed_env", "variable names", env, 128)?;
         self.allowed.saw(worker, programs, env);
+        let asked = &req.get_ref().tasks;
+        check_names("tasks", "task names", asked, 64)?;
+        // Names this coordinator does not know (a newer worker's) are skipped; a worker that
+        // runs none of its tasks gets nothing to lease.
+        let tasks: Vec<Task> = asked.iter().filter_map(|t| Task::parse(t)).collect();
         let started = std::time::Instant::now();
-        let claimed = self.store.claim(worker, self.lease_ttl).await;
+        let claimed = if !asked.is_empty() && tasks.is_empty() {
+            Ok(ClaimOutcome::Empty { outstanding: 0 })
+        } else {
+            self.store.claim_for(worker, &tasks, self.lease_ttl).await
+        };
         self.metrics.claimed(
             started.elapsed(),
             matches!(claimed, Ok(ClaimOutcome::Leased(_))),

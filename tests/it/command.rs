@@ -249,8 +249,23 @@ fn failures_are_retried_with_their_cause_and_unallowed_programs_handed_back() {
         stderr(&submitted)
     );
     let id = stdout(&submitted).trim().to_string();
-    // Not allowed: the seed goes back uncounted, and the worker stops saying why.
-    let refused = worker(&coordinator.url, &data).output().unwrap();
+    // A worker that runs no program does not lease the sweep's seeds at all: it tells the
+    // coordinator the tasks it runs, and finds nothing to do. (The worker without libtorch
+    // does not start without a program: tests/it/programs_only.rs.)
+    if std::env::var_os("SEEDSWEEP_TEST_WORKER").is_none() {
+        let idle = worker(&coordinator.url, &data).output().unwrap();
+        assert!(idle.status.success(), "{}", stderr(&idle));
+        assert_eq!(
+            sql(&format!("SELECT count(*) FROM attempts WHERE sweep_id = '{id}'")).trim(),
+            "0"
+        );
+    }
+    // One that runs another program: the seed goes back uncounted, and the worker stops saying
+    // why.
+    let refused = worker(&coordinator.url, &data)
+        .args(["--allow-command", "true"])
+        .output()
+        .unwrap();
     assert!(!refused.status.success());
     assert!(
         stderr(&refused).contains("--allow-command"),

@@ -9,6 +9,7 @@ mod dashboard;
 mod e2e;
 mod finetune;
 mod hostile;
+mod programs_only;
 mod protocol_model;
 mod resilience;
 mod security;

@@ -1117,6 +1117,41 @@ async fn run_live_aggregates(url: String) {
     live_aggregates(s, clock, &url).await;
 }
 
+/// A claim serves only sweeps of the tasks the worker runs, and counts only their seeds as
+/// outstanding: a program-only worker never takes a recipe's seed, and leaves once its own work
+/// is done though a recipe's seeds wait.
+async fn claims_by_task(url: String) {
+    use seedsweep_core::spec::Task;
+    let (s, _) = open(&url).await;
+    let recipe = SweepId::new();
+    let mut first = spec("\"0..2\"", 3);
+    first.priority = 5;
+    s.create_sweep(recipe, &first).await.unwrap();
+    let program = SweepId::new();
+    let own = SweepSpec::parse(
+        "name = \"own\"\ntask = \"command\"\nseeds = \"0..1\"\n[command]\nargv = [\"x\"]\n",
+    )
+    .unwrap();
+    s.create_sweep(program, &own).await.unwrap();
+    let only_programs = [Task::Command];
+    let ClaimOutcome::Leased(l) = s.claim_for("cpu", &only_programs, TTL).await.unwrap() else {
+        panic!("the command sweep's seed was not leased")
+    };
+    assert_eq!((l.lease.sweep_id, l.task), (program, Task::Command));
+    // Only the command sweep's leased seed is outstanding for it.
+    assert!(matches!(
+        s.claim_for("cpu", &only_programs, TTL).await.unwrap(),
+        ClaimOutcome::Empty { outstanding: 1 }
+    ));
+    // Any task: the higher-priority recipe first.
+    assert_eq!(claim(s.as_ref(), "gpu").await.lease.sweep_id, recipe);
+    let builtin = [Task::Resnet9, Task::FinetuneHead];
+    let ClaimOutcome::Leased(l) = s.claim_for("gpu", &builtin, TTL).await.unwrap() else {
+        panic!("the recipe's second seed was not leased")
+    };
+    assert_eq!(l.lease.sweep_id, recipe);
+}
+
 /// One named test per scenario and database (`store_conformance::leases::sqlite`, ...), each on a
 /// fresh database, so that one scenario's failure hides no other.
 macro_rules! conformance {
@@ -1146,6 +1181,7 @@ conformance!(
     epoch_batches => run_epoch_batches,
     custom_metrics => run_custom_metrics,
     replicas => run_replicas,
+    claims_by_task => claims_by_task,
 );
 
 /// Connections the PostgreSQL store keeps between statements, cut by the server while idle (an

@@ -9,7 +9,17 @@ use std::time::{Duration, Instant};
 
 /// A binary of this workspace, built by `cargo build --bins` into the same target folder as the
 /// running test (scripts/test.sh builds them first).
+/// The binary `name` under test: this build's, but for a `worker` named by
+/// `SEEDSWEEP_TEST_WORKER` (the build without libtorch: scripts/test-programs-only.sh).
 pub fn bin(name: &str) -> PathBuf {
+    match std::env::var_os("SEEDSWEEP_TEST_WORKER").filter(|_| name == "worker") {
+        Some(worker) => PathBuf::from(worker),
+        None => built(name),
+    }
+}
+
+/// This build's binary `name` (the tools that make test data: `worker make-dataset`).
+pub fn built(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/it-<hash> -> target/<profile>/<name>
     let path = exe
@@ -421,7 +431,7 @@ impl Drop for CoordinatorProcess {
 
 /// Writes a generated dataset named `synthetic` under `data_dir`.
 pub fn make_synthetic(data_dir: &Path, train: u32, test: u32) {
-    let out = run(Command::new(bin("worker"))
+    let out = run(Command::new(built("worker"))
         .args([
             "make-dataset",
             "synthetic",
@@ -448,7 +458,7 @@ pub fn make_digits(data_dir: &Path) {
         "scripts/digits.sh failed: {}",
         stderr(&fetched)
     );
-    let out = run(Command::new(bin("worker"))
+    let out = run(Command::new(built("worker"))
         .args([
             "make-dataset",
             "digits",
@@ -464,24 +474,24 @@ pub fn make_digits(data_dir: &Path) {
     );
 }
 
-/// A CPU worker with one libtorch thread that exits when no seed is left.
+/// A CPU worker with one libtorch thread that exits when no seed is left (the worker without
+/// libtorch has neither threads nor data to set: `SEEDSWEEP_TEST_WORKER`).
 pub fn worker(coordinator: &str, data_dir: &Path) -> Command {
     let mut c = Command::new(bin("worker"));
     c.args([
         "--cpu",
-        "--threads",
-        "1",
         "--exit-when-idle",
         "--connect-timeout",
         "10",
         "--coordinator",
         coordinator,
     ])
-    .arg("--data-dir")
-    .arg(data_dir)
     // Beside the test's data, so tests never deliver each other's results.
     .arg("--spool-dir")
     .arg(spool_dir(data_dir));
+    if std::env::var_os("SEEDSWEEP_TEST_WORKER").is_none() {
+        c.args(["--threads", "1"]).arg("--data-dir").arg(data_dir);
+    }
     c
 }
 

@@ -4,7 +4,7 @@
 use crate::finetune::{self, BackboneConfig, BackboneFormat, FinetuneConfig, HeadInit, Optimizer};
 use crate::imagefolder::OnBadImage;
 use crate::model::{Arch, Init};
-use crate::train::{AugmentPer, EpochMetrics, Padding, Precision, Schedule, TrainConfig};
+use crate::train::{AugmentPer, Padding, Precision, Schedule, TrainConfig};
 use seedsweep_core::spec::Model;
 use seedsweep_proto::v1 as pb;
 
@@ -164,21 +164,4 @@ pub(crate) fn finetune_config(t: &pb::FinetuneConfig) -> Result<FinetuneConfig, 
         head: phase(head),
         full: t.full.as_ref().map(phase),
     })
-}
-
-pub(crate) fn epoch_pb(lease: &pb::LeaseRef, m: &EpochMetrics) -> pb::EpochMetrics {
-    pb::EpochMetrics {
-        lease: Some(lease.clone()),
-        epoch: m.epoch,
-        train_loss: m.train_loss,
-        train_accuracy: m.train_accuracy,
-        test_loss: m.test_loss,
-        test_accuracy: m.test_accuracy,
-        test_top5: m.test_top5,
-        val_loss: m.val_loss,
-        val_accuracy: m.val_accuracy,
-        lr: m.lr,
-        seconds: m.seconds,
-        custom: m.custom.clone(),
-    }
 }

@@ -1,17 +1,19 @@
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser};
+#[cfg(feature = "torch")]
+use clap::{Subcommand, ValueEnum};
 use seedsweep_proto::client::{Connection, read_token};
+#[cfg(feature = "torch")]
 use seedsweep_worker::data;
 use seedsweep_worker::metrics::WorkerMetrics;
-use seedsweep_worker::runner::{Worker, WorkerSettings, device_label};
+use seedsweep_worker::runner::{Device, Worker, WorkerSettings};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tch::Device;
 
-/// seedsweep's worker: leases seeds from a coordinator, trains each with libtorch, streams
-/// per-epoch metrics back and reports the result.
+/// seedsweep's worker: leases seeds from a coordinator, trains each with libtorch or runs the
+/// sweep's own program on it, streams per-epoch metrics back and reports the result.
 ///
 /// Start one per GPU (`worker --gpu 0`, `worker --gpu 1`, ...) or `worker --cpu`. SIGINT or
 /// SIGTERM stops training and hands the current seed back (a second signal exits at once).
@@ -33,6 +35,7 @@ struct Cli {
     log_format: seedsweep_ops::LogFormat,
     #[command(flatten)]
     run: RunArgs,
+    #[cfg(feature = "torch")]
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -41,6 +44,9 @@ struct Cli {
 struct RunArgs {
     #[command(flatten)]
     device: DeviceArgs,
+    #[cfg(feature = "torch")]
+    #[command(flatten)]
+    builtin: BuiltinArgs,
     /// The coordinator's gRPC URL: http://HOST:PORT, or https://HOST:PORT for TLS.
     #[arg(
         long,
@@ -63,18 +69,9 @@ struct RunArgs {
     /// Serve Prometheus metrics over HTTP at this address (path /metrics), e.g. 0.0.0.0:9091.
     #[arg(long, env = "SEEDSWEEP_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
-    /// Folder holding the datasets: DATA_DIR/NAME/cifar-10-batches-bin/.
-    #[arg(long, env = "SEEDSWEEP_DATA_DIR", default_value = "./data")]
-    data_dir: PathBuf,
-    /// Where to download CIFAR-10 (cifar-10-binary.tar.gz) from when the dataset `cifar10` is missing; its MD5 is checked.
-    #[arg(long, env = "SEEDSWEEP_CIFAR10_URL", default_value = data::CIFAR10_URL)]
-    cifar10_url: String,
     /// Exit (status 0) once the coordinator has no seed left to lease; without it the worker waits for new work.
     #[arg(long)]
     exit_when_idle: bool,
-    /// CPU threads libtorch may use (default: libtorch's choice, usually one per core).
-    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1024))]
-    threads: Option<i32>,
     /// Name this worker reports (default: HOSTNAME:PID:DEVICE).
     #[arg(long, env = "SEEDSWEEP_WORKER_ID")]
     worker_id: Option<String>,
@@ -89,16 +86,6 @@ struct RunArgs {
     /// so that a seed whose lease was lost resumes on any worker).
     #[arg(long, env = "SEEDSWEEP_CHECKPOINT_DIR", value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
-    /// Folder holding backbone files (task finetune-head); sweeps name files relative to it.
-    #[arg(long, env = "SEEDSWEEP_MODEL_DIR", default_value = "./models")]
-    model_dir: PathBuf,
-    /// Local folder for cached backbone features (default: the per-user cache,
-    /// ~/.cache/seedsweep/features).
-    #[arg(long, env = "SEEDSWEEP_FEATURE_CACHE", value_name = "DIR")]
-    feature_cache: Option<PathBuf>,
-    /// Threads decoding images (default: one per core).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
-    decode_threads: Option<u64>,
     /// Local folder where finished results wait until the coordinator has recorded them (default:
     /// ${XDG_STATE_HOME:-~/.local/state}/seedsweep/spool). Keep it on a disk that outlives the
     /// worker process (a pod's volume, not its container layer): a restarted worker delivers
@@ -143,6 +130,48 @@ struct RunArgs {
     connect_timeout: u64,
 }
 
+/// The settings of the built-in training tasks (feature `torch`).
+#[cfg(feature = "torch")]
+#[derive(Args)]
+struct BuiltinArgs {
+    /// Folder holding the datasets: DATA_DIR/NAME/cifar-10-batches-bin/.
+    #[arg(long, env = "SEEDSWEEP_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Where to download CIFAR-10 (cifar-10-binary.tar.gz) from when the dataset `cifar10` is missing; its MD5 is checked.
+    #[arg(long, env = "SEEDSWEEP_CIFAR10_URL", default_value = data::CIFAR10_URL)]
+    cifar10_url: String,
+    /// CPU threads libtorch may use (default: libtorch's choice, usually one per core).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1024))]
+    threads: Option<i32>,
+    /// Folder holding backbone files (task finetune-head); sweeps name files relative to it.
+    #[arg(long, env = "SEEDSWEEP_MODEL_DIR", default_value = "./models")]
+    model_dir: PathBuf,
+    /// Local folder for cached backbone features (default: the per-user cache,
+    /// ~/.cache/seedsweep/features).
+    #[arg(long, env = "SEEDSWEEP_FEATURE_CACHE", value_name = "DIR")]
+    feature_cache: Option<PathBuf>,
+    /// Threads decoding images (default: one per core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    decode_threads: Option<u64>,
+}
+
+#[cfg(feature = "torch")]
+impl BuiltinArgs {
+    fn settings(self) -> seedsweep_worker::builtin::Settings {
+        seedsweep_worker::builtin::Settings {
+            data_dir: self.data_dir,
+            cifar10_url: self.cifar10_url,
+            model_dir: self.model_dir,
+            feature_cache: self.feature_cache.unwrap_or_else(|| {
+                per_user("XDG_CACHE_HOME", ".cache", "features", "feature-cache")
+            }),
+            decode_threads: self.decode_threads.map(|n| n as usize).unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            }),
+        }
+    }
+}
+
 #[derive(Args)]
 #[group(required = true, multiple = false)]
 struct DeviceArgs {
@@ -154,6 +183,7 @@ struct DeviceArgs {
     cpu: bool,
 }
 
+#[cfg(feature = "torch")]
 #[derive(Subcommand)]
 enum Command {
     /// Write a dataset (use --out DATA_DIR/NAME): `synthetic` (generated) or `digits` (real
@@ -214,6 +244,7 @@ enum Command {
     },
 }
 
+#[cfg(feature = "torch")]
 #[derive(Clone, Copy, ValueEnum)]
 enum BackboneArch {
     Resnet18,
@@ -221,6 +252,7 @@ enum BackboneArch {
     Resnet50,
 }
 
+#[cfg(feature = "torch")]
 #[derive(Clone, Copy, ValueEnum)]
 enum DatasetKind {
     /// Ten classes of coloured stripe patterns with shifts, mixing and noise, in the CIFAR-10
@@ -275,8 +307,25 @@ fn main() {
     }
     let cli = Cli::parse();
     seedsweep_ops::init_logging(cli.log_format, "info");
+    #[cfg(feature = "torch")]
     let result = match cli.command {
-        Some(Command::MakeDataset {
+        Some(command) => tool(command),
+        None => run(cli.run),
+    };
+    #[cfg(not(feature = "torch"))]
+    let result = run(cli.run);
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+
+/// The subcommands: datasets, backbones and a decoding benchmark for the built-in tasks.
+#[cfg(feature = "torch")]
+fn tool(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::MakeDataset {
             kind,
             out,
             train,
@@ -284,7 +333,7 @@ fn main() {
             seed,
             size,
             source,
-        }) => {
+        } => {
             let generated = (
                 train.unwrap_or(5000) as usize,
                 test.unwrap_or(1000) as usize,
@@ -309,26 +358,22 @@ fn main() {
                 }
             }
         }
-        Some(Command::DecodeBench {
+        Command::DecodeBench {
             dir,
             size,
             threads,
             limit,
-        }) => decode_bench(&dir, size, threads.map(|t| t as usize), limit as usize),
-        Some(Command::MakeBackbone {
+        } => decode_bench(&dir, size, threads.map(|t| t as usize), limit as usize),
+        Command::MakeBackbone {
             arch,
             out,
             seed,
             input_size,
-        }) => make_backbone(arch, &out, seed, input_size),
-        None => run(cli.run),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+        } => make_backbone(arch, &out, seed, input_size),
     }
 }
 
+#[cfg(feature = "torch")]
 fn make_backbone(
     arch: BackboneArch,
     out: &std::path::Path,
@@ -372,6 +417,7 @@ fn make_backbone(
     Ok(())
 }
 
+#[cfg(feature = "torch")]
 fn decode_bench(
     dir: &std::path::Path,
     size: u32,
@@ -410,6 +456,7 @@ fn decode_bench(
     Ok(())
 }
 
+#[cfg(feature = "torch")]
 fn make_image_folder(
     out: &std::path::Path,
     train: usize,
@@ -444,6 +491,7 @@ fn make_image_folder(
     Ok(())
 }
 
+#[cfg(feature = "torch")]
 fn make_synthetic(
     out: &std::path::Path,
     train: usize,
@@ -460,6 +508,7 @@ fn make_synthetic(
     Ok(())
 }
 
+#[cfg(feature = "torch")]
 fn make_digits(source: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
     let (train_records, test_records) = seedsweep_worker::digits::records(source)?;
     data::write_dataset(out, &train_records, &test_records)
@@ -492,22 +541,34 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
+/// Whether CUDA device `n` is there: libtorch counts them. A worker without libtorch cannot
+/// count them: it hands `--gpu` to its programs as CUDA_VISIBLE_DEVICES, as given.
+fn check_gpu(n: usize) -> anyhow::Result<()> {
+    #[cfg(feature = "torch")]
+    {
+        let count = tch::Cuda::device_count() as usize;
+        if n >= count {
+            anyhow::bail!(
+                "--gpu {n}: this host has {count} CUDA device(s) visible to libtorch (CUDA available: {}); use --gpu 0..{} or --cpu",
+                tch::Cuda::is_available(),
+                count.max(1) - 1
+            );
+        }
+    }
+    let _ = n;
+    Ok(())
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let device = match args.device.gpu {
         Some(n) => {
-            let count = tch::Cuda::device_count() as usize;
-            if n >= count {
-                anyhow::bail!(
-                    "--gpu {n}: this host has {count} CUDA device(s) visible to libtorch (CUDA available: {}); use --gpu 0..{} or --cpu",
-                    tch::Cuda::is_available(),
-                    count.max(1) - 1
-                );
-            }
+            check_gpu(n)?;
             Device::Cuda(n)
         }
         None => Device::Cpu,
     };
-    if let Some(t) = args.threads {
+    #[cfg(feature = "torch")]
+    if let Some(t) = args.builtin.threads {
         tch::set_num_threads(t);
     }
     let worker_id = args.worker_id.unwrap_or_else(|| {
@@ -515,7 +576,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             "{}:{}:{}",
             hostname(),
             std::process::id(),
-            device_label(device)
+            device.label()
         )
     });
     let connection = Connection {
@@ -545,14 +606,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
         tracing::info!(%containment, "programs run contained");
     }
+    if !cfg!(feature = "torch") && allowed_commands.is_empty() {
+        anyhow::bail!(
+            "this worker was built without the built-in training tasks (cargo feature `torch`): it runs only the programs of task command sweeps; give --allow-command PROGRAM"
+        );
+    }
     let allowed_programs = (args.allow_command.iter().cloned())
         .chain(allowed_commands.iter().map(|p| p.display().to_string()))
         .collect();
     let settings = WorkerSettings {
         coordinator: connection,
         device,
-        data_dir: args.data_dir,
-        cifar10_url: args.cifar10_url,
+        #[cfg(feature = "torch")]
+        builtin: args.builtin.settings(),
         worker_id,
         exit_when_idle: args.exit_when_idle,
         connect_timeout: Duration::from_secs(args.connect_timeout),
@@ -561,10 +627,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         lease_patience: Duration::from_secs(60),
         slots: args.slots as usize,
         checkpoint_dir: args.checkpoint_dir,
-        model_dir: args.model_dir,
-        feature_cache: args
-            .feature_cache
-            .unwrap_or_else(|| per_user("XDG_CACHE_HOME", ".cache", "features", "feature-cache")),
         spool_dir: args
             .spool_dir
             .unwrap_or_else(|| per_user("XDG_STATE_HOME", ".local/state", "spool", "spool")),
@@ -574,10 +636,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .log_dir
             .unwrap_or_else(|| per_user("XDG_STATE_HOME", ".local/state", "logs", "logs")),
         env_policy,
-        decode_threads: args
-            .decode_threads
-            .map(|n| n as usize)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,32 +1,22 @@
 //! The worker loop: lease a seed, train it while heartbeating, stream each epoch's metrics, report
 //! the result, repeat. The worker never touches the database; it speaks only gRPC.
 
-use crate::checkpoint::CheckpointStore;
 use crate::command;
-use crate::convert::{epoch_pb, finetune_config, train_config};
-use crate::data::{self, DataError, Dataset};
-use crate::finetune::{
-    self, Backbone, BackboneError, FeatureCache, Features, FinetuneConfig, Source,
-};
-use crate::imagefolder;
 use crate::lease::{HandBacks, Held, is_lost, is_transient, sleep_unless};
 use crate::metrics::WorkerMetrics;
+pub use crate::run::Device;
+use crate::run::{Blame, EpochMetrics, Seeds, TrainError, Trained};
 use crate::spool::Spool;
-use crate::stream::ship_metrics;
-use crate::train::{
-    self, Blame, EpochMetrics, Precision, Run, Seeds, TrainConfig, TrainError, Trained,
-};
+use crate::stream::{epoch_pb, ship_metrics};
 use anyhow::{Context, bail};
 use seedsweep_core::spec::Task;
 use seedsweep_proto::client::{Client, Connection};
 use seedsweep_proto::v1 as pb;
 use sha2::Digest;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tch::Device;
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -34,9 +24,9 @@ use tonic::Status;
 pub struct WorkerSettings {
     pub coordinator: Connection,
     pub device: Device,
-    pub data_dir: PathBuf,
-    /// Where to download CIFAR-10 from when `cifar10` is missing.
-    pub cifar10_url: String,
+    /// What the built-in training tasks need: their data, backbones and caches.
+    #[cfg(feature = "torch")]
+    pub builtin: crate::builtin::Settings,
     pub worker_id: String,
     /// Exit once no seed is pending or leased anywhere, instead of waiting for new sweeps.
     pub exit_when_idle: bool,
@@ -53,12 +43,6 @@ pub struct WorkerSettings {
     /// Where runs save checkpoints (sweeps with `checkpoint_every`), shared by the workers that
     /// should be able to resume each other's seeds.
     pub checkpoint_dir: Option<PathBuf>,
-    /// Where backbones are (task finetune-head).
-    pub model_dir: PathBuf,
-    /// Where backbone features are cached (local disk).
-    pub feature_cache: PathBuf,
-    /// Threads decoding images.
-    pub decode_threads: usize,
     /// Where finished results wait until the coordinator has them (local disk).
     pub spool_dir: PathBuf,
     /// The programs sweeps of task `command` may run here (resolved paths); none: no command.
@@ -69,6 +53,19 @@ pub struct WorkerSettings {
     pub log_dir: PathBuf,
     /// What of its environment a program gets, and which guarded variables a sweep may set.
     pub env_policy: command::env::EnvPolicy,
+}
+
+/// The tasks this worker can run, which it tells the coordinator with each lease request: the
+/// built-in ones where it was built with them (feature `torch`), and `command` where
+/// `--allow-command` allows a program.
+pub fn runnable(settings: &WorkerSettings) -> Vec<Task> {
+    let builtin = if cfg!(feature = "torch") {
+        &[Task::Resnet9, Task::FinetuneHead][..]
+    } else {
+        &[]
+    };
+    let command = (!settings.allowed_commands.is_empty()).then_some(Task::Command);
+    builtin.iter().copied().chain(command).collect()
 }
 
 /// Checks the lease's names that become paths on this host (its sweep id, dataset and backbone
@@ -100,24 +97,17 @@ fn check_lease_names(lease: &pb::Lease) -> Result<(), String> {
 /// beside any lease TTL, so a result lands within the grace the coordinator gives once back.
 const DELIVERY_BACKOFF: Duration = Duration::from_secs(2);
 
-pub fn device_label(device: Device) -> String {
-    match device {
-        Device::Cuda(n) => format!("cuda:{n}"),
-        _ => "cpu".to_string(),
-    }
-}
 
 pub struct Worker {
     settings: WorkerSettings,
     client: Client,
-    /// Datasets loaded so far, by name, shared by the slots.
-    datasets: tokio::sync::Mutex<HashMap<String, Arc<Dataset>>>,
+    /// The built-in tasks' datasets and backbone features, shared by the slots.
+    #[cfg(feature = "torch")]
+    builtin: crate::builtin::Builtin,
     /// Set by SIGINT/SIGTERM: stop training, hand the seeds back, exit.
     shutdown: Arc<AtomicBool>,
     /// Leases taken so far (for `--max-seeds`).
     leases: AtomicU64,
-    /// Backbone features computed or loaded so far, by cache key (task finetune-head).
-    features: FeatureMemory,
     metrics: Arc<WorkerMetrics>,
     /// Hands back the seeds of leases dropped unsettled (see [`Held`]).
     handbacks: HandBacks,
@@ -125,27 +115,11 @@ pub struct Worker {
     spool: Spool,
 }
 
-type FeatureMemory = Arc<std::sync::Mutex<HashMap<String, Arc<Features>>>>;
-
-/// What a finetune-head run needs to find or make its features.
-struct FeatureSettings {
-    model_dir: PathBuf,
-    cache: FeatureCache,
-    threads: usize,
-    memory: FeatureMemory,
-}
-
 /// One lease's training, prepared.
 enum Job {
-    Resnet9 {
-        cfg: TrainConfig,
-        data: Arc<Dataset>,
-        checkpoints: Option<CheckpointStore>,
-    },
-    Finetune {
-        cfg: FinetuneConfig,
-        source: Source,
-    },
+    /// A built-in training task's (feature `torch`).
+    #[cfg(feature = "torch")]
+    Builtin(crate::builtin::Job),
     Command {
         run: command::CommandRun,
         /// Exactly this many epochs, when the sweep says.
@@ -156,8 +130,8 @@ enum Job {
 impl Job {
     fn fingerprint(&self) -> String {
         match self {
-            Job::Resnet9 { data, .. } => data.fingerprint.clone(),
-            Job::Finetune { source, .. } => source.fingerprint().to_string(),
+            #[cfg(feature = "torch")]
+            Job::Builtin(job) => job.fingerprint(),
             // The program brings its own data: the run is known by what ran.
             Job::Command { run, .. } => format!(
                 "command:{:x}",
@@ -166,131 +140,69 @@ impl Job {
         }
     }
 
-    /// How many metrics reports the run makes (epochs, or evaluations).
-    fn checkpoint_dir(&self) -> Option<PathBuf> {
+    /// Where the run's output goes (a program's log).
+    fn log(&self) -> Option<&std::path::Path> {
         match self {
-            Job::Resnet9 {
-                checkpoints: Some(c),
-                ..
-            } => Some(c.dir().to_path_buf()),
-            Job::Command { run, .. } => run.checkpoints.clone(),
-            _ => None,
+            #[cfg(feature = "torch")]
+            Job::Builtin(_) => None,
+            Job::Command { run, .. } => Some(&run.log),
         }
     }
 
+    fn checkpoint_dir(&self) -> Option<PathBuf> {
+        match self {
+            #[cfg(feature = "torch")]
+            Job::Builtin(job) => job.checkpoint_dir(),
+            Job::Command { run, .. } => run.checkpoints.clone(),
+        }
+    }
+
+    /// How many metrics reports the run makes (epochs, or evaluations).
     fn epochs(&self) -> u32 {
         match self {
-            Job::Resnet9 { cfg, .. } => cfg.epochs,
-            Job::Finetune { cfg, .. } => finetune::evaluations(cfg),
+            #[cfg(feature = "torch")]
+            Job::Builtin(job) => job.epochs(),
             // Not known in advance: the next lease is asked for once this one ends.
             Job::Command { epochs, .. } => epochs.unwrap_or(u32::MAX),
         }
     }
 
+    /// The training images an epoch goes through, for the throughput metric.
+    fn images_per_epoch(&self) -> Option<u64> {
+        match self {
+            #[cfg(feature = "torch")]
+            Job::Builtin(job) => job.images_per_epoch(),
+            Job::Command { .. } => None,
+        }
+    }
+
+    #[cfg_attr(not(feature = "torch"), allow(unused_variables))]
     fn run(
         self,
         seeds: Seeds,
         device: Device,
         stop: &AtomicBool,
-        features: &FeatureSettings,
+        worker: &RunContext,
         on_epoch: impl FnMut(&EpochMetrics),
     ) -> Result<Trained, TrainError> {
         match self {
-            Job::Resnet9 {
-                cfg,
-                data,
-                checkpoints,
-            } => {
-                let run = Run {
-                    seeds,
-                    device,
-                    stop,
-                    checkpoints,
-                };
-                train::train(&data, &cfg, &run, on_epoch)
-            }
-            Job::Finetune { cfg, source } => {
-                let run = finetune::RunInputs {
-                    source: &source,
-                    seeds,
-                    device,
-                    stop,
-                    threads: features.threads,
-                };
-                let (history, test_correct) = finetune::run(
-                    &cfg,
-                    &run,
-                    || features_for(&cfg, &source, device, features, stop),
-                    || load_backbone(&features.model_dir, &cfg, device),
-                    on_epoch,
-                )?;
-                Ok(Trained {
-                    history,
-                    test_correct,
-                    precision: Precision::Fp32,
-                    deterministic: !device.is_cuda(),
-                    resumed_from: 0,
-                    timing: Default::default(),
-                    custom: Default::default(),
-                })
-            }
+            #[cfg(feature = "torch")]
+            Job::Builtin(job) => job.run(seeds, device, stop, &worker.features, on_epoch),
             Job::Command { run, .. } => command::run(&run, stop, on_epoch),
         }
     }
 }
 
-/// Loads the sweep's backbone; a missing or mismatched file is this host's problem, not the
-/// seed's.
-fn load_backbone(
-    model_dir: &std::path::Path,
-    cfg: &FinetuneConfig,
-    device: Device,
-) -> Result<Backbone, TrainError> {
-    Backbone::load(model_dir, &cfg.backbone, device).map_err(|e| match e {
-        BackboneError::Missing { .. } | BackboneError::Checksum { .. } => {
-            TrainError::Host(e.to_string())
-        }
-        other => TrainError::Config(other.to_string()),
-    })
-}
-
-/// The backbone features for a run: from this process's memory, else the disk cache, else
-/// computed (and cached). Holding the lock while computing keeps slots from computing twice.
-fn features_for(
-    cfg: &FinetuneConfig,
-    source: &Source,
-    device: Device,
-    settings: &FeatureSettings,
-    stop: &AtomicBool,
-) -> Result<Arc<Features>, TrainError> {
-    let key = finetune::cache_key(&cfg.backbone, source);
-    let mut memory = settings.memory.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(f) = memory.get(&key) {
-        return Ok(f.clone());
-    }
-    let feats = match settings.cache.load(&key) {
-        Some(f) => {
-            tracing::info!(key = %key, "backbone features from the cache");
-            f
-        }
-        None => {
-            tracing::info!(key = %key, "computing backbone features (once per backbone, dataset and preprocessing)");
-            let backbone = load_backbone(&settings.model_dir, cfg, device)?;
-            let f =
-                finetune::compute_features(&backbone, cfg, source, settings.threads, device, stop)?;
-            if let Err(e) = settings.cache.store(&key, &f) {
-                tracing::warn!(dir = %settings.cache.dir.display(), error = %e, "could not cache the features");
-            }
-            f
-        }
-    };
-    let feats = Arc::new(feats);
-    memory.insert(key, feats.clone());
-    Ok(feats)
+/// What of the worker a run takes onto its training thread: the built-in tasks' feature
+/// settings (nothing without them).
+#[derive(Clone)]
+struct RunContext {
+    #[cfg(feature = "torch")]
+    features: crate::builtin::FeatureSettings,
 }
 
 /// Why a lease cannot be trained here.
-enum Unprepared {
+pub(crate) enum Unprepared {
     /// This worker does not know what the lease asks for: handed back uncounted, and the worker
     /// stops (it needs an upgrade).
     Upgrade(String),
@@ -298,6 +210,7 @@ enum Unprepared {
     /// or this host misses its data (the host's).
     Blamed(Blame, String),
     /// Shutdown was asked for while the data was loading or downloading: handed back uncounted.
+    #[cfg_attr(not(feature = "torch"), expect(dead_code, reason = "only the built-in tasks load data"))]
     Stopped,
 }
 
@@ -389,7 +302,7 @@ impl Worker {
                 Err(_) => sleep_unless(&shutdown, Duration::from_millis(500)).await,
             }
         };
-        tracing::info!(coordinator = %url, worker = %settings.worker_id, device = %device_label(settings.device), slots = settings.slots, "worker connected");
+        tracing::info!(coordinator = %url, worker = %settings.worker_id, device = %settings.device.label(), slots = settings.slots, "worker connected");
         let client = settings.coordinator.client(channel)?;
         let spool = Spool::open(&settings.spool_dir)?;
         let handbacks = HandBacks::new(
@@ -398,15 +311,21 @@ impl Worker {
             settings.lease_patience,
             shutdown.clone(),
         );
+        #[cfg(feature = "torch")]
+        let builtin = crate::builtin::Builtin::new(
+            &settings.builtin,
+            settings.checkpoint_dir.clone(),
+            shutdown.clone(),
+        );
         Ok(Some(Worker {
             client,
             handbacks,
             settings,
             metrics,
-            datasets: tokio::sync::Mutex::new(HashMap::new()),
+            #[cfg(feature = "torch")]
+            builtin,
             shutdown,
             leases: AtomicU64::new(0),
-            features: Arc::new(std::sync::Mutex::new(HashMap::new())),
             spool,
         }))
     }
@@ -503,6 +422,10 @@ impl Worker {
             worker_id: self.settings.worker_id.clone(),
             allowed_commands: self.settings.allowed_programs.clone(),
             allowed_env: self.settings.env_policy.allow.clone(),
+            tasks: runnable(&self.settings)
+                .iter()
+                .map(|t| t.as_str().to_string())
+                .collect(),
         };
         let reply = self.client.clone().lease_seed(request).await;
         let outcome = reply.map(|r| r.into_inner().outcome);
@@ -555,58 +478,6 @@ impl Worker {
         }
     }
 
-    /// Dataset `name`, loading (or, for cifar10, downloading) it if needed.
-    async fn dataset(&self, name: &str) -> Result<Arc<Dataset>, DataError> {
-        let mut cache = self.datasets.lock().await;
-        if let Some(d) = cache.get(name) {
-            return Ok(d.clone());
-        }
-        let dir = self.settings.data_dir.clone();
-        let url = self.settings.cifar10_url.clone();
-        let name_owned = name.to_string();
-        let loaded = tokio::task::spawn_blocking(move || match data::load(&dir, &name_owned) {
-            Err(DataError::Missing { .. }) if name_owned == "cifar10" => {
-                tracing::info!(url = %url, "cifar10 is missing; downloading it");
-                data::download_cifar10(&dir, &url)?;
-                data::load(&dir, &name_owned)
-            }
-            other => other,
-        })
-        .await
-        .map_err(|e| DataError::Io {
-            path: self.settings.data_dir.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        let d = Arc::new(loaded?);
-        tracing::info!(dataset = name, train = d.train.len(), test = d.test.len(), fingerprint = %d.fingerprint, "dataset loaded");
-        cache.insert(name.to_string(), d.clone());
-        Ok(d)
-    }
-
-    /// The images of a finetune-head dataset: an ImageFolder (`train/`, `val/`) or a
-    /// CIFAR-layout dataset.
-    async fn finetune_source(&self, name: &str) -> Result<Source, String> {
-        let dir = self.settings.data_dir.join(name);
-        if imagefolder::is_image_folder(&dir) {
-            let scanned = tokio::task::spawn_blocking(move || imagefolder::scan(&dir))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            tracing::info!(
-                dataset = name,
-                classes = scanned.classes.len(),
-                train = scanned.train.len(),
-                val = scanned.val.len(),
-                "image folder scanned"
-            );
-            return Ok(Source::Folder(Arc::new(scanned)));
-        }
-        self.dataset(name)
-            .await
-            .map(Source::Cifar)
-            .map_err(|e| e.to_string())
-    }
-
     /// Trains a held lease and reports how it ended, in three phases: prepare (the settings and
     /// the data), train (streaming each epoch; the next lease is fetched as the last epoch
     /// starts), report. Returns the next lease too if one was fetched.
@@ -627,8 +498,8 @@ impl Worker {
                 return Ok((LeaseEnd::ShutDown, None));
             }
         };
-        if let Job::Command { run, .. } = &job {
-            let _ = held.log.set(run.log.display().to_string());
+        if let Some(log) = job.log() {
+            let _ = held.log.set(log.display().to_string());
         }
         let run = RunInfo {
             fingerprint: job.fingerprint(),
@@ -643,11 +514,6 @@ impl Worker {
 
     /// What to train for `lease`: its task's settings, converted, and the data they need.
     async fn prepare(&self, lease: &pb::Lease, seeds: &Seeds) -> Result<Job, Unprepared> {
-        let upgrade = |problem: String| {
-            Unprepared::Upgrade(format!(
-                "this worker cannot train these settings: {problem}"
-            ))
-        };
         check_lease_names(lease).map_err(|e| Unprepared::Blamed(Blame::Configuration, e))?;
         let task = Task::parse(&lease.task).ok_or_else(|| {
             Unprepared::Upgrade(format!(
@@ -657,38 +523,17 @@ impl Worker {
             ))
         })?;
         match task {
-            Task::Resnet9 => {
-                let cfg = lease.train.as_ref().ok_or_else(|| {
-                    Unprepared::Blamed(
-                        Blame::Configuration,
-                        "the lease carried no train settings".into(),
-                    )
-                })?;
-                let cfg = train_config(cfg).map_err(upgrade)?;
-                let data = self
-                    .unless_stopped(self.dataset(&lease.dataset))
-                    .await?
-                    .map_err(|e| Unprepared::Blamed(Blame::Host, e.to_string()))?;
-                let checkpoints = self.checkpoints(lease, &cfg, seeds, &data);
-                Ok(Job::Resnet9 {
-                    cfg,
-                    data,
-                    checkpoints,
-                })
+            #[cfg(feature = "torch")]
+            Task::Resnet9 | Task::FinetuneHead => {
+                (self.builtin.prepare(task, lease, seeds).await).map(Job::Builtin)
             }
-            Task::FinetuneHead => {
-                let cfg = lease.finetune.as_ref().ok_or_else(|| {
-                    Unprepared::Blamed(
-                        Blame::Configuration,
-                        "the lease carried no finetune settings".into(),
-                    )
-                })?;
-                let cfg = finetune_config(cfg).map_err(upgrade)?;
-                let source = self
-                    .unless_stopped(self.finetune_source(&lease.dataset))
-                    .await?
-                    .map_err(|e| Unprepared::Blamed(Blame::Host, e))?;
-                Ok(Job::Finetune { cfg, source })
+            #[cfg(not(feature = "torch"))]
+            Task::Resnet9 | Task::FinetuneHead => {
+                let _ = seeds;
+                Err(Unprepared::Upgrade(format!(
+                    "this worker was built without the built-in training tasks (cargo feature `torch`), so it runs only task command, not `{}`",
+                    lease.task
+                )))
             }
             Task::Command => self.command_job(lease),
         }
@@ -771,32 +616,6 @@ impl Worker {
         })
     }
 
-    /// `work`, unless shutdown is asked for first (a download or a slow disk must not keep the
-    /// seed past the grace period: the thread doing the work is abandoned, and ends with the
-    /// process).
-    async fn unless_stopped<T>(&self, work: impl Future<Output = T>) -> Result<T, Unprepared> {
-        tokio::select! {
-            done = work => Ok(done),
-            () = crate::lease::wait_for(&self.shutdown) => Err(Unprepared::Stopped),
-        }
-    }
-
-    /// Where a run of `cfg` keeps its checkpoints, when this worker has `--checkpoint-dir` and the
-    /// sweep asks for them: keyed by everything that makes the run what it is.
-    fn checkpoints(
-        &self,
-        lease: &pb::Lease,
-        cfg: &TrainConfig,
-        seeds: &Seeds,
-        data: &Dataset,
-    ) -> Option<CheckpointStore> {
-        let dir = self.settings.checkpoint_dir.as_ref();
-        let dir = dir.filter(|_| cfg.checkpoint_every > 0)?;
-        let key = format!("{cfg:?}|{seeds:?}|{}", data.fingerprint);
-        let key = format!("{:x}", sha2::Sha256::digest(key));
-        Some(CheckpointStore::new(dir, &lease.sweep_id, lease.seed, &key))
-    }
-
     /// Trains `job` on a blocking thread while its epochs stream to the coordinator; as the last
     /// epoch starts, leases the next seed, so the slot never waits for one.
     async fn train(
@@ -818,16 +637,13 @@ impl Worker {
                 _ => None,
             }
         });
-        let images_per_epoch = match &job {
-            Job::Resnet9 { data, .. } => Some(data.train.len().max(0) as u64),
-            Job::Finetune { .. } | Job::Command { .. } => None,
-        };
+        let images_per_epoch = job.images_per_epoch();
         let metrics = self.metrics.clone();
         let started = Instant::now();
         let device = self.settings.device;
         let (stop, lref) = (held.stop.clone(), held.lref.clone());
         let epochs = job.epochs();
-        let features = self.feature_settings();
+        let context = self.context();
         let trained = tokio::task::spawn_blocking(move || {
             let mut prefetch_tx = Some(prefetch_tx);
             if epochs <= 1 {
@@ -846,7 +662,7 @@ impl Worker {
                 }
             };
             let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                job.run(seeds, device, &stop, &features, on_epoch)
+                job.run(seeds, device, &stop, &context, on_epoch)
             }));
             // tch panics on libtorch errors in operations it does not let fail: the seed fails
             // with libtorch's message, and the worker goes on.
@@ -864,14 +680,10 @@ impl Worker {
         Ok((ran, next))
     }
 
-    fn feature_settings(&self) -> FeatureSettings {
-        FeatureSettings {
-            model_dir: self.settings.model_dir.clone(),
-            cache: FeatureCache {
-                dir: self.settings.feature_cache.clone(),
-            },
-            threads: self.settings.decode_threads,
-            memory: self.features.clone(),
+    fn context(&self) -> RunContext {
+        RunContext {
+            #[cfg(feature = "torch")]
+            features: self.builtin.features.clone(),
         }
     }
 
@@ -1111,7 +923,7 @@ impl Worker {
             train_accuracy: last.train_accuracy,
             epochs: t.history.len() as u32,
             seconds,
-            device: device_label(self.settings.device),
+            device: self.settings.device.label(),
             data_fingerprint: fingerprint,
             test_top5: last.test_top5,
             val_loss: last.val_loss,
@@ -1198,9 +1010,11 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     text.lines().take(3).collect::<Vec<_>>().join(" ")
 }
 
-#[cfg(test)]
+// The test trains a built-in task's seed.
+#[cfg(all(test, feature = "torch"))]
 mod tests {
     use super::*;
+    use crate::data;
     use pb::coordinator_server::{Coordinator, CoordinatorServer};
     use std::collections::VecDeque;
     use std::sync::Mutex;
@@ -1322,8 +1136,13 @@ mod tests {
                 ..Default::default()
             },
             device: Device::Cpu,
-            data_dir: data.path().to_path_buf(),
-            cifar10_url: String::new(),
+            builtin: crate::builtin::Settings {
+                data_dir: data.path().to_path_buf(),
+                cifar10_url: String::new(),
+                model_dir: data.path().to_path_buf(),
+                feature_cache: data.path().join("features"),
+                decode_threads: 1,
+            },
             worker_id: "test-worker".into(),
             exit_when_idle: true,
             connect_timeout: Duration::from_secs(10),
@@ -1332,9 +1151,6 @@ mod tests {
             lease_patience: Duration::from_secs(5),
             slots: 1,
             checkpoint_dir: None,
-            model_dir: data.path().to_path_buf(),
-            feature_cache: data.path().join("features"),
-            decode_threads: 1,
             spool_dir: data.path().join("spool"),
             allowed_commands: Vec::new(),
             allowed_programs: Vec::new(),

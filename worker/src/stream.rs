@@ -2,6 +2,7 @@
 //! `StreamEpochMetrics`, replayed on a new stream whenever the coordinator was away.
 
 use crate::lease::is_transient;
+use crate::run::EpochMetrics;
 use seedsweep_proto::client::Client;
 use seedsweep_proto::v1 as pb;
 use tokio::sync::mpsc;
@@ -60,5 +61,23 @@ pub(crate) async fn ship_metrics(
     match call.await {
         Ok(verdict) => verdict.map(drop),
         Err(e) => Err(Status::internal(format!("metrics stream task failed: {e}"))),
+    }
+}
+
+/// One epoch's metrics as the stream carries them.
+pub(crate) fn epoch_pb(lease: &pb::LeaseRef, m: &EpochMetrics) -> pb::EpochMetrics {
+    pb::EpochMetrics {
+        lease: Some(lease.clone()),
+        epoch: m.epoch,
+        train_loss: m.train_loss,
+        train_accuracy: m.train_accuracy,
+        test_loss: m.test_loss,
+        test_accuracy: m.test_accuracy,
+        test_top5: m.test_top5,
+        val_loss: m.val_loss,
+        val_accuracy: m.val_accuracy,
+        lr: m.lr,
+        seconds: m.seconds,
+        custom: m.custom.clone(),
     }
 }

@@ -15,9 +15,6 @@ use crate::model::{self, Arch, Init};
 use crate::shim;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use seedsweep_core::metric::CustomMetrics;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -28,6 +25,10 @@ const EVAL_BATCH: i64 = 1000;
 
 // The closed sets of a lease's settings, with their one table of names, are the sweep file's.
 pub use seedsweep_core::spec::{AugmentPer, PaddingMode as Padding, Precision, Schedule};
+// What a run is and produces, shared with the tasks that need no libtorch.
+pub use crate::run::{
+    Blame, Correct, EpochMetrics, Seeds, Timing, TrainError, Trained, factor_seed,
+};
 
 /// How to train; mirrors the sweep file's `[train]` table after its recipe is applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,94 +119,6 @@ impl TrainConfig {
     }
 }
 
-/// The 64-bit generator seed of each source of randomness for one run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seeds {
-    pub init: u64,
-    pub order: u64,
-    pub augment: u64,
-    /// Which training images are held out (`holdout`).
-    pub split: u64,
-}
-
-impl Seeds {
-    /// Generator seeds from factor seeds: each factor's generator is derived from (namespace,
-    /// factor, that factor's seed), so changing one factor never perturbs the others.
-    pub fn derive(namespace: &str, init: i64, order: i64, augment: i64, split: i64) -> Seeds {
-        Seeds {
-            init: factor_seed(namespace, "init", init),
-            order: factor_seed(namespace, "order", order),
-            augment: factor_seed(namespace, "augment", augment),
-            split: factor_seed(namespace, "split", split),
-        }
-    }
-
-    /// All factors from one seed, in the default namespace.
-    pub fn single(seed: i64) -> Seeds {
-        Seeds::derive("", seed, seed, seed, seed)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    pub epoch: u32,
-    /// Absent only from a program of the researcher's own that does not report them.
-    pub train_loss: Option<f64>,
-    pub train_accuracy: Option<f64>,
-    /// Absent for epochs without an evaluation (see `eval_every`).
-    pub test_loss: Option<f64>,
-    pub test_accuracy: Option<f64>,
-    /// Top-5 accuracy (task finetune-head, more than five classes).
-    #[serde(default)]
-    pub test_top5: Option<f64>,
-    /// On the run's held-out validation images (`holdout`), when evaluated.
-    #[serde(default)]
-    pub val_loss: Option<f64>,
-    #[serde(default)]
-    pub val_accuracy: Option<f64>,
-    /// The learning rate at the epoch's last step.
-    pub lr: Option<f64>,
-    pub seconds: f64,
-    /// Task command: the program's metrics that are not known ones.
-    #[serde(default, skip_serializing_if = "CustomMetrics::is_empty")]
-    pub custom: CustomMetrics,
-}
-
-/// What the training produced, and how.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Trained {
-    pub history: Vec<EpochMetrics>,
-    /// Which test examples the final evaluation got right.
-    pub test_correct: Option<Correct>,
-    /// The precision actually used (fp32 on the CPU whatever was asked).
-    pub precision: Precision,
-    /// Whether the numbers are reproducible bit for bit: always on the CPU; on CUDA when
-    /// `deterministic` was set.
-    pub deterministic: bool,
-    /// The epoch a checkpoint resumed from (0: trained from scratch).
-    pub resumed_from: u32,
-    pub timing: Timing,
-    /// Task command: custom metrics of the final result that the last epoch did not report.
-    pub custom: CustomMetrics,
-}
-
-/// When a run's steps began and ended, for the worker's per-seed overhead.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Timing {
-    /// Seconds from the call of [`train`] to its first step.
-    pub first_step: Option<f64>,
-    /// When the last step ended (before the last evaluation).
-    pub last_step: Option<Instant>,
-}
-
-/// Which examples an evaluation got right: bit i of `bits` (least significant first within each
-/// byte) for example i.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Correct {
-    pub examples: u32,
-    pub bits: Vec<u8>,
-}
-
 /// Packs per-example hits (a bool or 0/1 tensor, any device) into a [`Correct`].
 pub fn pack_correct(hits: &Tensor) -> Correct {
     let hits = Vec::<bool>::try_from(
@@ -222,88 +135,6 @@ pub fn pack_correct(hits: &Tensor) -> Correct {
         examples: hits.len() as u32,
         bits,
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error("training diverged: the mean training loss of epoch {epoch} is {loss}")]
-    NonFinite { epoch: u32, loss: f64 },
-    #[error("training was stopped")]
-    Cancelled,
-    #[error("libtorch error: {0}")]
-    Torch(#[from] tch::TchError),
-    /// A step's kernel call through the shim failed (the fused SGD update).
-    #[error("{0}")]
-    Step(String),
-    /// The device could not be set up for the run (deterministic algorithms, autocast).
-    #[error("{0}")]
-    Device(String),
-    /// The sweep's settings cannot train, here or anywhere (a holdout as large as the dataset,
-    /// checkpoints of airbench94, a backbone whose features have another shape).
-    #[error("{0}")]
-    Config(String),
-    /// The dataset's contents cannot be trained on (an image that does not decode under
-    /// `bad_images = "fail"`, a split with no image).
-    #[error("{0}")]
-    Data(String),
-    #[error("cannot resume from the checkpoint: {0}")]
-    Checkpoint(String),
-    /// libtorch raised an error inside an operation tch does not let fail (CUDA out of memory in
-    /// a forward pass, say).
-    #[error("training failed: {0}")]
-    Panicked(String),
-    /// A problem of this host (a missing or wrong backbone file), not of the seed.
-    #[error("{0}")]
-    Host(String),
-    /// The run's own program (task command) failed or reported what cannot be recorded.
-    #[error("{0}")]
-    Program(String),
-}
-
-/// Who a failed run is charged to: this alone decides whether its attempt counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Blame {
-    /// The run itself (it diverged, libtorch failed inside it): the attempt counts.
-    Seed,
-    /// The sweep's settings or its data, the same on every host: the attempt counts, and the
-    /// same cause on another worker ends the seed at once.
-    Configuration,
-    /// This host (its device, its copy of the data, a backbone file): the seed is handed back
-    /// uncounted and the worker stops, so a broken host does not burn through a sweep's retries.
-    Host,
-}
-
-impl TrainError {
-    /// Who the failure is charged to; `None` for a run that was stopped, not failed.
-    pub fn blame(&self) -> Option<Blame> {
-        Some(match self {
-            TrainError::Cancelled => return None,
-            TrainError::NonFinite { .. }
-            | TrainError::Torch(_)
-            | TrainError::Step(_)
-            | TrainError::Checkpoint(_)
-            | TrainError::Panicked(_)
-            | TrainError::Program(_) => Blame::Seed,
-            TrainError::Config(_) | TrainError::Data(_) => Blame::Configuration,
-            TrainError::Device(_) | TrainError::Host(_) => Blame::Host,
-        })
-    }
-}
-
-/// A 64-bit seed for one source of randomness. The default namespace keeps the derivation of
-/// earlier versions, so a seed's numbers do not change.
-pub fn factor_seed(namespace: &str, factor: &str, seed: i64) -> u64 {
-    let text = if namespace.is_empty() {
-        format!("seedsweep/v1/{factor}/{seed}")
-    } else {
-        format!("seedsweep/v1/{namespace}/{factor}/{seed}")
-    };
-    let digest = Sha256::digest(text);
-    u64::from_le_bytes(
-        digest[..8]
-            .try_into()
-            .expect("a SHA-256 digest has 32 bytes"),
-    )
 }
 
 /// 0..n in the order of a Fisher-Yates shuffle drawn from `rng` (written out rather than rand's

@@ -358,8 +358,18 @@ pub trait Store: Send + Sync + 'static {
     async fn fleet_counts(&self) -> Result<FleetCounts>;
 
     /// Expires overdue leases (once the store has had its database for one `ttl`: see
-    /// [`Availability`]), then leases one seed to `worker_id` for `ttl`.
-    async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome>;
+    /// [`Availability`]), then leases one seed of a sweep whose task is among `tasks` (empty:
+    /// any) to `worker_id` for `ttl`. `Empty`'s outstanding seeds count only such sweeps'.
+    async fn claim_for(
+        &self,
+        worker_id: &str,
+        tasks: &[Task],
+        ttl: Duration,
+    ) -> Result<ClaimOutcome>;
+    /// [`Store::claim_for`] any task.
+    async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome> {
+        self.claim_for(worker_id, &[], ttl).await
+    }
     /// Extends a held lease to `ttl` from now.
     async fn heartbeat(&self, lease: LeaseRef, ttl: Duration) -> Result<()>;
     /// Records (or, re-sent by the same lease, replaces) one epoch's metrics. A claim deletes the
@@ -668,6 +678,11 @@ impl Dialect {
             (None, Dialect::Sqlite) => format!("json_extract({table}{dot}custom, '$.{metric}')"),
         }
     }
+}
+
+/// The tasks a claim may serve, as the stores bind them: NULL for any, else their names.
+pub(crate) fn task_names(tasks: &[Task]) -> Option<Vec<&'static str>> {
+    (!tasks.is_empty()).then(|| tasks.iter().map(|t| t.as_str()).collect())
 }
 
 /// A new sweep's `score` and `score_direction` columns, from its settings.

@@ -25,7 +25,7 @@ use seedsweep_core::domain::{
 use seedsweep_core::policy::{
     self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
 };
-use seedsweep_core::spec::SweepSpec;
+use seedsweep_core::spec::{SweepSpec, Task};
 use seedsweep_core::stats::noise::TestSetTally;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -294,9 +294,11 @@ impl PgStore {
     async fn claim_one(
         &self,
         worker_id: &str,
+        tasks: &[Task],
         ttl: Duration,
         expire: bool,
     ) -> Result<ClaimOutcome> {
+        let tasks = super::task_names(tasks);
         if expire && self.next_deadline.due() {
             let mark = self.next_deadline.mark();
             let mut tx = self.pool.begin().await?;
@@ -305,12 +307,14 @@ impl PgStore {
             self.next_deadline.read(mark, ahead, ttl);
         }
         let key = LeaseKey::random();
-        let row = self.claim_statement(worker_id, ttl, &key).await?;
+        let row = self.claim_statement(worker_id, &tasks, ttl, &key).await?;
         let Some(sweep_id) = row.try_get::<Option<uuid::Uuid>, _>("sweep_id")? else {
             let outstanding: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
-                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active' AND w.loading_at IS NULL",
+                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active' AND w.loading_at IS NULL
+                   AND ($1::text[] IS NULL OR w.task = ANY($1))",
             )
+            .bind(&tasks)
             .fetch_one(&self.pool)
             .await?;
             return Ok(ClaimOutcome::Empty {
@@ -342,6 +346,7 @@ impl PgStore {
     async fn claim_statement(
         &self,
         worker_id: &str,
+        tasks: &Option<Vec<&'static str>>,
         ttl: Duration,
         key: &LeaseKey,
     ) -> Result<PgRow> {
@@ -350,6 +355,7 @@ impl PgStore {
             "WITH next AS (
                  SELECT c.sweep_id, c.seed
                  FROM (SELECT id FROM sweeps WHERE state = 'active' AND loading_at IS NULL
+                         AND ($5::text[] IS NULL OR task = ANY($5))
                        ORDER BY priority DESC, seq) w
                  CROSS JOIN LATERAL (
                      SELECT sweep_id, seed FROM seeds
@@ -380,6 +386,7 @@ impl PgStore {
         .bind(ttl.as_secs_f64())
         .bind(self.skew())
         .bind(key_hash(key).to_vec())
+        .bind(tasks)
         .fetch_one(&mut *conn)
         .await?;
         conn.done();
@@ -1092,10 +1099,15 @@ impl Store for PgStore {
         })
     }
 
-    async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome> {
+    async fn claim_for(
+        &self,
+        worker_id: &str,
+        tasks: &[Task],
+        ttl: Duration,
+    ) -> Result<ClaimOutcome> {
         let expire = self.available.may_expire(ttl);
         self.available
-            .observe(self.claim_one(worker_id, ttl, expire).await)
+            .observe(self.claim_one(worker_id, tasks, ttl, expire).await)
     }
 
     async fn heartbeat(&self, lease: LeaseRef, ttl: Duration) -> Result<()> {

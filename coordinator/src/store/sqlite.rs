@@ -21,7 +21,7 @@ use seedsweep_core::domain::{
 use seedsweep_core::policy::{
     self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
 };
-use seedsweep_core::spec::SweepSpec;
+use seedsweep_core::spec::{SweepSpec, Task};
 use seedsweep_core::stats::noise::TestSetTally;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -220,9 +220,12 @@ impl SqliteStore {
     async fn claim_one(
         &self,
         worker_id: &str,
+        tasks: &[Task],
         ttl: Duration,
         expire: bool,
     ) -> Result<ClaimOutcome> {
+        // The tasks as a JSON array (NULL: any), read with json_each.
+        let tasks = super::task_names(tasks).map(|t| serde_json::json!(t).to_string());
         let mut tx = self.pool.begin().await?;
         // One instant for the whole claim, as PostgreSQL's now() is one per transaction: a seed
         // whose lease expires in this claim can be leased by it.
@@ -236,8 +239,10 @@ impl SqliteStore {
         // seeds table, ~30 ms per claim per 100,000 seeds.)
         let sweeps: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM sweeps WHERE state = 'active' AND loading_at IS NULL
+               AND (?1 IS NULL OR task IN (SELECT value FROM json_each(?1)))
              ORDER BY priority DESC, seq",
         )
+        .bind(&tasks)
         .fetch_all(&mut *tx)
         .await?;
         let mut claimed = None;
@@ -265,8 +270,10 @@ impl SqliteStore {
         let Some(row) = claimed else {
             let outstanding: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM seeds s JOIN sweeps w ON w.id = s.sweep_id
-                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active' AND w.loading_at IS NULL",
+                 WHERE s.state IN ('pending', 'leased') AND w.state = 'active' AND w.loading_at IS NULL
+                   AND (?1 IS NULL OR w.task IN (SELECT value FROM json_each(?1)))",
             )
+            .bind(&tasks)
             .fetch_one(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -814,10 +821,15 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn claim(&self, worker_id: &str, ttl: Duration) -> Result<ClaimOutcome> {
+    async fn claim_for(
+        &self,
+        worker_id: &str,
+        tasks: &[Task],
+        ttl: Duration,
+    ) -> Result<ClaimOutcome> {
         let expire = self.available.may_expire(ttl);
         self.available
-            .observe(self.claim_one(worker_id, ttl, expire).await)
+            .observe(self.claim_one(worker_id, tasks, ttl, expire).await)
     }
 
     async fn heartbeat(&self, lease: LeaseRef, ttl: Duration) -> Result<()> {

@@ -11,7 +11,7 @@ pub mod env;
 mod output;
 mod protocol;
 
-use crate::train::{EpochMetrics, TrainError, Trained};
+use crate::run::{EpochMetrics, TrainError, Trained};
 use protocol::{Final, Report, Reports, Unreadable};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -116,7 +116,7 @@ pub fn seed_env(
     lease: &seedsweep_proto::v1::Lease,
     factors: &seedsweep_proto::v1::FactorSeeds,
     checkpoints: Option<&Path>,
-    device: tch::Device,
+    device: crate::run::Device,
 ) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = [
         ("SEEDSWEEP_SEED", lease.seed.to_string()),
@@ -135,7 +135,7 @@ pub fn seed_env(
     }
     // A CPU worker's program sees no GPU; a GPU worker's sees its device (every slot shares it).
     let visible = match device {
-        tch::Device::Cuda(n) => n.to_string(),
+        crate::run::Device::Cuda(n) => n.to_string(),
         _ => String::new(),
     };
     env.push(("CUDA_VISIBLE_DEVICES".into(), visible));

@@ -3,7 +3,7 @@
 //! judged; and the run they add up to. Whatever the file holds, a bad line is the program's
 //! failure (its first bytes quoted), never the host's.
 
-use crate::train::{Correct, EpochMetrics, Trained};
+use crate::run::{Correct, EpochMetrics, Trained};
 use base64::Engine;
 use seedsweep_core::metric::CustomMetrics;
 use seedsweep_core::spec::Precision;
