@@ -700,6 +700,8 @@ fn command_pb(c: seedsweep_core::spec::command::CommandSpec) -> pb::CommandConfi
         time_limit_seconds: c.time_limit_seconds,
         score: c.score,
         epochs: c.epochs.unwrap_or(0),
+        memory_limit_mb: c.memory_limit_mb.unwrap_or(0),
+        pids_limit: c.pids_limit.unwrap_or(0),
     }
 }
 

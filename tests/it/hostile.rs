@@ -666,3 +666,78 @@ fn a_program_with_only_custom_metrics_is_scored_by_its_own() {
     assert_eq!(cells[at("train_loss")], "", "{text}");
     assert!(first.contains("reward"), "{text}");
 }
+
+/// Whether this process's cgroup v2 group delegates `controller` to groups below it (the
+/// worker's run groups sit below the group the worker starts in, which is this test's).
+fn delegates(controller: &str) -> bool {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return false;
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mount = mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split(' ').next() == Some("cgroup2")).then(|| left.split(' ').nth(4))?
+    });
+    mount.is_some_and(|m| {
+        let dir = Path::new(m).join(path.trim_start_matches('/'));
+        std::fs::read_to_string(dir.join("cgroup.controllers"))
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == controller))
+    })
+}
+
+/// A program that wants 200 MiB under `memory_limit_mb = 64`: where the host delegates the
+/// memory controller, the kernel kills it and the cause says it met its limit (a counted
+/// failure); where not, the worker cannot enforce the limit, so it hands the seed back
+/// uncounted and stops, saying why. Under the subreaper a limit is never enforceable.
+#[test]
+fn a_memory_limit_is_enforced_or_the_seed_handed_back() {
+    let fleet = Fleet::start();
+    // `tail` keeps the one endless line it reads in memory.
+    let program = fleet.program(
+        "hungry.sh",
+        &format!("#!/bin/bash\nhead -c 200M /dev/zero | tail -c 1 >/dev/null\n{REPORT}\n"),
+    );
+    let (id, _) = fleet.submit(&program, "[0]", 1, "memory_limit_mb = 64");
+    let under = |containment: &str| {
+        let w = fleet.worker(&program, &["--containment", containment]);
+        fleet.run_worker(w, Duration::from_secs(60))
+    };
+
+    let subreaper = under("subreaper");
+    assert!(!subreaper.status.success());
+    assert!(
+        stderr(&subreaper).contains("`command.memory_limit_mb` needs cgroup containment"),
+        "{}",
+        stderr(&subreaper)
+    );
+    let attempts = |outcome: &str| {
+        fleet.sql(&format!(
+            "SELECT count(*) FROM attempts WHERE sweep_id = '{id}' AND outcome = '{outcome}'"
+        ))
+    };
+    assert_eq!(attempts("released"), "1");
+
+    let cgroup = under("cgroup");
+    let log = stderr(&cgroup);
+    if log.contains("--containment cgroup: ") {
+        eprintln!("skipped the cgroup half: this host gives the worker no cgroup v2 group: {log}");
+        return;
+    }
+    if delegates("memory") {
+        assert!(cgroup.status.success(), "{log}");
+        let cause = fleet.sql(&format!(
+            "SELECT cause FROM attempts WHERE sweep_id = '{id}' AND outcome = 'failed'"
+        ));
+        assert!(cause.contains("memory limit"), "{cause}");
+        assert_eq!(fleet.states(&id), "failed");
+    } else {
+        assert!(!cgroup.status.success());
+        assert!(
+            log.contains("`command.memory_limit_mb`: cannot write") && log.contains("memory.max"),
+            "{log}"
+        );
+        assert_eq!(attempts("released"), "2");
+        assert_eq!(fleet.states(&id), "pending");
+    }
+}

@@ -611,6 +611,10 @@ impl Worker {
                     .join(format!("{}-{}.log", lease.seed, lease.fence)),
                 checkpoints,
                 score: c.score.clone(),
+                limits: command::contain::Limits {
+                    memory_bytes: (c.memory_limit_mb > 0).then(|| c.memory_limit_mb << 20),
+                    pids: (c.pids_limit > 0).then_some(u64::from(c.pids_limit)),
+                },
             },
             epochs: (c.epochs > 0).then_some(c.epochs),
         })

@@ -148,7 +148,19 @@ pub struct CommandSpec {
     /// When set, a run must report exactly this many epochs.
     #[serde(default)]
     pub epochs: Option<u32>,
+    /// The most memory (MiB) a run's processes may use together; past it the kernel kills the
+    /// run, a counted failure. Enforced by the run's cgroup v2 group: a worker that cannot hands
+    /// the seed back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mb: Option<u64>,
+    /// The most processes and threads a run may have at once (a fork bomb stops there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_limit: Option<u32>,
 }
+
+/// The bounds of `command.memory_limit_mb` (16 MiB to 16 TiB) and `command.pids_limit`.
+const MEMORY_LIMIT_MB: std::ops::RangeInclusive<u64> = 16..=16 << 20;
+const PIDS_LIMIT: std::ops::RangeInclusive<u32> = 4..=4_194_304;
 
 fn default_score() -> String {
     "test_accuracy".into()
@@ -217,6 +229,24 @@ impl CommandSpec {
         }
         if let Err(e) = self.score.parse::<crate::domain::Metric>() {
             return invalid(format!("`command.score`: {e}"));
+        }
+        if let Some(mb) = self.memory_limit_mb
+            && !MEMORY_LIMIT_MB.contains(&mb)
+        {
+            return invalid(format!(
+                "`command.memory_limit_mb` = {mb}: give between {} and {} (MiB), or leave it out",
+                MEMORY_LIMIT_MB.start(),
+                MEMORY_LIMIT_MB.end()
+            ));
+        }
+        if let Some(n) = self.pids_limit
+            && !PIDS_LIMIT.contains(&n)
+        {
+            return invalid(format!(
+                "`command.pids_limit` = {n}: give between {} and {}, or leave it out",
+                PIDS_LIMIT.start(),
+                PIDS_LIMIT.end()
+            ));
         }
         if let Some(n) = self.epochs
             && !(1..=MAX_EPOCHS).contains(&n)
@@ -384,6 +414,18 @@ mod tests {
             parse("argv = [\"x\"]\ntime_limit_seconds = 99999999")
                 .unwrap_err()
                 .contains("30 days")
+        );
+        let limited = parse("argv = [\"x\"]\nmemory_limit_mb = 2048\npids_limit = 512").unwrap();
+        assert_eq!((limited.memory_limit_mb, limited.pids_limit), (Some(2048), Some(512)));
+        assert!(
+            parse("argv = [\"x\"]\nmemory_limit_mb = 1")
+                .unwrap_err()
+                .contains("`command.memory_limit_mb` = 1")
+        );
+        assert!(
+            parse("argv = [\"x\"]\npids_limit = 0")
+                .unwrap_err()
+                .contains("`command.pids_limit` = 0")
         );
         assert!(
             parse("argv = [\"x\"]\nepochs = 0")

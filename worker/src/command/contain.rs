@@ -10,7 +10,9 @@
 //!   what a run orphans is re-parented to it rather than to init; a run's processes are found by
 //!   their ancestry and by the run's id in their environment, stopped, then killed.
 //!
-//! Either way the worker reaps what it inherits.
+//! Either way the worker reaps what it inherits. A run's [`Limits`] (memory, processes) are its
+//! group's `memory.max` and `pids.max`: only under cgroup, with those controllers delegated.
+
 
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
@@ -105,6 +107,14 @@ fn cgroup_base() -> Result<PathBuf, String> {
     let group = Path::new(mount).join(own.trim_start_matches('/'));
     let base = group.join(format!("seedsweep-worker-{}", std::process::id()));
     std::fs::create_dir(&base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+    // The controllers that enforce run limits, for the run groups, where the host has them: a
+    // run that asks for a limit without them is refused (`prepare`), so a failure here is left
+    // to that.
+    for dir in [group.as_path(), base.as_path()] {
+        for controller in ["+memory", "+pids"] {
+            let _ = std::fs::write(dir.join("cgroup.subtree_control"), controller);
+        }
+    }
     // The root group has no cgroup.kill of its own: the group made below it tells.
     if !base.join("cgroup.kill").exists() {
         let _ = std::fs::remove_dir(&base);
@@ -142,12 +152,32 @@ pub struct Contained {
     seen: HashSet<(i32, u64)>,
     /// Every process of the run is gone.
     ended: bool,
+    /// The group's limit events before the run (a reused group's counters go on counting).
+    events_before: [u64; 2],
+}
+
+/// What a run may use at most (`[command] memory_limit_mb`, `pids_limit`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+impl Limits {
+    /// Each limit with its cgroup file and its value there ("max": none).
+    fn files(self) -> [(&'static str, &'static str, Option<u64>); 2] {
+        [
+            ("memory.max", "memory_limit_mb", self.memory_bytes),
+            ("pids.max", "pids_limit", self.pids),
+        ]
+    }
 }
 
 /// Prepares `cmd` to start contained: its own process group, the run's id in its environment
-/// and, under cgroup, a group of its own (made, or an emptied one reused) that
-/// [`Prepared::spawn`] moves it into.
-pub fn prepare(cmd: &mut std::process::Command) -> std::io::Result<Prepared> {
+/// and, under cgroup, a group of its own (made, or an emptied one reused) with `limits`, that
+/// [`Prepared::spawn`] moves it into. The error says why the run cannot be contained as asked
+/// (a limit this host cannot enforce is this host's problem, not the run's).
+pub fn prepare(cmd: &mut std::process::Command, limits: Limits) -> Result<Prepared, String> {
     let id = format!("{:032x}", rand::random::<u128>());
     cmd.env(RUN_ID_VAR, &id).process_group(0);
     let group = match mechanism() {
@@ -157,21 +187,87 @@ pub fn prepare(cmd: &mut std::process::Command) -> std::io::Result<Prepared> {
                 Some(dir) => dir,
                 None => {
                     let dir = base.join(format!("run-{id}"));
-                    std::fs::create_dir(&dir)?;
+                    std::fs::create_dir(&dir)
+                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
                     dir
                 }
             };
+            if let Err(e) = set_limits(&dir, limits) {
+                free_groups().push(dir);
+                return Err(e);
+            }
             Some(dir)
         }
-        Mechanism::Subreaper => None,
+        Mechanism::Subreaper => match limits.files().iter().find(|f| f.2.is_some()) {
+            Some((_, key, _)) => {
+                return Err(format!(
+                    "`command.{key}` needs cgroup containment, and this worker runs programs under the subreaper (--containment; README, \"How a run is supervised\")"
+                ));
+            }
+            None => None,
+        },
     };
-    Ok(Prepared { id, group })
+    let events_before = group.as_deref().map_or([0; 2], limit_events);
+    Ok(Prepared {
+        id,
+        group,
+        events_before,
+    })
+}
+
+/// The limit events a group has counted: the memory limit's kills, the process limit's refused
+/// forks.
+const LIMIT_EVENTS: [(&str, &str, &str); 2] = [
+    (
+        "memory.events",
+        "oom_kill",
+        "the kernel killed it for going past its memory limit (`command.memory_limit_mb`)",
+    ),
+    (
+        "pids.events",
+        "max",
+        "it tried to start more processes than its limit allows (`command.pids_limit`)",
+    ),
+];
+
+fn limit_events(dir: &Path) -> [u64; 2] {
+    LIMIT_EVENTS.map(|(file, key, _)| {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// Writes a run group's limits (a reused group's earlier ones are replaced, "max" for none).
+fn set_limits(dir: &Path, limits: Limits) -> Result<(), String> {
+    for (file, key, value) in limits.files() {
+        let path = dir.join(file);
+        let text = value.map_or("max".to_string(), |v| v.to_string());
+        match std::fs::write(&path, text) {
+            Ok(()) => {}
+            // Without the controller there is no file: fine while no limit is asked for.
+            Err(_) if value.is_none() && !path.exists() => {}
+            Err(e) => {
+                let controllers = std::fs::read_to_string(dir.join("../cgroup.controllers"))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "`command.{key}`: cannot write {}: {e} (this worker's cgroup v2 group delegates the controllers `{}`; the limit needs `{}`)",
+                    path.display(),
+                    controllers.trim(),
+                    file.split('.').next().unwrap_or(file)
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A run ready to start.
 pub struct Prepared {
     id: String,
     group: Option<PathBuf>,
+    events_before: [u64; 2],
 }
 
 impl Prepared {
@@ -214,6 +310,7 @@ impl Prepared {
             group: self.group,
             seen,
             ended: false,
+            events_before: self.events_before,
         };
         Ok((child, contained))
     }
@@ -270,6 +367,13 @@ impl Contained {
             .filter(|p| table.alive(*p))
             .map(|(p, _)| p)
             .collect()
+    }
+
+    /// Which of its limits the run met, said for its failure's cause; None when it met none.
+    pub fn limit_met(&self) -> Option<&'static str> {
+        let now = limit_events(self.group.as_deref()?);
+        let met = (0..2).find(|&i| now[i] > self.events_before[i])?;
+        Some(LIMIT_EVENTS[met].2)
     }
 
     /// Ends every process of the run (the main one included) and reaps what the worker

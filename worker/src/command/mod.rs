@@ -42,6 +42,8 @@ pub struct CommandRun {
     pub checkpoints: Option<PathBuf>,
     /// The sweep's score: the metric every result must carry.
     pub score: String,
+    /// What the run may use at most, enforced by its cgroup.
+    pub limits: contain::Limits,
 }
 
 impl CommandRun {
@@ -180,7 +182,7 @@ pub fn run(
     if let Some(dir) = &job.workdir {
         cmd.current_dir(dir);
     }
-    let prepared = contain::prepare(&mut cmd).map_err(|e| host("cannot contain the run", e))?;
+    let prepared = contain::prepare(&mut cmd, job.limits).map_err(TrainError::Host)?;
     let (mut child, mut contained) = prepared
         .spawn(&mut cmd)
         .map_err(|e| TrainError::Config(format!("cannot start `{}`: {e}", job.argv[0])))?;
@@ -274,7 +276,7 @@ fn supervise(
         let _ = c.join();
     }
     tally.read(&mut reports, on_epoch)?;
-    judge(status, tally, &job.score, &tail)
+    judge(status, tally, &job.score, &tail, contained.limit_met())
 }
 
 /// The run from how its main process ended and what it reported.
@@ -283,6 +285,7 @@ fn judge(
     tally: Tally,
     score: &str,
     tail: &output::Tail,
+    limit_met: Option<&str>,
 ) -> Result<Trained, TrainError> {
     if !status.success() {
         let how = match (
@@ -293,8 +296,9 @@ fn judge(
             (None, Some(signal)) => format!("was killed by signal {signal}"),
             (None, None) => format!("ended: {status}"),
         };
+        let limit = limit_met.map_or(String::new(), |why| format!(": {why}"));
         return Err(TrainError::Program(format!(
-            "the program {how}; {}",
+            "the program {how}{limit}; {}",
             tail.quoted()
         )));
     }
