@@ -1094,6 +1094,10 @@ impl Coordinator for CoordinatorService {
         check_names("allowed_commands", "programs", programs, 4096)?;
         let env = &req.get_ref().allowed_env;
         check_names("allowed_env", "variable names", env, 128)?;
+        for name in env {
+            seedsweep_core::spec::command::check_env_name(name)
+                .map_err(|e| Status::invalid_argument(format!("allowed_env: {e}")))?;
+        }
         self.allowed.saw(worker, programs, env);
         let asked = &req.get_ref().tasks;
         check_names("tasks", "task names", asked, 64)?;

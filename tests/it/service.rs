@@ -197,6 +197,22 @@ async fn malformed_requests_are_invalid_argument() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // A worker's allowed variables are names a sweep could set, and its tasks names.
+    for bad in [
+        pb::LeaseSeedRequest {
+            worker_id: "w".into(),
+            allowed_env: vec!["LD_PRELOAD=/tmp/x.so".into()],
+            ..Default::default()
+        },
+        pb::LeaseSeedRequest {
+            worker_id: "w".into(),
+            tasks: vec!["command\n".into()],
+            ..Default::default()
+        },
+    ] {
+        let e = c.lease_seed(bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
     let e = c
         .submit_sweep(pb::SubmitSweepRequest {
             sweep_toml: "name = 3".into(),
