@@ -5,7 +5,8 @@
 # a coordinator on SQLite. Alternated REPS times; prints the medians and the overhead per run.
 # With BASELINE set to another build's binaries folder (for example a worktree of an earlier
 # commit, built with cargo build --release --bins), each repetition runs the sweep with those
-# too, so that the two builds' overheads are measured side by side.
+# too, so that the two builds' overheads are measured side by side (a folder with the worker
+# built without libtorch, beside this build's coordinator, compares the two workers).
 #
 #   [BASELINE=DIR] bench/command.sh [N] [REPS]      (defaults: 20 and 3)
 set -euo pipefail
@@ -37,9 +38,11 @@ sweep() {
   # A worker that builds its programs' environment is told to pass PYTHONPATH on; an older one
   # passes its whole environment.
   if "$b/worker" --help | grep -q -- --pass-env; then pass=(--pass-env PYTHONPATH); fi
+  # The worker built without libtorch has no threads or data to set.
+  if "$b/worker" --help | grep -q -- --data-dir; then pass+=(--threads 1 --data-dir "$work/data"); fi
   start=$(now)
-  "$b/worker" --cpu --threads 1 --exit-when-idle --coordinator "$coord" --allow-command python3 "${pass[@]}" \
-    --data-dir "$work/data" --spool-dir "$work/spool$tag" --log-dir "$work/logs$tag" 2>>"$work/worker.log"
+  "$b/worker" --cpu --exit-when-idle --coordinator "$coord" --allow-command python3 "${pass[@]}" \
+    --spool-dir "$work/spool$tag" --log-dir "$work/logs$tag" 2>>"$work/worker.log"
   elapsed=$(( ($(now) - start) / 1000000 ))
   done_seeds=$(sqlite3 "$db" "SELECT count(*) FROM results")
   [ "$done_seeds" = "$n" ] || { echo "only $done_seeds of $n seeds finished ($b)" >&2; exit 1; }

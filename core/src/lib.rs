@@ -15,6 +15,7 @@ pub mod design;
 pub mod domain;
 pub mod metric;
 pub mod policy;
+#[cfg(feature = "report")]
 pub mod report;
 pub mod spec;
 pub mod stats;
