@@ -546,7 +546,7 @@ fn a_program_that_reports_only_a_loss_is_scored_lower_is_better() {
     );
     let out = fleet.run_worker(fleet.worker(&program, &[]), Duration::from_secs(120));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(fleet.states(&id), vec!["done"; 12].join(","));
+    assert_eq!(fleet.states(&id), ["done"; 12].join(","));
 
     // What was not reported is NULL, in results and epochs alike.
     assert_eq!(
@@ -625,7 +625,7 @@ fn a_program_with_only_custom_metrics_is_scored_by_its_own() {
     let (id, _) = fleet.submit(&program, "\"0..6\"", 1, "score = \"reward\"");
     let out = fleet.run_worker(fleet.worker(&program, &[]), Duration::from_secs(120));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(fleet.states(&id), vec!["done"; 6].join(","));
+    assert_eq!(fleet.states(&id), ["done"; 6].join(","));
 
     let stats: serde_json::Value =
         serde_json::from_str(&fleet.sweep_ok(&["stats", &id, "--json"])).unwrap();

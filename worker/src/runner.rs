@@ -612,7 +612,7 @@ impl Worker {
                 checkpoints,
                 score: c.score.clone(),
                 limits: command::contain::Limits {
-                    memory_bytes: (c.memory_limit_mb > 0).then(|| c.memory_limit_mb << 20),
+                    memory_bytes: (c.memory_limit_mb > 0).then_some(c.memory_limit_mb << 20),
                     pids: (c.pids_limit > 0).then_some(u64::from(c.pids_limit)),
                 },
             },

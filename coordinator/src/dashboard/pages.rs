@@ -279,9 +279,12 @@ fn result_table(r: &pb::SeedResult) -> String {
     )
 }
 
+/// A known metric of an epoch row: its heading and how to read it.
+type EpochColumn = (&'static str, fn(&pb::EpochRow) -> Option<f64>);
+
 /// A seed's epochs: a column for each metric some epoch reported, "-" where one did not.
 fn curve_table(epochs: &[pb::EpochRow]) -> String {
-    let known: [(&str, fn(&pb::EpochRow) -> Option<f64>); 8] = [
+    let known: [EpochColumn; 8] = [
         ("train loss", |e| e.train_loss),
         ("train accuracy", |e| e.train_accuracy),
         ("test loss", |e| e.test_loss),
