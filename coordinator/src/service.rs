@@ -5,11 +5,11 @@ use crate::auth::caller_of;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, redact_url};
 use seedsweep_core::domain::SweepState;
-use seedsweep_core::metric::Direction;
 use seedsweep_core::domain::{
     Aggregate, ClaimOutcome, CompleteOutcome, Correctness, CustomMetrics, EpochRecord, LeaseRef,
     Metric, SeedCounts, SeedResult, SweepId, SweepSummary,
 };
+use seedsweep_core::metric::Direction;
 use seedsweep_core::policy::{Charge, Reported, RunShape};
 use seedsweep_core::spec::{Precision, SeedSet, SweepSpec, Task};
 use seedsweep_core::stats;

@@ -380,13 +380,22 @@ pub fn check_final_metrics(result: &SeedResult, last: Option<&EpochRecord>) -> R
         (a, b) => a.is_none() && b.is_none(),
     };
     let fields = [
-        ("test_accuracy", same_opt(result.test_accuracy, last.test_accuracy)),
+        (
+            "test_accuracy",
+            same_opt(result.test_accuracy, last.test_accuracy),
+        ),
         ("test_loss", same_opt(result.test_loss, last.test_loss)),
         ("train_loss", same_opt(result.train_loss, last.train_loss)),
-        ("train_accuracy", same_opt(result.train_accuracy, last.train_accuracy)),
+        (
+            "train_accuracy",
+            same_opt(result.train_accuracy, last.train_accuracy),
+        ),
         ("test_top5", same_opt(result.test_top5, last.test_top5)),
         ("val_loss", same_opt(result.val_loss, last.val_loss)),
-        ("val_accuracy", same_opt(result.val_accuracy, last.val_accuracy)),
+        (
+            "val_accuracy",
+            same_opt(result.val_accuracy, last.val_accuracy),
+        ),
     ];
     let custom = result.custom.iter().map(|(name, &v)| {
         let agrees = last
@@ -665,7 +674,12 @@ mod tests {
             basics: false,
             ..plain
         };
-        assert!(shape.check_epoch(1, bare).unwrap_err().contains("train_loss"));
+        assert!(
+            shape
+                .check_epoch(1, bare)
+                .unwrap_err()
+                .contains("train_loss")
+        );
         assert!(
             shape
                 .check_epoch(4, plain)

@@ -256,7 +256,10 @@ fn failures_are_retried_with_their_cause_and_unallowed_programs_handed_back() {
         let idle = worker(&coordinator.url, &data).output().unwrap();
         assert!(idle.status.success(), "{}", stderr(&idle));
         assert_eq!(
-            sql(&format!("SELECT count(*) FROM attempts WHERE sweep_id = '{id}'")).trim(),
+            sql(&format!(
+                "SELECT count(*) FROM attempts WHERE sweep_id = '{id}'"
+            ))
+            .trim(),
             "0"
         );
     }

@@ -589,8 +589,16 @@ fn a_program_that_reports_only_a_loss_is_scored_lower_is_better() {
         .unwrap();
     assert!(best_of_5["expected_min"].as_f64().unwrap() < mean);
     assert!(best_of_5["inflation"].as_f64().unwrap() > 0.0);
-    assert!(fleet.sweep_ok(&["stats", &id]).contains("test_loss (lower is better)"));
-    assert!(fleet.sweep_ok(&["status", &id]).contains("best 0.0500 (seed 7)"));
+    assert!(
+        fleet
+            .sweep_ok(&["stats", &id])
+            .contains("test_loss (lower is better)")
+    );
+    assert!(
+        fleet
+            .sweep_ok(&["status", &id])
+            .contains("best 0.0500 (seed 7)")
+    );
     let results = fleet.sweep_ok(&["results", &id]);
     assert!(!results.contains("0.0000"), "no stand-in zeros:\n{results}");
 
@@ -604,7 +612,10 @@ fn a_program_that_reports_only_a_loss_is_scored_lower_is_better() {
 
     let base = format!("http://127.0.0.1:{port}");
     let page = dashboard_page(&base, &format!("/sweeps/{id}"));
-    assert!(page.contains("(lower is better)") && page.contains("lucky"), "{page}");
+    assert!(
+        page.contains("(lower is better)") && page.contains("lucky"),
+        "{page}"
+    );
     let seed = dashboard_page(&base, &format!("/sweeps/{id}/seeds/7"));
     assert!(
         seed.contains("<th>test loss</th>") && !seed.contains("test accuracy"),
@@ -630,21 +641,32 @@ fn a_program_with_only_custom_metrics_is_scored_by_its_own() {
     let stats: serde_json::Value =
         serde_json::from_str(&fleet.sweep_ok(&["stats", &id, "--json"])).unwrap();
     assert_eq!(
-        (&stats["metric"], &stats["direction"], &stats["n"], &stats["best_seed"]),
+        (
+            &stats["metric"],
+            &stats["direction"],
+            &stats["n"],
+            &stats["best_seed"]
+        ),
         (&"reward".into(), &"max".into(), &6.into(), &5.into()),
         "{stats}"
     );
     // Reward per epoch: epoch 3's is seed + 3.5, its mean 6.
     let last = stats["epochs"].as_array().unwrap().last().unwrap().clone();
     assert_eq!((&last["epoch"], &last["mean"]), (&3.into(), &6.0.into()));
-    let other: serde_json::Value = serde_json::from_str(&fleet.sweep_ok(&[
-        "stats", &id, "--metric", "episode_len", "--json",
-    ]))
-    .unwrap();
-    assert_eq!((&other["min"], &other["max"]), (&95.0.into(), &100.0.into()));
+    let other: serde_json::Value =
+        serde_json::from_str(&fleet.sweep_ok(&["stats", &id, "--metric", "episode_len", "--json"]))
+            .unwrap();
+    assert_eq!(
+        (&other["min"], &other["max"]),
+        (&95.0.into(), &100.0.into())
+    );
     // A known metric that no seed reported has no statistics: nothing stands in for it.
     let none: serde_json::Value = serde_json::from_str(&fleet.sweep_ok(&[
-        "stats", &id, "--metric", "test_accuracy", "--json",
+        "stats",
+        &id,
+        "--metric",
+        "test_accuracy",
+        "--json",
     ]))
     .unwrap();
     assert_eq!(none["n"], 0, "{none}");
@@ -654,7 +676,12 @@ fn a_program_with_only_custom_metrics_is_scored_by_its_own() {
 
     let csv = fleet.dir.path().join("results.csv");
     fleet.sweep_ok(&[
-        "export", &id, "--format", "csv", "--out", csv.to_str().unwrap(),
+        "export",
+        &id,
+        "--format",
+        "csv",
+        "--out",
+        csv.to_str().unwrap(),
     ]);
     let text = std::fs::read_to_string(&csv).unwrap();
     let mut lines = text.lines();

@@ -55,12 +55,19 @@ fn a_program_only_worker_runs_programs_and_leaves_recipes_alone() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let count = |id: &str, q: &str| {
-        sqlite_query(&db, &format!("SELECT count(*) FROM {q} WHERE sweep_id = '{id}'"))
-            .trim()
-            .to_string()
+        sqlite_query(
+            &db,
+            &format!("SELECT count(*) FROM {q} WHERE sweep_id = '{id}'"),
+        )
+        .trim()
+        .to_string()
     };
     assert_eq!(count(&own, "results"), "3");
-    assert_eq!(count(&recipe, "attempts"), "0", "a recipe's seed was leased");
+    assert_eq!(
+        count(&recipe, "attempts"),
+        "0",
+        "a recipe's seed was leased"
+    );
 
     let help = Command::new(seedsweep_tests::bin("worker"))
         .arg("--help")

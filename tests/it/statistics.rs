@@ -129,7 +129,10 @@ async fn stats_compare_and_watch_from_the_command_line() {
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     assert!(watch.wait().unwrap().success());
     let text = rest.join("\n").trim_end().to_string();
-    assert!(text.contains("black swan: seed 7 low (unlucky) 0.8000"), "{text}");
+    assert!(
+        text.contains("black swan: seed 7 low (unlucky) 0.8000"),
+        "{text}"
+    );
     assert!(text.ends_with("has no seed left to run"), "{text}");
     assert!(text.contains("12/12 done"), "{text}");
 

@@ -7,10 +7,10 @@ use seedsweep_core::domain::SweepState;
 use seedsweep_core::domain::{
     ClaimOutcome, CompleteOutcome, EpochRecord, Lease, LeaseRef, Metric, SeedResult, SeedState,
 };
+use seedsweep_core::metric::Direction;
 use seedsweep_core::policy::Charge;
 use seedsweep_core::spec::SeedSet;
 use seedsweep_core::spec::SweepSpec;
-use seedsweep_core::metric::Direction;
 use seedsweep_core::stats;
 use seedsweep_core::stats::noise::TestSetTally;
 use std::sync::Arc;
@@ -398,7 +398,8 @@ async fn retries_and_control(s: Arc<dyn Store>, clock: Clock) {
         (5, 1, 4)
     );
     assert_eq!(
-        p.aggregate(Metric::TestAccuracy).map(|a| (a.moments.n, a.max)),
+        p.aggregate(Metric::TestAccuracy)
+            .map(|a| (a.moments.n, a.max)),
         Some((1, 0.5))
     );
 
@@ -619,8 +620,7 @@ async fn live_aggregates(s: Arc<dyn Store>, clock: Clock, url: &str) {
             assert!((a - b).abs() < 1e-9, "{g:?} vs {w:?}");
         }
     }
-    let want =
-        stats::summarize(
+    let want = stats::summarize(
         &scores.iter().map(|r| (r.seed, r.value)).collect::<Vec<_>>(),
         Direction::Max,
     )

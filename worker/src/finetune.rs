@@ -1099,8 +1099,9 @@ mod tests {
         let run = |seed| train_head(&feats, &cfg(), seed);
         let (a, b, c) = (run(1), run(1), run(2));
         assert_eq!(a.len(), 3, "an evaluation every 10 of 30 steps");
-        let bits =
-            |h: &[EpochMetrics]| -> Vec<u64> { h.iter().map(|m| m.train_loss.unwrap().to_bits()).collect() };
+        let bits = |h: &[EpochMetrics]| -> Vec<u64> {
+            h.iter().map(|m| m.train_loss.unwrap().to_bits()).collect()
+        };
         assert_eq!(bits(&a), bits(&b));
         assert_ne!(bits(&a), bits(&c));
         let last = a.last().unwrap();

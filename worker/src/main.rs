@@ -165,9 +165,10 @@ impl BuiltinArgs {
             feature_cache: self.feature_cache.unwrap_or_else(|| {
                 per_user("XDG_CACHE_HOME", ".cache", "features", "feature-cache")
             }),
-            decode_threads: self.decode_threads.map(|n| n as usize).unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            }),
+            decode_threads: self
+                .decode_threads
+                .map(|n| n as usize)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         }
     }
 }
@@ -319,7 +320,6 @@ fn main() {
         std::process::exit(1);
     }
 }
-
 
 /// The subcommands: datasets, backbones and a decoding benchmark for the built-in tasks.
 #[cfg(feature = "torch")]
@@ -571,14 +571,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(t) = args.builtin.threads {
         tch::set_num_threads(t);
     }
-    let worker_id = args.worker_id.unwrap_or_else(|| {
-        format!(
-            "{}:{}:{}",
-            hostname(),
-            std::process::id(),
-            device.label()
-        )
-    });
+    let worker_id = args
+        .worker_id
+        .unwrap_or_else(|| format!("{}:{}:{}", hostname(), std::process::id(), device.label()));
     let connection = Connection {
         token: read_token(args.token_file.as_deref(), "SEEDSWEEP_WORKER_TOKEN")?,
         url: args.coordinator,

@@ -67,7 +67,6 @@ impl Seeds {
     }
 }
 
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: u32,
@@ -127,7 +126,6 @@ pub struct Correct {
     pub examples: u32,
     pub bits: Vec<u8>,
 }
-
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

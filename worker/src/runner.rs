@@ -97,7 +97,6 @@ fn check_lease_names(lease: &pb::Lease) -> Result<(), String> {
 /// beside any lease TTL, so a result lands within the grace the coordinator gives once back.
 const DELIVERY_BACKOFF: Duration = Duration::from_secs(2);
 
-
 pub struct Worker {
     settings: WorkerSettings,
     client: Client,
@@ -210,7 +209,10 @@ pub(crate) enum Unprepared {
     /// or this host misses its data (the host's).
     Blamed(Blame, String),
     /// Shutdown was asked for while the data was loading or downloading: handed back uncounted.
-    #[cfg_attr(not(feature = "torch"), expect(dead_code, reason = "only the built-in tasks load data"))]
+    #[cfg_attr(
+        not(feature = "torch"),
+        expect(dead_code, reason = "only the built-in tasks load data")
+    )]
     Stopped,
 }
 

@@ -171,8 +171,7 @@ impl CommandSpec {
     /// and up for anything else.
     pub fn direction(&self) -> Direction {
         let natural = self.score.parse().map(Direction::natural);
-        self.score_direction
-            .unwrap_or(natural.unwrap_or_default())
+        self.score_direction.unwrap_or(natural.unwrap_or_default())
     }
 
     pub fn parse(table: Option<toml::Value>) -> Result<CommandSpec, SpecError> {
@@ -401,10 +400,18 @@ mod tests {
             "bleu"
         );
         let loss = parse("argv = [\"x\"]\nscore = \"test_loss\"").unwrap();
-        assert_eq!((loss.score.as_str(), loss.direction()), ("test_loss", Direction::Min));
+        assert_eq!(
+            (loss.score.as_str(), loss.direction()),
+            ("test_loss", Direction::Min)
+        );
         let perplexity = parse("argv = [\"x\"]\nscore = \"ppl\"\nscore_direction = \"min\"");
         assert_eq!(perplexity.unwrap().direction(), Direction::Min);
-        assert_eq!(parse("argv = [\"x\"]\nscore = \"bleu\"").unwrap().direction(), Direction::Max);
+        assert_eq!(
+            parse("argv = [\"x\"]\nscore = \"bleu\"")
+                .unwrap()
+                .direction(),
+            Direction::Max
+        );
         assert!(
             parse("argv = [\"x\"]\nscore_direction = \"lower\"")
                 .unwrap_err()
@@ -416,7 +423,10 @@ mod tests {
                 .contains("30 days")
         );
         let limited = parse("argv = [\"x\"]\nmemory_limit_mb = 2048\npids_limit = 512").unwrap();
-        assert_eq!((limited.memory_limit_mb, limited.pids_limit), (Some(2048), Some(512)));
+        assert_eq!(
+            (limited.memory_limit_mb, limited.pids_limit),
+            (Some(2048), Some(512))
+        );
         assert!(
             parse("argv = [\"x\"]\nmemory_limit_mb = 1")
                 .unwrap_err()

@@ -514,7 +514,11 @@ mod tests {
         // Seed 109 (0.871) is far below and 103 (0.961) far above; the farthest comes first.
         assert_eq!(swans[0].seed, 109);
         assert_eq!((swans[0].side, swans[0].lucky), (Side::Low, false));
-        assert!(swans.iter().any(|b| b.seed == 103 && b.side == Side::High && b.lucky));
+        assert!(
+            swans
+                .iter()
+                .any(|b| b.seed == 103 && b.side == Side::High && b.lucky)
+        );
         // When lower is better, the low seed is the lucky one.
         let swans = black_swans(&scores, &s, mad, Direction::Min);
         assert_eq!((swans[0].seed, swans[0].lucky), (109, true));
@@ -530,8 +534,16 @@ mod tests {
             close(b.expected_min, f(&r["expected_min"]), 1e-12, "E[min]");
             let mean = s.iter().sum::<f64>() / s.len() as f64;
             let down = best_of_k(&s, k, Direction::Min);
-            close(down.inflation, mean - b.expected_min, 1e-12, "mean - E[min]");
-            assert!(down.inflation >= -1e-12, "the best of k is never worse than the mean");
+            close(
+                down.inflation,
+                mean - b.expected_min,
+                1e-12,
+                "mean - E[min]",
+            );
+            assert!(
+                down.inflation >= -1e-12,
+                "the best of k is never worse than the mean"
+            );
         }
         let one = best_of_k(&s, 1, Direction::Max);
         assert!(one.inflation.abs() < 1e-12, "best of 1 is the mean");

@@ -120,7 +120,9 @@ mod tests {
         assert!(serde_json::from_str::<StatsDocument>(broken).is_err());
 
         // Single seeds: the Welch test is undefined (NaN), written as null and read back as NaN.
-        let c = super::super::compare::compare(&[0.9, 0.9], &[0.8, 0.8], crate::metric::Direction::Max).unwrap();
+        let c =
+            super::super::compare::compare(&[0.9, 0.9], &[0.8, 0.8], crate::metric::Direction::Max)
+                .unwrap();
         let doc = ComparisonDocument {
             metric: Metric::TestAccuracy,
             sweep_a: "a".into(),

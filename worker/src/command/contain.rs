@@ -13,7 +13,6 @@
 //! Either way the worker reaps what it inherits. A run's [`Limits`] (memory, processes) are its
 //! group's `memory.max` and `pids.max`: only under cgroup, with those controllers delegated.
 
-
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -249,8 +248,8 @@ fn set_limits(dir: &Path, limits: Limits) -> Result<(), String> {
             // Without the controller there is no file: fine while no limit is asked for.
             Err(_) if value.is_none() && !path.exists() => {}
             Err(e) => {
-                let controllers = std::fs::read_to_string(dir.join("../cgroup.controllers"))
-                    .unwrap_or_default();
+                let controllers =
+                    std::fs::read_to_string(dir.join("../cgroup.controllers")).unwrap_or_default();
                 return Err(format!(
                     "`command.{key}`: cannot write {}: {e} (this worker's cgroup v2 group delegates the controllers `{}`; the limit needs `{}`)",
                     path.display(),

@@ -442,7 +442,10 @@ mod tests {
             _ => panic!("an epoch: {line}"),
         };
         let first = epoch(r#"{"epoch": 1}"#, 0);
-        assert_eq!((first.train_loss, first.train_accuracy, first.lr), (None, None, None));
+        assert_eq!(
+            (first.train_loss, first.train_accuracy, first.lr),
+            (None, None, None)
+        );
         let last = epoch(r#"{"epoch": 2, "test_loss": 2.5}"#, 1);
         let t = finish(vec![first.clone(), last.clone()], None, "test_loss").unwrap();
         assert_eq!(t.history[1].test_loss, Some(2.5));
