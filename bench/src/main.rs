@@ -117,6 +117,8 @@ async fn simulate(url: String, n: usize, args: Pace, until: Instant) -> anyhow::
         let reply = c
             .lease_seed(pb::LeaseSeedRequest {
                 worker_id: worker_id.clone(),
+                // What a GPU worker built with libtorch and no program to run sends.
+                tasks: vec!["resnet9".into(), "finetune-head".into()],
                 ..Default::default()
             })
             .await?

@@ -754,10 +754,7 @@ fn counts_pb(c: &SeedCounts) -> pb::SeedCounts {
 
 /// A live aggregate of a metric that improves in `direction`, as the status messages carry it.
 fn aggregate_pb(a: &Aggregate, direction: Direction) -> pb::AccuracyStats {
-    let (worst_seed, best_seed) = match direction {
-        Direction::Max => (a.min_seed, a.max_seed),
-        Direction::Min => (a.max_seed, a.min_seed),
-    };
+    let (best_seed, worst_seed) = direction.best_worst(a.min_seed, a.max_seed);
     pb::AccuracyStats {
         n: a.moments.n,
         mean: a.moments.mean,

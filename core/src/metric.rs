@@ -184,6 +184,23 @@ impl Direction {
         }
     }
 
+    /// `(best, worst)` of a metric's `(min, max)`: the one rule that orders every pair of
+    /// extremes (values, seeds, expected best-of-k) by the direction.
+    pub fn best_worst<T>(self, min: T, max: T) -> (T, T) {
+        match self {
+            Direction::Max => (max, min),
+            Direction::Min => (min, max),
+        }
+    }
+
+    /// What a metric's name is followed by for people: " (lower is better)", or nothing.
+    pub fn note(self) -> &'static str {
+        match self {
+            Direction::Max => "",
+            Direction::Min => " (lower is better)",
+        }
+    }
+
     /// The side of the centre a lucky seed lies on.
     pub fn better_side(self) -> crate::stats::describe::Side {
         match self {

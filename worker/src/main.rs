@@ -543,6 +543,10 @@ fn hostname() -> String {
 
 /// Whether CUDA device `n` is there: libtorch counts them. A worker without libtorch cannot
 /// count them: it hands `--gpu` to its programs as CUDA_VISIBLE_DEVICES, as given.
+#[cfg_attr(
+    not(feature = "torch"),
+    expect(unused_variables, reason = "nothing counts devices")
+)]
 fn check_gpu(n: usize) -> anyhow::Result<()> {
     #[cfg(feature = "torch")]
     {
@@ -555,7 +559,6 @@ fn check_gpu(n: usize) -> anyhow::Result<()> {
             );
         }
     }
-    let _ = n;
     Ok(())
 }
 

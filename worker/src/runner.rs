@@ -236,12 +236,7 @@ struct RunInfo {
 /// The generator seeds of a lease's run, from its factor seeds (the seed itself for a lease from
 /// a coordinator that sends none).
 fn run_seeds(lease: &pb::Lease) -> Seeds {
-    let factors = lease.factors.unwrap_or(pb::FactorSeeds {
-        init: lease.seed,
-        order: lease.seed,
-        augment: lease.seed,
-        split: lease.seed,
-    });
+    let factors = lease_factors(lease);
     Seeds::derive(
         &lease.seed_namespace,
         factors.init,
@@ -249,6 +244,16 @@ fn run_seeds(lease: &pb::Lease) -> Seeds {
         factors.augment,
         factors.split,
     )
+}
+
+/// A lease's factor seeds: the seed itself for each, from a coordinator that sends none.
+fn lease_factors(lease: &pb::Lease) -> pb::FactorSeeds {
+    lease.factors.unwrap_or(pb::FactorSeeds {
+        init: lease.seed,
+        order: lease.seed,
+        augment: lease.seed,
+        split: lease.seed,
+    })
 }
 
 /// How one lease ended, from the worker's side.
@@ -551,12 +556,7 @@ impl Worker {
                 "the lease carried no command settings".into(),
             )
         })?;
-        let factors = lease.factors.unwrap_or(pb::FactorSeeds {
-            init: lease.seed,
-            order: lease.seed,
-            augment: lease.seed,
-            split: lease.seed,
-        });
+        let factors = lease_factors(lease);
         let value = seedsweep_core::spec::command::placeholder(
             lease.seed,
             [factors.init, factors.order, factors.augment, factors.split],

@@ -3,6 +3,7 @@
 use super::render;
 use anyhow::{Context, bail};
 use seedsweep_coordinator::export::{EPOCH_PAGES, PAGE, for_each_page};
+use seedsweep_core::metric::Direction;
 use seedsweep_core::spec::SweepSpec;
 use seedsweep_core::stats::document::{ComparisonDocument, StatsDocument};
 use seedsweep_proto::client::{Client, Connection};
@@ -77,23 +78,18 @@ pub async fn status(coordinator: &Connection, id: &str, json: bool) -> anyhow::R
         c.failed,
         c.cancelled
     );
-    let lower = if s.score_direction == "min" {
+    let direction = Direction::parse(&s.score_direction).unwrap_or_default();
+    let lower = if direction == Direction::Min {
         ", lower is better"
     } else {
         ""
     };
     match s.score_stats {
         Some(a) => {
+            let (best, worst) = direction.best_worst(a.min, a.max);
             out += &format!(
                 "score {} ({} seeds{lower}): mean {:.4}  std {:.4}  best {:.4} (seed {})  worst {:.4} (seed {})\n",
-                s.score,
-                a.n,
-                a.mean,
-                a.std,
-                if lower.is_empty() { a.max } else { a.min },
-                a.best_seed,
-                if lower.is_empty() { a.min } else { a.max },
-                a.worst_seed
+                s.score, a.n, a.mean, a.std, best, a.best_seed, worst, a.worst_seed
             )
         }
         None => out += &format!("score {}{lower}: no seed finished yet\n", s.score),
@@ -404,11 +400,8 @@ pub async fn watch(coordinator: &Connection, id: &str, metric: &str) -> anyhow::
             "-".into()
         };
         let summary = u.summary.as_ref().map_or("no result yet".to_string(), |a| {
-            let (best, worst) = if u.direction == "min" {
-                (a.min, a.max)
-            } else {
-                (a.max, a.min)
-            };
+            let direction = Direction::parse(&u.direction).unwrap_or_default();
+            let (best, worst) = direction.best_worst(a.min, a.max);
             format!(
                 "n {}  mean {:.4}  std {:.4}  median {:.4}  best {:.4} (seed {})  worst {:.4} (seed {})",
                 a.n, a.mean, a.std, u.median, best, a.best_seed, worst, a.worst_seed

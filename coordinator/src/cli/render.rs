@@ -1,7 +1,6 @@
 //! The text `sweep stats` and `sweep compare` print, from the same typed documents the server
 //! serialises (`seedsweep_core::stats::document`).
 
-use seedsweep_core::metric::Direction;
 use seedsweep_core::report::f;
 use seedsweep_core::stats::SweepStats;
 use seedsweep_core::stats::describe::{BlackSwan, Interval, flags};
@@ -32,11 +31,12 @@ pub fn stats_table(doc: &StatsDocument) -> String {
             );
         }
     };
-    let lower = match s.summary.direction {
-        Direction::Max => "",
-        Direction::Min => " (lower is better)",
-    };
-    let mut out = format!("sweep {}  metric {}{lower}\n", doc.sweep_id, s.metric);
+    let mut out = format!(
+        "sweep {}  metric {}{}\n",
+        doc.sweep_id,
+        s.metric,
+        s.summary.direction.note()
+    );
     summary(&mut out, s);
     intervals(&mut out, s);
     black_swans(&mut out, &s.black_swans);
@@ -218,10 +218,7 @@ pub fn comparison(doc: &ComparisonDocument) -> String {
         serde_json::json!(c.mann_whitney_u),
         num(c.mann_whitney_p),
         c.prob_a_beats_b,
-        match c.direction {
-            Direction::Max => "",
-            Direction::Min => " (lower is better)",
-        },
+        c.direction.note(),
     )
 }
 
@@ -229,6 +226,7 @@ pub fn comparison(doc: &ComparisonDocument) -> String {
 mod tests {
     use super::*;
     use seedsweep_core::domain::{Metric, Scored};
+    use seedsweep_core::metric::Direction;
     use seedsweep_core::stats::describe::EpochSpread;
     use seedsweep_core::stats::noise::TestSetTally;
 

@@ -368,7 +368,7 @@ fn markdown(input: &Input) -> String {
          | {} | {}{} | {} | {} ± {} | {} | {} ({}) | {} ({}) | {} | {} | {} |\n",
         input.sweep_name,
         st.metric,
-        lower_is_better(s.direction),
+        s.direction.note(),
         s.n,
         f(s.mean),
         f(s.std),
@@ -400,14 +400,6 @@ fn best_vs_mean(b: &stats::describe::BestOfK, direction: Direction) -> String {
     match direction {
         Direction::Max => format!("+{}", f(b.inflation)),
         Direction::Min => format!("-{}", f(b.inflation)),
-    }
-}
-
-/// What a metric's name is followed by when lower is better.
-fn lower_is_better(direction: Direction) -> &'static str {
-    match direction {
-        Direction::Max => "",
-        Direction::Min => " (lower is better)",
     }
 }
 
@@ -445,7 +437,7 @@ pub fn body(input: &Input, figures: &[Figure], seed: &dyn Fn(i64) -> String) -> 
 "#,
         id = escape(input.sweep_id),
         metric = st.metric,
-        lower = lower_is_better(s.direction),
+        lower = s.direction.note(),
         n = s.n,
         mean = f(s.mean),
         std = f(s.std),

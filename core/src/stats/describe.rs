@@ -206,10 +206,7 @@ pub struct BestOfK {
 impl BestOfK {
     /// The expected best and worst of k seeds, for a metric that improves in `direction`.
     pub fn best_worst(&self, direction: Direction) -> (f64, f64) {
-        match direction {
-            Direction::Max => (self.expected_max, self.expected_min),
-            Direction::Min => (self.expected_min, self.expected_max),
-        }
+        direction.best_worst(self.expected_min, self.expected_max)
     }
 }
 

@@ -163,10 +163,8 @@ pub struct Summary {
 impl Summary {
     /// The seeds of the min and the max.
     pub fn min_max_seeds(&self) -> (i64, i64) {
-        match self.direction {
-            Direction::Max => (self.worst_seed, self.best_seed),
-            Direction::Min => (self.best_seed, self.worst_seed),
-        }
+        // Ordering by the direction twice is no ordering: (best, worst) read as (min, max).
+        self.direction.best_worst(self.best_seed, self.worst_seed)
     }
 }
 
@@ -196,10 +194,7 @@ pub fn summarize_sorted(
             (max, max_seed) = (x, seed);
         }
     }
-    let (worst_seed, best_seed) = match direction {
-        Direction::Max => (min_seed, max_seed),
-        Direction::Min => (max_seed, min_seed),
-    };
+    let (best_seed, worst_seed) = direction.best_worst(min_seed, max_seed);
     Some(Summary {
         direction,
         n: moments.n,
