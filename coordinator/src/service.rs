@@ -27,6 +27,7 @@ pub(crate) struct ReportData {
     pub stats: stats::SweepStats,
     pub runs: Vec<seedsweep_core::domain::Scored>,
     pub curves: Vec<(i64, u32, f64)>,
+    pub outcomes: seedsweep_core::stats::outcomes::Outcomes,
 }
 
 impl ReportData {
@@ -37,6 +38,7 @@ impl ReportData {
             stats: &self.stats,
             runs: &self.runs,
             curves: &self.curves,
+            outcomes: &self.outcomes,
         }
     }
 }
@@ -353,11 +355,13 @@ impl CoordinatorService {
         } else {
             Vec::new()
         };
+        let outcomes = self.store.outcomes(id, metric).await.map_err(status)?;
         Ok(Some(ReportData {
             name,
             stats,
             runs,
             curves,
+            outcomes,
         }))
     }
 
@@ -844,7 +848,13 @@ impl Coordinator for CoordinatorService {
         let ci_width = (r.ci_width > 0.0).then_some(r.ci_width);
         let test_examples = (r.test_examples > 0).then_some(r.test_examples);
         let (analysed, _) = self.analyse(id, metric, ci_width, test_examples).await?;
-        json_document(&StatsDocument::new(id.to_string(), metric, analysed))
+        let outcomes = self.store.outcomes(id, metric).await.map_err(status)?;
+        json_document(&StatsDocument::new(
+            id.to_string(),
+            metric,
+            analysed,
+            outcomes,
+        ))
     }
 
     async fn get_sweep_report(
@@ -1199,7 +1209,14 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::CompleteSeedResponse>, Status> {
         let r = req.get_ref();
         let lease = self.held(r.lease.as_ref()).await?;
-        epoch_number("epochs", r.epochs)?;
+        match r.diverged_epoch {
+            // A run may diverge in its first epoch, with none finished.
+            Some(at) => {
+                epoch_number("diverged_epoch", at)?;
+                epoch_number("epochs", r.epochs.max(1))?;
+            }
+            None => epoch_number("epochs", r.epochs)?,
+        }
         let result = SeedResult {
             seed: lease.seed,
             test_accuracy: checked("test_accuracy", r.test_accuracy, fraction)?,
@@ -1207,6 +1224,7 @@ impl Coordinator for CoordinatorService {
             train_loss: checked("train_loss", r.train_loss, finite)?,
             train_accuracy: checked("train_accuracy", r.train_accuracy, fraction)?,
             epochs: r.epochs,
+            diverged_epoch: r.diverged_epoch,
             seconds: non_negative("seconds", r.seconds)?,
             worker_id: worker_id(&r.worker_id)?.to_string(),
             device: label("device", &r.device)?,
@@ -1241,8 +1259,7 @@ impl Coordinator for CoordinatorService {
         };
         let shape = self.shapes.of(lease.sweep_id).await?;
         shape
-            .check_result(result.epochs, Reported::of_result(&result))
-            .and_then(|()| shape.check_score(&result))
+            .check_finished(&result)
             .map_err(Status::invalid_argument)?;
         self.metrics.saw_worker(&result.worker_id);
         let log = log_path(&r.log)?;
@@ -1256,7 +1273,7 @@ impl Coordinator for CoordinatorService {
             // No watcher: nobody to wake.
             let _ = self.recorded.send(lease.sweep_id);
         }
-        tracing::info!(sweep = %lease.sweep_id, seed = lease.seed, fence = lease.fence, worker = %result.worker_id, token = caller_of(&req), test_accuracy = result.test_accuracy, recorded, "seed finished");
+        tracing::info!(sweep = %lease.sweep_id, seed = lease.seed, fence = lease.fence, worker = %result.worker_id, token = caller_of(&req), test_accuracy = result.test_accuracy, diverged_epoch = result.diverged_epoch, recorded, "seed finished");
         Ok(Response::new(pb::CompleteSeedResponse { recorded }))
     }
 
@@ -1272,7 +1289,7 @@ impl Coordinator for CoordinatorService {
         let log = log_path(&r.log)?;
         let state = self
             .store
-            .fail(lease, &cause, Charge::from_counted(r.counts_as_attempt))
+            .fail(lease, &cause, Charge::from_report(r.counts_as_attempt, r.deterministic))
             .await
             .map_err(status)?;
         if let Some(log) = log {

@@ -259,7 +259,12 @@ pub struct SeedResult {
     pub test_loss: Option<f64>,
     pub train_loss: Option<f64>,
     pub train_accuracy: Option<f64>,
+    /// The epochs finished (for a diverged run: with finite metrics, their rows recorded).
     pub epochs: u32,
+    /// Set when the run diverged: the epoch whose metrics were not finite. The seed is then
+    /// done, its metrics those of its last finite epoch, and it counts in no score statistic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diverged_epoch: Option<u32>,
     pub seconds: f64,
     pub worker_id: String,
     pub device: String,

@@ -33,28 +33,30 @@ impl RetrySettings {
 /// Whether a worker's failure report costs the seed an attempt (the wire's `counts_as_attempt`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Charge {
-    /// Training failed: the seed is charged an attempt.
-    Counted,
+    /// Training failed: the seed is charged an attempt. `deterministic`: the run repeats bit
+    /// for bit (the wire's `deterministic`), so the same cause on another worker would recur.
+    Counted { deterministic: bool },
     /// The worker hands the seed back through no fault of the seed (shutdown, host trouble).
     Uncounted,
 }
 
 impl Charge {
-    pub fn from_counted(counted: bool) -> Charge {
+    pub fn from_report(counted: bool, deterministic: bool) -> Charge {
         if counted {
-            Charge::Counted
+            Charge::Counted { deterministic }
         } else {
             Charge::Uncounted
         }
     }
 
     /// How the attempt ends, given whether an attempt on another worker already failed with the
-    /// same cause.
+    /// same cause. Only a deterministic run's repeated cause ends the seed at once: GPU training
+    /// (by default) and most programs do not repeat, and may fail otherwise next time.
     pub fn end(self, same_cause_elsewhere: bool) -> AttemptEnd {
         match (self, same_cause_elsewhere) {
             (Charge::Uncounted, _) => AttemptEnd::Released,
-            (Charge::Counted, false) => AttemptEnd::Failed,
-            (Charge::Counted, true) => AttemptEnd::FailedAsBefore,
+            (Charge::Counted { deterministic: true }, true) => AttemptEnd::FailedAsBefore,
+            (Charge::Counted { .. }, _) => AttemptEnd::Failed,
         }
     }
 }
@@ -323,6 +325,36 @@ impl RunShape {
         self.check_metrics(reported)
     }
 
+    /// Whether a finished run's result fits: a converged run's epochs, metrics and score
+    /// ([`RunShape::check_result`], [`RunShape::check_score`]), or a diverged run's.
+    pub fn check_finished(&self, r: &SeedResult) -> Result<(), String> {
+        let Some(at) = r.diverged_epoch else {
+            return self
+                .check_result(r.epochs, Reported::of_result(r))
+                .and_then(|()| self.check_score(r));
+        };
+        if at == 0 || at > self.epochs {
+            return Err(format!(
+                "diverged_epoch = {at}: this sweep's runs train epochs 1 to {}",
+                self.epochs
+            ));
+        }
+        if r.epochs > at {
+            return Err(format!(
+                "epochs = {}: a run that diverged in epoch {at} finished at most {at} epochs with finite metrics",
+                r.epochs
+            ));
+        }
+        if r.test_correct.is_some() {
+            return Err("test_correct was sent with diverged_epoch: a diverged run has no final evaluation to record".into());
+        }
+        // Whatever it measured before it diverged may be missing, but not of another task's shape.
+        self.check_metrics(Reported {
+            basics: true,
+            ..Reported::of_result(r)
+        })
+    }
+
     /// Whether a result carries the sweep's score (a custom score is the program's to report).
     pub fn check_score(&self, result: &SeedResult) -> Result<(), String> {
         if self.score.of(result).is_none() {
@@ -537,9 +569,16 @@ mod tests {
     }
 
     #[test]
-    fn a_cause_seen_on_another_worker_ends_the_seed_at_once() {
-        assert_eq!(Charge::Counted.end(true), AttemptEnd::FailedAsBefore);
-        assert_eq!(Charge::Counted.end(false), AttemptEnd::Failed);
+    fn a_cause_seen_on_another_worker_ends_a_deterministic_seed_at_once() {
+        let deterministic = Charge::Counted {
+            deterministic: true,
+        };
+        let unrepeatable = Charge::Counted {
+            deterministic: false,
+        };
+        assert_eq!(deterministic.end(true), AttemptEnd::FailedAsBefore);
+        assert_eq!(deterministic.end(false), AttemptEnd::Failed);
+        assert_eq!(unrepeatable.end(true), AttemptEnd::Failed);
         assert_eq!(Charge::Uncounted.end(true), AttemptEnd::Released);
         let next = after_attempt(AttemptEnd::FailedAsBefore, &attempts(1, 5), 0.5);
         assert_eq!(
@@ -731,6 +770,7 @@ mod tests {
             train_loss: Some(1.0),
             train_accuracy: Some(0.5),
             epochs: 1,
+            diverged_epoch: None,
             seconds: 1.0,
             worker_id: "w".into(),
             device: "cpu".into(),

@@ -191,3 +191,83 @@ async fn sweep_end_to_end_on_postgres() {
     );
     check_tables(&|q: &str| pg.psql(&url, q), &id, 6);
 }
+
+/// A recipe whose learning rate blows training up: every seed diverges, and every one is a
+/// finished seed recorded as diverged (the epoch it happened in, its finite epochs kept), not
+/// a failure, never retried, and counted by `sweep stats` though no statistic of the score
+/// exists. On PostgreSQL, the store whose completion path differs most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipe_that_blows_up_is_counted_diverged_not_retried() {
+    let _heavy = crate::heavy();
+    let pg = PgServer::start().unwrap();
+    let url = pg.fresh_database().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    make_synthetic(&data, 300, 100);
+    let coordinator = CoordinatorProcess::start(&url, &[]).unwrap();
+    let file = dir.path().join("blowup.toml");
+    std::fs::write(
+        &file,
+        "name = \"blowup\"\ntask = \"resnet9\"\ndataset = \"synthetic\"\nseeds = [0, 1, 2]\n\
+         max_attempts = 3\n[train]\nepochs = 3\nbatch_size = 50\nwidth = 0.125\nlr = 1e12\n\
+         lr_peak_epoch = 0.5\n",
+    )
+    .unwrap();
+    let submitted = coordinator.sweep(&["submit", file.to_str().unwrap()]);
+    assert!(submitted.status.success(), "{}", stderr(&submitted));
+    let id = stdout(&submitted).trim().to_string();
+    coordinator.run_to_end([worker(&coordinator.url, &data)]);
+
+    let sql = |q: &str| pg.psql(&url, q).trim().to_string();
+    assert_eq!(
+        sql(&format!(
+            "SELECT string_agg(state, ',' ORDER BY seed) FROM seeds WHERE sweep_id = '{id}'"
+        )),
+        "done,done,done"
+    );
+    // One attempt each, succeeded: a divergence is what the seed does, not a failure to retry.
+    assert_eq!(
+        sql(&format!(
+            "SELECT count(*), count(*) FILTER (WHERE outcome = 'succeeded') FROM attempts WHERE sweep_id = '{id}'"
+        )),
+        "3|3"
+    );
+    assert_eq!(
+        sql(&format!(
+            "SELECT count(*) FROM results WHERE sweep_id = '{id}'"
+        )),
+        "0"
+    );
+    // Each diverged in an epoch after the finite ones it kept, every one of those recorded.
+    let rows = sql(&format!(
+        "SELECT d.seed, d.epoch, d.epochs, (SELECT count(*) FROM epoch_metrics e
+           WHERE e.sweep_id = d.sweep_id AND e.seed = d.seed AND e.fence = d.fence)
+         FROM divergences d WHERE d.sweep_id = '{id}' ORDER BY d.seed"
+    ));
+    let rows: Vec<Vec<i64>> = rows
+        .lines()
+        .map(|l| l.split('|').map(|c| c.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for r in &rows {
+        assert!((1..=3).contains(&r[1]) && r[2] == r[1] - 1 && r[3] == r[2], "{rows:?}");
+    }
+
+    let stats = coordinator.sweep(&["stats", &id, "--json"]);
+    assert!(stats.status.success(), "{}", stderr(&stats));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&stats)).unwrap();
+    let o = &doc["outcomes"];
+    assert_eq!(
+        (&o["finished"], &o["converged"], &o["diverged"], &o["failed"]),
+        (&3.into(), &0.into(), &3.into(), &0.into()),
+        "{doc}"
+    );
+    assert_eq!(o["divergence_rate"]["estimate"], 1.0);
+    assert_eq!(o["divergence_rate"]["method"], "wilson");
+    assert_eq!(doc["n"], 0, "no statistic of the score: {doc}");
+    let text = stdout(&coordinator.sweep(&["stats", &id]));
+    assert!(
+        text.contains("3 finished: 0 converged, 3 diverged (100.0%"),
+        "{text}"
+    );
+}

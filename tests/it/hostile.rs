@@ -768,3 +768,85 @@ fn a_memory_limit_is_enforced_or_the_seed_handed_back() {
         assert_eq!(fleet.states(&id), "pending");
     }
 }
+
+/// A program whose score is not finite for some seeds (written as Python's json writes NaN),
+/// or that says it diverged, and one that fails: the diverged seeds are finished and counted,
+/// not retried; the failed one is counted with its cause; the score's statistics describe the
+/// converged seeds and say so, in `sweep stats`, its JSON, the report and the dashboard.
+#[test]
+fn diverged_seeds_are_counted_and_failed_ones_named() {
+    let port = seedsweep_tests::free_port();
+    let fleet = Fleet::start_with(&["--http-listen", &format!("127.0.0.1:{port}")]);
+    let program = fleet.program(
+        "nan.sh",
+        "#!/bin/bash\nout=\"$SEEDSWEEP_METRICS_FILE\"\ncase \"$SEEDSWEEP_SEED\" in\n\
+         2|5) printf '{\"epoch\": 1, \"bleu\": 0.3}\\n{\"epoch\": 2, \"bleu\": NaN}\\n' >> \"$out\"; sleep 30 ;;\n\
+         8) printf '{\"epoch\": 1, \"bleu\": 0.2}\\n{\"final\": true, \"diverged\": true}\\n' >> \"$out\" ;;\n\
+         9) echo 'out of luck' >&2; exit 3 ;;\n\
+         *) printf '{\"epoch\": 1, \"bleu\": 0.1}\\n{\"epoch\": 2, \"bleu\": 0.%d}\\n' \"$SEEDSWEEP_SEED\" >> \"$out\" ;;\n\
+         esac\n",
+    );
+    let (id, _) = fleet.submit(&program, "\"0..10\"", 2, "score = \"bleu\"\nepochs = 2");
+    let out = fleet.run_worker(fleet.worker(&program, &[]), Duration::from_secs(120));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        fleet.states(&id),
+        "done,done,done,done,done,done,done,done,done,failed"
+    );
+    // Diverged: recorded once, one attempt each (seed 9 failed twice: it was retried).
+    assert_eq!(
+        fleet.sql(&format!(
+            "SELECT group_concat(seed || ':' || epoch || ':' || epochs) FROM (SELECT * FROM divergences WHERE sweep_id = '{id}' ORDER BY seed)"
+        )),
+        "2:2:1,5:2:1,8:1:1"
+    );
+    assert_eq!(
+        fleet.sql(&format!(
+            "SELECT seed, count(*) FROM attempts WHERE sweep_id = '{id}' AND seed IN (2, 5, 8, 9) GROUP BY seed ORDER BY seed"
+        )),
+        "2|1\n5|1\n8|1\n9|2"
+    );
+
+    let stats: serde_json::Value =
+        serde_json::from_str(&fleet.sweep_ok(&["stats", &id, "--json"])).unwrap();
+    let o = &stats["outcomes"];
+    assert_eq!(
+        (&o["finished"], &o["converged"], &o["diverged"], &o["failed"]),
+        (&9.into(), &6.into(), &3.into(), &1.into()),
+        "{stats}"
+    );
+    assert_eq!(stats["n"], 6, "the score's statistics are the converged seeds'");
+    let rate = &o["divergence_rate"];
+    assert!(
+        rate["low"].as_f64().unwrap() < 1.0 / 3.0 && 1.0 / 3.0 < rate["high"].as_f64().unwrap(),
+        "{rate}"
+    );
+    assert_eq!(o["diverged_seeds"][2]["seed"], 8);
+    assert_eq!(o["diverged_seeds"][0]["last_value"], 0.3);
+    let cause = o["failure_causes"][0]["cause"].as_str().unwrap();
+    assert!(cause.contains("exited with status 3"), "{cause}");
+
+    let text = fleet.sweep_ok(&["stats", &id]);
+    assert!(
+        text.contains("9 finished: 6 converged, 3 diverged (33.3%")
+            && text.contains("1 failed")
+            && text.contains("over the converged seeds")
+            && text.contains("diverged seeds"),
+        "{text}"
+    );
+    let report = fleet.dir.path().join("report");
+    fleet.sweep_ok(&["report", &id, "--out", report.to_str().unwrap()]);
+    let md = std::fs::read_to_string(report.join("summary.md")).unwrap();
+    assert!(
+        md.contains("9 finished: 6 converged, 3 diverged") && md.contains("| 2 | 2 |"),
+        "{md}"
+    );
+    let page = dashboard_page(
+        &format!("http://127.0.0.1:{port}"),
+        &format!("/sweeps/{id}"),
+    );
+    assert!(
+        page.contains("9 finished: 6 converged, 3 diverged"),
+        "{page}"
+    );
+}

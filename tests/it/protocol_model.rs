@@ -79,6 +79,7 @@ fn result(seed: i64) -> SeedResult {
         train_loss: Some(1.0),
         train_accuracy: Some(0.5),
         epochs: 2,
+        diverged_epoch: None,
         seconds: 1.0,
         worker_id: "w".into(),
         device: "cpu".into(),
@@ -199,7 +200,7 @@ async fn run_one(s: &dyn Store, clock: &Clock, rng_seed: u64, steps: usize) {
                 let l = pick(&mut rng, &leases);
                 let counts = rng.random_bool(0.5);
                 let r = s
-                    .fail(l, &format!("cause {step}"), Charge::from_counted(counts))
+                    .fail(l, &format!("cause {step}"), Charge::from_report(counts, true))
                     .await;
                 if m.live(l) {
                     let state = r.unwrap_or_else(|e| panic!("{ctx}: fail of live {l}: {e}"));

@@ -136,6 +136,7 @@ pub fn train(
         resumed_from: 0,
         timing,
         custom: Default::default(),
+        diverged: None,
     })
 }
 

@@ -65,15 +65,56 @@ impl Job {
         }
     }
 
+    /// Trains the job; a run whose training loss stops being finite is a result, diverged in
+    /// that epoch after the epochs it finished ([`Trained::diverged`]).
     pub(crate) fn run(
         self,
         seeds: Seeds,
         device: Device,
         stop: &AtomicBool,
         features: &FeatureSettings,
-        on_epoch: impl FnMut(&EpochMetrics),
+        mut on_epoch: impl FnMut(&EpochMetrics),
     ) -> Result<Trained, TrainError> {
         let device = tch::Device::from(device);
+        let (precision, deterministic) = self.arithmetic(device);
+        let mut finite = Vec::new();
+        let sent = |m: &EpochMetrics| {
+            finite.push(m.clone());
+            on_epoch(m);
+        };
+        match self.train(seeds, device, stop, features, sent) {
+            Err(TrainError::NonFinite { epoch, .. }) => Ok(Trained::diverged(
+                epoch,
+                finite,
+                precision,
+                deterministic,
+            )),
+            other => other,
+        }
+    }
+
+    /// Whether the job's run repeats bit for bit on `device`.
+    pub(crate) fn deterministic(&self, device: Device) -> bool {
+        self.arithmetic(tch::Device::from(device)).1
+    }
+
+    /// The precision the job trains in and whether it repeats bit for bit, as its trainer
+    /// reports them with a result.
+    fn arithmetic(&self, device: tch::Device) -> (Precision, bool) {
+        match self {
+            Job::Resnet9 { cfg, .. } if device.is_cuda() => (cfg.precision, cfg.deterministic),
+            Job::Resnet9 { .. } | Job::Finetune { .. } => (Precision::Fp32, !device.is_cuda()),
+        }
+    }
+
+    fn train(
+        self,
+        seeds: Seeds,
+        device: tch::Device,
+        stop: &AtomicBool,
+        features: &FeatureSettings,
+        on_epoch: impl FnMut(&EpochMetrics),
+    ) -> Result<Trained, TrainError> {
         match self {
             Job::Resnet9 {
                 cfg,
@@ -111,6 +152,7 @@ impl Job {
                     resumed_from: 0,
                     timing: Default::default(),
                     custom: Default::default(),
+                    diverged: None,
                 })
             }
         }

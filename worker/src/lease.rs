@@ -2,6 +2,7 @@
 //! coordinator is away, and the guard that hands a seed back when the worker lets go of it
 //! without saying what became of it (an error path, a prefetched lease never trained).
 
+use seedsweep_core::policy::Charge;
 use seedsweep_proto::client::Client;
 use seedsweep_proto::v1 as pb;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,8 +100,9 @@ impl HandBacks {
         }
     }
 
-    /// Ends the lease without a result: `counts_as_attempt` charges the seed an attempt (its
-    /// training failed), else it is handed back as if never leased. Retried while the coordinator
+    /// Ends the lease without a result: [`Charge::Counted`] charges the seed an attempt (its
+    /// training failed; `deterministic` when the run repeats bit for bit), else it is handed
+    /// back as if never leased. Retried while the coordinator
     /// is unreachable, for up to the patience ([`STOPPING_PATIENCE`] once the worker is
     /// stopping); returns the seed's new state, or "lost" when the coordinator no longer counts
     /// this worker as its holder.
@@ -108,15 +110,19 @@ impl HandBacks {
         &self,
         lease: &pb::LeaseRef,
         cause: &str,
-        counts_as_attempt: bool,
+        charge: Charge,
         log: &str,
     ) -> Result<String, Status> {
         let req = pb::FailSeedRequest {
             lease: Some(lease.clone()),
             worker_id: self.worker_id.clone(),
             cause: cause.to_string(),
-            counts_as_attempt,
+            counts_as_attempt: charge != Charge::Uncounted,
             log: log.to_string(),
+            deterministic: charge
+                == Charge::Counted {
+                    deterministic: true,
+                },
         };
         let patience = if self.shutdown.load(Ordering::Relaxed) {
             self.patience.min(STOPPING_PATIENCE)
@@ -164,7 +170,7 @@ impl Drop for Held {
         let (handbacks, lref) = (self.handbacks.clone(), self.lref.clone());
         let log = self.log.get().cloned().unwrap_or_default();
         let task = async move {
-            match handbacks.end(&lref, STOPPED, false, &log).await {
+            match handbacks.end(&lref, STOPPED, Charge::Uncounted, &log).await {
                 Ok(state) => tracing::info!(seed = lref.seed, state, "handed the seed back"),
                 Err(s) => tracing::warn!(
                     seed = lref.seed,

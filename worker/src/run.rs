@@ -108,6 +108,31 @@ pub struct Trained {
     pub timing: Timing,
     /// Task command: custom metrics of the final result that the last epoch did not report.
     pub custom: CustomMetrics,
+    /// Set when the run diverged: the epoch whose metrics were not finite. `history` then holds
+    /// the finite epochs before it, and there is no final evaluation.
+    pub diverged: Option<u32>,
+}
+
+impl Trained {
+    /// A run that diverged in `epoch`, after the finite epochs of `history`: a result, not a
+    /// failure (diverging is what this seed does, and a retry would hide it).
+    pub fn diverged(
+        epoch: u32,
+        history: Vec<EpochMetrics>,
+        precision: Precision,
+        deterministic: bool,
+    ) -> Trained {
+        Trained {
+            history,
+            test_correct: None,
+            precision,
+            deterministic,
+            resumed_from: 0,
+            timing: Timing::default(),
+            custom: CustomMetrics::new(),
+            diverged: Some(epoch),
+        }
+    }
 }
 
 /// When a run's steps began and ended, for the worker's per-seed overhead.
@@ -129,6 +154,8 @@ pub struct Correct {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    /// The mean training loss of an epoch was not finite: the run diverged (the runner records
+    /// it as the seed's result through [`Trained::diverged`], not as a failure).
     #[error("training diverged: the mean training loss of epoch {epoch} is {loss}")]
     NonFinite { epoch: u32, loss: f64 },
     #[error("training was stopped")]

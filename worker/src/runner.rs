@@ -9,6 +9,7 @@ use crate::run::{Blame, EpochMetrics, Seeds, TrainError, Trained};
 use crate::spool::Spool;
 use crate::stream::{epoch_pb, ship_metrics};
 use anyhow::{Context, bail};
+use seedsweep_core::policy::Charge;
 use seedsweep_core::spec::Task;
 use seedsweep_proto::client::{Client, Connection};
 use seedsweep_proto::v1 as pb;
@@ -166,6 +167,18 @@ impl Job {
         }
     }
 
+    /// Whether the run repeats bit for bit on `device` (a program's is not known: not).
+    fn deterministic(&self, device: crate::run::Device) -> bool {
+        match self {
+            #[cfg(feature = "torch")]
+            Job::Builtin(job) => job.deterministic(device),
+            Job::Command { .. } => {
+                let _ = device;
+                false
+            }
+        }
+    }
+
     /// The training images an epoch goes through, for the throughput metric.
     fn images_per_epoch(&self) -> Option<u64> {
         match self {
@@ -229,6 +242,8 @@ struct Ran {
 struct RunInfo {
     fingerprint: String,
     checkpoint_dir: Option<PathBuf>,
+    /// Whether the run repeats bit for bit (a failure's cause would then recur anywhere).
+    deterministic: bool,
     /// When the slot was free to train this seed.
     slot_free: Instant,
 }
@@ -475,7 +490,7 @@ impl Worker {
     /// the seed's lease expires.
     async fn hand_back(&self, held: &Held, which: &str) {
         let seed = held.lref.seed;
-        match self.fail(held, "worker shut down", false).await {
+        match self.fail(held, "worker shut down", Charge::Uncounted).await {
             Ok(state) => tracing::info!(seed, which, state, "handed the seed back; shutting down"),
             Err(e) => {
                 // Not again from the guard: the hand-back had its time.
@@ -494,11 +509,11 @@ impl Worker {
         let job = match self.prepare(&held.lease, &seeds).await {
             Ok(job) => job,
             Err(Unprepared::Upgrade(cause)) => {
-                self.fail(&held, &cause, false).await?;
+                self.fail(&held, &cause, Charge::Uncounted).await?;
                 bail!("{cause}; upgrade the worker");
             }
             Err(Unprepared::Blamed(blame, problem)) => {
-                return Ok((self.charge(&held, blame, &problem).await?, None));
+                return Ok((self.charge(&held, blame, &problem, false).await?, None));
             }
             Err(Unprepared::Stopped) => {
                 self.hand_back(&held, "current").await;
@@ -511,6 +526,7 @@ impl Worker {
         let run = RunInfo {
             fingerprint: job.fingerprint(),
             checkpoint_dir: job.checkpoint_dir(),
+            deterministic: job.deterministic(self.settings.device),
             slot_free,
         };
         let mut shown = Shown::new(&self.metrics, &held.lref);
@@ -729,20 +745,33 @@ impl Worker {
                 self.hand_back(held, "current").await;
                 Ok(LeaseEnd::ShutDown)
             }
-            Some(blame) => self.charge(held, blame, &e.to_string()).await,
+            Some(blame) => {
+                self.charge(held, blame, &e.to_string(), run.deterministic)
+                    .await
+            }
         }
     }
 
     /// Ends a failed attempt as its blame says: the host's problem hands the seed back uncounted
     /// and stops the worker (a broken host must not burn through a sweep's retries); the seed's
-    /// or the configuration's counts, and the worker goes on.
-    async fn charge(&self, held: &Held, blame: Blame, problem: &str) -> anyhow::Result<LeaseEnd> {
+    /// or the configuration's counts, and the worker goes on. `deterministic`: the run repeats
+    /// bit for bit; a problem of the configuration repeats anywhere, so counts as such.
+    async fn charge(
+        &self,
+        held: &Held,
+        blame: Blame,
+        problem: &str,
+        deterministic: bool,
+    ) -> anyhow::Result<LeaseEnd> {
         if blame == Blame::Host {
             let cause = format!("worker {}: {problem}", self.settings.worker_id);
-            self.fail(held, &cause, false).await?;
+            self.fail(held, &cause, Charge::Uncounted).await?;
             bail!("{problem}");
         }
-        let state = self.fail(held, problem, true).await?;
+        let charge = Charge::Counted {
+            deterministic: deterministic || blame == Blame::Configuration,
+        };
+        let state = self.fail(held, problem, charge).await?;
         tracing::warn!(seed = held.lref.seed, error = problem, state, "seed failed");
         Ok(LeaseEnd::Finished)
     }
@@ -818,6 +847,7 @@ impl Worker {
         tracing::info!(
             seed,
             test_accuracy = spooled.result.as_ref().map(|r| r.test_accuracy),
+            diverged_epoch = t.diverged,
             seconds = ran.seconds,
             resumed_from = t.resumed_from,
             lease_to_first_step_s = to_first_step,
@@ -917,32 +947,35 @@ impl Worker {
         seconds: f64,
         fingerprint: String,
     ) -> anyhow::Result<pb::CompleteSeedRequest> {
-        let last = t.history.last().context("training ran no epoch")?;
+        let last = t.history.last();
+        if last.is_none() && t.diverged.is_none() {
+            bail!("training ran no epoch");
+        }
+        let metric = |of: fn(&EpochMetrics) -> Option<f64>| last.and_then(of);
         let correct = (t.test_correct.as_ref())
             .filter(|c| c.examples <= seedsweep_core::domain::MAX_TEST_EXAMPLES);
         Ok(pb::CompleteSeedRequest {
             lease: Some(held.lref.clone()),
             worker_id: self.settings.worker_id.clone(),
-            test_accuracy: last.test_accuracy,
-            test_loss: last.test_loss,
-            train_loss: last.train_loss,
-            train_accuracy: last.train_accuracy,
+            test_accuracy: metric(|m| m.test_accuracy),
+            test_loss: metric(|m| m.test_loss),
+            train_loss: metric(|m| m.train_loss),
+            train_accuracy: metric(|m| m.train_accuracy),
             epochs: t.history.len() as u32,
+            diverged_epoch: t.diverged,
             seconds,
             device: self.settings.device.label(),
             data_fingerprint: fingerprint,
-            test_top5: last.test_top5,
-            val_loss: last.val_loss,
-            val_accuracy: last.val_accuracy,
+            test_top5: metric(|m| m.test_top5),
+            val_loss: metric(|m| m.val_loss),
+            val_accuracy: metric(|m| m.val_accuracy),
             precision: t.precision.as_str().to_string(),
             deterministic: t.deterministic,
             // A test set past the coordinator's bound goes without per-example correctness.
             test_examples: correct.map_or(0, |c| c.examples),
             test_correct: correct.map(|c| c.bits.clone()).unwrap_or_default(),
             log: held.log.get().cloned().unwrap_or_default(),
-            custom: last
-                .custom
-                .iter()
+            custom: (last.iter().flat_map(|m| &m.custom))
                 .chain(&t.custom)
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
@@ -950,18 +983,13 @@ impl Worker {
     }
 
     /// Reports a failed or abandoned attempt (settling the lease); returns the seed's new state.
-    async fn fail(
-        &self,
-        held: &Held,
-        cause: &str,
-        counts_as_attempt: bool,
-    ) -> anyhow::Result<String> {
+    async fn fail(&self, held: &Held, cause: &str, charge: Charge) -> anyhow::Result<String> {
         match self
             .handbacks
             .end(
                 &held.lref,
                 cause,
-                counts_as_attempt,
+                charge,
                 held.log.get().map_or("", String::as_str),
             )
             .await

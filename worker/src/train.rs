@@ -649,6 +649,7 @@ pub fn train(
         resumed_from,
         timing,
         custom: Default::default(),
+        diverged: None,
     })
 }
 

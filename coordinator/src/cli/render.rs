@@ -5,6 +5,7 @@ use seedsweep_core::report::f;
 use seedsweep_core::stats::SweepStats;
 use seedsweep_core::stats::describe::{BlackSwan, Interval, flags};
 use seedsweep_core::stats::document::{ComparisonDocument, StatsBody, StatsDocument};
+use seedsweep_core::stats::outcomes::Outcomes;
 use std::fmt::Write;
 
 /// A statistic as printed: `-` where it is undefined.
@@ -25,10 +26,11 @@ pub fn stats_table(doc: &StatsDocument) -> String {
     let s = match &doc.body {
         StatsBody::Stats(s) => s,
         StatsBody::NoResultYet { metric, .. } => {
-            return format!(
-                "sweep {}  metric {metric}\nno seed has finished yet\n",
-                doc.sweep_id
-            );
+            let mut out = format!("sweep {}  metric {metric}\n", doc.sweep_id);
+            outcomes(&mut out, &doc.outcomes);
+            out.push_str("no seed has converged with this metric yet\n");
+            diverged(&mut out, &doc.outcomes);
+            return out;
         }
     };
     let mut out = format!(
@@ -37,8 +39,11 @@ pub fn stats_table(doc: &StatsDocument) -> String {
         s.metric,
         s.summary.direction.note()
     );
+    outcomes(&mut out, &doc.outcomes);
+    out.push_str("over the converged seeds:\n");
     summary(&mut out, s);
     intervals(&mut out, s);
+    diverged(&mut out, &doc.outcomes);
     black_swans(&mut out, &s.black_swans);
     best_of_k(&mut out, s);
     epochs(&mut out, s);
@@ -111,6 +116,32 @@ fn intervals(out: &mut String, s: &SweepStats) {
             num(p.ci_width),
             p.seeds
         );
+    }
+}
+
+/// The counts of every outcome, and the causes of the failures.
+fn outcomes(out: &mut String, o: &Outcomes) {
+    let _ = writeln!(out, "{}", o.line());
+    for c in &o.failure_causes {
+        let _ = writeln!(out, "  failed ({} seeds): {}", c.seeds, c.cause);
+    }
+}
+
+/// The diverged seeds: the blackest swans, ahead of the converged ones.
+fn diverged(out: &mut String, o: &Outcomes) {
+    if o.diverged_seeds.is_empty() {
+        return;
+    }
+    out.push_str("diverged seeds (counted in no statistic above):\n  seed         in epoch  last finite value\n");
+    for d in &o.diverged_seeds {
+        let last = match d.last_value {
+            Some(v) => format!("{} (epoch {})", num(v), d.epochs),
+            None => "-".into(),
+        };
+        let _ = writeln!(out, "  {:<12} {:>8}  {last}", d.seed.to_string(), d.epoch);
+    }
+    if o.diverged > o.diverged_seeds.len() as u64 {
+        let _ = writeln!(out, "  ... and {} more", o.diverged - o.diverged_seeds.len() as u64);
     }
 }
 
@@ -229,6 +260,7 @@ mod tests {
     use seedsweep_core::metric::Direction;
     use seedsweep_core::stats::describe::EpochSpread;
     use seedsweep_core::stats::noise::TestSetTally;
+    use seedsweep_core::stats::outcomes::{DivergedSeed, FailureCause};
 
     fn runs(values: &[f64], factors: impl Fn(i64) -> [i64; 4]) -> Vec<Scored> {
         let seeds = 0..values.len() as i64;
@@ -305,9 +337,23 @@ mod tests {
             let s = seedsweep_core::stats::analyse(
                 metric, direction, &runs, epochs, ci, examples, &maps,
             );
-            docs.push(StatsDocument::new("sweep-1".into(), metric, s));
+            let converged = s.as_ref().map_or(0, |s| s.summary.n as u64);
+            let outcomes = Outcomes::new(converged, vec![], vec![]);
+            docs.push(StatsDocument::new("sweep-1".into(), metric, s, outcomes));
         }
-        docs.push(StatsDocument::new("sweep-2".into(), Metric::ValLoss, None));
+        // A sweep whose seeds all diverged or failed: no statistic, every count.
+        let diverged = |seed, epoch, last_value| DivergedSeed {
+            seed,
+            epoch,
+            epochs: epoch - 1,
+            last_value,
+        };
+        let causes = vec![FailureCause {
+            cause: "the program exited with status 1".into(),
+            seeds: 2,
+        }];
+        let outcomes = Outcomes::new(0, vec![diverged(4, 3, Some(0.31)), diverged(1, 1, None)], causes);
+        docs.push(StatsDocument::new("sweep-2".into(), Metric::ValLoss, None, outcomes));
         docs
     }
 

@@ -18,8 +18,8 @@ macro_rules! files {
     };
 }
 
-pub const SQLITE: &[File] = files!("sqlite": "0001_init.sql", "0002_statistics.sql", "0003_epoch_values.sql", "0004_test_sets.sql", "0005_loading.sql", "0006_unfolded_bitmaps.sql", "0007_attempt_logs.sql", "0008_custom_metrics.sql", "0009_lease_keys.sql", "0010_score_only.sql");
-pub const POSTGRES: &[File] = files!("postgres": "0001_init.sql", "0002_statistics.sql", "0003_epoch_values.sql", "0004_test_sets.sql", "0005_loading.sql", "0006_unfolded_bitmaps.sql", "0007_attempt_logs.sql", "0008_custom_metrics.sql", "0009_unfolded_results.sql", "0010_result_references.sql", "0011_epoch_rows_unchecked.sql", "0012_completion_unchecked.sql", "0013_lease_keys.sql", "0014_score_only.sql");
+pub const SQLITE: &[File] = files!("sqlite": "0001_init.sql", "0002_statistics.sql", "0003_epoch_values.sql", "0004_test_sets.sql", "0005_loading.sql", "0006_unfolded_bitmaps.sql", "0007_attempt_logs.sql", "0008_custom_metrics.sql", "0009_lease_keys.sql", "0010_score_only.sql", "0011_divergences.sql");
+pub const POSTGRES: &[File] = files!("postgres": "0001_init.sql", "0002_statistics.sql", "0003_epoch_values.sql", "0004_test_sets.sql", "0005_loading.sql", "0006_unfolded_bitmaps.sql", "0007_attempt_logs.sql", "0008_custom_metrics.sql", "0009_unfolded_results.sql", "0010_result_references.sql", "0011_epoch_rows_unchecked.sql", "0012_completion_unchecked.sql", "0013_lease_keys.sql", "0014_score_only.sql", "0015_divergences.sql");
 
 /// The migrator for one dialect's files.
 pub fn migrator(files: &[File]) -> Migrator {

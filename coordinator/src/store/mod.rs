@@ -29,6 +29,7 @@ use seedsweep_core::policy::{self, AttemptOutcome, Charge, Refusal};
 use seedsweep_core::spec::{Precision, SeedSet, SweepSpec, Task};
 use seedsweep_core::stats::describe::EpochSpread;
 use seedsweep_core::stats::noise::{HitSums, TestSetTally};
+use seedsweep_core::stats::outcomes::{DivergedSeed, FailureCause, Outcomes};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -290,6 +291,9 @@ pub trait Store: Send + Sync + 'static {
     async fn all_scores(&self, id: SweepId, metric: Metric) -> Result<Vec<Scored>> {
         Ok(self.scores(id, metric, 0).await?.0)
     }
+    /// What became of the sweep's seeds: converged, diverged (each with `metric` at its last
+    /// finite epoch), failed (by cause).
+    async fn outcomes(&self, id: SweepId, metric: Metric) -> Result<Outcomes>;
     /// Every epoch row of the sweep, by seed and epoch.
     /// Up to `limit` epoch rows after `(seed, epoch)` `after` (from the first when None), in
     /// (seed, epoch) order.
@@ -955,6 +959,61 @@ pub(crate) fn scores_sql(d: Dialect, metric: Metric, seq: &str) -> String {
     )
 }
 
+/// The sweep's diverged seeds, each with `metric` at its last finite epoch. Parameter: sweep.
+pub(crate) fn diverged_sql(d: Dialect, metric: Metric) -> String {
+    let col = d.value(metric, "e");
+    let [sweep] = d.params();
+    format!(
+        "SELECT d.seed, d.epoch, d.epochs, {col} AS last_value FROM divergences d
+         LEFT JOIN epoch_metrics e ON e.sweep_id = d.sweep_id AND e.seed = d.seed
+                                  AND e.fence = d.fence AND e.epoch = d.epochs
+         WHERE d.sweep_id = {sweep}"
+    )
+}
+
+/// The sweep's failed seeds counted by their last attempt's cause, and its converged seeds
+/// (the cause NULL). Parameter: sweep.
+pub(crate) fn outcome_counts_sql(d: Dialect) -> String {
+    let [sweep] = d.params();
+    format!(
+        "SELECT coalesce(a.cause, 'no cause recorded') AS cause, count(*) AS seeds FROM seeds s
+         LEFT JOIN attempts a ON a.sweep_id = s.sweep_id AND a.seed = s.seed AND a.fence = s.fence
+         WHERE s.sweep_id = {sweep} AND s.state = 'failed' GROUP BY 1
+         UNION ALL
+         SELECT NULL, count(*) FROM results WHERE sweep_id = {sweep}"
+    )
+}
+
+/// The outcomes from the rows of [`diverged_sql`] and [`outcome_counts_sql`].
+pub(crate) fn outcomes_from_rows<'r, R>(diverged: &'r [R], counts: &'r [R]) -> Result<Outcomes>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut seeds = Vec::with_capacity(diverged.len());
+    for row in diverged {
+        seeds.push(DivergedSeed {
+            seed: row.try_get("seed")?,
+            epoch: row.try_get::<i32, _>("epoch")?.max(0) as u32,
+            epochs: row.try_get::<i32, _>("epochs")?.max(0) as u32,
+            last_value: row.try_get("last_value")?,
+        });
+    }
+    let (mut converged, mut causes) = (0, Vec::new());
+    for row in counts {
+        let n = u64_from_db(row.try_get("seeds")?);
+        match row.try_get::<Option<String>, _>("cause")? {
+            None => converged = n,
+            Some(cause) => causes.push(FailureCause { cause, seeds: n }),
+        }
+    }
+    Ok(Outcomes::new(converged, seeds, causes))
+}
+
 /// The join that keeps the epoch rows of finished seeds (`e`: epoch_metrics, `r`: results).
 pub(crate) const FINISHED_EPOCHS: &str =
     "JOIN results r ON r.sweep_id = e.sweep_id AND r.seed = e.seed AND e.epoch <= r.epochs";
@@ -1123,6 +1182,7 @@ where
         train_loss: r.try_get("train_loss")?,
         train_accuracy: r.try_get("train_accuracy")?,
         epochs: r.try_get::<i32, _>("epochs")?.max(0) as u32,
+        diverged_epoch: None,
         seconds: r.try_get("seconds")?,
         worker_id: r.try_get("worker_id")?,
         device: r.try_get("device")?,

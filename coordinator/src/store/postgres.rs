@@ -6,6 +6,7 @@
 mod connections;
 
 use super::{
+    diverged_sql, outcome_counts_sql, outcomes_from_rows,
     ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
     FINISHED_EPOCHS, FLEET_SEEDS, KeyHash, NextDeadline, Result, Store, StoreError,
     TEST_SET_COLUMNS, Tallies, aggregate_fold, aggregate_from_row, bind_test_set, bitmap_from_row,
@@ -22,6 +23,7 @@ use seedsweep_core::domain::{
     LeaseKey, LeaseRef, Metric, Scored, SeedCounts, SeedHistory, SeedResult, SeedState, SweepId,
     SweepProgress, SweepState, SweepSummary,
 };
+use seedsweep_core::stats::outcomes::Outcomes;
 use seedsweep_core::policy::{
     self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
 };
@@ -527,6 +529,71 @@ impl PgStore {
         Ok(written > 0)
     }
 
+    /// Records a diverged run under its seed's lock, judged as a result is: its row in
+    /// `divergences`, the seed done, the attempt succeeded; no aggregate, bitmap or tally.
+    async fn record_divergence(&self, lease: LeaseRef, r: &SeedResult) -> Result<CompleteOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let (state, fence) = Self::lock_seed(&mut tx, lease).await?;
+        if policy::check_completion(lease, state, fence)? == Completion::AlreadyRecorded {
+            tx.rollback().await?;
+            return Ok(CompleteOutcome::AlreadyRecorded);
+        }
+        let recorded: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM epoch_metrics
+             WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND epoch BETWEEN 1 AND $4",
+        )
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(r.epochs as i32)
+        .fetch_one(&mut *tx)
+        .await?;
+        policy::check_epochs_recorded(lease, r.epochs, u64_from_db(recorded))?;
+        // Safe: constant text.
+        let last = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {EPOCH_COLUMNS} FROM epoch_metrics
+             WHERE sweep_id = $1 AND seed = $2 AND fence = $3 AND epoch = $4"
+        )))
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(r.epochs as i32)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| epoch_from_row(&row).map(|(_, e)| e))
+        .transpose()?;
+        policy::check_final_metrics(r, last.as_ref()).map_err(StoreError::Invalid)?;
+        sqlx::query(
+            "WITH d AS (
+                 UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = now()
+                 WHERE sweep_id = $1 AND seed = $2
+                 RETURNING sweep_id, seed, init_seed, order_seed, augment_seed, split_seed),
+             v AS (
+                 INSERT INTO divergences (sweep_id, seed, fence, epoch, epochs, seconds, worker_id,
+                                          device, deterministic, finished_at, init_seed,
+                                          order_seed, augment_seed, split_seed)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10),
+                        init_seed, order_seed, augment_seed, split_seed
+                 FROM d)
+             UPDATE attempts SET outcome = 'succeeded', ended_at = now() + make_interval(secs => $10)
+             WHERE sweep_id = $1 AND seed = $2 AND fence = $3",
+        )
+        .bind(lease.sweep_id.0)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(r.diverged_epoch.map(|e| e as i32))
+        .bind(r.epochs as i32)
+        .bind(r.seconds)
+        .bind(&r.worker_id)
+        .bind(&r.device)
+        .bind(r.deterministic)
+        .bind(self.skew())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(CompleteOutcome::Recorded)
+    }
+
     /// Ends the leases whose deadline has passed as expired attempts; in how many seconds the
     /// earliest of the rest falls due (None: no lease is held).
     async fn expire_overdue(&self, tx: &mut Transaction<'_, Postgres>) -> Result<Option<f64>> {
@@ -944,6 +1011,19 @@ impl Store for PgStore {
             .collect())
     }
 
+    async fn outcomes(&self, id: SweepId, metric: Metric) -> Result<Outcomes> {
+        self.summary(id).await?;
+        let diverged = sqlx::query(sqlx::AssertSqlSafe(diverged_sql(Dialect::Postgres, metric)))
+            .bind(id.0)
+            .fetch_all(&self.pool)
+            .await?;
+        let counts = sqlx::query(sqlx::AssertSqlSafe(outcome_counts_sql(Dialect::Postgres)))
+            .bind(id.0)
+            .fetch_all(&self.pool)
+            .await?;
+        outcomes_from_rows(&diverged, &counts)
+    }
+
     async fn list_epochs(
         &self,
         id: SweepId,
@@ -1214,7 +1294,10 @@ impl Store for PgStore {
         // reads, and the second writes only while that still holds (the seed leased under the
         // fence, the last epoch's row the version judged), else the result is judged again. When
         // this replica wrote the last epoch's row, the policy judges that row as written and
-        // the first statement is left out.
+        // the first statement is left out. A divergence (rare) takes a plain transaction.
+        if r.diverged_epoch.is_some() {
+            return self.record_divergence(lease, r).await;
+        }
         if let Some(version) = self.last_epochs.judged(lease, r)
             && self.record_result(lease, r, &version).await?
         {

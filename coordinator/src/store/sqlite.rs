@@ -3,6 +3,7 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
+    diverged_sql, outcome_counts_sql, outcomes_from_rows,
     ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
     FLEET_SEEDS, KeyHash, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies, aggregate_from_row,
     aggregate_upsert, bind_test_set, bitmap_from_row, custom_to_db, design_from_config,
@@ -18,6 +19,7 @@ use seedsweep_core::domain::{
     LeaseKey, LeaseRef, Metric, Scored, SeedCounts, SeedHistory, SeedResult, SeedState, SweepId,
     SweepProgress, SweepState, SweepSummary,
 };
+use seedsweep_core::stats::outcomes::Outcomes;
 use seedsweep_core::policy::{
     self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
 };
@@ -51,6 +53,98 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// A converged run's rows: its result, its values added to the running aggregates, its
+    /// correctness bitmap and its per-epoch values.
+    async fn record_result(
+        tx: &mut Transaction<'_, Sqlite>,
+        sweep: &str,
+        lease: LeaseRef,
+        r: &SeedResult,
+        now: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
+                                  epochs, seconds, worker_id, device, data_fingerprint, finished_at,
+                                  precision, deterministic, test_top5, val_loss, val_accuracy,
+                                  custom, init_seed, order_seed, augment_seed, split_seed)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                    ?18, ?19, init_seed, order_seed, augment_seed, split_seed
+             FROM seeds WHERE sweep_id = ?1 AND seed = ?2",
+        )
+        .bind(sweep)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(r.test_accuracy)
+        .bind(r.test_loss)
+        .bind(r.train_loss)
+        .bind(r.train_accuracy)
+        .bind(r.epochs as i64)
+        .bind(r.seconds)
+        .bind(&r.worker_id)
+        .bind(&r.device)
+        .bind(&r.data_fingerprint)
+        .bind(now)
+        .bind(r.precision.as_str())
+        .bind(r.deterministic)
+        .bind(r.test_top5)
+        .bind(r.val_loss)
+        .bind(r.val_accuracy)
+        .bind(custom_to_db(&r.custom))
+        .execute(&mut **tx)
+        .await?;
+        for (metric, value) in result_values(r) {
+            sqlx::query(sqlx::AssertSqlSafe(AGGREGATE_UPSERT.as_str()))
+                .bind(sweep)
+                .bind(metric)
+                .bind(value)
+                .bind(lease.seed)
+                .execute(&mut **tx)
+                .await?;
+        }
+        if let Some(c) = &r.test_correct {
+            Self::record_bitmap(tx, sweep, lease.seed, c).await?;
+        }
+        sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES_UPSERT.as_str()))
+            .bind(sweep)
+            .bind(lease.seed)
+            .bind(r.epochs as i32)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// A diverged run's row: counted among the sweep's outcomes, in no statistic of the score.
+    async fn record_divergence(
+        tx: &mut Transaction<'_, Sqlite>,
+        sweep: &str,
+        lease: LeaseRef,
+        r: &SeedResult,
+        at: u32,
+        now: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO divergences (sweep_id, seed, fence, epoch, epochs, seconds, worker_id, device,
+                                      deterministic, finished_at, init_seed, order_seed,
+                                      augment_seed, split_seed)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, init_seed, order_seed, augment_seed,
+                    split_seed
+             FROM seeds WHERE sweep_id = ?1 AND seed = ?2",
+        )
+        .bind(sweep)
+        .bind(lease.seed)
+        .bind(lease.fence)
+        .bind(at as i64)
+        .bind(r.epochs as i64)
+        .bind(r.seconds)
+        .bind(&r.worker_id)
+        .bind(&r.device)
+        .bind(r.deterministic)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
     pub async fn connect(url: &str, clock: Clock) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
@@ -694,6 +788,19 @@ impl Store for SqliteStore {
         Ok((scored, last))
     }
 
+    async fn outcomes(&self, id: SweepId, metric: Metric) -> Result<Outcomes> {
+        self.summary(id).await?;
+        let diverged = sqlx::query(sqlx::AssertSqlSafe(diverged_sql(Dialect::Sqlite, metric)))
+            .bind(id.0.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        let counts = sqlx::query(sqlx::AssertSqlSafe(outcome_counts_sql(Dialect::Sqlite)))
+            .bind(id.0.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        outcomes_from_rows(&diverged, &counts)
+    }
+
     async fn list_epochs(
         &self,
         id: SweepId,
@@ -900,54 +1007,10 @@ impl Store for SqliteStore {
             return abort(tx, StoreError::Invalid(invalid)).await;
         }
         let now = self.now();
-        sqlx::query(
-            "INSERT INTO results (sweep_id, seed, fence, test_accuracy, test_loss, train_loss, train_accuracy,
-                                  epochs, seconds, worker_id, device, data_fingerprint, finished_at,
-                                  precision, deterministic, test_top5, val_loss, val_accuracy,
-                                  custom, init_seed, order_seed, augment_seed, split_seed)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                    ?18, ?19, init_seed, order_seed, augment_seed, split_seed
-             FROM seeds WHERE sweep_id = ?1 AND seed = ?2",
-        )
-        .bind(&sweep)
-        .bind(lease.seed)
-        .bind(lease.fence)
-        .bind(r.test_accuracy)
-        .bind(r.test_loss)
-        .bind(r.train_loss)
-        .bind(r.train_accuracy)
-        .bind(r.epochs as i64)
-        .bind(r.seconds)
-        .bind(&r.worker_id)
-        .bind(&r.device)
-        .bind(&r.data_fingerprint)
-        .bind(&now)
-        .bind(r.precision.as_str())
-        .bind(r.deterministic)
-        .bind(r.test_top5)
-        .bind(r.val_loss)
-        .bind(r.val_accuracy)
-        .bind(custom_to_db(&r.custom))
-        .execute(&mut *tx)
-        .await?;
-        for (metric, value) in result_values(r) {
-            sqlx::query(sqlx::AssertSqlSafe(AGGREGATE_UPSERT.as_str()))
-                .bind(&sweep)
-                .bind(metric)
-                .bind(value)
-                .bind(lease.seed)
-                .execute(&mut *tx)
-                .await?;
+        match r.diverged_epoch {
+            None => Self::record_result(&mut tx, &sweep, lease, r, &now).await?,
+            Some(at) => Self::record_divergence(&mut tx, &sweep, lease, r, at, &now).await?,
         }
-        if let Some(c) = &r.test_correct {
-            Self::record_bitmap(&mut tx, &sweep, lease.seed, c).await?;
-        }
-        sqlx::query(sqlx::AssertSqlSafe(EPOCH_VALUES_UPSERT.as_str()))
-            .bind(&sweep)
-            .bind(lease.seed)
-            .bind(r.epochs as i32)
-            .execute(&mut *tx)
-            .await?;
         sqlx::query(
             "UPDATE seeds SET state = 'done', lease_expires_at = NULL, updated_at = ?3
              WHERE sweep_id = ?1 AND seed = ?2",

@@ -9,6 +9,7 @@ mod plot;
 
 use crate::domain::Scored;
 use crate::metric::Direction;
+use crate::stats::outcomes::Outcomes;
 use crate::stats::{self, SweepStats};
 pub use plot::escape;
 use plot::{Plot, padded};
@@ -34,6 +35,8 @@ pub struct Input<'a> {
     pub runs: &'a [Scored],
     /// (seed, epoch, value), by seed and epoch.
     pub curves: &'a [(i64, u32, f64)],
+    /// What became of every seed (the statistics describe the converged ones).
+    pub outcomes: &'a Outcomes,
 }
 
 const BLUE: &str = "#0072b2";
@@ -392,6 +395,23 @@ fn markdown(input: &Input) -> String {
             f(i.std.high)
         );
     }
+    let o = input.outcomes;
+    let _ = writeln!(
+        out,
+        "\nSeeds: {}. The statistics above are over the {} converged seeds.",
+        o.line(),
+        o.converged
+    );
+    if !o.diverged_seeds.is_empty() {
+        out += "\n| diverged seed | in epoch | last finite value (epoch) |\n|---:|---:|---:|\n";
+        for d in &o.diverged_seeds {
+            let last = d.last_value.map_or("-".into(), |v| format!("{} ({})", f(v), d.epochs));
+            let _ = writeln!(out, "| {} | {} | {last} |", d.seed, d.epoch);
+        }
+    }
+    for c in &o.failure_causes {
+        let _ = writeln!(out, "\nFailed ({} seeds): {}", c.seeds, c.cause);
+    }
     out
 }
 
@@ -473,6 +493,7 @@ pub fn body(input: &Input, figures: &[Figure], seed: &dyn Fn(i64) -> String) -> 
             t.split_half_correlation.map_or("-".into(), f)
         );
     }
+    outcomes_html(&mut h, input.outcomes, seed);
     h += "<h2>Black swans</h2>\n";
     if st.black_swans.is_empty() {
         h += "<p>None: no seed has |robust z| &gt; 3.5 or |z| &gt; 3.</p>\n";
@@ -531,6 +552,32 @@ pub fn body(input: &Input, figures: &[Figure], seed: &dyn Fn(i64) -> String) -> 
         h += "</table>\n";
     }
     h
+}
+
+/// The counts of every outcome, the diverged seeds (the blackest swans) and the failures' causes.
+fn outcomes_html(h: &mut String, o: &Outcomes, seed: &dyn Fn(i64) -> String) {
+    let _ = writeln!(
+        h,
+        "<p id=\"outcomes\">Seeds: {}. The statistics above are over the {} converged seeds.</p>",
+        escape(&o.line()),
+        o.converged
+    );
+    if !o.diverged_seeds.is_empty() {
+        *h += "<table id=\"diverged\"><tr><th>diverged seed</th><th>in epoch</th><th>last finite value (epoch)</th></tr>\n";
+        for d in &o.diverged_seeds {
+            let last = d.last_value.map_or("-".into(), |v| format!("{} ({})", f(v), d.epochs));
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{last}</td></tr>",
+                seed(d.seed),
+                d.epoch
+            );
+        }
+        *h += "</table>\n";
+    }
+    for c in &o.failure_causes {
+        let _ = writeln!(h, "<p>Failed ({} seeds): {}</p>", c.seeds, escape(&c.cause));
+    }
 }
 
 /// One figure: its file name (without extension), its caption and its SVG.
@@ -626,6 +673,7 @@ mod tests {
             stats: &stats,
             runs: &runs,
             curves: &curves,
+            outcomes: &Outcomes::new(n as u64, vec![], vec![]),
         })
         .unwrap()
     }

@@ -4,6 +4,7 @@
 
 use super::SweepStats;
 use super::compare::Comparison;
+use super::outcomes::Outcomes;
 use crate::domain::Metric;
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +12,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatsDocument {
     pub sweep_id: String,
+    /// What became of every seed: the statistics in `body` describe the converged ones only.
+    pub outcomes: Outcomes,
     #[serde(flatten)]
     pub body: StatsBody,
 }
@@ -47,12 +50,21 @@ impl From<NoneYet> for u64 {
 }
 
 impl StatsDocument {
-    pub fn new(sweep_id: String, metric: Metric, stats: Option<SweepStats>) -> StatsDocument {
+    pub fn new(
+        sweep_id: String,
+        metric: Metric,
+        stats: Option<SweepStats>,
+        outcomes: Outcomes,
+    ) -> StatsDocument {
         let body = match stats {
             Some(s) => StatsBody::Stats(Box::new(s)),
             None => StatsBody::NoResultYet { metric, n: NoneYet },
         };
-        StatsDocument { sweep_id, body }
+        StatsDocument {
+            sweep_id,
+            outcomes,
+            body,
+        }
     }
 }
 
@@ -96,7 +108,8 @@ mod tests {
             Some(10_000),
             &[],
         );
-        let doc = StatsDocument::new("s".into(), Metric::TestAccuracy, stats);
+        let outcomes = Outcomes::new(8, vec![], vec![]);
+        let doc = StatsDocument::new("s".into(), Metric::TestAccuracy, stats, outcomes.clone());
         let text = serde_json::to_string(&doc).unwrap();
         let back: StatsDocument = serde_json::from_str(&text).unwrap();
         assert_eq!(serde_json::to_string(&back).unwrap(), text);
@@ -105,9 +118,14 @@ mod tests {
         };
         assert_eq!(s.black_swans[0].seed, 3);
 
-        let empty = StatsDocument::new("s".into(), Metric::TestLoss, None);
+        let none = Outcomes::new(0, vec![], vec![]);
+        let empty = StatsDocument::new("s".into(), Metric::TestLoss, None, none);
         let text = serde_json::to_string(&empty).unwrap();
-        assert_eq!(text, r#"{"sweep_id":"s","metric":"test_loss","n":0}"#);
+        let outcomes = r#""outcomes":{"finished":0,"converged":0,"diverged":0,"divergence_rate":null,"failed":0,"failure_causes":[],"diverged_seeds":[]}"#;
+        assert_eq!(
+            text,
+            format!(r#"{{"sweep_id":"s",{outcomes},"metric":"test_loss","n":0}}"#)
+        );
         let back: StatsDocument = serde_json::from_str(&text).unwrap();
         assert!(matches!(
             back.body,
@@ -116,8 +134,8 @@ mod tests {
                 ..
             }
         ));
-        let broken = r#"{"sweep_id":"s","metric":"test_loss","n":3}"#;
-        assert!(serde_json::from_str::<StatsDocument>(broken).is_err());
+        let broken = format!(r#"{{"sweep_id":"s",{outcomes},"metric":"test_loss","n":3}}"#);
+        assert!(serde_json::from_str::<StatsDocument>(&broken).is_err());
 
         // Single seeds: the Welch test is undefined (NaN), written as null and read back as NaN.
         let c =

@@ -16,6 +16,7 @@ pub mod components;
 pub mod describe;
 pub mod document;
 pub mod noise;
+pub mod outcomes;
 
 use crate::domain::{Metric, Scored};
 use crate::metric::Direction;

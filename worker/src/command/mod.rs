@@ -11,7 +11,7 @@ pub mod env;
 mod output;
 mod protocol;
 
-use crate::run::{EpochMetrics, TrainError, Trained};
+use crate::run::{EpochMetrics, Precision, TrainError, Trained};
 use protocol::{Final, Report, Reports, Unreadable};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -237,6 +237,11 @@ fn supervise(
             terminate(child, contained);
             return Err(e);
         }
+        if tally.diverged.is_some() {
+            // Diverged: the rest of the run has nothing to add.
+            terminate(child, contained);
+            return Ok(tally.into_diverged());
+        }
         if let Some(status) = child
             .try_wait()
             .map_err(|e| TrainError::Host(e.to_string()))?
@@ -287,6 +292,10 @@ fn judge(
     tail: &output::Tail,
     limit_met: Option<&str>,
 ) -> Result<Trained, TrainError> {
+    // A divergence it reported is its result, however the program then ended.
+    if tally.diverged.is_some() {
+        return Ok(tally.into_diverged());
+    }
     if !status.success() {
         let how = match (
             status.code(),
@@ -311,6 +320,8 @@ struct Tally {
     history: Vec<EpochMetrics>,
     last: Option<Final>,
     last_epoch_at: Instant,
+    /// The epoch the program diverged in, once it said so (nothing after it is read).
+    diverged: Option<u32>,
 }
 
 impl Tally {
@@ -319,7 +330,15 @@ impl Tally {
             history: Vec::new(),
             last: None,
             last_epoch_at: Instant::now(),
+            diverged: None,
         }
+    }
+
+    /// The diverged run: its finite epochs, in the protocol's default arithmetic (a program
+    /// that diverged sent no final line to say otherwise), not known to repeat.
+    fn into_diverged(self) -> Trained {
+        let epoch = self.diverged.unwrap_or(self.history.len() as u32 + 1);
+        Trained::diverged(epoch, self.history, Precision::Fp32, false)
     }
 
     /// Reads the lines written since the last call, passing each epoch to `on_epoch`.
@@ -333,6 +352,9 @@ impl Tally {
             Unreadable::Line(why) => TrainError::Program(why),
         })?;
         for line in lines {
+            if self.diverged.is_some() {
+                break;
+            }
             match protocol::parse_line(&line, self.history.len() as u32)
                 .map_err(TrainError::Program)?
             {
@@ -345,6 +367,7 @@ impl Tally {
                     self.history.push(m);
                 }
                 Report::Final(f) => self.last = Some(f),
+                Report::Diverged { epoch } => self.diverged = Some(epoch),
             }
         }
         Ok(())

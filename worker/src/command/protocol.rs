@@ -90,6 +90,7 @@ pub fn finish(
         deterministic: final_.deterministic,
         resumed_from: 0,
         timing: Default::default(),
+        diverged: None,
     })
 }
 
@@ -111,6 +112,10 @@ fn epoch_metric(m: &EpochMetrics, name: &str) -> Option<f64> {
 pub enum Report {
     Epoch(EpochMetrics),
     Final(Final),
+    /// The run diverged in `epoch`: a line with a metric that is not finite (`NaN`,
+    /// `Infinity`, as Python's json writes them, or those words as strings), or
+    /// `"diverged": true`. A final line's divergence is in the last epoch (the first when none).
+    Diverged { epoch: u32 },
 }
 
 /// The final line: its metrics (which must be the last epoch's, but for custom metrics the last
@@ -131,10 +136,22 @@ pub fn parse_line(line: &str, seen: u32) -> Result<Report, String> {
         line.to_string()
     };
     let bad = |why: String| format!("bad metrics line {}: {why}: {quoted}", seen + 1);
-    let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(line) else {
+    let parsed = serde_json::from_str::<Value>(line)
+        .or_else(|_| serde_json::from_str::<Value>(&quote_non_finite(line)));
+    let Ok(Value::Object(mut obj)) = parsed else {
         return Err(bad("not a JSON object".into()));
     };
+    let said_diverged = match obj.remove("diverged") {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(other) => return Err(bad(format!("`diverged` = {other}: use true or false"))),
+    };
     if obj.remove("final").is_some() {
+        if said_diverged || has_non_finite(&obj) {
+            return Ok(Report::Diverged {
+                epoch: seen.max(1),
+            });
+        }
         return parse_final(obj).map(Report::Final).map_err(bad);
     }
     let epoch = match obj.remove("epoch") {
@@ -148,6 +165,11 @@ pub fn parse_line(line: &str, seen: u32) -> Result<Report, String> {
         return Err(bad(format!(
             "epoch {epoch} after {seen} epochs: report epochs 1, 2, 3, ... in order"
         )));
+    }
+    if said_diverged || has_non_finite(&obj) {
+        return Ok(Report::Diverged {
+            epoch: epoch as u32,
+        });
     }
     let (numbers, custom) = numbers(obj).map_err(bad)?;
     let get = |name: &str| numbers.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
@@ -210,12 +232,53 @@ fn parse_final(mut obj: Map<String, Value>) -> Result<Final, String> {
     })
 }
 
+/// The words for values that are not finite numbers: bare (Python's json, JavaScript) or quoted.
+const NON_FINITE: [&str; 3] = ["NaN", "Infinity", "-Infinity"];
+
+/// Whether a metric of the line is not a finite number: one of [`NON_FINITE`] (quoted by
+/// [`quote_non_finite`] when bare), or a number past f64's range.
+fn has_non_finite(obj: &Map<String, Value>) -> bool {
+    obj.values().any(|v| match v {
+        Value::String(s) => NON_FINITE.contains(&s.as_str()),
+        Value::Number(n) => n.as_f64().is_none_or(|x| !x.is_finite()),
+        _ => false,
+    })
+}
+
+/// `line` with the bare words `NaN`, `Infinity` and `-Infinity` outside strings quoted, so that
+/// a JSON parser reads them (as strings).
+fn quote_non_finite(line: &str) -> String {
+    let (mut out, mut rest, mut in_string, mut escaped) = (String::new(), line, false, false);
+    while let Some(c) = rest.chars().next() {
+        if !in_string
+            && let Some(word) = NON_FINITE.iter().find(|w| rest.starts_with(**w))
+        {
+            out.push('"');
+            out.push_str(word);
+            out.push('"');
+            rest = &rest[word.len()..];
+            continue;
+        }
+        match (in_string, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (_, false, '"') => in_string = !in_string,
+            _ => {}
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
 /// The line's remaining keys, finite numbers all: the known metrics, and the custom ones.
 fn numbers(obj: Map<String, Value>) -> Result<(Vec<(String, f64)>, CustomMetrics), String> {
     let (mut known, mut custom) = (Vec::new(), CustomMetrics::new());
     for (name, v) in obj {
         let Some(x) = v.as_f64().filter(|x| x.is_finite()) else {
-            return Err(format!("`{name}` = {v}: a metric is a finite number"));
+            return Err(format!(
+                "`{name}` = {v}: a metric is a finite number (or NaN or Infinity: the run diverged)"
+            ));
         };
         if EPOCH_METRICS.contains(&name.as_str()) {
             known.push((name, x));
@@ -401,6 +464,37 @@ mod tests {
             .contains("`Test-ECE` is not a metric name")
         );
         assert!(err(r#"{"final": true, "ece": null}"#, 1).contains("finite number"));
+    }
+
+    /// A value that is not finite, however it is spelled, or an explicit `"diverged": true`
+    /// ends the run as diverged in that epoch (the last one for the final line); a word in a
+    /// string that only looks like one is a string still.
+    #[test]
+    fn a_non_finite_value_or_diverged_is_a_divergence() {
+        let diverged = |line: &str, seen| match parse_line(line, seen) {
+            Ok(Report::Diverged { epoch }) => epoch,
+            Ok(_) => panic!("not a divergence: {line}"),
+            Err(e) => panic!("refused {line}: {e}"),
+        };
+        assert_eq!(diverged(r#"{"epoch": 3, "train_loss": NaN}"#, 2), 3);
+        assert_eq!(diverged(r#"{"epoch": 1, "bleu": -Infinity}"#, 0), 1);
+        assert_eq!(diverged(r#"{"epoch": 2, "loss": Infinity, "x": 1}"#, 1), 2);
+        assert_eq!(diverged(r#"{"epoch": 1, "train_loss": "NaN"}"#, 0), 1);
+        assert_eq!(diverged(r#"{"epoch": 4, "diverged": true}"#, 3), 4);
+        assert_eq!(diverged(r#"{"final": true, "test_accuracy": NaN}"#, 5), 5);
+        assert_eq!(diverged(r#"{"final": true, "diverged": true}"#, 0), 1);
+        // Inside a string the word is text: here a bad metric, not a divergence.
+        assert!(parse_line(r#"{"epoch": 1, "note": "NaN here"}"#, 0).is_err());
+        assert!(parse_line(r#"{"epoch": 1, "diverged": "yes"}"#, 0).is_err());
+        let Ok(Report::Epoch(e)) = parse_line(r#"{"epoch": 1, "diverged": false, "loss": 1}"#, 0)
+        else {
+            panic!("diverged: false is an ordinary epoch")
+        };
+        assert_eq!(e.custom.get("loss"), Some(&1.0));
+        assert_eq!(
+            quote_non_finite(r#"{"a\"NaN": NaN, "b": [Infinity, -Infinity]}"#),
+            r#"{"a\"NaN": "NaN", "b": ["Infinity", "-Infinity"]}"#
+        );
     }
 
     /// Custom metrics ride on epochs and the final line; the final line's must agree with the
