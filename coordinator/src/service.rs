@@ -1289,7 +1289,11 @@ impl Coordinator for CoordinatorService {
         let log = log_path(&r.log)?;
         let state = self
             .store
-            .fail(lease, &cause, Charge::from_report(r.counts_as_attempt, r.deterministic))
+            .fail(
+                lease,
+                &cause,
+                Charge::from_report(r.counts_as_attempt, r.deterministic),
+            )
             .await
             .map_err(status)?;
         if let Some(log) = log {

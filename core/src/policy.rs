@@ -55,7 +55,12 @@ impl Charge {
     pub fn end(self, same_cause_elsewhere: bool) -> AttemptEnd {
         match (self, same_cause_elsewhere) {
             (Charge::Uncounted, _) => AttemptEnd::Released,
-            (Charge::Counted { deterministic: true }, true) => AttemptEnd::FailedAsBefore,
+            (
+                Charge::Counted {
+                    deterministic: true,
+                },
+                true,
+            ) => AttemptEnd::FailedAsBefore,
             (Charge::Counted { .. }, _) => AttemptEnd::Failed,
         }
     }

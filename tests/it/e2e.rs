@@ -250,7 +250,10 @@ async fn a_recipe_that_blows_up_is_counted_diverged_not_retried() {
         .collect();
     assert_eq!(rows.len(), 3, "{rows:?}");
     for r in &rows {
-        assert!((1..=3).contains(&r[1]) && r[2] == r[1] - 1 && r[3] == r[2], "{rows:?}");
+        assert!(
+            (1..=3).contains(&r[1]) && r[2] == r[1] - 1 && r[3] == r[2],
+            "{rows:?}"
+        );
     }
 
     let stats = coordinator.sweep(&["stats", &id, "--json"]);
@@ -258,12 +261,17 @@ async fn a_recipe_that_blows_up_is_counted_diverged_not_retried() {
     let doc: serde_json::Value = serde_json::from_str(&stdout(&stats)).unwrap();
     let o = &doc["outcomes"];
     assert_eq!(
-        (&o["finished"], &o["converged"], &o["diverged"], &o["failed"]),
+        (
+            &o["finished"],
+            &o["converged"],
+            &o["diverged"],
+            &o["failed"]
+        ),
         (&3.into(), &0.into(), &3.into(), &0.into()),
         "{doc}"
     );
     assert_eq!(o["divergence_rate"]["estimate"], 1.0);
-    assert_eq!(o["divergence_rate"]["method"], "wilson");
+    assert_eq!(o["divergence_rate"]["method"], "clopper-pearson");
     assert_eq!(doc["n"], 0, "no statistic of the score: {doc}");
     let text = stdout(&coordinator.sweep(&["stats", &id]));
     assert!(

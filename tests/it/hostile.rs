@@ -811,11 +811,19 @@ fn diverged_seeds_are_counted_and_failed_ones_named() {
         serde_json::from_str(&fleet.sweep_ok(&["stats", &id, "--json"])).unwrap();
     let o = &stats["outcomes"];
     assert_eq!(
-        (&o["finished"], &o["converged"], &o["diverged"], &o["failed"]),
+        (
+            &o["finished"],
+            &o["converged"],
+            &o["diverged"],
+            &o["failed"]
+        ),
         (&9.into(), &6.into(), &3.into(), &1.into()),
         "{stats}"
     );
-    assert_eq!(stats["n"], 6, "the score's statistics are the converged seeds'");
+    assert_eq!(
+        stats["n"], 6,
+        "the score's statistics are the converged seeds'"
+    );
     let rate = &o["divergence_rate"];
     assert!(
         rate["low"].as_f64().unwrap() < 1.0 / 3.0 && 1.0 / 3.0 < rate["high"].as_f64().unwrap(),

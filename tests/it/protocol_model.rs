@@ -200,7 +200,11 @@ async fn run_one(s: &dyn Store, clock: &Clock, rng_seed: u64, steps: usize) {
                 let l = pick(&mut rng, &leases);
                 let counts = rng.random_bool(0.5);
                 let r = s
-                    .fail(l, &format!("cause {step}"), Charge::from_report(counts, true))
+                    .fail(
+                        l,
+                        &format!("cause {step}"),
+                        Charge::from_report(counts, true),
+                    )
                     .await;
                 if m.live(l) {
                     let state = r.unwrap_or_else(|e| panic!("{ctx}: fail of live {l}: {e}"));

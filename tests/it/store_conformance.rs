@@ -152,7 +152,15 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
 
     // A failure that counts goes back to the queue with a new fence; the old lease is stale.
     assert_eq!(
-        s.fail(l2.lease, "boom", Charge::Counted { deterministic: true }).await.unwrap(),
+        s.fail(
+            l2.lease,
+            "boom",
+            Charge::Counted {
+                deterministic: true
+            }
+        )
+        .await
+        .unwrap(),
         SeedState::Pending
     );
     assert!(matches!(
@@ -177,16 +185,29 @@ async fn suite(s: Arc<dyn Store>, clock: Clock) {
             Err(StoreError::StaleLease(_))
         ));
         assert!(matches!(
-            s.fail(stale, "x", Charge::Counted { deterministic: true }).await,
+            s.fail(
+                stale,
+                "x",
+                Charge::Counted {
+                    deterministic: true
+                }
+            )
+            .await,
             Err(StoreError::StaleLease(_))
         ));
     }
     s.heartbeat(l2b.lease, TTL).await.unwrap();
     // Out of attempts (max 2): failed for good.
     assert_eq!(
-        s.fail(l2b.lease, "boom again", Charge::Counted { deterministic: true })
-            .await
-            .unwrap(),
+        s.fail(
+            l2b.lease,
+            "boom again",
+            Charge::Counted {
+                deterministic: true
+            }
+        )
+        .await
+        .unwrap(),
         SeedState::Failed
     );
 
@@ -311,7 +332,15 @@ async fn retries_and_control(s: Arc<dyn Store>, clock: Clock) {
         .unwrap();
     let l = claim(s, "w1").await.lease;
     assert_eq!(
-        s.fail(l, "cuda oom", Charge::Counted { deterministic: true }).await.unwrap(),
+        s.fail(
+            l,
+            "cuda oom",
+            Charge::Counted {
+                deterministic: true
+            }
+        )
+        .await
+        .unwrap(),
         SeedState::Pending
     );
     assert!(matches!(
@@ -328,7 +357,15 @@ async fn retries_and_control(s: Arc<dyn Store>, clock: Clock) {
     assert_eq!(l.fence, 2);
     // The same cause on a second worker: failed for good, attempts left or not.
     assert_eq!(
-        s.fail(l, "cuda oom", Charge::Counted { deterministic: true }).await.unwrap(),
+        s.fail(
+            l,
+            "cuda oom",
+            Charge::Counted {
+                deterministic: true
+            }
+        )
+        .await
+        .unwrap(),
         SeedState::Failed
     );
     // The seed's history: both attempts, oldest first, with their workers and causes.

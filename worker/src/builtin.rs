@@ -83,12 +83,9 @@ impl Job {
             on_epoch(m);
         };
         match self.train(seeds, device, stop, features, sent) {
-            Err(TrainError::NonFinite { epoch, .. }) => Ok(Trained::diverged(
-                epoch,
-                finite,
-                precision,
-                deterministic,
-            )),
+            Err(TrainError::NonFinite { epoch, .. }) => {
+                Ok(Trained::diverged(epoch, finite, precision, deterministic))
+            }
             other => other,
         }
     }

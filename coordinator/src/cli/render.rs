@@ -95,18 +95,13 @@ fn summary(out: &mut String, s: &SweepStats) {
 
 fn intervals(out: &mut String, s: &SweepStats) {
     if let Some(ci) = &s.intervals {
-        let resamples = match ci.resamples {
-            0 => String::new(),
-            r => format!(", {r} resamples"),
-        };
         let _ = writeln!(
             out,
-            "95% intervals ({}{resamples}): mean {}  std {}  gap {}  (t interval of the mean {})",
-            ci.method.as_str(),
+            "95% intervals: mean {} ({})  std {} ({})",
             interval(Some(&ci.mean)),
+            ci.mean.method.as_str(),
             interval(Some(&ci.std)),
-            interval(ci.gap.as_ref()),
-            interval(Some(&ci.mean_t)),
+            ci.std.method.as_str(),
         );
     }
     for p in &s.seeds_for_ci_width {
@@ -141,7 +136,11 @@ fn diverged(out: &mut String, o: &Outcomes) {
         let _ = writeln!(out, "  {:<12} {:>8}  {last}", d.seed.to_string(), d.epoch);
     }
     if o.diverged > o.diverged_seeds.len() as u64 {
-        let _ = writeln!(out, "  ... and {} more", o.diverged - o.diverged_seeds.len() as u64);
+        let _ = writeln!(
+            out,
+            "  ... and {} more",
+            o.diverged - o.diverged_seeds.len() as u64
+        );
     }
 }
 
@@ -352,8 +351,17 @@ mod tests {
             cause: "the program exited with status 1".into(),
             seeds: 2,
         }];
-        let outcomes = Outcomes::new(0, vec![diverged(4, 3, Some(0.31)), diverged(1, 1, None)], causes);
-        docs.push(StatsDocument::new("sweep-2".into(), Metric::ValLoss, None, outcomes));
+        let outcomes = Outcomes::new(
+            0,
+            vec![diverged(4, 3, Some(0.31)), diverged(1, 1, None)],
+            causes,
+        );
+        docs.push(StatsDocument::new(
+            "sweep-2".into(),
+            Metric::ValLoss,
+            None,
+            outcomes,
+        ));
         docs
     }
 

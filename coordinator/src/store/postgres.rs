@@ -6,14 +6,14 @@
 mod connections;
 
 use super::{
-    diverged_sql, outcome_counts_sql, outcomes_from_rows,
     ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
     FINISHED_EPOCHS, FLEET_SEEDS, KeyHash, NextDeadline, Result, Store, StoreError,
     TEST_SET_COLUMNS, Tallies, aggregate_fold, aggregate_from_row, bind_test_set, bitmap_from_row,
-    custom_to_db, design_from_config, epoch_from_row, epoch_score_from_row, epoch_scores_sql,
-    epoch_value_from_row, epoch_values_fold, epoch_values_sql, factors_from_row, key_hash,
-    lease_config, next_state, result_from_row, scores_sql, seed_rows, state_from_db,
-    sweep_state_from_db, task_from_db, test_set_from_row, test_set_upsert, u64_from_db,
+    custom_to_db, design_from_config, diverged_sql, epoch_from_row, epoch_score_from_row,
+    epoch_scores_sql, epoch_value_from_row, epoch_values_fold, epoch_values_sql, factors_from_row,
+    key_hash, lease_config, next_state, outcome_counts_sql, outcomes_from_rows, result_from_row,
+    scores_sql, seed_rows, state_from_db, sweep_state_from_db, task_from_db, test_set_from_row,
+    test_set_upsert, u64_from_db,
 };
 use async_trait::async_trait;
 use connections::Connections;
@@ -23,12 +23,12 @@ use seedsweep_core::domain::{
     LeaseKey, LeaseRef, Metric, Scored, SeedCounts, SeedHistory, SeedResult, SeedState, SweepId,
     SweepProgress, SweepState, SweepSummary,
 };
-use seedsweep_core::stats::outcomes::Outcomes;
 use seedsweep_core::policy::{
     self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
 };
 use seedsweep_core::spec::{SweepSpec, Task};
 use seedsweep_core::stats::noise::TestSetTally;
+use seedsweep_core::stats::outcomes::Outcomes;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use std::collections::HashMap;

@@ -3,14 +3,14 @@
 //! clock is this host's: "now" is computed here and bound into each statement.
 
 use super::{
-    diverged_sql, outcome_counts_sql, outcomes_from_rows,
     ABANDONED_LOAD, AGGREGATE_COLUMNS, Availability, Clock, Dialect, EPOCH_COLUMNS, EPOCH_UPSERT,
     FLEET_SEEDS, KeyHash, Result, Store, StoreError, TEST_SET_COLUMNS, Tallies, aggregate_from_row,
     aggregate_upsert, bind_test_set, bitmap_from_row, custom_to_db, design_from_config,
-    epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row, epoch_values_sql,
-    epoch_values_upsert, factors_from_row, key_hash, lease_config, next_state, result_from_row,
-    result_values, scored_from_row, scores_sql, seed_rows, state_from_db, sweep_state_from_db,
-    task_from_db, test_set_from_row, test_set_upsert, u64_from_db,
+    diverged_sql, epoch_from_row, epoch_score_from_row, epoch_scores_sql, epoch_value_from_row,
+    epoch_values_sql, epoch_values_upsert, factors_from_row, key_hash, lease_config, next_state,
+    outcome_counts_sql, outcomes_from_rows, result_from_row, result_values, scored_from_row,
+    scores_sql, seed_rows, state_from_db, sweep_state_from_db, task_from_db, test_set_from_row,
+    test_set_upsert, u64_from_db,
 };
 use async_trait::async_trait;
 use seedsweep_core::design::Design;
@@ -19,12 +19,12 @@ use seedsweep_core::domain::{
     LeaseKey, LeaseRef, Metric, Scored, SeedCounts, SeedHistory, SeedResult, SeedState, SweepId,
     SweepProgress, SweepState, SweepSummary,
 };
-use seedsweep_core::stats::outcomes::Outcomes;
 use seedsweep_core::policy::{
     self, AttemptEnd, Attempts, Charge, Completion, EXPIRED_CAUSE, RetrySettings,
 };
 use seedsweep_core::spec::{SweepSpec, Task};
 use seedsweep_core::stats::noise::TestSetTally;
+use seedsweep_core::stats::outcomes::Outcomes;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };

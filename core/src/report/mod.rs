@@ -387,12 +387,13 @@ fn markdown(input: &Input) -> String {
     if let Some(i) = &st.intervals {
         let _ = writeln!(
             out,
-            "\n95% interval of the mean: [{}, {}] ({}); of the std: [{}, {}].",
+            "\n95% interval of the mean: [{}, {}] ({}); of the std: [{}, {}] ({}).",
             f(i.mean.low),
             f(i.mean.high),
-            i.method.as_str(),
+            i.mean.method.as_str(),
             f(i.std.low),
-            f(i.std.high)
+            f(i.std.high),
+            i.std.method.as_str()
         );
     }
     let o = input.outcomes;
@@ -405,7 +406,9 @@ fn markdown(input: &Input) -> String {
     if !o.diverged_seeds.is_empty() {
         out += "\n| diverged seed | in epoch | last finite value (epoch) |\n|---:|---:|---:|\n";
         for d in &o.diverged_seeds {
-            let last = d.last_value.map_or("-".into(), |v| format!("{} ({})", f(v), d.epochs));
+            let last = d
+                .last_value
+                .map_or("-".into(), |v| format!("{} ({})", f(v), d.epochs));
             let _ = writeln!(out, "| {} | {} | {last} |", d.seed, d.epoch);
         }
     }
@@ -473,12 +476,13 @@ pub fn body(input: &Input, figures: &[Figure], seed: &dyn Fn(i64) -> String) -> 
     if let Some(i) = &st.intervals {
         let _ = writeln!(
             h,
-            "<p>95% intervals ({}): mean [{}, {}], std [{}, {}].</p>",
-            i.method.as_str(),
+            "<p>95% intervals: mean [{}, {}] ({}), std [{}, {}] ({}).</p>",
             f(i.mean.low),
             f(i.mean.high),
+            i.mean.method.as_str(),
             f(i.std.low),
-            f(i.std.high)
+            f(i.std.high),
+            i.std.method.as_str()
         );
     }
     if let Some(t) = &st.test_set {
@@ -565,7 +569,9 @@ fn outcomes_html(h: &mut String, o: &Outcomes, seed: &dyn Fn(i64) -> String) {
     if !o.diverged_seeds.is_empty() {
         *h += "<table id=\"diverged\"><tr><th>diverged seed</th><th>in epoch</th><th>last finite value (epoch)</th></tr>\n";
         for d in &o.diverged_seeds {
-            let last = d.last_value.map_or("-".into(), |v| format!("{} ({})", f(v), d.epochs));
+            let last = d
+                .last_value
+                .map_or("-".into(), |v| format!("{} ({})", f(v), d.epochs));
             let _ = writeln!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td>{last}</td></tr>",

@@ -123,6 +123,7 @@ pub fn compare(a: &[f64], b: &[f64], direction: Direction) -> Option<Comparison>
         difference_ci: Interval {
             low: difference - half,
             high: difference + half,
+            method: super::describe::Method::WelchT,
         },
         welch_t,
         welch_df: df,

@@ -59,6 +59,7 @@ fn chi_interval(df: f64, estimate: f64) -> Option<Interval> {
     let i = Interval {
         low: df * estimate / chi.inverse_cdf(0.975),
         high: df * estimate / chi.inverse_cdf(0.025),
+        method: super::describe::Method::ChiSquare,
     };
     (i.low.is_finite() && i.high.is_finite() && i.low <= estimate && estimate <= i.high)
         .then_some(i)

@@ -5,7 +5,7 @@
 //! scipy on fixed data (`reference.json`, written by `scripts/stats_reference.py`).
 //!
 //! - [`summarize`]: n, mean, sample std, min and max with their seeds, quartiles, the gap.
-//! - [`describe`]: black swans (robust and classic z), exact best-of-k, bootstrap intervals, how
+//! - [`describe`]: black swans (robust and classic z), exact best-of-k, intervals (t for the mean, Bonett's for the std), how
 //!   many seeds a target interval width needs, the per-epoch spread.
 //! - [`noise`]: test-set noise: binomial, and from per-example correctness (Jordan 2023).
 //! - [`components`]: variance by seed factor in a crossed design.
@@ -75,7 +75,7 @@ pub fn analyse(
     let mut widths: Vec<f64> = intervals
         .iter()
         .flat_map(|i| {
-            let w = i.mean_t.high - i.mean_t.low;
+            let w = i.mean.high - i.mean.low;
             [w / 2.0, w / 4.0]
         })
         .collect();

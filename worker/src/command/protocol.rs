@@ -115,7 +115,9 @@ pub enum Report {
     /// The run diverged in `epoch`: a line with a metric that is not finite (`NaN`,
     /// `Infinity`, as Python's json writes them, or those words as strings), or
     /// `"diverged": true`. A final line's divergence is in the last epoch (the first when none).
-    Diverged { epoch: u32 },
+    Diverged {
+        epoch: u32,
+    },
 }
 
 /// The final line: its metrics (which must be the last epoch's, but for custom metrics the last
@@ -148,9 +150,7 @@ pub fn parse_line(line: &str, seen: u32) -> Result<Report, String> {
     };
     if obj.remove("final").is_some() {
         if said_diverged || has_non_finite(&obj) {
-            return Ok(Report::Diverged {
-                epoch: seen.max(1),
-            });
+            return Ok(Report::Diverged { epoch: seen.max(1) });
         }
         return parse_final(obj).map(Report::Final).map_err(bad);
     }
@@ -250,9 +250,7 @@ fn has_non_finite(obj: &Map<String, Value>) -> bool {
 fn quote_non_finite(line: &str) -> String {
     let (mut out, mut rest, mut in_string, mut escaped) = (String::new(), line, false, false);
     while let Some(c) = rest.chars().next() {
-        if !in_string
-            && let Some(word) = NON_FINITE.iter().find(|w| rest.starts_with(**w))
-        {
+        if !in_string && let Some(word) = NON_FINITE.iter().find(|w| rest.starts_with(**w)) {
             out.push('"');
             out.push_str(word);
             out.push('"');
