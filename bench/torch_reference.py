@@ -51,8 +51,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# CIFAR-10's channel mean, in all three authors' code.
 MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2023, 0.1994, 0.2010)
+# Page, cifar10-fast utils.py: cifar10_std ("equals np.std(train_set.train_data, axis=(0,1,2))/255").
+PAGE_STD = (0.2471, 0.2435, 0.2616)
+# Picard, deepseed datasets.py: build_dataset's _CIFAR_STD.
+PICARD_STD = (0.2023, 0.1994, 0.2010)
+# Jordan, airbench airbench94.py: CIFAR_STD.
 AIRBENCH_STD = (0.2470, 0.2435, 0.2616)
 RECIPES = {
     "airbench94": dict(model="airbench94", epochs=10, batch_size=1024, precision="fp16",
@@ -118,7 +123,7 @@ def picard_resnet9(width):
         nn.AdaptiveMaxPool2d((1, 1)), nn.Flatten(), nn.Linear(c[3], 10, bias=False), Mul(0.1))
 
 
-def normalise(x, dev, std=STD):
+def normalise(x, dev, std):
     mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
     std = torch.tensor(std, device=dev).view(1, 3, 1, 1)
     return (x.float() / 255 - mean) / std
@@ -156,7 +161,6 @@ class PageSGD(torch.optim.Optimizer):
 class Recipe:
     """What the recipes share: plain evaluation, the loss's reduction, no per-step hooks."""
     summed = False
-    std = STD
     loss_scaling = True
 
     def before_step(self):
@@ -173,13 +177,14 @@ class Recipe:
 
 
 class Dawnbench(Recipe):
+    std = PAGE_STD
     summed = True
 
     def __init__(self, a, xtr, dev):
         self.a, self.dev = a, dev
         self.net = page_resnet9(a.width)
         # Reflection padding of the raw images, then normalisation (dawn.py's preprocessing).
-        self.train = normalise(F.pad(xtr.float(), (4, 4, 4, 4), mode="reflect"), dev)
+        self.train = normalise(F.pad(xtr.float(), (4, 4, 4, 4), mode="reflect"), dev, self.std)
         self.step_number = 0
         self.steps = xtr.shape[0] // a.batch_size
         self.r = torch.arange(32, device=dev)
@@ -215,10 +220,11 @@ class Dawnbench(Recipe):
 
 
 class PaperShort(Recipe):
+    std = PICARD_STD
     def __init__(self, a, xtr, dev):
         self.a, self.dev = a, dev
         self.net = picard_resnet9(a.width)
-        self.train = normalise(xtr, dev)
+        self.train = normalise(xtr, dev, self.std)
 
     def make_optimiser(self, net):
         self.opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9, nesterov=True,

@@ -115,14 +115,18 @@ impl Arch {
         }
     }
 
-    /// The per-channel mean and standard deviation that images are normalised with: Page's and
-    /// Picard's CIFAR-10 figures, or airbench's (its standard deviation is the data's).
+    /// The per-channel mean and standard deviation that images are normalised with, each as
+    /// its network's authors' code has it. The mean is CIFAR-10's everywhere; the std is the
+    /// data's (`np.std` of the training pixels) for Page (cifar10-fast `utils.py`,
+    /// `cifar10_std`) and Jordan (airbench's `CIFAR_STD`), and the smaller figure that many
+    /// CIFAR-10 scripts copy for Picard (deepseed `datasets.py`, `build_dataset`'s
+    /// `_CIFAR_STD`).
     pub fn normalisation(self) -> ([f32; 3], [f32; 3]) {
+        const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
         match self {
-            Arch::Resnet9 | Arch::Resnet9Skinny => {
-                ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
-            }
-            Arch::Airbench94 => ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+            Arch::Resnet9 => (MEAN, [0.2471, 0.2435, 0.2616]),
+            Arch::Resnet9Skinny => (MEAN, [0.2023, 0.1994, 0.2010]),
+            Arch::Airbench94 => (MEAN, [0.2470, 0.2435, 0.2616]),
         }
     }
 }

@@ -118,7 +118,9 @@ fn intervals(out: &mut String, s: &SweepStats) {
 fn outcomes(out: &mut String, o: &Outcomes) {
     let _ = writeln!(out, "{}", o.line());
     for c in &o.failure_causes {
-        let _ = writeln!(out, "  failed ({} seeds): {}", c.seeds, c.cause);
+        let plural = if c.seeds == 1 { "" } else { "s" };
+        let cause = c.cause.replace('\n', " / ");
+        let _ = writeln!(out, "  failed ({} seed{plural}): {cause}", c.seeds);
     }
 }
 
