@@ -5,7 +5,7 @@ use seedsweep_coordinator::server::Coordinator;
 use seedsweep_coordinator::store;
 
 mod cli;
-use cli::admin;
+use cli::{admin, paper};
 use seedsweep_ops::LogFormat;
 use seedsweep_proto::client::{Connection, read_token};
 use std::collections::BTreeSet;
@@ -217,6 +217,24 @@ enum SweepCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The paper's table for one or more sweeps: per sweep n, mean with its 95% interval, std,
+    /// min and max with their seeds, median, and converged / diverged / failed seeds; per pair
+    /// the difference of means with its interval and P(A > B); a paragraph of how each number
+    /// was made (what was varied, the intervals, devices, precision, determinism, versions,
+    /// device-hours). Writes table.md, table.tex (booktabs), evidence/ (each sweep's settings,
+    /// results and epochs as CSV and Parquet) and MANIFEST.sha256 (`sha256sum -c` checks it)
+    /// into a new folder.
+    Paper {
+        /// The sweeps' ids, in the table's order.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// The folder to write (must not exist, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// The metric (default: the first sweep's score, `command.score`, else test_accuracy).
+        #[arg(long)]
+        metric: Option<String>,
+    },
     /// Follow a sweep live until no seed is left to run: progress with rate and ETA, the
     /// summary, the newest black swans (one line per update when stdout is not a terminal).
     Watch {
@@ -371,6 +389,15 @@ async fn run(
                 SweepCommand::Watch { id, metric } => {
                     admin::watch(coordinator, &id, metric.as_deref().unwrap_or_default()).await?;
                     String::new()
+                }
+                SweepCommand::Paper { ids, out, metric } => {
+                    paper::paper(
+                        coordinator,
+                        &ids,
+                        metric.as_deref().unwrap_or_default(),
+                        &out,
+                    )
+                    .await?
                 }
                 SweepCommand::Results { id, json } => {
                     admin::results(coordinator, &id, json).await?

@@ -753,6 +753,7 @@ fn counts_pb(c: &SeedCounts) -> pb::SeedCounts {
         done: c.done,
         failed: c.failed,
         cancelled: c.cancelled,
+        diverged: c.diverged,
     }
 }
 
@@ -822,6 +823,7 @@ impl Coordinator for CoordinatorService {
             score_stats: p
                 .aggregate(shape.score)
                 .map(|a| aggregate_pb(a, shape.direction)),
+            config: self.store.sweep_config(id).await.map_err(status)?,
         }))
     }
 

@@ -56,6 +56,52 @@ pub enum Design {
 }
 
 impl Design {
+    /// What the design varies, in a sentence's words: "the init, order and augment seeds varied
+    /// together (one seed per run; split fixed at seed 0)", or "init (3 seeds) crossed with order
+    /// (4 seeds); augment and split fixed at seed 0".
+    pub fn describe(&self) -> String {
+        let fixed = |varied: &[Factor], base: i64| {
+            let rest: Vec<&str> = Factor::ALL
+                .iter()
+                .filter(|f| !varied.contains(f))
+                .map(|f| f.as_str())
+                .collect();
+            match rest.as_slice() {
+                [] => String::new(),
+                [one] => format!("; {one} fixed at seed {base}"),
+                many => format!("; {} fixed at seed {base}", many.join(", ")),
+            }
+        };
+        let names = |fs: &[Factor]| {
+            let n: Vec<&str> = fs.iter().map(|f| f.as_str()).collect();
+            match n.split_last() {
+                Some((last, [])) => last.to_string(),
+                Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+                None => "no".into(),
+            }
+        };
+        match self {
+            Design::Vary { vary, base_seed } => format!(
+                "the {} seed{} varied together (one seed per run{})",
+                names(vary),
+                if vary.len() == 1 { "" } else { "s" },
+                fixed(vary, *base_seed)
+            ),
+            Design::Crossed { levels, base_seed } => {
+                let varied: Vec<Factor> = levels.iter().map(|(f, _)| *f).collect();
+                let crossed: Vec<String> = levels
+                    .iter()
+                    .map(|(f, seeds)| format!("{} ({} seeds)", f.as_str(), seeds.len()))
+                    .collect();
+                format!(
+                    "{} crossed{}",
+                    crossed.join(" x "),
+                    fixed(&varied, *base_seed)
+                )
+            }
+        }
+    }
+
     /// The factor seeds of run `seed` (no allocation: rebuilt for every result of a large
     /// sweep when its statistics are read).
     pub fn factors(&self, seed: i64) -> FactorSeeds {
@@ -90,5 +136,31 @@ impl Design {
 
     pub fn is_crossed(&self) -> bool {
         matches!(self, Design::Crossed { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a paper's methods paragraph says was varied.
+    #[test]
+    fn a_design_says_what_it_varies() {
+        let vary = Design::Vary {
+            vary: vec![Factor::Init, Factor::Order, Factor::Augment],
+            base_seed: 0,
+        };
+        assert_eq!(
+            vary.describe(),
+            "the init, order and augment seeds varied together (one seed per run; split fixed at seed 0)"
+        );
+        let crossed = Design::Crossed {
+            levels: vec![(Factor::Init, vec![0, 1, 2]), (Factor::Order, vec![5, 6])],
+            base_seed: 7,
+        };
+        assert_eq!(
+            crossed.describe(),
+            "init (3 seeds) x order (2 seeds) crossed; augment, split fixed at seed 7"
+        );
     }
 }

@@ -359,7 +359,10 @@ pub struct FleetCounts {
 pub struct SeedCounts {
     pub pending: u64,
     pub leased: u64,
+    /// Finished: converged or diverged.
     pub done: u64,
+    /// Of the done seeds, those whose run diverged (`divergences`).
+    pub diverged: u64,
     pub failed: u64,
     pub cancelled: u64,
 }

@@ -858,4 +858,53 @@ fn diverged_seeds_are_counted_and_failed_ones_named() {
         page.contains("9 finished: 6 converged, 3 diverged"),
         "{page}"
     );
+
+    // The paper's table beside a second sweep whose seeds all converge, and its evidence.
+    let (other, _) = fleet.submit(&program, "\"10..14\"", 2, "score = \"bleu\"\nepochs = 2");
+    let out = fleet.run_worker(fleet.worker(&program, &[]), Duration::from_secs(120));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = fleet.dir.path().join("paper");
+    fleet.sweep_ok(&["paper", &id, &other, "--out", dir.to_str().unwrap()]);
+    let md = std::fs::read_to_string(dir.join("table.md")).unwrap();
+    assert!(
+        md.contains("| hostile | 6 | ")
+            && md.contains("| 6 / 3 / 1 |")
+            && md.contains("| 4 / 0 / 0 |"),
+        "{md}"
+    );
+    assert!(md.contains("| hostile | hostile | "), "a pair row: {md}");
+    assert!(md.contains("diverged seed"), "{md}");
+    let tex = std::fs::read_to_string(dir.join("table.tex")).unwrap();
+    assert!(
+        tex.contains("\\toprule") && tex.contains("6/3/1 \\\\"),
+        "{tex}"
+    );
+    for file in [
+        "sweep.json",
+        "results.csv",
+        "results.parquet",
+        "epochs.csv",
+        "epochs.parquet",
+    ] {
+        assert!(
+            dir.join("evidence").join(&id).join(file).is_file(),
+            "{file}"
+        );
+    }
+    // The manifest checks with the system's own tool.
+    let check = Command::new("sha256sum")
+        .args(["-c", "MANIFEST.sha256"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", stdout(&check));
+    assert_eq!(
+        stdout(&check).lines().count(),
+        2 + 2 * 5,
+        "{}",
+        stdout(&check)
+    );
+    // An existing folder is not overwritten.
+    let again = fleet.sweep(&["paper", &id, "--out", dir.to_str().unwrap()]);
+    assert!(!again.status.success() && stderr(&again).contains("not an empty folder"));
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// A gRPC error as a one-line message for people.
-fn rpc(e: tonic::Status) -> anyhow::Error {
+pub(crate) fn rpc(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
 
@@ -55,15 +55,15 @@ pub async fn status(coordinator: &Connection, id: &str, json: bool) -> anyhow::R
             "sweep_id": sweep.sweep_id, "name": sweep.name, "task": sweep.task, "dataset": sweep.dataset,
             "created_at": sweep.created_at, "total": sweep.total, "done": sweep.done,
             "state": sweep.state, "priority": sweep.priority,
-            "counts": {"pending": c.pending, "leased": c.leased, "done": c.done, "failed": c.failed,
-                       "cancelled": c.cancelled},
+            "counts": {"pending": c.pending, "leased": c.leased, "done": c.done,
+                       "diverged": c.diverged, "failed": c.failed, "cancelled": c.cancelled},
             "test_accuracy": s.test_accuracy.map(stats),
             "score": s.score, "score_direction": s.score_direction,
             "score_stats": s.score_stats.map(stats),
         }))?);
     }
     let mut out = format!(
-        "sweep    {}  {}  ({} on {}, created {}, {}, priority {})\nseeds    {}/{} done  pending {}  leased {}  failed {}  cancelled {}\n",
+        "sweep    {}  {}  ({} on {}, created {}, {}, priority {})\nseeds    {}/{} done ({} diverged)  pending {}  leased {}  failed {}  cancelled {}\n",
         sweep.sweep_id,
         sweep.name,
         sweep.task,
@@ -73,6 +73,7 @@ pub async fn status(coordinator: &Connection, id: &str, json: bool) -> anyhow::R
         sweep.priority,
         sweep.done,
         sweep.total,
+        c.diverged,
         c.pending,
         c.leased,
         c.failed,
@@ -188,7 +189,7 @@ pub async fn list(coordinator: &Connection, json: bool) -> anyhow::Result<String
 const PAGE_BYTES: usize = 64 << 20;
 
 /// Every result of sweep `id`, in seed order, a page at a time.
-async fn result_pages(
+pub(crate) async fn result_pages(
     client: &Client,
     id: &str,
     mut each: impl FnMut(Vec<pb::SeedResult>) -> anyhow::Result<()>,
@@ -320,24 +321,28 @@ pub async fn stats(
     test_examples: Option<u64>,
     json: bool,
 ) -> anyhow::Result<String> {
-    let mut client = coordinator.connect().await?;
-    let doc = client
-        .get_sweep_stats(pb::GetSweepStatsRequest {
-            sweep_id: id.to_string(),
-            metric: metric.to_string(),
-            ci_width: ci_width.unwrap_or(0.0),
-            test_examples: test_examples.unwrap_or(0),
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner()
-        .json;
-    let doc: StatsDocument =
-        serde_json::from_str(&doc).context("the coordinator sent statistics that do not parse")?;
+    let client = coordinator.connect().await?;
+    let req = pb::GetSweepStatsRequest {
+        sweep_id: id.to_string(),
+        metric: metric.to_string(),
+        ci_width: ci_width.unwrap_or(0.0),
+        test_examples: test_examples.unwrap_or(0),
+    };
+    let doc = stats_document(&client, req).await?;
     if json {
         return Ok(serde_json::to_string_pretty(&doc)? + "\n");
     }
     Ok(render::stats_table(&doc))
+}
+
+/// The statistics document `GetSweepStats` sends, parsed.
+pub(crate) async fn stats_document(
+    client: &Client,
+    req: pb::GetSweepStatsRequest,
+) -> anyhow::Result<StatsDocument> {
+    let doc = client.clone().get_sweep_stats(req).await.map_err(rpc)?;
+    serde_json::from_str(&doc.into_inner().json)
+        .context("the coordinator sent statistics that do not parse")
 }
 
 /// Two sweeps against each other.
@@ -348,23 +353,29 @@ pub async fn compare(
     metric: &str,
     json: bool,
 ) -> anyhow::Result<String> {
-    let mut client = coordinator.connect().await?;
-    let doc = client
-        .compare_sweeps(pb::CompareSweepsRequest {
-            sweep_a: a.to_string(),
-            sweep_b: b.to_string(),
-            metric: metric.to_string(),
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner()
-        .json;
-    let doc: ComparisonDocument = serde_json::from_str(&doc)
-        .context("the coordinator sent a comparison that does not parse")?;
+    let client = coordinator.connect().await?;
+    let doc = comparison_document(&client, a, b, metric).await?;
     if json {
         return Ok(serde_json::to_string_pretty(&doc)? + "\n");
     }
     Ok(render::comparison(&doc))
+}
+
+/// The comparison document `CompareSweeps` sends, parsed.
+pub(crate) async fn comparison_document(
+    client: &Client,
+    a: &str,
+    b: &str,
+    metric: &str,
+) -> anyhow::Result<ComparisonDocument> {
+    let req = pb::CompareSweepsRequest {
+        sweep_a: a.to_string(),
+        sweep_b: b.to_string(),
+        metric: metric.to_string(),
+    };
+    let doc = client.clone().compare_sweeps(req).await.map_err(rpc)?;
+    serde_json::from_str(&doc.into_inner().json)
+        .context("the coordinator sent a comparison that does not parse")
 }
 
 /// Follows a sweep until it ends: a live view at a terminal, one line per update otherwise.
@@ -424,7 +435,7 @@ pub async fn watch(coordinator: &Connection, id: &str, metric: &str) -> anyhow::
             let width = 40usize;
             let filled = (done as usize * width / total as usize).min(width);
             let mut screen = format!(
-                "\x1b[2J\x1b[H{} ({})  {}  {}\n[{}{}] {}/{}  {:.0} seeds/h  ETA {}\npending {}  leased {}  failed {}  cancelled {}\n{}: {}\n",
+                "\x1b[2J\x1b[H{} ({})  {}  {}\n[{}{}] {}/{}  {:.0} seeds/h  ETA {}\npending {}  leased {}  diverged {}  failed {}  cancelled {}\n{} over the converged seeds: {}\n",
                 sweep.name,
                 sweep.sweep_id,
                 sweep.state,
@@ -437,6 +448,7 @@ pub async fn watch(coordinator: &Connection, id: &str, metric: &str) -> anyhow::
                 eta,
                 c.pending,
                 c.leased,
+                c.diverged,
                 c.failed,
                 c.cancelled,
                 u.metric,
@@ -453,8 +465,8 @@ pub async fn watch(coordinator: &Connection, id: &str, metric: &str) -> anyhow::
         } else {
             writeln!(
                 stdout,
-                "{done}/{total} done ({:.0} seeds/h, ETA {eta})  pending {} leased {} failed {}  {}: {summary}",
-                rate, c.pending, c.leased, c.failed, u.metric
+                "{done}/{total} done ({:.0} seeds/h, ETA {eta})  pending {} leased {} diverged {} failed {}  {} over the converged seeds: {summary}",
+                rate, c.pending, c.leased, c.diverged, c.failed, u.metric
             )?;
             for b in &u.new_black_swans {
                 writeln!(stdout, "black swan: {}", swan_text(b))?;

@@ -3,4 +3,5 @@
 //! link what only the client uses.
 
 pub mod admin;
+pub mod paper;
 pub mod render;

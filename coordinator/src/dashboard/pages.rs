@@ -135,10 +135,12 @@ fn progress(p: &Progress) -> String {
     };
     format!(
         "<p><progress max=\"{total}\" value=\"{done}\" aria-label=\"seeds finished\"></progress> \
-         <b id=\"done\">{done}</b> of {total} seeds finished; {pending} pending, {leased} training, \
-         {failed} failed, {cancelled} cancelled. State: <b>{state}</b>. {rate}.</p>",
+         <b id=\"done\">{done}</b> of {total} seeds finished (<b id=\"diverged\">{diverged}</b> \
+         diverged); {pending} pending, {leased} training, {failed} failed, {cancelled} cancelled. \
+         State: <b>{state}</b>. {rate}.</p>",
         total = s.total,
         done = c.done,
+        diverged = c.diverged,
         pending = c.pending,
         leased = c.leased,
         failed = c.failed,

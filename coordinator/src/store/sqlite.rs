@@ -693,16 +693,18 @@ impl Store for SqliteStore {
         let summary = self.summary(id).await?;
         let mut counts = SeedCounts::default();
         let rows = sqlx::query(
-            "SELECT state, count(*) AS n FROM seeds WHERE sweep_id = ?1 GROUP BY state",
+            "SELECT state, count(*) AS n FROM seeds WHERE sweep_id = ?1 GROUP BY state
+             UNION ALL SELECT 'diverged', count(*) FROM divergences WHERE sweep_id = ?1",
         )
         .bind(id.0.to_string())
         .fetch_all(&self.pool)
         .await?;
         for row in rows {
-            counts.set(
-                state_from_db(row.try_get("state")?)?,
-                u64_from_db(row.try_get("n")?),
-            );
+            let (state, n): (String, i64) = (row.try_get("state")?, row.try_get("n")?);
+            match state.as_str() {
+                "diverged" => counts.diverged = u64_from_db(n),
+                _ => counts.set(state_from_db(&state)?, u64_from_db(n)),
+            }
         }
         Ok(SweepProgress {
             summary,

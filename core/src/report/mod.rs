@@ -5,6 +5,7 @@
 //! seed's per-epoch curve with the mean and the min-max band; the best-of-k curve; the variance
 //! by source when the sweep's factors are crossed.
 
+pub mod paper;
 mod plot;
 
 use crate::domain::Scored;
