@@ -37,9 +37,10 @@ sweep() {
   "$b/coordinator" sweep --coordinator "$coord" submit "$work/sweep.toml" >/dev/null 2>&1
   # A worker that builds its programs' environment is told to pass PYTHONPATH on; an older one
   # passes its whole environment.
-  if "$b/worker" --help | grep -q -- --pass-env; then pass=(--pass-env PYTHONPATH); fi
+  help=$("$b/worker" --help)
+  if grep -q -- --pass-env <<<"$help"; then pass=(--pass-env PYTHONPATH); fi
   # The worker built without libtorch has no threads or data to set.
-  if "$b/worker" --help | grep -q -- --data-dir; then pass+=(--threads 1 --data-dir "$work/data"); fi
+  if grep -q -- --data-dir <<<"$help"; then pass+=(--threads 1 --data-dir "$work/data"); fi
   start=$(now)
   "$b/worker" --cpu --exit-when-idle --coordinator "$coord" --allow-command python3 "${pass[@]}" \
     --spool-dir "$work/spool$tag" --log-dir "$work/logs$tag" 2>>"$work/worker.log"

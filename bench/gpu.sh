@@ -45,9 +45,11 @@ if [ "$gpu" = cpu ]; then worker_device=(--cpu); ref_device=cpu; else
   say "host: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1)"
 fi
 say "torch $("$python" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
-say "worker links: $(ldd "$bin/worker" | grep -Eo 'lib(torch_cuda|torch_cpu|c10_cuda)\.so => [^ ]+' | tr '\n' ' ')"
-if ldd "$bin/worker" | grep -q 'not found'; then
-  ldd "$bin/worker" | grep 'not found' >&2
+# Read whole before searching: a pipe into grep -q can kill ldd with SIGPIPE under pipefail.
+links=$(ldd "$bin/worker")
+say "worker links: $(grep -Eo 'lib(torch_cuda|torch_cpu|c10_cuda)\.so => [^ ]+' <<<"$links" | tr '\n' ' ')"
+if grep -q 'not found' <<<"$links"; then
+  grep 'not found' <<<"$links" >&2
   echo "error: the worker cannot find some libraries; build it against this host's torch" >&2
   exit 1
 fi

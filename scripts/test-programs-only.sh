@@ -10,9 +10,11 @@ source scripts/env.sh
 target=target/programs-only
 cargo build --release -p seedsweep-worker --no-default-features --target-dir "$target"
 worker="$PWD/$target/release/worker"
-if ldd "$worker" | grep -q torch; then
+# Read whole before searching (a pipe into grep -q can kill ldd with SIGPIPE under pipefail).
+links=$(ldd "$worker")
+if grep -q torch <<<"$links"; then
   echo "error: the worker built without feature torch links libtorch:" >&2
-  ldd "$worker" | grep torch >&2
+  grep torch <<<"$links" >&2
   exit 1
 fi
 cargo test --release -p seedsweep-worker --no-default-features --target-dir "$target" --lib

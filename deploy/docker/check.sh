@@ -30,5 +30,8 @@ done
 grep -q 'scripts/libtorch.sh' deploy/docker/worker.Dockerfile && grep -q 'source scripts/env.sh' deploy/docker/worker.Dockerfile \
   || fail "the worker image must install libtorch with the README's scripts"
 [ -x target/release/worker ] || fail "build first: cargo build --release --workspace --bins"
-ldd target/release/worker | grep -q 'libtorch_cuda.so' || fail "the worker does not link libtorch_cuda: it would never see a GPU"
+# Read whole before searching: `ldd | grep -q` under pipefail fails when grep stops reading first
+# (ldd then dies of SIGPIPE), which a loaded machine makes likely.
+links=$(ldd target/release/worker)
+grep -q 'libtorch_cuda.so' <<<"$links" || fail "the worker does not link libtorch_cuda: it would never see a GPU"
 echo "ok: the worker links libtorch_cuda" >&2

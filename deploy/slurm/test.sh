@@ -110,7 +110,7 @@ slurmctld -D -f "$SLURM_CONF" >"$work/log/slurmctld.out" 2>&1 &
 pids+=($!); disown
 slurmd -D -f "$SLURM_CONF" -N "$node" >"$work/log/slurmd.out" 2>&1 &
 pids+=($!); disown
-idle() { sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed)'; }
+idle() { grep -qE '^(idle|mixed)' <<<"$(sinfo -h -N -o '%T' 2>/dev/null)"; }
 wait_for "the Slurm node to be idle" idle
 echo "slurm: one node ($node, $cpus CPUs) up" >&2
 
