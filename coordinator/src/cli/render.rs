@@ -338,7 +338,7 @@ mod tests {
             let s = seedsweep_core::stats::analyse(
                 metric, direction, &runs, epochs, ci, examples, &maps,
             );
-            let converged = s.as_ref().map_or(0, |s| s.summary.n as u64);
+            let converged = s.as_ref().map_or(0, |s| s.summary.n);
             let outcomes = Outcomes::new(converged, vec![], vec![]);
             docs.push(StatsDocument::new("sweep-1".into(), metric, s, outcomes));
         }

@@ -301,7 +301,7 @@ const Z95: f64 = 1.959_963_984_540_054;
 /// needs more than 4) or without spread.
 pub fn intervals(scores: &[f64], summary: &Summary) -> Option<Intervals> {
     let n = scores.len();
-    if n < 5 || !(summary.std > 0.0) {
+    if n < 5 || summary.std.is_nan() || summary.std <= 0.0 {
         return None;
     }
     let t = StudentsT::new(0.0, 1.0, (n - 1) as f64).ok()?;
