@@ -59,15 +59,17 @@ async fn write_all(
 ) -> anyhow::Result<()> {
     let client = coordinator.connect().await?;
     let mut sweeps: Vec<PaperSweep> = Vec::new();
+    let mut configs = Vec::new();
     // Every sweep in the first one's metric (its score unless --metric names one).
     let mut first = None;
     for id in ids {
         let asked = first.map_or(metric.to_string(), |(m, _): (Metric, _)| {
             m.name().to_string()
         });
-        let (s, m, d) = describe(&client, id, &asked).await?;
+        let (s, m, d, config) = describe(&client, id, &asked).await?;
         first.get_or_insert((m, d));
         sweeps.push(s);
+        configs.push(config);
     }
     let (metric, direction) = first.context("name at least one sweep")?;
     let mut pairs = Vec::new();
@@ -97,18 +99,19 @@ async fn write_all(
         .with_context(|| format!("cannot create {}", evidence.display()))?;
     std::fs::write(dir.join("table.md"), paper::markdown(&p))?;
     std::fs::write(dir.join("table.tex"), paper::latex(&p))?;
-    for id in ids {
-        write_evidence(coordinator, &client, id, &evidence.join(id)).await?;
+    for (id, config) in ids.iter().zip(&configs) {
+        write_evidence(coordinator, id, config, &evidence.join(id)).await?;
     }
     write_manifest(dir)
 }
 
-/// One sweep as the table needs it, with the metric its statistics are of and its direction.
+/// One sweep as the table needs it, with the metric its statistics are of, its direction and
+/// its settings as stored.
 async fn describe(
     client: &Client,
     id: &str,
     metric: &str,
-) -> anyhow::Result<(PaperSweep, Metric, Direction)> {
+) -> anyhow::Result<(PaperSweep, Metric, Direction, serde_json::Value)> {
     let status = client
         .clone()
         .get_sweep_status(pb::GetSweepStatusRequest {
@@ -164,7 +167,7 @@ async fn describe(
         Ok(())
     })
     .await?;
-    Ok((s, m, direction))
+    Ok((s, m, direction, config))
 }
 
 fn count(tally: &mut Vec<(String, u64)>, key: &str) {
@@ -177,23 +180,14 @@ fn count(tally: &mut Vec<(String, u64)>, key: &str) {
 /// The sweep's settings as stored, and its results and epochs as CSV and Parquet.
 async fn write_evidence(
     coordinator: &Connection,
-    client: &Client,
     id: &str,
+    config: &serde_json::Value,
     dir: &Path,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let status = client
-        .clone()
-        .get_sweep_status(pb::GetSweepStatusRequest {
-            sweep_id: id.to_string(),
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner();
-    let config: serde_json::Value = serde_json::from_str(&status.config)?;
     std::fs::write(
         dir.join("sweep.json"),
-        serde_json::to_string_pretty(&config)? + "\n",
+        serde_json::to_string_pretty(config)? + "\n",
     )?;
     for table in ["results", "epochs"] {
         for format in ["csv", "parquet"] {
